@@ -1,0 +1,134 @@
+"""The one small interface every backend implements, and the registry they join.
+
+A backend declares, for a validated :class:`Problem`, whether it can run it (or why not), and
+lists its kernels. Each kernel carries its tunable parameters as a config dataclass with a
+default heuristic, a search space and constraints, so the autotuner can pass configs in and the
+dispatcher can apply tuned ones without knowing any kernel by name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .inputs import ScanInputs
+from .problem import Problem
+from .state import Mamba3State
+
+# Which call a kernel serves.
+MODES = ("scan_fwd", "scan_bwd", "step")
+
+
+@dataclass(frozen=True)
+class KernelSpec:
+    """One tunable kernel of a backend.
+
+    name:          unique within the backend, e.g. "siso_chunk_fwd".
+    mode:          one of MODES: the call it serves.
+    config_cls:    a frozen dataclass of the tunable parameters.
+    applies:       problem -> bool, whether this kernel runs for that problem.
+    default:       problem -> config, the heuristic used when nothing is tuned.
+    space:         problem -> {param: [candidate values]}, the search space.
+    constraint:    (problem, config, device_props) -> reason the config is invalid, or None.
+                   device_props is a dict (``device_properties()``) or None off-GPU.
+    """
+
+    name: str
+    mode: str
+    config_cls: type
+    applies: Callable[[Problem], bool]
+    default: Callable[[Problem], Any]
+    space: Callable[[Problem], dict[str, list]]
+    constraint: Callable[[Problem, Any, dict | None], str | None] = lambda p, c, d: None
+
+    def make_config(self, params: dict) -> Any:
+        """Build a config from a dict, ignoring unknown keys (config files may be older)."""
+        names = {f.name for f in dataclasses.fields(self.config_cls)}
+        return self.config_cls(**{k: v for k, v in params.items() if k in names})
+
+
+@dataclass
+class Backend:
+    """Base class of a backend. Subclasses override the methods they support.
+
+    ``configs`` passed to scan/step/scan_backward maps kernel name -> config object; kernels
+    missing from it use their default heuristic.
+    """
+
+    name: str = "base"
+    priority: int = 0  # higher wins under backend="auto" when several support a call
+    kernels: list[KernelSpec] = field(default_factory=list)
+    has_backward: bool = False
+
+    def unavailable_reason(self) -> str | None:
+        """Why this backend cannot run on this machine at all (missing package, no GPU), or None."""
+        return None
+
+    def unsupported_reason(self, problem: Problem) -> str | None:
+        """Why this backend cannot run this call, or None when it can."""
+        return None
+
+    def scan(
+        self, problem: Problem, inputs: ScanInputs, configs: dict[str, Any] | None = None
+    ) -> tuple[torch.Tensor, Mamba3State | None]:
+        """Forward scan. Returns out and the final state (None unless problem.return_final_state)."""
+        raise NotImplementedError(f"backend {self.name!r} has no scan")
+
+    def scan_backward(
+        self,
+        problem: Problem,
+        inputs: ScanInputs,
+        grad_out: torch.Tensor,
+        grad_state: Mamba3State | None,
+        configs: dict[str, Any] | None = None,
+    ) -> dict[str, torch.Tensor | None]:
+        """Gradients of the inputs (names of ScanInputs fields; initial_state as
+        'initial_state.angle' etc.). Only called when has_backward is True."""
+        raise NotImplementedError(f"backend {self.name!r} has no backward")
+
+    def step(
+        self,
+        problem: Problem,
+        inputs: ScanInputs,
+        state: Mamba3State,
+        configs: dict[str, Any] | None = None,
+    ) -> torch.Tensor:
+        """One decode step: updates ``state`` in place and returns out (B, H, P) or (B, R, H, P)."""
+        raise NotImplementedError(f"backend {self.name!r} has no step")
+
+    def kernels_for(self, problem: Problem, mode: str) -> list[KernelSpec]:
+        return [k for k in self.kernels if k.mode == mode and k.applies(problem)]
+
+
+_REGISTRY: dict[str, Backend] = {}
+BACKEND_NAMES = ("reference", "triton", "tilelang", "cute")
+
+
+def register_backend(backend: Backend) -> Backend:
+    """Add a backend to the registry (once; a second registration of a name is an error)."""
+    if backend.name in _REGISTRY and _REGISTRY[backend.name] is not backend:
+        raise ValueError(f"backend {backend.name!r} is already registered")
+    _REGISTRY[backend.name] = backend
+    return backend
+
+
+def registered_backends() -> dict[str, Backend]:
+    return dict(_REGISTRY)
+
+
+def device_properties(device: torch.device | None = None) -> dict | None:
+    """A plain dict of the CUDA device's limits (for kernel constraints), or None without CUDA."""
+    if not torch.cuda.is_available():
+        return None
+    props = torch.cuda.get_device_properties(device)
+    return {
+        "name": props.name,
+        "capability": (props.major, props.minor),
+        "sm_count": props.multi_processor_count,
+        "shared_memory_per_block_optin": getattr(props, "shared_memory_per_block_optin", 232448),
+        "regs_per_multiprocessor": getattr(props, "regs_per_multiprocessor", 65536),
+    }

@@ -1,0 +1,62 @@
+"""The problem description: everything a backend needs to know about one call, computed once."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+ROTARY_LAYOUTS = ("interleaved", "halves")
+
+
+@dataclass(frozen=True)
+class Problem:
+    """Sizes and flags of one validated ``scan`` or ``step`` call.
+
+    Sizes follow SPEC.md: B batch (1 with cu_seqlens), L length (1 for a step), H value heads,
+    G q/k groups, R MIMO rank (1 for SISO), N state size, P value head dim, S rotary angles.
+    ``nseq`` is the number of sequences (B, or len(cu_seqlens) - 1 when varlen).
+    """
+
+    batch: int
+    seqlen: int
+    nheads: int
+    ngroups: int
+    rank: int
+    d_state: int
+    headdim: int
+    n_angles: int
+    nseq: int
+    dtype: torch.dtype
+    device_type: str
+    mimo: bool
+    rotary: str
+    has_D: bool
+    has_z: bool
+    has_mimo_o: bool
+    has_initial_state: bool
+    return_final_state: bool
+    varlen: bool
+    decode: bool = False
+    chunk_size: int | None = None
+
+    @property
+    def heads_per_group(self) -> int:
+        return self.nheads // self.ngroups
+
+    def bucket_key(self) -> str:
+        """A stable string naming the shape bucket (used by config files)."""
+        kind = "step" if self.decode else "scan"
+        return (
+            f"{kind}-B{_pow2_bucket(self.batch)}-L{_pow2_bucket(self.seqlen)}-H{self.nheads}"
+            f"-G{self.ngroups}-R{self.rank}-N{self.d_state}-P{self.headdim}-S{self.n_angles}"
+            f"-{str(self.dtype).replace('torch.', '')}"
+        )
+
+
+def _pow2_bucket(x: int) -> int:
+    """Round up to a power of two, so nearby sizes share a tuned config."""
+    b = 1
+    while b < x:
+        b *= 2
+    return b
