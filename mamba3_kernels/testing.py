@@ -87,3 +87,31 @@ def random_inputs(
     return ScanInputs(
         q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, z, mimo_v, mimo_z, mimo_o, state, cu
     )
+
+
+def cast_inputs(inputs: ScanInputs, dtype: torch.dtype, device: torch.device | str | None = None):
+    """Copy of ``inputs`` with every floating tensor in ``dtype`` (e.g. float64 for the truth).
+
+    Integer tensors (cu_seqlens) keep their dtype. ``device`` moves everything when given.
+    """
+
+    def cast(t):
+        if t is None:
+            return None
+        t = t.to(device) if device is not None else t
+        return t.to(dtype) if t.is_floating_point() else t
+
+    state = inputs.initial_state
+    if state is not None:
+        state = Mamba3State(*(cast(t) for t in state))
+    fields = [cast(t) for t in inputs[:14]]
+    return ScanInputs(*fields, state, cast(inputs.cu_seqlens))
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """||out - ref|| / ||ref|| computed in float64 (NaN anywhere gives inf)."""
+    out64, ref64 = out.detach().double().cpu(), ref.detach().double().cpu()
+    if not torch.isfinite(out64).all():
+        return float("inf")
+    denom = ref64.norm().item()
+    return (out64 - ref64).norm().item() / (denom if denom > 0 else 1.0)

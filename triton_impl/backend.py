@@ -1,0 +1,79 @@
+"""The Triton backend object: what it supports and which kernel serves which call."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from typing import Any
+
+import torch
+
+from mamba3_kernels.backend import Backend, KernelSpec
+from mamba3_kernels.inputs import ScanInputs
+from mamba3_kernels.problem import Problem
+from mamba3_kernels.state import Mamba3State
+
+SUPPORTED_N = (64, 128, 256)
+SUPPORTED_P = (32, 64, 128)
+# Under the interpreter (CPU), small power-of-two sizes are allowed so CI can run every kernel.
+INTERPRET_N = (16, 32) + SUPPORTED_N
+INTERPRET_P = (8, 16) + SUPPORTED_P
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+class TritonBackend(Backend):
+    def __init__(self) -> None:
+        super().__init__(name="triton", priority=20, kernels=[], has_backward=False)
+        self._loaded = False
+
+    # Kernel modules are imported lazily so `import mamba3_kernels` stays cheap without triton.
+    def _load(self) -> None:
+        if self._loaded:
+            return
+        from . import chunk_fwd, step
+
+        self._chunk_fwd, self._step = chunk_fwd, step
+        self.kernels = [chunk_fwd.SPEC, step.SPEC]
+        self._loaded = True
+
+    def all_kernels(self) -> list[KernelSpec]:
+        self._load()
+        return self.kernels
+
+    def unavailable_reason(self) -> str | None:
+        if importlib.util.find_spec("triton") is None:
+            return "triton is not installed (pip install 'mamba3-kernels[triton]')"
+        if not torch.cuda.is_available() and not interpreting():
+            return "no CUDA GPU (set TRITON_INTERPRET=1 to run on CPU tensors, slowly)"
+        return None
+
+    def unsupported_reason(self, problem: Problem) -> str | None:
+        if problem.device_type != "cuda" and not (interpreting() and problem.device_type == "cpu"):
+            return f"tensors on {problem.device_type}; triton needs CUDA (or TRITON_INTERPRET=1)"
+        if problem.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            return f"dtype {problem.dtype} (triton runs fp16, bf16, fp32)"
+        ns, ps = (INTERPRET_N, INTERPRET_P) if interpreting() else (SUPPORTED_N, SUPPORTED_P)
+        if problem.d_state not in ns:
+            return f"d_state N={problem.d_state} not in {ns}"
+        if problem.headdim not in ps:
+            return f"headdim P={problem.headdim} not in {ps}"
+        if problem.rank not in (1, 2, 4, 8):
+            return f"rank R={problem.rank} not in (1, 2, 4, 8)"
+        return None
+
+    def _config(self, spec: KernelSpec, problem: Problem, configs: dict[str, Any] | None):
+        cfg = (configs or {}).get(spec.name)
+        return cfg if cfg is not None else spec.default(problem)
+
+    def scan(self, problem: Problem, inputs: ScanInputs, configs=None):
+        self._load()
+        cfg = self._config(self._chunk_fwd.SPEC, problem, configs)
+        return self._chunk_fwd.chunk_fwd(problem, inputs, cfg)
+
+    def step(self, problem: Problem, inputs: ScanInputs, state: Mamba3State, configs=None):
+        self._load()
+        cfg = self._config(self._step.SPEC, problem, configs)
+        return self._step.step(problem, inputs, state, cfg)
