@@ -1,1 +1,24 @@
-"""Mamba-3 scan kernels."""
+"""mamba3-kernels: the Mamba-3 scan (trapezoidal, rotary, MIMO) with reference, Triton, TileLang and
+CuTe DSL backends behind one op, ``torch.ops.mamba3.scan``.
+
+    import mamba3_kernels
+    out = mamba3_kernels.scan(q, k, v, adt, dt, trap, q_bias, k_bias, angles)
+    out, state = mamba3_kernels.step(q1, k1, v1, adt1, dt1, trap1, q_bias, k_bias, angles1, state)
+"""
+
+from . import ops  # noqa: F401  (registers torch.ops.mamba3.*)
+from .api import scan, step
+from .backend import register_backend, registered_backends
+from .info import info
+from .placeholders import CUTE, TILELANG
+from .reference import ReferenceBackend
+from .state import Mamba3State
+from .triton_impl import TritonBackend
+
+register_backend(ReferenceBackend())
+register_backend(TritonBackend())
+register_backend(TILELANG)
+register_backend(CUTE)
+
+__all__ = ["Mamba3State", "info", "register_backend", "registered_backends", "scan", "step"]
+__version__ = "0.1.0"

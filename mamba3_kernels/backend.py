@@ -75,7 +75,7 @@ class Backend:
     def scan(
         self, problem: Problem, inputs: ScanInputs, configs: dict[str, Any] | None = None
     ) -> tuple[torch.Tensor, Mamba3State | None]:
-        """Forward scan. Returns out and the final state (None unless problem.return_final_state)."""
+        """Forward scan: out and the final state (None unless problem.return_final_state)."""
         raise NotImplementedError(f"backend {self.name!r} has no scan")
 
     def scan_backward(

@@ -1,0 +1,101 @@
+"""The public calls: ``scan`` (prefill, differentiable) and ``step`` (one decode step)."""
+
+from __future__ import annotations
+
+import torch
+
+from .ops import run_step
+from .state import Mamba3State
+from .validate import validate_scan, validate_step
+
+
+def scan(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    adt: torch.Tensor,
+    dt: torch.Tensor,
+    trap: torch.Tensor,
+    q_bias: torch.Tensor,
+    k_bias: torch.Tensor,
+    angles: torch.Tensor,
+    D: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
+    mimo_v: torch.Tensor | None = None,
+    mimo_z: torch.Tensor | None = None,
+    mimo_o: torch.Tensor | None = None,
+    initial_state: Mamba3State | None = None,
+    return_final_state: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+    rotary: str | None = None,
+    chunk_size: int | None = None,
+    backend: str = "auto",
+) -> torch.Tensor | tuple[torch.Tensor, Mamba3State]:
+    """The Mamba-3 scan over a sequence (SPEC.md).
+
+    Shapes: q, k (B, L, G, N) SISO or (B, L, R, G, N) MIMO; v, z (B, L, H, P); adt, dt, trap
+    (B, H, L); q_bias, k_bias (H, N) or (H, R, N); angles (B, L, H, S); D (H,); mimo_v, mimo_z,
+    mimo_o (H, R, P); initial_state a Mamba3State (per sequence with cu_seqlens (nseq + 1,) int32).
+
+    Returns out (B, L, H, P) — (B, L, R, H, P) for MIMO without mimo_o — and, when
+    ``return_final_state``, the final Mamba3State. ``rotary`` is "interleaved" (SISO default) or
+    "halves" (MIMO default). ``backend`` is "auto", "reference", "triton", "tilelang" or "cute".
+    Differentiable in every floating input, the initial state included.
+    """
+    problem, inputs = validate_scan(
+        q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, z, mimo_v, mimo_z, mimo_o,
+        initial_state, return_final_state, cu_seqlens, rotary, chunk_size,
+    )  # fmt: skip
+    state = inputs.initial_state
+    out, *final = torch.ops.mamba3.scan(
+        *inputs[:14],
+        *(state if state is not None else (None,) * 4),
+        inputs.cu_seqlens,
+        problem.return_final_state,
+        problem.rotary,
+        chunk_size or 0,
+        backend,
+    )
+    if return_final_state:
+        return out, Mamba3State(*final)
+    return out
+
+
+def step(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    adt: torch.Tensor,
+    dt: torch.Tensor,
+    trap: torch.Tensor,
+    q_bias: torch.Tensor,
+    k_bias: torch.Tensor,
+    angles: torch.Tensor,
+    state: Mamba3State,
+    D: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
+    mimo_v: torch.Tensor | None = None,
+    mimo_z: torch.Tensor | None = None,
+    mimo_o: torch.Tensor | None = None,
+    rotary: str | None = None,
+    inplace: bool = True,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, Mamba3State]:
+    """One decode step from ``state``: the recurrence for L = 1.
+
+    Shapes: q, k (B, G, N) or (B, R, G, N); v, z (B, H, P); adt, dt, trap (B, H); angles (B, H, S);
+    state a Mamba3State of contiguous tensors (angle (B, H, S) fp32, ssm (B, H, P, N) fp32,
+    k (B, R, H, N), v (B, H, P)). Returns (out (B, H, P) or (B, R, H, P), state): with
+    ``inplace`` the given state is updated and returned, else a new one.
+    """
+    if not inplace:
+        state = Mamba3State(*(t.clone() for t in state)) if isinstance(state, tuple) else state
+    problem, inputs = validate_step(
+        q, k, v, adt, dt, trap, q_bias, k_bias, angles, state, D, z, mimo_v, mimo_z, mimo_o, rotary
+    )
+    state = inputs.initial_state
+    if torch.compiler.is_compiling():
+        out = torch.ops.mamba3.step(*inputs[:9], *state, *inputs[9:14], problem.rotary, backend)
+    else:  # eager: skip the op's Python dispatch, which costs tens of microseconds per call
+        out = run_step(problem, inputs, state, backend)
+    return out, state

@@ -1,0 +1,388 @@
+"""The registered ops: ``torch.ops.mamba3.scan`` (with autograd) and ``torch.ops.mamba3.step``.
+
+Ops take flat tensors (a state is four tensors; absent optionals are None) so torch.library can
+describe them. They re-derive the Problem from shapes, pick the backend and run it. Without a
+final state, the four state outputs are empty tensors. No ``from __future__ import annotations``
+here: torch.library reads the real annotations.
+"""
+
+import torch
+from torch import Tensor
+
+from .dispatch import choose_backend, kernel_configs
+from .inputs import ScanInputs
+from .problem import Problem
+from .state import Mamba3State
+from .validate import describe
+
+# Names of the differentiable inputs of mamba3::scan, in op-argument order.
+GRAD_INPUTS = (
+    "q",
+    "k",
+    "v",
+    "adt",
+    "dt",
+    "trap",
+    "q_bias",
+    "k_bias",
+    "angles",
+    "D",
+    "z",
+    "mimo_v",
+    "mimo_z",
+    "mimo_o",
+    "angle0",
+    "ssm0",
+    "k0",
+    "v0",
+)
+
+
+def _inputs(
+    q,
+    k,
+    v,
+    adt,
+    dt,
+    trap,
+    q_bias,
+    k_bias,
+    angles,
+    D,
+    z,
+    mimo_v,
+    mimo_z,
+    mimo_o,
+    angle0,
+    ssm0,
+    k0,
+    v0,
+    cu_seqlens,
+) -> ScanInputs:
+    state = None if angle0 is None else Mamba3State(angle0, ssm0, k0, v0)
+    return ScanInputs(
+        q,
+        k,
+        v,
+        adt,
+        dt,
+        trap,
+        q_bias,
+        k_bias,
+        angles,
+        D,
+        z,
+        mimo_v,
+        mimo_z,
+        mimo_o,
+        state,
+        cu_seqlens,
+    )
+
+
+def _state_dtype(q: Tensor) -> torch.dtype:
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
+
+
+def _out_shape(problem: Problem) -> tuple[int, ...]:
+    B, L, H, P, R = problem.batch, problem.seqlen, problem.nheads, problem.headdim, problem.rank
+    return (B, L, R, H, P) if problem.mimo and not problem.has_mimo_o else (B, L, H, P)
+
+
+@torch.library.custom_op("mamba3::scan", mutates_args=())
+def scan_op(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    adt: Tensor,
+    dt: Tensor,
+    trap: Tensor,
+    q_bias: Tensor,
+    k_bias: Tensor,
+    angles: Tensor,
+    D: Tensor | None,
+    z: Tensor | None,
+    mimo_v: Tensor | None,
+    mimo_z: Tensor | None,
+    mimo_o: Tensor | None,
+    angle0: Tensor | None,
+    ssm0: Tensor | None,
+    k0: Tensor | None,
+    v0: Tensor | None,
+    cu_seqlens: Tensor | None,
+    return_final_state: bool,
+    rotary: str,
+    chunk_size: int,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Forward scan on validated inputs; chunk_size <= 0 means the backend's choice."""
+    inputs = _inputs(
+        q,
+        k,
+        v,
+        adt,
+        dt,
+        trap,
+        q_bias,
+        k_bias,
+        angles,
+        D,
+        z,
+        mimo_v,
+        mimo_z,
+        mimo_o,
+        angle0,
+        ssm0,
+        k0,
+        v0,
+        cu_seqlens,
+    )
+    problem = describe(
+        inputs, False, rotary, return_final_state, chunk_size if chunk_size > 0 else None
+    )
+    chosen = choose_backend(problem, backend)
+    out, state = chosen.scan(problem, inputs, kernel_configs(chosen, problem, "scan_fwd"))
+    out = out.to(v.dtype).contiguous()  # the fake impl promises a contiguous out
+    if state is None:
+        empty = q.new_empty((0,))
+        return out, empty, empty.clone(), empty.clone(), empty.clone()
+    sd = _state_dtype(q)
+    return (
+        out,
+        state.angle.to(sd).contiguous(),
+        state.ssm.to(sd).contiguous(),
+        state.k.to(q.dtype).contiguous(),
+        state.v.to(v.dtype).contiguous(),
+    )
+
+
+@scan_op.register_fake
+def _scan_fake(
+    q,
+    k,
+    v,
+    adt,
+    dt,
+    trap,
+    q_bias,
+    k_bias,
+    angles,
+    D,
+    z,
+    mimo_v,
+    mimo_z,
+    mimo_o,
+    angle0,
+    ssm0,
+    k0,
+    v0,
+    cu_seqlens,
+    return_final_state,
+    rotary,
+    chunk_size,
+    backend,
+):
+    mimo = q.dim() == 5
+    B, L, H, P = v.shape
+    R = q.shape[2] if mimo else 1
+    N, S = q.shape[-1], angles.shape[-1]
+    out_shape = (B, L, R, H, P) if mimo and mimo_o is None else (B, L, H, P)
+    out = v.new_empty(out_shape)
+    if not return_final_state:
+        empty = q.new_empty((0,))
+        return out, empty, q.new_empty((0,)), q.new_empty((0,)), q.new_empty((0,))
+    nseq = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    sd = _state_dtype(q)
+    return (
+        out,
+        q.new_empty((nseq, H, S), dtype=sd),
+        q.new_empty((nseq, H, P, N), dtype=sd),
+        q.new_empty((nseq, R, H, N)),
+        v.new_empty((nseq, H, P)),
+    )
+
+
+@torch.library.custom_op("mamba3::scan_bwd", mutates_args=())
+def scan_bwd_op(
+    grad_out: Tensor,
+    grad_angle: Tensor,
+    grad_ssm: Tensor,
+    grad_k: Tensor,
+    grad_v: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    adt: Tensor,
+    dt: Tensor,
+    trap: Tensor,
+    q_bias: Tensor,
+    k_bias: Tensor,
+    angles: Tensor,
+    D: Tensor | None,
+    z: Tensor | None,
+    mimo_v: Tensor | None,
+    mimo_z: Tensor | None,
+    mimo_o: Tensor | None,
+    angle0: Tensor | None,
+    ssm0: Tensor | None,
+    k0: Tensor | None,
+    v0: Tensor | None,
+    cu_seqlens: Tensor | None,
+    return_final_state: bool,
+    rotary: str,
+    chunk_size: int,
+    backend: str,
+) -> list[Tensor]:
+    """Gradients of mamba3::scan's inputs, in GRAD_INPUTS order (an empty tensor for an absent
+    input). Backends without their own backward go through the differentiable reference."""
+    args = (
+        q,
+        k,
+        v,
+        adt,
+        dt,
+        trap,
+        q_bias,
+        k_bias,
+        angles,
+        D,
+        z,
+        mimo_v,
+        mimo_z,
+        mimo_o,
+        angle0,
+        ssm0,
+        k0,
+        v0,
+    )
+    inputs = _inputs(*args, cu_seqlens)
+    problem = describe(
+        inputs, False, rotary, return_final_state, chunk_size if chunk_size > 0 else None
+    )
+    chosen = choose_backend(problem, backend)
+    grad_state = Mamba3State(grad_angle, grad_ssm, grad_k, grad_v) if return_final_state else None
+    if chosen.has_backward:
+        grads = chosen.scan_backward(
+            problem, inputs, grad_out, grad_state, kernel_configs(chosen, problem, "scan_bwd")
+        )
+        return [_or_empty(grads.get(name), a, q) for name, a in zip(GRAD_INPUTS, args, strict=True)]
+    return _reference_backward(problem, args, cu_seqlens, grad_out, grad_state)
+
+
+def _or_empty(g: Tensor | None, a: Tensor | None, like: Tensor) -> Tensor:
+    if a is None:
+        return like.new_empty((0,))
+    return torch.zeros_like(a) if g is None else g
+
+
+def _reference_backward(problem, args, cu_seqlens, grad_out, grad_state) -> list[Tensor]:
+    # torch.func.vjp, not torch.autograd.grad: an op's kernel runs below the autograd dispatch
+    # keys, where plain autograd records nothing, while functorch's transform still works.
+    from .reference import reference_scan
+
+    present = [i for i, a in enumerate(args) if a is not None and a.is_floating_point()]
+
+    def forward(*tensors):
+        full = list(args)
+        for i, t in zip(present, tensors, strict=True):
+            full[i] = t
+        out, state = reference_scan(
+            _inputs(*full, cu_seqlens), problem.rotary, chunk_size=problem.chunk_size or 64
+        )
+        return (out, *state) if grad_state is not None else (out,)
+
+    _, vjp = torch.func.vjp(forward, *(args[i] for i in present))
+    cotangents = (grad_out, *grad_state) if grad_state is not None else (grad_out,)
+    grads = dict(zip(present, vjp(cotangents), strict=True))
+    return [_or_empty(grads.get(i), a, args[0]) for i, a in enumerate(args)]
+
+
+@scan_bwd_op.register_fake
+def _scan_bwd_fake(grad_out, grad_angle, grad_ssm, grad_k, grad_v, *rest):
+    args = rest[:18]
+    return [a.new_empty(a.shape) if a is not None else rest[0].new_empty((0,)) for a in args]
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[:19])
+    ctx.flags = inputs[19:]
+
+
+def _backward(ctx, grad_out, grad_angle, grad_ssm, grad_k, grad_v):
+    saved = ctx.saved_tensors
+    grads = torch.ops.mamba3.scan_bwd(
+        grad_out, grad_angle, grad_ssm, grad_k, grad_v, *saved, *ctx.flags
+    )
+    result = [g if a is not None else None for g, a in zip(grads, saved[:18], strict=True)]
+    return (*result, None, None, None, None, None)
+
+
+scan_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+@torch.library.custom_op(
+    "mamba3::step", mutates_args=("angle_state", "ssm_state", "k_state", "v_state")
+)
+def step_op(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    adt: Tensor,
+    dt: Tensor,
+    trap: Tensor,
+    q_bias: Tensor,
+    k_bias: Tensor,
+    angles: Tensor,
+    angle_state: Tensor,
+    ssm_state: Tensor,
+    k_state: Tensor,
+    v_state: Tensor,
+    D: Tensor | None,
+    z: Tensor | None,
+    mimo_v: Tensor | None,
+    mimo_z: Tensor | None,
+    mimo_o: Tensor | None,
+    rotary: str,
+    backend: str,
+) -> Tensor:
+    """One decode step on validated inputs; updates the four state tensors in place."""
+    state = Mamba3State(angle_state, ssm_state, k_state, v_state)
+    inputs = ScanInputs(
+        q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, z, mimo_v, mimo_z, mimo_o, state, None
+    )
+    return run_step(describe(inputs, True, rotary, True, None), inputs, state, backend)
+
+
+def run_step(problem: Problem, inputs: ScanInputs, state: Mamba3State, backend: str) -> Tensor:
+    """Dispatch one validated decode step (the eager path calls this directly)."""
+    chosen = choose_backend(problem, backend)
+    return chosen.step(problem, inputs, state, kernel_configs(chosen, problem, "step"))
+
+
+@step_op.register_fake
+def _step_fake(
+    q,
+    k,
+    v,
+    adt,
+    dt,
+    trap,
+    q_bias,
+    k_bias,
+    angles,
+    angle_state,
+    ssm_state,
+    k_state,
+    v_state,
+    D,
+    z,
+    mimo_v,
+    mimo_z,
+    mimo_o,
+    rotary,
+    backend,
+):
+    mimo = q.dim() == 4
+    B, H, P = v.shape
+    shape = (B, q.shape[1], H, P) if mimo and mimo_o is None else (B, H, P)
+    return v.new_empty(shape)

@@ -1,0 +1,432 @@
+"""Input checks for the public calls: every argument is checked before any kernel runs.
+
+``validate_scan`` / ``validate_step`` raise ``TypeError`` / ``ValueError`` naming the argument, what
+was expected and what came, and return the call's :class:`Problem` with its :class:`ScanInputs`.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .inputs import ScanInputs
+from .problem import ROTARY_LAYOUTS, Problem
+from .state import Mamba3State
+
+INPUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
+
+
+def _fmt(shape) -> str:
+    return "(" + ", ".join(str(int(s)) for s in shape) + ")"
+
+
+def _tensor(name: str, t, *, optional: bool = False) -> torch.Tensor | None:
+    if t is None:
+        if optional:
+            return None
+        raise TypeError(f"{name}: expected a torch.Tensor, got None")
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    return t
+
+
+def _shape(name: str, t: torch.Tensor, expected: tuple, why: str = "") -> None:
+    if tuple(t.shape) != tuple(expected):
+        extra = f" {why}" if why else ""
+        raise ValueError(f"{name}: expected shape {_fmt(expected)}{extra}, got {_fmt(t.shape)}")
+
+
+def _float(name: str, t: torch.Tensor, allowed=INPUT_DTYPES) -> None:
+    if t.dtype not in allowed:
+        names = ", ".join(str(d).replace("torch.", "") for d in allowed)
+        raise TypeError(
+            f"{name}: expected dtype in ({names}), got {str(t.dtype).replace('torch.', '')}"
+        )
+
+
+def _same_dtype(name: str, t: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
+    if t.dtype != ref.dtype:
+        raise TypeError(
+            f"{name}: expected dtype {str(ref.dtype).replace('torch.', '')} to match {ref_name}, "
+            f"got {str(t.dtype).replace('torch.', '')}"
+        )
+
+
+def _device(name: str, t: torch.Tensor, device: torch.device) -> None:
+    if t.device != device:
+        raise ValueError(f"{name}: expected device {device} (the device of q), got {t.device}")
+
+
+def _rotary(rotary: str | None, mimo: bool) -> str:
+    if rotary is None:
+        return "halves" if mimo else "interleaved"
+    if rotary not in ROTARY_LAYOUTS:
+        raise ValueError(f"rotary: expected one of {ROTARY_LAYOUTS}, got {rotary!r}")
+    return rotary
+
+
+def _check_values_enabled(device: torch.device) -> bool:
+    """Value-range checks need a host sync on GPU: always on CPU, opt-in on GPU (never while
+    compiling or capturing a CUDA graph)."""
+    if torch.compiler.is_compiling():
+        return False
+    if device.type == "cpu":
+        return True
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return False
+    return os.environ.get("MAMBA3_KERNELS_CHECK_VALUES", "0") == "1"
+
+
+def _check_values(adt: torch.Tensor, dt: torch.Tensor) -> None:
+    bad = torch.stack([(adt > 0).any(), (dt <= 0).any(), ~torch.isfinite(adt).all()]).tolist()
+    if bad[0]:
+        raise ValueError("adt: expected A*dt <= 0 everywhere, got positive values")
+    if bad[1]:
+        raise ValueError("dt: expected dt > 0 everywhere, got values <= 0")
+    if bad[2]:
+        raise ValueError("adt: expected finite values, got inf or NaN")
+
+
+def _check_cu_seqlens(cu: torch.Tensor, batch: int, seqlen: int) -> torch.Tensor:
+    if cu.dim() != 1 or cu.numel() < 2:
+        raise ValueError(
+            "cu_seqlens: expected a 1-D tensor of nseq + 1 >= 2 offsets, "
+            f"got shape {_fmt(cu.shape)}"
+        )
+    if cu.dtype not in (torch.int32, torch.int64):
+        raise TypeError(
+            f"cu_seqlens: expected dtype int32, got {str(cu.dtype).replace('torch.', '')}"
+        )
+    if batch != 1:
+        raise ValueError(
+            f"cu_seqlens: expected batch size 1 when packing sequences, got B = {batch}"
+        )
+    if torch.compiler.is_compiling():
+        return cu.to(torch.int32)
+    vals = cu.tolist()
+    if vals[0] != 0:
+        raise ValueError(f"cu_seqlens: expected to start at 0, got {vals[0]}")
+    if any(b < a for a, b in zip(vals, vals[1:], strict=False)):
+        raise ValueError(f"cu_seqlens: expected non-decreasing offsets, got {vals}")
+    if vals[-1] != seqlen:
+        raise ValueError(f"cu_seqlens: expected to end at L = {seqlen}, got {vals[-1]}")
+    return cu.to(torch.int32)
+
+
+def _check_state(
+    name: str,
+    state,
+    nseq: int,
+    H: int,
+    P: int,
+    N: int,
+    S: int,
+    R: int,
+    device: torch.device,
+    need_contiguous: bool,
+) -> Mamba3State:
+    if not isinstance(state, tuple) or len(state) != 4:
+        raise TypeError(
+            f"{name}: expected a Mamba3State(angle, ssm, k, v), got {type(state).__name__}"
+        )
+    state = Mamba3State(*state)
+    expected = {
+        "angle": (nseq, H, S),
+        "ssm": (nseq, H, P, N),
+        "k": (nseq, R, H, N),
+        "v": (nseq, H, P),
+    }
+    for field, shape in expected.items():
+        t = _tensor(f"{name}.{field}", getattr(state, field))
+        _shape(f"{name}.{field}", t, shape)
+        _float(f"{name}.{field}", t)
+        _device(f"{name}.{field}", t, device)
+        if need_contiguous and not t.is_contiguous():
+            raise ValueError(
+                f"{name}.{field}: expected a contiguous tensor (it is updated in place), "
+                f"got strides {tuple(t.stride())}"
+            )
+    for field in ("angle", "ssm"):
+        if getattr(state, field).dtype not in (torch.float32, torch.float64):
+            raise TypeError(
+                f"{name}.{field}: expected dtype float32, got {getattr(state, field).dtype}"
+            )
+    return state
+
+
+def _validate(
+    step: bool,
+    q,
+    k,
+    v,
+    adt,
+    dt,
+    trap,
+    q_bias,
+    k_bias,
+    angles,
+    D,
+    z,
+    mimo_v,
+    mimo_z,
+    mimo_o,
+    state,
+    return_final_state,
+    cu_seqlens,
+    rotary,
+    chunk_size,
+) -> tuple[Problem, ScanInputs]:
+    # With the L axis absent (a step), the same checks run on shapes with L = 1 inserted.
+    q = _tensor("q", q)
+    siso_dims, mimo_dims = (3, 4) if step else (4, 5)
+    if q.dim() not in (siso_dims, mimo_dims):
+        layout = "(B, G, N) or (B, R, G, N)" if step else "(B, L, G, N) or (B, L, R, G, N)"
+        raise ValueError(
+            f"q: expected {siso_dims} or {mimo_dims} dims {layout}, got shape {_fmt(q.shape)}"
+        )
+    _float("q", q)
+    mimo = q.dim() == mimo_dims
+    device = q.device
+    if mimo:
+        B, *rest = q.shape
+        L, (R, G, N) = (1, rest) if step else (rest[0], rest[1:])
+    else:
+        B, *rest = q.shape
+        R = 1
+        L, (G, N) = (1, rest) if step else (rest[0], rest[1:])
+    lead = (B,) if step else (B, L)
+    k = _tensor("k", k)
+    _shape("k", k, q.shape, "to match q")
+    v = _tensor("v", v)
+    if v.dim() != len(lead) + 2:
+        raise ValueError(
+            f"v: expected shape {'(B, H, P)' if step else '(B, L, H, P)'}, got {_fmt(v.shape)}"
+        )
+    H, P = v.shape[-2], v.shape[-1]
+    _shape("v", v, lead + (H, P), "(batch and length of q)")
+    for name, t in (("k", k), ("v", v)):
+        _same_dtype(name, t, "q", q)
+        _device(name, t, device)
+    if G == 0 or H % G != 0:
+        raise ValueError(
+            f"v: expected the number of heads H = {H} to be a multiple of the groups G = {G} of q"
+        )
+    if N % 2 != 0:
+        raise ValueError(f"q: expected an even state size N (rotary pairs), got N = {N}")
+    coef = (B, H) if step else (B, H, L)
+    for name, t in (("adt", adt), ("dt", dt), ("trap", trap)):
+        t = _tensor(name, t)
+        _shape(name, t, coef)
+        _float(name, t)
+        _device(name, t, device)
+    bias = (H, R, N) if mimo else (H, N)
+    for name, t in (("q_bias", q_bias), ("k_bias", k_bias)):
+        t = _tensor(name, t)
+        _shape(name, t, bias)
+        _float(name, t)
+        _device(name, t, device)
+    angles = _tensor("angles", angles)
+    if angles.dim() != len(lead) + 2:
+        raise ValueError(
+            f"angles: expected shape {'(B, H, S)' if step else '(B, L, H, S)'}, "
+            f"got {_fmt(angles.shape)}"
+        )
+    S = angles.shape[-1]
+    _shape("angles", angles, lead + (H, S))
+    if S > N // 2:
+        raise ValueError(f"angles: expected S <= N/2 = {N // 2} rotary angles, got S = {S}")
+    _float("angles", angles)
+    _device("angles", angles, device)
+    if _tensor("D", D, optional=True) is not None:
+        _shape("D", D, (H,))
+        _float("D", D)
+        _device("D", D, device)
+    if _tensor("z", z, optional=True) is not None:
+        _shape("z", z, v.shape, "to match v")
+        _same_dtype("z", z, "v", v)
+        _device("z", z, device)
+    for name, t in (("mimo_v", mimo_v), ("mimo_z", mimo_z), ("mimo_o", mimo_o)):
+        if _tensor(name, t, optional=True) is None:
+            continue
+        if not mimo:
+            raise ValueError(
+                f"{name}: only for MIMO (q with a rank axis), got a tensor for a SISO call"
+            )
+        _shape(name, t, (H, R, P))
+        _float(name, t)
+        _device(name, t, device)
+    if mimo and mimo_v is None:
+        raise ValueError(f"mimo_v: expected a tensor of shape {_fmt((H, R, P))} for MIMO, got None")
+    if mimo and z is not None and mimo_z is None:
+        raise ValueError(
+            f"mimo_z: expected a tensor of shape {_fmt((H, R, P))} for MIMO with z, got None"
+        )
+    rotary = _rotary(rotary, mimo)
+    if chunk_size is not None and (
+        not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1
+    ):
+        raise ValueError(f"chunk_size: expected a positive int or None, got {chunk_size!r}")
+    nseq = B
+    if cu_seqlens is not None:
+        cu_seqlens = _check_cu_seqlens(_tensor("cu_seqlens", cu_seqlens), B, L)
+        _device("cu_seqlens", cu_seqlens, device)
+        nseq = cu_seqlens.shape[0] - 1
+    state_name = "state" if step else "initial_state"
+    if state is not None or step:
+        if state is None:
+            raise TypeError(
+                "state: expected a Mamba3State, got None (Mamba3State.zeros allocates one)"
+            )
+        state = _check_state(state_name, state, nseq, H, P, N, S, R, device, need_contiguous=step)
+    if _check_values_enabled(device):
+        _check_values(adt, dt)
+    inputs = ScanInputs(
+        q,
+        k,
+        v,
+        adt,
+        dt,
+        trap,
+        q_bias,
+        k_bias,
+        angles,
+        D,
+        z,
+        mimo_v,
+        mimo_z,
+        mimo_o,
+        state,
+        cu_seqlens,
+    )
+    problem = describe(inputs, step, rotary, return_final_state, chunk_size)
+    return problem, inputs
+
+
+def validate_scan(
+    q,
+    k,
+    v,
+    adt,
+    dt,
+    trap,
+    q_bias,
+    k_bias,
+    angles,
+    D=None,
+    z=None,
+    mimo_v=None,
+    mimo_z=None,
+    mimo_o=None,
+    initial_state=None,
+    return_final_state=False,
+    cu_seqlens=None,
+    rotary=None,
+    chunk_size=None,
+) -> tuple[Problem, ScanInputs]:
+    """Check a ``scan`` call (shapes per SPEC.md) and describe it. Raises TypeError/ValueError."""
+    return _validate(
+        False,
+        q,
+        k,
+        v,
+        adt,
+        dt,
+        trap,
+        q_bias,
+        k_bias,
+        angles,
+        D,
+        z,
+        mimo_v,
+        mimo_z,
+        mimo_o,
+        initial_state,
+        return_final_state,
+        cu_seqlens,
+        rotary,
+        chunk_size,
+    )
+
+
+def validate_step(
+    q,
+    k,
+    v,
+    adt,
+    dt,
+    trap,
+    q_bias,
+    k_bias,
+    angles,
+    state,
+    D=None,
+    z=None,
+    mimo_v=None,
+    mimo_z=None,
+    mimo_o=None,
+    rotary=None,
+) -> tuple[Problem, ScanInputs]:
+    """Check a ``step`` call (the L axis absent) and describe it. ``inputs.initial_state`` is the
+    state to update."""
+    return _validate(
+        True,
+        q,
+        k,
+        v,
+        adt,
+        dt,
+        trap,
+        q_bias,
+        k_bias,
+        angles,
+        D,
+        z,
+        mimo_v,
+        mimo_z,
+        mimo_o,
+        state,
+        True,
+        None,
+        rotary,
+        None,
+    )
+
+
+def describe(
+    inputs: ScanInputs,
+    step: bool,
+    rotary: str | None,
+    return_final_state: bool,
+    chunk_size: int | None,
+) -> Problem:
+    """The Problem of already-checked inputs, read off their shapes (no checks, no host sync)."""
+    q, v = inputs.q, inputs.v
+    mimo = q.dim() == (4 if step else 5)
+    B, H, P = q.shape[0], v.shape[-2], v.shape[-1]
+    L = 1 if step else q.shape[1]
+    R = q.shape[-3] if mimo else 1
+    cu = inputs.cu_seqlens
+    return Problem(
+        batch=B,
+        seqlen=L,
+        nheads=H,
+        ngroups=q.shape[-2],
+        rank=R,
+        d_state=q.shape[-1],
+        headdim=P,
+        n_angles=inputs.angles.shape[-1],
+        nseq=B if cu is None else cu.shape[0] - 1,
+        dtype=q.dtype,
+        device_type=q.device.type,
+        mimo=mimo,
+        rotary=rotary if rotary is not None else ("halves" if mimo else "interleaved"),
+        has_D=inputs.D is not None,
+        has_z=inputs.z is not None,
+        has_mimo_o=inputs.mimo_o is not None,
+        has_initial_state=inputs.initial_state is not None,
+        return_final_state=bool(return_final_state),
+        varlen=cu is not None,
+        decode=step,
+        chunk_size=chunk_size,
+    )
