@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import zlib
 
 import pytest
 import torch
@@ -170,13 +171,24 @@ MODES = {
 }
 
 
+# (D, z, mimo_o, initial state)
+OPTIONS = {
+    "all": (True, True, True, True),
+    "none": (False, False, False, False),
+    "D_state": (True, False, False, True),
+    "z_mimo_o": (False, True, True, False),
+}
+
+
 @pytest.mark.parametrize("mode", list(MODES))
 @pytest.mark.parametrize("layout", ["interleaved", "halves"])
 @pytest.mark.parametrize("s_frac", [4, 2])
 @pytest.mark.parametrize("ngroups", [1, 2])
-@pytest.mark.parametrize("extras", [True, False])
-def test_chunked_matches_recurrent(mode, layout, s_frac, ngroups, extras):
+@pytest.mark.parametrize("options", list(OPTIONS))
+def test_chunked_matches_recurrent(mode, layout, s_frac, ngroups, options):
     n = 16
+    with_D, with_z, with_mimo_o, with_state = OPTIONS[options]
+    seed = zlib.crc32(repr((mode, layout, s_frac, ngroups, options)).encode())
     inp = random_inputs(
         batch=2,
         seqlen=19,
@@ -186,11 +198,11 @@ def test_chunked_matches_recurrent(mode, layout, s_frac, ngroups, extras):
         headdim=8,
         n_angles=n // s_frac,
         dtype=F64,
-        with_D=extras,
-        with_z=extras,
-        with_mimo_o=extras,
-        with_initial_state=extras,
-        generator=gen(hash((mode, layout, s_frac, ngroups, extras)) % 2**31),
+        with_D=with_D,
+        with_z=with_z,
+        with_mimo_o=with_mimo_o,
+        with_initial_state=with_state,
+        generator=gen(seed),
         **MODES[mode],
     )
     out, state = reference_scan(inp, layout)
@@ -499,3 +511,14 @@ def test_backend_scan_and_step():
     out = be.step(_problem(sinp, True, True, None), sinp, state)
     assert rel_err(out, ref_out) < 1e-6
     assert all(torch.equal(a, b) for a, b in zip(state, ref_new, strict=True))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("kw", [dict(), dict(rank=4, with_mimo_o=False)])
+def test_runs_on_cuda(kw):
+    inp = random_inputs(seqlen=50, dtype=F64, with_initial_state=True, generator=gen(20), **kw)
+    out, state = reference_scan(inp, None, chunk_size=16)
+    out_g, state_g = reference_scan(cast_inputs(inp, F64, device="cuda"), None, chunk_size=16)
+    assert out_g.is_cuda
+    assert rel_err(out_g, out) < EXACT and state_err(state_g, state) < EXACT

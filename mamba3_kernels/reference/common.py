@@ -103,6 +103,14 @@ def _rank_first(p: torch.Tensor) -> torch.Tensor:
     return p.transpose(0, 1)
 
 
+def _rank_weighted(x: torch.Tensor, weight: torch.Tensor | None, rank: int) -> torch.Tensor:
+    """(B, L, H, P) -> (B, L, R, H, P): x * weight_r, or x repeated R times without weights."""
+    x = x.unsqueeze(2)
+    if weight is None:
+        return x.expand(-1, -1, rank, -1, -1)
+    return x * weight
+
+
 def prepare(inputs: ScanInputs, rotary: str) -> Prepared:
     """Upcast and normalise one non-varlen scan call (scan shapes, see ScanInputs)."""
     cd = compute_dtype(inputs)
@@ -146,23 +154,17 @@ def prepare(inputs: ScanInputs, rotary: str) -> Prepared:
     qr = rotate(q + q_bias, rot, rotary)
     kr = rotate(k + k_bias, rot, rotary)
 
-    v = v.to(cd)
-    if mimo:
-        mimo_v = _rank_first(inputs.mimo_v.to(cd))  # (R, H, P)
-        vr = v.unsqueeze(2) * mimo_v
-    else:
-        mimo_v = None
-        vr = v.unsqueeze(2)
-    zr = None
-    if inputs.z is not None:
-        z = inputs.z.to(cd)
-        zr = z.unsqueeze(2) * _rank_first(inputs.mimo_z.to(cd)) if mimo else z.unsqueeze(2)
+    # SISO, or a MIMO call without mimo_v / mimo_z: unit rank weights (a plain broadcast)
+    mimo_v = _rank_first(inputs.mimo_v.to(cd)) if mimo and inputs.mimo_v is not None else None
+    mimo_z = _rank_first(inputs.mimo_z.to(cd)) if mimo and inputs.mimo_z is not None else None
+    vr = _rank_weighted(v.to(cd), mimo_v, rank)
+    zr = _rank_weighted(inputs.z.to(cd), mimo_z, rank) if inputs.z is not None else None
 
     if state is not None:
         ssm0 = state.ssm.to(cd)
         kr0 = state.k.to(cd)  # already rotated and biased
         v0 = state.v.to(cd)
-        vr0 = v0.unsqueeze(1) * mimo_v if mimo_v is not None else v0.unsqueeze(1)
+        vr0 = _rank_weighted(v0.unsqueeze(1), mimo_v, rank).squeeze(1)
     else:
         ssm0 = torch.zeros(bsz, nheads, headdim, q.shape[-1], dtype=cd, device=v.device)
         kr0 = torch.zeros(bsz, rank, nheads, q.shape[-1], dtype=cd, device=v.device)
