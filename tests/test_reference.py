@@ -522,3 +522,18 @@ def test_runs_on_cuda(kw):
     out_g, state_g = reference_scan(cast_inputs(inp, F64, device="cuda"), None, chunk_size=16)
     assert out_g.is_cuda
     assert rel_err(out_g, out) < EXACT and state_err(state_g, state) < EXACT
+
+
+def test_absent_rank_weights_are_ones():
+    """A MIMO call without mimo_v / mimo_z behaves as with all-ones rank weights."""
+    inp = random_inputs(seqlen=11, rank=2, dtype=F64, with_initial_state=True, generator=gen(21))
+    ones = torch.ones_like(inp.mimo_v)
+    out, state = reference_scan(inp._replace(mimo_v=ones, mimo_z=ones), None)
+    out_none, state_none = reference_scan(inp._replace(mimo_v=None, mimo_z=None), None, 4)
+    assert rel_err(out_none, out) < EXACT and state_err(state_none, state) < EXACT
+
+
+def test_unknown_rotary_rejected():
+    inp = random_inputs(seqlen=3, generator=gen(22))
+    with pytest.raises(ValueError, match="rotary"):
+        reference_scan(inp, "spiral")
