@@ -91,10 +91,11 @@ def test_prefill_then_decode_equals_one_prefill(rank, rope):
     assert_states_close(cache.state, full_cache.state)
 
 
+@pytest.mark.parametrize("outproj_norm", [False, True], ids=["gate", "outproj_norm"])
 @pytest.mark.parametrize("rank,rope", [(1, 0.5), (2, 1.0)], ids=["SISO", "MIMO"])
-def test_chunked_prefill_then_decode(rank, rope):
+def test_chunked_prefill_then_decode(rank, rope, outproj_norm):
     """Prefill in two pieces (the second continues from the cached state), then decode."""
-    layer = make_layer(rank, rope)
+    layer = make_layer(rank, rope, is_outproj_norm=outproj_norm)
     x = randn(3, 12, D_MODEL, seed=1)
     with torch.no_grad():
         full = layer(x)
@@ -174,6 +175,10 @@ def test_parameter_names_follow_published_layer():
     assert set(mimo) == common | {"mimo_x", "mimo_z", "mimo_o"}
     assert siso["B_bias"] == (H, 1, N) and mimo["C_bias"] == (H, 2, N)
     assert mimo["mimo_x"] == (H, 2, P)
+    normed = {
+        n: tuple(p.shape) for n, p in make_layer(2, 0.5, is_outproj_norm=True).named_parameters()
+    }
+    assert set(normed) == set(mimo) | {"norm.weight"} and normed["norm.weight"] == (64,)
     # in_proj rows: z, x (2 * d_inner), B, C (2 * G * R * N), dt, A, trap (3 * H), angles (S).
     assert mimo["in_proj.weight"] == (2 * 64 + 2 * 2 * 2 * N + 3 * H + N // 4, D_MODEL)
 
@@ -227,6 +232,10 @@ def _manual_layer(layer: Mamba3, u: torch.Tensor) -> torch.Tensor:
         Bm, Cm, q_bias, k_bias = Bm[:, :, 0], Cm[:, :, 0], q_bias[:, 0], k_bias[:, 0]
     else:
         mimo = {"mimo_v": layer.mimo_x, "mimo_z": layer.mimo_z, "mimo_o": layer.mimo_o}
+    z = z.reshape(Bsz, L, H, P)
+    gated = layer.is_outproj_norm
+    if gated:  # the scan leaves out the gate and (MIMO) the rank reduction
+        mimo.pop("mimo_o", None)
     inputs = ScanInputs(
         q=Cm,
         k=Bm,
@@ -238,16 +247,25 @@ def _manual_layer(layer: Mamba3, u: torch.Tensor) -> torch.Tensor:
         k_bias=k_bias,
         angles=ang[:, :, None, :].expand(Bsz, L, H, S),
         D=layer.D,
-        z=z.reshape(Bsz, L, H, P),
+        z=None if gated else z,
         **mimo,
     )
     y, _ = reference_scan(inputs, "halves" if R > 1 else "interleaved")
+    if gated:
+        # Per-head RMSNorm of y (per rank for MIMO), scaled, gated by silu(z), then mimo_o.
+        if R > 1:
+            z = torch.einsum("blhp,hrp->blrhp", z, layer.mimo_z)
+        y = y / torch.sqrt(y.pow(2).mean(-1, keepdim=True) + 1e-5)
+        y = y * layer.norm.weight.reshape(H, P) * F.silu(z)
+        if R > 1:
+            y = torch.einsum("blrhp,hrp->blhp", y, layer.mimo_o)
     return y.reshape(Bsz, L, d_inner) @ layer.out_proj.weight.T
 
 
+@pytest.mark.parametrize("outproj_norm", [False, True], ids=["gate", "outproj_norm"])
 @pytest.mark.parametrize("rank,rope", CONFIGS, ids=CONFIG_IDS)
-def test_forward_matches_written_out_layer(rank, rope):
-    layer = make_layer(rank, rope, ngroups=1 if rank > 1 else 2)
+def test_forward_matches_written_out_layer(rank, rope, outproj_norm):
+    layer = make_layer(rank, rope, ngroups=1 if rank > 1 else 2, is_outproj_norm=outproj_norm)
     u = randn(2, 9, D_MODEL, seed=6)
     with torch.no_grad():
         assert rel_err(layer(u), _manual_layer(layer, u)) < 1e-12
@@ -278,9 +296,10 @@ def test_auto_backend_matches_reference():
 # ---------------------------------------------------------------- gradients
 
 
+@pytest.mark.parametrize("outproj_norm", [False, True], ids=["gate", "outproj_norm"])
 @pytest.mark.parametrize("rank", [1, 2], ids=["SISO", "MIMO"])
-def test_gradients_reach_every_parameter(rank):
-    layer = make_layer(rank, 0.5, dtype=torch.float32)
+def test_gradients_reach_every_parameter(rank, outproj_norm):
+    layer = make_layer(rank, 0.5, dtype=torch.float32, is_outproj_norm=outproj_norm)
     x = randn(2, 10, D_MODEL, dtype=torch.float32, seed=9).requires_grad_(True)
     loss = layer(x).square().mean()
     loss.backward()

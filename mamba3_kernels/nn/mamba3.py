@@ -75,6 +75,26 @@ class _RMSNorm(nn.Module):
         return (y * self.weight.to(cdt)).to(x.dtype)
 
 
+class _GatedRMSNorm(nn.Module):
+    """RMSNorm per group of ``group_size`` channels, then a SiLU gate: norm(y) * w * silu(z).
+
+    The optional output norm of the layer (``is_outproj_norm``), with one group per head.
+    """
+
+    def __init__(self, dim: int, group_size: int, eps: float = 1e-5, device=None, dtype=None):
+        super().__init__()
+        self.eps = eps
+        self.group_size = group_size
+        self.weight = nn.Parameter(torch.ones(dim, device=device, dtype=dtype))
+
+    def forward(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """y, z (..., dim) -> (..., dim) in y's dtype."""
+        cdt = torch.float64 if y.dtype == torch.float64 else torch.float32
+        yg = y.to(cdt).unflatten(-1, (-1, self.group_size))
+        yn = (yg * torch.rsqrt(yg.square().mean(-1, keepdim=True) + self.eps)).flatten(-2)
+        return (yn * self.weight.to(cdt) * F.silu(z.to(cdt))).to(y.dtype)
+
+
 @dataclass
 class _Projected:
     """The scan's inputs for one call, in SPEC.md shapes (with the L axis)."""
@@ -104,6 +124,9 @@ class Mamba3(nn.Module):
         A_floor: A = -softplus(raw) is clamped to at most -A_floor (a floor on the decay rate).
         mimo_rank: MIMO rank R (1: SISO).
         is_mimo: MIMO on/off; defaults to ``mimo_rank > 1``. When False the rank is 1.
+        is_outproj_norm: gate the output with a per-head RMSNorm (``norm(y) * silu(z)``) after
+            the scan, instead of the scan's own ``y * silu(z)``; MIMO then normalizes each rank
+            before the rank reduction by ``mimo_o``.
         chunk_size: chunk length of the prefill scan (None: the backend chooses).
         backend: backend name passed to ``scan``/``step`` ("auto", "reference", "triton", ...).
         layer_idx: key of this layer's cache in ``inference_params.key_value_memory_dict``.
@@ -124,6 +147,7 @@ class Mamba3(nn.Module):
         A_floor: float = 1e-4,
         mimo_rank: int = 1,
         is_mimo: bool | None = None,
+        is_outproj_norm: bool = False,
         chunk_size: int | None = None,
         backend: str = "auto",
         layer_idx: int | None = None,
@@ -164,6 +188,7 @@ class Mamba3(nn.Module):
         self.A_floor = A_floor
         self.is_mimo = bool(is_mimo)
         self.mimo_rank = mimo_rank if self.is_mimo else 1
+        self.is_outproj_norm = is_outproj_norm
         # The SISO layer rotates adjacent pairs, the MIMO layer pairs the two halves (SPEC.md).
         self.rotary = "halves" if self.is_mimo else "interleaved"
         self.chunk_size = chunk_size
@@ -197,6 +222,8 @@ class Mamba3(nn.Module):
 
         self.D = nn.Parameter(torch.ones(H, device=device))
         self.D._no_weight_decay = True
+        if is_outproj_norm:
+            self.norm = _GatedRMSNorm(d_inner, group_size=headdim, eps=1e-5, **factory)
         self.out_proj = nn.Linear(d_inner, d_model, bias=False, **factory)
 
     # ------------------------------------------------------------------ helpers
@@ -221,6 +248,8 @@ class Mamba3(nn.Module):
         return p.to(pdt)
 
     def _ssm_params(self, pdt: torch.dtype) -> dict[str, Any]:
+        """Parameters of the scan/step call; with the output norm, the gate and the rank
+        reduction happen after the scan (``_gate_out``), so z and mimo_o stay out of it."""
         q_bias, k_bias = self._param(self.C_bias, pdt), self._param(self.B_bias, pdt)
         if not self.is_mimo:
             q_bias, k_bias = q_bias[:, 0], k_bias[:, 0]
@@ -228,8 +257,20 @@ class Mamba3(nn.Module):
         if self.is_mimo:
             params["mimo_v"] = self._param(self.mimo_x, pdt)
             params["mimo_z"] = self._param(self.mimo_z, pdt)
-            params["mimo_o"] = self._param(self.mimo_o, pdt)
+            if not self.is_outproj_norm:
+                params["mimo_o"] = self._param(self.mimo_o, pdt)
         return params
+
+    def _gate_out(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """The output norm (``is_outproj_norm``): y (..., H, P), or (..., R, H, P) for MIMO,
+        and z (..., H, P) -> (..., H, P)."""
+        if not self.is_mimo:
+            return self.norm(y.flatten(-2), z.flatten(-2)).unflatten(-1, (self.nheads, -1))
+        pdt = torch.float64 if y.dtype == torch.float64 else torch.float32
+        # (H, R, P) weights broadcast against the rank axis at -3.
+        z_r = z.to(pdt).unsqueeze(-3) * self._param(self.mimo_z, pdt).transpose(0, 1)
+        y_r = self.norm(y.to(pdt).flatten(-2), z_r.flatten(-2)).unflatten(-1, (self.nheads, -1))
+        return (y_r * self._param(self.mimo_o, pdt).transpose(0, 1)).sum(-3).to(y.dtype)
 
     def _project(self, u: torch.Tensor) -> _Projected:
         """in_proj and the elementwise maps: u (B, L, d_model) -> the scan's inputs."""
@@ -368,7 +409,7 @@ class Mamba3(nn.Module):
             p.dt,
             p.trap,
             angles=p.angles,
-            z=p.z,
+            z=None if self.is_outproj_norm else p.z,
             initial_state=initial_state,
             return_final_state=cache is not None,
             cu_seqlens=cu_seqlens,
@@ -382,6 +423,8 @@ class Mamba3(nn.Module):
             cache._store(final_state, seqlen)
         else:
             y = res
+        if self.is_outproj_norm:
+            y = self._gate_out(y, p.z)
         y = y.reshape(batch, seqlen, self.d_inner)
         return self.out_proj(y.to(hidden_states.dtype))
 
@@ -415,13 +458,15 @@ class Mamba3(nn.Module):
             p.trap[..., 0],
             angles=p.angles[:, 0],
             state=cache.state,
-            z=p.z[:, 0],
+            z=None if self.is_outproj_norm else p.z[:, 0],
             rotary=self.rotary,
             inplace=True,
             backend=self.backend,
             **self._ssm_params(p.dt.dtype),
         )
         cache._store(new_state, 1)
+        if self.is_outproj_norm:
+            y = self._gate_out(y, p.z[:, 0])
         y = y.reshape(batch, 1, self.d_inner)
         return self.out_proj(y.to(hidden_states.dtype))
 
@@ -429,5 +474,6 @@ class Mamba3(nn.Module):
         return (
             f"d_model={self.d_model}, d_state={self.d_state}, nheads={self.nheads}, "
             f"headdim={self.headdim}, ngroups={self.ngroups}, mimo_rank={self.mimo_rank}, "
-            f"rope_angles={self.num_rope_angles}, rotary={self.rotary!r}, backend={self.backend!r}"
+            f"rope_angles={self.num_rope_angles}, rotary={self.rotary!r}, "
+            f"outproj_norm={self.is_outproj_norm}, backend={self.backend!r}"
         )
