@@ -1,0 +1,618 @@
+"""Cross-check every available backend against the float64 reference and against each other.
+
+    python -m mamba3_kernels.check [--quick] [--device cuda] [--json out.json]
+
+Each case (SISO/MIMO, rank, sizes, GQA, rotary layout, D/z, state in/out, varlen, dtype, odd
+lengths, decode sequences) draws fresh random inputs (``testing.random_inputs``), computes the
+truth as ``reference_scan`` of the inputs cast to float64, and runs every column on the same
+inputs: each registered backend through ``mamba3_kernels.scan`` / ``step`` and the reference in
+its two forms (literal recurrence, chunked) at the case's dtype. A decode case runs several
+``step`` calls from an initial state and is compared with the scan over the same tokens.
+
+A cell is the worst relative error (``testing.rel_err``: norm of the difference over the norm of
+the truth) over the output and, when returned, the final state (angle compared through its
+cosine and sine, since an angle state may be reduced modulo 2 pi). It passes below the dtype's
+tolerance (fp32 1e-4, 1e-3 on CUDA where matmuls may use tf32; bf16/fp16 2e-2). A backend that
+cannot run a case (it says so, or raises NotImplementedError) shows "n/a" with its reason; any
+other exception is "ERR" and fails. Pairs of columns that differ from each other by more than
+the tolerance are listed as disagreements and fail too. The exit code is 1 on any failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import sys
+from dataclasses import asdict, dataclass, field, replace
+
+import torch
+
+from .backend import BACKEND_NAMES, registered_backends
+from .inputs import ScanInputs
+from .reference import reference_scan, reference_step
+from .state import Mamba3State
+from .testing import cast_inputs, random_inputs, rel_err
+
+# The reference evaluated directly in its two forms, next to the registered backends.
+REF_RECURRENT = "reference:recurrent"
+REF_CHUNKED = "reference:chunked"
+REF_CHUNK_SIZE = 16  # small, so that odd lengths end mid-chunk and several chunks are crossed
+
+PASS, FAIL, NA, ERR = "pass", "FAIL", "n/a", "ERR"
+
+
+@dataclass(frozen=True)
+class Case:
+    """One cross-check case: the arguments of ``random_inputs`` plus how the call is made.
+
+    kind "scan" compares one scan call; kind "decode" runs ``steps`` step calls from a random
+    initial state and compares them with the scan over the same ``steps`` tokens.
+    """
+
+    name: str
+    kind: str = "scan"
+    batch: int = 2
+    seqlen: int = 33
+    nheads: int = 4
+    ngroups: int = 1
+    rank: int = 1
+    mimo: bool | None = None
+    d_state: int = 16
+    headdim: int = 8
+    n_angles: int | None = None
+    dtype: torch.dtype = torch.float32
+    rotary: str | None = None
+    with_D: bool = True
+    with_z: bool = True
+    with_mimo_o: bool = True
+    with_initial_state: bool = False
+    return_final_state: bool = False
+    cu_seqlens: tuple[int, ...] | None = None
+    chunk_size: int | None = None
+
+    def make_inputs(self, device: torch.device, seed: int) -> ScanInputs:
+        gen = torch.Generator().manual_seed(seed)
+        return random_inputs(
+            batch=self.batch,
+            seqlen=self.seqlen,
+            nheads=self.nheads,
+            ngroups=self.ngroups,
+            d_state=self.d_state,
+            headdim=self.headdim,
+            n_angles=self.n_angles,
+            rank=self.rank,
+            mimo=self.mimo,
+            dtype=self.dtype,
+            device=device,
+            with_D=self.with_D,
+            with_z=self.with_z,
+            with_mimo_o=self.with_mimo_o,
+            with_initial_state=self.with_initial_state or self.kind == "decode",
+            cu_seqlens=list(self.cu_seqlens) if self.cu_seqlens else None,
+            generator=gen,
+        )
+
+    def describe(self) -> dict:
+        d = asdict(self)
+        d["dtype"] = str(self.dtype).replace("torch.", "")
+        return d
+
+
+@dataclass
+class Cell:
+    """The result of one column on one case."""
+
+    status: str
+    err: float | None = None
+    reason: str | None = None
+    parts: dict[str, float] = field(default_factory=dict)
+
+    def text(self) -> str:
+        if self.status in (PASS, FAIL):
+            return f"{self.status} {self.err:.1e}"
+        return self.status
+
+
+@dataclass
+class Report:
+    """All cells of a run, the disagreements between columns, and what could not run at all."""
+
+    device: str
+    columns: list[str]
+    cases: list[Case]
+    tolerances: dict[str, float]
+    cells: dict[tuple[str, str], Cell]
+    disagreements: list[dict]
+    unavailable: dict[str, str]
+
+    @property
+    def failures(self) -> list[str]:
+        """One line per failing cell or disagreement, naming the case and backends."""
+        lines = []
+        for case in self.cases:
+            for col in self.columns:
+                cell = self.cells[(case.name, col)]
+                if cell.status == FAIL:
+                    worst = max(cell.parts, key=cell.parts.get)
+                    lines.append(
+                        f"case {case.name}: {col} differs from the float64 reference: "
+                        f"rel err {cell.err:.2e} > tol {self.tolerances[case.name]:.0e} "
+                        f"(worst in {worst})"
+                    )
+                elif cell.status == ERR:
+                    lines.append(f"case {case.name}: {col} raised: {cell.reason}")
+        for d in self.disagreements:
+            lines.append(
+                f"case {d['case']}: {d['a']} and {d['b']} disagree: rel err {d['err']:.2e} "
+                f"> tol {d['tol']:.0e} (in {d['part']})"
+            )
+        return lines
+
+    @property
+    def failed(self) -> bool:
+        return bool(self.failures)
+
+    def table(self) -> str:
+        """The pass/fail matrix: rows cases, columns backends, worst relative error per cell."""
+        w0 = max(len("case"), *(len(c.name) for c in self.cases)) + 2
+        widths = [max(len(c), 13) + 2 for c in self.columns]
+        lines = [
+            "case".ljust(w0)
+            + "".join(c.ljust(w) for c, w in zip(self.columns, widths, strict=True))
+        ]
+        lines.append("-" * len(lines[0]))
+        for case in self.cases:
+            cells = [self.cells[(case.name, c)].text() for c in self.columns]
+            lines.append(
+                case.name.ljust(w0)
+                + "".join(t.ljust(w) for t, w in zip(cells, widths, strict=True))
+            )
+        # n/a reasons, one line per (column, reason) with the cases it applies to.
+        reasons: dict[tuple[str, str], list[str]] = {}
+        for case in self.cases:
+            for col in self.columns:
+                cell = self.cells[(case.name, col)]
+                if cell.status == NA:
+                    reasons.setdefault((col, cell.reason or "?"), []).append(case.name)
+        if reasons:
+            lines.append("")
+            lines.append("n/a:")
+            for (col, why), names in reasons.items():
+                lines.append(f"  {col}: {why} ({', '.join(names)})")
+        if self.unavailable:
+            lines.append("")
+            lines.append("not available here:")
+            for name, why in self.unavailable.items():
+                lines.append(f"  {name}: {why}")
+        failures = self.failures
+        lines.append("")
+        if failures:
+            lines.append(f"FAILED ({len(failures)}):")
+            lines += [f"  {f}" for f in failures]
+        else:
+            n_pass = sum(c.status == PASS for c in self.cells.values())
+            lines.append(f"all {n_pass} checked cells pass; no disagreements")
+        return "\n".join(lines)
+
+    def to_json(self) -> dict:
+        from .info import info
+
+        return {
+            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            "device": self.device,
+            "versions": info()["versions"],
+            "columns": self.columns,
+            "unavailable": self.unavailable,
+            "cases": [
+                {
+                    **case.describe(),
+                    "tol": self.tolerances[case.name],
+                    "cells": {c: asdict(self.cells[(case.name, c)]) for c in self.columns},
+                }
+                for case in self.cases
+            ],
+            "disagreements": self.disagreements,
+            "failures": self.failures,
+            "failed": self.failed,
+        }
+
+
+def tolerance(dtype: torch.dtype, device: torch.device) -> float:
+    """Relative-error tolerance of a case: fp32 1e-4 (1e-3 on CUDA, tf32), bf16/fp16 2e-2."""
+    if dtype in (torch.bfloat16, torch.float16):
+        return 2e-2
+    if dtype == torch.float32:
+        return 1e-3 if device.type == "cuda" else 1e-4
+    return 1e-8
+
+
+def build_cases(quick: bool = False) -> list[Case]:
+    """The case matrix. ``quick``: tiny sizes (N 16/32, P 8/16) and a subset, for CPU (and the
+    Triton interpreter); otherwise GPU-sized heads (N 64..256, P 32..128) and every feature."""
+    if quick:
+        # P = 16 so that the Triton kernels (tiles of at least 16) run under the interpreter.
+        base = Case(name="", batch=2, seqlen=33, nheads=4, d_state=16, headdim=16)
+        big = dict(d_state=32, headdim=8)
+        cu = (0, 5, 20, 33)
+        steps = 6
+    else:
+        base = Case(name="", batch=2, seqlen=301, nheads=8, d_state=64, headdim=32)
+        big = dict(d_state=128, headdim=64)
+        cu = (0, 17, 150, 151, 301)
+        steps = 16
+    bf16, fp16 = torch.bfloat16, torch.float16
+    N = base.d_state
+    big_name = f"siso-N{big['d_state']}-P{big['headdim']}"
+
+    def c(name: str, **kw) -> Case:
+        return replace(base, name=name, **kw)
+
+    siso = [
+        c("siso"),
+        c("siso-bf16", dtype=bf16),
+        c("siso-fp16", dtype=fp16),
+        c("siso-gqa", ngroups=2),
+        c("siso-halves", rotary="halves"),
+        c("siso-S=N/2", n_angles=N // 2),
+        c("siso-noDz", with_D=False, with_z=False),
+        c("siso-state", with_initial_state=True, return_final_state=True),
+        c("siso-state-bf16", with_initial_state=True, return_final_state=True, dtype=bf16),
+        c("siso-varlen", cu_seqlens=cu, return_final_state=True),
+        c("siso-varlen-state", cu_seqlens=cu, with_initial_state=True, return_final_state=True),
+        c("siso-L1", seqlen=1, return_final_state=True),
+        c("siso-L7", seqlen=7),
+        c(big_name, **big),
+        c("siso-chunk16", chunk_size=16),
+    ]
+    if not quick:
+        siso += [
+            c("siso-N256-P128", d_state=256, headdim=128, nheads=4, seqlen=130),
+            c("siso-L1000-bf16", seqlen=1000, batch=1, dtype=bf16),
+        ]
+    mimo = [
+        c("mimo-r2", rank=2),
+        c("mimo-r4", rank=4),
+        c("mimo-r8", rank=8),
+        c("mimo-r4-bf16", rank=4, dtype=bf16),
+        c("mimo-r4-no-o", rank=4, with_mimo_o=False),
+        c("mimo-r4-interleaved", rank=4, rotary="interleaved"),
+        c("mimo-r4-S=N/2", rank=4, n_angles=N // 2),
+        c("mimo-r4-gqa", rank=4, ngroups=2),
+        c("mimo-r4-state", rank=4, with_initial_state=True, return_final_state=True),
+        c(
+            "mimo-r4-varlen",
+            rank=4,
+            cu_seqlens=cu,
+            with_initial_state=True,
+            return_final_state=True,
+        ),
+        c("mimo-r1", rank=1, mimo=True),
+        c("mimo-r4-noDz", rank=4, with_D=False, with_z=False),
+    ]
+    decode = [
+        c("decode-siso", kind="decode", seqlen=steps),
+        c("decode-siso-bf16", kind="decode", seqlen=steps, dtype=bf16),
+        c("decode-siso-gqa-halves", kind="decode", seqlen=steps, ngroups=2, rotary="halves"),
+        c("decode-mimo-r4", kind="decode", seqlen=steps, rank=4),
+        c("decode-mimo-r4-no-o", kind="decode", seqlen=steps, rank=4, with_mimo_o=False),
+        c("decode-mimo-r2-bf16", kind="decode", seqlen=steps, rank=2, dtype=bf16),
+    ]
+    if quick:
+        keep = {
+            "siso",
+            "siso-bf16",
+            "siso-gqa",
+            "siso-halves",
+            "siso-state",
+            "siso-varlen-state",
+            "siso-L1",
+            big_name,
+            "siso-L7",
+            "mimo-r2",
+            "mimo-r4-no-o",
+            "mimo-r4-state",
+            "mimo-r4-varlen",
+            "decode-siso",
+            "decode-mimo-r4",
+        }
+        return [x for x in siso + mimo + decode if x.name in keep]
+    return siso + mimo + decode
+
+
+# ---------------------------------------------------------------------------------------------
+# Running one column on one case
+
+
+class Unsupported(Exception):
+    """The column cannot run this case; the message says why."""
+
+
+def _scan_args(inputs: ScanInputs) -> tuple:
+    return tuple(inputs[:14])
+
+
+def _step_inputs(inputs: ScanInputs, t: int) -> ScanInputs:
+    """Token t of scan-shaped inputs, in step shapes (the L axis dropped)."""
+
+    def tok(x):
+        return None if x is None else x[:, t].contiguous()
+
+    return inputs._replace(
+        q=tok(inputs.q),
+        k=tok(inputs.k),
+        v=tok(inputs.v),
+        z=tok(inputs.z),
+        angles=tok(inputs.angles),
+        adt=inputs.adt[..., t].contiguous(),
+        dt=inputs.dt[..., t].contiguous(),
+        trap=inputs.trap[..., t].contiguous(),
+        initial_state=None,
+        cu_seqlens=None,
+    )
+
+
+def _why_not(name: str, case: Case, inputs: ScanInputs) -> str | None:
+    """The backend's own reason for not running this case (None: it says it can)."""
+    from .dispatch import why_not
+    from .validate import validate_scan, validate_step
+
+    backend = registered_backends()[name]
+    if case.kind == "decode":
+        first = _step_inputs(inputs, 0)
+        problem, _ = validate_step(
+            *first[:9], inputs.initial_state.clone(), *first[9:14], case.rotary
+        )
+        if not _overrides(backend, "step"):
+            return "no decode step"
+    else:
+        problem, _ = validate_scan(
+            *_scan_args(inputs),
+            inputs.initial_state,
+            case.return_final_state,
+            inputs.cu_seqlens,
+            case.rotary,
+            case.chunk_size,
+        )
+    return why_not(backend, problem)
+
+
+def _overrides(backend, method: str) -> bool:
+    from .backend import Backend
+
+    return getattr(type(backend), method) is not getattr(Backend, method)
+
+
+def _call_scan(name: str, case: Case, inputs: ScanInputs):
+    """Run backend ``name`` on a scan case: the public API for the known names, the registry
+    object directly for any other registered backend (a plug-in or a test double)."""
+    kw = dict(
+        initial_state=inputs.initial_state,
+        return_final_state=case.return_final_state,
+        cu_seqlens=inputs.cu_seqlens,
+        rotary=case.rotary,
+        chunk_size=case.chunk_size,
+    )
+    if name in BACKEND_NAMES:
+        import mamba3_kernels
+
+        res = mamba3_kernels.scan(*_scan_args(inputs), **kw, backend=name)
+    else:
+        from .validate import validate_scan
+
+        problem, vin = validate_scan(*_scan_args(inputs), *kw.values())
+        out, state = registered_backends()[name].scan(problem, vin)
+        res = (out, state) if case.return_final_state else out
+    return res if case.return_final_state else (res, None)
+
+
+def _call_steps(name: str, case: Case, inputs: ScanInputs):
+    """Run ``case.seqlen`` decode steps of backend ``name`` from a copy of the initial state;
+    returns the stacked outputs (B, T, ...) and the final state."""
+    state = Mamba3State(*(t.clone().contiguous() for t in inputs.initial_state))
+    outs = []
+    for t in range(case.seqlen):
+        x = _step_inputs(inputs, t)
+        if name in BACKEND_NAMES:
+            import mamba3_kernels
+
+            out, state = mamba3_kernels.step(
+                *x[:9], state, *x[9:14], rotary=case.rotary, inplace=True, backend=name
+            )
+        else:
+            from .validate import validate_step
+
+            problem, vin = validate_step(*x[:9], state, *x[9:14], case.rotary)
+            out = registered_backends()[name].step(problem, vin, vin.initial_state)
+            state = vin.initial_state
+        outs.append(out)
+    return torch.stack(outs, dim=1), state
+
+
+def _run_reference_form(col: str, case: Case, inputs: ScanInputs):
+    """The reference itself at the case's dtype: literal recurrence or chunked form."""
+    if case.kind == "decode":
+        if col == REF_CHUNKED:
+            raise Unsupported("a decode step has no chunked form")
+        state, outs = inputs.initial_state, []
+        for t in range(case.seqlen):
+            out, state = reference_step(_step_inputs(inputs, t), state, case.rotary)
+            outs.append(out)
+        return torch.stack(outs, dim=1), state
+    chunk = None if col == REF_RECURRENT else REF_CHUNK_SIZE
+    out, state = reference_scan(inputs, case.rotary, chunk)
+    return out, (state if case.return_final_state else None)
+
+
+def run_column(col: str, case: Case, inputs: ScanInputs):
+    """(out, final state or None) of column ``col`` on ``case``; raises Unsupported."""
+    if col in (REF_RECURRENT, REF_CHUNKED):
+        return _run_reference_form(col, case, inputs)
+    reason = _why_not(col, case, inputs)
+    if reason is not None:
+        raise Unsupported(reason)
+    try:
+        with torch.no_grad():
+            if case.kind == "decode":
+                return _call_steps(col, case, inputs)
+            return _call_scan(col, case, inputs)
+    except NotImplementedError as e:
+        raise Unsupported(f"not implemented: {e}") from e
+
+
+# ---------------------------------------------------------------------------------------------
+# Comparing
+
+
+def _angle_view(angle: torch.Tensor) -> torch.Tensor:
+    """cos and sin of an angle state: equal for angles equal modulo 2 pi."""
+    a = angle.double()
+    return torch.stack([a.cos(), a.sin()])
+
+
+def compare(result, truth) -> dict[str, float]:
+    """Relative errors of each part of ``result`` against ``truth`` (both (out, state|None))."""
+    out, state = result
+    t_out, t_state = truth
+    parts = {"out": rel_err(out, t_out)}
+    if state is not None and t_state is not None:
+        parts["state.angle"] = rel_err(_angle_view(state.angle), _angle_view(t_state.angle))
+        for fname in ("ssm", "k", "v"):
+            parts[f"state.{fname}"] = rel_err(getattr(state, fname), getattr(t_state, fname))
+    return parts
+
+
+def _truth(case: Case, inputs: ScanInputs):
+    """The float64 reference: the literal recurrence over all tokens (the scan, for decode)."""
+    x64 = cast_inputs(inputs, torch.float64)
+    with torch.no_grad():
+        out, state = reference_scan(x64, case.rotary, None)
+    keep_state = case.return_final_state or case.kind == "decode"
+    return out, (state if keep_state else None)
+
+
+def run_check(
+    cases: list[Case] | None = None,
+    device: str | torch.device | None = None,
+    backends: list[str] | None = None,
+    seed: int = 0,
+    reference_forms: bool = True,
+    log=None,
+) -> Report:
+    """Run every column on every case and collect the matrix.
+
+    backends: registered backend names to check (default: every available one).
+    reference_forms: also check the reference's two forms directly (recurrent and chunked).
+    log: optional callable taking a progress line.
+    """
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    cases = cases if cases is not None else build_cases(quick=device.type == "cpu")
+    registry = registered_backends()
+    unavailable = {}
+    columns = []
+    for name, b in registry.items():
+        if backends is not None and name not in backends:
+            continue
+        why = b.unavailable_reason()
+        if why is None:
+            columns.append(name)
+        else:
+            unavailable[name] = why
+    if backends is not None:
+        unknown = [
+            n for n in backends if n not in registry and n not in (REF_RECURRENT, REF_CHUNKED)
+        ]
+        if unknown:
+            raise ValueError(f"unknown backends {unknown}; registered: {sorted(registry)}")
+    if reference_forms:
+        columns += [REF_RECURRENT, REF_CHUNKED]
+
+    cells: dict[tuple[str, str], Cell] = {}
+    disagreements: list[dict] = []
+    tolerances: dict[str, float] = {}
+    for i, case in enumerate(cases):
+        tol = tolerance(case.dtype, device)
+        tolerances[case.name] = tol
+        inputs = case.make_inputs(device, seed + i)
+        truth = _truth(case, inputs)
+        results = {}
+        for col in columns:
+            try:
+                res = run_column(col, case, inputs)
+            except Unsupported as e:
+                cells[(case.name, col)] = Cell(NA, reason=str(e))
+                continue
+            except Exception as e:  # a backend that claims support and crashes is a failure
+                cells[(case.name, col)] = Cell(ERR, reason=f"{type(e).__name__}: {e}")
+                continue
+            try:
+                parts = compare(res, truth)
+            except Exception as e:  # wrong shapes or dtypes
+                cells[(case.name, col)] = Cell(ERR, reason=f"bad result: {type(e).__name__}: {e}")
+                continue
+            err = max(parts.values())
+            ok = math.isfinite(err) and err <= tol
+            cells[(case.name, col)] = Cell(PASS if ok else FAIL, err, parts=parts)
+            results[col] = res
+        names = list(results)
+        for a_i, a in enumerate(names):
+            for b in names[a_i + 1 :]:
+                try:
+                    parts = compare(results[a], results[b])
+                except Exception:
+                    continue  # shapes differ: already reported against the truth
+                part = max(parts, key=parts.get)
+                if not parts[part] <= tol:
+                    disagreements.append(
+                        {
+                            "case": case.name,
+                            "a": a,
+                            "b": b,
+                            "err": parts[part],
+                            "part": part,
+                            "tol": tol,
+                        }
+                    )
+        if log is not None:
+            row = ", ".join(f"{c}={cells[(case.name, c)].text()}" for c in columns)
+            log(f"[{i + 1}/{len(cases)}] {case.name}: {row}")
+    return Report(str(device), columns, cases, tolerances, cells, disagreements, unavailable)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m mamba3_kernels.check",
+        description="Cross-check every available backend against the float64 reference.",
+    )
+    parser.add_argument("--quick", action="store_true", help="small case set at tiny sizes (CPU)")
+    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda if present)")
+    parser.add_argument("--json", metavar="PATH", help="write the matrix as JSON")
+    parser.add_argument("--backends", help="comma-separated backend names (default: all available)")
+    parser.add_argument("--cases", help="only cases whose name contains one of these (comma-sep.)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--verbose", "-v", action="store_true", help="print each case as it runs")
+    args = parser.parse_args(argv)
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    cases = build_cases(quick=args.quick)
+    if args.cases:
+        wanted = args.cases.split(",")
+        cases = [c for c in cases if any(w in c.name for w in wanted)]
+    backends = args.backends.split(",") if args.backends else None
+    print(f"cross-check on {device} ({len(cases)} cases)", flush=True)
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") != "1":
+        print("(triton runs on CPU only with TRITON_INTERPRET=1)", flush=True)
+    log = (lambda s: print(s, flush=True)) if args.verbose else None
+    report = run_check(cases, device, backends, seed=args.seed, log=log)
+    print(report.table())
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report.to_json(), f, indent=1)
+        print(f"wrote {args.json}")
+    return 1 if report.failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
