@@ -72,6 +72,11 @@ class Backend:
         """Why this backend cannot run this call, or None when it can."""
         return None
 
+    def auto_eligible(self, problem: Problem) -> bool:
+        """Whether backend="auto" may pick this backend for ``problem`` (an explicit choice may
+        still use it, e.g. Triton's interpreter on CPU tensors, which is for tests only)."""
+        return True
+
     def scan(
         self, problem: Problem, inputs: ScanInputs, configs: dict[str, Any] | None = None
     ) -> tuple[torch.Tensor, Mamba3State | None]:

@@ -51,7 +51,11 @@ def choose_backend(problem: Problem, backend: str = "auto") -> Backend:
             raise ValueError(f"backend: {name!r} cannot run this call: {reason}")
     else:
         ranked = sorted(backends.values(), key=lambda b: -b.priority)
-        chosen = next(b for b in ranked if why_not(b, problem) is None or b.name == "reference")
+        chosen = next(
+            b
+            for b in ranked
+            if b.name == "reference" or (b.auto_eligible(problem) and why_not(b, problem) is None)
+        )
     _choice_cache[key] = chosen
     return chosen
 

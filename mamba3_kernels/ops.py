@@ -142,18 +142,31 @@ def scan_op(
     )
     chosen = choose_backend(problem, backend)
     out, state = chosen.scan(problem, inputs, kernel_configs(chosen, problem, "scan_fwd"))
-    out = out.to(v.dtype).contiguous()  # the fake impl promises a contiguous out
+    # An output sharing memory with an input (a final v that is a slice of v, an untouched
+    # initial state for L == 0) must be copied: op outputs may not alias inputs.
+    taken = {
+        a.untyped_storage().data_ptr() for a in (q, k, v, z, angle0, ssm0, k0, v0) if a is not None
+    }
+    out = _owned(out, v.dtype, taken)
     if state is None:
         empty = q.new_empty((0,))
         return out, empty, empty.clone(), empty.clone(), empty.clone()
     sd = _state_dtype(q)
     return (
         out,
-        state.angle.to(sd).contiguous(),
-        state.ssm.to(sd).contiguous(),
-        state.k.to(q.dtype).contiguous(),
-        state.v.to(v.dtype).contiguous(),
+        _owned(state.angle, sd, taken),
+        _owned(state.ssm, sd, taken),
+        _owned(state.k, q.dtype, taken),
+        _owned(state.v, v.dtype, taken),
     )
+
+
+def _owned(t: Tensor, dtype: torch.dtype, taken: set[int]) -> Tensor:
+    """``t`` in ``dtype``, contiguous (as the fake impl promises) and not a view of anything: an
+    op's outputs must not alias its inputs (a final v can be a slice of the input v)."""
+    t = t.to(dtype).contiguous()
+    shared = t._is_view() or t.storage_offset() != 0 or t.untyped_storage().data_ptr() in taken
+    return t.clone() if shared else t
 
 
 @scan_op.register_fake

@@ -18,7 +18,7 @@ INPUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
 
 
 def _fmt(shape) -> str:
-    return "(" + ", ".join(str(int(s)) for s in shape) + ")"
+    return str(tuple(int(s) for s in shape))
 
 
 def _tensor(name: str, t, *, optional: bool = False) -> torch.Tensor | None:

@@ -62,7 +62,17 @@ class TritonBackend(Backend):
             return f"headdim P={problem.headdim} not in {ps}"
         if problem.rank not in (1, 2, 4, 8):
             return f"rank R={problem.rank} not in (1, 2, 4, 8)"
+        # The kernel's own constraints on its default config (tile divisibility and the like).
+        self._load()
+        mode = "step" if problem.decode else "scan_fwd"
+        for spec in self.kernels_for(problem, mode):
+            reason = spec.constraint(problem, spec.default(problem), None)
+            if reason is not None:
+                return f"{spec.name}: {reason}"
         return None
+
+    def auto_eligible(self, problem: Problem) -> bool:
+        return problem.device_type == "cuda"  # the interpreter is for tests, not for auto
 
     def _config(self, spec: KernelSpec, problem: Problem, configs: dict[str, Any] | None):
         cfg = (configs or {}).get(spec.name)

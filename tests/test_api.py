@@ -1,0 +1,147 @@
+"""The public API and the registered ops: results, autograd, opcheck, torch.compile, dispatch."""
+
+import pytest
+import torch
+
+import mamba3_kernels as m
+from mamba3_kernels.reference import reference_scan, reference_step
+from mamba3_kernels.testing import cast_inputs, random_inputs, rel_err
+
+
+def _layout(rank):
+    return "halves" if rank > 1 else "interleaved"
+
+
+@pytest.mark.parametrize("rank", [1, 2])
+@pytest.mark.parametrize("with_state", [False, True])
+def test_scan_matches_reference(rank, with_state):
+    x = random_inputs(batch=2, seqlen=11, nheads=4, ngroups=2, d_state=16, headdim=8, rank=rank,
+                      with_initial_state=with_state, dtype=torch.float64)  # fmt: skip
+    out, state = m.scan(*x[:14], initial_state=x.initial_state, return_final_state=True,
+                        chunk_size=4, backend="reference")  # fmt: skip
+    ref, ref_state = reference_scan(x, _layout(rank))
+    assert rel_err(out, ref) < 1e-12
+    for a, b in zip(state, ref_state, strict=True):
+        assert rel_err(a, b) < 1e-12
+
+
+def test_mimo_without_mimo_o_keeps_rank_axis():
+    x = random_inputs(batch=1, seqlen=5, nheads=2, d_state=16, headdim=8, rank=2, with_mimo_o=False)
+    out = m.scan(*x[:14])
+    assert out.shape == (1, 5, 2, 2, 8)
+
+
+def test_bf16_inputs_within_spec_tolerance():
+    x = random_inputs(batch=1, seqlen=20, nheads=2, d_state=16, headdim=8, dtype=torch.bfloat16)
+    out = m.scan(*x[:14])
+    assert out.dtype == torch.bfloat16
+    ref, _ = reference_scan(cast_inputs(x, torch.float64), "interleaved")
+    assert rel_err(out, ref) < 1e-2
+
+
+@pytest.mark.parametrize("rank", [1, 2])
+def test_step_in_place_and_copy(rank):
+    x = random_inputs(batch=2, nheads=4, d_state=16, headdim=8, rank=rank, step=True,
+                      dtype=torch.float64)  # fmt: skip
+    before = x.initial_state.clone()
+    out_copy, new_state = m.step(*x[:9], x.initial_state, *x[9:14], inplace=False)
+    assert torch.equal(x.initial_state.ssm, before.ssm)  # untouched
+    ref, ref_state = reference_step(x, before, _layout(rank))
+    assert rel_err(out_copy, ref) < 1e-12 and rel_err(new_state.ssm, ref_state.ssm) < 1e-12
+    ptr = x.initial_state.ssm.data_ptr()
+    out, state = m.step(*x[:9], x.initial_state, *x[9:14])
+    assert state.ssm.data_ptr() == ptr
+    for a, b in zip(state, ref_state, strict=True):
+        assert rel_err(a, b) < 1e-12
+    assert rel_err(out, ref) < 1e-12
+
+
+def test_gradients_through_op_match_reference_autograd():
+    x = random_inputs(batch=1, seqlen=7, nheads=2, d_state=8, headdim=4, n_angles=2, rank=2,
+                      with_initial_state=True, dtype=torch.float64)  # fmt: skip
+    leaves = [t.clone().requires_grad_() if t is not None else None for t in x[:14]]
+    state = m.Mamba3State(*(t.clone().requires_grad_() for t in x.initial_state))
+    out, final = m.scan(*leaves, initial_state=state, return_final_state=True, chunk_size=3)
+    loss = (out * torch.randn_like(out)).sum() + (final.ssm * torch.randn_like(final.ssm)).sum()
+    grads = torch.autograd.grad(loss, [t for t in leaves if t is not None] + list(state))
+    # The same loss through the reference directly, with the same random weights.
+    torch.manual_seed(0)
+    leaves2 = [t.detach().clone().requires_grad_() if t is not None else None for t in leaves]
+    state2 = m.Mamba3State(*(t.detach().clone().requires_grad_() for t in state))
+    from mamba3_kernels.inputs import ScanInputs
+
+    ref_out, ref_final = reference_scan(ScanInputs(*leaves2, state2, None), "halves", chunk_size=3)
+    assert rel_err(out, ref_out) < 1e-12
+    assert all(torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads)
+
+
+def test_gradcheck_through_op():
+    x = random_inputs(batch=1, seqlen=5, nheads=2, d_state=4, headdim=2, n_angles=1,
+                      with_initial_state=True, dtype=torch.float64)  # fmt: skip
+
+    def f(q, k, v, adt, angles, ssm0):
+        st = x.initial_state._replace(ssm=ssm0)
+        out, fin = m.scan(q, k, v, adt, x.dt, x.trap, x.q_bias, x.k_bias, angles, x.D, x.z,
+                          initial_state=st, return_final_state=True, chunk_size=2)  # fmt: skip
+        return out, fin.ssm
+
+    args = [
+        t.clone().requires_grad_() for t in (x.q, x.k, x.v, x.adt, x.angles, x.initial_state.ssm)
+    ]
+    assert torch.autograd.gradcheck(f, args, eps=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("rank", [1, 2])
+def test_opcheck(rank):
+    x = random_inputs(batch=1, seqlen=6, nheads=2, d_state=8, headdim=4, rank=rank,
+                      with_initial_state=True, dtype=torch.float64)  # fmt: skip
+    args = (*x[:14], *x.initial_state, None, True, _layout(rank), 4, "reference")
+    torch.library.opcheck(torch.ops.mamba3.scan.default, args)
+    s = random_inputs(batch=2, nheads=2, d_state=8, headdim=4, rank=rank, step=True)
+    step_args = (*s[:9], *s.initial_state, *s[9:14], _layout(rank), "reference")
+    torch.library.opcheck(torch.ops.mamba3.step.default, step_args)
+
+
+def test_compile_fullgraph_scan_and_step():
+    x = random_inputs(batch=1, seqlen=8, nheads=2, d_state=16, headdim=8, with_initial_state=True)
+
+    def prefill(*a, initial_state):
+        return m.scan(*a, initial_state=initial_state, return_final_state=True)
+
+    compiled = torch.compile(prefill, fullgraph=True)
+    out, state = compiled(*x[:11], initial_state=x.initial_state)
+    ref, ref_state = m.scan(*x[:11], initial_state=x.initial_state, return_final_state=True)
+    assert rel_err(out, ref) < 1e-6 and rel_err(state.ssm, ref_state.ssm) < 1e-6
+
+    s = random_inputs(batch=2, nheads=2, d_state=16, headdim=8, step=True)
+    expected_out, expected_state = m.step(*s[:9], s.initial_state, *s[9:11], inplace=False)
+    compiled_step = torch.compile(lambda *a, st: m.step(*a[:9], st, *a[9:]), fullgraph=True)
+    out, st = compiled_step(*s[:9], *s[9:11], st=s.initial_state)
+    assert rel_err(out, expected_out) < 1e-6
+    assert rel_err(s.initial_state.ssm, expected_state.ssm) < 1e-6  # mutated in place
+
+
+def test_empty_sequence_and_varlen_with_empty_piece():
+    x = random_inputs(batch=1, seqlen=0, nheads=2, d_state=16, headdim=8, with_initial_state=True)
+    out, state = m.scan(*x[:14], initial_state=x.initial_state, return_final_state=True)
+    assert out.shape == (1, 0, 2, 8) and torch.equal(state.ssm, x.initial_state.ssm)
+    y = random_inputs(nheads=2, d_state=16, headdim=8, cu_seqlens=[0, 3, 3, 9])
+    out, state = m.scan(*y[:14], cu_seqlens=y.cu_seqlens, return_final_state=True)
+    assert out.shape == (1, 9, 2, 8) and state.ssm.shape == (3, 2, 8, 16)
+
+
+def test_explicit_backend_fails_loudly_and_auto_falls_back(monkeypatch):
+    x = random_inputs(batch=1, seqlen=4, nheads=2, d_state=16, headdim=8)
+    with pytest.raises(ValueError, match="backend: 'tilelang' cannot run this call"):
+        m.scan(*x[:14], backend="tilelang")
+    with pytest.raises(ValueError, match="backend: expected one of"):
+        m.scan(*x[:14], backend="cuda-magic")
+    info = m.info(x)
+    assert info["auto"] in info["backends"] and info["call"]["reference"] is None
+    monkeypatch.setenv("MAMBA3_KERNELS_BACKEND", "reference")
+    assert m.info(x)["auto"] == "reference"
+
+
+def test_info_lists_every_backend():
+    names = set(m.info()["backends"])
+    assert {"reference", "triton", "tilelang", "cute"} <= names
