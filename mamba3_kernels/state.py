@@ -33,7 +33,7 @@ class Mamba3State(NamedTuple):
         dtype: torch.dtype = torch.bfloat16,
         device: torch.device | str | None = None,
         state_dtype: torch.dtype = torch.float32,
-    ) -> "Mamba3State":
+    ) -> Mamba3State:
         """Allocate a zero state. ``dtype`` is the k/v dtype (the inputs' dtype)."""
         return Mamba3State(
             angle=torch.zeros(batch, nheads, n_angles, dtype=state_dtype, device=device),
@@ -42,5 +42,5 @@ class Mamba3State(NamedTuple):
             v=torch.zeros(batch, nheads, headdim, dtype=dtype, device=device),
         )
 
-    def clone(self) -> "Mamba3State":
+    def clone(self) -> Mamba3State:
         return Mamba3State(*(t.clone() for t in self))
