@@ -399,6 +399,22 @@ def test_bad_constructor_args_raise(kwargs, match):
         Mamba3(D_MODEL, **args)
 
 
+def test_compiles_without_graph_breaks():
+    """torch.compile(fullgraph=True) of prefill and of the decode step (the scan and step are
+    registered ops with fake implementations), matching the eager layer."""
+    layer = make_layer(2, 0.5, dtype=torch.float32)
+    x = randn(2, 10, D_MODEL, dtype=torch.float32, seed=50)
+    forward = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    step = torch.compile(layer.step, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        full = layer(x)
+        cache = layer.allocate_inference_cache(2)
+        outs = [forward(x[:, :7], cache=cache)]
+        outs += [step(x[:, t : t + 1], cache) for t in range(7, 10)]
+    assert rel_err(torch.cat(outs, dim=1), full) < 1e-5
+    assert cache.seqlen_offset == 10
+
+
 # ---------------------------------------------------------------- other backends
 
 

@@ -55,7 +55,7 @@ class Mamba3Cache:
         # the stored state carries no autograd history.
         with torch.no_grad():
             for dst, src in zip(self.state, new_state, strict=True):
-                if dst.data_ptr() != src.data_ptr():
+                if dst is not src:  # an in-place step hands back the cache's own tensors
                     dst.copy_(src)
         self.seqlen_offset += ntokens
 
