@@ -79,6 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="mark every RUNNING trial failed first (after workers died on other hosts)",
     )
     p.add_argument(
+        "--study-tag",
+        default="",
+        help="suffix of the study names (a separate set of studies in the same storage)",
+    )
+    p.add_argument(
         "--import",
         dest="imports",
         action="append",
@@ -134,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         gpu, capability = "cpu", None
     slug = tuned_configs.gpu_slug(gpu)
+    study_slug = f"{slug}-{args.study_tag}" if args.study_tag else slug
     targets, skipped = find_targets(
         buckets, torch.device(device).type, args.backend, args.kernel, args.mode
     )
@@ -143,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         for t in targets:
             space = t.space()
             how = "grid" if space.size <= args.n_trials else "TPE"
-            print(f"  {t.study_name(slug)}  [{space.size} configs, {how}]")
+            print(f"  {t.study_name(study_slug)}  [{space.size} configs, {how}]")
             for name, labels in space.choices.items():
                 print(f"      {name}: {labels}")
         for s in skipped:
@@ -162,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         res = tune_target(
             target,
             storage,
-            slug,
+            study_slug,
             device=device,
             n_trials=args.n_trials,
             seed=args.seed,
