@@ -253,12 +253,18 @@ def _run_trial(
             config = target.make_config(space.decode(params))
             err = runner.check(config)
             probe = runner.time_ms(config, quick=True)
-        except Rejected as e:
-            trial.set_user_attr(A_REJECTED, str(e))
-            return study.tell(trial, state=TrialState.PRUNED)
-        except Exception as e:  # a config the kernel refuses, or failing while timed
-            trial.set_user_attr(A_REJECTED, f"error: {type(e).__name__}: {e}"[:400])
-            return study.tell(trial, state=TrialState.PRUNED)
+        except Exception as e:  # wrong, failing, or a config the kernel refuses
+            reason = str(e) if isinstance(e, Rejected) else f"error: {type(e).__name__}: {e}"
+            trial.set_user_attr(A_REJECTED, reason[:400])
+            frozen = study.tell(trial, state=TrialState.PRUNED)
+            if _sticky_cuda_error(reason):
+                # The CUDA context is lost: every later trial of this process would fail too.
+                # The bad config is recorded, so a re-run resumes past it.
+                raise CudaContextLost(
+                    f"config {params} broke the CUDA context ({reason}); "
+                    "re-run the same command to resume"
+                ) from e
+            return frozen
         trial.set_user_attr(A_REL_ERR, err)
         trial.report(probe, 0)
         best = _best_value(study)
@@ -271,8 +277,17 @@ def _run_trial(
     except BaseException:
         # Interrupted (Ctrl-C, a callback) or a bug: record the trial as failed so a resumed
         # run queues its point again, then stop.
-        study.tell(trial, state=TrialState.FAIL)
+        study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
         raise
+
+
+class CudaContextLost(RuntimeError):
+    """A config crashed the GPU context (illegal address...): this process cannot go on."""
+
+
+def _sticky_cuda_error(reason: str) -> bool:
+    markers = ("illegal memory access", "illegal address", "unspecified launch failure")
+    return any(m in reason.lower() for m in markers)
 
 
 def _earlier_duplicate(study: optuna.Study, number: int, params: dict) -> FrozenTrial | None:

@@ -221,13 +221,31 @@ def lookup(
         base = kernel.default(problem)
         if dataclasses.is_dataclass(base):
             params = {**dataclasses.asdict(base), **params}
-        return kernel.make_config(params)
+        config = kernel.make_config(params)
     except Exception as e:  # a config the kernel no longer accepts: fall back to the heuristic
         _warn_once(
             f"{backend}/{kernel.name}/{entry['bucket']}",
             f"mamba3_kernels: tuned config {params} of {backend}/{kernel.name} is unusable: {e}",
         )
         return None
+    # A config tuned for a bucket (or a neighbouring one) may not fit this exact call, e.g. a
+    # chunk longer than the sequence: then the heuristic applies.
+    if kernel.constraint(problem, config, _device_props(problem)) is not None:
+        return None
+    return config
+
+
+_props_cache: dict[str, dict | None] = {}
+
+
+def _device_props(problem: Problem) -> dict | None:
+    if problem.device_type != "cuda":
+        return None
+    if "cuda" not in _props_cache:
+        from .backend import device_properties
+
+        _props_cache["cuda"] = device_properties()
+    return _props_cache["cuda"]
 
 
 def write_config_file(

@@ -166,6 +166,20 @@ def test_grid_study_rejects_wrong_configs_and_writes_a_file_the_store_reads(tmp_
     wide = Bucket("scan", 1, 16, 4, 1, 16, 8, 4, 1, torch.float32).problem("cpu")
     assert tuned_configs.lookup(FAKE, spec, wide, "cpu") is None
     assert tuned_configs.lookup(FAKE, spec, TINY.problem("cpu"), "NVIDIA H100") is None
+    # The nearest config is not used where the kernel's constraint rules it out (chunk > L).
+    short = Bucket("scan", 1, 4, 2, 1, 16, 8, 4, 1, torch.float32).problem("cpu")
+    assert tuned_configs.lookup(FAKE, spec, short, "cpu") is None
+
+
+def test_journal_storage_and_a_finished_study_costs_nothing(tmp_path):
+    target = _target()
+    url = f"journal:{tmp_path / 'studies.journal'}"
+    res = tune_target(target, open_storage(url, ""), "cpu", "cpu", 18, progress=False)
+    assert len(_evaluated(res.study)) == 18
+    n = len(res.study.get_trials(deepcopy=False))
+    again = tune_target(target, open_storage(url, ""), "cpu", "cpu", 18, progress=False)
+    assert len(again.study.get_trials(deepcopy=False)) == n
+    assert again.entry["config"] == res.entry["config"]
 
 
 class _Stop(KeyboardInterrupt):
