@@ -156,3 +156,17 @@ def floor_ms(nbytes: int, flops: int, copy_gbps: float, matmul_tflops: float) ->
     t_mem = nbytes / (copy_gbps * 1e9)
     t_math = flops / (matmul_tflops * 1e12)
     return 1e3 * max(t_mem, t_math)
+
+
+def op_bytes(op: str, s: Shape) -> int:
+    """Bytes of a benchmark op ("fwd", "fwdbwd" or "decode") of the Mamba-3 scan at ``s``."""
+    if op == "decode":
+        return step_bytes(s)
+    return scan_bytes(s, backward=op == "fwdbwd")
+
+
+def op_flops(op: str, s: Shape) -> int:
+    """FLOPs of a benchmark op of the Mamba-3 scan at ``s``."""
+    if op == "decode":
+        return step_flops(s)
+    return scan_flops(s, backward=op == "fwdbwd")

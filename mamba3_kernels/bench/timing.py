@@ -109,14 +109,14 @@ def measure_rates(device: torch.device, quick: bool = False) -> dict:
     """The machine's copy rate (GB/s, read + write counted) and matmul rate (TFLOP/s).
 
     CUDA: a 1 GiB device-to-device copy and an 8192^3 bf16 matmul. CPU: a 64 MiB copy and a
-    1024^3 fp32 matmul (bf16 matmuls are not representative on CPU).
+    1024^3 (quick: 512^3) fp32 matmul (bf16 matmuls are not representative on CPU).
     """
     gen = torch.Generator(device="cpu").manual_seed(0)
     if device.type == "cuda":
         n_copy = (2**30 if not quick else 2**26) // 4
         n_mm, mm_dtype = (8192 if not quick else 2048), torch.bfloat16
     else:
-        n_copy, n_mm, mm_dtype = 2**24, (1024 if not quick else 256), torch.float32
+        n_copy, n_mm, mm_dtype = 2**24, (1024 if not quick else 512), torch.float32
     src = torch.randn(n_copy, generator=gen).to(device)
     dst = torch.empty_like(src)
     copy_ms = median_ms(lambda: dst.copy_(src), device)
