@@ -1,0 +1,196 @@
+"""Bad input to the public calls: a clear TypeError/ValueError naming the argument, never a crash
+or an answer."""
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import mamba3_kernels as m
+from mamba3_kernels.testing import random_inputs
+
+FIELDS = ("q", "k", "v", "adt", "dt", "trap", "q_bias", "k_bias", "angles", "D", "z",
+          "mimo_v", "mimo_z", "mimo_o")  # fmt: skip
+
+
+def _scan_kwargs(x, **overrides):
+    kw = dict(zip(FIELDS, x[:14], strict=True))
+    kw.update(initial_state=x.initial_state, cu_seqlens=x.cu_seqlens)
+    kw.update(overrides)
+    return kw
+
+
+def _siso(**kw):
+    return random_inputs(batch=2, seqlen=6, nheads=4, ngroups=2, d_state=16, headdim=8, **kw)
+
+
+def test_k_shape_mismatch_names_both_shapes():
+    x = random_inputs(batch=2, seqlen=64, nheads=2, d_state=128, headdim=8)
+    bad_k = torch.randn(2, 64, 1, 64)
+    with pytest.raises(
+        ValueError, match=r"k: expected shape \(2, 64, 1, 128\) to match q, got \(2, 64, 1, 64\)"
+    ):
+        m.scan(**_scan_kwargs(x, k=bad_k))
+
+
+def test_mixed_devices():
+    x = _siso()
+    with pytest.raises(ValueError, match="v: expected device cpu"):
+        m.scan(**_scan_kwargs(x, v=x.v.to("meta")))
+
+
+@pytest.mark.parametrize(
+    "cu, message",
+    [
+        ([1, 3, 6], "cu_seqlens: expected to start at 0, got 1"),
+        ([0, 4, 2, 6], "cu_seqlens: expected non-decreasing offsets"),
+        ([0, 3, 5], "cu_seqlens: expected to end at L = 6, got 5"),
+    ],
+)
+def test_bad_cu_seqlens(cu, message):
+    x = random_inputs(nheads=2, d_state=16, headdim=8, cu_seqlens=[0, 3, 6])
+    with pytest.raises(ValueError, match=message):
+        m.scan(**_scan_kwargs(x, cu_seqlens=torch.tensor(cu, dtype=torch.int32)))
+
+
+def test_cu_seqlens_needs_batch_one():
+    x = _siso()
+    cu = torch.tensor([0, 2, 6], dtype=torch.int32)
+    with pytest.raises(ValueError, match="cu_seqlens: expected batch size 1 .* got B = 2"):
+        m.scan(**_scan_kwargs(x, cu_seqlens=cu))
+
+
+def test_cu_seqlens_dtype():
+    x = random_inputs(nheads=2, d_state=16, headdim=8, cu_seqlens=[0, 3, 6])
+    with pytest.raises(TypeError, match="cu_seqlens: expected dtype int32"):
+        m.scan(**_scan_kwargs(x, cu_seqlens=x.cu_seqlens.float()))
+
+
+def test_heads_not_multiple_of_groups():
+    x = random_inputs(batch=1, seqlen=4, nheads=3, ngroups=1, d_state=16, headdim=8)
+    q2 = torch.randn(1, 4, 2, 16)
+    with pytest.raises(ValueError, match="H = 3 to be a multiple of the groups G = 2"):
+        m.scan(**_scan_kwargs(x, q=q2, k=q2.clone()))
+
+
+def test_too_many_angles():
+    x = _siso()
+    angles = torch.randn(2, 6, 4, 9)
+    with pytest.raises(ValueError, match=r"angles: expected S <= N/2 = 8 rotary angles, got S = 9"):
+        m.scan(**_scan_kwargs(x, angles=angles))
+
+
+def test_wrong_dtypes():
+    x = _siso()
+    with pytest.raises(TypeError, match="k: expected dtype float32 to match q, got bfloat16"):
+        m.scan(**_scan_kwargs(x, k=x.k.bfloat16()))
+    with pytest.raises(TypeError, match="q: expected dtype in"):
+        m.scan(**_scan_kwargs(x, q=x.q.to(torch.int32), k=x.k.to(torch.int32)))
+    with pytest.raises(TypeError, match="adt: expected dtype in"):
+        m.scan(**_scan_kwargs(x, adt=x.adt.to(torch.int64)))
+
+
+def test_not_a_tensor_and_missing():
+    x = _siso()
+    with pytest.raises(TypeError, match="dt: expected a torch.Tensor, got list"):
+        m.scan(**_scan_kwargs(x, dt=[1.0]))
+    with pytest.raises(TypeError, match="angles: expected a torch.Tensor, got None"):
+        m.scan(**_scan_kwargs(x, angles=None))
+
+
+def test_value_ranges_checked_on_cpu():
+    x = _siso()
+    with pytest.raises(ValueError, match="adt: expected A\\*dt <= 0"):
+        m.scan(**_scan_kwargs(x, adt=x.adt.abs() + 0.1))
+    with pytest.raises(ValueError, match="dt: expected dt > 0"):
+        m.scan(**_scan_kwargs(x, dt=-x.dt))
+
+
+def test_mimo_only_arguments_and_missing_mimo_v():
+    x = _siso()
+    with pytest.raises(ValueError, match="mimo_v: only for MIMO"):
+        m.scan(**_scan_kwargs(x, mimo_v=torch.ones(4, 1, 8)))
+    y = random_inputs(batch=1, seqlen=4, nheads=2, d_state=16, headdim=8, rank=2)
+    with pytest.raises(ValueError, match=r"mimo_o: expected shape \(2, 2, 8\)"):
+        m.scan(**_scan_kwargs(y, mimo_o=torch.ones(2, 3, 8)))
+    with pytest.raises(ValueError, match="mimo_v: expected a tensor of shape"):
+        m.scan(**_scan_kwargs(y, mimo_v=None))
+
+
+def test_bad_options():
+    x = _siso()
+    with pytest.raises(ValueError, match="rotary: expected one of"):
+        m.scan(**_scan_kwargs(x), rotary="spiral")
+    with pytest.raises(ValueError, match="chunk_size: expected a positive int"):
+        m.scan(**_scan_kwargs(x), chunk_size=0)
+
+
+def test_initial_state_shapes():
+    x = _siso(with_initial_state=True)
+    st0 = x.initial_state._replace(ssm=torch.zeros(2, 4, 8, 15))
+    with pytest.raises(ValueError, match=r"initial_state.ssm: expected shape \(2, 4, 8, 16\)"):
+        m.scan(**_scan_kwargs(x, initial_state=st0))
+    with pytest.raises(TypeError, match="initial_state: expected a Mamba3State"):
+        m.scan(**_scan_kwargs(x, initial_state=torch.zeros(3)))
+
+
+def test_step_state_must_be_contiguous_and_present():
+    s = random_inputs(batch=2, nheads=4, d_state=16, headdim=8, step=True)
+    odd = s.initial_state._replace(
+        ssm=s.initial_state.ssm.transpose(-1, -2).contiguous().transpose(-1, -2)
+    )
+    with pytest.raises(ValueError, match="state.ssm: expected a contiguous tensor"):
+        m.step(*s[:9], odd, *s[9:14])
+    with pytest.raises(TypeError, match="state: expected a Mamba3State, got None"):
+        m.step(*s[:9], None, *s[9:14])
+    with pytest.raises(ValueError, match="q: expected 3 or 4 dims"):
+        m.step(s.q[:, None, None], *s[1:9], s.initial_state)
+
+
+def test_q_rank():
+    x = _siso()
+    with pytest.raises(ValueError, match="q: expected 4 or 5 dims"):
+        m.scan(**_scan_kwargs(x, q=x.q[0]))
+
+
+# Corruptions of a valid call: each must raise TypeError/ValueError whose message names an argument.
+def _corrupt(x, kind, field, rng):
+    kw = _scan_kwargs(x)
+    t = kw[field]
+    if kind == "shape":
+        # angles' last dim is S, free up to N/2: growing it stays valid, so leave it.
+        dim = int(rng.integers(t.dim() - (field == "angles")))
+        shape = list(t.shape)
+        shape[dim] += 1
+        kw[field] = torch.randn(*shape).to(t.dtype)
+    elif kind == "drop_dim":
+        kw[field] = t.reshape(-1) if t.dim() > 1 else t.reshape(1, -1)
+    elif kind == "dtype":
+        kw[field] = t.to(torch.int32)
+    elif kind == "device":
+        kw[field] = t.to("meta")
+    elif kind == "type":
+        kw[field] = t.tolist()
+    return kw
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    kind=st.sampled_from(["shape", "drop_dim", "dtype", "device", "type"]),
+    field=st.sampled_from(
+        ["q", "k", "v", "adt", "dt", "trap", "q_bias", "k_bias", "angles", "D", "z"]
+    ),
+    mimo=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_random_corruptions_raise_clear_errors(kind, field, mimo, seed):
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    x = random_inputs(batch=2, seqlen=5, nheads=4, ngroups=2, d_state=16, headdim=8,
+                      rank=2 if mimo else 1)  # fmt: skip
+    kw = _corrupt(x, kind, field, rng)
+    with pytest.raises((TypeError, ValueError)) as err:
+        m.scan(**kw)
+    names = set(FIELDS) | {"initial_state", "cu_seqlens"}
+    assert any(str(err.value).startswith(f"{n}:") for n in names), str(err.value)
