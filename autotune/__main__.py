@@ -54,6 +54,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--n-trials", type=int, default=40, help="trial budget per study (default 40)")
     p.add_argument(
+        "--search",
+        choices=("auto", "grid", "tpe"),
+        default="auto",
+        help="auto (default): grid when the space fits in --n-trials, else TPE",
+    )
+    p.add_argument(
         "--storage",
         help="Optuna storage: SQLAlchemy URL (sqlite:///f.db, postgresql://...), journal:PATH, "
         "or a file path (SQLite). Default: a SQLite file in the config dir",
@@ -148,7 +154,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"device: {gpu} ({device}); {len(targets)} studies")
         for t in targets:
             space = t.space()
-            how = "grid" if space.size <= args.n_trials else "TPE"
+            grid = args.search == "grid" or (args.search == "auto" and space.size <= args.n_trials)
+            how = "grid" if grid else "TPE"
             print(f"  {t.study_name(study_slug)}  [{space.size} configs, {how}]")
             for name, labels in space.choices.items():
                 print(f"      {name}: {labels}")
@@ -175,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
             prune_factor=args.prune_factor,
             progress=not args.no_progress,
             fail_running=args.fail_running,
+            search=args.search,
         )
         results.append(res)
     versions = tuned_configs.current_versions()

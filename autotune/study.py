@@ -167,15 +167,19 @@ def tune_target(
     callbacks: Sequence[Callable[[optuna.Study, FrozenTrial], None]] = (),
     fail_running: bool = False,
     runner_kwargs: dict | None = None,
+    search: str = "auto",
 ) -> StudyResult:
     """Run (or join, or resume) the study of ``target`` until its budget is spent.
 
     ``n_trials`` counts finished trials of all workers together. A grid search ends when the
     queue is empty. ``callbacks`` are called after every trial this worker finishes (an exception
-    raised there stops the worker; the study keeps every finished trial).
+    raised there stops the worker; the study keeps every finished trial). ``search``: "auto"
+    (grid when the space fits in ``n_trials``, else TPE), "grid" (every point) or "tpe".
     """
     space = target.space()
-    grid = space.size <= n_trials
+    if search not in ("auto", "grid", "tpe"):
+        raise ValueError(f"search: expected auto, grid or tpe, got {search!r}")
+    grid = search == "grid" or (search == "auto" and space.size <= n_trials)
     name = target.study_name(gpu_slug)
     study = optuna.create_study(
         storage=storage,
