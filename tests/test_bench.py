@@ -21,8 +21,9 @@ ROW_KEYS = {
 def test_quick_cpu_run_writes_json_and_plots(tmp_path):
     out = tmp_path / "bench.json"
     plots = tmp_path / "plots"
+    md = tmp_path / "summary.md"
     rc = main(["--quick", "--device", "cpu", "--peers", "sdpa", "--json", str(out),
-               "--plots", str(plots)])  # fmt: skip
+               "--plots", str(plots), "--markdown", str(md)])  # fmt: skip
     assert rc == 0
     doc = json.loads(out.read_text())
     assert {"date", "device", "gpu", "versions", "rates", "args", "rows"} <= set(doc)
@@ -51,6 +52,8 @@ def test_quick_cpu_run_writes_json_and_plots(tmp_path):
     # Sweeps feed the plots: several lengths at B=1 and several decode batches.
     assert len({r["L"] for r in ours if r.get("group") == "prefill_sweep"}) >= 3
     assert len({r["B"] for r in ours if r.get("group") == "decode_sweep"}) >= 3
+    table = md.read_text()
+    assert table.count("| reference |") == len(ours) and "vs peers" in table
     for name in (PREFILL_PLOT, DECODE_PLOT):
         png = plots / name
         assert png.exists() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

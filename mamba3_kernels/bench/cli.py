@@ -47,9 +47,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", help="cuda or cpu (default: cuda if present)")
     p.add_argument("--backends", help="comma-separated (default: every available one; on CPU "
                    "the reference only)")  # fmt: skip
-    p.add_argument("--peers", default="all", help="comma-separated peers, 'all' or 'none'")
+    p.add_argument(
+        "--peers", default="all", help=f"comma-separated peers of {list(PEERS)}, 'all' or 'none'"
+    )
     p.add_argument("--json", metavar="PATH", help="write rows and environment as JSON")
     p.add_argument("--plots", metavar="DIR", help="write the PNG latency plots into DIR")
+    p.add_argument("--markdown", metavar="PATH", help="write a Markdown summary table")
     return p.parse_args(argv)
 
 
@@ -124,6 +127,12 @@ def main(argv: list[str] | None = None) -> int:
     env = report.environment(device)
     print(f"device: {env['gpu'] or env['cpu']} ({device}); backends: {', '.join(backends)}; "
           f"peers: {', '.join(peer_names) or 'none'}", flush=True)  # fmt: skip
+    # Peers that cannot run here at all (not installed, no GPU) are listed once, not per row.
+    probe = shapes.Shape(batch=1, seqlen=1024, dtype=torch.bfloat16)
+    peer_status = {n: PEERS[n].why_not("fwd", probe, device) for n in peer_names}
+    for name, why in peer_status.items():
+        if why:
+            print(f"peer {name}: not run ({why})", flush=True)
     rates = timing.measure_rates(device, quick=args.quick)
     print(f"measured: copy {rates['copy_gbps']:.0f} GB/s, {rates['matmul_dtype']} matmul "
           f"{rates['matmul_tflops']:.3g} TFLOP/s", flush=True)  # fmt: skip
@@ -136,8 +145,12 @@ def main(argv: list[str] | None = None) -> int:
     print(report.table(rows))
     title = f"{env['gpu'] or 'CPU'}, H={dims['nheads']} N={dims['d_state']} P={dims['headdim']}"
     if args.json:
-        report.write_json(args.json, env, rates, {**vars(args), "dims": dims}, rows)
+        report.write_json(args.json, env, rates, {**vars(args), "dims": dims}, rows, peer_status)
         print(f"wrote {args.json}")
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(report.markdown(rows, env, rates))
+        print(f"wrote {args.markdown}")
     if args.plots:
         for path in report.plot(rows, args.plots, title):
             print(f"wrote {path}")

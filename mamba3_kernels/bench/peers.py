@@ -1,8 +1,10 @@
 """What a user would run instead, timed next to the backends when importable.
 
-* ``sdpa``: PyTorch's ``scaled_dot_product_attention``, causal, q/k ``(B, H, L, N)`` and v
-  ``(B, H, L, P)`` with the Mamba-3 call's head count and head dims (the Transformer layer of the
-  same width).
+* ``sdpa``: PyTorch's ``scaled_dot_product_attention``, causal, with the Mamba-3 call's head
+  count and q, k, v all of head dim P (the usual attention layer of the same width; flash
+  attention takes it).
+* ``sdpa-qkN``: the same with q/k of head dim N and v of head dim P, matching the scan's
+  ``(B, H, L, N)`` queries/keys and ``(B, H, L, P)`` values.
 * ``mamba2``: Mamba-2's chunked scan (``mamba_ssm``'s ``mamba_chunk_scan_combined``), same B, L,
   H, G, N, P, chunk 256.
 * ``mamba3-public``: the public Mamba-3 kernels (``mamba_ssm``): the Triton SISO prefill and the
@@ -71,13 +73,13 @@ def _sdpa_why(op: str, s: Shape, device: torch.device) -> str | None:
     return None
 
 
-def _sdpa_dims(s: Shape) -> tuple[int, int]:
-    return s.d_state, s.headdim
+def _sdpa_dims(s: Shape, qk_is_n: bool) -> tuple[int, int]:
+    return (s.d_state if qk_is_n else s.headdim), s.headdim
 
 
-def _sdpa_make(op: str, s: Shape, device: torch.device, seed: int):
+def _sdpa_make(op: str, s: Shape, device: torch.device, seed: int, qk_is_n: bool = False):
     gen = torch.Generator().manual_seed(seed)
-    d_qk, d_v = _sdpa_dims(s)
+    d_qk, d_v = _sdpa_dims(s, qk_is_n)
     B, H, L = s.batch, s.nheads, s.seqlen
     q = _randn(B, H, L, d_qk, gen=gen, dtype=s.dtype, device=device)
     k = _randn(B, H, L, d_qk, gen=gen, dtype=s.dtype, device=device)
@@ -101,16 +103,23 @@ def _sdpa_make(op: str, s: Shape, device: torch.device, seed: int):
     return _backward_closure(fwd, [q, k, v], gen, device)
 
 
-def _sdpa_bytes(op: str, s: Shape) -> int:
-    d_qk, d_v = _sdpa_dims(s)
-    return floor.attention_bytes(
-        s.batch, s.nheads, s.seqlen, d_qk, d_v, s.elt, backward=op == "fwdbwd"
-    )
+def _sdpa_peer(name: str, qk_is_n: bool) -> Peer:
+    def make(op, s, device, seed):
+        return _sdpa_make(op, s, device, seed, qk_is_n)
 
+    def nbytes(op, s):
+        d_qk, d_v = _sdpa_dims(s, qk_is_n)
+        return floor.attention_bytes(
+            s.batch, s.nheads, s.seqlen, d_qk, d_v, s.elt, backward=op == "fwdbwd"
+        )
 
-def _sdpa_flops(op: str, s: Shape) -> int:
-    d_qk, d_v = _sdpa_dims(s)
-    return floor.attention_flops(s.batch, s.nheads, s.seqlen, d_qk, d_v, backward=op == "fwdbwd")
+    def flops(op, s):
+        d_qk, d_v = _sdpa_dims(s, qk_is_n)
+        return floor.attention_flops(
+            s.batch, s.nheads, s.seqlen, d_qk, d_v, backward=op == "fwdbwd"
+        )
+
+    return Peer(name, _sdpa_why, make, nbytes, flops)
 
 
 # --- Mamba-2 ----------------------------------------------------------------------------------
@@ -229,5 +238,6 @@ PEERS: dict[str, Peer] = {
         lambda op, s: floor.mamba2_bytes(s, backward=op == "fwdbwd"),
         lambda op, s: floor.mamba2_flops(s, backward=op == "fwdbwd"),
     ),
-    "sdpa": Peer("sdpa", _sdpa_why, _sdpa_make, _sdpa_bytes, _sdpa_flops),
+    "sdpa": _sdpa_peer("sdpa", qk_is_n=False),
+    "sdpa-qkN": _sdpa_peer("sdpa-qkN", qk_is_n=True),
 }

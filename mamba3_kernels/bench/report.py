@@ -71,8 +71,12 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def write_json(path: str, env: dict, rates: dict, args: dict, rows: list[dict]) -> None:
-    doc = {**env, "rates": rates, "args": args, "rows": rows}
+def write_json(
+    path: str, env: dict, rates: dict, args: dict, rows: list[dict], peers: dict | None = None
+) -> None:
+    """The run as one JSON document: environment, measured rates, arguments, peers (name ->
+    None or why it did not run), rows."""
+    doc = {**env, "rates": rates, "args": args, "peers": peers or {}, "rows": rows}
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
         json.dump(doc, f, indent=1, default=str)
@@ -95,7 +99,8 @@ def plot(rows: list[dict], out_dir: str, title: str) -> list[str]:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for key in sorted({(r["impl"], r["variant"]) for r in prefill}):
         pts = sorted((r["L"], r["ms"]) for r in prefill if (r["impl"], r["variant"]) == key)
-        label = key[0] if key[0] == "sdpa" or key[0] == "mamba2" else f"{key[0]} ({key[1]})"
+        peer_like = key[0].startswith("sdpa") or key[0] == "mamba2"
+        label = key[0] if peer_like else f"{key[0]} ({key[1]})"
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
@@ -139,3 +144,37 @@ def plot(rows: list[dict], out_dir: str, title: str) -> list[str]:
     plt.close(fig)
     written.append(path)
     return written
+
+
+def markdown(rows: list[dict], env: dict, rates: dict) -> str:
+    """A Markdown summary: environment, measured rates, and one table row per timed backend row
+    (peers as speedups), with the targets where they apply."""
+    gpu = env.get("gpu") or env.get("cpu")
+    v = env["versions"]
+    lines = [
+        f"Measured on {gpu}, {env['date']} (torch {v.get('torch')}, triton {v.get('triton')}).",
+        f"Copy rate {rates['copy_gbps']:.0f} GB/s, {rates['matmul_dtype']} matmul "
+        f"{rates['matmul_tflops']:.0f} TFLOP/s; floor = max(bytes / copy rate, FLOPs / matmul "
+        "rate).",
+        "",
+        "| op | impl | variant | B | L | ms | graph ms | floor ms | of floor | vs peers | target |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |",
+    ]
+    for r in rows:
+        if r["kind"] != "backend":
+            continue
+        head = f"| {r['op']} | {r['impl']} | {r['variant']} | {r['B']} | {r['L']} |"
+        if r["status"] != "ok":
+            lines.append(f"{head} {r['status']}: {r['reason']} | | | | | |")
+            continue
+        peers = ", ".join(f"x{s:.2f} {k}" for k, s in (r.get("speedup") or {}).items())
+        t = r.get("target")
+        target = ""
+        if t:
+            target = f"{t['target_ms']} ({'met' if t.get('met') else 'missed'})"
+        lines.append(
+            f"{head} {_fmt(r.get('ms'), '.4f')} | {_fmt(r.get('ms_graph'), '.4f')} | "
+            f"{_fmt(r.get('floor_ms'), '.4f')} | {_fmt(r.get('floor_frac_best'), '.0%')} | "
+            f"{peers} | {target} |"
+        )
+    return "\n".join(lines) + "\n"

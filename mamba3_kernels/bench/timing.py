@@ -111,17 +111,17 @@ def measure_rates(device: torch.device, quick: bool = False) -> dict:
     CUDA: a 1 GiB device-to-device copy and an 8192^3 bf16 matmul. CPU: a 64 MiB copy and a
     1024^3 (quick: 512^3) fp32 matmul (bf16 matmuls are not representative on CPU).
     """
-    gen = torch.Generator(device="cpu").manual_seed(0)
     if device.type == "cuda":
         n_copy = (2**30 if not quick else 2**26) // 4
         n_mm, mm_dtype = (8192 if not quick else 2048), torch.bfloat16
     else:
         n_copy, n_mm, mm_dtype = 2**24, (1024 if not quick else 512), torch.float32
-    src = torch.randn(n_copy, generator=gen).to(device)
+    torch.manual_seed(0)
+    src = torch.randn(n_copy, device=device)
     dst = torch.empty_like(src)
     copy_ms = median_ms(lambda: dst.copy_(src), device)
-    a = torch.randn(n_mm, n_mm, generator=gen).to(device=device, dtype=mm_dtype)
-    b = torch.randn(n_mm, n_mm, generator=gen).to(device=device, dtype=mm_dtype)
+    a = torch.randn(n_mm, n_mm, device=device).to(mm_dtype)
+    b = torch.randn(n_mm, n_mm, device=device).to(mm_dtype)
     mm_ms = median_ms(lambda: a @ b, device)
     copy_bytes = 2 * src.numel() * src.element_size()
     rates = {
