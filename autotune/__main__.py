@@ -22,6 +22,15 @@ import time
 from pathlib import Path
 
 
+def load_plugin(spec: str) -> None:
+    """Import ``module`` or ``module:function`` and call the function (a backend registering
+    itself)."""
+    mod, _, func = spec.partition(":")
+    module = importlib.import_module(mod)
+    if func:
+        getattr(module, func)()
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="mamba3-autotune",
@@ -94,8 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
         dest="imports",
         action="append",
         default=[],
-        metavar="MODULE",
-        help="import MODULE first (registers an out-of-tree backend)",
+        metavar="MODULE[:FUNC]",
+        help="import MODULE (and call FUNC) first: registers an out-of-tree backend",
     )
     p.add_argument("--dry-run", action="store_true", help="list what would be tuned and exit")
     return p
@@ -118,6 +127,9 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda:"):
+        # Triton launches on the current device, not on the tensors' device.
+        torch.cuda.set_device(torch.device(device))
     if device == "cpu":
         # Triton kernels run on CPU tensors only under the interpreter; set it before any kernel
         # module is loaded (they are loaded lazily by their backends).
@@ -135,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     from .study import open_storage, tune_target
 
     for mod in args.imports:
-        importlib.import_module(mod)
+        load_plugin(mod)
 
     dtype = parse_dtype(args.dtype)
     buckets = _buckets(args, dtype)

@@ -90,24 +90,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
 
-    import importlib
-
     import optuna
     import torch
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda:"):
+        torch.cuda.set_device(torch.device(device))
     if device == "cpu":
         os.environ.setdefault("TRITON_INTERPRET", "1")
     import mamba3_kernels  # noqa: F401  (registers the backends)
     from mamba3_kernels import tuned_configs
     from mamba3_kernels.backend import device_properties
 
+    from .__main__ import load_plugin
     from .buckets import default_buckets, parse_dtype, parse_shape
     from .space import find_targets
     from .study import open_storage, tune_target
 
     for mod in args.imports:
-        importlib.import_module(mod)
+        load_plugin(mod)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     dtype = parse_dtype(args.dtype)
     buckets = [parse_shape(s, dtype) for s in args.shape]

@@ -83,8 +83,23 @@ class FakeBackend(Backend):
         return out, None
 
 
-if FAKE not in registered_backends():
-    register_backend(FakeBackend())
+def register_fake() -> None:
+    """Register the fake backend (the CLI's ``--import test_autotune:register_fake``)."""
+    if FAKE not in registered_backends():
+        register_backend(FakeBackend())
+
+
+@pytest.fixture(autouse=True)
+def fake_backend():
+    """The fake backend exists only during these tests: other tests see the real registry."""
+    from mamba3_kernels import dispatch
+    from mamba3_kernels.backend import _REGISTRY
+
+    register_fake()
+    yield _REGISTRY[FAKE]
+    _REGISTRY.pop(FAKE, None)
+    dispatch.clear_caches()
+
 
 TINY = Bucket("scan", 1, 16, 2, 1, 16, 8, 4, 1, torch.float32)
 

@@ -101,7 +101,7 @@ def test_two_workers_tune_one_study_through_postgres(postgres_url, tmp_path):
         "--device",
         "cpu",
         "--import",
-        "test_autotune",  # registers the small "fake_tune" backend
+        "test_autotune:register_fake",  # the small "fake_tune" backend of test_autotune
         "--backend",
         "fake_tune",
         "--shape",
