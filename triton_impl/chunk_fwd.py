@@ -1,0 +1,604 @@
+"""Chunked prefill forward of the Mamba-3 scan in Triton (SISO and MIMO, one kernel).
+
+One program owns one (sequence, head, P-block) and walks the sequence chunk by chunk, keeping the
+P-block x N fp32 state in registers, so no per-chunk state ever goes to memory. A MIMO chunk of C
+tokens is handled as a SISO chunk of C*R rows: row i is token i // R, rank i % R; every row of a
+token shares its decay, the causal mask compares tokens (t_q >= t_k), and the diagonal (same
+token, every rank pair) takes the weight gamma instead of the folded trapezoid weight.
+
+The rotary transition is applied to three column groups of q and k, loaded with the layout's
+column indices: the first element of each rotated pair ("a"), the second ("b") and the columns
+that pass unchanged. Every product over N is split into the same three groups, and the state is
+kept as three tiles. Angles are only ever handled per pair (C*R x S), never per column.
+
+Per chunk, with c the cumulative log-decay inside the chunk and w_s = gamma_s + mu_{s+1}
+(mu_t = dt_t (1 - lam_t), zero past the end of the sequence):
+    scores  = (Qr Kr^T) * M,  M[i, j] = exp(c_i - c_j) w_j (t_i > t_j), gamma_j (t_i == t_j), 0
+    y       = scores V + exp(c) * (Qr S^T)
+    S      <- exp(c_last) S + V^T (Kr * exp(c_last - c) w)
+The initial state's (k, v) enter as the previous-input term of token 0: S0 = ssm + mu_0 V0^T K0.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+from triton.language.extra import libdevice
+
+from mamba3_kernels.backend import KernelSpec
+from mamba3_kernels.inputs import ScanInputs
+from mamba3_kernels.problem import Problem
+from mamba3_kernels.state import Mamba3State
+
+__all__ = ["SPEC", "ChunkFwdConfig", "chunk_fwd", "default_config", "search_space", "constraint"]
+
+_TWO_PI = tl.constexpr(2.0 * math.pi)
+_PI = tl.constexpr(math.pi)
+_MIN_DOT = 16  # smallest tile side tl.dot accepts on GPU
+
+
+@dataclass(frozen=True)
+class ChunkFwdConfig:
+    """Tunable parameters of the chunked forward kernel.
+
+    chunk_size: tokens per chunk (C); a MIMO chunk holds C*R rows. problem.chunk_size overrides it.
+    block_p:    value-dim columns per program (P is split into P / block_p programs).
+    num_warps, num_stages: Triton launch parameters (num_stages pipelines the chunk loop's loads).
+    """
+
+    chunk_size: int = 64
+    block_p: int = 64
+    num_warps: int = 8
+    num_stages: int = 1
+
+
+def _next_pow2(x: int) -> int:
+    return 1 if x <= 1 else 1 << (x - 1).bit_length()
+
+
+def _chunk(problem: Problem, config: ChunkFwdConfig) -> int:
+    return problem.chunk_size if problem.chunk_size is not None else config.chunk_size
+
+
+def default_config(problem: Problem) -> ChunkFwdConfig:
+    """Heuristic config: about 64 rows per chunk; split P when too few (sequence, head) pairs
+    exist to fill an H100's 132 multiprocessors."""
+    rows = 64 if problem.d_state <= 128 else 32
+    chunk = max(1, rows // problem.rank)
+    pairs = problem.nseq * problem.nheads
+    block_p = _next_pow2(problem.headdim)
+    while block_p > 32 and pairs * (_next_pow2(problem.headdim) // block_p) < 132:
+        block_p //= 2
+    num_warps = 8 if rows * problem.d_state >= 64 * 128 else 4
+    return ChunkFwdConfig(chunk_size=chunk, block_p=block_p, num_warps=num_warps, num_stages=1)
+
+
+def search_space(problem: Problem) -> dict[str, list]:
+    """Candidate values per parameter (constraint() removes invalid combinations)."""
+    p2 = _next_pow2(problem.headdim)
+    return {
+        "chunk_size": [c for c in (8, 16, 32, 64, 128) if 16 <= c * problem.rank <= 256],
+        "block_p": [b for b in (16, 32, 64, 128) if b <= max(p2, 16)],
+        "num_warps": [4, 8],
+        "num_stages": [1, 2, 3],
+    }
+
+
+def _smem_estimate(problem: Problem, chunk: int, block_p: int, num_stages: int) -> int:
+    """Rough bytes of shared memory: the dot operands of one chunk (q, k, v, scores), times the
+    pipelining depth for the loaded ones, plus the state tiles staged for the state dot."""
+    rows = chunk * problem.rank
+    esize = 4 if problem.dtype == torch.float32 else 2
+    n = problem.d_state
+    loaded = rows * (2 * n + block_p) * esize
+    staged = rows * rows * esize + block_p * n * esize
+    return loaded * max(1, num_stages) + staged
+
+
+def constraint(problem: Problem, config: ChunkFwdConfig, device_props: dict | None) -> str | None:
+    """Why ``config`` cannot run ``problem`` (divisibility, tile limits, shared memory), or None."""
+    chunk = _chunk(problem, config)
+    rows = chunk * problem.rank
+    if chunk < 1 or chunk & (chunk - 1):
+        return f"chunk_size {chunk} is not a power of two"
+    if config.block_p < 1 or config.block_p & (config.block_p - 1):
+        return f"block_p {config.block_p} is not a power of two"
+    # Compiled dots need every side >= 16; the interpreter has no such limit (CI's small shapes).
+    min_dot = 1 if os.environ.get("TRITON_INTERPRET", "0") == "1" else _MIN_DOT
+    if rows < min_dot or rows > 256:
+        return f"chunk_size*R = {rows} rows outside [{min_dot}, 256]"
+    if config.block_p < min_dot:
+        return f"block_p {config.block_p} < {min_dot}"
+    if config.block_p > max(_next_pow2(problem.headdim), _MIN_DOT):
+        return f"block_p {config.block_p} larger than P={problem.headdim}"
+    if problem.d_state % 2 or problem.d_state // 2 < min_dot:
+        return f"d_state N={problem.d_state}: N/2 must be even and >= {min_dot}"
+    if config.num_warps not in (1, 2, 4, 8, 16):
+        return f"num_warps {config.num_warps} not a power of two <= 16"
+    if config.num_stages < 1:
+        return "num_stages < 1"
+    # The fp32 state lives in registers: keep it within about 96 registers per thread.
+    state_regs = config.block_p * problem.d_state // (32 * config.num_warps)
+    if state_regs > 96:
+        return f"state tile needs {state_regs} registers per thread (> 96)"
+    if device_props is not None:
+        limit = device_props.get("shared_memory_per_block_optin", 232448)
+        need = _smem_estimate(problem, chunk, config.block_p, config.num_stages)
+        if need > limit:
+            return f"shared memory estimate {need} B > {limit} B"
+    return None
+
+
+def _applies(problem: Problem) -> bool:
+    return not problem.decode
+
+
+# --------------------------------------------------------------------------------------------
+# The kernel
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _cos_sin(th, live, FAST: tl.constexpr):
+    """cos and sin of ``th``; where ``live`` is False, exactly 1 and 0 (pass-through columns).
+    FAST: reduce to [-pi, pi] and use the hardware approximations (absolute error ~1e-6);
+    else the accurate library functions (the interpreter has no libdevice)."""
+    if FAST:
+        red = th - _TWO_PI * tl.floor(th / _TWO_PI + 0.5)
+        cos = libdevice.fast_cosf(red)
+        sin = libdevice.fast_sinf(red)
+    else:
+        cos = tl.cos(th)
+        sin = tl.sin(th)
+    return tl.where(live, cos, 1.0), tl.where(live, sin, 0.0)
+
+
+@triton.jit
+def _op(x, DOT_DTYPE: tl.constexpr, UPCAST: tl.constexpr):
+    """A dot operand: rounded to the dot dtype; under the interpreter (whose 16-bit float dots
+    are unreliable) rounded and then multiplied in fp32, which gives the same products."""
+    if UPCAST:
+        return x.to(DOT_DTYPE).to(tl.float32)
+    else:
+        return x.to(DOT_DTYPE)
+
+
+@triton.jit
+def _load_lohi(ptr, row_off, rmask, NH: tl.constexpr, HALVES: tl.constexpr):
+    """Load rows of N = 2*NH values split into the two members of each rotary pair.
+
+    row_off: (M, 1) element offsets of the rows; rmask: (M, 1) row mask. Returns lo, hi (M, NH):
+    halves: columns [0, NH) and [NH, N); interleaved: even and odd columns. Both loads stay
+    contiguous along the row (vectorised); the interleaved split happens in registers.
+    """
+    j = tl.arange(0, NH)
+    if HALVES:
+        lo = tl.load(ptr + row_off + j[None, :], mask=rmask, other=0.0)
+        hi = tl.load(ptr + row_off + NH + j[None, :], mask=rmask, other=0.0)
+    else:
+        jn = tl.arange(0, 2 * NH)
+        x = tl.load(ptr + row_off + jn[None, :], mask=rmask, other=0.0)
+        lo, hi = tl.split(tl.reshape(x, (x.shape[0], NH, 2)))
+    return lo, hi
+
+
+@triton.jit
+def _store_lohi(ptr, row_off, lo, hi, rmask, NH: tl.constexpr, HALVES: tl.constexpr):
+    """Inverse of _load_lohi: store lo, hi (M, NH) as rows of N values."""
+    j = tl.arange(0, NH)
+    if HALVES:
+        tl.store(ptr + row_off + j[None, :], lo, mask=rmask)
+        tl.store(ptr + row_off + NH + j[None, :], hi, mask=rmask)
+    else:
+        jn = tl.arange(0, 2 * NH)
+        x = tl.reshape(tl.join(lo, hi), (lo.shape[0], 2 * NH))
+        tl.store(ptr + row_off + jn[None, :], x, mask=rmask)
+
+
+@triton.jit
+def _chunk_fwd_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    adt_ptr,
+    dt_ptr,
+    trap_ptr,
+    qb_ptr,
+    kb_ptr,
+    ang_ptr,
+    D_ptr,
+    z_ptr,
+    mv_ptr,
+    mz_ptr,
+    mo_ptr,
+    a0_ptr,
+    s0_ptr,
+    k0_ptr,
+    v0_ptr,
+    cu_ptr,
+    out_ptr,
+    a1_ptr,
+    s1_ptr,
+    k1_ptr,
+    v1_ptr,
+    L,
+    H,
+    G,
+    P: tl.constexpr,
+    N: tl.constexpr,
+    S: tl.constexpr,
+    R: tl.constexpr,
+    C: tl.constexpr,
+    BP: tl.constexpr,
+    HALVES: tl.constexpr,
+    VARLEN: tl.constexpr,
+    HAS_D: tl.constexpr,
+    HAS_Z: tl.constexpr,
+    HAS_MV: tl.constexpr,
+    HAS_MZ: tl.constexpr,
+    HAS_MO: tl.constexpr,
+    HAS_INIT: tl.constexpr,
+    HAS_FINAL: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    UPCAST: tl.constexpr,
+    FAST: tl.constexpr,
+):
+    CR: tl.constexpr = C * R
+    NH: tl.constexpr = N // 2
+    pid_sh = tl.program_id(0)
+    pid_p = tl.program_id(1)
+    seq = pid_sh // H
+    h = pid_sh % H
+    g = h // (H // G)
+    # bos: global index of the sequence's first token in the (B*L) token axis; coef_base: its
+    # offset in the (B, H, L) coefficient tensors for this head.
+    if VARLEN:
+        bos = tl.load(cu_ptr + seq).to(tl.int64)
+        seqlen = (tl.load(cu_ptr + seq + 1) - tl.load(cu_ptr + seq)).to(tl.int32)
+        coef_base = h.to(tl.int64) * L + bos
+    else:
+        bos = seq.to(tl.int64) * L
+        seqlen = L + 0 * seq  # a tensor in both modes (the interpreter passes L as an int)
+        coef_base = (seq.to(tl.int64) * H + h) * L
+    io_dtype = v_ptr.dtype.element_ty
+    dd: tl.constexpr = io_dtype  # dot operand dtype
+
+    rows = tl.arange(0, CR)
+    t_loc = rows // R  # token of each row inside the chunk
+    r_idx = rows % R  # rank of each row
+    jh = tl.arange(0, NH)  # pair index (lo/hi column index)
+    rot = jh < S  # pairs that rotate; the others pass through
+    pp = pid_p * BP + tl.arange(0, BP)
+    mp = (pp < P)[:, None]
+    sh = seq.to(tl.int64) * H + h  # (sequence, head) index of state tensors
+
+    # ---- initial state -------------------------------------------------------------------
+    if HAS_INIT:
+        st_lo, st_hi = _load_lohi(s0_ptr, (sh * P + pp[:, None]) * N, mp, NH, HALVES)
+        st_lo = st_lo.to(tl.float32)
+        st_hi = st_hi.to(tl.float32)
+        # Previous-input term of token 0: mu_0 * sum_r (v0 * mimo_v_r) k0_r^T.
+        has_tok = seqlen > 0
+        dt0 = tl.load(dt_ptr + coef_base, mask=has_tok, other=0.0).to(tl.float32)
+        tr0 = tl.load(trap_ptr + coef_base, mask=has_tok, other=0.0).to(tl.float32)
+        mu0 = dt0 * (1.0 - tl.sigmoid(tr0))
+        v0 = tl.load(v0_ptr + sh * P + pp, mask=pp < P, other=0.0).to(tl.float32)
+        for r in tl.static_range(R):
+            vr0 = v0 * mu0
+            if HAS_MV:
+                vr0 = vr0 * tl.load(mv_ptr + (h * R + r) * P + pp, mask=pp < P, other=0.0)
+            k_row = tl.zeros((1, 1), dtype=tl.int64) + ((seq.to(tl.int64) * R + r) * H + h) * N
+            k0_lo, k0_hi = _load_lohi(k0_ptr, k_row, k_row >= 0, NH, HALVES)
+            st_lo += vr0[:, None] * k0_lo.to(tl.float32)
+            st_hi += vr0[:, None] * k0_hi.to(tl.float32)
+        theta = tl.load(a0_ptr + sh * S + jh, mask=rot, other=0.0).to(tl.float32)
+    else:
+        st_lo = tl.zeros((BP, NH), dtype=tl.float32)
+        st_hi = tl.zeros((BP, NH), dtype=tl.float32)
+        theta = tl.zeros((NH,), dtype=tl.float32)
+    # Keep the running angle small so fp32 cos/sin stay accurate at any length.
+    theta = theta - _TWO_PI * tl.floor(theta / _TWO_PI)
+
+    if HAS_D:
+        d_h = tl.load(D_ptr + h).to(tl.float32)
+
+    first_rank = r_idx == 0
+    if R == 1:
+        bias_row = tl.zeros((1, 1), dtype=tl.int32) + h * N  # SISO: one bias row
+    else:
+        bias_row = (h * R + r_idx[:, None]) * N  # MIMO: the rank of a row picks its bias row
+    rank_par = (h * R + r_idx[:, None]) * P + pp[None, :]  # MIMO: (H, R, P) rank weights
+    mpr = (pp < P)[None, :]
+    for c0 in range(0, seqlen, C):
+        t = c0 + t_loc
+        valid = t < seqlen
+        tok = bos + t  # global token index (int64)
+        mrow = valid[:, None]
+        # ---- per-token coefficients (every rank row of a token repeats them) --------------
+        a_row = tl.load(adt_ptr + coef_base + t, mask=valid & first_rank, other=0.0)
+        a_row = a_row.to(tl.float32)
+        c = tl.cumsum(a_row, axis=0)  # log-decay from the chunk start
+        c_last = tl.sum(a_row, axis=0)
+        dt_row = tl.load(dt_ptr + coef_base + t, mask=valid, other=0.0).to(tl.float32)
+        tr_row = tl.load(trap_ptr + coef_base + t, mask=valid, other=0.0).to(tl.float32)
+        gamma = tl.sigmoid(tr_row) * dt_row
+        nxt = valid & (t + 1 < seqlen)
+        dt_n = tl.load(dt_ptr + coef_base + t + 1, mask=nxt, other=0.0).to(tl.float32)
+        tr_n = tl.load(trap_ptr + coef_base + t + 1, mask=nxt, other=0.0).to(tl.float32)
+        w = gamma + dt_n * (1.0 - tl.sigmoid(tr_n))
+        # ---- angles: theta per row and pair (zero rate past S) ---------------------------
+        ang = tl.load(
+            ang_ptr + (tok[:, None] * H + h) * S + jh[None, :],
+            mask=(valid & first_rank)[:, None] & rot[None, :],
+            other=0.0,
+        ).to(tl.float32)
+        # pi * tanh(x) * dt, with tanh(x) = 2 sigmoid(2x) - 1
+        rate = _PI * (2.0 * tl.sigmoid(2.0 * ang) - 1.0) * dt_row[:, None]
+        th = theta[None, :] + tl.cumsum(rate, axis=0)
+        theta = theta + tl.sum(rate, axis=0)
+        theta = theta - _TWO_PI * tl.floor(theta / _TWO_PI)
+        cos, sin = _cos_sin(th, rot[None, :], FAST)
+        # ---- q, k: bias, rotation, rounding to the dot dtype -----------------------------
+        # Biases are re-read each chunk (cache hits): held across the loop, their broadcast
+        # (rows, N) tiles would cost registers the dots need.
+        qb_lo, qb_hi = _load_lohi(qb_ptr, bias_row, bias_row >= 0, NH, HALVES)
+        kb_lo, kb_hi = _load_lohi(kb_ptr, bias_row, bias_row >= 0, NH, HALVES)
+        qk_row = ((tok[:, None] * R + r_idx[:, None]) * G + g) * N
+        x_lo, x_hi = _load_lohi(q_ptr, qk_row, mrow, NH, HALVES)
+        x_lo = x_lo.to(tl.float32) + qb_lo
+        x_hi = x_hi.to(tl.float32) + qb_hi
+        q_lo = _op(x_lo * cos - x_hi * sin, dd, UPCAST)
+        q_hi = _op(x_lo * sin + x_hi * cos, dd, UPCAST)
+        x_lo, x_hi = _load_lohi(k_ptr, qk_row, mrow, NH, HALVES)
+        x_lo = x_lo.to(tl.float32) + kb_lo
+        x_hi = x_hi.to(tl.float32) + kb_hi
+        k_lo = _op(x_lo * cos - x_hi * sin, dd, UPCAST)
+        k_hi = _op(x_lo * sin + x_hi * cos, dd, UPCAST)
+        # ---- v (per rank) ----------------------------------------------------------------
+        v_off = (tok[:, None] * H + h) * P + pp[None, :]
+        vr = tl.load(v_ptr + v_off, mask=mrow & mpr, other=0.0).to(tl.float32)
+        if HAS_MV:
+            vr = vr * tl.load(mv_ptr + rank_par, mask=mpr, other=0.0)
+        # ---- intra-chunk scores ----------------------------------------------------------
+        scores = tl.dot(q_lo, tl.trans(k_lo), input_precision=DOT_PREC)
+        scores = tl.dot(q_hi, tl.trans(k_hi), scores, input_precision=DOT_PREC)
+        causal = t[:, None] > t[None, :]
+        dec = tl.exp(tl.minimum(c[:, None] - c[None, :], 0.0))
+        m = tl.where(
+            causal, dec * w[None, :], tl.where(t[:, None] == t[None, :], gamma[None, :], 0.0)
+        )
+        scores = scores * m
+        # ---- output: state part (decayed from the chunk start) plus intra part -----------
+        y = tl.dot(q_lo, tl.trans(_op(st_lo, dd, UPCAST)), input_precision=DOT_PREC)
+        y = tl.dot(q_hi, tl.trans(_op(st_hi, dd, UPCAST)), y, input_precision=DOT_PREC)
+        y = y * tl.exp(c)[:, None]
+        y = tl.dot(_op(scores, dd, UPCAST), _op(vr, dd, UPCAST), y, input_precision=DOT_PREC)
+        # ---- state update: S <- exp(c_last) S + (V * exp(c_last - c) w)^T Kr ------------
+        vw = tl.trans(_op(vr * (tl.exp(c_last - c) * w)[:, None], dd, UPCAST))
+        e_last = tl.exp(c_last)
+        st_lo = tl.dot(vw, k_lo, st_lo * e_last, input_precision=DOT_PREC)
+        st_hi = tl.dot(vw, k_hi, st_hi * e_last, input_precision=DOT_PREC)
+        # ---- epilogue: D skip, z gate, rank mix ------------------------------------------
+        if HAS_D:
+            y += d_h * vr
+        if HAS_Z:
+            zz = tl.load(z_ptr + v_off, mask=mrow & mpr, other=0.0).to(tl.float32)
+            if HAS_MZ:
+                zz = zz * tl.load(mz_ptr + rank_par, mask=mpr, other=0.0)
+            y = y * zz * tl.sigmoid(zz)
+        if HAS_MO:
+            y = y * tl.load(mo_ptr + rank_par, mask=mpr, other=0.0)
+            o = tl.sum(tl.reshape(y, (C, R, BP)), axis=1)
+            tt = c0 + tl.arange(0, C)
+            o_off = ((bos + tt)[:, None] * H + h) * P + pp[None, :]
+            tl.store(out_ptr + o_off, o.to(io_dtype), mask=(tt < seqlen)[:, None] & mpr)
+        else:
+            o_off = ((tok[:, None] * R + r_idx[:, None]) * H + h) * P + pp[None, :]
+            tl.store(out_ptr + o_off, y.to(io_dtype), mask=mrow & mpr)
+
+    if HAS_FINAL:
+        # ssm: every P-block writes its rows.
+        _store_lohi(s1_ptr, (sh * P + pp[:, None]) * N, st_lo, st_hi, mp, NH, HALVES)
+        has_tok = seqlen > 0
+        last = bos + seqlen - 1
+        # v: raw v of the last token (or the initial v for an empty sequence).
+        # (masks built from vectors: the interpreter mis-types scalar & vector masks)
+        v_last = tl.load(
+            v_ptr + (last * H + h) * P + pp, mask=(pp < P) & (pp * 0 < seqlen), other=0.0
+        )
+        if HAS_INIT:
+            v_init = tl.load(v0_ptr + sh * P + pp, mask=(pp < P) & (pp * 0 == seqlen), other=0.0)
+            v_last = tl.where(has_tok, v_last.to(tl.float32), v_init.to(tl.float32))
+        tl.store(v1_ptr + sh * P + pp, v_last.to(v1_ptr.dtype.element_ty), mask=pp < P)
+        if pid_p == 0:
+            tl.store(a1_ptr + sh * S + jh, theta, mask=rot)
+            # k: rotated, biased k of the last token, one row per rank.
+            rr = tl.arange(0, R)[:, None]
+            fcos, fsin = _cos_sin(theta[None, :], rot[None, :], FAST)
+            mk = rr * 0 < seqlen
+            x_lo, x_hi = _load_lohi(k_ptr, ((last * R + rr) * G + g) * N, mk, NH, HALVES)
+            b_lo, b_hi = _load_lohi(kb_ptr, (h * R + rr) * N, rr >= 0, NH, HALVES)
+            x_lo = x_lo.to(tl.float32) + b_lo
+            x_hi = x_hi.to(tl.float32) + b_hi
+            f_lo = x_lo * fcos - x_hi * fsin
+            f_hi = x_lo * fsin + x_hi * fcos
+            k_out = ((seq.to(tl.int64) * R + rr) * H + h) * N
+            if HAS_INIT:
+                # An empty sequence keeps its initial k.
+                i_lo, i_hi = _load_lohi(k0_ptr, k_out, rr >= 0, NH, HALVES)
+                f_lo = tl.where(has_tok, f_lo, i_lo.to(tl.float32))
+                f_hi = tl.where(has_tok, f_hi, i_hi.to(tl.float32))
+            else:
+                f_lo = tl.where(has_tok, f_lo, 0.0)
+                f_hi = tl.where(has_tok, f_hi, 0.0)
+            kdt = k1_ptr.dtype.element_ty
+            _store_lohi(k1_ptr, k_out, f_lo.to(kdt), f_hi.to(kdt), rr >= 0, NH, HALVES)
+
+
+# --------------------------------------------------------------------------------------------
+# Launcher
+# --------------------------------------------------------------------------------------------
+
+
+def _constexprs(
+    problem: Problem, config: ChunkFwdConfig, interp: bool, has_mv: bool = True, has_mz: bool = True
+) -> dict:
+    """The kernel's compile-time arguments for a problem and config."""
+    fp32 = problem.dtype == torch.float32
+    return dict(
+        P=problem.headdim,
+        N=problem.d_state,
+        S=problem.n_angles,
+        R=problem.rank,
+        C=_chunk(problem, config),
+        BP=config.block_p,
+        HALVES=problem.rotary == "halves",
+        VARLEN=problem.varlen,
+        HAS_D=problem.has_D,
+        HAS_Z=problem.has_z,
+        HAS_MV=problem.mimo and has_mv,
+        HAS_MZ=problem.mimo and problem.has_z and has_mz,
+        HAS_MO=problem.mimo and problem.has_mimo_o,
+        HAS_INIT=problem.has_initial_state,
+        HAS_FINAL=problem.return_final_state,
+        DOT_PREC="ieee" if fp32 or interp else "tf32",
+        UPCAST=interp and not fp32,
+        FAST=not interp,
+    )
+
+
+_TRITON_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def compile_kernel(problem: Problem, config: ChunkFwdConfig, target=None):
+    """Compile the kernel ahead of time (no GPU needed) for ``target`` (a
+    ``triton.backends.compiler.GPUTarget``; default sm_90). Returns the compiled kernel, whose
+    ``asm`` dict holds ttir/ttgir/llir/ptx/cubin. Used for build checks and resource reports."""
+    from triton.backends.compiler import GPUTarget
+
+    target = target or GPUTarget("cuda", 90, 64)
+    io = "*" + _TRITON_DTYPE[problem.dtype]
+    ptr_types = dict(
+        q_ptr=io, k_ptr=io, v_ptr=io, adt_ptr="*fp32", dt_ptr="*fp32", trap_ptr="*fp32",
+        qb_ptr="*fp32", kb_ptr="*fp32", ang_ptr="*fp32", D_ptr="*fp32", z_ptr=io,
+        mv_ptr="*fp32", mz_ptr="*fp32", mo_ptr="*fp32", a0_ptr="*fp32", s0_ptr="*fp32",
+        k0_ptr=io, v0_ptr=io, cu_ptr="*i32", out_ptr=io, a1_ptr="*fp32", s1_ptr="*fp32",
+        k1_ptr=io, v1_ptr=io, L="i32", H="i32", G="i32",
+    )  # fmt: skip
+    consts = _constexprs(problem, config, interp=False)
+    signature = {**ptr_types, **{name: "constexpr" for name in consts}}
+    # As the launcher's specialisation does: pointers (torch allocations) and sizes that are
+    # multiples of 16 are marked 16-divisible, which lets loads vectorise.
+    names = list(signature)
+    div16 = [n for n, t in ptr_types.items() if t.startswith("*")]
+    div16 += [n for n, val in (("L", problem.seqlen), ("H", problem.nheads)) if val % 16 == 0]
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in div16}
+    src = triton.compiler.ASTSource(
+        fn=_chunk_fwd_kernel, signature=signature, constexprs=consts, attrs=attrs
+    )
+    options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
+    return triton.compile(src, target=target, options=options)
+
+
+def _c(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.contiguous()
+
+
+def chunk_fwd(
+    problem: Problem, inputs: ScanInputs, config: ChunkFwdConfig
+) -> tuple[torch.Tensor, Mamba3State | None]:
+    """Run the chunked forward scan.
+
+    inputs: ScanInputs in scan shapes (SPEC.md): q, k (B, L, G, N) or (B, L, R, G, N);
+        v, z (B, L, H, P); adt, dt, trap (B, H, L); angles (B, L, H, S); ...
+    Returns out ((B, L, H, P), or (B, L, R, H, P) for MIMO without mimo_o) in v's dtype, and the
+    final state (angle (nseq, H, S) fp32 reduced modulo 2*pi, ssm (nseq, H, P, N) fp32,
+    k (nseq, R, H, N) in k's dtype, v (nseq, H, P) in v's dtype) when problem.return_final_state.
+    """
+    reason = constraint(problem, config, None)
+    if reason is not None:
+        raise ValueError(f"chunk_fwd config {config}: {reason}")
+    B, L, H, G = problem.batch, problem.seqlen, problem.nheads, problem.ngroups
+    R, N, P, S = problem.rank, problem.d_state, problem.headdim, problem.n_angles
+    nseq = problem.nseq
+    v = inputs.v.contiguous()
+    dev = v.device
+    q, k = _c(inputs.q), _c(inputs.k)
+    adt, dt, trap = _c(inputs.adt), _c(inputs.dt), _c(inputs.trap)
+    q_bias, k_bias, angles = _c(inputs.q_bias), _c(inputs.k_bias), _c(inputs.angles)
+    D, z = _c(inputs.D), _c(inputs.z)
+    mimo_v, mimo_z, mimo_o = _c(inputs.mimo_v), _c(inputs.mimo_z), _c(inputs.mimo_o)
+    has_mo = problem.mimo and mimo_o is not None
+    if problem.mimo and not has_mo:
+        out = torch.empty((B, L, R, H, P), dtype=v.dtype, device=dev)
+    else:
+        out = torch.empty((B, L, H, P), dtype=v.dtype, device=dev)
+
+    init = inputs.initial_state
+    if init is not None:
+        a0 = init.angle.contiguous().float()
+        s0 = init.ssm.contiguous().float()
+        k0, v0 = init.k.contiguous(), init.v.contiguous()
+    final = None
+    if problem.return_final_state:
+        final = Mamba3State(
+            angle=torch.empty((nseq, H, S), dtype=torch.float32, device=dev),
+            ssm=torch.empty((nseq, H, P, N), dtype=torch.float32, device=dev),
+            k=torch.empty((nseq, R, H, N), dtype=inputs.k.dtype, device=dev),
+            v=torch.empty((nseq, H, P), dtype=v.dtype, device=dev),
+        )
+    bp = config.block_p
+    dummy = v  # stands in for absent optional tensors (never read: the flag is off)
+    grid = (nseq * H, triton.cdiv(P, bp))
+    interp = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    if L == 0 and not problem.return_final_state:
+        return out, None
+    _chunk_fwd_kernel[grid](
+        q,
+        k,
+        v,
+        adt,
+        dt,
+        trap,
+        q_bias,
+        k_bias,
+        angles,
+        D if D is not None else dummy,
+        z if z is not None else dummy,
+        mimo_v if mimo_v is not None else dummy,
+        mimo_z if mimo_z is not None else dummy,
+        mimo_o if mimo_o is not None else dummy,
+        a0 if init is not None else dummy,
+        s0 if init is not None else dummy,
+        k0 if init is not None else dummy,
+        v0 if init is not None else dummy,
+        inputs.cu_seqlens if problem.varlen else dummy,
+        out,
+        final.angle if final is not None else dummy,
+        final.ssm if final is not None else dummy,
+        final.k if final is not None else dummy,
+        final.v if final is not None else dummy,
+        L,
+        H,
+        G,
+        **_constexprs(problem, config, interp, mimo_v is not None, mimo_z is not None),
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
+    )
+    return out, final
+
+
+SPEC = KernelSpec(
+    name="chunk_fwd",
+    mode="scan_fwd",
+    config_cls=ChunkFwdConfig,
+    applies=_applies,
+    default=default_config,
+    space=search_space,
+    constraint=constraint,
+)
