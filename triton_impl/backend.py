@@ -26,17 +26,17 @@ def interpreting() -> bool:
 
 class TritonBackend(Backend):
     def __init__(self) -> None:
-        super().__init__(name="triton", priority=20, kernels=[], has_backward=False)
+        super().__init__(name="triton", priority=20, kernels=[], has_backward=True)
         self._loaded = False
 
     # Kernel modules are imported lazily so `import mamba3_kernels` stays cheap without triton.
     def _load(self) -> None:
         if self._loaded:
             return
-        from . import chunk_fwd, step
+        from . import chunk_bwd, chunk_fwd, step
 
-        self._chunk_fwd, self._step = chunk_fwd, step
-        self.kernels = [chunk_fwd.SPEC, step.SPEC]
+        self._chunk_fwd, self._step, self._chunk_bwd = chunk_fwd, step, chunk_bwd
+        self.kernels = [chunk_fwd.SPEC, step.SPEC, chunk_bwd.SPEC]
         self._loaded = True
 
     def all_kernels(self) -> list[KernelSpec]:
@@ -82,6 +82,15 @@ class TritonBackend(Backend):
         self._load()
         cfg = self._config(self._chunk_fwd.SPEC, problem, configs)
         return self._chunk_fwd.chunk_fwd(problem, inputs, cfg)
+
+    def scan_backward(
+        self, problem: Problem, inputs: ScanInputs, grad_out, grad_state, configs=None
+    ):
+        """Gradients of every input (see chunk_bwd.chunk_bwd): keys are ScanInputs field names and
+        'initial_state.<field>', with 'angle0', 'ssm0', 'k0', 'v0' as aliases (ops.py's names)."""
+        self._load()
+        cfg = self._config(self._chunk_bwd.SPEC, problem, configs)
+        return self._chunk_bwd.chunk_bwd(problem, inputs, grad_out, grad_state, cfg)
 
     def step(self, problem: Problem, inputs: ScanInputs, state: Mamba3State, configs=None):
         self._load()

@@ -1,0 +1,183 @@
+"""Backward of the chunked prefill scan (SISO and MIMO) through the Triton core.
+
+The backward recomputes the scan as prep -> core -> epilogue (core_prep.scan_via_core) and takes
+one vector-Jacobian product with ``torch.func.vjp``: the elementwise prep and epilogue go through
+PyTorch autograd, the chunked core through its Triton backward (core_scan). ``torch.func.vjp``
+rather than ``torch.autograd.grad`` because this runs inside a custom op's kernel, below the
+autograd dispatch keys, where only functorch transforms still record.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from mamba3_kernels.backend import KernelSpec
+from mamba3_kernels.inputs import ScanInputs
+from mamba3_kernels.problem import Problem
+from mamba3_kernels.state import Mamba3State
+
+__all__ = ["SPEC", "ChunkBwdConfig", "chunk_bwd", "default_config", "search_space", "constraint"]
+
+_MIN_DOT = 16
+_INPUT_NAMES = ScanInputs._fields[:14]  # q .. mimo_o
+_STATE_NAMES = ("angle", "ssm", "k", "v")
+# ops.py names the initial state's gradients angle0, ssm0, k0, v0; Backend documents
+# initial_state.<field>: both keys are returned.
+_STATE_ALIASES = ("angle0", "ssm0", "k0", "v0")
+
+
+@dataclass(frozen=True)
+class ChunkBwdConfig:
+    """Tunable parameters of the core kernels used by the backward (its forward recompute and
+    its two-sweep backward).
+
+    chunk_size: tokens per chunk (a MIMO chunk holds chunk_size * R rows).
+    num_warps, num_stages: Triton launch parameters of both core kernels.
+    """
+
+    chunk_size: int = 64
+    num_warps: int = 8
+    num_stages: int = 1
+
+
+def _pow2(x: int) -> bool:
+    return x >= 1 and not x & (x - 1)
+
+
+def _chunk(problem: Problem, config: ChunkBwdConfig) -> int:
+    return problem.chunk_size if problem.chunk_size is not None else config.chunk_size
+
+
+def default_config(problem: Problem) -> ChunkBwdConfig:
+    """About 64 rows per chunk (32 for N = 256, whose state tiles are larger)."""
+    rows = 64 if problem.d_state <= 128 else 32
+    chunk = max(1, rows // problem.rank)
+    warps = 8 if rows * problem.d_state >= 64 * 128 else 4
+    return ChunkBwdConfig(chunk_size=chunk, num_warps=warps, num_stages=1)
+
+
+def search_space(problem: Problem) -> dict[str, list]:
+    """Candidate values per parameter (constraint() removes invalid combinations)."""
+    return {
+        "chunk_size": [c for c in (8, 16, 32, 64, 128) if 16 <= c * problem.rank <= 128],
+        "num_warps": [4, 8],
+        "num_stages": [1, 2],
+    }
+
+
+def constraint(problem: Problem, config: ChunkBwdConfig, device_props: dict | None) -> str | None:
+    """Why ``config`` cannot run ``problem``, or None."""
+    chunk = _chunk(problem, config)
+    rows = chunk * problem.rank
+    if not _pow2(chunk):
+        return f"chunk_size {chunk} is not a power of two"
+    if rows < _MIN_DOT or rows > 256:
+        return f"chunk_size*R = {rows} rows outside [16, 256]"
+    if not _pow2(problem.headdim) or problem.headdim < _MIN_DOT:
+        return f"headdim P={problem.headdim} is not a power of two >= 16"
+    if not _pow2(problem.d_state) or problem.d_state < _MIN_DOT:
+        return f"d_state N={problem.d_state} is not a power of two >= 16"
+    if config.num_warps not in (1, 2, 4, 8, 16):
+        return f"num_warps {config.num_warps} not a power of two <= 16"
+    if config.num_stages < 1:
+        return "num_stages < 1"
+    # The fp32 state (or its gradient) lives in registers.
+    state_regs = problem.headdim * problem.d_state // (32 * config.num_warps)
+    if state_regs > 128:
+        return f"state tile needs {state_regs} registers per thread (> 128)"
+    return None
+
+
+def _applies(problem: Problem) -> bool:
+    return not problem.decode
+
+
+def _flat(inputs: ScanInputs) -> list[tuple[str, torch.Tensor | None]]:
+    """(key, tensor) for every differentiable input slot, initial state fields included."""
+    items = [(n, getattr(inputs, n)) for n in _INPUT_NAMES]
+    state = inputs.initial_state
+    for i, n in enumerate(_STATE_NAMES):
+        items.append((f"initial_state.{n}", None if state is None else state[i]))
+    return items
+
+
+def _rebuild(inputs: ScanInputs, keys: list[str], tensors) -> ScanInputs:
+    """``inputs`` with the tensors named by ``keys`` replaced."""
+    new = dict(zip(keys, tensors, strict=True))
+    fields = {n: new.get(n, getattr(inputs, n)) for n in _INPUT_NAMES}
+    state = inputs.initial_state
+    if state is not None:
+        state = Mamba3State(*(new.get(f"initial_state.{n}", state[i])
+                              for i, n in enumerate(_STATE_NAMES)))  # fmt: skip
+    return ScanInputs(**fields, initial_state=state, cu_seqlens=inputs.cu_seqlens)
+
+
+def _with_aliases(grads: dict) -> dict:
+    for n, alias in zip(_STATE_NAMES, _STATE_ALIASES, strict=True):
+        grads[alias] = grads.get(f"initial_state.{n}")
+    return grads
+
+
+def _empty_backward(inputs: ScanInputs, grad_state: Mamba3State | None) -> dict:
+    """L == 0: the final state is the initial state, nothing else is used."""
+    grads: dict = {n: None for n, _ in _flat(inputs)}
+    state = inputs.initial_state
+    if state is not None and grad_state is not None:
+        for i, n in enumerate(_STATE_NAMES):
+            grads[f"initial_state.{n}"] = grad_state[i].to(state[i].dtype)
+    return _with_aliases(grads)
+
+
+def chunk_bwd(
+    problem: Problem,
+    inputs: ScanInputs,
+    grad_out: torch.Tensor,
+    grad_state: Mamba3State | None,
+    config: ChunkBwdConfig,
+) -> dict[str, torch.Tensor | None]:
+    """Gradients of every floating input of the scan.
+
+    inputs: ScanInputs in scan shapes (SPEC.md). grad_out: the output's shape and dtype.
+    grad_state: Mamba3State of cotangents for the final state (angle, ssm fp32; k, v in the
+    inputs' dtypes), or None when the call returned no final state.
+    Returns {ScanInputs field name: gradient or None}, with the initial state's gradients under
+    'initial_state.angle' / '.ssm' / '.k' / '.v' and, equally, 'angle0', 'ssm0', 'k0', 'v0'.
+    """
+    from .core_prep import scan_via_core
+
+    reason = constraint(problem, config, None)
+    if reason is not None:
+        raise ValueError(f"chunk_bwd config {config}: {reason}")
+    if problem.seqlen == 0:
+        return _empty_backward(inputs, grad_state)
+    present = [(n, t) for n, t in _flat(inputs) if t is not None and t.is_floating_point()]
+    keys = [n for n, _ in present]
+    meta = (_chunk(problem, config), problem.dtype, config.num_warps, config.num_stages)
+    sd = torch.float64 if inputs.q.dtype == torch.float64 else torch.float32
+
+    def forward(*tensors):
+        out, st = scan_via_core(problem, _rebuild(inputs, keys, tensors), meta)
+        if grad_state is None:
+            return (out,)
+        return (out, st.angle.to(sd), st.ssm.to(sd), st.k.to(inputs.q.dtype),
+                st.v.to(inputs.v.dtype))  # fmt: skip
+
+    _, vjp_fn = torch.func.vjp(forward, *(t for _, t in present))
+    cot = (grad_out,) if grad_state is None else (grad_out, *grad_state)
+    grads: dict = {n: None for n, _ in _flat(inputs)}
+    for (n, t), g in zip(present, vjp_fn(cot), strict=True):
+        grads[n] = None if g is None else g.to(t.dtype)
+    return _with_aliases(grads)
+
+
+SPEC = KernelSpec(
+    name="chunk_bwd",
+    mode="scan_bwd",
+    config_cls=ChunkBwdConfig,
+    applies=_applies,
+    default=default_config,
+    space=search_space,
+    constraint=constraint,
+)

@@ -1,0 +1,179 @@
+"""Differentiable PyTorch prologue and epilogue around the Triton core (used by the backward).
+
+``scan_via_core`` evaluates the whole scan as prep -> core -> epilogue, every piece differentiable
+(the core through its own Triton backward), so the backward of the scan is one vector-Jacobian
+product of this function:
+  * prep: bias and rotary on q, k per head (B, L, R, H, N); rank-weighted v (B, L, R, H, P);
+    folded trapezoid weights w_t = gamma_t + mu_{t+1} (mu_t = dt_t (1 - lam_t), zero past the end
+    of a sequence) and the diagonal weight gamma_t (B, H, L); the initial state's previous-input
+    term folded into the initial matrix state S0 = ssm0 + mu_first sum_r vr0_r kr0_r^T;
+  * core: see core_scan;
+  * epilogue: D skip, silu(z) gate, mimo_o rank sum; the final state (angle, ssm, k, v).
+Varlen (cu_seqlens) is handled here with per-token sequence ids, never with host syncs.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from mamba3_kernels.inputs import ScanInputs
+from mamba3_kernels.problem import Problem
+from mamba3_kernels.state import Mamba3State
+
+from .core_scan import core_scan
+
+__all__ = ["scan_via_core", "rotate"]
+
+
+def rotate(x: torch.Tensor, theta: torch.Tensor, layout: str) -> torch.Tensor:
+    """Rotate the S coordinate pairs of ``x`` (..., N) by ``theta`` (..., S) (broadcastable).
+    interleaved: pair j = (2j, 2j + 1); halves: pair j = (j, N/2 + j); others pass unchanged."""
+    n, s = x.shape[-1], theta.shape[-1]
+    if s == 0:
+        return x
+    cos, sin = torch.cos(theta), torch.sin(theta)
+    if layout == "interleaved":
+        a, b = x[..., 0 : 2 * s : 2], x[..., 1 : 2 * s : 2]
+        rot = torch.stack((a * cos - b * sin, a * sin + b * cos), dim=-1).flatten(-2)
+        return torch.cat((rot, x[..., 2 * s :]), dim=-1)
+    half = n // 2
+    a, b = x[..., :s], x[..., half : half + s]
+    parts = (a * cos - b * sin, x[..., s:half], a * sin + b * cos, x[..., half + s :])
+    return torch.cat(parts, dim=-1)
+
+
+def _per_head(x: torch.Tensor, nheads: int) -> torch.Tensor:
+    """(B, L, R, G, N) -> (B, L, R, H, N): head h reads group h // (H / G)."""
+    groups = x.shape[3]
+    if groups == nheads:
+        return x
+    return x.repeat_interleave(nheads // groups, dim=3)
+
+
+def _token_seq(problem: Problem, cu: torch.Tensor | None, L: int, device) -> dict:
+    """Per-token sequence bookkeeping for varlen: seq id, first token, is-last flags."""
+    if cu is None:
+        return {}
+    cu = cu.long()
+    tok = torch.arange(L, device=device)
+    seq_id = torch.searchsorted(cu[1:], tok, right=True)
+    return dict(cu=cu, seq_id=seq_id, bos=cu[:-1][seq_id], last=tok + 1 == cu[1:][seq_id])
+
+
+def _thetas(inputs: ScanInputs, dt: torch.Tensor, seqs: dict, nseq: int) -> torch.Tensor:
+    """Cumulative angles (B, L, H, S) fp32, summed in float64 (no loss at long L) and reduced
+    modulo 2 pi (the rotation only sees the angle modulo 2 pi)."""
+    inc = math.pi * torch.tanh(inputs.angles.double()) * dt.double().transpose(1, 2)[..., None]
+    cs = torch.cumsum(inc, dim=1)
+    B, L, H, S = inc.shape
+    init = inputs.initial_state
+    if seqs:
+        # subtract the cumulative sum before each sequence's first token
+        before = torch.cat((cs.new_zeros(B, 1, H, S), cs), dim=1)[:, seqs["bos"]]
+        cs = cs - before
+        if init is not None:
+            cs = cs + init.angle.double()[seqs["seq_id"]].unsqueeze(0)
+    elif init is not None:
+        cs = cs + init.angle.double().unsqueeze(1)
+    red = cs - (2 * math.pi) * torch.floor(cs.detach() / (2 * math.pi))
+    return red.float()
+
+
+def scan_via_core(
+    problem: Problem, inputs: ScanInputs, meta: tuple
+) -> tuple[torch.Tensor, Mamba3State]:
+    """The scan (SPEC.md) as differentiable prep -> Triton core -> epilogue.
+
+    inputs: ScanInputs in scan shapes. meta: (chunk, dot_dtype, num_warps, num_stages) for the
+    core. Returns out (B, L, H, P) or (B, L, R, H, P) in v's dtype and the final state (angle,
+    ssm fp32; k, v in the inputs' dtypes), per sequence when varlen.
+    """
+    f32 = torch.float32
+    q, k, v = inputs.q, inputs.k, inputs.v
+    mimo = problem.mimo
+    H, R, nseq = problem.nheads, problem.rank, problem.nseq
+    L = v.shape[1]
+    dev = v.device
+    if not mimo:
+        q, k = q.unsqueeze(2), k.unsqueeze(2)
+    seqs = _token_seq(problem, inputs.cu_seqlens, L, dev)
+
+    dt = inputs.dt.float()
+    lam = torch.sigmoid(inputs.trap.float())
+    gam = lam * dt  # (B, H, L)
+    mu = dt - gam  # dt (1 - lam)
+    fold = F.pad(mu[..., 1:], (0, 1))
+    if seqs:
+        fold = fold * (~seqs["last"]).to(f32)
+    w = gam + fold
+
+    theta = _thetas(inputs, dt, seqs, nseq).unsqueeze(2)  # (B, L, 1, H, S)
+    if mimo:
+        qb, kb = inputs.q_bias.float().transpose(0, 1), inputs.k_bias.float().transpose(0, 1)
+    else:
+        qb, kb = inputs.q_bias.float().unsqueeze(0), inputs.k_bias.float().unsqueeze(0)
+    qr = rotate(_per_head(q.float(), H) + qb, theta, problem.rotary)
+    kr = rotate(_per_head(k.float(), H) + kb, theta, problem.rotary)
+    mv = inputs.mimo_v.float().transpose(0, 1) if mimo and inputs.mimo_v is not None else None
+    vr = v.float().unsqueeze(2)
+    if mv is not None:
+        vr = vr * mv
+    elif R > 1:
+        vr = vr.expand(-1, -1, R, -1, -1)
+
+    init = inputs.initial_state
+    s0 = None
+    if init is not None:
+        v0 = init.v.float().unsqueeze(1)  # (nseq, 1, H, P)
+        vr0 = v0 * mv if mv is not None else v0
+        if seqs:
+            first = seqs["cu"][:-1].clamp(max=max(L - 1, 0))
+            mu0 = mu[0][:, first].transpose(0, 1) if L > 0 else mu.new_zeros(nseq, H)
+            mu0 = mu0 * (seqs["cu"][1:] > seqs["cu"][:-1]).to(f32)[:, None]
+        else:
+            mu0 = mu[:, :, 0] if L > 0 else mu.new_zeros(nseq, H)
+        prev = torch.einsum("bh,brhp,brhn->bhpn", mu0, vr0.expand(-1, R, -1, -1), init.k.float())
+        s0 = init.ssm.float() + prev
+
+    dot_dtype = problem.dtype
+    y, sf = core_scan(qr, kr, vr, inputs.adt.float(), w, gam, s0, inputs.cu_seqlens,
+                      (meta[0], dot_dtype, meta[2], meta[3], nseq))  # fmt: skip
+
+    # ---- epilogue -------------------------------------------------------------------------
+    if inputs.D is not None:
+        y = y + inputs.D.float()[:, None] * vr
+    if inputs.z is not None:
+        zr = inputs.z.float().unsqueeze(2)
+        if mimo and inputs.mimo_z is not None:
+            zr = zr * inputs.mimo_z.float().transpose(0, 1)
+        y = y * F.silu(zr)
+    if mimo and inputs.mimo_o is not None:
+        out = (y * inputs.mimo_o.float().transpose(0, 1)).sum(2)
+    elif not mimo:
+        out = y.squeeze(2)
+    else:
+        out = y
+    out = out.to(v.dtype)
+
+    # ---- final state ----------------------------------------------------------------------
+    th = theta.squeeze(2)
+    if seqs:
+        last = (seqs["cu"][1:] - 1).clamp(min=0)
+        angle, k_last, v_last = th[0, last], kr[0, last], v[0, last]
+        # an empty sequence keeps its initial state (zeros without one)
+        empty = (seqs["cu"][1:] == seqs["cu"][:-1])[:, None, None]
+        if init is not None:
+            angle = torch.where(empty, init.angle.float(), angle)
+            k_last = torch.where(empty[..., None], init.k.float(), k_last)
+            v_last = torch.where(empty, init.v.to(v.dtype), v_last)
+        else:
+            angle = torch.where(empty, 0.0, angle)
+            k_last = torch.where(empty[..., None], 0.0, k_last)
+            v_last = torch.where(empty, 0.0, v_last)
+    else:
+        angle, k_last, v_last = th[:, -1], kr[:, -1], v[:, -1]
+    state = Mamba3State(angle=angle, ssm=sf, k=k_last.to(inputs.k.dtype), v=v_last)
+    return out, state

@@ -1,0 +1,454 @@
+"""The core of the chunked scan in Triton, forward and backward, as a differentiable function.
+
+The core is chunked linear attention with a scalar per-token decay, folded trapezoid weights and
+a diagonal correction, plus a matrix state in and out. Per (sequence, head), over rows i, j (a
+MIMO token holds R rows, row = token * R + rank; SISO has R = 1) with token t(i):
+
+    y_i     = sum_{t(j) < t(i)} exp(C_t(i) - C_t(j)) w_t(j) (qr_i . kr_j) vr_j
+            + sum_{t(j) = t(i)} gamma_t(j) (qr_i . kr_j) vr_j
+            + exp(C_t(i)) S0 qr_i
+    S_final = exp(C_last) S0 + sum_j exp(C_last - C_t(j)) w_t(j) vr_j kr_j^T
+
+with C the inclusive cumulative log-decay (sum of adt) from the sequence start. Every decay is
+formed from a difference of cumulative log-decays inside one chunk, never as a ratio.
+
+Backward runs two sweeps over the chunks in one launch, each program walking one (sequence, head):
+  * forward sweep (recomputes the state chunk by chunk): dqr, and qr . dqr per row, and
+    <dS_final, S_final>;
+  * reverse sweep (carries dS from the end): dkr, dvr, dw, dgamma, kr . dkr per row, and dS0.
+The two sweeps are independent, so they run side by side. The decay gradient needs no state in
+the reverse sweep: the function depends on C only through exp(C_i) qr_i, exp(-C_j) kr_j and
+exp(C_last) in S_final, hence dC_i = qr_i . dqr_i - kr_i . dkr_i, plus <dS_final, S_final> at the
+last token; d adt is the reverse cumulative sum of dC over the sequence (done in PyTorch).
+"""
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+__all__ = ["core_scan", "core_fwd", "core_bwd"]
+
+_MIN_DOT = 16
+
+
+@triton.jit
+def _rnd(x, DOTK: tl.constexpr, UPCAST: tl.constexpr):
+    """A dot operand: rounded to the dot dtype (0 fp32, 1 bf16, 2 fp16); under the interpreter
+    (whose 16-bit dots are unreliable) rounded and then kept in fp32."""
+    if DOTK == 1:
+        y = x.to(tl.bfloat16)
+    elif DOTK == 2:
+        y = x.to(tl.float16)
+    else:
+        y = x.to(tl.float32)
+    if UPCAST:
+        y = y.to(tl.float32)
+    return y
+
+
+@triton.jit
+def _seq_bounds(cu_ptr, seq, h, L, H, VARLEN: tl.constexpr):
+    """(bos, seqlen, coef_base): first token of the sequence in the flat token axis, its length,
+    and the offset of (sequence, head) in the (B, H, L) coefficient tensors."""
+    if VARLEN:
+        bos = tl.load(cu_ptr + seq).to(tl.int64)
+        seqlen = (tl.load(cu_ptr + seq + 1) - tl.load(cu_ptr + seq)).to(tl.int32)
+        coef_base = h.to(tl.int64) * L + bos
+    else:
+        bos = seq.to(tl.int64) * L
+        seqlen = L + 0 * seq  # a tensor in both modes (the interpreter passes L as an int)
+        coef_base = (seq.to(tl.int64) * H + h) * L
+    return bos, seqlen, coef_base
+
+
+@triton.jit
+def _load_chunk(
+    qr_ptr, kr_ptr, vr_ptr, adt_ptr, w_ptr, g_ptr, bos, seqlen, coef_base, c0, h, H,
+    N: tl.constexpr, P: tl.constexpr, R: tl.constexpr, C: tl.constexpr,
+    DOTK: tl.constexpr, UPCAST: tl.constexpr,
+):  # fmt: skip
+    """Rows of one chunk: per-row cumulative log-decay c, c_last, w, gamma, and the operands
+    qr, kr (CR, N), vr (CR, P) rounded to the dot dtype, plus row validity and offsets."""
+    CR: tl.constexpr = C * R
+    rows = tl.arange(0, CR)
+    t_loc = rows // R
+    first = (rows % R) == 0
+    t = c0 + t_loc
+    valid = t < seqlen
+    # Only the first row of a token carries its log-decay, so the row cumsum is the token cumsum.
+    a = tl.load(adt_ptr + coef_base + t, mask=valid & first, other=0.0).to(tl.float32)
+    c = tl.cumsum(a, axis=0)
+    c_last = tl.sum(a, axis=0)
+    w = tl.load(w_ptr + coef_base + t, mask=valid, other=0.0).to(tl.float32)
+    gm = tl.load(g_ptr + coef_base + t, mask=valid, other=0.0).to(tl.float32)
+    # row offset in the (B, L, R, H, X) tensors: ((bos + t) * R + r) * H + h
+    row = ((bos + c0) * R + rows) * H + h
+    nn = tl.arange(0, N)
+    pp = tl.arange(0, P)
+    mrow = valid[:, None]
+    q = tl.load(qr_ptr + row[:, None] * N + nn[None, :], mask=mrow, other=0.0)
+    k = tl.load(kr_ptr + row[:, None] * N + nn[None, :], mask=mrow, other=0.0)
+    v = tl.load(vr_ptr + row[:, None] * P + pp[None, :], mask=mrow, other=0.0)
+    q = _rnd(q.to(tl.float32), DOTK, UPCAST)
+    k = _rnd(k.to(tl.float32), DOTK, UPCAST)
+    v = _rnd(v.to(tl.float32), DOTK, UPCAST)
+    return c, c_last, w, gm, q, k, v, valid, row, t_loc
+
+
+@triton.jit
+def _core_fwd_kernel(
+    qr_ptr, kr_ptr, vr_ptr, adt_ptr, w_ptr, g_ptr, s0_ptr, cu_ptr, y_ptr, sf_ptr,
+    L, H,
+    N: tl.constexpr, P: tl.constexpr, R: tl.constexpr, C: tl.constexpr,
+    VARLEN: tl.constexpr, HAS_S0: tl.constexpr, HAS_SF: tl.constexpr,
+    DOTK: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+):  # fmt: skip
+    """y (B, L, R, H, P) fp32 and S_final (nseq, H, P, N) fp32; one program per (seq, head)."""
+    pid = tl.program_id(0)
+    seq = pid // H
+    h = pid % H
+    bos, seqlen, coef_base = _seq_bounds(cu_ptr, seq, h, L, H, VARLEN)
+    nn = tl.arange(0, N)
+    pp = tl.arange(0, P)
+    CR: tl.constexpr = C * R
+    t_loc = tl.arange(0, CR) // R
+    causal = t_loc[:, None] > t_loc[None, :]
+    diag = t_loc[:, None] == t_loc[None, :]
+    st_off = (seq.to(tl.int64) * H + h) * P * N + pp[:, None] * N + nn[None, :]
+    if HAS_S0:
+        st = tl.load(s0_ptr + st_off).to(tl.float32)
+    else:
+        st = tl.zeros((P, N), dtype=tl.float32)
+    for c0 in range(0, seqlen, C):
+        c, c_last, w, gm, q, k, v, valid, row, _t = _load_chunk(
+            qr_ptr, kr_ptr, vr_ptr, adt_ptr, w_ptr, g_ptr, bos, seqlen, coef_base, c0, h, H,
+            N, P, R, C, DOTK, UPCAST,
+        )  # fmt: skip
+        a = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+        dec = tl.exp(tl.minimum(c[:, None] - c[None, :], 0.0))
+        m = tl.where(causal, dec * w[None, :], tl.where(diag, gm[None, :], 0.0))
+        y = tl.dot(q, tl.trans(_rnd(st, DOTK, UPCAST)), input_precision=DOT_PREC)
+        y = y * tl.exp(c)[:, None]
+        y = tl.dot(_rnd(a * m, DOTK, UPCAST), v, y, input_precision=DOT_PREC)
+        vw = _rnd(v.to(tl.float32) * (tl.exp(c_last - c) * w)[:, None], DOTK, UPCAST)
+        st = tl.dot(tl.trans(vw), k, st * tl.exp(c_last), input_precision=DOT_PREC)
+        tl.store(y_ptr + row[:, None] * P + pp[None, :], y, mask=valid[:, None])
+    if HAS_SF:
+        tl.store(sf_ptr + st_off, st)
+
+
+@triton.jit
+def _core_bwd_kernel(
+    qr_ptr, kr_ptr, vr_ptr, adt_ptr, w_ptr, g_ptr, s0_ptr, cu_ptr, dy_ptr, dsf_ptr,
+    dq_ptr, dk_ptr, dv_ptr, dw_ptr, dg_ptr, qdq_ptr, kdk_ptr, ds0_ptr, sfdot_ptr,
+    L, H,
+    N: tl.constexpr, P: tl.constexpr, R: tl.constexpr, C: tl.constexpr,
+    VARLEN: tl.constexpr, HAS_S0: tl.constexpr, HAS_DSF: tl.constexpr,
+    DOTK: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+):  # fmt: skip
+    """Gradients of the core; grid (nseq * H, 2): axis 1 picks the forward (0) or reverse (1)
+    sweep. Row outputs (qdq, kdk, dw, dg) are (B, H, L, R) fp32 with (L, R) flattened."""
+    pid = tl.program_id(0)
+    sweep = tl.program_id(1)
+    seq = pid // H
+    h = pid % H
+    bos, seqlen, coef_base = _seq_bounds(cu_ptr, seq, h, L, H, VARLEN)
+    nn = tl.arange(0, N)
+    pp = tl.arange(0, P)
+    CR: tl.constexpr = C * R
+    rloc = tl.arange(0, CR)
+    t_loc = rloc // R
+    causal = t_loc[:, None] > t_loc[None, :]
+    diag = t_loc[:, None] == t_loc[None, :]
+    st_off = (seq.to(tl.int64) * H + h) * P * N + pp[:, None] * N + nn[None, :]
+    if sweep == 0:
+        # ---- forward sweep: dqr = (dY Vr^T * M) Kr + exp(c) dY S ------------------------
+        if HAS_S0:
+            st = tl.load(s0_ptr + st_off).to(tl.float32)
+        else:
+            st = tl.zeros((P, N), dtype=tl.float32)
+        for c0 in range(0, seqlen, C):
+            c, c_last, w, gm, q, k, v, valid, row, _t = _load_chunk(
+                qr_ptr, kr_ptr, vr_ptr, adt_ptr, w_ptr, g_ptr, bos, seqlen, coef_base, c0, h, H,
+                N, P, R, C, DOTK, UPCAST,
+            )  # fmt: skip
+            dy = tl.load(dy_ptr + row[:, None] * P + pp[None, :], mask=valid[:, None], other=0.0)
+            dy = _rnd(dy.to(tl.float32), DOTK, UPCAST)
+            d = tl.dot(dy, tl.trans(v), input_precision=DOT_PREC)
+            dec = tl.exp(tl.minimum(c[:, None] - c[None, :], 0.0))
+            m = tl.where(causal, dec * w[None, :], tl.where(diag, gm[None, :], 0.0))
+            dq = tl.dot(dy, _rnd(st, DOTK, UPCAST), input_precision=DOT_PREC)
+            dq = dq * tl.exp(c)[:, None]
+            dq = tl.dot(_rnd(d * m, DOTK, UPCAST), k, dq, input_precision=DOT_PREC)
+            vw = _rnd(v.to(tl.float32) * (tl.exp(c_last - c) * w)[:, None], DOTK, UPCAST)
+            st = tl.dot(tl.trans(vw), k, st * tl.exp(c_last), input_precision=DOT_PREC)
+            tl.store(dq_ptr + row[:, None] * N + nn[None, :], dq, mask=valid[:, None])
+            ridx = coef_base * R + c0 * R + rloc
+            tl.store(qdq_ptr + ridx, tl.sum(q.to(tl.float32) * dq, axis=1), mask=valid)
+        if HAS_DSF:
+            dsf = tl.load(dsf_ptr + st_off).to(tl.float32)
+            tot = tl.sum(tl.sum(dsf * st, axis=1), axis=0)
+            tl.store(sfdot_ptr + seq.to(tl.int64) * H + h, tot)
+    else:
+        # ---- reverse sweep: carries dS (gradient of the state at the chunk end) ---------
+        if HAS_DSF:
+            ds = tl.load(dsf_ptr + st_off).to(tl.float32)
+        else:
+            ds = tl.zeros((P, N), dtype=tl.float32)
+        nch = (seqlen + C - 1) // C
+        for jj in range(0, nch):
+            c0 = (nch - 1 - jj) * C
+            c, c_last, w, gm, q, k, v, valid, row, _t = _load_chunk(
+                qr_ptr, kr_ptr, vr_ptr, adt_ptr, w_ptr, g_ptr, bos, seqlen, coef_base, c0, h, H,
+                N, P, R, C, DOTK, UPCAST,
+            )  # fmt: skip
+            dy = tl.load(dy_ptr + row[:, None] * P + pp[None, :], mask=valid[:, None], other=0.0)
+            dy = dy.to(tl.float32)
+            dyo = _rnd(dy, DOTK, UPCAST)
+            a = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+            d = tl.dot(dyo, tl.trans(v), input_precision=DOT_PREC)
+            e = tl.where(causal, tl.exp(tl.minimum(c[:, None] - c[None, :], 0.0)), 0.0)
+            m = e * w[None, :] + tl.where(diag, gm[None, :], 0.0)
+            wl = tl.exp(c_last - c) * w  # weight of row j in the chunk's state contribution
+            dso = _rnd(ds, DOTK, UPCAST)
+            kds = tl.dot(k, tl.trans(dso), input_precision=DOT_PREC)  # (CR, P)
+            dv = tl.dot(tl.trans(_rnd(a * m, DOTK, UPCAST)), dyo, input_precision=DOT_PREC)
+            dv += wl[:, None] * kds
+            dk = tl.dot(v, dso, input_precision=DOT_PREC)  # (CR, N)
+            dk = dk * wl[:, None]
+            dk = tl.dot(tl.trans(_rnd(d * m, DOTK, UPCAST)), q, dk, input_precision=DOT_PREC)
+            ad = a * d
+            dw = tl.sum(e * ad, axis=0) + tl.exp(c_last - c) * tl.sum(v.to(tl.float32) * kds, 1)
+            dg = tl.sum(tl.where(diag, ad, 0.0), axis=0)
+            dyc = _rnd(dy * tl.exp(c)[:, None], DOTK, UPCAST)
+            ds = tl.dot(tl.trans(dyc), q, ds * tl.exp(c_last), input_precision=DOT_PREC)
+            mr = valid[:, None]
+            tl.store(dk_ptr + row[:, None] * N + nn[None, :], dk, mask=mr)
+            tl.store(dv_ptr + row[:, None] * P + pp[None, :], dv, mask=mr)
+            ridx = coef_base * R + c0 * R + rloc
+            tl.store(dw_ptr + ridx, dw, mask=valid)
+            tl.store(dg_ptr + ridx, dg, mask=valid)
+            tl.store(kdk_ptr + ridx, tl.sum(k.to(tl.float32) * dk, axis=1), mask=valid)
+        tl.store(ds0_ptr + st_off, ds)
+
+
+# --------------------------------------------------------------------------------------------
+# Launchers
+# --------------------------------------------------------------------------------------------
+
+_DOTK = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.float64: 0}
+
+
+def _interp() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _consts(R: int, N: int, P: int, chunk: int, varlen: bool, dot_dtype: torch.dtype) -> dict:
+    interp = _interp()
+    fp32 = dot_dtype in (torch.float32, torch.float64)
+    return dict(
+        N=N,
+        P=P,
+        R=R,
+        C=chunk,
+        VARLEN=varlen,
+        DOTK=_DOTK[dot_dtype],
+        DOT_PREC="ieee" if fp32 or interp else "tf32",
+        UPCAST=interp and not fp32,
+    )
+
+
+def core_fwd(qr, kr, vr, adt, w, gam, s0, cu_seqlens, meta):
+    """Core forward. qr, kr (B, L, R, H, N), vr (B, L, R, H, P) (fp32 or the dot dtype);
+    adt, w, gam (B, H, L) fp32; s0 (nseq, H, P, N) fp32 or None; cu_seqlens (nseq+1,) int32 or
+    None. Returns y (B, L, R, H, P) fp32 and S_final (nseq, H, P, N) fp32."""
+    chunk, dot_dtype, num_warps, num_stages, nseq = meta[:5]
+    B, L, R, H, N = qr.shape
+    P = vr.shape[-1]
+    y = torch.empty((B, L, R, H, P), dtype=torch.float32, device=qr.device)
+    sf = torch.empty((nseq, H, P, N), dtype=torch.float32, device=qr.device)
+    if L == 0:
+        sf.copy_(s0 if s0 is not None else torch.zeros_like(sf))
+        return y, sf
+    dummy = adt
+    _core_fwd_kernel[(nseq * H,)](
+        qr, kr, vr, adt, w, gam,
+        s0 if s0 is not None else dummy,
+        cu_seqlens if cu_seqlens is not None else dummy,
+        y, sf, L, H,
+        HAS_S0=s0 is not None, HAS_SF=True,
+        **_consts(R, N, P, chunk, cu_seqlens is not None, dot_dtype),
+        num_warps=num_warps, num_stages=num_stages,
+    )  # fmt: skip
+    return y, sf
+
+
+def core_bwd(qr, kr, vr, adt, w, gam, s0, cu_seqlens, meta, dy, dsf):
+    """Core backward: gradients of (qr, kr, vr, adt, w, gam, s0) given dy (B, L, R, H, P) and
+    dsf (nseq, H, P, N) or None. All gradients fp32."""
+    chunk, dot_dtype, num_warps, num_stages, nseq = meta[:5]
+    B, L, R, H, N = qr.shape
+    P = vr.shape[-1]
+    dev = qr.device
+    f32 = torch.float32
+    dq = torch.empty((B, L, R, H, N), dtype=f32, device=dev)
+    dk = torch.empty((B, L, R, H, N), dtype=f32, device=dev)
+    dv = torch.empty((B, L, R, H, P), dtype=f32, device=dev)
+    rows = torch.empty((4, B, H, L, R), dtype=f32, device=dev)  # qdq, kdk, dw, dg per row
+    ds0 = torch.empty((nseq, H, P, N), dtype=f32, device=dev)
+    sfdot = torch.zeros((nseq, H), dtype=f32, device=dev)
+    if L == 0:
+        ds0.copy_(dsf if dsf is not None else torch.zeros_like(ds0))
+        rows.zero_()
+    else:
+        dummy = adt
+        _core_bwd_kernel[(nseq * H, 2)](
+            qr, kr, vr, adt, w, gam,
+            s0 if s0 is not None else dummy,
+            cu_seqlens if cu_seqlens is not None else dummy,
+            dy.contiguous(),
+            dsf.contiguous() if dsf is not None else dummy,
+            dq, dk, dv, rows[2], rows[3], rows[0], rows[1], ds0, sfdot,
+            L, H,
+            HAS_S0=s0 is not None, HAS_DSF=dsf is not None,
+            **_consts(R, N, P, chunk, cu_seqlens is not None, dot_dtype),
+            num_warps=num_warps, num_stages=num_stages,
+        )  # fmt: skip
+    qdq, kdk, dw, dg = rows
+    # dC per token (sum over rank rows), plus <dS_final, S_final> at each sequence's last token;
+    # d adt is its reverse cumulative sum within each sequence.
+    dc = (qdq - kdk).sum(-1)  # (B, H, L)
+    dadt = _segment_reverse_cumsum(dc, sfdot, cu_seqlens, nseq)
+    return dq, dk, dv, dadt, dw.sum(-1), dg.sum(-1), ds0
+
+
+def _segment_reverse_cumsum(dc, sfdot, cu_seqlens, nseq):
+    """sum_{s >= t, same sequence} dc_s + sfdot of t's sequence. dc (B, H, L), sfdot (nseq, H)."""
+    B, H, L = dc.shape
+    if L == 0:
+        return dc
+    x = dc.double()
+    if cu_seqlens is None:
+        x[:, :, -1] += sfdot.double()
+        return x.flip(-1).cumsum(-1).flip(-1).float()
+    cu = cu_seqlens.long()
+    last = (cu[1:] - 1).clamp(min=0)
+    nonempty = (cu[1:] > cu[:-1]).double()
+    x[0].index_add_(1, last, (sfdot.double() * nonempty[:, None]).transpose(0, 1))
+    # suffix sums over the whole axis, minus the suffix after each token's sequence end
+    suf = torch.cat((x.flip(-1).cumsum(-1).flip(-1), x.new_zeros(B, H, 1)), dim=-1)
+    tok = torch.arange(L, device=dc.device)
+    seq_id = torch.searchsorted(cu[1:], tok, right=True)
+    eos = cu[1:][seq_id]
+    return (suf[:, :, :L] - suf[:, :, eos]).float()
+
+
+# The core as custom ops: functorch transforms (torch.func.vjp, used by the backward because it
+# runs inside another op's kernel) unwrap their tensors before an op's kernel runs, which a Triton
+# launch needs (it reads raw storage). The ops carry their own autograd formula.
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@torch.library.custom_op("mamba3_triton::core_fwd", mutates_args=())
+def _core_fwd_op(
+    qr: Tensor,
+    kr: Tensor,
+    vr: Tensor,
+    adt: Tensor,
+    w: Tensor,
+    gam: Tensor,
+    s0: Tensor | None,
+    cu_seqlens: Tensor | None,
+    chunk: int,
+    dot_dtype: str,
+    num_warps: int,
+    num_stages: int,
+    nseq: int,
+) -> tuple[Tensor, Tensor]:
+    meta = (chunk, _DTYPES[dot_dtype], num_warps, num_stages, nseq)
+    return core_fwd(qr, kr, vr, adt, w, gam, s0, cu_seqlens, meta)
+
+
+@_core_fwd_op.register_fake
+def _core_fwd_fake(qr, kr, vr, adt, w, gam, s0, cu_seqlens, chunk, dot_dtype, nw, ns, nseq):
+    B, L, R, H, N = qr.shape
+    P = vr.shape[-1]
+    f32 = torch.float32
+    return qr.new_empty((B, L, R, H, P), dtype=f32), qr.new_empty((nseq, H, P, N), dtype=f32)
+
+
+@torch.library.custom_op("mamba3_triton::core_bwd", mutates_args=())
+def _core_bwd_op(
+    dy: Tensor,
+    dsf: Tensor | None,
+    qr: Tensor,
+    kr: Tensor,
+    vr: Tensor,
+    adt: Tensor,
+    w: Tensor,
+    gam: Tensor,
+    s0: Tensor | None,
+    cu_seqlens: Tensor | None,
+    chunk: int,
+    dot_dtype: str,
+    num_warps: int,
+    num_stages: int,
+    nseq: int,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    meta = (chunk, _DTYPES[dot_dtype], num_warps, num_stages, nseq)
+    return core_bwd(qr, kr, vr, adt, w, gam, s0, cu_seqlens, meta, dy, dsf)
+
+
+@_core_bwd_op.register_fake
+def _core_bwd_fake(dy, dsf, qr, kr, vr, adt, w, gam, s0, cu_seqlens, *flags):
+    nseq = flags[-1]
+    B, L, R, H, N = qr.shape
+    P = vr.shape[-1]
+    f32 = torch.float32
+    e = qr.new_empty
+    return (e(qr.shape, dtype=f32), e(qr.shape, dtype=f32), e(vr.shape, dtype=f32),
+            e(adt.shape, dtype=f32), e(adt.shape, dtype=f32), e(adt.shape, dtype=f32),
+            e((nseq, H, P, N), dtype=f32))  # fmt: skip
+
+
+class _CoreScan(torch.autograd.Function):
+    """Autograd of the core (setup_context style, which functorch transforms require); forward
+    and backward call the ops above."""
+
+    @staticmethod
+    def forward(qr, kr, vr, adt, w, gam, s0, cu_seqlens, chunk, dot_dtype, nw, ns, nseq):
+        return _core_fwd_op(qr, kr, vr, adt, w, gam, s0, cu_seqlens, chunk, dot_dtype, nw, ns,
+                            nseq)  # fmt: skip
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs[:8])
+        ctx.flags = inputs[8:]
+
+    @staticmethod
+    def backward(ctx, dy, dsf):
+        qr, kr, vr, adt, w, gam, s0, cu_seqlens = ctx.saved_tensors
+        dq, dk, dv, dadt, dw, dg, ds0 = _core_bwd_op(
+            dy.contiguous(), dsf, qr, kr, vr, adt, w, gam, s0, cu_seqlens, *ctx.flags
+        )
+        return (dq.to(qr.dtype), dk.to(kr.dtype), dv.to(vr.dtype), dadt.to(adt.dtype),
+                dw.to(w.dtype), dg.to(gam.dtype), ds0 if s0 is not None else None,
+                None, None, None, None, None, None)  # fmt: skip
+
+
+def core_scan(qr, kr, vr, adt, w, gam, s0, cu_seqlens, meta):
+    """Differentiable core: (y (B, L, R, H, P) fp32, S_final (nseq, H, P, N) fp32).
+
+    qr, kr (B, L, R, H, N); vr (B, L, R, H, P); adt, w, gam (B, H, L); s0 (nseq, H, P, N) or
+    None; cu_seqlens (nseq + 1,) int32 or None; meta = (chunk, dot_dtype, num_warps, num_stages,
+    nseq). Inputs are made contiguous here."""
+    qr, kr, vr = qr.contiguous(), kr.contiguous(), vr.contiguous()
+    adt, w, gam = adt.contiguous(), w.contiguous(), gam.contiguous()
+    s0 = s0.contiguous() if s0 is not None else None
+    chunk, dot_dtype, num_warps, num_stages, nseq = meta
+    name = str(dot_dtype).replace("torch.", "")
+    return _CoreScan.apply(qr, kr, vr, adt, w, gam, s0, cu_seqlens, chunk, name, num_warps,
+                           num_stages, nseq)  # fmt: skip
