@@ -10,11 +10,13 @@ thread that loaded it), which is the memory floor of a decode step.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
+from triton import knobs
 
 from mamba3_kernels.backend import KernelSpec
 from mamba3_kernels.inputs import ScanInputs
@@ -41,13 +43,23 @@ def _applies(problem: Problem) -> bool:
 
 
 def default_config(problem: Problem) -> StepConfig:
-    """Heuristic: a 16 KB fp32 state tile per iteration, 4 warps (8 for wide tiles)."""
+    """Heuristic (from sweeps on an H100 at H=64, P=64, N=128).
+
+    Few programs (batch * heads under ~2 per SM): one wide tile per program, so each program
+    has its whole state in flight at once. Many programs: small tiles and few warps, many
+    programs per SM; MIMO (R >= 2) holds R rank vectors per tile, so 1 warp on 8-row tiles.
+    """
     n, p = problem.d_state, problem.headdim
-    block_p = max(1, min(p, 4096 // n))
-    num_warps = 8 if block_p * n >= 8192 else 4
+    if problem.batch * problem.nheads < 256:
+        block_p = min(p, max(8, 8192 // n))
+        num_warps = 4 if problem.rank == 1 else 8
+    elif problem.rank == 1:
+        block_p, num_warps = min(p, max(8, 2048 // n)), 2
+    else:
+        block_p, num_warps = min(p, 8), 1
     while block_p * n < 128 * num_warps and num_warps > 1:
         num_warps //= 2
-    return StepConfig(block_p=block_p, num_warps=num_warps, num_stages=2)
+    return StepConfig(block_p=block_p, num_warps=num_warps, num_stages=1)
 
 
 def search_space(problem: Problem) -> dict[str, list]:
@@ -252,6 +264,47 @@ def output_shape(problem: Problem) -> tuple[int, ...]:
     return (b, h, p)
 
 
+_CONST_NAMES = (
+    "HPG", "R", "N", "P", "S", "BLOCK_P", "INTERLEAVED",
+    "HAS_D", "HAS_Z", "HAS_MV", "HAS_MZ", "HAS_MO", "KEEP_RANKS",
+)  # fmt: skip
+
+# Compiled kernels by everything Triton specialises on (constants, options, dtypes, pointer
+# alignment, integer values). A hit launches the compiled kernel directly: Triton's generic
+# launcher re-derives the specialisation of all 64 arguments on every call, which costs tens of
+# microseconds of host time per decode step, more than the kernel itself at small batch.
+_LAUNCHERS: dict[tuple, tuple] = {}
+_DIRECT_LAUNCH = [True]
+
+
+def _launch(grid, ptrs: list, ints: list, consts: tuple, config: StepConfig) -> None:
+    dev = ptrs[2].device
+    key = (
+        dev.index, consts, config.num_warps, config.num_stages,
+        tuple(t.dtype for t in ptrs), tuple(t.data_ptr() % 16 == 0 for t in ptrs), tuple(ints),
+    )  # fmt: skip
+    hit = _LAUNCHERS.get(key) if _DIRECT_LAUNCH[0] else None
+    if hit is not None:
+        kernel, run, function, packed = hit
+        stream = torch._C._cuda_getCurrentRawStream(dev.index)
+        args = (*ptrs, *ints, *consts)
+        enter, leave = knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook
+        try:
+            meta = kernel.launch_metadata(grid, stream, *args)
+            run(grid[0], grid[1], 1, stream, function, packed, meta, enter, leave, *args)
+            return
+        except (TypeError, AttributeError) as e:  # a Triton whose launcher differs: go generic
+            _DIRECT_LAUNCH[0] = False
+            warnings.warn(f"mamba3 step: direct launch unavailable ({e}); using Triton's launcher")
+    kernel = _step_kernel[grid](
+        *ptrs, *ints, **dict(zip(_CONST_NAMES, consts, strict=True)),
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )  # fmt: skip
+    run = kernel.run  # initialises the module handles, then .function is set
+    if len(_LAUNCHERS) < 256:
+        _LAUNCHERS[key] = (kernel, run, kernel.function, kernel.packed_metadata)
+
+
 def step(
     problem: Problem,
     inputs: ScanInputs,
@@ -283,20 +336,28 @@ def step(
     mv, mz, mo = (_params(t, v) for t in (inputs.mimo_v, inputs.mimo_z, inputs.mimo_o))
     adt, dt, trap, ang = inputs.adt, inputs.dt, inputs.trap, inputs.angles
 
-    _step_kernel[(problem.nheads, problem.batch)](
+    ptrs = [
         q, k, v, z if z is not None else v, adt, dt, trap, qb, kb, ang,
         inputs.D if inputs.D is not None else v, mv, mz, mo,
         state.angle, state.ssm, state.k, state.v, out,
-        *sq, *sk, *v.stride(), *sz,
-        *adt.stride(), *dt.stride(), *trap.stride(),
+    ]  # fmt: skip
+    ints = [
+        *sq, *sk, *v.stride(), *sz, *adt.stride(), *dt.stride(), *trap.stride(),
         *ang.stride(), *state.angle.stride(), *state.ssm.stride(), *state.k.stride(),
         *state.v.stride(), *so,
-        HPG=problem.nheads // problem.ngroups, R=problem.rank, N=problem.d_state,
-        P=problem.headdim, S=problem.n_angles, BLOCK_P=config.block_p,
-        INTERLEAVED=problem.rotary == "interleaved",
-        HAS_D=inputs.D is not None, HAS_Z=z is not None,
-        HAS_MV=inputs.mimo_v is not None, HAS_MZ=inputs.mimo_z is not None,
-        HAS_MO=inputs.mimo_o is not None, KEEP_RANKS=keep_ranks,
-        num_warps=config.num_warps, num_stages=config.num_stages,
+    ]  # fmt: skip
+    consts = (
+        problem.nheads // problem.ngroups, problem.rank, problem.d_state, problem.headdim,
+        problem.n_angles, config.block_p, problem.rotary == "interleaved",
+        inputs.D is not None, z is not None, inputs.mimo_v is not None,
+        inputs.mimo_z is not None, inputs.mimo_o is not None, keep_ranks,
     )  # fmt: skip
+    grid = (problem.nheads, problem.batch)
+    if v.device.type != "cuda":  # the interpreter (CPU tensors): the plain launch
+        _step_kernel[grid](
+            *ptrs, *ints, **dict(zip(_CONST_NAMES, consts, strict=True)),
+            num_warps=config.num_warps, num_stages=config.num_stages,
+        )  # fmt: skip
+    else:
+        _launch(grid, ptrs, ints, consts, config)
     return out
