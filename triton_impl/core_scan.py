@@ -452,3 +452,42 @@ def core_scan(qr, kr, vr, adt, w, gam, s0, cu_seqlens, meta):
     name = str(dot_dtype).replace("torch.", "")
     return _CoreScan.apply(qr, kr, vr, adt, w, gam, s0, cu_seqlens, chunk, name, num_warps,
                            num_stages, nseq)  # fmt: skip
+
+
+def compile_kernels(
+    R: int,
+    N: int,
+    P: int,
+    chunk: int,
+    dot_dtype: torch.dtype = torch.bfloat16,
+    varlen: bool = False,
+    num_warps: int = 8,
+    num_stages: int = 1,
+    target=None,
+) -> dict:
+    """Compile the core's forward and backward kernels ahead of time (no GPU needed) for
+    ``target`` (a ``triton.backends.compiler.GPUTarget``; default sm_90), as a launch with an
+    initial state and a final-state gradient would specialise them. Returns {name: compiled}."""
+    from triton.backends.compiler import GPUTarget
+
+    target = target or GPUTarget("cuda", 90, 64)
+    prec = "ieee" if dot_dtype == torch.float32 else "tf32"
+    consts = dict(N=N, P=P, R=R, C=chunk, VARLEN=varlen, DOTK=_DOTK[dot_dtype], DOT_PREC=prec,
+                  UPCAST=False)  # fmt: skip
+    fwd_ptrs = ["qr_ptr", "kr_ptr", "vr_ptr", "adt_ptr", "w_ptr", "g_ptr", "s0_ptr", "cu_ptr",
+                "y_ptr", "sf_ptr"]  # fmt: skip
+    bwd_ptrs = ["qr_ptr", "kr_ptr", "vr_ptr", "adt_ptr", "w_ptr", "g_ptr", "s0_ptr", "cu_ptr",
+                "dy_ptr", "dsf_ptr", "dq_ptr", "dk_ptr", "dv_ptr", "dw_ptr", "dg_ptr", "qdq_ptr",
+                "kdk_ptr", "ds0_ptr", "sfdot_ptr"]  # fmt: skip
+    out = {}
+    for name, fn, ptrs, flags in (
+        ("core_fwd", _core_fwd_kernel, fwd_ptrs, dict(HAS_S0=True, HAS_SF=True)),
+        ("core_bwd", _core_bwd_kernel, bwd_ptrs, dict(HAS_S0=True, HAS_DSF=True)),
+    ):
+        c = {**consts, **flags}
+        sig = {p: ("*i32" if p == "cu_ptr" else "*fp32") for p in ptrs}
+        sig.update(L="i32", H="i32", **{k: "constexpr" for k in c})
+        src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=c)
+        opts = {"num_warps": num_warps, "num_stages": num_stages}
+        out[name] = triton.compile(src, target=target, options=opts)
+    return out

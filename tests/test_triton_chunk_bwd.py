@@ -1,0 +1,226 @@
+"""Triton prefill backward vs the float64 reference's autograd (CPU under TRITON_INTERPRET=1;
+model-shape tests marked gpu)."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from mamba3_kernels.triton_impl import chunk_bwd as cb  # noqa: E402
+
+import mamba3_kernels  # noqa: E402
+from mamba3_kernels.reference import reference_scan  # noqa: E402
+from mamba3_kernels.state import Mamba3State  # noqa: E402
+from mamba3_kernels.testing import cast_inputs, random_inputs, rel_err  # noqa: E402
+from mamba3_kernels.validate import describe  # noqa: E402
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+cpu_interpreted = pytest.mark.skipif(not INTERPRET, reason="needs TRITON_INTERPRET=1 (CPU)")
+
+
+def _reference_grads(inputs, rotary, grad_out, grad_state):
+    """Gradients of every floating input (keys as chunk_bwd returns them) by float64 autograd."""
+    truth = cast_inputs(inputs, torch.float64)
+    present = [(n, t) for n, t in cb._flat(truth) if t is not None and t.is_floating_point()]
+    for _, t in present:
+        t.requires_grad_()
+    out, state = reference_scan(truth, rotary)
+    loss = (out * grad_out.double()).sum()
+    if grad_state is not None:
+        loss = loss + sum((a * b.double()).sum() for a, b in zip(state, grad_state, strict=True))
+    grads = torch.autograd.grad(loss, [t for _, t in present], allow_unused=True)
+    return {n: g for (n, _), g in zip(present, grads, strict=True)}
+
+
+def _check(inputs, rotary, final, chunk, tol=1e-4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    problem = describe(inputs, False, rotary, final, None)
+    config = cb.ChunkBwdConfig(chunk_size=chunk, num_warps=4)
+    assert cb.constraint(problem, config, None) is None
+    ref_out, ref_state = reference_scan(cast_inputs(inputs, torch.float64), rotary)
+    grad_out = torch.randn(ref_out.shape, generator=g).to(inputs.v.dtype)
+    grad_state = None
+    if final:
+        grad_state = Mamba3State(
+            *(torch.randn(t.shape, generator=g).to(d) for t, d in zip(
+                ref_state, (torch.float32, torch.float32, inputs.k.dtype, inputs.v.dtype),
+                strict=True))
+        )  # fmt: skip
+    got = cb.chunk_bwd(problem, inputs, grad_out, grad_state, config)
+    want = _reference_grads(inputs, rotary, grad_out, grad_state)
+    assert want, "nothing to check"
+    for name, ref in want.items():
+        if ref is None:  # not reached by the loss (e.g. an unused input)
+            continue
+        assert got[name] is not None, name
+        assert got[name].shape == ref.shape, name
+        assert rel_err(got[name], ref) < tol, (name, rel_err(got[name], ref))
+    # ops.py's names for the initial state's gradients
+    if inputs.initial_state is not None:
+        assert got["ssm0"] is got["initial_state.ssm"]
+
+
+# (rank, mimo, rotary, G, D/z, mimo_o, initial state, final state, varlen)
+GRID = [
+    (1, False, "interleaved", 1, True, False, False, False, None),
+    (1, False, "interleaved", 2, True, False, True, True, None),
+    (1, False, "halves", 1, False, False, True, False, None),
+    (1, True, "halves", 1, True, True, True, True, None),
+    (2, True, "halves", 1, True, True, True, True, None),
+    (2, True, "interleaved", 2, False, False, False, True, None),
+    (2, True, "halves", 1, True, False, True, False, None),
+    (1, False, "interleaved", 1, True, False, True, True, [0, 5, 5, 30, 47]),
+    (2, True, "halves", 2, False, True, True, True, [0, 17, 18, 40]),
+    (1, False, "interleaved", 1, True, False, False, True, [0, 23, 41]),
+]
+
+
+@cpu_interpreted
+@pytest.mark.parametrize("rank,mimo,rotary,G,dz,mo,init,final,cu", GRID)
+def test_grads_match_reference(rank, mimo, rotary, G, dz, mo, init, final, cu):
+    g = torch.Generator().manual_seed(11 * rank + G + 3 * init + 5 * final)
+    inputs = random_inputs(
+        batch=2 if cu is None else 1, seqlen=37, nheads=4, ngroups=G, d_state=16, headdim=16,
+        rank=rank, mimo=mimo, with_D=dz, with_z=dz, with_mimo_o=mo, with_initial_state=init,
+        cu_seqlens=cu, generator=g,
+    )  # fmt: skip
+    # 37 tokens over chunks of 16 rows: a partial last chunk (and, with varlen, chunks that
+    # start mid-way through the token axis).
+    _check(inputs, rotary, final, chunk=16 // rank)
+
+
+@cpu_interpreted
+def test_rank4_n32_long_chunks():
+    g = torch.Generator().manual_seed(5)
+    inputs = random_inputs(
+        batch=1, seqlen=21, nheads=2, d_state=32, headdim=16, rank=4, with_initial_state=True,
+        generator=g,
+    )  # fmt: skip
+    _check(inputs, "halves", True, chunk=8)
+
+
+@cpu_interpreted
+def test_rank8():
+    g = torch.Generator().manual_seed(6)
+    inputs = random_inputs(
+        batch=1, seqlen=9, nheads=2, d_state=16, headdim=16, rank=8, with_initial_state=True,
+        generator=g,
+    )  # fmt: skip
+    _check(inputs, "halves", True, chunk=2)
+
+
+@cpu_interpreted
+def test_bf16_inputs():
+    """bf16 inputs: dot operands rounded to bf16 as on the GPU; gradients to bf16 accuracy."""
+    g = torch.Generator().manual_seed(8)
+    inputs = random_inputs(
+        batch=1, seqlen=40, nheads=2, d_state=32, headdim=16, rank=1, dtype=torch.bfloat16,
+        with_initial_state=True, generator=g,
+    )  # fmt: skip
+    _check(inputs, "interleaved", True, chunk=16, tol=2e-2)
+
+
+def _grads_through_api(inputs, backend, final):
+    leaves = [t for t in (*inputs[:14], *(inputs.initial_state or ())) if t is not None]
+    leaves = [t.detach().clone().requires_grad_() for t in leaves]
+    it = iter(leaves)
+    fields = [None if t is None else next(it) for t in inputs[:14]]
+    state = None
+    if inputs.initial_state is not None:
+        state = Mamba3State(*(next(it) for _ in range(4)))
+    res = mamba3_kernels.scan(
+        *fields, initial_state=state, return_final_state=final,
+        cu_seqlens=inputs.cu_seqlens, backend=backend,
+    )  # fmt: skip
+    out, st = res if final else (res, None)
+    weight = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).reshape(out.shape)
+    loss = (out * weight).sum()
+    if st is not None:
+        loss = loss + st.ssm.sum() + st.k.square().sum() + st.angle.sum() + st.v.sum()
+    return torch.autograd.grad(loss, leaves)
+
+
+@cpu_interpreted
+@pytest.mark.parametrize("rank,final,cu", [(1, True, None), (2, False, [0, 9, 30])])
+def test_end_to_end_through_scan(rank, final, cu):
+    """mamba3_kernels.scan(..., backend="triton") and .backward() give the reference gradients."""
+    g = torch.Generator().manual_seed(21 + rank)
+    inputs = random_inputs(
+        batch=2 if cu is None else 1, seqlen=30, nheads=2, d_state=16, headdim=16, rank=rank,
+        with_initial_state=True, cu_seqlens=cu, generator=g,
+    )  # fmt: skip
+    got = _grads_through_api(inputs, "triton", final)
+    want = _grads_through_api(cast_inputs(inputs, torch.float64), "reference", final)
+    assert len(got) == len(want) == (18 if rank > 1 else 15)
+    for a, b in zip(got, want, strict=True):
+        assert rel_err(a, b) < 1e-4
+
+
+def test_default_configs_are_valid():
+    from mamba3_kernels.problem import Problem
+
+    for n in (64, 128, 256):
+        for p in (32, 64, 128):
+            for rank in (1, 2, 4, 8):
+                problem = Problem(
+                    batch=1, seqlen=4096, nheads=8, ngroups=1, rank=rank, d_state=n, headdim=p,
+                    n_angles=n // 4, nseq=1, dtype=torch.bfloat16, device_type="cuda",
+                    mimo=rank > 1, rotary="halves", has_D=True, has_z=True, has_mimo_o=rank > 1,
+                    has_initial_state=False, return_final_state=False, varlen=False,
+                )  # fmt: skip
+                cfg = cb.default_config(problem)
+                assert cb.constraint(problem, cfg, None) is None, (n, p, rank)
+
+
+_CORE_SM90 = textwrap.dedent(
+    """
+    import torch
+    from mamba3_kernels.triton_impl import core_scan as cs
+
+    for rank in (1, 4):
+        for name, k in cs.compile_kernels(rank, 128, 64, 64 // rank).items():
+            ptx = k.asm["ptx"]
+            assert ".target sm_90" in ptx, ptx[:400]
+            assert "wgmma" in ptx or "mma.sync" in ptx
+            assert len(k.asm["cubin"]) > 1000
+            print("ok", name, rank)
+    """
+)
+
+
+def test_core_kernels_compile_for_sm90_without_gpu():
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    res = subprocess.run(
+        [sys.executable, "-c", _CORE_SM90], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.count("ok") == 4
+
+
+# ---------------------------------------------------------------------------- GPU
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rank", [1, 4])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-3), (torch.bfloat16, 3e-2)])
+def test_gpu_model_shape(rank, dtype, tol):
+    """Model shape (B=2, L=4096, H=32, G=1, N=128, P=64, S=32): every gradient vs an fp32
+    reference computed on the GPU from the same inputs."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    g = torch.Generator().manual_seed(rank)
+    inputs = random_inputs(
+        batch=2, seqlen=4096, nheads=32, ngroups=1, d_state=128, headdim=64, n_angles=32,
+        rank=rank, dtype=dtype, device="cuda", with_initial_state=True, generator=g,
+    )  # fmt: skip
+    got = _grads_through_api(inputs, "triton", True)
+    want = _grads_through_api(cast_inputs(inputs, torch.float32), "reference", True)
+    for i, (a, b) in enumerate(zip(got, want, strict=True)):
+        assert torch.isfinite(a).all(), i
+        assert rel_err(a, b) < tol, (i, rel_err(a, b))
