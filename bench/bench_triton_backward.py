@@ -1,0 +1,141 @@
+"""Benchmark of the Triton prefill forward+backward (SISO and MIMO) on a CUDA GPU.
+
+For each case and (B, L): do_bench medians (ms) of
+  fwd_ms     mamba3_kernels.scan(..., backend="triton") alone,
+  fwdbwd_ms  the same plus loss.backward() (every input's gradient),
+  bwd_ms     their difference,
+and the floor of forward+backward (mamba3_kernels.bench.floor: bytes at the measured copy rate,
+matmul FLOPs at the measured bf16 matmul rate). ``--profile`` prints the per-kernel CUDA time of
+one forward+backward at the first shape (what the time is spent on).
+
+    python bench/bench_triton_backward.py --shapes 1x2048 1x16384 8x2048 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+
+import torch
+import triton
+import triton.testing
+
+import mamba3_kernels
+from mamba3_kernels.bench.floor import floor_ms, scan_bytes, scan_flops
+from mamba3_kernels.bench.shapes import Shape
+from mamba3_kernels.testing import random_inputs
+
+CASES = {"siso": 1, "mimo4": 4}
+SIZES = dict(nheads=64, ngroups=1, d_state=128, headdim=64, n_angles=32)
+
+
+def copy_gbps() -> float:
+    src = torch.randn(2**28, device="cuda")
+    dst = torch.empty_like(src)
+    ms = triton.testing.do_bench(lambda: dst.copy_(src), return_mode="median")
+    return 2 * src.numel() * 4 / ms / 1e6
+
+
+def matmul_tflops() -> float:
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    ms = triton.testing.do_bench(lambda: a @ b, return_mode="median")
+    return 2 * 8192**3 / ms / 1e9
+
+
+def make_call(batch: int, seqlen: int, rank: int):
+    """(forward closure, forward+backward closure, leaves) on fresh random bf16 inputs."""
+    g = torch.Generator().manual_seed(batch * 7 + seqlen + rank)
+    inputs = random_inputs(
+        batch=batch, seqlen=seqlen, rank=rank, dtype=torch.bfloat16, device="cuda",
+        with_D=True, with_z=False, with_mimo_o=True, generator=g, **SIZES,
+    )  # fmt: skip
+    fields = [t.requires_grad_() if t is not None else None for t in inputs[:14]]
+    leaves = [t for t in fields if t is not None]
+    rotary = "interleaved" if rank == 1 else "halves"
+
+    def fwd():
+        return mamba3_kernels.scan(*fields, rotary=rotary, backend="triton")
+
+    out = fwd()
+    grad = torch.randn_like(out)
+
+    def fwdbwd():
+        fwd().backward(grad)
+
+    return fwd, fwdbwd, leaves
+
+
+def bench_one(batch: int, seqlen: int, case: str, gbps: float, tflops: float) -> dict:
+    rank = CASES[case]
+    fwd, fwdbwd, leaves = make_call(batch, seqlen, rank)
+    with torch.no_grad():
+        fwd_ms = triton.testing.do_bench(fwd, return_mode="median")
+    fb_ms = triton.testing.do_bench(fwdbwd, grad_to_none=leaves, return_mode="median")
+    shape = Shape(batch=batch, seqlen=seqlen, rank=rank, has_z=False, **SIZES)
+    nbytes, flops = scan_bytes(shape, backward=True), scan_flops(shape, backward=True)
+    floor = floor_ms(nbytes, flops, gbps, tflops)
+    return dict(
+        case=case, B=batch, L=seqlen, R=rank, fwd_ms=fwd_ms, fwdbwd_ms=fb_ms,
+        bwd_ms=fb_ms - fwd_ms, floor_fwdbwd_ms=floor, fwdbwd_bytes=nbytes, fwdbwd_flops=flops,
+        fwdbwd_gbps=nbytes / fb_ms / 1e6, fwdbwd_tflops=flops / fb_ms / 1e9,
+    )  # fmt: skip
+
+
+def profile(batch: int, seqlen: int, rank: int, top: int = 18) -> list[dict]:
+    """Per-kernel CUDA time (ms) of one forward+backward."""
+    _, fwdbwd, leaves = make_call(batch, seqlen, rank)
+    for _ in range(2):
+        fwdbwd()
+    torch.cuda.synchronize()
+    acts = [torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=acts) as prof:
+        fwdbwd()
+        torch.cuda.synchronize()
+    rows = []
+    for ev in prof.key_averages():
+        t = getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0)
+        if t > 0:
+            rows.append(dict(name=ev.key[:90], ms=t / 1e3, calls=ev.count))
+    rows.sort(key=lambda r: -r["ms"])
+    return rows[:top]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--shapes", nargs="+", default=["1x2048", "1x16384", "8x2048"])
+    ap.add_argument("--cases", nargs="+", default=list(CASES))
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--profile", action="store_true")
+    args = ap.parse_args()
+    gbps, tflops = copy_gbps(), matmul_tflops()
+    rows = []
+    for case in args.cases:
+        for s in args.shapes:
+            b, l_ = (int(x) for x in s.split("x"))
+            rows.append(bench_one(b, l_, case, gbps, tflops))
+            r = rows[-1]
+            print(f"{case:6s} B={b:2d} L={l_:6d}  fwd {r['fwd_ms']:.3f} ms  fwd+bwd "
+                  f"{r['fwdbwd_ms']:.3f} ms  (bwd {r['bwd_ms']:.3f})  floor "
+                  f"{r['floor_fwdbwd_ms']:.3f} ms", flush=True)  # fmt: skip
+    prof = {}
+    if args.profile:
+        for case in args.cases:
+            b, l_ = (int(x) for x in args.shapes[min(1, len(args.shapes) - 1)].split("x"))
+            prof[f"{case}_{b}x{l_}"] = profile(b, l_, CASES[case])
+            print(f"-- kernels of one fwd+bwd, {case} B={b} L={l_}")
+            for r in prof[f"{case}_{b}x{l_}"]:
+                print(f"  {r['ms']:8.3f} ms  x{r['calls']:<3d} {r['name']}")
+    result = dict(
+        device=torch.cuda.get_device_name(), date=datetime.date.today().isoformat(),
+        torch=torch.__version__, triton=triton.__version__, copy_gbps=gbps,
+        matmul_tflops=tflops, sizes=SIZES, dtype="bfloat16", rows=rows, profile=prof,
+    )  # fmt: skip
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
