@@ -196,16 +196,19 @@ def main() -> None:
         "torch": torch.__version__,
         "triton": triton.__version__,
         "copy_gbps": gbps,
+        "direct_launch": None,
         "runs": [],
     }
     for case in args.cases:
         for b in args.batches:
             r = one(case, b, args.sweep, gbps)
             results["runs"].append(r)
+            results["direct_launch"] = tstep._DIRECT_LAUNCH[0]
             if args.json:
                 with open(args.json, "w") as f:
                     json.dump(results, f, indent=1)
-    print(f"{results['device']}  copy {gbps:.0f} GB/s  (times in us)")
+    print(f"{results['device']}  copy {gbps:.0f} GB/s  direct launch {results['direct_launch']}")
+    print("times in us; floor = fp32 state read + written once at the copy rate")
     hdr = "case        B  correct floor kernel graph g_rot g_hot  loop  api_loop  best_sweep"
     print(hdr)
     for r in results["runs"]:

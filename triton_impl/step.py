@@ -295,7 +295,8 @@ def _launch(grid, ptrs: list, ints: list, consts: tuple, config: StepConfig) -> 
             return
         except (TypeError, AttributeError) as e:  # a Triton whose launcher differs: go generic
             _DIRECT_LAUNCH[0] = False
-            warnings.warn(f"mamba3 step: direct launch unavailable ({e}); using Triton's launcher")
+            msg = f"direct launch unavailable ({e}); using Triton's launcher"
+            warnings.warn(msg, stacklevel=3)
     kernel = _step_kernel[grid](
         *ptrs, *ints, **dict(zip(_CONST_NAMES, consts, strict=True)),
         num_warps=config.num_warps, num_stages=config.num_stages,
