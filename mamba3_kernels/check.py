@@ -7,7 +7,11 @@ lengths, decode sequences) draws fresh random inputs (``testing.random_inputs``)
 truth as ``reference_scan`` of the inputs cast to float64, and runs every column on the same
 inputs: each registered backend through ``mamba3_kernels.scan`` / ``step`` and the reference in
 its two forms (literal recurrence, chunked) at the case's dtype. A decode case runs several
-``step`` calls from an initial state and is compared with the scan over the same tokens.
+``step`` calls from an initial state and is compared with the scan over the same tokens. A grad
+case also backpropagates a random cotangent of the output (and of the final ssm state) and
+compares every input gradient, the initial state's included, with float64 autograd of the
+reference; a backend without backward kernels is "n/a" there (its scan's backward would be the
+reference's).
 
 A cell is the worst relative error (``testing.rel_err``: norm of the difference over the norm of
 the truth) over the output and, when returned, the final state (angle compared through its
@@ -48,8 +52,9 @@ PASS, FAIL, NA, ERR = "pass", "FAIL", "n/a", "ERR"
 class Case:
     """One cross-check case: the arguments of ``random_inputs`` plus how the call is made.
 
-    kind "scan" compares one scan call; kind "decode" runs ``steps`` step calls from a random
-    initial state and compares them with the scan over the same ``steps`` tokens.
+    kind "scan" compares one scan call; kind "decode" runs ``seqlen`` step calls from a random
+    initial state and compares them with the scan over the same tokens; kind "grad" compares the
+    scan's output and the gradients of every input.
     """
 
     name: str
@@ -300,6 +305,13 @@ def build_cases(quick: bool = False) -> list[Case]:
         c("decode-mimo-r4-no-o", kind="decode", seqlen=steps, rank=4, with_mimo_o=False),
         c("decode-mimo-r2-bf16", kind="decode", seqlen=steps, rank=2, dtype=bf16),
     ]
+    grad = [
+        c("grad-siso", kind="grad", with_initial_state=True, return_final_state=True),
+        c("grad-siso-bf16", kind="grad", dtype=bf16),
+        c("grad-mimo-r2", kind="grad", rank=2, with_initial_state=True, return_final_state=True),
+        c("grad-mimo-r4-no-o", kind="grad", rank=4, with_mimo_o=False),
+        c("grad-siso-varlen", kind="grad", cu_seqlens=cu, with_initial_state=True),
+    ]
     if quick:
         keep = {
             "siso",
@@ -317,9 +329,11 @@ def build_cases(quick: bool = False) -> list[Case]:
             "mimo-r4-varlen",
             "decode-siso",
             "decode-mimo-r4",
+            "grad-siso",
+            "grad-mimo-r2",
         }
-        return [x for x in siso + mimo + decode if x.name in keep]
-    return siso + mimo + decode
+        return [x for x in siso + mimo + decode + grad if x.name in keep]
+    return siso + mimo + decode + grad
 
 
 # ---------------------------------------------------------------------------------------------
@@ -446,8 +460,91 @@ def _run_reference_form(col: str, case: Case, inputs: ScanInputs):
     return out, (state if case.return_final_state else None)
 
 
-def run_column(col: str, case: Case, inputs: ScanInputs):
-    """(out, final state or None) of column ``col`` on ``case``; raises Unsupported."""
+GRAD_FIELDS = ScanInputs._fields[:14]
+STATE_FIELDS = Mamba3State._fields
+
+
+def _with_grad_leaves(inputs: ScanInputs) -> tuple[ScanInputs, dict[str, torch.Tensor]]:
+    """Copies of every floating input (initial state included) as leaves requiring grad."""
+    leaves: dict[str, torch.Tensor] = {}
+
+    def leaf(name, t):
+        if t is None or not t.is_floating_point():
+            return t
+        leaves[name] = t.detach().clone().requires_grad_(True)
+        return leaves[name]
+
+    fields = [leaf(n, getattr(inputs, n)) for n in GRAD_FIELDS]
+    state = inputs.initial_state
+    if state is not None:
+        state = Mamba3State(*(leaf(f"initial_state.{n}", getattr(state, n)) for n in STATE_FIELDS))
+    return ScanInputs(*fields, state, inputs.cu_seqlens), leaves
+
+
+def _cotangents(case: Case, out_shape, ssm_shape, device, seed: int) -> dict[str, torch.Tensor]:
+    """Fixed random float64 cotangents of the output and (when returned) the final ssm state."""
+    gen = torch.Generator().manual_seed(seed + 7919)
+    cot = {"out": torch.randn(out_shape, generator=gen, dtype=torch.float64).to(device)}
+    if case.return_final_state:
+        cot["ssm"] = torch.randn(ssm_shape, generator=gen, dtype=torch.float64).to(device)
+    return cot
+
+
+def _grad_run(fn, case: Case, inputs: ScanInputs, cot: dict[str, torch.Tensor]):
+    """(out, state, {input name: grad}) of ``fn(inputs) -> (out, state)`` under the loss
+    sum(out * cot_out) [+ sum(final ssm * cot_ssm)], computed in float64."""
+    x, leaves = _with_grad_leaves(inputs)
+    out, state = fn(x)
+    loss = (out.double() * cot["out"]).sum()
+    if "ssm" in cot:
+        loss = loss + (state.ssm.double() * cot["ssm"]).sum()
+    grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
+    result = {f"grad.{n}": g for n, g in zip(leaves, grads, strict=True)}
+    return (
+        out.detach(),
+        (None if state is None else Mamba3State(*(t.detach() for t in state))),
+        result,
+    )
+
+
+def _grad_column(col: str, case: Case, inputs: ScanInputs, cot):
+    """Run a grad case for one column (the reference forms by autograd, backends via the API)."""
+    if col in (REF_RECURRENT, REF_CHUNKED):
+        chunk = None if col == REF_RECURRENT else REF_CHUNK_SIZE
+        return _grad_run(lambda x: reference_scan(x, case.rotary, chunk), case, inputs, cot)
+    if col not in BACKEND_NAMES:
+        raise Unsupported("gradients are checked through the public API's backends only")
+    backend = registered_backends()[col]
+    if col != "reference" and not backend.has_backward:
+        raise Unsupported("no backward kernels (its scan's backward would be the reference's)")
+    reason = _why_not(col, case, inputs)
+    if reason is not None:
+        raise Unsupported(reason)
+
+    def fn(x):
+        import mamba3_kernels
+
+        res = mamba3_kernels.scan(
+            *_scan_args(x),
+            initial_state=x.initial_state,
+            return_final_state=True,
+            cu_seqlens=x.cu_seqlens,
+            rotary=case.rotary,
+            chunk_size=case.chunk_size,
+            backend=col,
+        )
+        return res
+
+    try:
+        return _grad_run(fn, case, inputs, cot)
+    except NotImplementedError as e:
+        raise Unsupported(f"not implemented: {e}") from e
+
+
+def run_column(col: str, case: Case, inputs: ScanInputs, cot=None):
+    """(out, final state or None[, grads]) of column ``col`` on ``case``; raises Unsupported."""
+    if case.kind == "grad":
+        return _grad_column(col, case, inputs, cot)
     if col in (REF_RECURRENT, REF_CHUNKED):
         return _run_reference_form(col, case, inputs)
     reason = _why_not(col, case, inputs)
@@ -474,9 +571,16 @@ def _angle_view(angle: torch.Tensor) -> torch.Tensor:
 
 def compare(result, truth) -> dict[str, float]:
     """Relative errors of each part of ``result`` against ``truth`` (both (out, state|None))."""
-    out, state = result
-    t_out, t_state = truth
+    out, state = result[:2]
+    t_out, t_state = truth[:2]
     parts = {"out": rel_err(out, t_out)}
+    if len(truth) > 2:  # gradients: every one the truth has must be there
+        grads = result[2] if len(result) > 2 else {}
+        for name, t_g in truth[2].items():
+            if t_g is None:
+                continue
+            g = grads.get(name)
+            parts[name] = float("inf") if g is None else rel_err(g, t_g)
     if state is not None and t_state is not None:
         parts["state.angle"] = rel_err(_angle_view(state.angle), _angle_view(t_state.angle))
         for fname in ("ssm", "k", "v"):
@@ -484,9 +588,12 @@ def compare(result, truth) -> dict[str, float]:
     return parts
 
 
-def _truth(case: Case, inputs: ScanInputs):
-    """The float64 reference: the literal recurrence over all tokens (the scan, for decode)."""
+def _truth(case: Case, inputs: ScanInputs, cot=None):
+    """The float64 reference: the literal recurrence over all tokens (the scan, for decode);
+    for a grad case also float64 autograd of the loss defined by ``cot``."""
     x64 = cast_inputs(inputs, torch.float64)
+    if case.kind == "grad":
+        return _grad_run(lambda x: reference_scan(x, case.rotary, None), case, x64, cot)
     with torch.no_grad():
         out, state = reference_scan(x64, case.rotary, None)
     keep_state = case.return_final_state or case.kind == "decode"
@@ -536,11 +643,16 @@ def run_check(
         tol = tolerance(case.dtype, device)
         tolerances[case.name] = tol
         inputs = case.make_inputs(device, seed + i)
-        truth = _truth(case, inputs)
+        cot = None
+        if case.kind == "grad":
+            with torch.no_grad():
+                shape_probe, st = reference_scan(inputs, case.rotary, REF_CHUNK_SIZE)
+            cot = _cotangents(case, shape_probe.shape, st.ssm.shape, device, seed + i)
+        truth = _truth(case, inputs, cot)
         results = {}
         for col in columns:
             try:
-                res = run_column(col, case, inputs)
+                res = run_column(col, case, inputs, cot)
             except Unsupported as e:
                 cells[(case.name, col)] = Cell(NA, reason=str(e))
                 continue

@@ -47,6 +47,20 @@ class CrashingBackend(Backend):
         raise RuntimeError("kernel launch failed")
 
 
+class ZeroGradBackend(Backend):
+    """Right forward, wrong backward (every gradient zero), under a name the public API knows."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name=name, priority=-5, has_backward=True)
+
+    def scan(self, problem, inputs, configs=None):
+        out, state = reference_scan(inputs, problem.rotary, 16)
+        return out, (state if problem.return_final_state else None)
+
+    def scan_backward(self, problem, inputs, grad_out, grad_state, configs=None):
+        return {}
+
+
 def _cases(*names):
     by_name = {c.name: c for c in check.build_cases(quick=True)}
     return [by_name[n] for n in names]
@@ -60,7 +74,7 @@ def test_quick_runs_and_reference_passes(tmp_path):
     assert not data["failed"] and data["failures"] == []
     assert {"reference", check.REF_RECURRENT, check.REF_CHUNKED} <= set(data["columns"])
     kinds = {c["kind"] for c in data["cases"]}
-    assert kinds == {"scan", "decode"}
+    assert kinds == {"scan", "decode", "grad"}
     assert any(c["rank"] > 1 for c in data["cases"]) and any(c["cu_seqlens"] for c in data["cases"])
     for case in data["cases"]:
         ref = case["cells"]["reference"]
@@ -68,13 +82,15 @@ def test_quick_runs_and_reference_passes(tmp_path):
         assert 0 <= ref["err"] <= case["tol"]
         assert case["cells"][check.REF_RECURRENT]["status"] == "pass"
         chunked = case["cells"][check.REF_CHUNKED]
-        # The chunked form exists for scans only; a decode case says so instead of passing.
-        if case["kind"] == "scan":
+        # A decode step has no chunked form: the case says so instead of passing.
+        if case["kind"] != "decode":
             assert chunked["status"] == "pass"
         else:
             assert chunked["status"] == "n/a" and chunked["reason"]
         if case["return_final_state"] or case["kind"] == "decode":
             assert "state.ssm" in ref["parts"] and "state.angle" in ref["parts"]
+        if case["kind"] == "grad":  # every input's gradient was compared
+            assert {"grad.q", "grad.dt", "grad.angles", "grad.trap"} <= set(ref["parts"])
     # A real (not planted) error is never exactly zero for fp32/bf16 against float64.
     assert all(c["cells"]["reference"]["err"] > 0 for c in data["cases"])
 
@@ -113,6 +129,22 @@ def test_crashing_backend_is_an_error_not_a_pass(monkeypatch):
     # No step method: the decode case is not applicable rather than passing.
     assert report.cells[("decode-siso", "fake-crash")].status == check.NA
     assert report.failed
+
+
+def test_planted_wrong_gradient_fails(monkeypatch):
+    from mamba3_kernels import dispatch
+
+    monkeypatch.setitem(backend_mod._REGISTRY, "tilelang", ZeroGradBackend("tilelang"))
+    dispatch.clear_caches()
+    try:
+        report = check.run_check(_cases("grad-siso", "siso"), "cpu", backends=["tilelang"])
+    finally:
+        dispatch.clear_caches()
+    assert report.cells[("siso", "tilelang")].status == check.PASS  # the forward is right
+    cell = report.cells[("grad-siso", "tilelang")]
+    assert cell.status == check.FAIL and cell.parts["out"] < 1e-4
+    assert cell.parts["grad.q"] == pytest.approx(1.0) and "grad.initial_state.ssm" in cell.parts
+    assert any("case grad-siso: tilelang" in line for line in report.failures)
 
 
 def test_tolerances():
