@@ -217,6 +217,8 @@ def run_item(
         else:
             try:
                 _time_backend(name, item, device, row)
+            except torch.OutOfMemoryError as e:  # a size limit of this machine, not a bug
+                row.update(status="n/a", reason=f"out of memory: {str(e).splitlines()[0]}")
             except Exception as e:  # one failing row must not stop the run
                 row.update(status="error", reason=f"{type(e).__name__}: {e}")
         rows.append(_finish(row, rates))
@@ -232,6 +234,8 @@ def run_item(
         try:
             fn, leaves = peer.make(item.op, s, device, 3000)
             row["ms"] = timing.median_ms(fn, device, grad_to_none=leaves or None)
+        except torch.OutOfMemoryError as e:
+            row.update(status="n/a", reason=f"out of memory: {str(e).splitlines()[0]}")
         except Exception as e:
             row.update(status="error", reason=f"{type(e).__name__}: {e}")
         rows.append(_finish(row, rates))
