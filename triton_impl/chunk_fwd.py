@@ -66,16 +66,26 @@ def _chunk(problem: Problem, config: ChunkFwdConfig) -> int:
 
 
 def default_config(problem: Problem) -> ChunkFwdConfig:
-    """Heuristic config: about 64 rows per chunk; split P when too few (sequence, head) pairs
-    exist to fill an H100's 132 multiprocessors."""
-    rows = 64 if problem.d_state <= 128 else 32
-    chunk = max(1, rows // problem.rank)
+    """Heuristic config, from the H100 sweep (bench/NOTES.md, "Triton prefill forward").
+
+    Few programs (sequences x heads x P-blocks under ~2 per multiprocessor): split P in blocks
+    of 32 and use long chunks (SISO 128 rows, 8 warps) or short ones (MIMO 32 rows, 4 warps).
+    Many programs: SISO 32 rows with 4 warps; MIMO 64 rows, whole P, 8 warps.
+    N = 256 or fp32 inputs halve the rows (register pressure).
+    """
+    p2 = _next_pow2(problem.headdim)
     pairs = problem.nseq * problem.nheads
-    block_p = _next_pow2(problem.headdim)
-    while block_p > 32 and pairs * (_next_pow2(problem.headdim) // block_p) < 132:
-        block_p //= 2
-    num_warps = 8 if rows * problem.d_state >= 64 * 128 else 4
-    return ChunkFwdConfig(chunk_size=chunk, block_p=block_p, num_warps=num_warps, num_stages=1)
+    few = pairs * max(1, p2 // 32) <= 2 * 132
+    if problem.rank == 1:
+        rows, block_p, warps = (128, 32, 8) if few else (32, 32, 4)
+    else:
+        rows, block_p, warps = (32, 32, 4) if few else (64, 64, 8)
+    if problem.d_state > 128 or problem.dtype == torch.float32:
+        rows //= 2
+    rows = max(rows, 16)
+    chunk = max(1, rows // problem.rank)
+    block_p = min(block_p, p2)
+    return ChunkFwdConfig(chunk_size=chunk, block_p=block_p, num_warps=warps, num_stages=1)
 
 
 def search_space(problem: Problem) -> dict[str, list]:
