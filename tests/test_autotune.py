@@ -393,3 +393,45 @@ def test_sweep_compares_tpe_with_the_exhaustive_grid(tmp_path):
     assert summary["tpe_budget"] == 5
     assert summary["grid_best_ms"] > 0 and summary["tpe_best_ms"] > 0  # measured, not compared
     assert 0.0 <= summary["replay_success_rate"] <= 1.0
+
+
+class _StickyBackend(Backend):
+    """chunk_size 16 'crashes the GPU context' (the error message of an illegal address)."""
+
+    def __init__(self) -> None:
+        spec = KernelSpec(
+            name="sticky",
+            mode="scan_fwd",
+            config_cls=FakeConfig,
+            applies=lambda p: True,
+            default=lambda p: FakeConfig(chunk_size=8),
+            space=lambda p: {"chunk_size": [8, 16]},
+        )
+        super().__init__(name="fake_sticky", priority=-100, kernels=[spec])
+
+    def scan(self, problem, inputs, configs=None):
+        cfg = configs["sticky"]
+        if cfg.chunk_size == 16:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return reference_scan(inputs, problem.rotary, cfg.chunk_size)[0], None
+
+
+def test_a_config_that_breaks_the_gpu_context_stops_the_run_and_is_skipped_on_resume(tmp_path):
+    from mamba3_kernels.autotune.study import CudaContextLost
+
+    from mamba3_kernels.backend import _REGISTRY
+
+    register_backend(_StickyBackend())
+    try:
+        (target,), _ = find_targets([TINY], "cpu", backends=["fake_sticky"])
+        url = f"sqlite:///{tmp_path / 'sticky.db'}"
+        with pytest.raises(CudaContextLost, match="re-run"):
+            tune_target(target, open_storage(url, ""), "cpu", "cpu", 4, progress=False, seed=1)
+        res = tune_target(target, open_storage(url, ""), "cpu", "cpu", 4, progress=False)
+    finally:
+        _REGISTRY.pop("fake_sticky", None)
+    trials = _evaluated(res.study)
+    assert sorted(t.params["chunk_size"] for t in trials) == [8, 16]  # each once
+    (bad,) = [t for t in trials if t.params["chunk_size"] == 16]
+    assert "illegal memory access" in bad.user_attrs["rejected"]
+    assert res.entry["config"]["chunk_size"] == 8
