@@ -116,6 +116,39 @@ def test_step_matches_reference(case):
     check_state(state, ref_state, TOL[dtype])
 
 
+def steps_vs_prefill(
+    device, seqlen, rank, mimo, rotary, dtype, chunk_size=None, config=None, **sizes
+):
+    """Run ``seqlen`` in-place Triton steps from a random state and check them against one
+    float64 reference scan over the same tokens (outputs of every step and the final state)."""
+    g = torch.Generator().manual_seed(7 + rank + seqlen)
+    inputs = random_inputs(
+        seqlen=seqlen, rank=rank, mimo=mimo, dtype=dtype, with_initial_state=True, generator=g,
+        **sizes,
+    )  # fmt: skip
+    truth = cast_inputs(inputs, torch.float64, device=device)
+    ref_out, ref_state = reference_scan(truth, rotary, chunk_size=chunk_size)
+
+    def move(t):
+        return t.to(device) if isinstance(t, torch.Tensor) else t
+
+    inputs = ScanInputs(
+        *(move(t) for t in inputs[:14]), Mamba3State(*(move(t) for t in inputs.initial_state))
+    )
+    state = inputs.initial_state.clone()
+    outs = []
+    for t in range(seqlen):
+        tok = inputs._replace(
+            q=inputs.q[:, t], k=inputs.k[:, t], v=inputs.v[:, t], z=inputs.z[:, t],
+            adt=inputs.adt[..., t], dt=inputs.dt[..., t], trap=inputs.trap[..., t],
+            angles=inputs.angles[:, t], initial_state=None,
+        )  # fmt: skip
+        outs.append(run_step(tok, state, rotary, config))
+    out = torch.stack(outs, dim=1)
+    assert rel_err(out, ref_out) < TOL[dtype]
+    check_state(state, ref_state, TOL[dtype], ssm_tol=max(1e-4, TOL[dtype]))
+
+
 @cpu_interpreted
 @pytest.mark.parametrize(
     "rank,mimo,rotary,dtype",
@@ -123,25 +156,10 @@ def test_step_matches_reference(case):
 )
 def test_steps_match_scan(rank, mimo, rotary, dtype):
     """Consecutive in-place steps equal one reference scan over the same tokens."""
-    g = torch.Generator().manual_seed(7 + rank)
-    seqlen = 5
-    inputs = random_inputs(
-        batch=2, seqlen=seqlen, nheads=4, ngroups=2, d_state=32, headdim=16, rank=rank,
-        mimo=mimo, dtype=dtype, with_initial_state=True, generator=g,
+    steps_vs_prefill(
+        "cpu", 5, rank, mimo, rotary, dtype, config=tstep.StepConfig(block_p=8, num_warps=1),
+        batch=2, nheads=4, ngroups=2, d_state=32, headdim=16,
     )  # fmt: skip
-    truth = cast_inputs(inputs, torch.float64)
-    ref_out, ref_state = reference_scan(truth, rotary)
-    state = inputs.initial_state.clone()
-    config = tstep.StepConfig(block_p=8, num_warps=1)
-    for t in range(seqlen):
-        tok = inputs._replace(
-            q=inputs.q[:, t], k=inputs.k[:, t], v=inputs.v[:, t], z=inputs.z[:, t],
-            adt=inputs.adt[..., t], dt=inputs.dt[..., t], trap=inputs.trap[..., t],
-            angles=inputs.angles[:, t], initial_state=None,
-        )  # fmt: skip
-        out = run_step(tok, state, rotary, config)
-        assert rel_err(out, ref_out[:, t]) < TOL[dtype], t
-    check_state(state, ref_state, TOL[dtype], ssm_tol=max(1e-4, TOL[dtype]))
 
 
 @cpu_interpreted
@@ -278,38 +296,10 @@ def test_compiles_for_sm90_without_gpu():
 )
 def test_gpu_steps_match_prefill(rank, mimo, rotary, dtype):
     """64 consecutive steps on the GPU equal one reference prefill over the same tokens."""
-    g = torch.Generator().manual_seed(11 + rank)
-    seqlen = 64
-    inputs = random_inputs(
-        batch=2, seqlen=seqlen, nheads=32, ngroups=2, d_state=128, headdim=64, n_angles=32,
-        rank=rank, mimo=mimo, dtype=dtype, with_initial_state=True, generator=g,
+    steps_vs_prefill(
+        "cuda", 64, rank, mimo, rotary, dtype, chunk_size=16,
+        batch=2, nheads=32, ngroups=2, d_state=128, headdim=64, n_angles=32,
     )  # fmt: skip
-    truth = cast_inputs(inputs, torch.float64, device="cuda")
-    ref_out, ref_state = reference_scan(truth, rotary, chunk_size=16)
-    inputs = cast_inputs(inputs, dtype, device="cuda")
-    inputs = inputs._replace(
-        adt=inputs.adt.float(), dt=inputs.dt.float(), trap=inputs.trap.float(),
-        q_bias=inputs.q_bias.float(), k_bias=inputs.k_bias.float(), angles=inputs.angles.float(),
-        D=inputs.D.float(), mimo_v=None if not mimo else inputs.mimo_v.float(),
-        mimo_z=None if not mimo else inputs.mimo_z.float(),
-        mimo_o=None if not mimo else inputs.mimo_o.float(),
-        initial_state=Mamba3State(
-            inputs.initial_state.angle.float(), inputs.initial_state.ssm.float(),
-            inputs.initial_state.k, inputs.initial_state.v,
-        ),
-    )  # fmt: skip
-    state = inputs.initial_state.clone()
-    outs = []
-    for t in range(seqlen):
-        tok = inputs._replace(
-            q=inputs.q[:, t], k=inputs.k[:, t], v=inputs.v[:, t], z=inputs.z[:, t],
-            adt=inputs.adt[..., t], dt=inputs.dt[..., t], trap=inputs.trap[..., t],
-            angles=inputs.angles[:, t], initial_state=None,
-        )  # fmt: skip
-        outs.append(run_step(tok, state, rotary))
-    out = torch.stack(outs, dim=1)
-    assert rel_err(out, ref_out) < TOL[dtype]
-    check_state(state, ref_state, TOL[dtype], ssm_tol=max(1e-4, TOL[dtype]))
 
 
 @pytest.mark.gpu
