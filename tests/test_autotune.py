@@ -21,7 +21,7 @@ from pathlib import Path
 import optuna
 import pytest
 import torch
-from mamba3_kernels.autotune import Bucket, find_targets, open_storage, tune_target
+from mamba3_kernels.autotune import Bucket, Space, find_targets, open_storage, tune_target
 from mamba3_kernels.autotune.report import table, write_configs
 
 import mamba3_kernels
@@ -353,9 +353,16 @@ def test_dispatcher_uses_a_tuned_config_on_the_gpu(config_dir):
     bucket = Bucket("step", 16, 1, 64, 1, 128, 64, 32, 1, torch.bfloat16)
     problem, _ = bucket.inputs("cuda")
     (spec,) = [s for s in backend.all_kernels() if s.mode == "step" and s.applies(problem)]
-    space = spec.space(problem)
-    params = {k: v[-1] for k, v in space.items()}
-    cfg = spec.make_config({**spec.default(problem).__dict__, **params})
+    # A config other than the heuristic's that the kernel accepts on this GPU.
+    props = device_properties()
+    default = spec.default(problem)
+    space = Space.build(spec.space(problem), {})
+    cfg = default
+    for labels in space.grid():
+        cand = spec.make_config({**default.__dict__, **space.decode(labels)})
+        if cand != default and spec.constraint(problem, cand, props) is None:
+            cfg = cand
+            break
     entry = {
         "backend": "triton",
         "kernel": spec.name,
@@ -366,7 +373,6 @@ def test_dispatcher_uses_a_tuned_config_on_the_gpu(config_dir):
         "trials": 1,
         "rejected": 0,
     }
-    props = device_properties()
     tuned_configs.write_config_file(
         config_dir / "gpu.json", props["name"], props["capability"], [entry]
     )
