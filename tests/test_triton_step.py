@@ -205,15 +205,22 @@ def test_inplace_strided_and_out():
 
 
 def test_default_configs_are_valid():
+    inputs = random_inputs(batch=1, nheads=2, d_state=16, headdim=8, step=True)
+    base = make_problem(inputs, "interleaved")
     for n in (64, 128, 256):
         for p in (32, 64, 128):
-            inputs = random_inputs(batch=1, nheads=2, d_state=16, headdim=8, step=True)
-            problem = make_problem(inputs, "interleaved")
-            problem = Problem(**{**problem.__dict__, "d_state": n, "headdim": p})
-            cfg = tstep.SPEC.default(problem)
-            assert tstep.SPEC.constraint(problem, cfg, None) is None
-            space = tstep.SPEC.space(problem)
-            assert cfg.block_p in space["block_p"] and cfg.num_warps in space["num_warps"]
+            for rank in (1, 2, 4, 8):
+                for batch in (1, 16, 128):
+                    problem = Problem(
+                        **{**base.__dict__, "d_state": n, "headdim": p, "rank": rank,
+                           "mimo": rank > 1, "batch": batch, "nheads": 64}
+                    )  # fmt: skip
+                    cfg = tstep.SPEC.default(problem)
+                    assert tstep.SPEC.constraint(problem, cfg, {}) is None, (problem, cfg)
+                    space = tstep.SPEC.space(problem)
+                    assert cfg.block_p in space["block_p"]
+                    assert cfg.num_warps in space["num_warps"]
+                    assert cfg.num_stages in space["num_stages"]
 
 
 # Compiles the kernel for Hopper the way a launch would specialise it (unit strides constant,
