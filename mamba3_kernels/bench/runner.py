@@ -178,7 +178,7 @@ def _time_backend(name: str, item: Item, device: torch.device, row: dict) -> Non
     rotor = Rotor(fns)
     row["copies"] = copies
     row["ms"] = timing.median_ms(rotor, device, grad_to_none=leaves or None)
-    if item.op == "fwdbwd" and not registered_backends()[name].has_backward:
+    if item.op == "fwdbwd" and name != "reference" and not registered_backends()[name].has_backward:
         row["note"] = "backward by the reference (backend has no backward)"
     if item.op != "decode":
         return

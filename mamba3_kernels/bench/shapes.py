@@ -79,7 +79,7 @@ MODELS: dict[str, dict] = {
     "mamba3-780m": dict(nheads=48, ngroups=1, d_state=128, headdim=64, n_angles=32),
     "mamba3-1.5b": dict(nheads=64, ngroups=1, d_state=128, headdim=64, n_angles=32),
     # Tiny sizes for CPU demos (--quick).
-    "tiny": dict(nheads=4, ngroups=1, d_state=16, headdim=8, n_angles=4),
+    "tiny": dict(nheads=4, ngroups=1, d_state=16, headdim=16, n_angles=4),
 }
 
 SWEEP_SEQLENS = (1024, 2048, 4096, 8192, 16384, 32768, 65536)
