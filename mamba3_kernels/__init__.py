@@ -6,7 +6,15 @@ CuTe DSL backends behind one op, ``torch.ops.mamba3.scan``.
     out, state = mamba3_kernels.step(q1, k1, v1, adt1, dt1, trap1, q_bias, k_bias, angles1, state)
 """
 
-from . import ops  # noqa: F401  (registers torch.ops.mamba3.*)
+import os as _os
+
+# In a source checkout used without installing (PYTHONPATH at the repository root), the backend
+# folders next to this package are its subpackages (an install maps them in pyproject.toml).
+_root = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
+if _os.path.isfile(_os.path.join(_root, "triton_impl", "__init__.py")):
+    __path__.append(_root)  # noqa: F821  (a package's __path__)
+
+from . import ops  # noqa: E402, F401  (registers torch.ops.mamba3.*)
 from .api import scan, step
 from .backend import register_backend, registered_backends
 from .info import info
