@@ -102,14 +102,77 @@ def profile(batch: int, seqlen: int, rank: int, top: int = 18) -> list[dict]:
     return rows[:top]
 
 
+def sweep_core_bwd(batch: int, seqlen: int, rank: int) -> list[dict]:
+    """do_bench median of the core's backward kernel alone (both sweeps, one launch) per config,
+    on random core inputs (fp32 qr, kr, vr as the prep makes them; bf16 dot operands)."""
+    from mamba3_kernels.triton_impl import core_scan as cs
+
+    H, N, P = SIZES["nheads"], SIZES["d_state"], SIZES["headdim"]
+    dev = "cuda"
+    qr = torch.randn(batch, seqlen, rank, H, N, device=dev) * N**-0.5
+    kr = torch.randn_like(qr) * N**-0.5
+    vr = torch.randn(batch, seqlen, rank, H, P, device=dev)
+    adt = -torch.rand(batch, H, seqlen, device=dev) * 0.3
+    w, gam = torch.rand_like(adt), torch.rand_like(adt)
+    s0 = torch.randn(batch, H, P, N, device=dev) * 0.1
+    dy, dsf = torch.randn_like(vr), torch.randn_like(s0)
+    rows = []
+    for nrows in (32, 64):
+        for warps in (4, 8):
+            meta = (max(nrows // rank, 1), torch.bfloat16, warps, 1, batch)
+            try:
+                ms = triton.testing.do_bench(
+                    lambda meta=meta: cs.core_bwd(qr, kr, vr, adt, w, gam, s0, None, meta, dy, dsf),
+                    return_mode="median",
+                )
+                fms = triton.testing.do_bench(
+                    lambda meta=meta: cs.core_fwd(qr, kr, vr, adt, w, gam, s0, None, meta),
+                    return_mode="median",
+                )
+            except Exception as e:  # a config that fails to compile or run is reported, not fatal
+                ms = fms = float("nan")
+                print("  failed", nrows, warps, type(e).__name__, str(e)[:200])
+            rows.append(dict(R=rank, rows=nrows, num_warps=warps, core_bwd_ms=ms, core_fwd_ms=fms))
+            print(f"  core R={rank} rows={nrows} warps={warps}: bwd {ms:.3f} ms  fwd {fms:.3f} ms")
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--shapes", nargs="+", default=["1x2048", "1x16384", "8x2048"])
     ap.add_argument("--cases", nargs="+", default=list(CASES))
     ap.add_argument("--json", default=None)
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument(
+        "--sweep", action="store_true",
+        help="time the core backward per config at the first shape, then use the fastest one",
+    )  # fmt: skip
     args = ap.parse_args()
     gbps, tflops = copy_gbps(), matmul_tflops()
+    sweep, chosen = [], {}
+    if args.sweep:
+        from mamba3_kernels.triton_impl import chunk_bwd as cb
+
+        b, l_ = (int(x) for x in args.shapes[min(1, len(args.shapes) - 1)].split("x"))
+        for case in args.cases:
+            rank = CASES[case]
+            res = sweep_core_bwd(b, l_, rank)
+            sweep += res
+            ok = [r for r in res if r["core_bwd_ms"] == r["core_bwd_ms"]]
+            if ok:
+                best = min(ok, key=lambda r: r["core_bwd_ms"] + r["core_fwd_ms"])
+                chosen[rank] = (max(best["rows"] // rank, 1), best["num_warps"])
+        default = cb.default_config
+
+        def tuned(problem, _default=default):
+            if problem.rank in chosen:
+                c, wp = chosen[problem.rank]
+                return cb.ChunkBwdConfig(chunk_size=c, num_warps=wp, num_stages=1)
+            return _default(problem)
+
+        # the backend reads the spec's default heuristic
+        object.__setattr__(cb.SPEC, "default", tuned)
+        print("chosen backward configs (rank: chunk, warps):", chosen)
     rows = []
     for case in args.cases:
         for s in args.shapes:
@@ -131,6 +194,7 @@ def main() -> None:
         device=torch.cuda.get_device_name(), date=datetime.date.today().isoformat(),
         torch=torch.__version__, triton=triton.__version__, copy_gbps=gbps,
         matmul_tflops=tflops, sizes=SIZES, dtype="bfloat16", rows=rows, profile=prof,
+        core_bwd_sweep=sweep, chosen_bwd_config={str(k): v for k, v in chosen.items()},
     )  # fmt: skip
     if args.json:
         with open(args.json, "w") as f:

@@ -139,7 +139,8 @@ def _grads_through_api(inputs, backend, final):
         cu_seqlens=inputs.cu_seqlens, backend=backend,
     )  # fmt: skip
     out, st = res if final else (res, None)
-    weight = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).reshape(out.shape)
+    weight = torch.linspace(-1, 1, out.numel(), dtype=out.dtype, device=out.device)
+    weight = weight.reshape(out.shape)
     loss = (out * weight).sum()
     if st is not None:
         loss = loss + st.ssm.sum() + st.k.square().sum() + st.angle.sum() + st.v.sum()

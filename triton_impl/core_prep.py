@@ -28,13 +28,13 @@ from .core_scan import core_scan
 __all__ = ["scan_via_core", "rotate"]
 
 
-def rotate(x: torch.Tensor, theta: torch.Tensor, layout: str) -> torch.Tensor:
-    """Rotate the S coordinate pairs of ``x`` (..., N) by ``theta`` (..., S) (broadcastable).
-    interleaved: pair j = (2j, 2j + 1); halves: pair j = (j, N/2 + j); others pass unchanged."""
-    n, s = x.shape[-1], theta.shape[-1]
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: str) -> torch.Tensor:
+    """Rotate the S coordinate pairs of ``x`` (..., N) by the angles whose cos and sin are given
+    (..., S) (broadcastable). interleaved: pair j = (2j, 2j + 1); halves: pair j = (j, N/2 + j);
+    other coordinates pass unchanged."""
+    n, s = x.shape[-1], cos.shape[-1]
     if s == 0:
         return x
-    cos, sin = torch.cos(theta), torch.sin(theta)
     if layout == "interleaved":
         a, b = x[..., 0 : 2 * s : 2], x[..., 1 : 2 * s : 2]
         rot = torch.stack((a * cos - b * sin, a * sin + b * cos), dim=-1).flatten(-2)
@@ -65,21 +65,23 @@ def _token_seq(problem: Problem, cu: torch.Tensor | None, L: int, device) -> dic
 
 def _thetas(inputs: ScanInputs, dt: torch.Tensor, seqs: dict, nseq: int) -> torch.Tensor:
     """Cumulative angles (B, L, H, S) fp32, summed in float64 (no loss at long L) and reduced
-    modulo 2 pi (the rotation only sees the angle modulo 2 pi)."""
-    inc = math.pi * torch.tanh(inputs.angles.double()) * dt.double().transpose(1, 2)[..., None]
-    cs = torch.cumsum(inc, dim=1)
-    B, L, H, S = inc.shape
+    modulo 2 pi (the rotation only sees the angle modulo 2 pi). The sum runs over the innermost
+    axis of a (B, H, S, L) copy: a scan along an outer axis is far slower on the GPU."""
+    ang = inputs.angles.permute(0, 2, 3, 1)  # (B, H, S, L)
+    inc = (math.pi * torch.tanh(ang.double()) * dt.double()[:, :, None, :]).contiguous()
+    cs = torch.cumsum(inc, dim=-1)
+    B, H, S, L = inc.shape
     init = inputs.initial_state
     if seqs:
         # subtract the cumulative sum before each sequence's first token
-        before = torch.cat((cs.new_zeros(B, 1, H, S), cs), dim=1)[:, seqs["bos"]]
+        before = torch.cat((cs.new_zeros(B, H, S, 1), cs), dim=-1)[..., seqs["bos"]]
         cs = cs - before
         if init is not None:
-            cs = cs + init.angle.double()[seqs["seq_id"]].unsqueeze(0)
+            cs = cs + init.angle.double()[seqs["seq_id"]].permute(1, 2, 0).unsqueeze(0)
     elif init is not None:
-        cs = cs + init.angle.double().unsqueeze(1)
+        cs = cs + init.angle.double().unsqueeze(-1)
     red = cs - (2 * math.pi) * torch.floor(cs.detach() / (2 * math.pi))
-    return red.float()
+    return red.float().permute(0, 3, 1, 2)
 
 
 def scan_via_core(
@@ -115,8 +117,9 @@ def scan_via_core(
         qb, kb = inputs.q_bias.float().transpose(0, 1), inputs.k_bias.float().transpose(0, 1)
     else:
         qb, kb = inputs.q_bias.float().unsqueeze(0), inputs.k_bias.float().unsqueeze(0)
-    qr = rotate(_per_head(q.float(), H) + qb, theta, problem.rotary)
-    kr = rotate(_per_head(k.float(), H) + kb, theta, problem.rotary)
+    cos, sin = torch.cos(theta), torch.sin(theta)  # shared by q and k
+    qr = rotate(_per_head(q.float(), H) + qb, cos, sin, problem.rotary)
+    kr = rotate(_per_head(k.float(), H) + kb, cos, sin, problem.rotary)
     mv = inputs.mimo_v.float().transpose(0, 1) if mimo and inputs.mimo_v is not None else None
     vr = v.float().unsqueeze(2)
     if mv is not None:
