@@ -255,10 +255,12 @@ def test_config_space_and_constraints():
         valid = 0
         for chunk in space["chunk_size"]:
             for bp in space["block_p"]:
-                config = cf.ChunkFwdConfig(chunk, bp, 4, 1)
-                reason = cf.constraint(problem, config, {"shared_memory_per_block_optin": 232448})
-                assert reason is None or isinstance(reason, str)
-                valid += reason is None
+                for warps in space["num_warps"]:
+                    config = cf.ChunkFwdConfig(chunk, bp, warps, 1)
+                    props = {"shared_memory_per_block_optin": 232448}
+                    reason = cf.constraint(problem, config, props)
+                    assert reason is None or isinstance(reason, str)
+                    valid += reason is None
         assert valid > 0
     assert cf.SPEC.name == "chunk_fwd" and cf.SPEC.mode == "scan_fwd"
     bad = cf.ChunkFwdConfig(chunk_size=24)
