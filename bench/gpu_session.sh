@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# One GPU session from the repository root (no install needed): GPU tests, the cross-check
+# matrix, the harness benchmark and/or the autotuner, each under its own time limit.
+#   bash bench/gpu_session.sh validate   # pytest -m gpu, check, bench  -> $OUT
+#   bash bench/gpu_session.sh tune       # autotune the benchmark buckets + one exhaustive sweep
+# Optuna (for tune) may come from an unpacked site folder named by SITE_TARBALL.
+set -uo pipefail
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+OUT=${OUT:-bench/results/session}
+mkdir -p "$OUT"
+if [ -n "${SITE_TARBALL:-}" ] && [ -f "$SITE_TARBALL" ]; then
+    mkdir -p /tmp/site && tar xJf "$SITE_TARBALL" -C /tmp/site && export PYTHONPATH="$PYTHONPATH:/tmp/site"
+fi
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv,noheader
+python -m mamba3_kernels info
+
+case "${1:-validate}" in
+    validate)
+        timeout "${TESTS_S:-200}" python -m pytest -m gpu -q -p no:cacheprovider tests \
+            2>&1 | tee "$OUT/gpu_tests.log" | tail -25
+        timeout "${CHECK_S:-120}" python -m mamba3_kernels.check --json "$OUT/harness_check_h100.json" \
+            2>&1 | tee "$OUT/check.log" | tail -60
+        timeout "${BENCH_S:-200}" python -m mamba3_kernels.bench --backends triton \
+            --json "$OUT/harness_h100.json" --plots "$OUT" --markdown "$OUT/harness_summary.md" \
+            2>&1 | tail -70
+        ;;
+    tune)
+        # The issue-4 buckets of the forward and decode kernels (the backward's compile + run
+        # time per trial does not fit one call).
+        timeout "${TUNE_S:-330}" python -m mamba3_kernels.autotune --n-trials "${TRIALS:-10}" \
+            --kernel chunk_fwd --kernel step \
+            --shape 1,2048,64,1,128,64,32,1 --shape 1,16384,64,1,128,64,32,1 \
+            --shape 8,2048,64,1,128,64,32,1 --shape 8,2048,64,1,128,64,32,4 \
+            --step 1,64,1,128,64,32,1 --step 16,64,1,128,64,32,1 --step 128,64,1,128,64,32,1 \
+            --no-progress --out-dir "$OUT" --plots "$OUT/plots" --storage "$OUT/studies.db" \
+            2>&1 | tee "$OUT/autotune.log" | tail -40
+        timeout "${SWEEP_S:-150}" python -m mamba3_kernels.autotune.sweep --kernel step --no-progress \
+            --step 16,64,1,128,64,32,1 --out "$OUT/sweep_step.json" 2>&1 | tee "$OUT/sweep.log" | tail -25
+        ;;
+esac
