@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
+from functools import reduce
+from operator import or_
 
 import torch
 import triton
@@ -42,7 +44,24 @@ def _applies(problem: Problem) -> bool:
     return problem.decode
 
 
+# Default configs by Problem identity (the validation memo returns the same Problem for a repeated
+# call): one dict hit per decode step, and the same config object, which the launch plans key on.
+_DEFAULTS: dict[int, tuple[Problem, StepConfig]] = {}
+
+
 def default_config(problem: Problem) -> StepConfig:
+    """The heuristic's config for ``problem`` (see ``_heuristic``), memoized."""
+    hit = _DEFAULTS.get(id(problem))
+    if hit is not None and hit[0] is problem:
+        return hit[1]
+    if len(_DEFAULTS) >= 256:
+        _DEFAULTS.clear()
+    cfg = _heuristic(problem)
+    _DEFAULTS[id(problem)] = (problem, cfg)  # holding problem keeps its id from being reused
+    return cfg
+
+
+def _heuristic(problem: Problem) -> StepConfig:
     """Heuristic (from sweeps on an H100 at H=64, P=64, N=128).
 
     Few programs (batch * heads under ~2 per SM): one wide tile per program, so each program
@@ -111,10 +130,10 @@ def _tanh(x):
 
 
 @triton.jit
-def _rot_load(x_base, b_base, offs_n, partner, stride_n, cos, sin_signed):
+def _rot_load(x_base, b_base, offs_n, partner, cos, sin_signed):
     """Rot(theta) (x + bias) for one N vector: x[n] cos +- x[partner(n)] sin, in fp32."""
-    x = tl.load(x_base + offs_n * stride_n).to(tl.float32) + tl.load(b_base + offs_n)
-    xp = tl.load(x_base + partner * stride_n).to(tl.float32) + tl.load(b_base + partner)
+    x = tl.load(x_base + offs_n).to(tl.float32) + tl.load(b_base + offs_n)
+    xp = tl.load(x_base + partner).to(tl.float32) + tl.load(b_base + partner)
     return x * cos + xp * sin_signed
 
 
@@ -123,25 +142,18 @@ def _step_kernel(
     q_ptr, k_ptr, v_ptr, z_ptr, adt_ptr, dt_ptr, trap_ptr, qb_ptr, kb_ptr, ang_ptr,
     d_ptr, mv_ptr, mz_ptr, mo_ptr,
     sa_ptr, ss_ptr, sk_ptr, sv_ptr, out_ptr,
-    s_q_b, s_q_r, s_q_g, s_q_n,
-    s_k_b, s_k_r, s_k_g, s_k_n,
-    s_v_b, s_v_h, s_v_p,
-    s_z_b, s_z_h, s_z_p,
-    s_adt_b, s_adt_h, s_dt_b, s_dt_h, s_tr_b, s_tr_h,
-    s_a_b, s_a_h, s_a_s,
-    s_sa_b, s_sa_h, s_sa_s,
-    s_ss_b, s_ss_h, s_ss_p, s_ss_n,
-    s_sk_b, s_sk_r, s_sk_h, s_sk_n,
-    s_sv_b, s_sv_h, s_sv_p,
-    s_o_b, s_o_r, s_o_h, s_o_p,
-    HPG: tl.constexpr, R: tl.constexpr, N: tl.constexpr, P: tl.constexpr, S: tl.constexpr,
-    BLOCK_P: tl.constexpr, INTERLEAVED: tl.constexpr,
+    s_q_b, s_k_b, s_v_b, s_z_b, s_adt_b, s_dt_b, s_tr_b, s_a_b,
+    H: tl.constexpr, G: tl.constexpr, R: tl.constexpr, N: tl.constexpr, P: tl.constexpr,
+    S: tl.constexpr, BLOCK_P: tl.constexpr, INTERLEAVED: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_MV: tl.constexpr, HAS_MZ: tl.constexpr,
     HAS_MO: tl.constexpr, KEEP_RANKS: tl.constexpr,
 ):  # fmt: skip
+    # Layouts: the per-step tensors have packed inner axes and a free batch stride (s_*_b); the
+    # state, out and the per-head parameters are contiguous, so their offsets follow from the sizes.
     h = tl.program_id(0)
-    b = tl.program_id(1)
-    g = h // HPG
+    b = tl.program_id(1).to(tl.int64)  # the state's batch offsets can pass 2**31 elements
+    g = h // (H // G)
+    bh = b * H + h
 
     # Rotary pairing of each coordinate n: its angle index j, its partner, which side it is.
     offs_n = tl.arange(0, N)
@@ -155,16 +167,16 @@ def _step_kernel(
         partner = tl.where(first, offs_n + N // 2, offs_n - N // 2)
     rot = j < S
 
-    dt = tl.load(dt_ptr + b * s_dt_b + h * s_dt_h).to(tl.float32)
-    adt = tl.load(adt_ptr + b * s_adt_b + h * s_adt_h).to(tl.float32)
-    lam = tl.sigmoid(tl.load(trap_ptr + b * s_tr_b + h * s_tr_h).to(tl.float32))
+    dt = tl.load(dt_ptr + b * s_dt_b + h).to(tl.float32)
+    adt = tl.load(adt_ptr + b * s_adt_b + h).to(tl.float32)
+    lam = tl.sigmoid(tl.load(trap_ptr + b * s_tr_b + h).to(tl.float32))
     alpha = tl.exp(adt)
     beta = (1.0 - lam) * dt * alpha
     gamma = lam * dt
 
     # theta_t = theta_{t-1} + pi tanh(angles) dt, gathered per coordinate (0 where unrotated).
-    th_old = tl.load(sa_ptr + b * s_sa_b + h * s_sa_h + j * s_sa_s, mask=rot, other=0.0)
-    rate = tl.load(ang_ptr + b * s_a_b + h * s_a_h + j * s_a_s, mask=rot, other=0.0)
+    th_old = tl.load(sa_ptr + bh * S + j, mask=rot, other=0.0)
+    rate = tl.load(ang_ptr + b * s_a_b + h * S + j, mask=rot, other=0.0)
     theta = th_old + 3.141592653589793 * _tanh(rate) * dt
     cos = tl.cos(theta)
     sin_signed = tl.where(first, -tl.sin(theta), tl.sin(theta))
@@ -172,27 +184,27 @@ def _step_kernel(
     if HAS_D:
         d_h = tl.load(d_ptr + h)
 
-    q_base = q_ptr + b * s_q_b + g * s_q_g
-    k_base = k_ptr + b * s_k_b + g * s_k_g
+    q_base = q_ptr + b * s_q_b + g * N
+    k_base = k_ptr + b * s_k_b + g * N
     qb_base = qb_ptr + h * (R * N)
     kb_base = kb_ptr + h * (R * N)
-    sk_base = sk_ptr + b * s_sk_b + h * s_sk_h
-    par_base = h * (R * P)  # offset of head h in mimo_v / mimo_z / mimo_o, (H, R, P) contiguous
+    sk_base = sk_ptr + (b * R * H + h) * N  # state k (B, R, H, N): rank r at + r * H * N
+    v_base = v_ptr + b * s_v_b + h * P
+    sv_base = sv_ptr + bh * P
+    par_base = h * (R * P)  # offset of head h in mimo_v / mimo_z / mimo_o, (H, R, P)
 
     for p0 in range(0, P, BLOCK_P):
         offs_p = p0 + tl.arange(0, BLOCK_P)
-        ss_ptrs = (
-            ss_ptr + b * s_ss_b + h * s_ss_h + offs_p[:, None] * s_ss_p + offs_n[None, :] * s_ss_n
-        )
+        ss_ptrs = ss_ptr + (bh * P + offs_p[:, None]) * N + offs_n[None, :]
         acc = tl.load(ss_ptrs) * alpha
-        v_old = tl.load(sv_ptr + b * s_sv_b + h * s_sv_h + offs_p * s_sv_p).to(tl.float32)
-        v_new = tl.load(v_ptr + b * s_v_b + h * s_v_h + offs_p * s_v_p).to(tl.float32)
+        v_old = tl.load(sv_base + offs_p).to(tl.float32)
+        v_new = tl.load(v_base + offs_p).to(tl.float32)
 
         # Hs = alpha Hs + beta sum_r vr_prev kr_prev^T + gamma sum_r vr kr^T
         for r in tl.static_range(R):
-            k_prev = tl.load(sk_base + r * s_sk_r + offs_n * s_sk_n).to(tl.float32)
+            k_prev = tl.load(sk_base + r * (H * N) + offs_n).to(tl.float32)
             k_cur = _rot_load(
-                k_base + r * s_k_r, kb_base + r * N, offs_n, partner, s_k_n, cos, sin_signed
+                k_base + r * (G * N), kb_base + r * N, offs_n, partner, cos, sin_signed
             )
             if HAS_MV:
                 mv = tl.load(mv_ptr + par_base + r * P + offs_p)
@@ -206,11 +218,11 @@ def _step_kernel(
 
         # y_r = Hs q_r + D vr, gated by silu(zr), mixed over ranks by mimo_o.
         if HAS_Z:
-            z = tl.load(z_ptr + b * s_z_b + h * s_z_h + offs_p * s_z_p).to(tl.float32)
+            z = tl.load(z_ptr + b * s_z_b + h * P + offs_p).to(tl.float32)
         o = tl.zeros([BLOCK_P], dtype=tl.float32)
         for r in tl.static_range(R):
             q_cur = _rot_load(
-                q_base + r * s_q_r, qb_base + r * N, offs_n, partner, s_q_n, cos, sin_signed
+                q_base + r * (G * N), qb_base + r * N, offs_n, partner, cos, sin_signed
             )
             y = tl.sum(acc * q_cur[None, :], axis=1)
             if HAS_D:
@@ -224,36 +236,25 @@ def _step_kernel(
                 else:
                     zr = z
                 y *= zr * tl.sigmoid(zr)
-            if KEEP_RANKS:
-                o_ptrs = out_ptr + b * s_o_b + r * s_o_r + h * s_o_h + offs_p * s_o_p
+            if KEEP_RANKS:  # out (B, R, H, P)
+                o_ptrs = out_ptr + ((b * R + r) * H + h) * P + offs_p
                 tl.store(o_ptrs, y.to(out_ptr.dtype.element_ty))
             elif HAS_MO:
                 o += tl.load(mo_ptr + par_base + r * P + offs_p) * y
             else:
                 o += y
-        if not KEEP_RANKS:
-            o_ptrs = out_ptr + b * s_o_b + h * s_o_h + offs_p * s_o_p
-            tl.store(o_ptrs, o.to(out_ptr.dtype.element_ty))
+        if not KEEP_RANKS:  # out (B, H, P)
+            tl.store(out_ptr + bh * P + offs_p, o.to(out_ptr.dtype.element_ty))
 
     # Every old angle / k / v of this head has been read above; only now overwrite them.
     tl.debug_barrier()
-    sa_ptrs = sa_ptr + b * s_sa_b + h * s_sa_h + j * s_sa_s
-    tl.store(sa_ptrs, theta, mask=rot & first)
+    tl.store(sa_ptr + bh * S + j, theta, mask=rot & first)
     for r in tl.static_range(R):
-        k_cur = _rot_load(
-            k_base + r * s_k_r, kb_base + r * N, offs_n, partner, s_k_n, cos, sin_signed
-        )
-        tl.store(sk_base + r * s_sk_r + offs_n * s_sk_n, k_cur.to(sk_ptr.dtype.element_ty))
+        k_cur = _rot_load(k_base + r * (G * N), kb_base + r * N, offs_n, partner, cos, sin_signed)
+        tl.store(sk_base + r * (H * N) + offs_n, k_cur.to(sk_ptr.dtype.element_ty))
     offs_pf = tl.arange(0, P)
-    v_all = tl.load(v_ptr + b * s_v_b + h * s_v_h + offs_pf * s_v_p)
-    tl.store(sv_ptr + b * s_sv_b + h * s_sv_h + offs_pf * s_sv_p, v_all.to(sv_ptr.dtype.element_ty))
-
-
-def _params(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
-    """A per-head parameter as a contiguous tensor (a placeholder pointer when absent)."""
-    if t is None:
-        return like
-    return t if t.is_contiguous() else t.contiguous()
+    v_all = tl.load(v_base + offs_pf)
+    tl.store(sv_base + offs_pf, v_all.to(sv_ptr.dtype.element_ty))
 
 
 def output_shape(problem: Problem) -> tuple[int, ...]:
@@ -265,45 +266,106 @@ def output_shape(problem: Problem) -> tuple[int, ...]:
 
 
 _CONST_NAMES = (
-    "HPG", "R", "N", "P", "S", "BLOCK_P", "INTERLEAVED",
+    "H", "G", "R", "N", "P", "S", "BLOCK_P", "INTERLEAVED",
     "HAS_D", "HAS_Z", "HAS_MV", "HAS_MZ", "HAS_MO", "KEEP_RANKS",
 )  # fmt: skip
 
-# Compiled kernels by everything Triton specialises on (constants, options, dtypes, pointer
-# alignment, integer values). A hit launches the compiled kernel directly: Triton's generic
-# launcher re-derives the specialisation of all 64 arguments on every call, which costs tens of
-# microseconds of host time per decode step, more than the kernel itself at small batch.
-_LAUNCHERS: dict[tuple, tuple] = {}
+
+def _packed_inner(t: torch.Tensor) -> bool:
+    """Whether every axis after the first is laid out contiguously (size-1 axes ignored)."""
+    expected = 1
+    for size, stride in zip(reversed(t.shape[1:]), reversed(t.stride()[1:]), strict=True):
+        if size != 1 and stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+class _Plan:
+    """What a call signature needs per launch, worked out once: the constants, grid, whether
+    inputs must be copied to a packed layout, the batch strides, and the compiled kernel."""
+
+    __slots__ = (
+        "keep", "config", "consts", "grid", "out_shape", "repack", "slow", "strides", "on_gpu",
+        "compiled",
+    )  # fmt: skip
+
+    def __init__(self, problem, config, step_tensors: tuple, params: tuple, out) -> None:
+        # The plan's key holds problem and config by id: keep them alive so the ids stay theirs.
+        self.keep = (problem, config)
+        self.config = config
+        z = step_tensors[3]
+        d, mv, mz, mo = params[2:]
+        self.consts = (
+            problem.nheads, problem.ngroups, problem.rank, problem.d_state, problem.headdim,
+            problem.n_angles, config.block_p, problem.rotary == "interleaved",
+            d is not None, z is not None, mv is not None, mz is not None, mo is not None,
+            problem.mimo and mo is None,
+        )  # fmt: skip
+        self.grid = (problem.nheads, problem.batch)
+        self.out_shape = output_shape(problem)
+        # A per-step tensor whose inner axes are not packed (rare: a strided slice) is copied.
+        self.repack = tuple(t is not None and not _packed_inner(t) for t in step_tensors)
+        self.strides = tuple(
+            0 if t is None else (t[0].numel() if rp else t.stride(0))
+            for t, rp in zip(step_tensors, self.repack, strict=True)
+        )
+        # Anything to copy (inputs, parameters, a strided out): the general path of step().
+        self.slow = (
+            True in self.repack
+            or any(t is not None and not t.is_contiguous() for t in params)
+            or (out is not None and not out.is_contiguous())
+        )
+        self.on_gpu = step_tensors[2].device.type == "cuda"
+        self.compiled = None  # (kernel, run, function, packed metadata) after the first launch
+
+
+# Plans by call signature. Problem and config enter by identity: the validation memo and the
+# dispatcher hand back the same objects for a repeated call, and hashing them by value each call
+# would cost more than the rest of the lookup. The other entries are what the kernel's layout
+# assumptions and Triton's specialisation depend on (strides, dtypes, contiguity, device).
+_PLANS: dict[tuple, _Plan] = {}
+_PLANS_MAX = 256
 _DIRECT_LAUNCH = [True]
 
 
-def _launch(grid, ptrs: list, ints: list, consts: tuple, config: StepConfig) -> None:
-    dev = ptrs[2].device
-    key = (
-        dev.index, consts, config.num_warps, config.num_stages,
-        tuple(t.dtype for t in ptrs), tuple(t.data_ptr() % 16 == 0 for t in ptrs), tuple(ints),
+def _meta(t):
+    return None if t is None else (t.dtype, t.is_contiguous())
+
+
+def _launch_generic(plan: _Plan, grid, tensors: list, strides: tuple):
+    config = plan.config
+    return _step_kernel[grid](
+        *tensors, *strides, **dict(zip(_CONST_NAMES, plan.consts, strict=True)),
+        num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip
-    hit = _LAUNCHERS.get(key) if _DIRECT_LAUNCH[0] else None
-    if hit is not None:
-        kernel, run, function, packed = hit
-        stream = torch._C._cuda_getCurrentRawStream(dev.index)
-        args = (*ptrs, *ints, *consts)
+
+
+def _launch(plan: _Plan, tensors: list) -> None:
+    """Launch on the GPU: the compiled kernel directly once known, Triton's launcher before."""
+    grid = plan.grid
+    ptrs = [t.data_ptr() for t in tensors]
+    misaligned = reduce(or_, ptrs) & 15
+    # The compiled kernel assumes 16-byte aligned pointers; others go through Triton's binder.
+    if plan.compiled is not None and not misaligned:
+        kernel, run, function, packed = plan.compiled
+        stream = torch._C._cuda_getCurrentRawStream(tensors[2].get_device())
+        # Raw addresses, not tensors: Triton's launcher asks the driver about every tensor
+        # argument it is given (a driver call per pointer), plain integers it passes through.
+        args = (*ptrs, *plan.strides, *plan.consts)
         enter, leave = knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook
         try:
-            meta = kernel.launch_metadata(grid, stream, *args)
+            meta = None if enter is None else kernel.launch_metadata(grid, stream, *args)
             run(grid[0], grid[1], 1, stream, function, packed, meta, enter, leave, *args)
             return
         except (TypeError, AttributeError) as e:  # a Triton whose launcher differs: go generic
             _DIRECT_LAUNCH[0] = False
-            msg = f"direct launch unavailable ({e}); using Triton's launcher"
-            warnings.warn(msg, stacklevel=3)
-    kernel = _step_kernel[grid](
-        *ptrs, *ints, **dict(zip(_CONST_NAMES, consts, strict=True)),
-        num_warps=config.num_warps, num_stages=config.num_stages,
-    )  # fmt: skip
-    run = kernel.run  # initialises the module handles, then .function is set
-    if len(_LAUNCHERS) < 256:
-        _LAUNCHERS[key] = (kernel, run, kernel.function, kernel.packed_metadata)
+            plan.compiled = None
+            warnings.warn(f"direct launch unavailable ({e}); using Triton's launcher", stacklevel=3)
+    kernel = _launch_generic(plan, grid, tensors, plan.strides)
+    if _DIRECT_LAUNCH[0] and not misaligned:
+        run = kernel.run  # initialises the module handles, then .function is set
+        plan.compiled = (kernel, run, kernel.function, kernel.packed_metadata)
 
 
 def step(
@@ -317,48 +379,56 @@ def step(
 
     Shapes: q, k (B, G, N) or (B, R, G, N); v, z (B, H, P); adt, dt, trap (B, H);
     angles (B, H, S); q_bias, k_bias (H, N) or (H, R, N); D (H,); mimo_* (H, R, P);
-    state: angle (B, H, S) fp32, ssm (B, H, P, N) fp32, k (B, R, H, N), v (B, H, P).
+    state (contiguous): angle (B, H, S) fp32, ssm (B, H, P, N) fp32, k (B, R, H, N), v (B, H, P).
     Returns out (B, H, P), or (B, R, H, P) for MIMO without mimo_o, in v's dtype (written
     into ``out`` when given: no allocation then, so the call can be captured in a CUDA graph).
     """
     q, k, v, z = inputs.q, inputs.k, inputs.v, inputs.z
-    keep_ranks = problem.mimo and inputs.mimo_o is None
-    if out is None:
-        out = torch.empty(output_shape(problem), dtype=v.dtype, device=v.device)
-
-    if q.dim() == 4:
-        sq, sk = q.stride(), k.stride()
-    else:  # SISO: a rank axis of stride 0
-        sq = (q.stride(0), 0, q.stride(1), q.stride(2))
-        sk = (k.stride(0), 0, k.stride(1), k.stride(2))
-    so = out.stride() if keep_ranks else (out.stride(0), 0, out.stride(1), out.stride(2))
-    sz = z.stride() if z is not None else (0, 0, 0)
-    qb, kb = _params(inputs.q_bias, v), _params(inputs.k_bias, v)
-    mv, mz, mo = (_params(t, v) for t in (inputs.mimo_v, inputs.mimo_z, inputs.mimo_o))
     adt, dt, trap, ang = inputs.adt, inputs.dt, inputs.trap, inputs.angles
-
-    ptrs = [
-        q, k, v, z if z is not None else v, adt, dt, trap, qb, kb, ang,
-        inputs.D if inputs.D is not None else v, mv, mz, mo,
-        state.angle, state.ssm, state.k, state.v, out,
-    ]  # fmt: skip
-    ints = [
-        *sq, *sk, *v.stride(), *sz, *adt.stride(), *dt.stride(), *trap.stride(),
-        *ang.stride(), *state.angle.stride(), *state.ssm.stride(), *state.k.stride(),
-        *state.v.stride(), *so,
-    ]  # fmt: skip
-    consts = (
-        problem.nheads // problem.ngroups, problem.rank, problem.d_state, problem.headdim,
-        problem.n_angles, config.block_p, problem.rotary == "interleaved",
-        inputs.D is not None, z is not None, inputs.mimo_v is not None,
-        inputs.mimo_z is not None, inputs.mimo_o is not None, keep_ranks,
+    qb, kb, d = inputs.q_bias, inputs.k_bias, inputs.D
+    mv, mz, mo = inputs.mimo_v, inputs.mimo_z, inputs.mimo_o
+    # q's dtype is the problem's; k, v and z match it (validated).
+    key = (
+        id(problem), id(config), v.get_device(),
+        q.stride(), k.stride(), v.stride(), None if z is None else z.stride(),
+        adt.dtype, adt.stride(), dt.dtype, dt.stride(), trap.dtype, trap.stride(),
+        ang.dtype, ang.stride(), _meta(qb), _meta(kb), _meta(d), _meta(mv), _meta(mz), _meta(mo),
+        state.angle.dtype, state.ssm.dtype, state.k.dtype, state.v.dtype, _meta(out),
     )  # fmt: skip
-    grid = (problem.nheads, problem.batch)
-    if v.device.type != "cuda":  # the interpreter (CPU tensors): the plain launch
-        _step_kernel[grid](
-            *ptrs, *ints, **dict(zip(_CONST_NAMES, consts, strict=True)),
-            num_warps=config.num_warps, num_stages=config.num_stages,
-        )  # fmt: skip
-    else:
-        _launch(grid, ptrs, ints, consts, config)
+    plan = _PLANS.get(key)
+    if plan is None:
+        for name, t in zip(Mamba3State._fields, state, strict=True):
+            if not t.is_contiguous():
+                raise ValueError(f"state.{name}: the step kernel needs a contiguous state")
+        plan = _Plan(
+            problem, config, (q, k, v, z, adt, dt, trap, ang), (qb, kb, d, mv, mz, mo), out
+        )
+        if len(_PLANS) >= _PLANS_MAX:
+            _PLANS.clear()
+        _PLANS[key] = plan
+    target = None
+    if plan.slow:  # copies into the layouts the kernel assumes
+        q, k, v, z, adt, dt, trap, ang = (
+            t.contiguous() if rp else t
+            for t, rp in zip((q, k, v, z, adt, dt, trap, ang), plan.repack, strict=True)
+        )
+        qb, kb, d, mv, mz, mo = (
+            None if t is None else t.contiguous() for t in (qb, kb, d, mv, mz, mo)
+        )
+        if out is not None and not out.is_contiguous():
+            target, out = out, None
+    if out is None:
+        out = torch.empty(plan.out_shape, dtype=v.dtype, device=v.device)
+    # Absent optional tensors: v stands in (never read: the kernel's flags skip them).
+    tensors = [
+        q, k, v, v if z is None else z, adt, dt, trap, qb, kb, ang, v if d is None else d,
+        v if mv is None else mv, v if mz is None else mz, v if mo is None else mo, *state, out,
+    ]  # fmt: skip
+    if plan.on_gpu:
+        _launch(plan, tensors)
+    else:  # the interpreter (CPU tensors): the plain launch
+        _launch_generic(plan, plan.grid, tensors, plan.strides)
+    if target is not None:
+        target.copy_(out)
+        return target
     return out
