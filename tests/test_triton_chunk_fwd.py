@@ -106,6 +106,8 @@ GRID = [
     ("halves", 4, False, 2, True, True),
     ("interleaved", 4, True, 4, False, True),
     ("halves", 2, False, 4, False, False),
+    ("interleaved", 2, True, 8, True, True),  # S = N/8: rotated pairs with zero rate
+    ("halves", 1, False, 8, False, True),
 ]
 
 

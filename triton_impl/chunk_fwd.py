@@ -6,10 +6,12 @@ tokens is handled as a SISO chunk of C*R rows: row i is token i // R, rank i % R
 token shares its decay, the causal mask compares tokens (t_q >= t_k), and the diagonal (same
 token, every rank pair) takes the weight gamma instead of the folded trapezoid weight.
 
-The rotary transition is applied to three column groups of q and k, loaded with the layout's
-column indices: the first element of each rotated pair ("a"), the second ("b") and the columns
-that pass unchanged. Every product over N is split into the same three groups, and the state is
-kept as three tiles. Angles are only ever handled per pair (C*R x S), never per column.
+The rotary transition acts on q, k and the state kept as two (rows, N/2) tiles lo, hi, the two
+members of each rotary pair. When S <= N/4 only the first N/4 pairs can rotate: their members are
+zipped (alternate columns) with the pass-through columns, and cos/sin are computed for N/4 pairs
+and zipped with the constants 1 and 0, so the trig runs on (rows, N/4) only while the dots keep
+whole N/2-wide operands (narrower operands made the compiler rebuild them in register layouts
+and spill). Angles are only ever handled per pair, never per column.
 
 Per chunk, with c the cumulative log-decay inside the chunk and w_s = gamma_s + mu_{s+1}
 (mu_t = dt_t (1 - lam_t), zero past the end of the sequence):
@@ -49,12 +51,15 @@ class ChunkFwdConfig:
     chunk_size: tokens per chunk (C); a MIMO chunk holds C*R rows. problem.chunk_size overrides it.
     block_p:    value-dim columns per program (P is split into P / block_p programs).
     num_warps, num_stages: Triton launch parameters (num_stages pipelines the chunk loop's loads).
+    maxnreg:    register cap per thread (0: the compiler's choice, which is 255 at every tile
+                size); a lower cap trades spills for more resident programs per multiprocessor.
     """
 
     chunk_size: int = 64
     block_p: int = 64
     num_warps: int = 8
     num_stages: int = 1
+    maxnreg: int = 0
 
 
 def _next_pow2(x: int) -> int:
@@ -135,6 +140,8 @@ def constraint(problem: Problem, config: ChunkFwdConfig, device_props: dict | No
         return f"num_warps {config.num_warps} not a power of two <= 16"
     if config.num_stages < 1:
         return "num_stages < 1"
+    if config.maxnreg and not 64 <= config.maxnreg <= 255:
+        return f"maxnreg {config.maxnreg} outside [64, 255]"
     if problem.rank > 1 and config.num_warps == 4 and rows >= 64:
         # Seen with Triton 3.6 on an H100 (MIMO R=4, 64 rows, block_p 32, 4 warps): the
         # scores x V product reads shared memory out of range (compute-sanitizer), an illegal
@@ -187,35 +194,107 @@ def _op(x, DOT_DTYPE: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _load_lohi(ptr, row_off, rmask, NH: tl.constexpr, HALVES: tl.constexpr):
-    """Load rows of N = 2*NH values split into the two members of each rotary pair.
+def _load_rot(ptr, row_off, rmask, NH: tl.constexpr, SA: tl.constexpr, HALVES: tl.constexpr):
+    """Load the first SA rotary pairs of rows of N = 2*NH values, as their two members a, b.
 
-    row_off: (M, 1) element offsets of the rows; rmask: (M, 1) row mask. Returns lo, hi (M, NH):
-    halves: columns [0, NH) and [NH, N); interleaved: even and odd columns. Both loads stay
-    contiguous along the row (vectorised); the interleaved split happens in registers.
+    row_off: (M, 1) element offsets of the rows; rmask: (M, 1) row mask. Returns a, b (M, SA):
+    halves: columns [0, SA) and [NH, NH + SA); interleaved: even and odd columns of [0, 2*SA).
+    Both loads stay contiguous along the row; the interleaved split happens in registers.
     """
-    j = tl.arange(0, NH)
+    j = tl.arange(0, SA)
     if HALVES:
-        lo = tl.load(ptr + row_off + j[None, :], mask=rmask, other=0.0)
-        hi = tl.load(ptr + row_off + NH + j[None, :], mask=rmask, other=0.0)
+        a = tl.load(ptr + row_off + j[None, :], mask=rmask, other=0.0)
+        b = tl.load(ptr + row_off + NH + j[None, :], mask=rmask, other=0.0)
     else:
-        jn = tl.arange(0, 2 * NH)
+        jn = tl.arange(0, 2 * SA)
         x = tl.load(ptr + row_off + jn[None, :], mask=rmask, other=0.0)
-        lo, hi = tl.split(tl.reshape(x, (x.shape[0], NH, 2)))
-    return lo, hi
+        a, b = tl.split(tl.reshape(x, (x.shape[0], SA, 2)))
+    return a, b
 
 
 @triton.jit
-def _store_lohi(ptr, row_off, lo, hi, rmask, NH: tl.constexpr, HALVES: tl.constexpr):
-    """Inverse of _load_lohi: store lo, hi (M, NH) as rows of N values."""
-    j = tl.arange(0, NH)
+def _pass_cols(NH: tl.constexpr, SA: tl.constexpr, HALVES: tl.constexpr):
+    """Column indices (two contiguous runs of NH - SA) of the pairs past SA, which never rotate.
+    Both layouts keep them contiguous: halves [SA, NH) and [NH + SA, N); interleaved
+    [2*SA, NH + SA) and [NH + SA, N). Any split works as long as q, k and the state agree."""
+    j = tl.arange(0, NH - SA)
     if HALVES:
-        tl.store(ptr + row_off + j[None, :], lo, mask=rmask)
-        tl.store(ptr + row_off + NH + j[None, :], hi, mask=rmask)
+        return SA + j, NH + SA + j
     else:
-        jn = tl.arange(0, 2 * NH)
-        x = tl.reshape(tl.join(lo, hi), (lo.shape[0], 2 * NH))
+        return 2 * SA + j, NH + SA + j
+
+
+@triton.jit
+def _load_pass(ptr, row_off, rmask, NH: tl.constexpr, SA: tl.constexpr, HALVES: tl.constexpr):
+    """Load the pass-through columns of rows (see _pass_cols) as two (M, NH - SA) tiles."""
+    ce, cf = _pass_cols(NH, SA, HALVES)
+    e = tl.load(ptr + row_off + ce[None, :], mask=rmask, other=0.0)
+    f = tl.load(ptr + row_off + cf[None, :], mask=rmask, other=0.0)
+    return e, f
+
+
+@triton.jit
+def _zip(a, e):
+    """(M, K), (M, K) -> (M, 2K) with a in the even columns and e in the odd ones."""
+    return tl.reshape(tl.join(a, e), (a.shape[0], 2 * a.shape[1]))
+
+
+@triton.jit
+def _unzip(x):
+    """Inverse of _zip."""
+    return tl.split(tl.reshape(x, (x.shape[0], x.shape[1] // 2, 2)))
+
+
+@triton.jit
+def _load_lohi(ptr, row_off, rmask, NH: tl.constexpr, SA: tl.constexpr, HALVES: tl.constexpr):
+    """Load rows of N values as two (M, NH) tiles lo, hi: the two members of the rotated pairs
+    zipped with the pass-through columns (column 2j of lo/hi is member a/b of pair j < SA,
+    column 2j + 1 is pass-through column j of run e/f), so the rotation acts on whole tiles
+    while the trig is computed for SA pairs only. Without pass-through pairs (SA == NH):
+    lo, hi are the pair members a, b."""
+    a, b = _load_rot(ptr, row_off, rmask, NH, SA, HALVES)
+    if SA < NH:
+        e, f = _load_pass(ptr, row_off, rmask, NH, SA, HALVES)
+        return _zip(a, e), _zip(b, f)
+    else:
+        return a, b
+
+
+@triton.jit
+def _store_lohi(
+    ptr, row_off, lo, hi, rmask, NH: tl.constexpr, SA: tl.constexpr, HALVES: tl.constexpr
+):
+    """Inverse of _load_lohi."""
+    if SA < NH:
+        a, e = _unzip(lo)
+        b, f = _unzip(hi)
+        _store_rot(ptr, row_off, a, b, rmask, NH, SA, HALVES)
+        _store_pass(ptr, row_off, e, f, rmask, NH, SA, HALVES)
+    else:
+        _store_rot(ptr, row_off, lo, hi, rmask, NH, SA, HALVES)
+
+
+@triton.jit
+def _store_rot(ptr, row_off, a, b, rmask, NH: tl.constexpr, SA: tl.constexpr, HALVES: tl.constexpr):
+    """Inverse of _load_rot: store a, b (M, SA) into rows of N values."""
+    j = tl.arange(0, SA)
+    if HALVES:
+        tl.store(ptr + row_off + j[None, :], a, mask=rmask)
+        tl.store(ptr + row_off + NH + j[None, :], b, mask=rmask)
+    else:
+        jn = tl.arange(0, 2 * SA)
+        x = tl.reshape(tl.join(a, b), (a.shape[0], 2 * SA))
         tl.store(ptr + row_off + jn[None, :], x, mask=rmask)
+
+
+@triton.jit
+def _store_pass(
+    ptr, row_off, e, f, rmask, NH: tl.constexpr, SA: tl.constexpr, HALVES: tl.constexpr
+):
+    """Inverse of _load_pass."""
+    ce, cf = _pass_cols(NH, SA, HALVES)
+    tl.store(ptr + row_off + ce[None, :], e, mask=rmask)
+    tl.store(ptr + row_off + cf[None, :], f, mask=rmask)
 
 
 @triton.jit
@@ -250,6 +329,7 @@ def _chunk_fwd_kernel(
     P: tl.constexpr,
     N: tl.constexpr,
     S: tl.constexpr,
+    SA: tl.constexpr,
     R: tl.constexpr,
     C: tl.constexpr,
     BP: tl.constexpr,
@@ -286,18 +366,24 @@ def _chunk_fwd_kernel(
     io_dtype = v_ptr.dtype.element_ty
     dd: tl.constexpr = io_dtype  # dot operand dtype
 
+    # Pairs [0, SA) go through the rotation (those in [S, SA) with zero rate: cos 1, sin 0);
+    # pairs [SA, NH) never rotate and skip the trig and rotation arithmetic entirely.
+    # Pairs [0, SA) rotate (those in [S, SA) with zero rate: cos 1, sin 0); when S <= N/4,
+    # SA = N/4 and the other pairs pass through: their cos/sin are the constants 1 and 0 zipped
+    # into the tiles (see _load_lohi), so the trig runs on SA pairs only.
+    PASS: tl.constexpr = SA < NH
     rows = tl.arange(0, CR)
     t_loc = rows // R  # token of each row inside the chunk
     r_idx = rows % R  # rank of each row
-    jh = tl.arange(0, NH)  # pair index (lo/hi column index)
-    rot = jh < S  # pairs that rotate; the others pass through
+    jr = tl.arange(0, SA)  # rotated pair index
+    rot = jr < S  # pairs with a nonzero rate
     pp = pid_p * BP + tl.arange(0, BP)
     mp = (pp < P)[:, None]
     sh = seq.to(tl.int64) * H + h  # (sequence, head) index of state tensors
 
     # ---- initial state -------------------------------------------------------------------
     if HAS_INIT:
-        st_lo, st_hi = _load_lohi(s0_ptr, (sh * P + pp[:, None]) * N, mp, NH, HALVES)
+        st_lo, st_hi = _load_lohi(s0_ptr, (sh * P + pp[:, None]) * N, mp, NH, SA, HALVES)
         st_lo = st_lo.to(tl.float32)
         st_hi = st_hi.to(tl.float32)
         # Previous-input term of token 0: mu_0 * sum_r (v0 * mimo_v_r) k0_r^T.
@@ -311,14 +397,14 @@ def _chunk_fwd_kernel(
             if HAS_MV:
                 vr0 = vr0 * tl.load(mv_ptr + (h * R + r) * P + pp, mask=pp < P, other=0.0)
             k_row = tl.zeros((1, 1), dtype=tl.int64) + ((seq.to(tl.int64) * R + r) * H + h) * N
-            k0_lo, k0_hi = _load_lohi(k0_ptr, k_row, k_row >= 0, NH, HALVES)
+            k0_lo, k0_hi = _load_lohi(k0_ptr, k_row, k_row >= 0, NH, SA, HALVES)
             st_lo += vr0[:, None] * k0_lo.to(tl.float32)
             st_hi += vr0[:, None] * k0_hi.to(tl.float32)
-        theta = tl.load(a0_ptr + sh * S + jh, mask=rot, other=0.0).to(tl.float32)
+        theta = tl.load(a0_ptr + sh * S + jr, mask=rot, other=0.0).to(tl.float32)
     else:
         st_lo = tl.zeros((BP, NH), dtype=tl.float32)
         st_hi = tl.zeros((BP, NH), dtype=tl.float32)
-        theta = tl.zeros((NH,), dtype=tl.float32)
+        theta = tl.zeros((SA,), dtype=tl.float32)
     # Keep the running angle small so fp32 cos/sin stay accurate at any length.
     theta = theta - _TWO_PI * tl.floor(theta / _TWO_PI)
 
@@ -351,7 +437,7 @@ def _chunk_fwd_kernel(
         w = gamma + dt_n * (1.0 - tl.sigmoid(tr_n))
         # ---- angles: theta per row and pair (zero rate past S) ---------------------------
         ang = tl.load(
-            ang_ptr + (tok[:, None] * H + h) * S + jh[None, :],
+            ang_ptr + (tok[:, None] * H + h) * S + jr[None, :],
             mask=(valid & first_rank)[:, None] & rot[None, :],
             other=0.0,
         ).to(tl.float32)
@@ -361,18 +447,21 @@ def _chunk_fwd_kernel(
         theta = theta + tl.sum(rate, axis=0)
         theta = theta - _TWO_PI * tl.floor(theta / _TWO_PI)
         cos, sin = _cos_sin(th, rot[None, :], FAST)
+        if PASS:
+            cos = _zip(cos, tl.full(cos.shape, 1.0, tl.float32))
+            sin = _zip(sin, tl.zeros(sin.shape, tl.float32))
         # ---- q, k: bias, rotation, rounding to the dot dtype -----------------------------
         # Biases are re-read each chunk (cache hits): held across the loop, their broadcast
         # (rows, N) tiles would cost registers the dots need.
-        qb_lo, qb_hi = _load_lohi(qb_ptr, bias_row, bias_row >= 0, NH, HALVES)
-        kb_lo, kb_hi = _load_lohi(kb_ptr, bias_row, bias_row >= 0, NH, HALVES)
+        qb_lo, qb_hi = _load_lohi(qb_ptr, bias_row, bias_row >= 0, NH, SA, HALVES)
+        kb_lo, kb_hi = _load_lohi(kb_ptr, bias_row, bias_row >= 0, NH, SA, HALVES)
         qk_row = ((tok[:, None] * R + r_idx[:, None]) * G + g) * N
-        x_lo, x_hi = _load_lohi(q_ptr, qk_row, mrow, NH, HALVES)
+        x_lo, x_hi = _load_lohi(q_ptr, qk_row, mrow, NH, SA, HALVES)
         x_lo = x_lo.to(tl.float32) + qb_lo
         x_hi = x_hi.to(tl.float32) + qb_hi
         q_lo = _op(x_lo * cos - x_hi * sin, dd, UPCAST)
         q_hi = _op(x_lo * sin + x_hi * cos, dd, UPCAST)
-        x_lo, x_hi = _load_lohi(k_ptr, qk_row, mrow, NH, HALVES)
+        x_lo, x_hi = _load_lohi(k_ptr, qk_row, mrow, NH, SA, HALVES)
         x_lo = x_lo.to(tl.float32) + kb_lo
         x_hi = x_hi.to(tl.float32) + kb_hi
         k_lo = _op(x_lo * cos - x_hi * sin, dd, UPCAST)
@@ -421,7 +510,7 @@ def _chunk_fwd_kernel(
 
     if HAS_FINAL:
         # ssm: every P-block writes its rows.
-        _store_lohi(s1_ptr, (sh * P + pp[:, None]) * N, st_lo, st_hi, mp, NH, HALVES)
+        _store_lohi(s1_ptr, (sh * P + pp[:, None]) * N, st_lo, st_hi, mp, NH, SA, HALVES)
         has_tok = seqlen > 0
         last = bos + seqlen - 1
         # v: raw v of the last token (or the initial v for an empty sequence).
@@ -434,13 +523,16 @@ def _chunk_fwd_kernel(
             v_last = tl.where(has_tok, v_last.to(tl.float32), v_init.to(tl.float32))
         tl.store(v1_ptr + sh * P + pp, v_last.to(v1_ptr.dtype.element_ty), mask=pp < P)
         if pid_p == 0:
-            tl.store(a1_ptr + sh * S + jh, theta, mask=rot)
+            tl.store(a1_ptr + sh * S + jr, theta, mask=rot)
             # k: rotated, biased k of the last token, one row per rank.
             rr = tl.arange(0, R)[:, None]
             fcos, fsin = _cos_sin(theta[None, :], rot[None, :], FAST)
+            if PASS:
+                fcos = _zip(fcos, tl.full(fcos.shape, 1.0, tl.float32))
+                fsin = _zip(fsin, tl.zeros(fsin.shape, tl.float32))
             mk = rr * 0 < seqlen
-            x_lo, x_hi = _load_lohi(k_ptr, ((last * R + rr) * G + g) * N, mk, NH, HALVES)
-            b_lo, b_hi = _load_lohi(kb_ptr, (h * R + rr) * N, rr >= 0, NH, HALVES)
+            x_lo, x_hi = _load_lohi(k_ptr, ((last * R + rr) * G + g) * N, mk, NH, SA, HALVES)
+            b_lo, b_hi = _load_lohi(kb_ptr, (h * R + rr) * N, rr >= 0, NH, SA, HALVES)
             x_lo = x_lo.to(tl.float32) + b_lo
             x_hi = x_hi.to(tl.float32) + b_hi
             f_lo = x_lo * fcos - x_hi * fsin
@@ -448,14 +540,14 @@ def _chunk_fwd_kernel(
             k_out = ((seq.to(tl.int64) * R + rr) * H + h) * N
             if HAS_INIT:
                 # An empty sequence keeps its initial k.
-                i_lo, i_hi = _load_lohi(k0_ptr, k_out, rr >= 0, NH, HALVES)
+                i_lo, i_hi = _load_lohi(k0_ptr, k_out, rr >= 0, NH, SA, HALVES)
                 f_lo = tl.where(has_tok, f_lo, i_lo.to(tl.float32))
                 f_hi = tl.where(has_tok, f_hi, i_hi.to(tl.float32))
             else:
                 f_lo = tl.where(has_tok, f_lo, 0.0)
                 f_hi = tl.where(has_tok, f_hi, 0.0)
             kdt = k1_ptr.dtype.element_ty
-            _store_lohi(k1_ptr, k_out, f_lo.to(kdt), f_hi.to(kdt), rr >= 0, NH, HALVES)
+            _store_lohi(k1_ptr, k_out, f_lo.to(kdt), f_hi.to(kdt), rr >= 0, NH, SA, HALVES)
 
 
 # --------------------------------------------------------------------------------------------
@@ -472,6 +564,7 @@ def _constexprs(
         P=problem.headdim,
         N=problem.d_state,
         S=problem.n_angles,
+        SA=_rotated_pairs(problem),
         R=problem.rank,
         C=_chunk(problem, config),
         BP=config.block_p,
@@ -488,6 +581,13 @@ def _constexprs(
         UPCAST=interp and not fp32,
         FAST=not interp,
     )
+
+
+def _rotated_pairs(problem: Problem) -> int:
+    """Pairs that go through the rotation (a power of two >= S): half of the N/2 pairs when
+    S <= N/4, so the other half skips the trig and rotation; else all N/2."""
+    nh = problem.d_state // 2
+    return nh // 2 if 2 * problem.n_angles <= nh else nh
 
 
 _TRITON_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
@@ -520,6 +620,8 @@ def compile_kernel(problem: Problem, config: ChunkFwdConfig, target=None):
         fn=_chunk_fwd_kernel, signature=signature, constexprs=consts, attrs=attrs
     )
     options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
+    if config.maxnreg:
+        options["maxnreg"] = config.maxnreg
     return triton.compile(src, target=target, options=options)
 
 
@@ -607,6 +709,7 @@ def chunk_fwd(
         **_constexprs(problem, config, interp, mimo_v is not None, mimo_z is not None),
         num_warps=config.num_warps,
         num_stages=config.num_stages,
+        **({"maxnreg": config.maxnreg} if config.maxnreg else {}),
     )
     return out, final
 
