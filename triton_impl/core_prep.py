@@ -3,11 +3,13 @@
 ``scan_via_core`` evaluates the whole scan as prep -> core -> epilogue, every piece differentiable
 (the core through its own Triton backward), so the backward of the scan is one vector-Jacobian
 product of this function:
-  * prep: bias and rotary on q, k per head (B, L, R, H, N); rank-weighted v (B, L, R, H, P);
+  * prep: cumulative angles theta (B, L, H, S); rank-weighted v (B, L, R, H, P);
     folded trapezoid weights w_t = gamma_t + mu_{t+1} (mu_t = dt_t (1 - lam_t), zero past the end
     of a sequence) and the diagonal weight gamma_t (B, H, L); the initial state's previous-input
     term folded into the initial matrix state S0 = ssm0 + mu_first sum_r vr0_r kr0_r^T;
-  * core: see core_scan;
+  * bias + rotary + group->head expansion of q, k fused with the core in one autograd node
+    (core_rotary.rot_core_scan: Triton kernels forward and backward, so the per-head rotated
+    q/k never pass through PyTorch elementwise ops or autograd); core: see core_scan;
   * epilogue: D skip, silu(z) gate, mimo_o rank sum; the final state (angle, ssm, k, v).
 Varlen (cu_seqlens) is handled here with per-token sequence ids, never with host syncs.
 """
@@ -23,7 +25,7 @@ from mamba3_kernels.inputs import ScanInputs
 from mamba3_kernels.problem import Problem
 from mamba3_kernels.state import Mamba3State
 
-from .core_scan import core_scan
+from .core_rotary import rot_core_scan
 
 __all__ = ["scan_via_core", "rotate"]
 
@@ -51,6 +53,16 @@ def _per_head(x: torch.Tensor, nheads: int) -> torch.Tensor:
     if groups == nheads:
         return x
     return x.repeat_interleave(nheads // groups, dim=3)
+
+
+def _rotated_tokens(
+    k: torch.Tensor, kb: torch.Tensor, theta: torch.Tensor, layout: str
+) -> torch.Tensor:
+    """Rot(theta)(k + bias) per head for a few tokens (the final state's k).
+    k (X, R, G, N), kb (R, H, N), theta (X, H, S) -> (X, R, H, N) fp32."""
+    kh = _per_head(k.float().unsqueeze(0), kb.shape[1])[0] + kb
+    th = theta.unsqueeze(1)
+    return rotate(kh, torch.cos(th), torch.sin(th), layout)
 
 
 def _token_seq(problem: Problem, cu: torch.Tensor | None, L: int, device) -> dict:
@@ -112,14 +124,11 @@ def scan_via_core(
         fold = fold * (~seqs["last"]).to(f32)
     w = gam + fold
 
-    theta = _thetas(inputs, dt, seqs, nseq).unsqueeze(2)  # (B, L, 1, H, S)
+    theta = _thetas(inputs, dt, seqs, nseq)  # (B, L, H, S)
     if mimo:
         qb, kb = inputs.q_bias.float().transpose(0, 1), inputs.k_bias.float().transpose(0, 1)
     else:
         qb, kb = inputs.q_bias.float().unsqueeze(0), inputs.k_bias.float().unsqueeze(0)
-    cos, sin = torch.cos(theta), torch.sin(theta)  # shared by q and k
-    qr = rotate(_per_head(q.float(), H) + qb, cos, sin, problem.rotary)
-    kr = rotate(_per_head(k.float(), H) + kb, cos, sin, problem.rotary)
     mv = inputs.mimo_v.float().transpose(0, 1) if mimo and inputs.mimo_v is not None else None
     vr = v.float().unsqueeze(2)
     if mv is not None:
@@ -142,8 +151,11 @@ def scan_via_core(
         s0 = init.ssm.float() + prev
 
     dot_dtype = problem.dtype
-    y, sf = core_scan(qr, kr, vr, inputs.adt.float(), w, gam, s0, inputs.cu_seqlens,
-                      (meta[0], dot_dtype, meta[2], meta[3], nseq))  # fmt: skip
+    # bias + rotary + group->head expansion run inside the fused node: the per-head rotated
+    # q/k exist only as the core's dot operands, never as autograd tensors.
+    y, sf = rot_core_scan(q, k, qb, kb, theta, vr, inputs.adt.float(), w, gam, s0,
+                          inputs.cu_seqlens, problem.rotary == "halves",
+                          (meta[0], dot_dtype, meta[2], meta[3], nseq))  # fmt: skip
 
     # ---- epilogue -------------------------------------------------------------------------
     if inputs.D is not None:
@@ -162,10 +174,10 @@ def scan_via_core(
     out = out.to(v.dtype)
 
     # ---- final state ----------------------------------------------------------------------
-    th = theta.squeeze(2)
     if seqs:
         last = (seqs["cu"][1:] - 1).clamp(min=0)
-        angle, k_last, v_last = th[0, last], kr[0, last], v[0, last]
+        angle, v_last = theta[0, last], v[0, last]
+        k_last = _rotated_tokens(k[0, last], kb, theta[0, last], problem.rotary)
         # an empty sequence keeps its initial state (zeros without one)
         empty = (seqs["cu"][1:] == seqs["cu"][:-1])[:, None, None]
         if init is not None:
@@ -177,6 +189,7 @@ def scan_via_core(
             k_last = torch.where(empty[..., None], 0.0, k_last)
             v_last = torch.where(empty, 0.0, v_last)
     else:
-        angle, k_last, v_last = th[:, -1], kr[:, -1], v[:, -1]
+        angle, v_last = theta[:, -1], v[:, -1]
+        k_last = _rotated_tokens(k[:, -1], kb, theta[:, -1], problem.rotary)
     state = Mamba3State(angle=angle, ssm=sf, k=k_last.to(inputs.k.dtype), v=v_last)
     return out, state

@@ -1,0 +1,302 @@
+"""Bias + rotary + group->head expansion of q and k in Triton, and its hand-written backward.
+
+Fused with the core (``rot_core_scan``) so that the per-head rotated q/k exist only as the core's
+dot operands (in the dot dtype) and their fp32 gradients only between the core's backward and
+the rotary backward: no PyTorch elementwise pass and no autograd ever touches a per-head tensor.
+
+Rotation per coordinate n with partner p(n) (same pair j(n)) and sign sgn(n) (-1 for the first
+member of a pair, +1 for the second, 0 for pass-through columns):
+
+    x_n   = q_n + bias_n                          (q read from group h // (H / G))
+    xr_n  = x_n cos(theta_j) + sgn_n x_p sin(theta_j)
+    dx_n  = dxr_n cos(theta_j) - sgn_n dxr_p sin(theta_j)          (rotation by -theta)
+    dtheta_j = sum over the pair's two columns of sgn_n dxr_n xr_p  (q and k, every rank)
+
+dq/dk are summed over the heads of a group in registers; bias gradients are per-block partial
+sums over tokens, reduced in PyTorch; dtheta is written per (rank, token, head, pair).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .core_scan import _core_bwd_op, _core_fwd_op
+
+__all__ = ["rotary_fwd", "rotary_bwd", "rot_core_scan"]
+
+_BT = 32  # tokens per program
+
+
+@triton.jit
+def _pairs(N: tl.constexpr, S: tl.constexpr, HALVES: tl.constexpr):
+    """Per column n: pair index j, partner column, whether it is rotated, sign (-1, +1, 0)."""
+    n = tl.arange(0, N)
+    if HALVES:
+        j = n % (N // 2)
+        second = n >= N // 2
+        partner = tl.where(second, n - N // 2, n + N // 2)
+    else:
+        j = n // 2
+        second = (n % 2) == 1
+        partner = tl.where(second, n - 1, n + 1)
+    paired = j < S
+    sgn = tl.where(paired, tl.where(second, 1.0, -1.0), 0.0)
+    return n, j, partner, paired, sgn
+
+
+@triton.jit
+def _biased(x_ptr, b_ptr, src, n, partner, mask):
+    """x + bias at the columns and at their partners: two (BT, N) fp32 tiles."""
+    b = tl.load(b_ptr + n).to(tl.float32)
+    bp = tl.load(b_ptr + partner).to(tl.float32)
+    x = tl.load(x_ptr + src[:, None] + n[None, :], mask=mask, other=0.0).to(tl.float32)
+    xp = tl.load(x_ptr + src[:, None] + partner[None, :], mask=mask, other=0.0).to(tl.float32)
+    return x + b[None, :], xp + bp[None, :]
+
+
+@triton.jit
+def _rot_fwd_kernel(
+    q_ptr, k_ptr, qb_ptr, kb_ptr, th_ptr, qr_ptr, kr_ptr, T, H, G,
+    N: tl.constexpr, S: tl.constexpr, R: tl.constexpr, BT: tl.constexpr, HALVES: tl.constexpr,
+):  # fmt: skip
+    """qr, kr (T, R, H, N) = Rot(theta) (q, k (T, R, G, N) + bias (R, H, N)); grid (T/BT, R*H)."""
+    pid_t = tl.program_id(0)
+    rh = tl.program_id(1)
+    r = rh // H
+    h = rh % H
+    g = h // (H // G)
+    t = (pid_t * BT + tl.arange(0, BT)).to(tl.int64)
+    m2 = (t < T)[:, None]
+    n, j, partner, paired, sgn = _pairs(N, S, HALVES)
+    src = ((t * R + r) * G + g) * N
+    boff = (r * H + h) * N
+    th = tl.load(th_ptr + (t * H + h)[:, None] * S + j[None, :], mask=m2 & paired[None, :],
+                 other=0.0)  # fmt: skip
+    c = tl.cos(th)
+    s = tl.sin(th) * sgn[None, :]
+    dst = ((t * R + r) * H + h) * N
+    x, xp = _biased(q_ptr, qb_ptr + boff, src, n, partner, m2)
+    tl.store(qr_ptr + dst[:, None] + n[None, :], (x * c + xp * s).to(qr_ptr.dtype.element_ty),
+             mask=m2)  # fmt: skip
+    x, xp = _biased(k_ptr, kb_ptr + boff, src, n, partner, m2)
+    tl.store(kr_ptr + dst[:, None] + n[None, :], (x * c + xp * s).to(kr_ptr.dtype.element_ty),
+             mask=m2)  # fmt: skip
+
+
+@triton.jit
+def _unrotate(d_ptr, dst, n, partner, m2, x, xp, c, s):
+    """(dx, sgn-free dtheta term) of one operand: dx = dxr c - dxr_p s', and dxr * xr_p, with
+    s' = sgn sin already folded into s (so the dtheta term below still lacks sgn)."""
+    d = tl.load(d_ptr + dst[:, None] + n[None, :], mask=m2, other=0.0)
+    dp = tl.load(d_ptr + dst[:, None] + partner[None, :], mask=m2, other=0.0)
+    xr_p = xp * c - x * s  # the partner's rotated value
+    return d * c - dp * s, d * xr_p
+
+
+@triton.jit
+def _rot_bwd_kernel(
+    dqr_ptr, dkr_ptr, q_ptr, k_ptr, qb_ptr, kb_ptr, th_ptr,
+    dq_ptr, dk_ptr, dqb_ptr, dkb_ptr, dth_ptr, T, H, G,
+    N: tl.constexpr, S: tl.constexpr, R: tl.constexpr, BT: tl.constexpr, HALVES: tl.constexpr,
+):  # fmt: skip
+    """Gradients of the rotary prep; grid (T/BT, R*G), each program loops over its group's heads.
+    dqr, dkr (T, R, H, N) fp32 -> dq, dk (T, R, G, N) fp32; dqb, dkb (T/BT, R, H, N) partial
+    sums over the block's tokens; dth (R, T, H, S) fp32."""
+    pid_t = tl.program_id(0)
+    rg = tl.program_id(1)
+    r = rg // G
+    g = rg % G
+    HG = H // G
+    t = (pid_t * BT + tl.arange(0, BT)).to(tl.int64)
+    tm = t < T
+    m2 = tm[:, None]
+    n, j, partner, paired, sgn = _pairs(N, S, HALVES)
+    src = ((t * R + r) * G + g) * N
+    acc_q = tl.zeros((BT, N), dtype=tl.float32)
+    acc_k = tl.zeros((BT, N), dtype=tl.float32)
+    jj = tl.arange(0, N // 2)
+    for hh in range(0, HG):
+        h = g * HG + hh
+        boff = (r * H + h) * N
+        th = tl.load(th_ptr + (t * H + h)[:, None] * S + j[None, :], mask=m2 & paired[None, :],
+                     other=0.0)  # fmt: skip
+        c = tl.cos(th)
+        s = tl.sin(th) * sgn[None, :]
+        dst = ((t * R + r) * H + h) * N
+        x, xp = _biased(q_ptr, qb_ptr + boff, src, n, partner, m2)
+        dxq, tq = _unrotate(dqr_ptr, dst, n, partner, m2, x, xp, c, s)
+        x, xp = _biased(k_ptr, kb_ptr + boff, src, n, partner, m2)
+        dxk, tk = _unrotate(dkr_ptr, dst, n, partner, m2, x, xp, c, s)
+        acc_q += dxq
+        acc_k += dxk
+        pb = (pid_t.to(tl.int64) * R * H + r * H + h) * N + n
+        tl.store(dqb_ptr + pb, tl.sum(dxq, axis=0))
+        tl.store(dkb_ptr + pb, tl.sum(dxk, axis=0))
+        dcol = (tq + tk) * sgn[None, :]
+        if HALVES:
+            dth = tl.sum(tl.reshape(dcol, (BT, 2, N // 2)), axis=1)
+        else:
+            dth = tl.sum(tl.reshape(dcol, (BT, N // 2, 2)), axis=2)
+        toff = ((r * T + t) * H + h) * S
+        tl.store(dth_ptr + toff[:, None] + jj[None, :], dth, mask=m2 & (jj < S)[None, :])
+    tl.store(dq_ptr + src[:, None] + n[None, :], acc_q, mask=m2)
+    tl.store(dk_ptr + src[:, None] + n[None, :], acc_k, mask=m2)
+
+
+# --------------------------------------------------------------------------------------------
+# Launchers
+# --------------------------------------------------------------------------------------------
+
+
+def rotary_fwd(q, k, qb, kb, theta, halves: bool, out_dtype: torch.dtype):
+    """q, k (B, L, R, G, N) any float; qb, kb (R, H, N) fp32; theta (B, L, H, S) fp32.
+    Returns qr, kr (B, L, R, H, N) in out_dtype."""
+    B, L, R, G, N = q.shape
+    H, S = qb.shape[1], theta.shape[-1]
+    qr = torch.empty((B, L, R, H, N), dtype=out_dtype, device=q.device)
+    kr = torch.empty_like(qr)
+    T = B * L
+    if T > 0:
+        _rot_fwd_kernel[(triton.cdiv(T, _BT), R * H)](
+            q, k, qb, kb, theta, qr, kr, T, H, G, N=N, S=S, R=R, BT=_BT, HALVES=halves,
+            num_warps=4,
+        )  # fmt: skip
+    return qr, kr
+
+
+def rotary_bwd(dqr, dkr, q, k, qb, kb, theta, halves: bool):
+    """Backward of rotary_fwd: dqr, dkr (B, L, R, H, N) fp32 -> dq, dk (B, L, R, G, N) fp32,
+    dqb, dkb (R, H, N) fp32, dtheta (B, L, H, S) fp32."""
+    B, L, R, G, N = q.shape
+    H, S = qb.shape[1], theta.shape[-1]
+    T = B * L
+    f32 = torch.float32
+    dev = q.device
+    dq = torch.empty((B, L, R, G, N), dtype=f32, device=dev)
+    dk = torch.empty_like(dq)
+    nblk = triton.cdiv(T, _BT)
+    pq = torch.zeros((nblk, R, H, N), dtype=f32, device=dev)
+    pk = torch.zeros_like(pq)
+    dth = torch.empty((R, B, L, H, S), dtype=f32, device=dev)
+    if T > 0:
+        _rot_bwd_kernel[(nblk, R * G)](
+            dqr, dkr, q, k, qb, kb, theta, dq, dk, pq, pk, dth, T, H, G,
+            N=N, S=S, R=R, BT=_BT, HALVES=halves, num_warps=4,
+        )  # fmt: skip
+    else:
+        dth.zero_()
+    return dq, dk, pq.sum(0), pk.sum(0), dth.sum(0) if R > 1 else dth[0]
+
+
+# Custom ops (functorch unwraps tensors before an op's kernel runs; see core_scan).
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@torch.library.custom_op("mamba3_triton::rotary_fwd", mutates_args=())
+def _rotary_fwd_op(
+    q: Tensor, k: Tensor, qb: Tensor, kb: Tensor, theta: Tensor, halves: bool, out_dtype: str
+) -> tuple[Tensor, Tensor]:
+    return rotary_fwd(q, k, qb, kb, theta, halves, _DTYPES[out_dtype])
+
+
+@_rotary_fwd_op.register_fake
+def _rotary_fwd_fake(q, k, qb, kb, theta, halves, out_dtype):
+    B, L, R, G, N = q.shape
+    shape = (B, L, R, qb.shape[1], N)
+    return q.new_empty(shape, dtype=_DTYPES[out_dtype]), q.new_empty(
+        shape, dtype=_DTYPES[out_dtype]
+    )
+
+
+@torch.library.custom_op("mamba3_triton::rotary_bwd", mutates_args=())
+def _rotary_bwd_op(
+    dqr: Tensor, dkr: Tensor, q: Tensor, k: Tensor, qb: Tensor, kb: Tensor, theta: Tensor,
+    halves: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    return rotary_bwd(dqr.contiguous(), dkr.contiguous(), q, k, qb, kb, theta, halves)
+
+
+@_rotary_bwd_op.register_fake
+def _rotary_bwd_fake(dqr, dkr, q, k, qb, kb, theta, halves):
+    f32 = torch.float32
+    e = q.new_empty
+    return (e(q.shape, dtype=f32), e(q.shape, dtype=f32), e(qb.shape, dtype=f32),
+            e(kb.shape, dtype=f32), e(theta.shape, dtype=f32))  # fmt: skip
+
+
+class _RotCore(torch.autograd.Function):
+    """rotary prep + core as one autograd node (setup_context style for functorch). Outputs
+    y, S_final and the rotated operands (non-differentiable; saved for the core's backward)."""
+
+    @staticmethod
+    def forward(q, k, qb, kb, theta, vr, adt, w, gam, s0, cu, halves, chunk, dot_dtype, nw, ns,
+                nseq):  # fmt: skip
+        op_dtype = dot_dtype if dot_dtype in ("bfloat16", "float16") else "float32"
+        qr, kr = _rotary_fwd_op(q, k, qb, kb, theta, halves, op_dtype)
+        y, sf = _core_fwd_op(qr, kr, vr, adt, w, gam, s0, cu, chunk, dot_dtype, nw, ns, nseq)
+        return y, sf, qr, kr
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs[:11], output[2], output[3])
+        ctx.mark_non_differentiable(output[2], output[3])
+        ctx.halves = inputs[11]
+        ctx.flags = inputs[12:]
+
+    @staticmethod
+    def backward(ctx, dy, dsf, _dqr, _dkr):
+        q, k, qb, kb, theta, vr, adt, w, gam, s0, cu, qr, kr = ctx.saved_tensors
+        if dy is None:
+            dy = torch.zeros(vr.shape, dtype=torch.float32, device=vr.device)
+        dqr, dkr, dv, dadt, dw, dg, ds0 = _core_bwd_op(
+            dy.contiguous(), dsf, qr, kr, vr, adt, w, gam, s0, cu, *ctx.flags
+        )
+        dq, dk, dqb, dkb, dth = _rotary_bwd_op(dqr, dkr, q, k, qb, kb, theta, ctx.halves)
+        return (dq.to(q.dtype), dk.to(k.dtype), dqb, dkb, dth, dv.to(vr.dtype),
+                dadt.to(adt.dtype), dw.to(w.dtype), dg.to(gam.dtype),
+                ds0 if s0 is not None else None, *([None] * 7))  # fmt: skip
+
+
+def rot_core_scan(q, k, qb, kb, theta, vr, adt, w, gam, s0, cu_seqlens, halves, meta):
+    """Differentiable rotary prep + core: (y (B, L, R, H, P) fp32, S_final (nseq, H, P, N) fp32).
+
+    q, k (B, L, R, G, N) raw (unbiased, unrotated); qb, kb (R, H, N) fp32; theta (B, L, H, S)
+    fp32 cumulative angles; the rest as core_scan. meta = (chunk, dot_dtype, num_warps,
+    num_stages, nseq)."""
+    chunk, dot_dtype, num_warps, num_stages, nseq = meta
+    name = str(dot_dtype).replace("torch.", "")
+    if name == "float64":
+        name = "float32"
+    args = [x.contiguous() if x is not None else None
+            for x in (q, k, qb, kb, theta, vr, adt, w, gam, s0)]  # fmt: skip
+    y, sf, _, _ = _RotCore.apply(*args, cu_seqlens, halves, chunk, name, num_warps, num_stages,
+                                 nseq)  # fmt: skip
+    return y, sf
+
+
+def compile_kernels(R: int, N: int, S: int, halves: bool, dtype: str = "bf16", target=None):
+    """Compile the rotary forward and backward kernels ahead of time (no GPU needed) for
+    ``target`` (default sm_90). Returns {name: compiled}."""
+    from triton.backends.compiler import GPUTarget
+
+    target = target or GPUTarget("cuda", 90, 64)
+    consts = dict(N=N, S=S, R=R, BT=_BT, HALVES=halves)
+    ints = dict(T="i32", H="i32", G="i32")
+    fwd = {"q_ptr": f"*{dtype}", "k_ptr": f"*{dtype}", "qb_ptr": "*fp32", "kb_ptr": "*fp32",
+           "th_ptr": "*fp32", "qr_ptr": f"*{dtype}", "kr_ptr": f"*{dtype}"}  # fmt: skip
+    bwd = {"dqr_ptr": "*fp32", "dkr_ptr": "*fp32", "q_ptr": f"*{dtype}", "k_ptr": f"*{dtype}",
+           "qb_ptr": "*fp32", "kb_ptr": "*fp32", "th_ptr": "*fp32", "dq_ptr": "*fp32",
+           "dk_ptr": "*fp32", "dqb_ptr": "*fp32", "dkb_ptr": "*fp32",
+           "dth_ptr": "*fp32"}  # fmt: skip
+    out = {}
+    for name, fn, sig in (
+        ("rotary_fwd", _rot_fwd_kernel, fwd),
+        ("rotary_bwd", _rot_bwd_kernel, bwd),
+    ):
+        sig = {**sig, **ints, **{k: "constexpr" for k in consts}}
+        src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=consts)
+        out[name] = triton.compile(src, target=target, options={"num_warps": 4})
+    return out
