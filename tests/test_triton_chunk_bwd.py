@@ -96,6 +96,18 @@ def test_grads_match_reference(rank, mimo, rotary, G, dz, mo, init, final, cu):
 
 
 @cpu_interpreted
+@pytest.mark.parametrize("rank,mimo", [(1, False), (2, True)])
+def test_D_without_z(rank, mimo):
+    """D without z (and no mimo_o): the backward skips the core's forward recompute."""
+    g = torch.Generator().manual_seed(40 + rank)
+    inputs = random_inputs(
+        batch=2, seqlen=29, nheads=4, ngroups=2, d_state=16, headdim=16, rank=rank, mimo=mimo,
+        with_D=True, with_z=False, with_mimo_o=False, with_initial_state=True, generator=g,
+    )  # fmt: skip
+    _check(inputs, "interleaved" if rank == 1 else "halves", True, chunk=16 // rank)
+
+
+@cpu_interpreted
 def test_rank4_n32_long_chunks():
     g = torch.Generator().manual_seed(5)
     inputs = random_inputs(

@@ -232,11 +232,18 @@ class _RotCore(torch.autograd.Function):
     y, S_final and the rotated operands (non-differentiable; saved for the core's backward)."""
 
     @staticmethod
-    def forward(q, k, qb, kb, theta, vr, adt, w, gam, s0, cu, halves, chunk, dot_dtype, nw, ns,
-                nseq):  # fmt: skip
+    def forward(q, k, qb, kb, theta, vr, adt, w, gam, s0, cu, halves, need_y, chunk, dot_dtype,
+                nw, ns, nseq):  # fmt: skip
         op_dtype = dot_dtype if dot_dtype in ("bfloat16", "float16") else "float32"
         qr, kr = _rotary_fwd_op(q, k, qb, kb, theta, halves, op_dtype)
-        y, sf = _core_fwd_op(qr, kr, vr, adt, w, gam, s0, cu, chunk, dot_dtype, nw, ns, nseq)
+        if need_y:
+            y, sf = _core_fwd_op(qr, kr, vr, adt, w, gam, s0, cu, chunk, dot_dtype, nw, ns, nseq)
+        else:
+            # Values not wanted (see rot_core_scan): zero-strided zeros, no launch, no memory.
+            B, L, R, H, N = qr.shape
+            zero = torch.zeros(1, dtype=torch.float32, device=q.device)
+            y = zero.expand(B, L, R, H, vr.shape[-1])
+            sf = zero.expand(nseq, H, vr.shape[-1], N)
         return y, sf, qr, kr
 
     @staticmethod
@@ -244,7 +251,7 @@ class _RotCore(torch.autograd.Function):
         ctx.save_for_backward(*inputs[:11], output[2], output[3])
         ctx.mark_non_differentiable(output[2], output[3])
         ctx.halves = inputs[11]
-        ctx.flags = inputs[12:]
+        ctx.flags = inputs[13:]
 
     @staticmethod
     def backward(ctx, dy, dsf, _dqr, _dkr):
@@ -257,23 +264,27 @@ class _RotCore(torch.autograd.Function):
         dq, dk, dqb, dkb, dth = _rotary_bwd_op(dqr, dkr, q, k, qb, kb, theta, ctx.halves)
         return (dq.to(q.dtype), dk.to(k.dtype), dqb, dkb, dth, dv.to(vr.dtype),
                 dadt.to(adt.dtype), dw.to(w.dtype), dg.to(gam.dtype),
-                ds0 if s0 is not None else None, *([None] * 7))  # fmt: skip
+                ds0 if s0 is not None else None, *([None] * 8))  # fmt: skip
 
 
-def rot_core_scan(q, k, qb, kb, theta, vr, adt, w, gam, s0, cu_seqlens, halves, meta):
+def rot_core_scan(
+    q, k, qb, kb, theta, vr, adt, w, gam, s0, cu_seqlens, halves, meta, need_y: bool = True
+):
     """Differentiable rotary prep + core: (y (B, L, R, H, P) fp32, S_final (nseq, H, P, N) fp32).
 
     q, k (B, L, R, G, N) raw (unbiased, unrotated); qb, kb (R, H, N) fp32; theta (B, L, H, S)
     fp32 cumulative angles; the rest as core_scan. meta = (chunk, dot_dtype, num_warps,
-    num_stages, nseq)."""
+    num_stages, nseq). need_y=False skips the core's forward: y and S_final are then zeros (not
+    their values) while the backward stays exact, which is all a caller that only takes the
+    vector-Jacobian product and whose epilogue backward never reads y needs."""
     chunk, dot_dtype, num_warps, num_stages, nseq = meta
     name = str(dot_dtype).replace("torch.", "")
     if name == "float64":
         name = "float32"
     args = [x.contiguous() if x is not None else None
             for x in (q, k, qb, kb, theta, vr, adt, w, gam, s0)]  # fmt: skip
-    y, sf, _, _ = _RotCore.apply(*args, cu_seqlens, halves, chunk, name, num_warps, num_stages,
-                                 nseq)  # fmt: skip
+    y, sf, _, _ = _RotCore.apply(*args, cu_seqlens, halves, need_y, chunk, name, num_warps,
+                                 num_stages, nseq)  # fmt: skip
     return y, sf
 
 
