@@ -7,6 +7,9 @@ For each case and batch: a correctness check against the float64 reference, then
   graph_ms     do_bench median of a CUDA-graph replay of one step (L2 flushed),
   graph_rot_ms per-step time of a graph of steps over distinct states (cold: the realistic one),
   graph_hot_ms per-step time of a graph of consecutive steps on the same state (L2-warm),
+  host_us      host time per launcher call (the GPU kept busy, so calls only enqueue),
+  api_host_us  the same through ``mamba3_kernels.step``,
+  stream_state_flipped  graph and rotated-graph times with the state cache hint switched,
 and the floor: the fp32 state read and written once at the measured copy rate. ``--sweep``
 times every valid config of the kernel's search space by graph replay.
 
@@ -68,6 +71,22 @@ def loop_ms(fn, calls: int = 200) -> float:
         torch.cuda.synchronize()
         best.append((time.perf_counter() - t0) / calls * 1e3)
     return sorted(best)[1]
+
+
+def host_us(fn, calls: int = 200) -> float:
+    """Host time per call in microseconds: the GPU is kept busy by a sleep kernel first, so the
+    calls only enqueue and the wall time is the launcher's own (Python + driver) cost."""
+    fn()
+    torch.cuda.synchronize()
+    best = []
+    for _ in range(3):
+        torch.cuda._sleep(100_000_000)  # ~60 ms of GPU time, longer than the calls take
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        best.append((time.perf_counter() - t0) / calls * 1e6)
+        torch.cuda.synchronize()
+    return min(best)
 
 
 def capture(fn, n: int = 1) -> torch.cuda.CUDAGraph:
@@ -154,6 +173,17 @@ def one(case: str, batch: int, sweep: bool, gbps: float) -> dict:
     res["graph_ms"], res["graph_hot_ms"] = graph_ms(run)
     res["graph_rot_ms"], res["rotated_states"] = graph_rotated_ms(problem, inputs, cfg)
     res["achieved_gbps"] = ssm_bytes / res["graph_rot_ms"] / 1e6
+    res["host_us"] = host_us(run)
+    # The state cache hint, both ways (plans keep their setting: rebuild them around the switch).
+    stream0 = tstep.STREAM_STATE[0]
+    res["stream_state"] = stream0
+    tstep.STREAM_STATE[0] = not stream0
+    tstep._PLANS.clear()
+    alt = {"graph_rot_ms": graph_rotated_ms(problem, inputs, cfg)[0]}
+    alt["graph_ms"] = graph_ms(run)[0]
+    res["stream_state_flipped"] = alt
+    tstep.STREAM_STATE[0] = stream0
+    tstep._PLANS.clear()
     try:
         import mamba3_kernels
 
@@ -162,6 +192,7 @@ def one(case: str, batch: int, sweep: bool, gbps: float) -> dict:
         kw = dict(D=inputs.D, z=inputs.z, mimo_v=inputs.mimo_v, mimo_z=inputs.mimo_z)
         kw.update(mimo_o=inputs.mimo_o, rotary=rotary, backend="triton")
         res["api_loop_ms"] = loop_ms(lambda: mamba3_kernels.step(*args, **kw))
+        res["api_host_us"] = host_us(lambda: mamba3_kernels.step(*args, **kw))
         res["api_kernel_ms"] = triton.testing.do_bench(
             lambda: mamba3_kernels.step(*args, **kw), return_mode="median"
         )
@@ -209,7 +240,8 @@ def main() -> None:
                     json.dump(results, f, indent=1)
     print(f"{results['device']}  copy {gbps:.0f} GB/s  direct launch {results['direct_launch']}")
     print("times in us; floor = fp32 state read + written once at the copy rate")
-    hdr = "case        B  correct floor kernel graph g_rot g_hot  loop  api_loop  best_sweep"
+    hdr = "case        B  correct floor kernel graph g_rot g_hot  loop  api_loop  host api_host"
+    hdr += "  g_rot(hint flipped)  best_sweep"
     print(hdr)
     for r in results["runs"]:
         best = r["sweep"][0] if r.get("sweep") else None
@@ -222,7 +254,9 @@ def main() -> None:
             f"{r['case']:<11}{r['batch']:>4}  {str(r['correct']):<6}{r['floor_ms'] * 1e3:6.1f}"
             f"{r['kernel_ms'] * 1e3:7.1f}{r['graph_ms'] * 1e3:6.1f}{r['graph_rot_ms'] * 1e3:6.1f}"
             f"{r['graph_hot_ms'] * 1e3:6.1f}"
-            f"{r['loop_ms'] * 1e3:6.1f}  {api:>8}  {bs}"
+            f"{r['loop_ms'] * 1e3:6.1f}  {api:>8}  {r['host_us']:5.1f}"
+            f" {r.get('api_host_us', 0):6.1f}"
+            f"  {r['stream_state_flipped']['graph_rot_ms'] * 1e3:6.1f}  {bs}"
         )
 
 

@@ -282,7 +282,7 @@ _SM90_COMPILE = textwrap.dedent(
         kern = tstep._step_kernel
         consts = dict(H=H, G=G, R=R, N=N, P=P, S=S, BLOCK_P=32, INTERLEAVED=not mimo,
                       HAS_D=True, HAS_Z=True, HAS_MV=mimo, HAS_MZ=mimo, HAS_MO=mimo,
-                      KEEP_RANKS=False)
+                      KEEP_RANKS=False, STREAM=True)
         io = "*bf16"
         ptrs = dict(q_ptr=io, k_ptr=io, v_ptr=io, z_ptr=io, sk_ptr=io, sv_ptr=io, out_ptr=io)
         # Runtime integers: the batch strides of q, k, v, z, adt, dt, trap, angles.
@@ -307,8 +307,10 @@ _SM90_COMPILE = textwrap.dedent(
         ptx, cubin = ck.asm["ptx"], ck.asm["cubin"]
         assert ".target sm_90" in ptx, ptx[:400]
         assert len(cubin) > 1000
-        # The fp32 state tile moves in 16-byte accesses; the barrier guarding the state is there.
-        assert "ld.global.v4.b32" in ptx and "st.global.v4.b32" in ptx
+        # The fp32 state tile moves in 16-byte accesses with the streaming hint; the barrier
+        # guarding the state is there.
+        assert "ld.global.L1::evict_first.L2::cache_hint.v4.b32" in ptx
+        assert "st.global.L1::evict_first.L2::cache_hint.v4.b32" in ptx
         assert "bar.sync" in ptx
         print("ok", R, len(ptx), len(cubin))
     """

@@ -185,7 +185,7 @@ def _step_kernel(
     H: tl.constexpr, G: tl.constexpr, R: tl.constexpr, N: tl.constexpr, P: tl.constexpr,
     S: tl.constexpr, BLOCK_P: tl.constexpr, INTERLEAVED: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_MV: tl.constexpr, HAS_MZ: tl.constexpr,
-    HAS_MO: tl.constexpr, KEEP_RANKS: tl.constexpr,
+    HAS_MO: tl.constexpr, KEEP_RANKS: tl.constexpr, STREAM: tl.constexpr,
 ):  # fmt: skip
     # Layouts: the per-step tensors have packed inner axes and a free batch stride (s_*_b); the
     # state, out and the per-head parameters are contiguous, so their offsets follow from the sizes.
@@ -262,7 +262,12 @@ def _step_kernel(
     for p0 in range(0, P, BLOCK_P):
         offs_p = p0 + tl.arange(0, BLOCK_P)
         ss_ptrs = ss_ptr + (bh * P + offs_p[:, None]) * N + offs_n[None, :]
-        acc = tl.load(ss_ptrs) * alpha
+        # The state streams through once: evict_first keeps it from displacing the small,
+        # reused per-head tensors in L2 (STREAM constexpr, so both variants can be timed).
+        if STREAM:
+            acc = tl.load(ss_ptrs, eviction_policy="evict_first") * alpha
+        else:
+            acc = tl.load(ss_ptrs) * alpha
         v_old = tl.load(sv_base + offs_p).to(tl.float32)
         v_new = tl.load(v_base + offs_p).to(tl.float32)
 
@@ -278,7 +283,10 @@ def _step_kernel(
                 w_prev = beta * v_old
                 w_cur = gamma * v_new
             acc += w_prev[:, None] * k_prev[None, :] + w_cur[:, None] * k_cur[None, :]
-        tl.store(ss_ptrs, acc)
+        if STREAM:
+            tl.store(ss_ptrs, acc, eviction_policy="evict_first")
+        else:
+            tl.store(ss_ptrs, acc)
 
         # y_r = Hs q_r + D vr, gated by silu(zr), mixed over ranks by mimo_o.
         if HAS_Z:
@@ -329,8 +337,12 @@ def output_shape(problem: Problem) -> tuple[int, ...]:
 
 _CONST_NAMES = (
     "H", "G", "R", "N", "P", "S", "BLOCK_P", "INTERLEAVED",
-    "HAS_D", "HAS_Z", "HAS_MV", "HAS_MZ", "HAS_MO", "KEEP_RANKS",
+    "HAS_D", "HAS_Z", "HAS_MV", "HAS_MZ", "HAS_MO", "KEEP_RANKS", "STREAM",
 )  # fmt: skip
+
+# Cache hint on the state's loads and stores (evict_first). A list so a benchmark can switch it;
+# launch plans made before a switch keep their setting (clear _PLANS after switching).
+STREAM_STATE = [True]
 
 
 def _packed_inner(t: torch.Tensor) -> bool:
@@ -362,7 +374,7 @@ class _Plan:
             problem.nheads, problem.ngroups, problem.rank, problem.d_state, problem.headdim,
             problem.n_angles, config.block_p, problem.rotary == "interleaved",
             d is not None, z is not None, mv is not None, mz is not None, mo is not None,
-            problem.mimo and mo is None,
+            problem.mimo and mo is None, STREAM_STATE[0],
         )  # fmt: skip
         self.grid = (problem.nheads, problem.batch)
         self.out_shape = output_shape(problem)
