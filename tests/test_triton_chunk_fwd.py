@@ -201,6 +201,17 @@ def test_block_p_split():
 
 
 @needs_device
+@pytest.mark.parametrize("split_rot", [0, 1])
+def test_split_rot(split_rot):
+    # Trig on all N/2 pairs or only the first N/4 (S = N/4): the same function.
+    n = SMALL_N[1]
+    inputs = gen(16, batch=1, seqlen=27, nheads=2, d_state=n, headdim=SMALL_P[0], n_angles=n // 4,
+                 rank=2, with_initial_state=True)  # fmt: skip
+    config = cf.ChunkFwdConfig(chunk_size=8, block_p=SMALL_P[0], num_warps=4, split_rot=split_rot)
+    check(inputs, "interleaved", config=config)
+
+
+@needs_device
 def test_non_contiguous_inputs():
     inputs = gen(13, batch=2, seqlen=19, nheads=2, d_state=SMALL_N[0], headdim=SMALL_P[0])
 

@@ -53,6 +53,8 @@ class ChunkFwdConfig:
     num_warps, num_stages: Triton launch parameters (num_stages pipelines the chunk loop's loads).
     maxnreg:    register cap per thread (0: the compiler's choice, which is 255 at every tile
                 size); a lower cap trades spills for more resident programs per multiprocessor.
+    split_rot:  1: when S <= N/4, trig on N/4 pairs only (pass-through columns zipped in);
+                0: trig on all N/2 pairs (fewer layout shuffles; faster for small SISO chunks).
     """
 
     chunk_size: int = 64
@@ -60,6 +62,7 @@ class ChunkFwdConfig:
     num_warps: int = 8
     num_stages: int = 1
     maxnreg: int = 0
+    split_rot: int = 1
 
 
 def _next_pow2(x: int) -> int:
@@ -71,20 +74,22 @@ def _chunk(problem: Problem, config: ChunkFwdConfig) -> int:
 
 
 def default_config(problem: Problem) -> ChunkFwdConfig:
-    """Heuristic config, from the H100 sweep (bench/NOTES.md, "Triton prefill forward").
+    """Heuristic config, from the H100 sweeps (bench/NOTES.md, "Triton prefill forward" and its
+    "v2" subsection).
 
     Few programs (sequences x heads x P-blocks under ~2 per multiprocessor): split P in blocks
-    of 32 and use long chunks (SISO 128 rows, 8 warps) or short ones (MIMO 32 rows, 4 warps).
-    Many programs: SISO 32 rows with 4 warps; MIMO 64 rows, whole P, 8 warps.
+    of 32 and use long chunks (SISO 128 rows, 8 warps, 2 stages) or short ones (MIMO 32 rows,
+    4 warps). Many programs: SISO 32 rows with 4 warps and trig on all pairs (split_rot 0 measured
+    faster there); MIMO 64 rows, whole P, 8 warps.
     N = 256 or fp32 inputs halve the rows (register pressure).
     """
     p2 = _next_pow2(problem.headdim)
     pairs = problem.nseq * problem.nheads
     few = pairs * max(1, p2 // 32) <= 2 * 132
     if problem.rank == 1:
-        rows, block_p, warps = (128, 32, 8) if few else (32, 32, 4)
+        rows, block_p, warps, stages, split = (128, 32, 8, 2, 1) if few else (32, 32, 4, 1, 0)
     else:
-        rows, block_p, warps = (32, 32, 4) if few else (64, 64, 8)
+        rows, block_p, warps, stages, split = (32, 32, 4, 1, 1) if few else (64, 64, 8, 1, 1)
     if problem.d_state > 128 or problem.dtype == torch.float32:
         rows //= 2
     rows = max(rows, 16)
@@ -93,7 +98,9 @@ def default_config(problem: Problem) -> ChunkFwdConfig:
     eff_rows = (problem.chunk_size or chunk) * problem.rank
     if problem.rank > 1 and eff_rows >= 64:
         warps = 8  # see constraint(): MIMO with >= 64 rows on 4 warps miscompiles
-    return ChunkFwdConfig(chunk_size=chunk, block_p=block_p, num_warps=warps, num_stages=1)
+    return ChunkFwdConfig(
+        chunk_size=chunk, block_p=block_p, num_warps=warps, num_stages=stages, split_rot=split
+    )
 
 
 def search_space(problem: Problem) -> dict[str, list]:
@@ -140,6 +147,8 @@ def constraint(problem: Problem, config: ChunkFwdConfig, device_props: dict | No
         return f"num_warps {config.num_warps} not a power of two <= 16"
     if config.num_stages < 1:
         return "num_stages < 1"
+    if config.split_rot not in (0, 1):
+        return f"split_rot {config.split_rot} not 0 or 1"
     if config.maxnreg and not 64 <= config.maxnreg <= 255:
         return f"maxnreg {config.maxnreg} outside [64, 255]"
     if problem.rank > 1 and config.num_warps == 4 and rows >= 64:
@@ -564,7 +573,7 @@ def _constexprs(
         P=problem.headdim,
         N=problem.d_state,
         S=problem.n_angles,
-        SA=_rotated_pairs(problem),
+        SA=_rotated_pairs(problem, config),
         R=problem.rank,
         C=_chunk(problem, config),
         BP=config.block_p,
@@ -583,11 +592,11 @@ def _constexprs(
     )
 
 
-def _rotated_pairs(problem: Problem) -> int:
-    """Pairs that go through the rotation (a power of two >= S): half of the N/2 pairs when
-    S <= N/4, so the other half skips the trig and rotation; else all N/2."""
+def _rotated_pairs(problem: Problem, config: ChunkFwdConfig) -> int:
+    """Pairs that go through the trig (a power of two >= S): with config.split_rot, half of the
+    N/2 pairs when S <= N/4, the other half passing through; else all N/2."""
     nh = problem.d_state // 2
-    return nh // 2 if 2 * problem.n_angles <= nh else nh
+    return nh // 2 if config.split_rot and 2 * problem.n_angles <= nh else nh
 
 
 _TRITON_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
