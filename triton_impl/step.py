@@ -131,49 +131,10 @@ def _tanh(x):
 
 @triton.jit
 def _rot_load(x_base, b_base, offs_n, partner, cos, sin_signed):
-    """Rot(theta) (x + bias) for rows of N: x[n] cos +- x[partner(n)] sin, in fp32."""
+    """Rot(theta) (x + bias) for one N vector: x[n] cos +- x[partner(n)] sin, in fp32."""
     x = tl.load(x_base + offs_n).to(tl.float32) + tl.load(b_base + offs_n)
     xp = tl.load(x_base + partner).to(tl.float32) + tl.load(b_base + partner)
     return x * cos + xp * sin_signed
-
-
-@triton.jit
-def _rank_rot(x0, b0, r: tl.constexpr, R: tl.constexpr, sx, sb, offs_n, partner, cos, sin_s, other):
-    """Rotated rank-r row of x (+ bias), or ``other`` when the problem has no rank r."""
-    if r < R:
-        return _rot_load(x0 + r * sx, b0 + r * sb, offs_n, partner, cos, sin_s)
-    else:
-        return other
-
-
-@triton.jit
-def _rank_old(x0, r: tl.constexpr, R: tl.constexpr, sx, offs_n, other):
-    """Rank-r row of the old state k in fp32, or ``other`` when the problem has no rank r."""
-    if r < R:
-        return tl.load(x0 + r * sx + offs_n).to(tl.float32)
-    else:
-        return other
-
-
-@triton.jit
-def _pick(r: tl.constexpr, x0, x1, x2, x3, x4, x5, x6, x7):
-    """x_r for a compile-time r (up to 8 ranks)."""
-    if r == 0:
-        return x0
-    elif r == 1:
-        return x1
-    elif r == 2:
-        return x2
-    elif r == 3:
-        return x3
-    elif r == 4:
-        return x4
-    elif r == 5:
-        return x5
-    elif r == 6:
-        return x6
-    else:
-        return x7
 
 
 @triton.jit
@@ -223,38 +184,11 @@ def _step_kernel(
     if HAS_D:
         d_h = tl.load(d_ptr + h)
 
-    # The R rotated q and k (bias added) and the R old k of this head, once per program: the
-    # P-tile loop only reads registers (and the layout change of these loop-invariant vectors to
-    # the tile's columns is hoisted out of it). Ranks beyond R repeat rank 0 and are never used.
-    qo = q_ptr + b * s_q_b + g * N
-    ko = k_ptr + b * s_k_b + g * N
-    qbo = qb_ptr + h * (R * N)
-    kbo = kb_ptr + h * (R * N)
-    sko = sk_ptr + (b * R * H + h) * N  # state k (B, R, H, N): rank r at + r * H * N
-    q0 = _rot_load(qo, qbo, offs_n, partner, cos, sin_signed)
-    q1 = _rank_rot(qo, qbo, 1, R, G * N, N, offs_n, partner, cos, sin_signed, q0)
-    q2 = _rank_rot(qo, qbo, 2, R, G * N, N, offs_n, partner, cos, sin_signed, q0)
-    q3 = _rank_rot(qo, qbo, 3, R, G * N, N, offs_n, partner, cos, sin_signed, q0)
-    q4 = _rank_rot(qo, qbo, 4, R, G * N, N, offs_n, partner, cos, sin_signed, q0)
-    q5 = _rank_rot(qo, qbo, 5, R, G * N, N, offs_n, partner, cos, sin_signed, q0)
-    q6 = _rank_rot(qo, qbo, 6, R, G * N, N, offs_n, partner, cos, sin_signed, q0)
-    q7 = _rank_rot(qo, qbo, 7, R, G * N, N, offs_n, partner, cos, sin_signed, q0)
-    k0 = _rot_load(ko, kbo, offs_n, partner, cos, sin_signed)
-    k1 = _rank_rot(ko, kbo, 1, R, G * N, N, offs_n, partner, cos, sin_signed, k0)
-    k2 = _rank_rot(ko, kbo, 2, R, G * N, N, offs_n, partner, cos, sin_signed, k0)
-    k3 = _rank_rot(ko, kbo, 3, R, G * N, N, offs_n, partner, cos, sin_signed, k0)
-    k4 = _rank_rot(ko, kbo, 4, R, G * N, N, offs_n, partner, cos, sin_signed, k0)
-    k5 = _rank_rot(ko, kbo, 5, R, G * N, N, offs_n, partner, cos, sin_signed, k0)
-    k6 = _rank_rot(ko, kbo, 6, R, G * N, N, offs_n, partner, cos, sin_signed, k0)
-    k7 = _rank_rot(ko, kbo, 7, R, G * N, N, offs_n, partner, cos, sin_signed, k0)
-    p0_ = tl.load(sko + offs_n).to(tl.float32)
-    p1_ = _rank_old(sko, 1, R, H * N, offs_n, p0_)
-    p2_ = _rank_old(sko, 2, R, H * N, offs_n, p0_)
-    p3_ = _rank_old(sko, 3, R, H * N, offs_n, p0_)
-    p4_ = _rank_old(sko, 4, R, H * N, offs_n, p0_)
-    p5_ = _rank_old(sko, 5, R, H * N, offs_n, p0_)
-    p6_ = _rank_old(sko, 6, R, H * N, offs_n, p0_)
-    p7_ = _rank_old(sko, 7, R, H * N, offs_n, p0_)
+    q_base = q_ptr + b * s_q_b + g * N
+    k_base = k_ptr + b * s_k_b + g * N
+    qb_base = qb_ptr + h * (R * N)
+    kb_base = kb_ptr + h * (R * N)
+    sk_base = sk_ptr + (b * R * H + h) * N  # state k (B, R, H, N): rank r at + r * H * N
     v_base = v_ptr + b * s_v_b + h * P
     sv_base = sv_ptr + bh * P
     par_base = h * (R * P)  # offset of head h in mimo_v / mimo_z / mimo_o, (H, R, P)
@@ -273,8 +207,10 @@ def _step_kernel(
 
         # Hs = alpha Hs + beta sum_r vr_prev kr_prev^T + gamma sum_r vr kr^T
         for r in tl.static_range(R):
-            k_prev = _pick(r, p0_, p1_, p2_, p3_, p4_, p5_, p6_, p7_)
-            k_cur = _pick(r, k0, k1, k2, k3, k4, k5, k6, k7)
+            k_prev = tl.load(sk_base + r * (H * N) + offs_n).to(tl.float32)
+            k_cur = _rot_load(
+                k_base + r * (G * N), kb_base + r * N, offs_n, partner, cos, sin_signed
+            )
             if HAS_MV:
                 mv = tl.load(mv_ptr + par_base + r * P + offs_p)
                 w_prev = beta * v_old * mv
@@ -293,7 +229,9 @@ def _step_kernel(
             z = tl.load(z_ptr + b * s_z_b + h * P + offs_p).to(tl.float32)
         o = tl.zeros([BLOCK_P], dtype=tl.float32)
         for r in tl.static_range(R):
-            q_cur = _pick(r, q0, q1, q2, q3, q4, q5, q6, q7)
+            q_cur = _rot_load(
+                q_base + r * (G * N), qb_base + r * N, offs_n, partner, cos, sin_signed
+            )
             y = tl.sum(acc * q_cur[None, :], axis=1)
             if HAS_D:
                 if HAS_MV:
@@ -320,8 +258,8 @@ def _step_kernel(
     tl.debug_barrier()
     tl.store(sa_ptr + bh * S + j, theta, mask=rot & first)
     for r in tl.static_range(R):
-        k_cur = _pick(r, k0, k1, k2, k3, k4, k5, k6, k7)
-        tl.store(sko + r * (H * N) + offs_n, k_cur.to(sk_ptr.dtype.element_ty))
+        k_cur = _rot_load(k_base + r * (G * N), kb_base + r * N, offs_n, partner, cos, sin_signed)
+        tl.store(sk_base + r * (H * N) + offs_n, k_cur.to(sk_ptr.dtype.element_ty))
     offs_pf = tl.arange(0, P)
     v_all = tl.load(v_base + offs_pf)
     tl.store(sv_base + offs_pf, v_all.to(sv_ptr.dtype.element_ty))
