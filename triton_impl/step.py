@@ -196,7 +196,7 @@ def _step_kernel(
     for p0 in range(0, P, BLOCK_P):
         offs_p = p0 + tl.arange(0, BLOCK_P)
         ss_ptrs = ss_ptr + (bh * P + offs_p[:, None]) * N + offs_n[None, :]
-        # The state streams through once: evict_first keeps it from displacing the small,
+        # The state streams through once: evict_first would keep it from displacing the small,
         # reused per-head tensors in L2 (STREAM constexpr, so both variants can be timed).
         if STREAM:
             acc = tl.load(ss_ptrs, eviction_policy="evict_first") * alpha
@@ -278,9 +278,10 @@ _CONST_NAMES = (
     "HAS_D", "HAS_Z", "HAS_MV", "HAS_MZ", "HAS_MO", "KEEP_RANKS", "STREAM",
 )  # fmt: skip
 
-# Cache hint on the state's loads and stores (evict_first). A list so a benchmark can switch it;
-# launch plans made before a switch keep their setting (clear _PLANS after switching).
-STREAM_STATE = [True]
+# Cache hint on the state's loads and stores (evict_first). Off: on an H100 it moved the step by
+# about 1 % either way (SISO slower, MIMO faster; bench/NOTES.md). A list so a benchmark can
+# switch it; launch plans made before a switch keep their setting (clear _PLANS after switching).
+STREAM_STATE = [False]
 
 
 def _packed_inner(t: torch.Tensor) -> bool:
