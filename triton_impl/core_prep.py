@@ -3,10 +3,11 @@
 ``scan_via_core`` evaluates the whole scan as prep -> core -> epilogue, every piece differentiable
 (the core through its own Triton backward), so the backward of the scan is one vector-Jacobian
 product of this function:
-  * prep: cumulative angles theta (B, L, H, S); rank-weighted v (B, L, R, H, P);
-    folded trapezoid weights w_t = gamma_t + mu_{t+1} (mu_t = dt_t (1 - lam_t), zero past the end
-    of a sequence) and the diagonal weight gamma_t (B, H, L); the initial state's previous-input
-    term folded into the initial matrix state S0 = ssm0 + mu_first sum_r vr0_r kr0_r^T;
+  * prep: cumulative angles theta (B, L, H, S) (core_rotary.angle_scan, Triton); rank-weighted
+    v (B, L, R, H, P); folded trapezoid weights w_t = gamma_t + mu_{t+1} (mu_t = dt_t (1 - lam_t),
+    zero past the end of a sequence) and the diagonal weight gamma_t (B, H, L); the initial
+    state's previous-input term folded into the initial matrix state
+    S0 = ssm0 + mu_first sum_r vr0_r kr0_r^T;
   * bias + rotary + group->head expansion of q, k fused with the core in one autograd node
     (core_rotary.rot_core_scan: Triton kernels forward and backward, so the per-head rotated
     q/k never pass through PyTorch elementwise ops or autograd); core: see core_scan;
@@ -16,8 +17,6 @@ Varlen (cu_seqlens) is handled here with per-token sequence ids, never with host
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
@@ -25,7 +24,7 @@ from mamba3_kernels.inputs import ScanInputs
 from mamba3_kernels.problem import Problem
 from mamba3_kernels.state import Mamba3State
 
-from .core_rotary import rot_core_scan
+from .core_rotary import angle_scan, rot_core_scan
 
 __all__ = ["scan_via_core", "rotate"]
 
@@ -75,27 +74,6 @@ def _token_seq(problem: Problem, cu: torch.Tensor | None, L: int, device) -> dic
     return dict(cu=cu, seq_id=seq_id, bos=cu[:-1][seq_id], last=tok + 1 == cu[1:][seq_id])
 
 
-def _thetas(inputs: ScanInputs, dt: torch.Tensor, seqs: dict, nseq: int) -> torch.Tensor:
-    """Cumulative angles (B, L, H, S) fp32, summed in float64 (no loss at long L) and reduced
-    modulo 2 pi (the rotation only sees the angle modulo 2 pi). The sum runs over the innermost
-    axis of a (B, H, S, L) copy: a scan along an outer axis is far slower on the GPU."""
-    ang = inputs.angles.permute(0, 2, 3, 1)  # (B, H, S, L)
-    inc = (math.pi * torch.tanh(ang.double()) * dt.double()[:, :, None, :]).contiguous()
-    cs = torch.cumsum(inc, dim=-1)
-    B, H, S, L = inc.shape
-    init = inputs.initial_state
-    if seqs:
-        # subtract the cumulative sum before each sequence's first token
-        before = torch.cat((cs.new_zeros(B, H, S, 1), cs), dim=-1)[..., seqs["bos"]]
-        cs = cs - before
-        if init is not None:
-            cs = cs + init.angle.double()[seqs["seq_id"]].permute(1, 2, 0).unsqueeze(0)
-    elif init is not None:
-        cs = cs + init.angle.double().unsqueeze(-1)
-    red = cs - (2 * math.pi) * torch.floor(cs.detach() / (2 * math.pi))
-    return red.float().permute(0, 3, 1, 2)
-
-
 def scan_via_core(
     problem: Problem, inputs: ScanInputs, meta: tuple, values: bool = True
 ) -> tuple[torch.Tensor, Mamba3State]:
@@ -126,7 +104,10 @@ def scan_via_core(
         fold = fold * (~seqs["last"]).to(f32)
     w = gam + fold
 
-    theta = _thetas(inputs, dt, seqs, nseq)  # (B, L, H, S)
+    init = inputs.initial_state
+    # (B, L, H, S) fp32 in [0, 2 pi): a Triton scan along L with a hand-written backward
+    theta = angle_scan(inputs.angles, dt, None if init is None else init.angle,
+                       inputs.cu_seqlens, nseq)  # fmt: skip
     if mimo:
         qb, kb = inputs.q_bias.float().transpose(0, 1), inputs.k_bias.float().transpose(0, 1)
     else:
@@ -138,7 +119,6 @@ def scan_via_core(
     elif R > 1:
         vr = vr.expand(-1, -1, R, -1, -1)
 
-    init = inputs.initial_state
     s0 = None
     if init is not None:
         v0 = init.v.float().unsqueeze(1)  # (nseq, 1, H, P)

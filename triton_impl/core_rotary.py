@@ -23,9 +23,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .core_scan import _core_bwd_op, _core_fwd_op
+from .core_scan import _core_bwd_op, _core_fwd_op, _seq_bounds
 
-__all__ = ["rotary_fwd", "rotary_bwd", "rot_core_scan"]
+__all__ = ["rotary_fwd", "rotary_bwd", "rot_core_scan", "angle_scan"]
 
 _BT = 32  # tokens per program
 
@@ -146,6 +146,80 @@ def _rot_bwd_kernel(
     tl.store(dk_ptr + src[:, None] + n[None, :], acc_k, mask=m2)
 
 
+_PI = tl.constexpr(3.141592653589793)
+_TWO_PI = tl.constexpr(6.283185307179586)
+_BL = 64  # tokens per step of the angle scan
+
+
+@triton.jit
+def _angle_fwd_kernel(
+    ang_ptr, dt_ptr, a0_ptr, cu_ptr, th_ptr, L, H,
+    S: tl.constexpr, SP: tl.constexpr, BL: tl.constexpr, VARLEN: tl.constexpr,
+    HAS_A0: tl.constexpr,
+):  # fmt: skip
+    """theta (B, L, H, S) fp32 = angle0 + cumsum over the sequence of pi tanh(angles) dt, reduced
+    modulo 2 pi (the running angle is kept in [0, 2 pi), as the fused forward does);
+    one program per (sequence, head)."""
+    pid = tl.program_id(0)
+    seq = pid // H
+    h = pid % H
+    bos, seqlen, coef_base = _seq_bounds(cu_ptr, seq, h, L, H, VARLEN)
+    jj = tl.arange(0, SP)
+    js = jj < S
+    if HAS_A0:
+        theta = tl.load(a0_ptr + (seq.to(tl.int64) * H + h) * S + jj, mask=js, other=0.0)
+    else:
+        theta = tl.zeros((SP,), dtype=tl.float32)
+    theta = theta - tl.floor(theta / _TWO_PI) * _TWO_PI
+    for c0 in range(0, seqlen, BL):
+        t = c0 + tl.arange(0, BL)
+        valid = t < seqlen
+        m2 = valid[:, None] & js[None, :]
+        off = ((bos + t) * H + h)[:, None] * S + jj[None, :]
+        ang = tl.load(ang_ptr + off, mask=m2, other=0.0)
+        dt = tl.load(dt_ptr + coef_base + t, mask=valid, other=0.0)
+        rate = (2.0 * tl.sigmoid(2.0 * ang) - 1.0) * _PI * dt[:, None]
+        th = theta[None, :] + tl.cumsum(rate, axis=0)
+        th = th - tl.floor(th / _TWO_PI) * _TWO_PI
+        tl.store(th_ptr + off, th, mask=m2)
+        theta = theta + tl.sum(rate, axis=0)
+        theta = theta - tl.floor(theta / _TWO_PI) * _TWO_PI
+
+
+@triton.jit
+def _angle_bwd_kernel(
+    gth_ptr, ang_ptr, dt_ptr, cu_ptr, dang_ptr, ddt_ptr, da0_ptr, L, H,
+    S: tl.constexpr, SP: tl.constexpr, BL: tl.constexpr, VARLEN: tl.constexpr,
+):  # fmt: skip
+    """Backward of the angle scan: with G_t = sum_{s >= t} dtheta_s (reverse cumsum within the
+    sequence), d angles_t = G_t pi (1 - tanh^2) dt_t, d dt_t = pi sum_j G_t tanh_t,
+    d angle0 = G at the first token. Walks the chunks from the end."""
+    pid = tl.program_id(0)
+    seq = pid // H
+    h = pid % H
+    bos, seqlen, coef_base = _seq_bounds(cu_ptr, seq, h, L, H, VARLEN)
+    jj = tl.arange(0, SP)
+    js = jj < S
+    carry = tl.zeros((SP,), dtype=tl.float32)  # sum of dtheta after the current chunk
+    nch = (seqlen + BL - 1) // BL
+    for i in range(0, nch):
+        c0 = (nch - 1 - i) * BL
+        t = c0 + tl.arange(0, BL)
+        valid = t < seqlen
+        m2 = valid[:, None] & js[None, :]
+        off = ((bos + t) * H + h)[:, None] * S + jj[None, :]
+        g = tl.load(gth_ptr + off, mask=m2, other=0.0)
+        tot = tl.sum(g, axis=0)
+        rc = carry[None, :] + tot[None, :] - tl.cumsum(g, axis=0) + g
+        carry = carry + tot
+        ang = tl.load(ang_ptr + off, mask=m2, other=0.0)
+        dt = tl.load(dt_ptr + coef_base + t, mask=valid, other=0.0)
+        th = 2.0 * tl.sigmoid(2.0 * ang) - 1.0
+        tl.store(dang_ptr + off, rc * ((1.0 - th * th) * _PI) * dt[:, None], mask=m2)
+        tl.store(ddt_ptr + coef_base + t, tl.sum(rc * th, axis=1) * _PI, mask=valid)
+    tl.store(da0_ptr + (seq.to(tl.int64) * H + h) * S + jj, carry, mask=js)
+
+
 # --------------------------------------------------------------------------------------------
 # Launchers
 # --------------------------------------------------------------------------------------------
@@ -191,6 +265,39 @@ def rotary_bwd(dqr, dkr, q, k, qb, kb, theta, halves: bool):
     return dq, dk, pq.sum(0), pk.sum(0), dth.sum(0) if R > 1 else dth[0]
 
 
+def angle_fwd(angles, dt, angle0, cu_seqlens, nseq: int):
+    """angles (B, L, H, S) fp32, dt (B, H, L) fp32, angle0 (nseq, H, S) fp32 or None,
+    cu_seqlens (nseq + 1,) int32 or None. Returns theta (B, L, H, S) fp32 in [0, 2 pi)."""
+    B, L, H, S = angles.shape
+    theta = torch.empty_like(angles)
+    if L > 0 and S > 0:
+        _angle_fwd_kernel[(nseq * H,)](
+            angles, dt, angle0 if angle0 is not None else dt,
+            cu_seqlens if cu_seqlens is not None else dt, theta, L, H,
+            S=S, SP=triton.next_power_of_2(S), BL=_BL, VARLEN=cu_seqlens is not None,
+            HAS_A0=angle0 is not None, num_warps=4,
+        )  # fmt: skip
+    return theta
+
+
+def angle_bwd(gtheta, angles, dt, cu_seqlens, nseq: int):
+    """Backward of angle_fwd: (d angles (B, L, H, S), d dt (B, H, L), d angle0 (nseq, H, S)),
+    all fp32."""
+    B, L, H, S = angles.shape
+    dang = torch.zeros_like(angles)
+    ddt = torch.zeros_like(dt)
+    da0 = torch.zeros((nseq, H, S), dtype=torch.float32, device=angles.device)
+    if L > 0 and S > 0:
+        _angle_bwd_kernel[(nseq * H,)](
+            gtheta, angles, dt, cu_seqlens if cu_seqlens is not None else dt, dang, ddt, da0,
+            L, H, S=S, SP=triton.next_power_of_2(S), BL=_BL, VARLEN=cu_seqlens is not None,
+            num_warps=4,
+        )  # fmt: skip
+    elif S > 0:
+        da0 = gtheta.new_zeros((nseq, H, S))
+    return dang, ddt, da0
+
+
 # Custom ops (functorch unwraps tensors before an op's kernel runs; see core_scan).
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -225,6 +332,62 @@ def _rotary_bwd_fake(dqr, dkr, q, k, qb, kb, theta, halves):
     e = q.new_empty
     return (e(q.shape, dtype=f32), e(q.shape, dtype=f32), e(qb.shape, dtype=f32),
             e(kb.shape, dtype=f32), e(theta.shape, dtype=f32))  # fmt: skip
+
+
+@torch.library.custom_op("mamba3_triton::angle_fwd", mutates_args=())
+def _angle_fwd_op(
+    angles: Tensor, dt: Tensor, angle0: Tensor | None, cu_seqlens: Tensor | None, nseq: int
+) -> Tensor:
+    return angle_fwd(angles, dt, angle0, cu_seqlens, nseq)
+
+
+@_angle_fwd_op.register_fake
+def _angle_fwd_fake(angles, dt, angle0, cu_seqlens, nseq):
+    return torch.empty_like(angles)
+
+
+@torch.library.custom_op("mamba3_triton::angle_bwd", mutates_args=())
+def _angle_bwd_op(
+    gtheta: Tensor, angles: Tensor, dt: Tensor, cu_seqlens: Tensor | None, nseq: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    return angle_bwd(gtheta.contiguous(), angles, dt, cu_seqlens, nseq)
+
+
+@_angle_bwd_op.register_fake
+def _angle_bwd_fake(gtheta, angles, dt, cu_seqlens, nseq):
+    H, S = angles.shape[2], angles.shape[3]
+    return torch.empty_like(angles), torch.empty_like(dt), angles.new_empty((nseq, H, S))
+
+
+class _AngleScan(torch.autograd.Function):
+    """theta = angle0 + cumsum(pi tanh(angles) dt) mod 2 pi, with its hand-written backward (the
+    modulo is a constant shift: its gradient is the identity)."""
+
+    @staticmethod
+    def forward(angles, dt, angle0, cu_seqlens, nseq):
+        return _angle_fwd_op(angles, dt, angle0, cu_seqlens, nseq)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        angles, dt, angle0, cu_seqlens, nseq = inputs
+        ctx.save_for_backward(angles, dt, cu_seqlens)
+        ctx.nseq = nseq
+        ctx.has_a0 = angle0 is not None
+
+    @staticmethod
+    def backward(ctx, gtheta):
+        angles, dt, cu_seqlens = ctx.saved_tensors
+        dang, ddt, da0 = _angle_bwd_op(gtheta, angles, dt, cu_seqlens, ctx.nseq)
+        return dang, ddt, da0 if ctx.has_a0 else None, None, None
+
+
+def angle_scan(angles, dt, angle0, cu_seqlens, nseq: int):
+    """Differentiable cumulative angles: angles (B, L, H, S), dt (B, H, L), angle0 (nseq, H, S)
+    or None -> theta (B, L, H, S) fp32 in [0, 2 pi), per sequence when cu_seqlens is given."""
+    angles = angles.float().contiguous()
+    dt = dt.float().contiguous()
+    angle0 = angle0.float().contiguous() if angle0 is not None else None
+    return _AngleScan.apply(angles, dt, angle0, cu_seqlens, nseq)
 
 
 class _RotCore(torch.autograd.Function):
@@ -289,8 +452,8 @@ def rot_core_scan(
 
 
 def compile_kernels(R: int, N: int, S: int, halves: bool, dtype: str = "bf16", target=None):
-    """Compile the rotary forward and backward kernels ahead of time (no GPU needed) for
-    ``target`` (default sm_90). Returns {name: compiled}."""
+    """Compile the rotary and angle-scan forward and backward kernels ahead of time (no GPU
+    needed) for ``target`` (default sm_90). Returns {name: compiled}."""
     from triton.backends.compiler import GPUTarget
 
     target = target or GPUTarget("cuda", 90, 64)
@@ -309,5 +472,18 @@ def compile_kernels(R: int, N: int, S: int, halves: bool, dtype: str = "bf16", t
     ):
         sig = {**sig, **ints, **{k: "constexpr" for k in consts}}
         src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=consts)
+        out[name] = triton.compile(src, target=target, options={"num_warps": 4})
+    ac = dict(S=S, SP=triton.next_power_of_2(S), BL=_BL, VARLEN=False)
+    afwd = {"ang_ptr": "*fp32", "dt_ptr": "*fp32", "a0_ptr": "*fp32", "cu_ptr": "*i32",
+            "th_ptr": "*fp32", "L": "i32", "H": "i32"}  # fmt: skip
+    abwd = {"gth_ptr": "*fp32", "ang_ptr": "*fp32", "dt_ptr": "*fp32", "cu_ptr": "*i32",
+            "dang_ptr": "*fp32", "ddt_ptr": "*fp32", "da0_ptr": "*fp32", "L": "i32",
+            "H": "i32"}  # fmt: skip
+    for name, fn, sig, c in (
+        ("angle_fwd", _angle_fwd_kernel, afwd, {**ac, "HAS_A0": True}),
+        ("angle_bwd", _angle_bwd_kernel, abwd, ac),
+    ):
+        sig = {**sig, **{k: "constexpr" for k in c}}
+        src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=c)
         out[name] = triton.compile(src, target=target, options={"num_warps": 4})
     return out
