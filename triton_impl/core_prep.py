@@ -113,7 +113,8 @@ def scan_via_core(
     else:
         qb, kb = inputs.q_bias.float().unsqueeze(0), inputs.k_bias.float().unsqueeze(0)
     mv = inputs.mimo_v.float().transpose(0, 1) if mimo and inputs.mimo_v is not None else None
-    vr = v.float().unsqueeze(2)
+    # SISO: the core reads v in its own dtype (it upcasts in registers): no fp32 copy
+    vr = v.unsqueeze(2) if not mimo and v.dtype != torch.float64 else v.float().unsqueeze(2)
     if mv is not None:
         vr = vr * mv
     elif R > 1:
