@@ -118,7 +118,23 @@ def register_backend(backend: Backend) -> Backend:
     if backend.name in _REGISTRY and _REGISTRY[backend.name] is not backend:
         raise ValueError(f"backend {backend.name!r} is already registered")
     _REGISTRY[backend.name] = backend
+    from .dispatch import clear_caches  # memoized choices may now be stale
+
+    clear_caches()
     return backend
+
+
+def unregister_backend(name: str) -> Backend | None:
+    """Remove a backend (tests, plugins); returns it, or None when it was not registered."""
+    from .dispatch import clear_caches
+
+    clear_caches()
+    return _REGISTRY.pop(name, None)
+
+
+def is_registered(backend: Backend) -> bool:
+    """Whether ``backend`` is the object registered under its name (memoized choices check it)."""
+    return _REGISTRY.get(backend.name) is backend
 
 
 def registered_backends() -> dict[str, Backend]:

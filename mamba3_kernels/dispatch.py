@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from .backend import BACKEND_NAMES, Backend, registered_backends
+from .backend import BACKEND_NAMES, Backend, is_registered, registered_backends
 from .problem import Problem
 
 ENV_BACKEND = "MAMBA3_KERNELS_BACKEND"
@@ -36,7 +36,7 @@ def choose_backend(problem: Problem, backend: str = "auto") -> Backend:
     """The backend that runs ``problem``; ValueError for an unknown or unusable explicit name."""
     key = (problem, _requested(backend))
     hit = _choice_cache.get(key)
-    if hit is not None:
+    if hit is not None and is_registered(hit):  # the registry may have changed since
         return hit
     name = key[1]
     backends = registered_backends()
@@ -85,7 +85,21 @@ def kernel_configs(backend: Backend, problem: Problem, mode: str) -> dict[str, A
     return configs
 
 
+_plan_cache: dict[tuple[Problem, str, str], tuple[Backend, dict[str, Any]]] = {}
+
+
+def plan(problem: Problem, backend: str, mode: str) -> tuple[Backend, dict[str, Any]]:
+    """The backend and its kernel configs for one call, in one memoized lookup (the hot path)."""
+    key = (problem, _requested(backend), mode)  # the env override is read on every call
+    hit = _plan_cache.get(key)
+    if hit is None or not is_registered(hit[0]):
+        chosen = choose_backend(problem, backend)
+        hit = _plan_cache[key] = (chosen, kernel_configs(chosen, problem, mode))
+    return hit
+
+
 def clear_caches() -> None:
     """Forget memoized choices and configs (after registering a backend or new config files)."""
     _choice_cache.clear()
     _config_cache.clear()
+    _plan_cache.clear()

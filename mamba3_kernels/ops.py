@@ -9,7 +9,7 @@ here: torch.library reads the real annotations.
 import torch
 from torch import Tensor
 
-from .dispatch import choose_backend, kernel_configs
+from .dispatch import plan
 from .inputs import ScanInputs
 from .problem import Problem
 from .state import Mamba3State
@@ -140,8 +140,8 @@ def scan_op(
     problem = describe(
         inputs, False, rotary, return_final_state, chunk_size if chunk_size > 0 else None
     )
-    chosen = choose_backend(problem, backend)
-    out, state = chosen.scan(problem, inputs, kernel_configs(chosen, problem, "scan_fwd"))
+    chosen, configs = plan(problem, backend, "scan_fwd")
+    out, state = chosen.scan(problem, inputs, configs)
     # An output sharing memory with an input (a final v that is a slice of v, an untouched
     # initial state for L == 0) must be copied: op outputs may not alias inputs.
     taken = {
@@ -272,12 +272,10 @@ def scan_bwd_op(
     problem = describe(
         inputs, False, rotary, return_final_state, chunk_size if chunk_size > 0 else None
     )
-    chosen = choose_backend(problem, backend)
+    chosen, configs = plan(problem, backend, "scan_bwd")
     grad_state = Mamba3State(grad_angle, grad_ssm, grad_k, grad_v) if return_final_state else None
     if chosen.has_backward:
-        grads = chosen.scan_backward(
-            problem, inputs, grad_out, grad_state, kernel_configs(chosen, problem, "scan_bwd")
-        )
+        grads = chosen.scan_backward(problem, inputs, grad_out, grad_state, configs)
         return [_or_empty(grads.get(name), a, q) for name, a in zip(GRAD_INPUTS, args, strict=True)]
     return _reference_backward(problem, args, cu_seqlens, grad_out, grad_state)
 
@@ -368,8 +366,8 @@ def step_op(
 
 def run_step(problem: Problem, inputs: ScanInputs, state: Mamba3State, backend: str) -> Tensor:
     """Dispatch one validated decode step (the eager path calls this directly)."""
-    chosen = choose_backend(problem, backend)
-    return chosen.step(problem, inputs, state, kernel_configs(chosen, problem, "step"))
+    chosen, configs = plan(problem, backend, "step")
+    return chosen.step(problem, inputs, state, configs)
 
 
 @step_op.register_fake

@@ -161,16 +161,18 @@ _VALIDATED: dict[tuple, Problem] = {}
 _VALIDATED_MAX = 256
 
 
-def _meta(t) -> tuple:
-    return (t.shape, t.stride(), t.dtype, t.get_device(), t.is_meta)
-
-
 def _signature(step, tensors, state, options) -> tuple | None:
-    """The call's metadata, or None when an argument is not a tensor (full checks then)."""
+    """The call's metadata, or None when an argument is not a tensor (full checks then).
+
+    Shapes, dtypes and devices of every tensor; strides only for the state, whose layout the
+    checks constrain (it is updated in place). Kept lean: it is on the decode hot path.
+    """
     try:
-        sig = tuple(None if t is None else _meta(t) for t in tensors)
+        sig = tuple(
+            None if t is None else (t.shape, t.dtype, t.get_device(), t.is_meta) for t in tensors
+        )
         if state is not None:
-            sig += tuple(_meta(t) for t in state)
+            sig += tuple((t.shape, t.stride(), t.dtype, t.get_device()) for t in state)
     except (AttributeError, TypeError):
         return None
     return (step, state is not None, options, sig)
