@@ -48,3 +48,48 @@ def test_chunk_fwd_compiles_for_sm90_without_gpu():
     )
     assert res.returncode == 0, res.stderr[-3000:]
     assert res.stdout.count("ok") == 2
+
+
+_SMEM_FIT = textwrap.dedent(
+    """
+    import torch
+    from mamba3_kernels.problem import Problem
+    from mamba3_kernels.triton_impl import chunk_fwd as cf
+
+    # Every supported size gets a default whose shared-memory estimate fits an sm_90 block, and
+    # the compiler agrees for the largest tiles (fp32, N=256, P=128: once over the limit).
+    for dtype in (torch.bfloat16, torch.float32):
+        for n in (64, 128, 256):
+            for p in (32, 64, 128):
+                for rank in (1, 2, 4, 8):
+                    for batch in (1, 64):
+                        problem = Problem(
+                            batch=batch, seqlen=4096, nheads=8, ngroups=1, rank=rank, d_state=n,
+                            headdim=p, n_angles=n // 4, nseq=batch, dtype=dtype,
+                            device_type="cuda", mimo=rank > 1, rotary="halves",
+                            has_D=True, has_z=True, has_mimo_o=rank > 1,
+                            has_initial_state=False, return_final_state=False, varlen=False,
+                        )
+                        cfg = cf.default_config(problem)
+                        props = {"shared_memory_per_block_optin": 232448}
+                        assert cf.constraint(problem, cfg, props) is None, (problem, cfg)
+    problem = Problem(
+        batch=1, seqlen=4096, nheads=8, ngroups=1, rank=1, d_state=256, headdim=128,
+        n_angles=64, nseq=1, dtype=torch.float32, device_type="cuda", mimo=False,
+        rotary="interleaved", has_D=True, has_z=True, has_mimo_o=False,
+        has_initial_state=True, return_final_state=True, varlen=False,
+    )
+    kernel = cf.compile_kernel(problem, cf.default_config(problem))
+    assert kernel.metadata.shared <= 232448, kernel.metadata.shared
+    print("ok")
+    """
+)
+
+
+def test_chunk_fwd_defaults_fit_shared_memory():
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    res = subprocess.run(
+        [sys.executable, "-c", _SMEM_FIT], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "ok" in res.stdout

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from mamba3_kernels.backend import Backend, KernelSpec
+from mamba3_kernels.backend import Backend, KernelSpec, device_properties
 from mamba3_kernels.inputs import ScanInputs
 from mamba3_kernels.problem import Problem
 from mamba3_kernels.state import Mamba3State
@@ -65,8 +65,9 @@ class TritonBackend(Backend):
         # The kernel's own constraints on its default config (tile divisibility and the like).
         self._load()
         mode = "step" if problem.decode else "scan_fwd"
+        props = device_properties() if problem.device_type == "cuda" else None
         for spec in self.kernels_for(problem, mode):
-            reason = spec.constraint(problem, spec.default(problem), None)
+            reason = spec.constraint(problem, spec.default(problem), props)
             if reason is not None:
                 return f"{spec.name}: {reason}"
         return None
