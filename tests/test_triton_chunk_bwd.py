@@ -177,16 +177,16 @@ def test_rotary_kernels_match_torch(rank, G, H, N, S, layout):
 
 
 @cpu_interpreted
-@pytest.mark.parametrize("cu,init", [(None, True), (None, False), ([0, 300, 300, 301, 700], True)])
+@pytest.mark.parametrize("cu,init", [(None, True), (None, False), ([0, 70, 70, 71, 200], True)])
 def test_angle_scan_matches_torch(cu, init):
-    """The Triton angle scan (several steps, varlen starts mid-step, empty sequences)
+    """The Triton angle scan (several 64-token steps, varlen starts mid-step, empty sequences)
     and its backward vs float64 autograd of cumsum(pi tanh(angles) dt) + angle0 modulo 2 pi."""
     import math
 
     from mamba3_kernels.triton_impl import core_rotary as cr
 
     g = torch.Generator().manual_seed(3 + init)
-    B, L, H, S = (2, 600, 3, 5) if cu is None else (1, 700, 3, 5)
+    B, L, H, S = (2, 150, 3, 5) if cu is None else (1, 200, 3, 5)
     nseq = B if cu is None else len(cu) - 1
     ang = torch.randn(B, L, H, S, generator=g)
     dt = torch.rand(B, H, L, generator=g) * 0.5 + 0.01

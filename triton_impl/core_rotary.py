@@ -22,15 +22,12 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from triton.language.extra import libdevice
 
-from .core_scan import _core_bwd_op, _core_fwd_op, _interp, _seq_bounds
+from .core_scan import _core_bwd_op, _core_fwd_op, _seq_bounds
 
 __all__ = ["rotary_fwd", "rotary_bwd", "rot_core_scan", "angle_scan"]
 
 _BT = 32  # tokens per program
-_PI = tl.constexpr(3.141592653589793)
-_TWO_PI = tl.constexpr(6.283185307179586)
 
 
 @triton.jit
@@ -51,18 +48,6 @@ def _pairs(N: tl.constexpr, S: tl.constexpr, HALVES: tl.constexpr):
 
 
 @triton.jit
-def _cos_sin(th, FAST: tl.constexpr):
-    """cos, sin of angles in [0, 2 pi). FAST (GPU): reduced to [-pi, pi) and the hardware
-    approximations (absolute error ~1e-6, as the fused forward uses); the accurate library
-    functions cost ~10x the memory time of these passes. Else (interpreter) tl.cos / tl.sin."""
-    if FAST:
-        red = th - tl.floor(th / _TWO_PI + 0.5) * _TWO_PI
-        return libdevice.fast_cosf(red), libdevice.fast_sinf(red)
-    else:
-        return tl.cos(th), tl.sin(th)
-
-
-@triton.jit
 def _biased(x_ptr, b_ptr, src, n, partner, mask):
     """x + bias at the columns and at their partners: two (BT, N) fp32 tiles."""
     b = tl.load(b_ptr + n).to(tl.float32)
@@ -76,7 +61,6 @@ def _biased(x_ptr, b_ptr, src, n, partner, mask):
 def _rot_fwd_kernel(
     q_ptr, k_ptr, qb_ptr, kb_ptr, th_ptr, qr_ptr, kr_ptr, T, H, G,
     N: tl.constexpr, S: tl.constexpr, R: tl.constexpr, BT: tl.constexpr, HALVES: tl.constexpr,
-    FAST: tl.constexpr,
 ):  # fmt: skip
     """qr, kr (T, R, H, N) = Rot(theta) (q, k (T, R, G, N) + bias (R, H, N)); grid (T/BT, R*H)."""
     pid_t = tl.program_id(0)
@@ -91,8 +75,8 @@ def _rot_fwd_kernel(
     boff = (r * H + h) * N
     th = tl.load(th_ptr + (t * H + h)[:, None] * S + j[None, :], mask=m2 & paired[None, :],
                  other=0.0)  # fmt: skip
-    c, s = _cos_sin(th, FAST)
-    s = s * sgn[None, :]
+    c = tl.cos(th)
+    s = tl.sin(th) * sgn[None, :]
     dst = ((t * R + r) * H + h) * N
     x, xp = _biased(q_ptr, qb_ptr + boff, src, n, partner, m2)
     tl.store(qr_ptr + dst[:, None] + n[None, :], (x * c + xp * s).to(qr_ptr.dtype.element_ty),
@@ -117,7 +101,6 @@ def _rot_bwd_kernel(
     dqr_ptr, dkr_ptr, q_ptr, k_ptr, qb_ptr, kb_ptr, th_ptr,
     dq_ptr, dk_ptr, dqb_ptr, dkb_ptr, dth_ptr, T, H, G,
     N: tl.constexpr, S: tl.constexpr, R: tl.constexpr, BT: tl.constexpr, HALVES: tl.constexpr,
-    FAST: tl.constexpr,
 ):  # fmt: skip
     """Gradients of the rotary prep; grid (T/BT, R*G), each program loops over its group's heads.
     dqr, dkr (T, R, H, N) fp32 -> dq, dk (T, R, G, N) fp32; dqb, dkb (T/BT, R, H, N) partial
@@ -140,8 +123,8 @@ def _rot_bwd_kernel(
         boff = (r * H + h) * N
         th = tl.load(th_ptr + (t * H + h)[:, None] * S + j[None, :], mask=m2 & paired[None, :],
                      other=0.0)  # fmt: skip
-        c, s = _cos_sin(th, FAST)
-        s = s * sgn[None, :]
+        c = tl.cos(th)
+        s = tl.sin(th) * sgn[None, :]
         dst = ((t * R + r) * H + h) * N
         x, xp = _biased(q_ptr, qb_ptr + boff, src, n, partner, m2)
         dxq, tq = _unrotate(dqr_ptr, dst, n, partner, m2, x, xp, c, s)
@@ -163,10 +146,9 @@ def _rot_bwd_kernel(
     tl.store(dk_ptr + src[:, None] + n[None, :], acc_k, mask=m2)
 
 
-# tokens per step of the angle scan: one program per (sequence, head) is only B*H programs, so
-# each step should keep many bytes in flight (64-token steps measured ~0.9 ms per pass at
-# (1, 16384), H=64, S=32: latency-bound)
-_BL = 256
+_PI = tl.constexpr(3.141592653589793)
+_TWO_PI = tl.constexpr(6.283185307179586)
+_BL = 64  # tokens per step of the angle scan
 
 
 @triton.jit
@@ -254,7 +236,7 @@ def rotary_fwd(q, k, qb, kb, theta, halves: bool, out_dtype: torch.dtype):
     if T > 0:
         _rot_fwd_kernel[(triton.cdiv(T, _BT), R * H)](
             q, k, qb, kb, theta, qr, kr, T, H, G, N=N, S=S, R=R, BT=_BT, HALVES=halves,
-            FAST=not _interp(), num_warps=4,
+            num_warps=4,
         )  # fmt: skip
     return qr, kr
 
@@ -276,7 +258,7 @@ def rotary_bwd(dqr, dkr, q, k, qb, kb, theta, halves: bool):
     if T > 0:
         _rot_bwd_kernel[(nblk, R * G)](
             dqr, dkr, q, k, qb, kb, theta, dq, dk, pq, pk, dth, T, H, G,
-            N=N, S=S, R=R, BT=_BT, HALVES=halves, FAST=not _interp(), num_warps=4,
+            N=N, S=S, R=R, BT=_BT, HALVES=halves, num_warps=4,
         )  # fmt: skip
     else:
         dth.zero_()
@@ -293,7 +275,7 @@ def angle_fwd(angles, dt, angle0, cu_seqlens, nseq: int):
             angles, dt, angle0 if angle0 is not None else dt,
             cu_seqlens if cu_seqlens is not None else dt, theta, L, H,
             S=S, SP=triton.next_power_of_2(S), BL=_BL, VARLEN=cu_seqlens is not None,
-            HAS_A0=angle0 is not None, num_warps=8,
+            HAS_A0=angle0 is not None, num_warps=4,
         )  # fmt: skip
     return theta
 
@@ -309,7 +291,7 @@ def angle_bwd(gtheta, angles, dt, cu_seqlens, nseq: int):
         _angle_bwd_kernel[(nseq * H,)](
             gtheta, angles, dt, cu_seqlens if cu_seqlens is not None else dt, dang, ddt, da0,
             L, H, S=S, SP=triton.next_power_of_2(S), BL=_BL, VARLEN=cu_seqlens is not None,
-            num_warps=8,
+            num_warps=4,
         )  # fmt: skip
     elif S > 0:
         da0 = gtheta.new_zeros((nseq, H, S))
@@ -475,7 +457,7 @@ def compile_kernels(R: int, N: int, S: int, halves: bool, dtype: str = "bf16", t
     from triton.backends.compiler import GPUTarget
 
     target = target or GPUTarget("cuda", 90, 64)
-    consts = dict(N=N, S=S, R=R, BT=_BT, HALVES=halves, FAST=True)
+    consts = dict(N=N, S=S, R=R, BT=_BT, HALVES=halves)
     ints = dict(T="i32", H="i32", G="i32")
     fwd = {"q_ptr": f"*{dtype}", "k_ptr": f"*{dtype}", "qb_ptr": "*fp32", "kb_ptr": "*fp32",
            "th_ptr": "*fp32", "qr_ptr": f"*{dtype}", "kr_ptr": f"*{dtype}"}  # fmt: skip
@@ -503,5 +485,5 @@ def compile_kernels(R: int, N: int, S: int, halves: bool, dtype: str = "bf16", t
     ):
         sig = {**sig, **{k: "constexpr" for k in c}}
         src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=c)
-        out[name] = triton.compile(src, target=target, options={"num_warps": 8})
+        out[name] = triton.compile(src, target=target, options={"num_warps": 4})
     return out
