@@ -97,10 +97,18 @@ def plot(rows: list[dict], out_dir: str, title: str) -> list[str]:
     sweep = [r for r in prefill if r["group"] == "prefill_sweep"]
     prefill = sweep or prefill
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for key in sorted({(r["impl"], r["variant"]) for r in prefill}):
-        pts = sorted((r["L"], r["ms"]) for r in prefill if (r["impl"], r["variant"]) == key)
-        peer_like = key[0].startswith("sdpa") or key[0] == "mamba2"
-        label = key[0] if peer_like else f"{key[0]} ({key[1]})"
+    def series(r: dict) -> tuple[str, str]:
+        # Attention and Mamba-2 do not depend on the MIMO rank: one line each, not one per variant.
+        peer_like = r["impl"].startswith("sdpa") or r["impl"] == "mamba2"
+        return (r["impl"], "" if peer_like else r["variant"])
+
+    for key in sorted({series(r) for r in prefill}):
+        by_len = {}
+        for r in prefill:
+            if series(r) == key:
+                by_len.setdefault(r["L"], r["ms"])
+        pts = sorted(by_len.items())
+        label = f"{key[0]} ({key[1]})" if key[1] else key[0]
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
