@@ -18,8 +18,9 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-import optuna
 import pytest
+
+optuna = pytest.importorskip("optuna", reason="the autotuner needs optuna (the [tune] extra)")
 import torch
 from mamba3_kernels.autotune import Bucket, Space, find_targets, open_storage, tune_target
 from mamba3_kernels.autotune.report import table, write_configs

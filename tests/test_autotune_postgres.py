@@ -19,8 +19,9 @@ import tempfile
 import uuid
 from pathlib import Path
 
-import optuna
 import pytest
+
+optuna = pytest.importorskip("optuna", reason="the autotuner needs optuna (the [tune] extra)")
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV_URL = "MAMBA3_TEST_POSTGRES_URL"

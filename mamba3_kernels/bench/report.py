@@ -97,6 +97,7 @@ def plot(rows: list[dict], out_dir: str, title: str) -> list[str]:
     sweep = [r for r in prefill if r["group"] == "prefill_sweep"]
     prefill = sweep or prefill
     fig, ax = plt.subplots(figsize=(7, 4.5))
+
     def series(r: dict) -> tuple[str, str]:
         # Attention and Mamba-2 do not depend on the MIMO rank: one line each, not one per variant.
         peer_like = r["impl"].startswith("sdpa") or r["impl"] == "mamba2"
