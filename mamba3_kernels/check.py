@@ -349,23 +349,8 @@ def _scan_args(inputs: ScanInputs) -> tuple:
 
 
 def _step_inputs(inputs: ScanInputs, t: int) -> ScanInputs:
-    """Token t of scan-shaped inputs, in step shapes (the L axis dropped)."""
-
-    def tok(x):
-        return None if x is None else x[:, t].contiguous()
-
-    return inputs._replace(
-        q=tok(inputs.q),
-        k=tok(inputs.k),
-        v=tok(inputs.v),
-        z=tok(inputs.z),
-        angles=tok(inputs.angles),
-        adt=inputs.adt[..., t].contiguous(),
-        dt=inputs.dt[..., t].contiguous(),
-        trap=inputs.trap[..., t].contiguous(),
-        initial_state=None,
-        cu_seqlens=None,
-    )
+    """Token t of scan-shaped inputs, in step shapes (the L axis dropped), contiguous."""
+    return inputs.token(t).along_tokens(lambda x: x.contiguous(), lambda x: x.contiguous())
 
 
 def _why_not(name: str, case: Case, inputs: ScanInputs) -> str | None:

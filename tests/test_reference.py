@@ -26,44 +26,6 @@ def state_err(a: Mamba3State, b: Mamba3State) -> float:
     return max(rel_err(x, y) for x, y in zip(a, b, strict=True))
 
 
-def token_slice(inp: ScanInputs, start: int, end: int, state: Mamba3State | None) -> ScanInputs:
-    """Tokens [start, end) of a non-varlen call, starting from ``state``."""
-
-    def tok(x):
-        return None if x is None else x[:, start:end]
-
-    return inp._replace(
-        q=tok(inp.q),
-        k=tok(inp.k),
-        v=tok(inp.v),
-        z=tok(inp.z),
-        angles=tok(inp.angles),
-        adt=inp.adt[..., start:end],
-        dt=inp.dt[..., start:end],
-        trap=inp.trap[..., start:end],
-        initial_state=state,
-    )
-
-
-def step_inputs(inp: ScanInputs, t: int) -> ScanInputs:
-    """Token t of a scan call in decode-step shapes."""
-
-    def tok(x):
-        return None if x is None else x[:, t]
-
-    return inp._replace(
-        q=tok(inp.q),
-        k=tok(inp.k),
-        v=tok(inp.v),
-        z=tok(inp.z),
-        angles=tok(inp.angles),
-        adt=inp.adt[..., t],
-        dt=inp.dt[..., t],
-        trap=inp.trap[..., t],
-        initial_state=None,
-    )
-
-
 # ---------------------------------------------------------------------------------------------
 # An independent, deliberately naive transcription of SPEC.md (scalar loops over b, h, t, r),
 # sharing no code with the reference, so that a mistake in the shared preparation (rotary pairs,
@@ -244,7 +206,7 @@ def test_split_and_carry_state(kw, chunk):
         bounds = [0, *cuts, seqlen]
         st, outs = inp.initial_state, []
         for a, b in zip(bounds[:-1], bounds[1:], strict=True):
-            o, st = reference_scan(token_slice(inp, a, b, st), None, chunk_size=chunk)
+            o, st = reference_scan(inp.tokens(a, b, st), None, chunk_size=chunk)
             outs.append(o)
         assert rel_err(torch.cat(outs, 1), out) < EXACT
         assert state_err(st, state) < EXACT
@@ -257,11 +219,11 @@ def test_scan_then_steps(kw):
         seqlen=seqlen + nsteps, dtype=F64, with_initial_state=True, generator=gen(5), **kw
     )
     out, state = reference_scan(inp, None, chunk_size=8)
-    o, st = reference_scan(token_slice(inp, 0, seqlen, inp.initial_state), None, chunk_size=6)
+    o, st = reference_scan(inp.tokens(0, seqlen, inp.initial_state), None, chunk_size=6)
     outs = [o]
     for t in range(seqlen, seqlen + nsteps):
         before = st.clone()
-        o_t, st = reference_step(step_inputs(inp, t), st)
+        o_t, st = reference_step(inp.token(t), st)
         for x, y in zip(before, st, strict=True):
             assert x is not y
         outs.append(o_t.unsqueeze(1))
@@ -306,7 +268,7 @@ def test_varlen_matches_per_sequence(kw, with_state, chunk):
         st = None
         if with_state:
             st = Mamba3State(*(x[i : i + 1] for x in inp.initial_state))
-        sub = token_slice(inp, a, b, st)._replace(cu_seqlens=None)
+        sub = inp.tokens(a, b, st)
         o, s = reference_scan(sub, None)
         assert rel_err(out[:, a:b], o) < EXACT
         assert state_err(Mamba3State(*(x[i : i + 1] for x in state)), s) < EXACT
@@ -405,7 +367,7 @@ def test_long_strong_decay_no_nan():
     ref, _ = reference_scan(cast_inputs(inp, F64), None, chunk_size=64)
     assert rel_err(out, ref) < 1e-5
     # gradients stay finite through the masked decay matrix
-    short = token_slice(inp, 0, 256, None)
+    short = inp.tokens(0, 256, None)
     q = short.q.clone().requires_grad_()
     a = short.adt.clone().requires_grad_()
     out, _ = reference_scan(short._replace(q=q, adt=a), None, chunk_size=64)

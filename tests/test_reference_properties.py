@@ -7,7 +7,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mamba3_kernels.reference import reference_scan
-from mamba3_kernels.state import Mamba3State
 from mamba3_kernels.testing import random_inputs, rel_err
 
 EXACT = 1e-10
@@ -75,24 +74,8 @@ def test_split_point_does_not_matter(call, cut):
     cut = min(cut, inp.v.shape[1])
     out, state = reference_scan(inp, rotary, chunk_size=chunk)
 
-    def part(a, b, s: Mamba3State | None):
-        def tok(x):
-            return None if x is None else x[:, a:b]
-
-        return inp._replace(
-            q=tok(inp.q),
-            k=tok(inp.k),
-            v=tok(inp.v),
-            z=tok(inp.z),
-            angles=tok(inp.angles),
-            adt=inp.adt[..., a:b],
-            dt=inp.dt[..., a:b],
-            trap=inp.trap[..., a:b],
-            initial_state=s,
-        )
-
-    o1, s1 = reference_scan(part(0, cut, inp.initial_state), rotary, chunk_size=chunk)
-    o2, s2 = reference_scan(part(cut, inp.v.shape[1], s1), rotary)
+    o1, s1 = reference_scan(inp.tokens(0, cut, inp.initial_state), rotary, chunk_size=chunk)
+    o2, s2 = reference_scan(inp.tokens(cut, inp.v.shape[1], s1), rotary)
     assert rel_err(torch.cat((o1, o2), dim=1), out) < EXACT
     for a, b in zip(s2, state, strict=True):
         assert rel_err(a, b) < EXACT

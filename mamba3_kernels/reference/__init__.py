@@ -30,25 +30,10 @@ def _one_call(inputs: ScanInputs, rotary: str, chunk_size: int | None):
 
 def _slice_sequence(inputs: ScanInputs, start: int, end: int, i: int) -> ScanInputs:
     """The inputs of sequence i of a packed (cu_seqlens) call, as a batch-1 call."""
-
-    def tok(x):  # (1, L, ...) token-major tensors
-        return None if x is None else x[:, start:end]
-
     state = inputs.initial_state
     if state is not None:
         state = Mamba3State(*(t[i : i + 1] for t in state))
-    return inputs._replace(
-        q=tok(inputs.q),
-        k=tok(inputs.k),
-        v=tok(inputs.v),
-        z=tok(inputs.z),
-        angles=tok(inputs.angles),
-        adt=inputs.adt[..., start:end],
-        dt=inputs.dt[..., start:end],
-        trap=inputs.trap[..., start:end],
-        initial_state=state,
-        cu_seqlens=None,
-    )
+    return inputs.tokens(start, end, state)
 
 
 def reference_scan(
@@ -94,21 +79,7 @@ def reference_step(
     """
     rotary = default_rotary(inputs, rotary, step=True)
 
-    def tok(x):
-        return None if x is None else x.unsqueeze(1)
-
-    scan_inputs = inputs._replace(
-        q=tok(inputs.q),
-        k=tok(inputs.k),
-        v=tok(inputs.v),
-        z=tok(inputs.z),
-        angles=tok(inputs.angles),
-        adt=inputs.adt.unsqueeze(-1),
-        dt=inputs.dt.unsqueeze(-1),
-        trap=inputs.trap.unsqueeze(-1),
-        initial_state=state,
-        cu_seqlens=None,
-    )
+    scan_inputs = inputs.as_scan(state)
     out, new_state = recurrent_scan(scan_inputs, rotary)
     return out.squeeze(1), new_state
 
