@@ -49,6 +49,7 @@ _index: dict[str, dict[tuple[str, str, str], dict]] | None = None
 # Memo of lookups: (backend, kernel, bucket, gpu) -> entry or None.
 _memo: dict[tuple[str, str, str, str], dict | None] = {}
 _warned: set[str] = set()
+_stale: dict[str, list[tuple[str, str]]] = {}  # gpu name -> (file, message) of stale files
 
 
 def user_config_dir() -> Path:
@@ -132,10 +133,14 @@ def _load_index(versions: dict) -> dict[str, dict[tuple[str, str, str], dict]]:
             continue
         why = stale_reason(data.get("versions", {}), versions)
         if why is not None:
-            _warn_once(
-                str(path),
-                f"mamba3_kernels: config file {path} is stale ({why}); using heuristics instead. "
-                "Re-run `python -m mamba3_kernels.autotune` to tune for this toolchain.",
+            # Reported when this GPU's configs are asked for, not for other GPUs' files.
+            _stale.setdefault(data["gpu"], []).append(
+                (
+                    str(path),
+                    f"mamba3_kernels: config file {path} is stale ({why}); using heuristics "
+                    "instead. Re-run `python -m mamba3_kernels.autotune` to tune for this "
+                    "toolchain.",
+                )
             )
             continue
         table = index.setdefault(data["gpu"], {})
@@ -191,7 +196,10 @@ def lookup_entry(
     if os.environ.get(ENV_DISABLE, "0") == "1":
         return None
     if _index is None:
+        _stale.clear()
         _index = _load_index(versions if versions is not None else current_versions())
+    for path, message in _stale.get(device_name, ()):
+        _warn_once(path, message)
     table = _index.get(device_name, {})
     entry = table.get((backend, kernel, bucket))
     if entry is None:
