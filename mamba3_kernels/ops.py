@@ -36,6 +36,10 @@ GRAD_INPUTS = (
     "k0",
     "v0",
 )
+# The same inputs as Backend.scan_backward names them (ScanInputs fields, initial_state.<field>).
+BACKEND_GRAD_KEYS = GRAD_INPUTS[:14] + tuple(
+    f"initial_state.{f}" for f in ("angle", "ssm", "k", "v")
+)
 
 
 def _inputs(
@@ -276,7 +280,9 @@ def scan_bwd_op(
     grad_state = Mamba3State(grad_angle, grad_ssm, grad_k, grad_v) if return_final_state else None
     if chosen.has_backward:
         grads = chosen.scan_backward(problem, inputs, grad_out, grad_state, configs)
-        return [_or_empty(grads.get(name), a, q) for name, a in zip(GRAD_INPUTS, args, strict=True)]
+        return [
+            _or_empty(grads.get(key), a, q) for key, a in zip(BACKEND_GRAD_KEYS, args, strict=True)
+        ]
     return _reference_backward(problem, args, cu_seqlens, grad_out, grad_state)
 
 

@@ -88,7 +88,7 @@ class TritonBackend(Backend):
         self, problem: Problem, inputs: ScanInputs, grad_out, grad_state, configs=None
     ):
         """Gradients of every input (see chunk_bwd.chunk_bwd): keys are ScanInputs field names and
-        'initial_state.<field>', with 'angle0', 'ssm0', 'k0', 'v0' as aliases (ops.py's names)."""
+        'initial_state.<field>'."""
         self._load()
         cfg = self._config(self._chunk_bwd.SPEC, problem, configs)
         return self._chunk_bwd.chunk_bwd(problem, inputs, grad_out, grad_state, cfg)

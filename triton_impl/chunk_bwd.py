@@ -23,9 +23,6 @@ __all__ = ["SPEC", "ChunkBwdConfig", "chunk_bwd", "default_config", "search_spac
 _MIN_DOT = 16
 _INPUT_NAMES = ScanInputs._fields[:14]  # q .. mimo_o
 _STATE_NAMES = ("angle", "ssm", "k", "v")
-# ops.py names the initial state's gradients angle0, ssm0, k0, v0; Backend documents
-# initial_state.<field>: both keys are returned.
-_STATE_ALIASES = ("angle0", "ssm0", "k0", "v0")
 
 
 @dataclass(frozen=True)
@@ -113,12 +110,6 @@ def _rebuild(inputs: ScanInputs, keys: list[str], tensors) -> ScanInputs:
     return ScanInputs(**fields, initial_state=state, cu_seqlens=inputs.cu_seqlens)
 
 
-def _with_aliases(grads: dict) -> dict:
-    for n, alias in zip(_STATE_NAMES, _STATE_ALIASES, strict=True):
-        grads[alias] = grads.get(f"initial_state.{n}")
-    return grads
-
-
 def _empty_backward(inputs: ScanInputs, grad_state: Mamba3State | None) -> dict:
     """L == 0: the final state is the initial state, nothing else is used."""
     grads: dict = {n: None for n, _ in _flat(inputs)}
@@ -126,7 +117,7 @@ def _empty_backward(inputs: ScanInputs, grad_state: Mamba3State | None) -> dict:
     if state is not None and grad_state is not None:
         for i, n in enumerate(_STATE_NAMES):
             grads[f"initial_state.{n}"] = grad_state[i].to(state[i].dtype)
-    return _with_aliases(grads)
+    return grads
 
 
 def chunk_bwd(
@@ -142,7 +133,7 @@ def chunk_bwd(
     grad_state: Mamba3State of cotangents for the final state (angle, ssm fp32; k, v in the
     inputs' dtypes), or None when the call returned no final state.
     Returns {ScanInputs field name: gradient or None}, with the initial state's gradients under
-    'initial_state.angle' / '.ssm' / '.k' / '.v' and, equally, 'angle0', 'ssm0', 'k0', 'v0'.
+    'initial_state.angle' / '.ssm' / '.k' / '.v'.
     """
     from .core_prep import scan_via_core
 
@@ -169,7 +160,7 @@ def chunk_bwd(
     grads: dict = {n: None for n, _ in _flat(inputs)}
     for (n, t), g in zip(present, vjp_fn(cot), strict=True):
         grads[n] = None if g is None else g.to(t.dtype)
-    return _with_aliases(grads)
+    return grads
 
 
 SPEC = KernelSpec(
