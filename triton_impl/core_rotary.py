@@ -87,12 +87,21 @@ def _rot_fwd_kernel(
 
 
 @triton.jit
-def _unrotate(d_ptr, dst, n, partner, m2, x, xp, c, s):
+def _unrotate(d_ptr, dst, n, partner, m2, x, xp, c, s, XR: tl.constexpr):
     """(dx, sgn-free dtheta term) of one operand: dx = dxr c - dxr_p s', and dxr * xr_p, with
-    s' = sgn sin already folded into s (so the dtheta term below still lacks sgn)."""
+    s' = sgn sin already folded into s (so the dtheta term below still lacks sgn). xr_p is
+    rounded as _rot_fwd_kernel stored it (XR: 0 fp32, 1 bf16, 2 fp16): the dtheta terms of q
+    and k then come from the very operands the core multiplied, so the two members of every
+    (query, key) pair cancel to fp32 rounding in the reverse cumulative sum over tokens that
+    turns dtheta into d dt (with the unrounded values they differ by the operands' rounding,
+    and that difference accumulates over the sequence)."""
     d = tl.load(d_ptr + dst[:, None] + n[None, :], mask=m2, other=0.0)
     dp = tl.load(d_ptr + dst[:, None] + partner[None, :], mask=m2, other=0.0)
     xr_p = xp * c - x * s  # the partner's rotated value
+    if XR == 1:
+        xr_p = xr_p.to(tl.bfloat16).to(tl.float32)
+    elif XR == 2:
+        xr_p = xr_p.to(tl.float16).to(tl.float32)
     return d * c - dp * s, d * xr_p
 
 
@@ -101,6 +110,7 @@ def _rot_bwd_kernel(
     dqr_ptr, dkr_ptr, q_ptr, k_ptr, qb_ptr, kb_ptr, th_ptr,
     dq_ptr, dk_ptr, dqb_ptr, dkb_ptr, dth_ptr, T, H, G,
     N: tl.constexpr, S: tl.constexpr, R: tl.constexpr, BT: tl.constexpr, HALVES: tl.constexpr,
+    XR: tl.constexpr,
 ):  # fmt: skip
     """Gradients of the rotary prep; grid (T/BT, R*G), each program loops over its group's heads.
     dqr, dkr (T, R, H, N) fp32 -> dq, dk (T, R, G, N) fp32; dqb, dkb (T/BT, R, H, N) partial
@@ -127,9 +137,9 @@ def _rot_bwd_kernel(
         s = tl.sin(th) * sgn[None, :]
         dst = ((t * R + r) * H + h) * N
         x, xp = _biased(q_ptr, qb_ptr + boff, src, n, partner, m2)
-        dxq, tq = _unrotate(dqr_ptr, dst, n, partner, m2, x, xp, c, s)
+        dxq, tq = _unrotate(dqr_ptr, dst, n, partner, m2, x, xp, c, s, XR)
         x, xp = _biased(k_ptr, kb_ptr + boff, src, n, partner, m2)
-        dxk, tk = _unrotate(dkr_ptr, dst, n, partner, m2, x, xp, c, s)
+        dxk, tk = _unrotate(dkr_ptr, dst, n, partner, m2, x, xp, c, s, XR)
         acc_q += dxq
         acc_k += dxk
         pb = (pid_t.to(tl.int64) * R * H + r * H + h) * N + n
@@ -241,9 +251,13 @@ def rotary_fwd(q, k, qb, kb, theta, halves: bool, out_dtype: torch.dtype):
     return qr, kr
 
 
-def rotary_bwd(dqr, dkr, q, k, qb, kb, theta, halves: bool):
+_XR = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
+def rotary_bwd(dqr, dkr, q, k, qb, kb, theta, halves: bool, xr_dtype=torch.float32):
     """Backward of rotary_fwd: dqr, dkr (B, L, R, H, N) fp32 -> dq, dk (B, L, R, G, N) fp32,
-    dqb, dkb (R, H, N) fp32, dtheta (B, L, H, S) fp32."""
+    dqb, dkb (R, H, N) fp32, dtheta (B, L, H, S) fp32. xr_dtype: the out_dtype rotary_fwd gave
+    the core (dtheta reads the rotated values rounded to it)."""
     B, L, R, G, N = q.shape
     H, S = qb.shape[1], theta.shape[-1]
     T = B * L
@@ -258,7 +272,7 @@ def rotary_bwd(dqr, dkr, q, k, qb, kb, theta, halves: bool):
     if T > 0:
         _rot_bwd_kernel[(nblk, R * G)](
             dqr, dkr, q, k, qb, kb, theta, dq, dk, pq, pk, dth, T, H, G,
-            N=N, S=S, R=R, BT=_BT, HALVES=halves, num_warps=4,
+            N=N, S=S, R=R, BT=_BT, HALVES=halves, XR=_XR[xr_dtype], num_warps=4,
         )  # fmt: skip
     else:
         dth.zero_()
@@ -321,13 +335,14 @@ def _rotary_fwd_fake(q, k, qb, kb, theta, halves, out_dtype):
 @torch.library.custom_op("mamba3_triton::rotary_bwd", mutates_args=())
 def _rotary_bwd_op(
     dqr: Tensor, dkr: Tensor, q: Tensor, k: Tensor, qb: Tensor, kb: Tensor, theta: Tensor,
-    halves: bool,
+    halves: bool, xr_dtype: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
-    return rotary_bwd(dqr.contiguous(), dkr.contiguous(), q, k, qb, kb, theta, halves)
+    return rotary_bwd(dqr.contiguous(), dkr.contiguous(), q, k, qb, kb, theta, halves,
+                      _DTYPES[xr_dtype])  # fmt: skip
 
 
 @_rotary_bwd_op.register_fake
-def _rotary_bwd_fake(dqr, dkr, q, k, qb, kb, theta, halves):
+def _rotary_bwd_fake(dqr, dkr, q, k, qb, kb, theta, halves, xr_dtype):
     f32 = torch.float32
     e = q.new_empty
     return (e(q.shape, dtype=f32), e(q.shape, dtype=f32), e(qb.shape, dtype=f32),
@@ -424,7 +439,8 @@ class _RotCore(torch.autograd.Function):
         dqr, dkr, dv, dadt, dw, dg, ds0 = _core_bwd_op(
             dy.contiguous(), dsf, qr, kr, vr, adt, w, gam, s0, cu, *ctx.flags
         )
-        dq, dk, dqb, dkb, dth = _rotary_bwd_op(dqr, dkr, q, k, qb, kb, theta, ctx.halves)
+        xr_dtype = str(qr.dtype).replace("torch.", "")
+        dq, dk, dqb, dkb, dth = _rotary_bwd_op(dqr, dkr, q, k, qb, kb, theta, ctx.halves, xr_dtype)
         return (dq.to(q.dtype), dk.to(k.dtype), dqb, dkb, dth, dv.to(vr.dtype),
                 dadt.to(adt.dtype), dw.to(w.dtype), dg.to(gam.dtype),
                 ds0 if s0 is not None else None, *([None] * 8))  # fmt: skip
@@ -466,12 +482,13 @@ def compile_kernels(R: int, N: int, S: int, halves: bool, dtype: str = "bf16", t
            "dk_ptr": "*fp32", "dqb_ptr": "*fp32", "dkb_ptr": "*fp32",
            "dth_ptr": "*fp32"}  # fmt: skip
     out = {}
-    for name, fn, sig in (
-        ("rotary_fwd", _rot_fwd_kernel, fwd),
-        ("rotary_bwd", _rot_bwd_kernel, bwd),
+    xr = {"bf16": 1, "fp16": 2}.get(dtype, 0)
+    for name, fn, sig, c in (
+        ("rotary_fwd", _rot_fwd_kernel, fwd, consts),
+        ("rotary_bwd", _rot_bwd_kernel, bwd, {**consts, "XR": xr}),
     ):
-        sig = {**sig, **ints, **{k: "constexpr" for k in consts}}
-        src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=consts)
+        sig = {**sig, **ints, **{k: "constexpr" for k in c}}
+        src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=c)
         out[name] = triton.compile(src, target=target, options={"num_warps": 4})
     ac = dict(S=S, SP=triton.next_power_of_2(S), BL=_BL, VARLEN=False)
     afwd = {"ang_ptr": "*fp32", "dt_ptr": "*fp32", "a0_ptr": "*fp32", "cu_ptr": "*i32",

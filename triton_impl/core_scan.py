@@ -20,6 +20,18 @@ The two sweeps are independent, so they run side by side. The decay gradient nee
 the reverse sweep: the function depends on C only through exp(C_i) qr_i, exp(-C_j) kr_j and
 exp(C_last) in S_final, hence dC_i = qr_i . dqr_i - kr_i . dkr_i, plus <dS_final, S_final> at the
 last token; d adt is the reverse cumulative sum of dC over the sequence (done in PyTorch).
+
+Accuracy of that sum with 16-bit dot operands. Every (query i, key j) pair term P_ij enters dC
+twice, +P_ij through qr_i . dqr_i and -P_ij through kr_j . dkr_j, and d adt_t keeps only the pairs
+that straddle t (j < t <= i): the rest cancel in the reverse cumulative sum, but only as far as
+the two copies of P_ij were computed from the same operands. Within a chunk they are (one
+rounded score matrix serves dqr and dkr). Across chunks dqr reads the state S (sums of rounded
+v exp(c_last - c) w times kr) and dkr reads dS (sums of rounded dy exp(c) times qr): both sweeps
+therefore use those same rounded factors on the row side, and S and dS enter their dots split
+into a rounded high part and a rounded remainder (two 16-bit dots, about fp32 accuracy). With a
+single rounded S / dS the two copies differed by ~2^-9 relative, and that error accumulated over
+the sequence instead of cancelling (bf16 d adt 2-3x less accurate). The rotary backward's dtheta
+(whose reverse sum gives the angle part of d dt) relies on the same property.
 """
 
 import os
@@ -47,6 +59,18 @@ def _rnd(x, DOTK: tl.constexpr, UPCAST: tl.constexpr):
     if UPCAST:
         y = y.to(tl.float32)
     return y
+
+
+@triton.jit
+def _dot_split(a, x, acc, DOTK: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """acc + a @ x for an fp32 state x, to about fp32 accuracy with 16-bit dots: x is split into
+    a rounded high part and the rounded remainder, two dots (one when the dots are fp32)."""
+    hi = _rnd(x, DOTK, UPCAST)
+    acc = tl.dot(a, hi, acc, input_precision=DOT_PREC)
+    if DOTK != 0:
+        lo = _rnd(x - hi.to(tl.float32), DOTK, UPCAST)
+        acc = tl.dot(a, lo, acc, input_precision=DOT_PREC)
+    return acc
 
 
 @triton.jit
@@ -176,12 +200,14 @@ def _core_bwd_kernel(
                 N, P, R, C, DOTK, UPCAST,
             )  # fmt: skip
             dy = tl.load(dy_ptr + row[:, None] * P + pp[None, :], mask=valid[:, None], other=0.0)
-            dy = _rnd(dy.to(tl.float32), DOTK, UPCAST)
-            d = tl.dot(dy, tl.trans(v), input_precision=DOT_PREC)
+            dy = dy.to(tl.float32)
+            d = tl.dot(_rnd(dy, DOTK, UPCAST), tl.trans(v), input_precision=DOT_PREC)
             dec = tl.exp(tl.minimum(c[:, None] - c[None, :], 0.0))
             m = tl.where(causal, dec * w[None, :], tl.where(diag, gm[None, :], 0.0))
-            dq = tl.dot(dy, _rnd(st, DOTK, UPCAST), input_precision=DOT_PREC)
-            dq = dq * tl.exp(c)[:, None]
+            # The inter-chunk part with the same operands the reverse sweep's dS is built from
+            # (dy exp(c) rounded) against the state split hi + lo: see the module docstring.
+            dyc = _rnd(dy * tl.exp(c)[:, None], DOTK, UPCAST)
+            dq = _dot_split(dyc, st, tl.zeros((CR, N), dtype=tl.float32), DOTK, DOT_PREC, UPCAST)
             dq = tl.dot(_rnd(d * m, DOTK, UPCAST), k, dq, input_precision=DOT_PREC)
             vw = _rnd(v.to(tl.float32) * (tl.exp(c_last - c) * w)[:, None], DOTK, UPCAST)
             st = tl.dot(tl.trans(vw), k, st * tl.exp(c_last), input_precision=DOT_PREC)
@@ -217,8 +243,10 @@ def _core_bwd_kernel(
             kds = tl.dot(k, tl.trans(dso), input_precision=DOT_PREC)  # (CR, P)
             dv = tl.dot(tl.trans(_rnd(a * m, DOTK, UPCAST)), dyo, input_precision=DOT_PREC)
             dv += wl[:, None] * kds
-            dk = tl.dot(v, dso, input_precision=DOT_PREC)  # (CR, N)
-            dk = dk * wl[:, None]
+            # the inter-chunk part from the operand the forward sweep's state is built from
+            # (v exp(c_last - c) w rounded) against dS split hi + lo: see the module docstring.
+            vw = _rnd(v.to(tl.float32) * wl[:, None], DOTK, UPCAST)
+            dk = _dot_split(vw, ds, tl.zeros((CR, N), dtype=tl.float32), DOTK, DOT_PREC, UPCAST)
             dk = tl.dot(tl.trans(_rnd(d * m, DOTK, UPCAST)), q, dk, input_precision=DOT_PREC)
             ad = a * d
             dw = tl.sum(e * ad, axis=0) + tl.exp(c_last - c) * tl.sum(v.to(tl.float32) * kds, 1)
