@@ -328,11 +328,12 @@ def test_rotary_kernels_compile_for_sm90_without_gpu():
 # ---------------------------------------------------------------------------- GPU
 
 
-# The decay (adt) gradient of bf16 inputs is the known weak spot: it is a difference of two
-# large terms (q.dq - k.dk) formed from bf16 dot operands. Measured on an H100 at this shape:
-# 3.4e-2 (SISO) and 4.0e-2 (MIMO R=4) against the fp32 reference; every other gradient < 3e-2.
+# The decay (adt) gradient of bf16 inputs is a reverse sum over the sequence of per-token terms
+# that mostly cancel, so it is the most sensitive to rounding. Measured on an H100 at this shape
+# against the fp32 reference: 3.5e-3 (SISO) and 3.7e-3 (MIMO R=4), every other gradient < 4.4e-3
+# (before the two sweeps shared their rounded cross-chunk operands: 3.4e-2 and 4.0e-2).
 ADT_INDEX = 3
-BF16_ADT_TOL = 5e-2
+BF16_ADT_TOL = 1e-2
 
 
 @pytest.mark.gpu
