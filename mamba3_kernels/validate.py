@@ -180,35 +180,22 @@ def _signature(step, tensors, state, options) -> tuple | None:
 
 def _validate(
     step: bool,
-    q,
-    k,
-    v,
-    adt,
-    dt,
-    trap,
-    q_bias,
-    k_bias,
-    angles,
-    D,
-    z,
-    mimo_v,
-    mimo_z,
-    mimo_o,
+    tensors: tuple,
     state,
     return_final_state,
     cu_seqlens,
     rotary,
     chunk_size,
 ) -> tuple[Problem, ScanInputs]:
-    tensors = (q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, z, mimo_v, mimo_z, mimo_o)
+    """Memoized front of ``_check_and_describe``; ``tensors``: q .. mimo_o (ScanInputs order)."""
     key = None
     if cu_seqlens is None and not torch.compiler.is_compiling():
         options = (rotary, bool(return_final_state), chunk_size, type(chunk_size))
         key = _signature(step, tensors, state, options)
         problem = _VALIDATED.get(key) if key is not None else None
         if problem is not None:
-            if _check_values_enabled(q.device):
-                _check_values(adt, dt)
+            if _check_values_enabled(tensors[0].device):
+                _check_values(tensors[3], tensors[4])
             state = Mamba3State(*state) if state is not None else None
             return problem, ScanInputs(*tensors, state, None)
     problem, inputs = _check_and_describe(step, *tensors, state, return_final_state, cu_seqlens,
@@ -390,27 +377,9 @@ def validate_scan(
     chunk_size=None,
 ) -> tuple[Problem, ScanInputs]:
     """Check a ``scan`` call (shapes per SPEC.md) and describe it. Raises TypeError/ValueError."""
+    tensors = (q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, z, mimo_v, mimo_z, mimo_o)
     return _validate(
-        False,
-        q,
-        k,
-        v,
-        adt,
-        dt,
-        trap,
-        q_bias,
-        k_bias,
-        angles,
-        D,
-        z,
-        mimo_v,
-        mimo_z,
-        mimo_o,
-        initial_state,
-        return_final_state,
-        cu_seqlens,
-        rotary,
-        chunk_size,
+        False, tensors, initial_state, return_final_state, cu_seqlens, rotary, chunk_size
     )
 
 
@@ -434,28 +403,8 @@ def validate_step(
 ) -> tuple[Problem, ScanInputs]:
     """Check a ``step`` call (the L axis absent) and describe it. ``inputs.initial_state`` is the
     state to update."""
-    return _validate(
-        True,
-        q,
-        k,
-        v,
-        adt,
-        dt,
-        trap,
-        q_bias,
-        k_bias,
-        angles,
-        D,
-        z,
-        mimo_v,
-        mimo_z,
-        mimo_o,
-        state,
-        True,
-        None,
-        rotary,
-        None,
-    )
+    tensors = (q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, z, mimo_v, mimo_z, mimo_o)
+    return _validate(True, tensors, state, True, None, rotary, None)
 
 
 def describe(
