@@ -23,24 +23,34 @@ The initial state's (k, v) enter as the previous-input term of token 0: S0 = ssm
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra import libdevice
 
 from mamba3_kernels.backend import KernelSpec
 from mamba3_kernels.inputs import ScanInputs
 from mamba3_kernels.problem import Problem
 from mamba3_kernels.state import Mamba3State
 
+from .fwd_tiles import (
+    _TWO_PI,
+    _chunk_coefs,
+    _chunk_rates,
+    _finish_rows,
+    _intra_scores,
+    _load_lohi,
+    _op,
+    _rot_cos_sin,
+    _rotated_operand,
+    _store_final_kv,
+    _store_lohi,
+)
+
 __all__ = ["SPEC", "ChunkFwdConfig", "chunk_fwd", "default_config", "search_space", "constraint"]
 
-_TWO_PI = tl.constexpr(2.0 * math.pi)
-_PI = tl.constexpr(math.pi)
 _MIN_DOT = 16  # smallest tile side tl.dot accepts on GPU
 
 
@@ -190,135 +200,6 @@ def _applies(problem: Problem) -> bool:
 
 
 @triton.jit
-def _cos_sin(th, live, FAST: tl.constexpr):
-    """cos and sin of ``th``; where ``live`` is False, exactly 1 and 0 (pass-through columns).
-    FAST: reduce to [-pi, pi] and use the hardware approximations (absolute error ~1e-6);
-    else the accurate library functions (the interpreter has no libdevice)."""
-    if FAST:
-        red = th - _TWO_PI * tl.floor(th / _TWO_PI + 0.5)
-        cos = libdevice.fast_cosf(red)
-        sin = libdevice.fast_sinf(red)
-    else:
-        cos = tl.cos(th)
-        sin = tl.sin(th)
-    return tl.where(live, cos, 1.0), tl.where(live, sin, 0.0)
-
-
-@triton.jit
-def _op(x, DOT_DTYPE: tl.constexpr, UPCAST: tl.constexpr):
-    """A dot operand: rounded to the dot dtype; under the interpreter (whose 16-bit float dots
-    are unreliable) rounded and then multiplied in fp32, which gives the same products."""
-    if UPCAST:
-        return x.to(DOT_DTYPE).to(tl.float32)
-    else:
-        return x.to(DOT_DTYPE)
-
-
-@triton.jit
-def _load_rot(ptr, row_off, rmask, NH: tl.constexpr, SA: tl.constexpr, HALVES: tl.constexpr):
-    """Load the first SA rotary pairs of rows of N = 2*NH values, as their two members a, b.
-
-    row_off: (M, 1) element offsets of the rows; rmask: (M, 1) row mask. Returns a, b (M, SA):
-    halves: columns [0, SA) and [NH, NH + SA); interleaved: even and odd columns of [0, 2*SA).
-    Both loads stay contiguous along the row; the interleaved split happens in registers.
-    """
-    j = tl.arange(0, SA)
-    if HALVES:
-        a = tl.load(ptr + row_off + j[None, :], mask=rmask, other=0.0)
-        b = tl.load(ptr + row_off + NH + j[None, :], mask=rmask, other=0.0)
-    else:
-        jn = tl.arange(0, 2 * SA)
-        x = tl.load(ptr + row_off + jn[None, :], mask=rmask, other=0.0)
-        a, b = tl.split(tl.reshape(x, (x.shape[0], SA, 2)))
-    return a, b
-
-
-@triton.jit
-def _pass_cols(NH: tl.constexpr, SA: tl.constexpr, HALVES: tl.constexpr):
-    """Column indices (two contiguous runs of NH - SA) of the pairs past SA, which never rotate.
-    Both layouts keep them contiguous: halves [SA, NH) and [NH + SA, N); interleaved
-    [2*SA, NH + SA) and [NH + SA, N). Any split works as long as q, k and the state agree."""
-    j = tl.arange(0, NH - SA)
-    if HALVES:
-        return SA + j, NH + SA + j
-    else:
-        return 2 * SA + j, NH + SA + j
-
-
-@triton.jit
-def _load_pass(ptr, row_off, rmask, NH: tl.constexpr, SA: tl.constexpr, HALVES: tl.constexpr):
-    """Load the pass-through columns of rows (see _pass_cols) as two (M, NH - SA) tiles."""
-    ce, cf = _pass_cols(NH, SA, HALVES)
-    e = tl.load(ptr + row_off + ce[None, :], mask=rmask, other=0.0)
-    f = tl.load(ptr + row_off + cf[None, :], mask=rmask, other=0.0)
-    return e, f
-
-
-@triton.jit
-def _zip(a, e):
-    """(M, K), (M, K) -> (M, 2K) with a in the even columns and e in the odd ones."""
-    return tl.reshape(tl.join(a, e), (a.shape[0], 2 * a.shape[1]))
-
-
-@triton.jit
-def _unzip(x):
-    """Inverse of _zip."""
-    return tl.split(tl.reshape(x, (x.shape[0], x.shape[1] // 2, 2)))
-
-
-@triton.jit
-def _load_lohi(ptr, row_off, rmask, NH: tl.constexpr, SA: tl.constexpr, HALVES: tl.constexpr):
-    """Load rows of N values as two (M, NH) tiles lo, hi: the two members of the rotated pairs
-    zipped with the pass-through columns (column 2j of lo/hi is member a/b of pair j < SA,
-    column 2j + 1 is pass-through column j of run e/f), so the rotation acts on whole tiles
-    while the trig is computed for SA pairs only. Without pass-through pairs (SA == NH):
-    lo, hi are the pair members a, b."""
-    a, b = _load_rot(ptr, row_off, rmask, NH, SA, HALVES)
-    if SA < NH:
-        e, f = _load_pass(ptr, row_off, rmask, NH, SA, HALVES)
-        return _zip(a, e), _zip(b, f)
-    else:
-        return a, b
-
-
-@triton.jit
-def _store_lohi(
-    ptr, row_off, lo, hi, rmask, NH: tl.constexpr, SA: tl.constexpr, HALVES: tl.constexpr
-):
-    """Inverse of _load_lohi."""
-    if SA < NH:
-        a, e = _unzip(lo)
-        b, f = _unzip(hi)
-        _store_rot(ptr, row_off, a, b, rmask, NH, SA, HALVES)
-        _store_pass(ptr, row_off, e, f, rmask, NH, SA, HALVES)
-    else:
-        _store_rot(ptr, row_off, lo, hi, rmask, NH, SA, HALVES)
-
-
-@triton.jit
-def _store_rot(ptr, row_off, a, b, rmask, NH: tl.constexpr, SA: tl.constexpr, HALVES: tl.constexpr):
-    """Inverse of _load_rot: store a, b (M, SA) into rows of N values."""
-    j = tl.arange(0, SA)
-    if HALVES:
-        tl.store(ptr + row_off + j[None, :], a, mask=rmask)
-        tl.store(ptr + row_off + NH + j[None, :], b, mask=rmask)
-    else:
-        jn = tl.arange(0, 2 * SA)
-        x = tl.reshape(tl.join(a, b), (a.shape[0], 2 * SA))
-        tl.store(ptr + row_off + jn[None, :], x, mask=rmask)
-
-
-@triton.jit
-def _store_pass(
-    ptr, row_off, e, f, rmask, NH: tl.constexpr, SA: tl.constexpr, HALVES: tl.constexpr
-):
-    """Inverse of _load_pass."""
-    ce, cf = _pass_cols(NH, SA, HALVES)
-    tl.store(ptr + row_off + ce[None, :], e, mask=rmask)
-    tl.store(ptr + row_off + cf[None, :], f, mask=rmask)
-
-
-@triton.jit
 def _chunk_fwd_kernel(
     q_ptr,
     k_ptr,
@@ -429,9 +310,6 @@ def _chunk_fwd_kernel(
     # Keep the running angle small so fp32 cos/sin stay accurate at any length.
     theta = theta - _TWO_PI * tl.floor(theta / _TWO_PI)
 
-    if HAS_D:
-        d_h = tl.load(D_ptr + h).to(tl.float32)
-
     first_rank = r_idx == 0
     if R == 1:
         bias_row = tl.zeros((1, 1), dtype=tl.int32) + h * N  # SISO: one bias row
@@ -444,63 +322,33 @@ def _chunk_fwd_kernel(
         valid = t < seqlen
         tok = bos + t  # global token index (int64)
         mrow = valid[:, None]
-        # ---- per-token coefficients (every rank row of a token repeats them) --------------
-        a_row = tl.load(adt_ptr + coef_base + t, mask=valid & first_rank, other=0.0)
-        a_row = a_row.to(tl.float32)
-        c = tl.cumsum(a_row, axis=0)  # log-decay from the chunk start
-        c_last = tl.sum(a_row, axis=0)
-        dt_row = tl.load(dt_ptr + coef_base + t, mask=valid, other=0.0).to(tl.float32)
-        tr_row = tl.load(trap_ptr + coef_base + t, mask=valid, other=0.0).to(tl.float32)
-        gamma = tl.sigmoid(tr_row) * dt_row
-        nxt = valid & (t + 1 < seqlen)
-        dt_n = tl.load(dt_ptr + coef_base + t + 1, mask=nxt, other=0.0).to(tl.float32)
-        tr_n = tl.load(trap_ptr + coef_base + t + 1, mask=nxt, other=0.0).to(tl.float32)
-        w = gamma + dt_n * (1.0 - tl.sigmoid(tr_n))
+        c, c_last, dt_row, gamma, w = _chunk_coefs(
+            adt_ptr, dt_ptr, trap_ptr, coef_base, t, valid, first_rank, seqlen
+        )
         # ---- angles: theta per row and pair (zero rate past S) ---------------------------
-        ang = tl.load(
-            ang_ptr + (tok[:, None] * H + h) * S + jr[None, :],
-            mask=(valid & first_rank)[:, None] & rot[None, :],
-            other=0.0,
-        ).to(tl.float32)
-        # pi * tanh(x) * dt, with tanh(x) = 2 sigmoid(2x) - 1
-        rate = _PI * (2.0 * tl.sigmoid(2.0 * ang) - 1.0) * dt_row[:, None]
+        rate = _chunk_rates(ang_ptr, tok, h, H, S, jr, rot, valid, first_rank, dt_row)
         th = theta[None, :] + tl.cumsum(rate, axis=0)
         theta = theta + tl.sum(rate, axis=0)
         theta = theta - _TWO_PI * tl.floor(theta / _TWO_PI)
-        cos, sin = _cos_sin(th, rot[None, :], FAST)
-        if PASS:
-            cos = _zip(cos, tl.full(cos.shape, 1.0, tl.float32))
-            sin = _zip(sin, tl.zeros(sin.shape, tl.float32))
+        cos, sin = _rot_cos_sin(th, rot, PASS, FAST)
         # ---- q, k: bias, rotation, rounding to the dot dtype -----------------------------
         # Biases are re-read each chunk (cache hits): held across the loop, their broadcast
         # (rows, N) tiles would cost registers the dots need.
         qb_lo, qb_hi = _load_lohi(qb_ptr, bias_row, bias_row >= 0, NH, SA, HALVES)
         kb_lo, kb_hi = _load_lohi(kb_ptr, bias_row, bias_row >= 0, NH, SA, HALVES)
         qk_row = ((tok[:, None] * R + r_idx[:, None]) * G + g) * N
-        x_lo, x_hi = _load_lohi(q_ptr, qk_row, mrow, NH, SA, HALVES)
-        x_lo = x_lo.to(tl.float32) + qb_lo
-        x_hi = x_hi.to(tl.float32) + qb_hi
-        q_lo = _op(x_lo * cos - x_hi * sin, dd, UPCAST)
-        q_hi = _op(x_lo * sin + x_hi * cos, dd, UPCAST)
-        x_lo, x_hi = _load_lohi(k_ptr, qk_row, mrow, NH, SA, HALVES)
-        x_lo = x_lo.to(tl.float32) + kb_lo
-        x_hi = x_hi.to(tl.float32) + kb_hi
-        k_lo = _op(x_lo * cos - x_hi * sin, dd, UPCAST)
-        k_hi = _op(x_lo * sin + x_hi * cos, dd, UPCAST)
+        q_lo, q_hi = _rotated_operand(
+            q_ptr, qk_row, mrow, qb_lo, qb_hi, cos, sin, NH, SA, HALVES, dd, UPCAST
+        )
+        k_lo, k_hi = _rotated_operand(
+            k_ptr, qk_row, mrow, kb_lo, kb_hi, cos, sin, NH, SA, HALVES, dd, UPCAST
+        )
         # ---- v (per rank) ----------------------------------------------------------------
         v_off = (tok[:, None] * H + h) * P + pp[None, :]
         vr = tl.load(v_ptr + v_off, mask=mrow & mpr, other=0.0).to(tl.float32)
         if HAS_MV:
             vr = vr * tl.load(mv_ptr + rank_par, mask=mpr, other=0.0)
-        # ---- intra-chunk scores ----------------------------------------------------------
-        scores = tl.dot(q_lo, tl.trans(k_lo), input_precision=DOT_PREC)
-        scores = tl.dot(q_hi, tl.trans(k_hi), scores, input_precision=DOT_PREC)
-        causal = t[:, None] > t[None, :]
-        dec = tl.exp(tl.minimum(c[:, None] - c[None, :], 0.0))
-        m = tl.where(
-            causal, dec * w[None, :], tl.where(t[:, None] == t[None, :], gamma[None, :], 0.0)
-        )
-        scores = scores * m
+        scores = _intra_scores(q_lo, q_hi, k_lo, k_hi, t, c, w, gamma, DOT_PREC)
         # ---- output: state part (decayed from the chunk start) plus intra part -----------
         y = tl.dot(q_lo, tl.trans(_op(st_lo, dd, UPCAST)), input_precision=DOT_PREC)
         y = tl.dot(q_hi, tl.trans(_op(st_hi, dd, UPCAST)), y, input_precision=DOT_PREC)
@@ -511,64 +359,20 @@ def _chunk_fwd_kernel(
         e_last = tl.exp(c_last)
         st_lo = tl.dot(vw, k_lo, st_lo * e_last, input_precision=DOT_PREC)
         st_hi = tl.dot(vw, k_hi, st_hi * e_last, input_precision=DOT_PREC)
-        # ---- epilogue: D skip, z gate, rank mix ------------------------------------------
-        if HAS_D:
-            y += d_h * vr
-        if HAS_Z:
-            zz = tl.load(z_ptr + v_off, mask=mrow & mpr, other=0.0).to(tl.float32)
-            if HAS_MZ:
-                zz = zz * tl.load(mz_ptr + rank_par, mask=mpr, other=0.0)
-            y = y * zz * tl.sigmoid(zz)
-        if HAS_MO:
-            y = y * tl.load(mo_ptr + rank_par, mask=mpr, other=0.0)
-            o = tl.sum(tl.reshape(y, (C, R, BP)), axis=1)
-            tt = c0 + tl.arange(0, C)
-            o_off = ((bos + tt)[:, None] * H + h) * P + pp[None, :]
-            tl.store(out_ptr + o_off, o.to(io_dtype), mask=(tt < seqlen)[:, None] & mpr)
-        else:
-            o_off = ((tok[:, None] * R + r_idx[:, None]) * H + h) * P + pp[None, :]
-            tl.store(out_ptr + o_off, y.to(io_dtype), mask=mrow & mpr)
+        _finish_rows(
+            y, vr, D_ptr, z_ptr, mz_ptr, mo_ptr, out_ptr, h, H, pp, P, bos, c0, seqlen, t,
+            r_idx, R, C, BP, HAS_D, HAS_Z, HAS_MZ, HAS_MO,
+        )  # fmt: skip
 
     if HAS_FINAL:
-        # ssm: every P-block writes its rows.
+        # ssm: every P-block writes its rows; angle and k: the first P-block.
         _store_lohi(s1_ptr, (sh * P + pp[:, None]) * N, st_lo, st_hi, mp, NH, SA, HALVES)
-        has_tok = seqlen > 0
-        last = bos + seqlen - 1
-        # v: raw v of the last token (or the initial v for an empty sequence).
-        # (masks built from vectors: the interpreter mis-types scalar & vector masks)
-        v_last = tl.load(
-            v_ptr + (last * H + h) * P + pp, mask=(pp < P) & (pp * 0 < seqlen), other=0.0
-        )
-        if HAS_INIT:
-            v_init = tl.load(v0_ptr + sh * P + pp, mask=(pp < P) & (pp * 0 == seqlen), other=0.0)
-            v_last = tl.where(has_tok, v_last.to(tl.float32), v_init.to(tl.float32))
-        tl.store(v1_ptr + sh * P + pp, v_last.to(v1_ptr.dtype.element_ty), mask=pp < P)
         if pid_p == 0:
             tl.store(a1_ptr + sh * S + jr, theta, mask=rot)
-            # k: rotated, biased k of the last token, one row per rank.
-            rr = tl.arange(0, R)[:, None]
-            fcos, fsin = _cos_sin(theta[None, :], rot[None, :], FAST)
-            if PASS:
-                fcos = _zip(fcos, tl.full(fcos.shape, 1.0, tl.float32))
-                fsin = _zip(fsin, tl.zeros(fsin.shape, tl.float32))
-            mk = rr * 0 < seqlen
-            x_lo, x_hi = _load_lohi(k_ptr, ((last * R + rr) * G + g) * N, mk, NH, SA, HALVES)
-            b_lo, b_hi = _load_lohi(kb_ptr, (h * R + rr) * N, rr >= 0, NH, SA, HALVES)
-            x_lo = x_lo.to(tl.float32) + b_lo
-            x_hi = x_hi.to(tl.float32) + b_hi
-            f_lo = x_lo * fcos - x_hi * fsin
-            f_hi = x_lo * fsin + x_hi * fcos
-            k_out = ((seq.to(tl.int64) * R + rr) * H + h) * N
-            if HAS_INIT:
-                # An empty sequence keeps its initial k.
-                i_lo, i_hi = _load_lohi(k0_ptr, k_out, rr >= 0, NH, SA, HALVES)
-                f_lo = tl.where(has_tok, f_lo, i_lo.to(tl.float32))
-                f_hi = tl.where(has_tok, f_hi, i_hi.to(tl.float32))
-            else:
-                f_lo = tl.where(has_tok, f_lo, 0.0)
-                f_hi = tl.where(has_tok, f_hi, 0.0)
-            kdt = k1_ptr.dtype.element_ty
-            _store_lohi(k1_ptr, k_out, f_lo.to(kdt), f_hi.to(kdt), rr >= 0, NH, SA, HALVES)
+        _store_final_kv(
+            k_ptr, kb_ptr, k0_ptr, k1_ptr, v_ptr, v0_ptr, v1_ptr, seq, h, H, G, pp, bos, seqlen,
+            theta, jr, rot, pid_p == 0, P, NH, SA, R, HALVES, FAST, HAS_INIT,
+        )  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------
