@@ -35,6 +35,7 @@ from mamba3_kernels.inputs import ScanInputs
 from mamba3_kernels.problem import Problem
 from mamba3_kernels.state import Mamba3State
 
+from .chunk_fwd_split import chunk_fwd_split
 from .fwd_tiles import (
     _TWO_PI,
     _chunk_coefs,
@@ -65,6 +66,8 @@ class ChunkFwdConfig:
                 size); a lower cap trades spills for more resident programs per multiprocessor.
     split_rot:  1: when S <= N/4, trig on N/4 pairs only (pass-through columns zipped in);
                 0: trig on all N/2 pairs (fewer layout shuffles; faster for small SISO chunks).
+    split:      1: the chunk-parallel three-launch forward (chunk_fwd_split.py) for fixed-length
+                batches; 0: one program per (sequence, head, P-block) walks all chunks.
     """
 
     chunk_size: int = 64
@@ -73,6 +76,7 @@ class ChunkFwdConfig:
     num_stages: int = 1
     maxnreg: int = 0
     split_rot: int = 1
+    split: int = 0
 
 
 def _next_pow2(x: int) -> int:
@@ -169,6 +173,8 @@ def constraint(problem: Problem, config: ChunkFwdConfig, device_props: dict | No
         return f"num_warps {config.num_warps} not a power of two <= 16"
     if config.num_stages < 1:
         return "num_stages < 1"
+    if config.split not in (0, 1):
+        return f"split {config.split} not 0 or 1"
     if config.split_rot not in (0, 1):
         return f"split_rot {config.split_rot} not 0 or 1"
     if config.maxnreg and not 64 <= config.maxnreg <= 255:
@@ -188,6 +194,11 @@ def constraint(problem: Problem, config: ChunkFwdConfig, device_props: dict | No
         if need > limit:
             return f"shared memory estimate {need} B > {limit} B"
     return None
+
+
+def _splits(problem: Problem, config: ChunkFwdConfig) -> bool:
+    """Whether ``config`` runs ``problem`` chunk-parallel (varlen and empty calls never do)."""
+    return bool(config.split) and not problem.varlen and problem.seqlen > 0
 
 
 def _applies(problem: Problem) -> bool:
@@ -471,24 +482,30 @@ def chunk_fwd(
     B, L, H, G = problem.batch, problem.seqlen, problem.nheads, problem.ngroups
     R, N, P, S = problem.rank, problem.d_state, problem.headdim, problem.n_angles
     nseq = problem.nseq
-    v = inputs.v.contiguous()
+    init = inputs.initial_state
+    if init is not None:
+        init = Mamba3State(
+            angle=init.angle.contiguous().float(),
+            ssm=init.ssm.contiguous().float(),
+            k=init.k.contiguous(),
+            v=init.v.contiguous(),
+        )
+    inputs = ScanInputs(*(_c(x) for x in inputs[:-2]), initial_state=init,
+                        cu_seqlens=inputs.cu_seqlens)  # fmt: skip
+    v = inputs.v
     dev = v.device
-    q, k = _c(inputs.q), _c(inputs.k)
-    adt, dt, trap = _c(inputs.adt), _c(inputs.dt), _c(inputs.trap)
-    q_bias, k_bias, angles = _c(inputs.q_bias), _c(inputs.k_bias), _c(inputs.angles)
-    D, z = _c(inputs.D), _c(inputs.z)
-    mimo_v, mimo_z, mimo_o = _c(inputs.mimo_v), _c(inputs.mimo_z), _c(inputs.mimo_o)
+    q, k = inputs.q, inputs.k
+    adt, dt, trap = inputs.adt, inputs.dt, inputs.trap
+    q_bias, k_bias, angles = inputs.q_bias, inputs.k_bias, inputs.angles
+    D, z = inputs.D, inputs.z
+    mimo_v, mimo_z, mimo_o = inputs.mimo_v, inputs.mimo_z, inputs.mimo_o
     has_mo = problem.mimo and mimo_o is not None
     if problem.mimo and not has_mo:
         out = torch.empty((B, L, R, H, P), dtype=v.dtype, device=dev)
     else:
         out = torch.empty((B, L, H, P), dtype=v.dtype, device=dev)
-
-    init = inputs.initial_state
     if init is not None:
-        a0 = init.angle.contiguous().float()
-        s0 = init.ssm.contiguous().float()
-        k0, v0 = init.k.contiguous(), init.v.contiguous()
+        a0, s0, k0, v0 = init
     final = None
     if problem.return_final_state:
         final = Mamba3State(
@@ -497,10 +514,17 @@ def chunk_fwd(
             k=torch.empty((nseq, R, H, N), dtype=inputs.k.dtype, device=dev),
             v=torch.empty((nseq, H, P), dtype=v.dtype, device=dev),
         )
+    interp = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    consts = _constexprs(problem, config, interp, mimo_v is not None, mimo_z is not None)
+    launch = dict(num_warps=config.num_warps, num_stages=config.num_stages)
+    if config.maxnreg:
+        launch["maxnreg"] = config.maxnreg
+    if _splits(problem, config):
+        chunk_fwd_split(problem, inputs, out, final, consts, launch)
+        return out, final
     bp = config.block_p
     dummy = v  # stands in for absent optional tensors (never read: the flag is off)
     grid = (nseq * H, triton.cdiv(P, bp))
-    interp = os.environ.get("TRITON_INTERPRET", "0") == "1"
     if L == 0 and not problem.return_final_state:
         return out, None
     _chunk_fwd_kernel[grid](
@@ -531,10 +555,8 @@ def chunk_fwd(
         L,
         H,
         G,
-        **_constexprs(problem, config, interp, mimo_v is not None, mimo_z is not None),
-        num_warps=config.num_warps,
-        num_stages=config.num_stages,
-        **({"maxnreg": config.maxnreg} if config.maxnreg else {}),
+        **consts,
+        **launch,
     )
     return out, final
 
