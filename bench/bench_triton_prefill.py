@@ -41,6 +41,14 @@ SWEEP = {
     4: [(8, 32, 4, 1), (8, 32, 4, 2), (4, 32, 4, 1), (16, 32, 8, 1), (16, 64, 8, 1),
         (16, 64, 8, 2), (8, 64, 4, 1), (8, 64, 8, 1)],
 }  # fmt: skip
+# Chunk-parallel (split=1) candidates: (rows = chunk * R, block_p, num_warps, num_stages).
+SPLIT_SWEEP = [(64, 64, 4, 1), (64, 32, 4, 1), (128, 64, 8, 1), (128, 32, 8, 1), (64, 64, 4, 2),
+               (32, 64, 4, 1), (128, 64, 4, 1), (256, 64, 8, 1)]  # fmt: skip
+
+
+def split_configs(rank: int) -> list:
+    return [cf.ChunkFwdConfig(rows // rank, bp, w, s, split=1) for rows, bp, w, s in SPLIT_SWEEP
+            if rows // rank >= 1]  # fmt: skip
 
 
 def make_call(rank: int, batch: int, seqlen: int, seed: int = 0):
@@ -80,15 +88,19 @@ def copy_gbps() -> float:
     return 2 * src.numel() * 4 / ms / 1e6
 
 
-def check(rank: int) -> dict:
-    """Default config vs the fp32 reference at (2, 2048), bf16 inputs, with initial/final state."""
+def check(rank: int, split: int | None = None) -> dict:
+    """Default config (split: forced to that algorithm) vs the fp32 reference at (2, 2048), bf16
+    inputs, with initial/final state."""
     g = torch.Generator().manual_seed(1)
     inputs = random_inputs(batch=2, seqlen=2048, rank=rank, dtype=torch.bfloat16, device="cuda",
                            generator=g, with_initial_state=True, **SHAPE)  # fmt: skip
     rotary = "halves" if rank > 1 else "interleaved"
     problem, inputs = validate_scan(*inputs[:14], initial_state=inputs.initial_state,
                                     return_final_state=True, rotary=rotary)  # fmt: skip
-    out, state = cf.chunk_fwd(problem, inputs, cf.default_config(problem))
+    config = cf.default_config(problem)
+    if split is not None:
+        config = dataclasses.replace(config, split=split)
+    out, state = cf.chunk_fwd(problem, inputs, config)
     ref, rstate = reference_scan(cast_inputs(inputs, torch.float32), rotary, chunk_size=64)
     return {
         "out_rel_err": rel_err(out, ref),
@@ -101,12 +113,13 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--json", default=None)
     ap.add_argument("--sweep", action="store_true", help="time the candidate configs too")
+    ap.add_argument("--split-sweep", action="store_true", help="time the split=1 candidates")
     ap.add_argument("--cases", nargs="*", default=list(CASES))
     ap.add_argument(
         "--configs",
         nargs="*",
         default=None,
-        help="time only these configs, each chunk,block_p,warps,stages",
+        help="time only these configs, each chunk,block_p,warps,stages[,maxnreg,split_rot,split]",
     )
     ap.add_argument("--seqlen", type=int, default=None, help="override the cases' length")
     ap.add_argument("--no-check", action="store_true", help="skip the reference checks")
@@ -123,8 +136,10 @@ def main() -> None:
         "cases": {},
     }
     for rank in [] if args.no_check else sorted({CASES[c][0] for c in args.cases}):
-        result["checks"][f"rank{rank}"] = check(rank)
-        print(f"check rank {rank}: {result['checks'][f'rank{rank}']}", flush=True)
+        for split in (0, 1):
+            key = f"rank{rank}_split{split}"
+            result["checks"][key] = check(rank, split)
+            print(f"check {key}: {result['checks'][key]}", flush=True)
 
     rows = []
     for name in args.cases:
@@ -135,7 +150,9 @@ def main() -> None:
         if args.configs:
             configs = [cf.ChunkFwdConfig(*map(int, c.split(","))) for c in args.configs]
         elif args.sweep:
-            configs += [cf.ChunkFwdConfig(*c) for c in SWEEP[rank]]
+            configs += [cf.ChunkFwdConfig(*c) for c in SWEEP[rank]] + split_configs(rank)
+        elif args.split_sweep:
+            configs += split_configs(rank)
         floor_ms = floor_bytes(problem) / gbps / 1e6
         entry = {"target_ms": target, "floor_ms": floor_ms, "bytes": floor_bytes(problem),
                  "default": dataclasses.asdict(default), "configs": []}  # fmt: skip
@@ -177,7 +194,7 @@ def main() -> None:
     for name, target, floor_ms, dms, best in rows:
         bms = best["ms"] if best else float("nan")
         cfg = (
-            {k: best[k] for k in ("chunk_size", "block_p", "num_warps", "num_stages")}
+            {k: best[k] for k in ("chunk_size", "block_p", "num_warps", "num_stages", "split")}
             if best
             else {}
         )

@@ -4,6 +4,7 @@ Without a GPU the kernel runs under Triton's interpreter on small shapes (N 16/3
 GPU machine the same grid runs compiled at GPU-legal sizes, plus the model-shape tests (gpu).
 """
 
+import dataclasses
 import os
 
 import pytest
@@ -63,9 +64,14 @@ def make_problem(
     )
 
 
-def run(inputs: ScanInputs, rotary: str, config=None, final: bool = True, chunk_size=None):
+def run(
+    inputs: ScanInputs, rotary: str, config=None, final: bool = True, chunk_size=None, split=None
+):
+    """The kernel's output and final state; split (0/1) overrides the config's algorithm."""
     problem = make_problem(inputs, rotary, final, chunk_size)
     config = config or cf.default_config(problem)
+    if split is not None:
+        config = dataclasses.replace(config, split=split)
     assert cf.constraint(problem, config, None) is None
     return cf.chunk_fwd(problem, inputs, config)
 
@@ -76,10 +82,10 @@ def angle_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return d.abs().max().item() if d.numel() else 0.0
 
 
-def check(inputs: ScanInputs, rotary: str, config=None, chunk_size=None, tol=None):
+def check(inputs: ScanInputs, rotary: str, config=None, chunk_size=None, tol=None, split=None):
     """Run the kernel and compare out and the final state with the float64 reference."""
     tol = tol or TOL[inputs.v.dtype]
-    out, state = run(inputs, rotary, config, chunk_size=chunk_size)
+    out, state = run(inputs, rotary, config, chunk_size=chunk_size, split=split)
     ref, rstate = reference_scan(cast_inputs(inputs, torch.float64), rotary)
     assert out.dtype == inputs.v.dtype and out.shape == ref.shape
     assert rel_err(out, ref) < tol, rel_err(out, ref)
@@ -112,8 +118,9 @@ GRID = [
 
 
 @needs_device
+@pytest.mark.parametrize("split", [0, 1])
 @pytest.mark.parametrize("rotary,rank,mimo_o,frac,dz,init", GRID)
-def test_grid_fp32(rotary, rank, mimo_o, frac, dz, init):
+def test_grid_fp32(rotary, rank, mimo_o, frac, dz, init, split):
     n, p = SMALL_N[1], SMALL_P[1]
     inputs = gen(
         rank * 10 + frac,
@@ -130,7 +137,7 @@ def test_grid_fp32(rotary, rank, mimo_o, frac, dz, init):
         with_mimo_o=mimo_o,
         with_initial_state=init,
     )
-    check(inputs, rotary)
+    check(inputs, rotary, chunk_size=8 if INTERPRET else None, split=split)
 
 
 @needs_device
@@ -150,15 +157,43 @@ def test_varlen_with_states(rank, rotary):
 
 
 @needs_device
+def test_split_varlen_and_empty_fall_back():
+    # split=1 asks for the chunk-parallel forward; varlen and empty calls take the sequential
+    # kernel instead, with the same results.
+    inputs = gen(4, cu_seqlens=[0, 9, 9, 30], nheads=2, d_state=SMALL_N[0], headdim=SMALL_P[0],
+                 with_initial_state=True)  # fmt: skip
+    check(inputs, "halves", split=1)
+    empty = gen(5, batch=2, seqlen=0, nheads=2, d_state=SMALL_N[0], headdim=SMALL_P[0],
+                with_initial_state=True)  # fmt: skip
+    check(empty, "interleaved", split=1)
+
+
+@needs_device
+def test_split_matches_fused():
+    # The two algorithms at the same chunk size agree to fp32 rounding, with and without the
+    # fast-trig path's angle reduction over many chunks (64 chunks of 4 tokens).
+    inputs = gen(17, batch=2, seqlen=256, nheads=2, ngroups=1, d_state=SMALL_N[0],
+                 headdim=SMALL_P[0], n_angles=SMALL_N[0] // 2, with_initial_state=True,
+                 with_D=True, with_z=True)  # fmt: skip
+    outs = [run(inputs, "interleaved", chunk_size=4 if INTERPRET else 16, split=s) for s in (0, 1)]
+    (o0, s0), (o1, s1) = outs
+    assert rel_err(o1, o0) < 1e-5, rel_err(o1, o0)
+    assert rel_err(s1.ssm, s0.ssm) < 1e-5
+    assert rel_err(s1.k, s0.k) < 1e-5
+    assert angle_err(s1.angle, s0.angle) < 1e-4
+
+
+@needs_device
 def test_varlen_no_initial_state():
     inputs = gen(3, cu_seqlens=[0, 0, 17, 30], nheads=2, d_state=SMALL_N[0], headdim=SMALL_P[0])
     check(inputs, "interleaved")
 
 
 @needs_device
+@pytest.mark.parametrize("split", [0, 1])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("rank", [1, 4])
-def test_half_precision(dtype, rank):
+def test_half_precision(dtype, rank, split):
     inputs = gen(
         11,
         batch=1,
@@ -170,7 +205,7 @@ def test_half_precision(dtype, rank):
         dtype=dtype,
         with_initial_state=True,
     )
-    check(inputs, "halves" if rank > 1 else "interleaved")
+    check(inputs, "halves" if rank > 1 else "interleaved", split=split)
 
 
 @needs_device
@@ -224,11 +259,12 @@ def test_non_contiguous_inputs():
 
 
 @needs_device
-def test_state_round_trip():
+@pytest.mark.parametrize("split", [0, 1])
+def test_state_round_trip(split):
     # Two calls chained through the final state equal one call over the whole sequence.
     inputs = gen(14, batch=2, seqlen=36, nheads=2, d_state=SMALL_N[0], headdim=SMALL_P[0], rank=2,
                  with_initial_state=True)  # fmt: skip
-    full, full_state = run(inputs, "halves")
+    full, full_state = run(inputs, "halves", split=split)
     cut = 23
 
     def part(a, b, state):
@@ -239,8 +275,8 @@ def test_state_round_trip():
             trap=inputs.trap[..., a:b], initial_state=state,
         )  # fmt: skip
 
-    out1, s1 = run(part(0, cut, inputs.initial_state), "halves")
-    out2, s2 = run(part(cut, 36, Mamba3State(*s1)), "halves")
+    out1, s1 = run(part(0, cut, inputs.initial_state), "halves", split=split)
+    out2, s2 = run(part(cut, 36, Mamba3State(*s1)), "halves", split=split)
     assert rel_err(torch.cat([out1, out2], dim=1), full) < 1e-5
     assert rel_err(s2.ssm, full_state.ssm) < 1e-5
     assert angle_err(s2.angle, full_state.angle) < 1e-4
@@ -284,8 +320,9 @@ def test_config_space_and_constraints():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("split", [0, 1])
 @pytest.mark.parametrize("rank", [1, 4])
-def test_model_shape_gpu(rank):
+def test_model_shape_gpu(rank, split):
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     g = torch.Generator().manual_seed(21 + rank)
@@ -293,7 +330,7 @@ def test_model_shape_gpu(rank):
     inputs = random_inputs(rank=rank, dtype=torch.bfloat16, device="cuda", generator=g,
                            with_initial_state=True, **kw)  # fmt: skip
     rotary = "halves" if rank > 1 else "interleaved"
-    out, state = run(inputs, rotary)
+    out, state = run(inputs, rotary, split=split)
     torch.cuda.synchronize()
     ref, rstate = reference_scan(cast_inputs(inputs, torch.float32), rotary, chunk_size=64)
     assert torch.isfinite(out).all()

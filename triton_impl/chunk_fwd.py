@@ -36,6 +36,7 @@ from mamba3_kernels.problem import Problem
 from mamba3_kernels.state import Mamba3State
 
 from .chunk_fwd_split import chunk_fwd_split
+from .chunk_fwd_split import compile_kernels as compile_split_kernels
 from .fwd_tiles import (
     _TWO_PI,
     _chunk_coefs,
@@ -432,7 +433,8 @@ _TRITON_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "
 def compile_kernel(problem: Problem, config: ChunkFwdConfig, target=None):
     """Compile the kernel ahead of time (no GPU needed) for ``target`` (a
     ``triton.backends.compiler.GPUTarget``; default sm_90). Returns the compiled kernel, whose
-    ``asm`` dict holds ttir/ttgir/llir/ptx/cubin. Used for build checks and resource reports."""
+    ``asm`` dict holds ttir/ttgir/llir/ptx/cubin (with config.split: a dict of the three
+    kernels). Used for build checks and resource reports."""
     from triton.backends.compiler import GPUTarget
 
     target = target or GPUTarget("cuda", 90, 64)
@@ -458,6 +460,8 @@ def compile_kernel(problem: Problem, config: ChunkFwdConfig, target=None):
     options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
     if config.maxnreg:
         options["maxnreg"] = config.maxnreg
+    if _splits(problem, config):
+        return compile_split_kernels(problem, consts, options, target)
     return triton.compile(src, target=target, options=options)
 
 

@@ -390,3 +390,38 @@ def chunk_fwd_split(
                                                    inputs.mimo_z, inputs.mimo_o)),
         fst, out, L, H, G, nc, C=C, BP=BP, **common, **flags, **dots, **launch,
     )  # fmt: skip
+
+
+def compile_kernels(problem: Problem, consts: dict, options: dict, target) -> dict:
+    """Compile the three kernels ahead of time (no GPU needed) for ``target`` (a triton
+    ``GPUTarget``). consts: chunk_fwd._constexprs(problem, config, interp=False); options:
+    num_warps/num_stages. Returns {name: compiled kernel}; each one's ``asm`` holds ptx/cubin."""
+    io = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}[problem.dtype]
+    f32, i32 = "*fp32", "i32"
+    # Pointer arguments whose element type is the I/O dtype; every other pointer is fp32.
+    io_ptrs = {"q_ptr", "k_ptr", "v_ptr", "z_ptr", "k0_ptr", "v0_ptr", "k1_ptr", "v1_ptr",
+               "out_ptr", "fst_ptr"}  # fmt: skip
+    scalars = {"L", "H", "G", "NC"}
+    launches = {
+        _chunk_state_kernel: (consts, options),
+        _state_pass_kernel: ({**consts, "BP": pass_block(problem)}, {"num_warps": 4}),
+        _chunk_scan_kernel: (consts, options),
+    }
+    compiled = {}
+    for kernel, (values, opts) in launches.items():
+        names = kernel.arg_names
+        kconsts = {n: values[n] for n in names if n in values}
+        signature = {}
+        for n in names:
+            if n in kconsts:
+                signature[n] = "constexpr"
+            elif n in scalars:
+                signature[n] = i32
+            else:
+                signature[n] = io if n in io_ptrs else f32
+        attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names
+                 if signature[n].startswith("*")}  # fmt: skip
+        src = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=kconsts,
+                                        attrs=attrs)  # fmt: skip
+        compiled[kernel.fn.__name__] = triton.compile(src, target=target, options=opts)
+    return compiled
