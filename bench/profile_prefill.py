@@ -1,6 +1,6 @@
 """Per-kernel GPU time of one prefill forward call (torch.profiler), for one case and config.
 
-    python bench/profile_prefill.py --case siso_1x16384 --config 64,64,4,1,0,1,1
+python bench/profile_prefill.py --case siso_1x16384 --config 64,64,4,1,0,1,1
 """
 
 from __future__ import annotations
@@ -8,10 +8,9 @@ from __future__ import annotations
 import argparse
 
 import torch
+from bench_triton_prefill import CASES, make_call
 from mamba3_kernels.triton_impl import chunk_fwd as cf
 from torch.profiler import ProfilerActivity, profile
-
-from bench_triton_prefill import CASES, make_call
 
 
 def main() -> None:

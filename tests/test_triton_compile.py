@@ -13,6 +13,8 @@ import textwrap
 # and MIMO R=4, with every optional input on, as a launch would specialise it.
 _CHUNK_FWD_SM90 = textwrap.dedent(
     """
+    import dataclasses
+
     import torch
     from mamba3_kernels.problem import Problem
     from mamba3_kernels.triton_impl import chunk_fwd as cf
@@ -33,6 +35,15 @@ _CHUNK_FWD_SM90 = textwrap.dedent(
         # The chunk products run on the tensor cores (Hopper wgmma or mma.sync).
         assert "wgmma" in ptx or "mma.sync" in ptx
         print("ok", rank, len(ptx), len(cubin))
+        # The chunk-parallel variant: three kernels, the per-chunk ones on the tensor cores.
+        kernels = cf.compile_kernel(problem, dataclasses.replace(config, split=1))
+        assert set(kernels) == {"_chunk_state_kernel", "_state_pass_kernel", "_chunk_scan_kernel"}
+        for name, kernel in kernels.items():
+            assert ".target sm_90" in kernel.asm["ptx"] and len(kernel.asm["cubin"]) > 1000
+        for name in ("_chunk_state_kernel", "_chunk_scan_kernel"):
+            ptx = kernels[name].asm["ptx"]
+            assert "wgmma" in ptx or "mma.sync" in ptx, name
+        print("split", rank)
     """
 )
 
@@ -48,6 +59,7 @@ def test_chunk_fwd_compiles_for_sm90_without_gpu():
     )
     assert res.returncode == 0, res.stderr[-3000:]
     assert res.stdout.count("ok") == 2
+    assert res.stdout.count("split") == 2
 
 
 _SMEM_FIT = textwrap.dedent(
