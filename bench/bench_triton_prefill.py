@@ -41,14 +41,20 @@ SWEEP = {
     4: [(8, 32, 4, 1), (8, 32, 4, 2), (4, 32, 4, 1), (16, 32, 8, 1), (16, 64, 8, 1),
         (16, 64, 8, 2), (8, 64, 4, 1), (8, 64, 8, 1)],
 }  # fmt: skip
-# Chunk-parallel (split=1) candidates: (rows = chunk * R, block_p, num_warps, num_stages).
-SPLIT_SWEEP = [(64, 64, 4, 1), (64, 32, 4, 1), (128, 64, 8, 1), (128, 32, 8, 1), (64, 64, 4, 2),
-               (32, 64, 4, 1), (128, 64, 4, 1), (256, 64, 8, 1)]  # fmt: skip
+# Chunk-parallel (split=1) candidates per rank: (rows = chunk * R, block_p, num_warps,
+# num_stages, segment tokens).
+SPLIT_SWEEP = {
+    1: [(64, 64, 4, 1, 64), (64, 64, 4, 1, 128), (64, 64, 4, 1, 256), (64, 64, 4, 1, 512),
+        (64, 64, 4, 1, 1024), (32, 64, 4, 1, 256), (128, 64, 8, 1, 512), (64, 64, 4, 2, 256),
+        (64, 32, 4, 1, 256), (32, 32, 4, 1, 256)],
+    4: [(64, 64, 8, 1, 16), (64, 64, 8, 1, 64), (64, 64, 8, 1, 128), (64, 64, 8, 1, 256),
+        (32, 64, 4, 1, 64), (32, 64, 4, 1, 128), (128, 64, 8, 1, 128), (32, 32, 4, 1, 128)],
+}  # fmt: skip
 
 
 def split_configs(rank: int) -> list:
-    return [cf.ChunkFwdConfig(rows // rank, bp, w, s, split=1) for rows, bp, w, s in SPLIT_SWEEP
-            if rows // rank >= 1]  # fmt: skip
+    return [cf.ChunkFwdConfig(rows // rank, bp, w, s, split=1, segment=seg)
+            for rows, bp, w, s, seg in SPLIT_SWEEP[rank]]  # fmt: skip
 
 
 def make_call(rank: int, batch: int, seqlen: int, seed: int = 0):
@@ -194,7 +200,10 @@ def main() -> None:
     for name, target, floor_ms, dms, best in rows:
         bms = best["ms"] if best else float("nan")
         cfg = (
-            {k: best[k] for k in ("chunk_size", "block_p", "num_warps", "num_stages", "split")}
+            {
+                k: best[k]
+                for k in ("chunk_size", "block_p", "num_warps", "num_stages", "split", "segment")
+            }
             if best
             else {}
         )

@@ -65,13 +65,23 @@ def make_problem(
 
 
 def run(
-    inputs: ScanInputs, rotary: str, config=None, final: bool = True, chunk_size=None, split=None
+    inputs: ScanInputs,
+    rotary: str,
+    config=None,
+    final: bool = True,
+    chunk_size=None,
+    split=None,
+    segment=None,
 ):
-    """The kernel's output and final state; split (0/1) overrides the config's algorithm."""
+    """The kernel's output and final state; split (0/1) and segment (tokens, or chunks when
+    negative) override the config's algorithm."""
     problem = make_problem(inputs, rotary, final, chunk_size)
     config = config or cf.default_config(problem)
     if split is not None:
         config = dataclasses.replace(config, split=split)
+    if segment is not None:
+        chunk = chunk_size or config.chunk_size
+        config = dataclasses.replace(config, segment=-segment * chunk if segment < 0 else segment)
     assert cf.constraint(problem, config, None) is None
     return cf.chunk_fwd(problem, inputs, config)
 
@@ -82,10 +92,18 @@ def angle_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return d.abs().max().item() if d.numel() else 0.0
 
 
-def check(inputs: ScanInputs, rotary: str, config=None, chunk_size=None, tol=None, split=None):
+def check(
+    inputs: ScanInputs,
+    rotary: str,
+    config=None,
+    chunk_size=None,
+    tol=None,
+    split=None,
+    segment=None,
+):
     """Run the kernel and compare out and the final state with the float64 reference."""
     tol = tol or TOL[inputs.v.dtype]
-    out, state = run(inputs, rotary, config, chunk_size=chunk_size, split=split)
+    out, state = run(inputs, rotary, config, chunk_size=chunk_size, split=split, segment=segment)
     ref, rstate = reference_scan(cast_inputs(inputs, torch.float64), rotary)
     assert out.dtype == inputs.v.dtype and out.shape == ref.shape
     assert rel_err(out, ref) < tol, rel_err(out, ref)
@@ -117,10 +135,15 @@ GRID = [
 ]
 
 
+# (split, segment in chunks): the sequential kernel; chunk-parallel with one-chunk segments and
+# with two-chunk segments (a chunk loop inside each segment).
+ALGOS = [(0, None), (1, -1), (1, -2)]
+
+
 @needs_device
-@pytest.mark.parametrize("split", [0, 1])
+@pytest.mark.parametrize("split,segment", ALGOS)
 @pytest.mark.parametrize("rotary,rank,mimo_o,frac,dz,init", GRID)
-def test_grid_fp32(rotary, rank, mimo_o, frac, dz, init, split):
+def test_grid_fp32(rotary, rank, mimo_o, frac, dz, init, split, segment):
     n, p = SMALL_N[1], SMALL_P[1]
     inputs = gen(
         rank * 10 + frac,
@@ -137,7 +160,7 @@ def test_grid_fp32(rotary, rank, mimo_o, frac, dz, init, split):
         with_mimo_o=mimo_o,
         with_initial_state=init,
     )
-    check(inputs, rotary, chunk_size=8 if INTERPRET else None, split=split)
+    check(inputs, rotary, chunk_size=8 if INTERPRET else None, split=split, segment=segment)
 
 
 @needs_device
@@ -169,13 +192,15 @@ def test_split_varlen_and_empty_fall_back():
 
 
 @needs_device
-def test_split_matches_fused():
-    # The two algorithms at the same chunk size agree to fp32 rounding, with and without the
-    # fast-trig path's angle reduction over many chunks (64 chunks of 4 tokens).
+@pytest.mark.parametrize("segment", [-1, -4])
+def test_split_matches_fused(segment):
+    # The two algorithms at the same chunk size agree to fp32 rounding, over many chunks and
+    # segments (64 chunks of 4 tokens; segments of 1 or 4 chunks).
     inputs = gen(17, batch=2, seqlen=256, nheads=2, ngroups=1, d_state=SMALL_N[0],
                  headdim=SMALL_P[0], n_angles=SMALL_N[0] // 2, with_initial_state=True,
                  with_D=True, with_z=True)  # fmt: skip
-    outs = [run(inputs, "interleaved", chunk_size=4 if INTERPRET else 16, split=s) for s in (0, 1)]
+    chunk = 4 if INTERPRET else 16
+    outs = [run(inputs, "interleaved", chunk_size=chunk, split=s, segment=segment) for s in (0, 1)]
     (o0, s0), (o1, s1) = outs
     assert rel_err(o1, o0) < 1e-5, rel_err(o1, o0)
     assert rel_err(s1.ssm, s0.ssm) < 1e-5
@@ -190,10 +215,10 @@ def test_varlen_no_initial_state():
 
 
 @needs_device
-@pytest.mark.parametrize("split", [0, 1])
+@pytest.mark.parametrize("split,segment", ALGOS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("rank", [1, 4])
-def test_half_precision(dtype, rank, split):
+def test_half_precision(dtype, rank, split, segment):
     inputs = gen(
         11,
         batch=1,
@@ -205,7 +230,7 @@ def test_half_precision(dtype, rank, split):
         dtype=dtype,
         with_initial_state=True,
     )
-    check(inputs, "halves" if rank > 1 else "interleaved", split=split)
+    check(inputs, "halves" if rank > 1 else "interleaved", split=split, segment=segment)
 
 
 @needs_device
@@ -259,12 +284,12 @@ def test_non_contiguous_inputs():
 
 
 @needs_device
-@pytest.mark.parametrize("split", [0, 1])
-def test_state_round_trip(split):
+@pytest.mark.parametrize("split,segment", ALGOS)
+def test_state_round_trip(split, segment):
     # Two calls chained through the final state equal one call over the whole sequence.
     inputs = gen(14, batch=2, seqlen=36, nheads=2, d_state=SMALL_N[0], headdim=SMALL_P[0], rank=2,
                  with_initial_state=True)  # fmt: skip
-    full, full_state = run(inputs, "halves", split=split)
+    full, full_state = run(inputs, "halves", split=split, segment=segment)
     cut = 23
 
     def part(a, b, state):
@@ -275,8 +300,8 @@ def test_state_round_trip(split):
             trap=inputs.trap[..., a:b], initial_state=state,
         )  # fmt: skip
 
-    out1, s1 = run(part(0, cut, inputs.initial_state), "halves", split=split)
-    out2, s2 = run(part(cut, 36, Mamba3State(*s1)), "halves", split=split)
+    out1, s1 = run(part(0, cut, inputs.initial_state), "halves", split=split, segment=segment)
+    out2, s2 = run(part(cut, 36, Mamba3State(*s1)), "halves", split=split, segment=segment)
     assert rel_err(torch.cat([out1, out2], dim=1), full) < 1e-5
     assert rel_err(s2.ssm, full_state.ssm) < 1e-5
     assert angle_err(s2.angle, full_state.angle) < 1e-4
@@ -320,9 +345,9 @@ def test_config_space_and_constraints():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("split", [0, 1])
+@pytest.mark.parametrize("split,segment", ALGOS + [(1, 512)])
 @pytest.mark.parametrize("rank", [1, 4])
-def test_model_shape_gpu(rank, split):
+def test_model_shape_gpu(rank, split, segment):
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     g = torch.Generator().manual_seed(21 + rank)
@@ -330,7 +355,7 @@ def test_model_shape_gpu(rank, split):
     inputs = random_inputs(rank=rank, dtype=torch.bfloat16, device="cuda", generator=g,
                            with_initial_state=True, **kw)  # fmt: skip
     rotary = "halves" if rank > 1 else "interleaved"
-    out, state = run(inputs, rotary, split=split)
+    out, state = run(inputs, rotary, split=split, segment=segment)
     torch.cuda.synchronize()
     ref, rstate = reference_scan(cast_inputs(inputs, torch.float32), rotary, chunk_size=64)
     assert torch.isfinite(out).all()

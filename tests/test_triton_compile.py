@@ -36,11 +36,12 @@ _CHUNK_FWD_SM90 = textwrap.dedent(
         assert "wgmma" in ptx or "mma.sync" in ptx
         print("ok", rank, len(ptx), len(cubin))
         # The chunk-parallel variant: three kernels, the per-chunk ones on the tensor cores.
-        kernels = cf.compile_kernel(problem, dataclasses.replace(config, split=1))
-        assert set(kernels) == {"_chunk_state_kernel", "_state_pass_kernel", "_chunk_scan_kernel"}
+        split = dataclasses.replace(config, split=1, segment=4 * config.chunk_size)
+        kernels = cf.compile_kernel(problem, split)
+        assert set(kernels) == {"_segment_state_kernel", "_state_pass_kernel", "_chunk_fwd_kernel"}
         for name, kernel in kernels.items():
             assert ".target sm_90" in kernel.asm["ptx"] and len(kernel.asm["cubin"]) > 1000
-        for name in ("_chunk_state_kernel", "_chunk_scan_kernel"):
+        for name in ("_segment_state_kernel", "_chunk_fwd_kernel"):
             ptx = kernels[name].asm["ptx"]
             assert "wgmma" in ptx or "mma.sync" in ptx, name
         print("split", rank)

@@ -35,8 +35,8 @@ from mamba3_kernels.inputs import ScanInputs
 from mamba3_kernels.problem import Problem
 from mamba3_kernels.state import Mamba3State
 
-from .chunk_fwd_split import chunk_fwd_split
 from .chunk_fwd_split import compile_kernels as compile_split_kernels
+from .chunk_fwd_split import segment_states
 from .fwd_tiles import (
     _TWO_PI,
     _chunk_coefs,
@@ -69,6 +69,9 @@ class ChunkFwdConfig:
                 0: trig on all N/2 pairs (fewer layout shuffles; faster for small SISO chunks).
     split:      1: the chunk-parallel three-launch forward (chunk_fwd_split.py) for fixed-length
                 batches; 0: one program per (sequence, head, P-block) walks all chunks.
+    segment:    with split, tokens per segment (a multiple of the chunk; 0: one chunk): the
+                states between segments go through memory, chunks inside a segment are walked
+                with the state in registers.
     """
 
     chunk_size: int = 64
@@ -78,6 +81,7 @@ class ChunkFwdConfig:
     maxnreg: int = 0
     split_rot: int = 1
     split: int = 0
+    segment: int = 0
 
 
 def _next_pow2(x: int) -> int:
@@ -176,6 +180,8 @@ def constraint(problem: Problem, config: ChunkFwdConfig, device_props: dict | No
         return "num_stages < 1"
     if config.split not in (0, 1):
         return f"split {config.split} not 0 or 1"
+    if config.segment and (config.segment < chunk or config.segment % chunk):
+        return f"segment {config.segment} is not a multiple of chunk_size {chunk}"
     if config.split_rot not in (0, 1):
         return f"split_rot {config.split_rot} not 0 or 1"
     if config.maxnreg and not 64 <= config.maxnreg <= 255:
@@ -195,6 +201,11 @@ def constraint(problem: Problem, config: ChunkFwdConfig, device_props: dict | No
         if need > limit:
             return f"shared memory estimate {need} B > {limit} B"
     return None
+
+
+def _segment(problem: Problem, config: ChunkFwdConfig) -> int:
+    """Tokens per segment of the chunk-parallel variant."""
+    return max(config.segment, _chunk(problem, config))
 
 
 def _splits(problem: Problem, config: ChunkFwdConfig) -> bool:
@@ -237,9 +248,11 @@ def _chunk_fwd_kernel(
     s1_ptr,
     k1_ptr,
     v1_ptr,
+    fst_ptr,
     L,
     H,
     G,
+    NSEG,
     P: tl.constexpr,
     N: tl.constexpr,
     S: tl.constexpr,
@@ -259,6 +272,7 @@ def _chunk_fwd_kernel(
     DOT_PREC: tl.constexpr,
     UPCAST: tl.constexpr,
     FAST: tl.constexpr,
+    T: tl.constexpr,
 ):
     CR: tl.constexpr = C * R
     NH: tl.constexpr = N // 2
@@ -296,7 +310,20 @@ def _chunk_fwd_kernel(
     sh = seq.to(tl.int64) * H + h  # (sequence, head) index of state tensors
 
     # ---- initial state -------------------------------------------------------------------
-    if HAS_INIT:
+    seg_start = 0
+    seg_end = seqlen
+    if T > 0:
+        # Segment mode (chunk_fwd_split): tokens [seg_start, seg_end) of a fixed-length
+        # sequence, from the state entering the segment in the segment's rotary frame.
+        pid_s = tl.program_id(2)
+        seg_start = pid_s * T
+        seg_end = tl.minimum(seg_start + T, seqlen)
+        fi = sh * NSEG + pid_s
+        st_lo, st_hi = _load_lohi(fst_ptr, (fi * P + pp[:, None]) * N, mp, NH, SA, HALVES)
+        st_lo = st_lo.to(tl.float32)
+        st_hi = st_hi.to(tl.float32)
+        theta = tl.zeros((SA,), dtype=tl.float32)
+    elif HAS_INIT:
         st_lo, st_hi = _load_lohi(s0_ptr, (sh * P + pp[:, None]) * N, mp, NH, SA, HALVES)
         st_lo = st_lo.to(tl.float32)
         st_hi = st_hi.to(tl.float32)
@@ -329,7 +356,7 @@ def _chunk_fwd_kernel(
         bias_row = (h * R + r_idx[:, None]) * N  # MIMO: the rank of a row picks its bias row
     rank_par = (h * R + r_idx[:, None]) * P + pp[None, :]  # MIMO: (H, R, P) rank weights
     mpr = (pp < P)[None, :]
-    for c0 in range(0, seqlen, C):
+    for c0 in range(seg_start, seg_end, C):
         t = c0 + t_loc
         valid = t < seqlen
         tok = bos + t  # global token index (int64)
@@ -395,8 +422,10 @@ def _chunk_fwd_kernel(
 def _constexprs(
     problem: Problem, config: ChunkFwdConfig, interp: bool, has_mv: bool = True, has_mz: bool = True
 ) -> dict:
-    """The kernel's compile-time arguments for a problem and config."""
+    """The kernel's compile-time arguments for a problem and config (T: tokens per segment of
+    the chunk-parallel variant, 0 when the kernel walks whole sequences)."""
     fp32 = problem.dtype == torch.float32
+    segment = _segment(problem, config) if _splits(problem, config) else 0
     return dict(
         P=problem.headdim,
         N=problem.d_state,
@@ -412,11 +441,12 @@ def _constexprs(
         HAS_MV=problem.mimo and has_mv,
         HAS_MZ=problem.mimo and problem.has_z and has_mz,
         HAS_MO=problem.mimo and problem.has_mimo_o,
-        HAS_INIT=problem.has_initial_state,
-        HAS_FINAL=problem.return_final_state,
+        HAS_INIT=problem.has_initial_state and not segment,
+        HAS_FINAL=problem.return_final_state and not segment,
         DOT_PREC="ieee" if fp32 or interp else "tf32",
         UPCAST=interp and not fp32,
         FAST=not interp,
+        T=segment,
     )
 
 
@@ -444,7 +474,7 @@ def compile_kernel(problem: Problem, config: ChunkFwdConfig, target=None):
         qb_ptr="*fp32", kb_ptr="*fp32", ang_ptr="*fp32", D_ptr="*fp32", z_ptr=io,
         mv_ptr="*fp32", mz_ptr="*fp32", mo_ptr="*fp32", a0_ptr="*fp32", s0_ptr="*fp32",
         k0_ptr=io, v0_ptr=io, cu_ptr="*i32", out_ptr=io, a1_ptr="*fp32", s1_ptr="*fp32",
-        k1_ptr=io, v1_ptr=io, L="i32", H="i32", G="i32",
+        k1_ptr=io, v1_ptr=io, fst_ptr="*fp32", L="i32", H="i32", G="i32", NSEG="i32",
     )  # fmt: skip
     consts = _constexprs(problem, config, interp=False)
     signature = {**ptr_types, **{name: "constexpr" for name in consts}}
@@ -460,9 +490,13 @@ def compile_kernel(problem: Problem, config: ChunkFwdConfig, target=None):
     options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
     if config.maxnreg:
         options["maxnreg"] = config.maxnreg
+    kernel = triton.compile(src, target=target, options=options)
     if _splits(problem, config):
-        return compile_split_kernels(problem, consts, options, target)
-    return triton.compile(src, target=target, options=options)
+        return {
+            **compile_split_kernels(problem, consts, options, target),
+            "_chunk_fwd_kernel": kernel,
+        }
+    return kernel
 
 
 def _c(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -523,12 +557,16 @@ def chunk_fwd(
     launch = dict(num_warps=config.num_warps, num_stages=config.num_stages)
     if config.maxnreg:
         launch["maxnreg"] = config.maxnreg
-    if _splits(problem, config):
-        chunk_fwd_split(problem, inputs, out, final, consts, launch)
-        return out, final
     bp = config.block_p
     dummy = v  # stands in for absent optional tensors (never read: the flag is off)
-    grid = (nseq * H, triton.cdiv(P, bp))
+    grid = (nseq * H, triton.cdiv(P, bp), 1)
+    fst, nseg = dummy, 1
+    if _splits(problem, config):
+        # The state entering every segment (and the final state) first; then this kernel runs
+        # each segment independently (grid axis 2).
+        fst = segment_states(problem, inputs, final, consts, launch)
+        nseg = fst.shape[1]
+        grid = (nseq * H, triton.cdiv(P, bp), nseg)
     if L == 0 and not problem.return_final_state:
         return out, None
     _chunk_fwd_kernel[grid](
@@ -556,9 +594,11 @@ def chunk_fwd(
         final.ssm if final is not None else dummy,
         final.k if final is not None else dummy,
         final.v if final is not None else dummy,
+        fst,
         L,
         H,
         G,
+        nseg,
         **consts,
         **launch,
     )

@@ -1,25 +1,27 @@
-"""Chunk-parallel prefill forward of the Mamba-3 scan in Triton: three launches instead of one
-sequential walk (the `split=1` variant of chunk_fwd; fixed-length batches only).
+"""Chunk-parallel prefill forward of the Mamba-3 scan in Triton (the `split=1` variant of
+chunk_fwd; fixed-length batches only): the sequence is cut into segments of T tokens (a multiple
+of the chunk C) and only a cheap elementwise pass runs across segments.
 
-The fused kernel (chunk_fwd) walks each (sequence, head) chunk by chunk with the state in
+The fused kernel (chunk_fwd) walks each (sequence, head) through all its chunks with the state in
 registers: one dependent chain per program, so short batches leave most of the GPU idle and
-every chunk pays the chain's latency. Here only a cheap elementwise pass is sequential:
+every chunk pays the chain's latency. Here:
 
-1. chunk_state (grid: chunk x (sequence, head) x P-block): each chunk's own contribution to the
-   state from a zero start, dS_c = (V * exp(c_last - c) w)^T Kr~, plus its log-decay c_last and
-   its angle sum Phi_c. Kr~ is k rotated by the angle accumulated *inside the chunk* only.
-2. state_pass (grid: (sequence, head) x P-block): F_{c+1} = (exp(c_last) F_c + dS_c) Rot(Phi_c),
-   writing F_c, the state entering chunk c, for every chunk.
-3. chunk_scan (grid: chunk x (sequence, head) x P-block): the fused kernel's loop body for one
-   chunk with the state read from F_c: y = (Qr~ Kr~^T * M) V + exp(c) Qr~ F_c^T.
+1. segment_state (grid: segment x (sequence, head) x P-block): each segment's own contribution
+   to the state from a zero start, dS = sum over its chunks of the decayed (V * w)^T Kr~, with
+   its log-decay and its angle sum Phi. Kr~ is k rotated by the angle accumulated *inside the
+   segment* only.
+2. state_pass (grid: (sequence, head) x P-block): F_{s+1} = (exp(c_s) F_s + dS_s) Rot(Phi_s),
+   writing F_s, the state entering segment s (fp32), for every segment, and the final state.
+3. the fused kernel in segment mode (grid axis 2: segment): each segment walked from F_s with
+   angles counted from the segment start.
 
-Why the chunk-local angles suffice: with Theta_s the absolute angle before chunk c and phi_t
+Why segment-local angles suffice: with Theta_s the absolute angle before segment s and phi_t
 the angle accumulated inside it, qr_t = Rot(Theta_s) Rot(phi_t) (q_t + b) = Rot(Theta_s) qr~_t,
-so with the state expressed in the chunk's frame, F_c = Hs Rot(Theta_s) (Rot acting on the N
-axis), Hs qr_t = F_c qr~_t and the chunk's contribution Hs += dS_c Rot(Theta_s)^T. Moving to the
-next chunk's frame multiplies by Rot(Phi_c): the recurrence of step 2. The initial state enters
-as F_0 = (ssm + mu_0 V0^T K0) Rot(theta_0); the final one leaves as F_end Rot(Theta_L)^T.
-Every trig argument stays small (a chunk's angle, or an angle reduced modulo 2 pi).
+so with the state expressed in the segment's frame, F_s = Hs Rot(Theta_s) (Rot acting on the N
+axis), Hs qr_t = F_s qr~_t and the segment's contribution Hs += dS_s Rot(Theta_s)^T. Moving to
+the next segment's frame multiplies by Rot(Phi_s): the recurrence of step 2. The initial state
+enters as F_0 = (ssm + mu_0 V0^T K0) Rot(theta_0); the final one leaves as F_end Rot(Theta_L)^T.
+Every trig argument stays small (an angle inside a segment, or one reduced modulo 2 pi).
 """
 
 from __future__ import annotations
@@ -37,8 +39,6 @@ from .fwd_tiles import (
     _chunk_coefs,
     _chunk_rates,
     _cos_sin,
-    _finish_rows,
-    _intra_scores,
     _load_lohi,
     _load_rot,
     _op,
@@ -49,26 +49,11 @@ from .fwd_tiles import (
     _store_rot,
 )
 
-__all__ = ["chunk_fwd_split", "pass_block"]
+__all__ = ["segment_states", "pass_block", "compile_kernels"]
 
 
 @triton.jit
-def _chunk_setup(H, G, C: tl.constexpr, R: tl.constexpr, SA: tl.constexpr, S: tl.constexpr):
-    """Indices shared by the per-chunk kernels (program axes: chunk, sequence*H + head)."""
-    pid_c = tl.program_id(0)
-    pid_sh = tl.program_id(1)
-    seq = pid_sh // H
-    h = pid_sh % H
-    g = h // (H // G)
-    rows = tl.arange(0, C * R)
-    t_loc = rows // R  # token of each row inside the chunk
-    r_idx = rows % R  # rank of each row
-    jr = tl.arange(0, SA)  # rotated pair index
-    return pid_c, pid_sh, seq, h, g, t_loc, r_idx, jr, jr < S
-
-
-@triton.jit
-def _chunk_state_kernel(
+def _segment_state_kernel(
     k_ptr,
     v_ptr,
     adt_ptr,
@@ -83,13 +68,14 @@ def _chunk_state_kernel(
     L,
     H,
     G,
-    NC,
+    NSEG,
     P: tl.constexpr,
     N: tl.constexpr,
     S: tl.constexpr,
     SA: tl.constexpr,
     R: tl.constexpr,
     C: tl.constexpr,
+    T: tl.constexpr,
     BP: tl.constexpr,
     HALVES: tl.constexpr,
     HAS_MV: tl.constexpr,
@@ -99,41 +85,62 @@ def _chunk_state_kernel(
 ):
     NH: tl.constexpr = N // 2
     PASS: tl.constexpr = SA < NH
-    pid_c, pid_sh, seq, h, g, t_loc, r_idx, jr, rot = _chunk_setup(H, G, C, R, SA, S)
+    pid_s = tl.program_id(0)
+    pid_sh = tl.program_id(1)
     pid_p = tl.program_id(2)
+    seq = pid_sh // H
+    h = pid_sh % H
+    g = h // (H // G)
+    rows = tl.arange(0, C * R)
+    t_loc = rows // R  # token of each row inside a chunk
+    r_idx = rows % R  # rank of each row
+    first_rank = r_idx == 0
+    jr = tl.arange(0, SA)  # rotated pair index
+    rot = jr < S
     dd: tl.constexpr = v_ptr.dtype.element_ty
     seqlen = L + 0 * seq  # a tensor (the interpreter passes L as an int)
     coef_base = pid_sh.to(tl.int64) * L
-    t = pid_c * C + t_loc
-    valid = t < seqlen
-    tok = seq.to(tl.int64) * L + t
-    mrow = valid[:, None]
-    first_rank = r_idx == 0
-    c, c_last, dt_row, gamma, w = _chunk_coefs(
-        adt_ptr, dt_ptr, trap_ptr, coef_base, t, valid, first_rank, seqlen
-    )
-    rate = _chunk_rates(ang_ptr, tok, h, H, S, jr, rot, valid, first_rank, dt_row)
-    cos, sin = _rot_cos_sin(tl.cumsum(rate, axis=0), rot, PASS, FAST)
     bias_row = (h * R + r_idx[:, None]) * N
-    kb_lo, kb_hi = _load_lohi(kb_ptr, bias_row, bias_row >= 0, NH, SA, HALVES)
-    qk_row = ((tok[:, None] * R + r_idx[:, None]) * G + g) * N
-    k_lo, k_hi = _rotated_operand(
-        k_ptr, qk_row, mrow, kb_lo, kb_hi, cos, sin, NH, SA, HALVES, dd, UPCAST
-    )
     pp = pid_p * BP + tl.arange(0, BP)
     mpr = (pp < P)[None, :]
-    vr = tl.load(v_ptr + (tok[:, None] * H + h) * P + pp[None, :], mask=mrow & mpr, other=0.0)
-    vr = vr.to(tl.float32)
-    if HAS_MV:
-        vr = vr * tl.load(mv_ptr + (h * R + r_idx[:, None]) * P + pp[None, :], mask=mpr, other=0.0)
-    vw = tl.trans(_op(vr * (tl.exp(c_last - c) * w)[:, None], dd, UPCAST))
-    ds_lo = tl.dot(vw, k_lo, input_precision=DOT_PREC)
-    ds_hi = tl.dot(vw, k_hi, input_precision=DOT_PREC)
-    ci = pid_sh.to(tl.int64) * NC + pid_c  # (sequence, head, chunk) index
-    _store_lohi(ds_ptr, (ci * P + pp[:, None]) * N, ds_lo, ds_hi, pp[:, None] < P, NH, SA, HALVES)
+    ds_lo = tl.zeros((BP, NH), dtype=tl.float32)
+    ds_hi = tl.zeros((BP, NH), dtype=tl.float32)
+    theta = tl.zeros((SA,), dtype=tl.float32)  # angle accumulated since the segment start
+    c_seg = 0.0  # log-decay accumulated since the segment start
+    seg_start = pid_s * T
+    for c0 in range(seg_start, tl.minimum(seg_start + T, seqlen), C):
+        t = c0 + t_loc
+        valid = t < seqlen
+        tok = seq.to(tl.int64) * L + t
+        mrow = valid[:, None]
+        c, c_last, dt_row, gamma, w = _chunk_coefs(
+            adt_ptr, dt_ptr, trap_ptr, coef_base, t, valid, first_rank, seqlen
+        )
+        rate = _chunk_rates(ang_ptr, tok, h, H, S, jr, rot, valid, first_rank, dt_row)
+        cos, sin = _rot_cos_sin(theta[None, :] + tl.cumsum(rate, axis=0), rot, PASS, FAST)
+        theta = theta + tl.sum(rate, axis=0)
+        theta = theta - _TWO_PI * tl.floor(theta / _TWO_PI)
+        kb_lo, kb_hi = _load_lohi(kb_ptr, bias_row, bias_row >= 0, NH, SA, HALVES)
+        qk_row = ((tok[:, None] * R + r_idx[:, None]) * G + g) * N
+        k_lo, k_hi = _rotated_operand(
+            k_ptr, qk_row, mrow, kb_lo, kb_hi, cos, sin, NH, SA, HALVES, dd, UPCAST
+        )
+        vr = tl.load(v_ptr + (tok[:, None] * H + h) * P + pp[None, :], mask=mrow & mpr, other=0.0)
+        vr = vr.to(tl.float32)
+        if HAS_MV:
+            vr = vr * tl.load(
+                mv_ptr + (h * R + r_idx[:, None]) * P + pp[None, :], mask=mpr, other=0.0
+            )
+        vw = tl.trans(_op(vr * (tl.exp(c_last - c) * w)[:, None], dd, UPCAST))
+        e_last = tl.exp(c_last)
+        ds_lo = tl.dot(vw, k_lo, ds_lo * e_last, input_precision=DOT_PREC)
+        ds_hi = tl.dot(vw, k_hi, ds_hi * e_last, input_precision=DOT_PREC)
+        c_seg += c_last
+    si = pid_sh.to(tl.int64) * NSEG + pid_s  # (sequence, head, segment) index
+    _store_lohi(ds_ptr, (si * P + pp[:, None]) * N, ds_lo, ds_hi, pp[:, None] < P, NH, SA, HALVES)
     if pid_p == 0:
-        tl.store(cl_ptr + ci, c_last)
-        tl.store(phi_ptr + ci * S + jr, tl.sum(rate, axis=0), mask=rot)
+        tl.store(cl_ptr + si, c_seg)
+        tl.store(phi_ptr + si * S + jr, theta, mask=rot)
 
 
 @triton.jit
@@ -166,7 +173,7 @@ def _state_pass_kernel(
     L,
     H,
     G,
-    NC,
+    NSEG,
     P: tl.constexpr,
     N: tl.constexpr,
     S: tl.constexpr,
@@ -217,8 +224,8 @@ def _state_pass_kernel(
         b = tl.zeros((BP, NH), dtype=tl.float32)
         theta = tl.zeros((NH,), dtype=tl.float32)
     fdt = fst_ptr.dtype.element_ty
-    for c in range(0, NC):
-        ci = sh * NC + c
+    for c in range(0, NSEG):
+        ci = sh * NSEG + c
         off = (ci * P + pp[:, None]) * N
         _store_rot(fst_ptr, off, a.to(fdt), b.to(fdt), mp, NH, NH, HALVES)
         da, db = _load_rot(ds_ptr, off, mp, NH, NH, HALVES)
@@ -242,93 +249,6 @@ def _state_pass_kernel(
         )  # fmt: skip
 
 
-@triton.jit
-def _chunk_scan_kernel(
-    q_ptr,
-    k_ptr,
-    v_ptr,
-    adt_ptr,
-    dt_ptr,
-    trap_ptr,
-    qb_ptr,
-    kb_ptr,
-    ang_ptr,
-    D_ptr,
-    z_ptr,
-    mv_ptr,
-    mz_ptr,
-    mo_ptr,
-    fst_ptr,
-    out_ptr,
-    L,
-    H,
-    G,
-    NC,
-    P: tl.constexpr,
-    N: tl.constexpr,
-    S: tl.constexpr,
-    SA: tl.constexpr,
-    R: tl.constexpr,
-    C: tl.constexpr,
-    BP: tl.constexpr,
-    HALVES: tl.constexpr,
-    HAS_D: tl.constexpr,
-    HAS_Z: tl.constexpr,
-    HAS_MV: tl.constexpr,
-    HAS_MZ: tl.constexpr,
-    HAS_MO: tl.constexpr,
-    DOT_PREC: tl.constexpr,
-    UPCAST: tl.constexpr,
-    FAST: tl.constexpr,
-):
-    NH: tl.constexpr = N // 2
-    PASS: tl.constexpr = SA < NH
-    pid_c, pid_sh, seq, h, g, t_loc, r_idx, jr, rot = _chunk_setup(H, G, C, R, SA, S)
-    pid_p = tl.program_id(2)
-    dd: tl.constexpr = v_ptr.dtype.element_ty
-    seqlen = L + 0 * seq
-    bos = seq.to(tl.int64) * L
-    coef_base = pid_sh.to(tl.int64) * L
-    c0 = pid_c * C
-    t = c0 + t_loc
-    valid = t < seqlen
-    tok = bos + t
-    mrow = valid[:, None]
-    first_rank = r_idx == 0
-    c, c_last, dt_row, gamma, w = _chunk_coefs(
-        adt_ptr, dt_ptr, trap_ptr, coef_base, t, valid, first_rank, seqlen
-    )
-    rate = _chunk_rates(ang_ptr, tok, h, H, S, jr, rot, valid, first_rank, dt_row)
-    cos, sin = _rot_cos_sin(tl.cumsum(rate, axis=0), rot, PASS, FAST)
-    bias_row = (h * R + r_idx[:, None]) * N
-    qb_lo, qb_hi = _load_lohi(qb_ptr, bias_row, bias_row >= 0, NH, SA, HALVES)
-    kb_lo, kb_hi = _load_lohi(kb_ptr, bias_row, bias_row >= 0, NH, SA, HALVES)
-    qk_row = ((tok[:, None] * R + r_idx[:, None]) * G + g) * N
-    q_lo, q_hi = _rotated_operand(
-        q_ptr, qk_row, mrow, qb_lo, qb_hi, cos, sin, NH, SA, HALVES, dd, UPCAST
-    )
-    k_lo, k_hi = _rotated_operand(
-        k_ptr, qk_row, mrow, kb_lo, kb_hi, cos, sin, NH, SA, HALVES, dd, UPCAST
-    )
-    pp = pid_p * BP + tl.arange(0, BP)
-    mpr = (pp < P)[None, :]
-    vr = tl.load(v_ptr + (tok[:, None] * H + h) * P + pp[None, :], mask=mrow & mpr, other=0.0)
-    vr = vr.to(tl.float32)
-    if HAS_MV:
-        vr = vr * tl.load(mv_ptr + (h * R + r_idx[:, None]) * P + pp[None, :], mask=mpr, other=0.0)
-    scores = _intra_scores(q_lo, q_hi, k_lo, k_hi, t, c, w, gamma, DOT_PREC)
-    ci = pid_sh.to(tl.int64) * NC + pid_c
-    f_lo, f_hi = _load_lohi(fst_ptr, (ci * P + pp[:, None]) * N, pp[:, None] < P, NH, SA, HALVES)
-    y = tl.dot(q_lo, tl.trans(_op(f_lo, dd, UPCAST)), input_precision=DOT_PREC)
-    y = tl.dot(q_hi, tl.trans(_op(f_hi, dd, UPCAST)), y, input_precision=DOT_PREC)
-    y = y * tl.exp(c)[:, None]
-    y = tl.dot(_op(scores, dd, UPCAST), _op(vr, dd, UPCAST), y, input_precision=DOT_PREC)
-    _finish_rows(
-        y, vr, D_ptr, z_ptr, mz_ptr, mo_ptr, out_ptr, h, H, pp, P, bos, c0, seqlen, t, r_idx,
-        R, C, BP, HAS_D, HAS_Z, HAS_MZ, HAS_MO,
-    )  # fmt: skip
-
-
 def pass_block(problem: Problem) -> int:
     """P-rows per program of the sequential state pass: enough programs to cover the GPU
     (sequences x heads x P-blocks >= ~2 per multiprocessor) without tiles below 8 rows."""
@@ -338,39 +258,32 @@ def pass_block(problem: Problem) -> int:
     return bp
 
 
-def chunk_fwd_split(
-    problem: Problem,
-    inputs: ScanInputs,
-    out: torch.Tensor,
-    final: Mamba3State | None,
-    consts: dict,
-    launch: dict,
-) -> None:
-    """Run the three-launch forward into ``out`` and ``final`` (allocated by chunk_fwd).
+def segment_states(
+    problem: Problem, inputs: ScanInputs, final: Mamba3State | None, consts: dict, launch: dict
+) -> torch.Tensor:
+    """Steps 1 and 2: the fp32 state entering every segment, (B*H, nseg, P, N), in each
+    segment's rotary frame; writes the final state into ``final`` when given.
 
-    consts: the fused kernel's compile-time arguments (chunk_fwd._constexprs); launch: num_warps,
-    num_stages (and maxnreg) for the two per-chunk kernels. Fixed-length batches only.
+    inputs: contiguous scan inputs (chunk_fwd); consts: chunk_fwd._constexprs (C, T, ...);
+    launch: num_warps/num_stages of the segment-state kernel.
     """
     B, L, H, G = problem.batch, problem.seqlen, problem.nheads, problem.ngroups
     P, N, S = problem.headdim, problem.d_state, problem.n_angles
-    C, BP = consts["C"], consts["BP"]
-    nc = triton.cdiv(L, C)
+    T, BP = consts["T"], consts["BP"]
+    nseg = triton.cdiv(L, T)
     v = inputs.v
     dev = v.device
-    ds = torch.empty((B * H, nc, P, N), dtype=torch.float32, device=dev)
-    fst = torch.empty((B * H, nc, P, N), dtype=v.dtype, device=dev)
-    clast = torch.empty((B * H, nc), dtype=torch.float32, device=dev)
-    phi = torch.empty((B * H, nc, S), dtype=torch.float32, device=dev)
+    ds = torch.empty((B * H, nseg, P, N), dtype=torch.float32, device=dev)
+    fst = torch.empty((B * H, nseg, P, N), dtype=torch.float32, device=dev)
+    clast = torch.empty((B * H, nseg), dtype=torch.float32, device=dev)
+    phi = torch.empty((B * H, nseg, S), dtype=torch.float32, device=dev)
     dummy = v
     mv = inputs.mimo_v if inputs.mimo_v is not None else dummy
-    common = dict(
-        (name, consts[name]) for name in ("P", "N", "S", "SA", "R", "HALVES", "HAS_MV", "FAST")
-    )
-    dots = dict(DOT_PREC=consts["DOT_PREC"], UPCAST=consts["UPCAST"])
-    grid = (nc, B * H, triton.cdiv(P, BP))
-    _chunk_state_kernel[grid](
+    common = {n: consts[n] for n in ("P", "N", "S", "SA", "R", "HALVES", "HAS_MV", "FAST")}
+    _segment_state_kernel[(nseg, B * H, triton.cdiv(P, BP))](
         inputs.k, v, inputs.adt, inputs.dt, inputs.trap, inputs.k_bias, inputs.angles, mv,
-        ds, clast, phi, L, H, G, nc, C=C, BP=BP, **common, **dots, **launch,
+        ds, clast, phi, L, H, G, nseg, C=consts["C"], T=T, BP=BP, DOT_PREC=consts["DOT_PREC"],
+        UPCAST=consts["UPCAST"], **common, **launch,
     )  # fmt: skip
     init = inputs.initial_state
     bp2 = pass_block(problem)
@@ -379,33 +292,26 @@ def chunk_fwd_split(
         *((init.angle, init.ssm, init.k, init.v) if init is not None else (dummy,) * 4),
         inputs.k, inputs.k_bias, v,
         *((final.angle, final.ssm, final.k, final.v) if final is not None else (dummy,) * 4),
-        L, H, G, nc, BP=bp2, HAS_INIT=consts["HAS_INIT"], HAS_FINAL=consts["HAS_FINAL"],
-        **common, num_warps=4,
+        L, H, G, nseg, BP=bp2, HAS_INIT=problem.has_initial_state,
+        HAS_FINAL=problem.return_final_state, **common, num_warps=4,
     )  # fmt: skip
-    flags = dict((name, consts[name]) for name in ("HAS_D", "HAS_Z", "HAS_MZ", "HAS_MO"))
-    _chunk_scan_kernel[grid](
-        inputs.q, inputs.k, v, inputs.adt, inputs.dt, inputs.trap, inputs.q_bias,
-        inputs.k_bias, inputs.angles,
-        *(x if x is not None else dummy for x in (inputs.D, inputs.z, inputs.mimo_v,
-                                                   inputs.mimo_z, inputs.mimo_o)),
-        fst, out, L, H, G, nc, C=C, BP=BP, **common, **flags, **dots, **launch,
-    )  # fmt: skip
+    return fst
 
 
 def compile_kernels(problem: Problem, consts: dict, options: dict, target) -> dict:
-    """Compile the three kernels ahead of time (no GPU needed) for ``target`` (a triton
-    ``GPUTarget``). consts: chunk_fwd._constexprs(problem, config, interp=False); options:
-    num_warps/num_stages. Returns {name: compiled kernel}; each one's ``asm`` holds ptx/cubin."""
+    """Compile the segment-state and state-pass kernels ahead of time (no GPU needed) for
+    ``target`` (a triton ``GPUTarget``). consts: chunk_fwd._constexprs(problem, config,
+    interp=False); options: num_warps/num_stages. Returns {name: compiled kernel}; each one's
+    ``asm`` holds ptx/cubin."""
     io = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}[problem.dtype]
     f32, i32 = "*fp32", "i32"
     # Pointer arguments whose element type is the I/O dtype; every other pointer is fp32.
     io_ptrs = {"q_ptr", "k_ptr", "v_ptr", "z_ptr", "k0_ptr", "v0_ptr", "k1_ptr", "v1_ptr",
-               "out_ptr", "fst_ptr"}  # fmt: skip
-    scalars = {"L", "H", "G", "NC"}
+               "out_ptr"}  # fmt: skip
+    scalars = {"L", "H", "G", "NSEG"}
     launches = {
-        _chunk_state_kernel: (consts, options),
+        _segment_state_kernel: (consts, options),
         _state_pass_kernel: ({**consts, "BP": pass_block(problem)}, {"num_warps": 4}),
-        _chunk_scan_kernel: (consts, options),
     }
     compiled = {}
     for kernel, (values, opts) in launches.items():
