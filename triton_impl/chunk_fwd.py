@@ -394,10 +394,12 @@ def _chunk_fwd_kernel(
         y = y * tl.exp(c)[:, None]
         y = tl.dot(_op(scores, dd, UPCAST), _op(vr, dd, UPCAST), y, input_precision=DOT_PREC)
         # ---- state update: S <- exp(c_last) S + (V * exp(c_last - c) w)^T Kr ------------
-        vw = tl.trans(_op(vr * (tl.exp(c_last - c) * w)[:, None], dd, UPCAST))
-        e_last = tl.exp(c_last)
-        st_lo = tl.dot(vw, k_lo, st_lo * e_last, input_precision=DOT_PREC)
-        st_hi = tl.dot(vw, k_hi, st_hi * e_last, input_precision=DOT_PREC)
+        # (not needed when a segment is one chunk: its successor's state comes from memory)
+        if T != C:
+            vw = tl.trans(_op(vr * (tl.exp(c_last - c) * w)[:, None], dd, UPCAST))
+            e_last = tl.exp(c_last)
+            st_lo = tl.dot(vw, k_lo, st_lo * e_last, input_precision=DOT_PREC)
+            st_hi = tl.dot(vw, k_hi, st_hi * e_last, input_precision=DOT_PREC)
         _finish_rows(
             y, vr, D_ptr, z_ptr, mz_ptr, mo_ptr, out_ptr, h, H, pp, P, bos, c0, seqlen, t,
             r_idx, R, C, BP, HAS_D, HAS_Z, HAS_MZ, HAS_MO,
