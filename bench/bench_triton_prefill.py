@@ -105,7 +105,7 @@ def check(rank: int, split: int | None = None) -> dict:
                                     return_final_state=True, rotary=rotary)  # fmt: skip
     config = cf.default_config(problem)
     if split is not None:
-        config = dataclasses.replace(config, split=split)
+        config = dataclasses.replace(config, split=split, segment=config.segment if split else 0)
     out, state = cf.chunk_fwd(problem, inputs, config)
     ref, rstate = reference_scan(cast_inputs(inputs, torch.float32), rotary, chunk_size=64)
     return {

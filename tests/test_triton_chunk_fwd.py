@@ -78,8 +78,8 @@ def run(
     problem = make_problem(inputs, rotary, final, chunk_size)
     config = config or cf.default_config(problem)
     if split is not None:
-        config = dataclasses.replace(config, split=split)
-    if segment is not None:
+        config = dataclasses.replace(config, split=split, segment=config.segment if split else 0)
+    if segment is not None and config.split:
         chunk = chunk_size or config.chunk_size
         config = dataclasses.replace(config, segment=-segment * chunk if segment < 0 else segment)
     assert cf.constraint(problem, config, None) is None
@@ -325,7 +325,8 @@ def test_config_space_and_constraints():
         default = cf.default_config(problem)
         assert cf.constraint(problem, default, None) is None, (problem, default)
         space = cf.search_space(problem)
-        assert set(space) == {"chunk_size", "block_p", "num_warps", "num_stages"}
+        assert set(space) == {"chunk_size", "block_p", "num_warps", "num_stages", "split",
+                              "segment"}  # fmt: skip
         valid = 0
         for chunk in space["chunk_size"]:
             for bp in space["block_p"]:

@@ -26,7 +26,8 @@ _CHUNK_FWD_SM90 = textwrap.dedent(
             rotary=rotary, has_D=True, has_z=True, has_mimo_o=rank > 1, has_initial_state=True,
             return_final_state=True, varlen=False,
         )
-        config = cf.default_config(problem)
+        # The sequential kernel (varlen calls and many-sequence SISO take it by default).
+        config = dataclasses.replace(cf.default_config(problem), split=0, segment=0)
         assert cf.constraint(problem, config, None) is None
         kernel = cf.compile_kernel(problem, config)
         ptx, cubin = kernel.asm["ptx"], kernel.asm["cubin"]
@@ -65,6 +66,8 @@ def test_chunk_fwd_compiles_for_sm90_without_gpu():
 
 _SMEM_FIT = textwrap.dedent(
     """
+    import dataclasses
+
     import torch
     from mamba3_kernels.problem import Problem
     from mamba3_kernels.triton_impl import chunk_fwd as cf
@@ -92,8 +95,11 @@ _SMEM_FIT = textwrap.dedent(
         rotary="interleaved", has_D=True, has_z=True, has_mimo_o=False,
         has_initial_state=True, return_final_state=True, varlen=False,
     )
-    kernel = cf.compile_kernel(problem, cf.default_config(problem))
-    assert kernel.metadata.shared <= 232448, kernel.metadata.shared
+    config = cf.default_config(problem)
+    for cfg in (config, dataclasses.replace(config, split=0, segment=0)):
+        kernels = cf.compile_kernel(problem, cfg)
+        for kernel in kernels.values() if isinstance(kernels, dict) else [kernels]:
+            assert kernel.metadata.shared <= 232448, kernel.metadata.shared
     print("ok")
     """
 )

@@ -93,26 +93,39 @@ def _chunk(problem: Problem, config: ChunkFwdConfig) -> int:
 
 
 def default_config(problem: Problem) -> ChunkFwdConfig:
-    """Heuristic config, from the H100 sweeps (bench/NOTES.md, "Triton prefill forward" and its
-    "v2" subsection).
+    """Heuristic config, from the H100 sweeps (bench/NOTES.md: "Triton prefill forward", its "v2"
+    and "chunk-parallel" subsections).
 
-    Few programs (sequences x heads x P-blocks under ~2 per multiprocessor): split P in blocks
-    of 32 and use long chunks (SISO 128 rows, 8 warps, 2 stages) or short ones (MIMO 32 rows,
-    4 warps). Many programs: SISO 32 rows with 4 warps and trig on all pairs (split_rot 0 measured
-    faster there); MIMO 64 rows, whole P, 8 warps.
+    Fixed-length MIMO, and SISO with few programs (sequences x heads x 32-wide P-blocks under ~2
+    per multiprocessor): the chunk-parallel variant (split=1) with whole-P tiles on 4 warps, SISO
+    chunks of 32 tokens in segments of 256, MIMO chunks of 16 rows in segments of 128 tokens.
+    Otherwise one program walks each sequence: many SISO programs use 32 rows with 4 warps and
+    trig on all pairs (split_rot 0 measured faster there); varlen with few programs long chunks
+    (SISO 128 rows, 8 warps, 2 stages; MIMO 32 rows, 4 warps, P in blocks of 32); varlen MIMO with
+    many programs 64 rows, whole P, 8 warps.
     N = 256 or fp32 inputs halve the rows (register pressure).
     """
     p2 = _next_pow2(problem.headdim)
     pairs = problem.nseq * problem.nheads
     few = pairs * max(1, p2 // 32) <= 2 * 132
-    if problem.rank == 1:
-        rows, block_p, warps, stages, split = (128, 32, 8, 2, 1) if few else (32, 32, 4, 1, 0)
+    split = not problem.varlen and (problem.rank > 1 or few)
+    segment = 0
+    if split:
+        rows, block_p, warps, stages, rot = (
+            (32, 64, 4, 1, 1) if problem.rank == 1 else (16, 64, 4, 1, 1)
+        )
+        segment = 256 if problem.rank == 1 else 128
+    elif problem.rank == 1:
+        rows, block_p, warps, stages, rot = (128, 32, 8, 2, 1) if few else (32, 32, 4, 1, 0)
     else:
-        rows, block_p, warps, stages, split = (32, 32, 4, 1, 1) if few else (64, 64, 8, 1, 1)
+        rows, block_p, warps, stages, rot = (32, 32, 4, 1, 1) if few else (64, 64, 8, 1, 1)
     if problem.d_state > 128 or problem.dtype == torch.float32:
         rows //= 2
-    rows = max(rows, 16)
+    rows = max(rows, 16, problem.rank)
     block_p = min(block_p, p2)
+    # The fp32 state tile in registers (see constraint()): at most 96 registers per thread.
+    while block_p > 16 and block_p * problem.d_state // (32 * warps) > 96:
+        block_p //= 2
     # Fit the shared-memory estimate (close to the compiler's figure, bench/NOTES.md) under an
     # sm_90 block's limit: fewer pipeline stages first, then shorter chunks.
     while _smem_estimate(problem, max(1, rows // problem.rank), block_p, stages) > _SMEM_SM90:
@@ -126,20 +139,28 @@ def default_config(problem: Problem) -> ChunkFwdConfig:
     eff_rows = (problem.chunk_size or chunk) * problem.rank
     if problem.rank > 1 and eff_rows >= 64:
         warps = 8  # see constraint(): MIMO with >= 64 rows on 4 warps miscompiles
+    if segment:
+        segment = max(segment, problem.chunk_size or chunk)
+        segment -= segment % (problem.chunk_size or chunk)
     return ChunkFwdConfig(
-        chunk_size=chunk, block_p=block_p, num_warps=warps, num_stages=stages, split_rot=split
-    )
+        chunk_size=chunk, block_p=block_p, num_warps=warps, num_stages=stages, split_rot=rot,
+        split=int(split), segment=segment,
+    )  # fmt: skip
 
 
 def search_space(problem: Problem) -> dict[str, list]:
     """Candidate values per parameter (constraint() removes invalid combinations)."""
     p2 = _next_pow2(problem.headdim)
-    return {
-        "chunk_size": [c for c in (8, 16, 32, 64, 128) if 16 <= c * problem.rank <= 256],
+    space = {
+        "chunk_size": [c for c in (2, 4, 8, 16, 32, 64, 128) if 16 <= c * problem.rank <= 256],
         "block_p": [b for b in (16, 32, 64, 128) if b <= max(p2, 16)],
         "num_warps": [4, 8],
         "num_stages": [1, 2, 3],
     }
+    if not problem.varlen:
+        space["split"] = [0, 1]
+        space["segment"] = [0, 128, 256, 512, 1024]
+    return space
 
 
 _SMEM_SM90 = 232448  # bytes of shared memory one block may opt into on sm_90
@@ -180,6 +201,8 @@ def constraint(problem: Problem, config: ChunkFwdConfig, device_props: dict | No
         return "num_stages < 1"
     if config.split not in (0, 1):
         return f"split {config.split} not 0 or 1"
+    if config.segment and not config.split:
+        return "segment is a parameter of split=1"
     if config.segment and (config.segment < chunk or config.segment % chunk):
         return f"segment {config.segment} is not a multiple of chunk_size {chunk}"
     if config.split_rot not in (0, 1):

@@ -9,7 +9,6 @@ keep whole N/2-wide operands. Angles are only ever handled per pair, never per c
 from __future__ import annotations
 
 import math
-import os
 
 import triton
 import triton.language as tl
@@ -17,9 +16,6 @@ from triton.language.extra import libdevice
 
 _TWO_PI = tl.constexpr(2.0 * math.pi)
 _PI = tl.constexpr(math.pi)
-# Interleaved pairs: load/store the two members with stride-2 accesses (1) or contiguously and
-# split them in registers (0). An experiment switch (MAMBA3_STRIDED_ROT) while both are measured.
-_STRIDED = tl.constexpr(os.environ.get("MAMBA3_STRIDED_ROT", "1") == "1")
 
 
 @triton.jit
@@ -59,9 +55,6 @@ def _load_rot(ptr, row_off, rmask, NH: tl.constexpr, SA: tl.constexpr, HALVES: t
     if HALVES:
         a = tl.load(ptr + row_off + j[None, :], mask=rmask, other=0.0)
         b = tl.load(ptr + row_off + NH + j[None, :], mask=rmask, other=0.0)
-    elif _STRIDED:
-        a = tl.load(ptr + row_off + 2 * j[None, :], mask=rmask, other=0.0)
-        b = tl.load(ptr + row_off + 2 * j[None, :] + 1, mask=rmask, other=0.0)
     else:
         jn = tl.arange(0, 2 * SA)
         x = tl.load(ptr + row_off + jn[None, :], mask=rmask, other=0.0)
@@ -138,9 +131,6 @@ def _store_rot(ptr, row_off, a, b, rmask, NH: tl.constexpr, SA: tl.constexpr, HA
     if HALVES:
         tl.store(ptr + row_off + j[None, :], a, mask=rmask)
         tl.store(ptr + row_off + NH + j[None, :], b, mask=rmask)
-    elif _STRIDED:
-        tl.store(ptr + row_off + 2 * j[None, :], a, mask=rmask)
-        tl.store(ptr + row_off + 2 * j[None, :] + 1, b, mask=rmask)
     else:
         jn = tl.arange(0, 2 * SA)
         x = tl.reshape(tl.join(a, b), (a.shape[0], 2 * SA))
