@@ -98,7 +98,8 @@ def default_config(problem: Problem) -> ChunkFwdConfig:
 
     Fixed-length MIMO, and SISO with few programs (sequences x heads x 32-wide P-blocks under ~2
     per multiprocessor): the chunk-parallel variant (split=1) with whole-P tiles on 4 warps, SISO
-    chunks of 32 tokens in segments of 256, MIMO chunks of 16 rows in segments of 128 tokens.
+    chunks of 32 tokens, 2 stages, in segments of 512 (256 where that leaves under ~4 programs per
+    multiprocessor), MIMO chunks of 16 rows in segments of 128 tokens.
     Otherwise one program walks each sequence: many SISO programs use 32 rows with 4 warps and
     trig on all pairs (split_rot 0 measured faster there); varlen with few programs long chunks
     (SISO 128 rows, 8 warps, 2 stages; MIMO 32 rows, 4 warps, P in blocks of 32); varlen MIMO with
@@ -109,12 +110,13 @@ def default_config(problem: Problem) -> ChunkFwdConfig:
     pairs = problem.nseq * problem.nheads
     few = pairs * max(1, p2 // 32) <= 2 * 132
     split = not problem.varlen and (problem.rank > 1 or few)
-    segment = 0
     if split:
-        rows, block_p, warps, stages, rot = (
-            (32, 64, 4, 1, 1) if problem.rank == 1 else (16, 64, 4, 1, 1)
-        )
-        segment = 256 if problem.rank == 1 else 128
+        # SISO pipelines its chunk loop (2 stages measured 6-25 % faster); MIMO does not
+        # (2 stages measured 19 % slower at R=4).
+        if problem.rank == 1:
+            rows, block_p, warps, stages, rot = (32, 64, 4, 2, 1)
+        else:
+            rows, block_p, warps, stages, rot = (16, 64, 4, 1, 1)
     elif problem.rank == 1:
         rows, block_p, warps, stages, rot = (128, 32, 8, 2, 1) if few else (32, 32, 4, 1, 0)
     else:
@@ -139,7 +141,14 @@ def default_config(problem: Problem) -> ChunkFwdConfig:
     eff_rows = (problem.chunk_size or chunk) * problem.rank
     if problem.rank > 1 and eff_rows >= 64:
         warps = 8  # see constraint(): MIMO with >= 64 rows on 4 warps miscompiles
-    if segment:
+    segment = 0
+    if split:
+        # Segments of 128 tokens for MIMO; SISO: 512 (less state traffic) when that still gives
+        # ~4 programs per multiprocessor, else 256 (bench/NOTES.md, "chunk-parallel").
+        segment = 128
+        if problem.rank == 1:
+            programs = pairs * -(-problem.headdim // block_p) * -(-problem.seqlen // 512)
+            segment = 512 if programs >= 4 * 132 else 256
         segment = max(segment, problem.chunk_size or chunk)
         segment -= segment % (problem.chunk_size or chunk)
     return ChunkFwdConfig(
