@@ -96,20 +96,22 @@ def default_config(problem: Problem) -> ChunkFwdConfig:
     """Heuristic config, from the H100 sweeps (bench/NOTES.md: "Triton prefill forward", its "v2"
     and "chunk-parallel" subsections).
 
-    Fixed-length MIMO, and SISO with few programs (sequences x heads x 32-wide P-blocks under ~2
-    per multiprocessor): the chunk-parallel variant (split=1) with whole-P tiles on 4 warps, SISO
-    chunks of 32 tokens, 2 stages, in segments of 512 (256 where that leaves under ~4 programs per
-    multiprocessor), MIMO chunks of 16 rows in segments of 128 tokens.
-    Otherwise one program walks each sequence: many SISO programs use 32 rows with 4 warps and
-    trig on all pairs (split_rot 0 measured faster there); varlen with few programs long chunks
-    (SISO 128 rows, 8 warps, 2 stages; MIMO 32 rows, 4 warps, P in blocks of 32); varlen MIMO with
-    many programs 64 rows, whole P, 8 warps.
+    Fixed-length batches longer than 256 tokens: the chunk-parallel variant (split=1) with
+    whole-P tiles on 4 warps; SISO chunks of 32 tokens, 2 stages, in the longest segments of
+    1024/512/256 tokens that leave ~4 programs per multiprocessor; MIMO chunks of 16 rows in
+    segments of 128 tokens.
+    Varlen and short calls: one program walks each sequence; few programs (sequences x heads x
+    32-wide P-blocks under ~2 per multiprocessor) take long chunks (SISO 128 rows, 8 warps, 2
+    stages; MIMO 32 rows, 4 warps, P in blocks of 32); many SISO programs 32 rows with 4 warps
+    and trig on all pairs (split_rot 0 measured faster there); many MIMO programs 64 rows, whole
+    P, 8 warps.
     N = 256 or fp32 inputs halve the rows (register pressure).
     """
     p2 = _next_pow2(problem.headdim)
     pairs = problem.nseq * problem.nheads
     few = pairs * max(1, p2 // 32) <= 2 * 132
-    split = not problem.varlen and (problem.rank > 1 or few)
+    # (a call of one segment gains nothing from the extra launches)
+    split = not problem.varlen and problem.seqlen > 256
     if split:
         # SISO pipelines its chunk loop (2 stages measured 6-25 % faster); MIMO does not
         # (2 stages measured 19 % slower at R=4).
@@ -143,12 +145,17 @@ def default_config(problem: Problem) -> ChunkFwdConfig:
         warps = 8  # see constraint(): MIMO with >= 64 rows on 4 warps miscompiles
     segment = 0
     if split:
-        # Segments of 128 tokens for MIMO; SISO: 512 (less state traffic) when that still gives
-        # ~4 programs per multiprocessor, else 256 (bench/NOTES.md, "chunk-parallel").
+        # Segments of 128 tokens for MIMO; SISO: the longest of 1024/512/256 (less state
+        # traffic) that still gives ~4 programs per multiprocessor (bench/NOTES.md,
+        # "chunk-parallel").
         segment = 128
         if problem.rank == 1:
-            programs = pairs * -(-problem.headdim // block_p) * -(-problem.seqlen // 512)
-            segment = 512 if programs >= 4 * 132 else 256
+            segment = 256
+            for seg in (1024, 512):
+                programs = pairs * -(-problem.headdim // block_p) * -(-problem.seqlen // seg)
+                if programs >= 4 * 132:
+                    segment = seg
+                    break
         segment = max(segment, problem.chunk_size or chunk)
         segment -= segment % (problem.chunk_size or chunk)
     return ChunkFwdConfig(
