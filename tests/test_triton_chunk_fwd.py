@@ -378,3 +378,31 @@ def test_fp32_gpu_long():
     ref, rstate = reference_scan(cast_inputs(inputs, torch.float64), "interleaved", chunk_size=64)
     assert rel_err(out, ref) < 1e-4, rel_err(out, ref)
     assert rel_err(state.ssm, rstate.ssm) < 1e-4
+
+
+@pytest.mark.gpu
+def test_cached_launch_gpu():
+    # Repeated calls go through the cached compiled kernels (triton_impl/launch.py): the same
+    # results as the first (Triton-launched) call, also for fresh tensors and a misaligned view.
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    kw = dict(batch=1, seqlen=1024, nheads=8, ngroups=1, d_state=128, headdim=64, n_angles=32)
+    for rank, rotary in ((1, "interleaved"), (4, "halves")):
+        g = torch.Generator().manual_seed(40 + rank)
+        inputs = random_inputs(rank=rank, dtype=torch.bfloat16, device="cuda", generator=g,
+                               with_initial_state=True, **kw)  # fmt: skip
+        first, s_first = run(inputs, rotary)
+        again, s_again = run(inputs, rotary)
+        assert torch.equal(first, again) and torch.equal(s_first.ssm, s_again.ssm)
+        fresh = inputs._replace(v=inputs.v.clone())
+        out, _ = run(fresh, rotary)
+        assert torch.equal(out, first)
+        # A view one element into a larger buffer: not 16-byte aligned, Triton's launcher.
+        buf = torch.empty(inputs.v.numel() + 1, dtype=inputs.v.dtype, device="cuda")
+        shifted = buf[1:].view_as(inputs.v)
+        shifted.copy_(inputs.v)
+        assert shifted.data_ptr() % 16 != 0
+        out, _ = run(inputs._replace(v=shifted), rotary)
+        assert torch.equal(out, first)
+        ref, _ = reference_scan(cast_inputs(inputs, torch.float32), rotary, chunk_size=64)
+        assert rel_err(first, ref) < 2e-2

@@ -50,6 +50,7 @@ from .fwd_tiles import (
     _store_final_kv,
     _store_lohi,
 )
+from .launch import launch as launch_kernel
 
 __all__ = ["SPEC", "ChunkFwdConfig", "chunk_fwd", "default_config", "search_space", "constraint"]
 
@@ -610,7 +611,7 @@ def chunk_fwd(
         grid = (nseq * H, triton.cdiv(P, bp), nseg)
     if L == 0 and not problem.return_final_state:
         return out, None
-    _chunk_fwd_kernel[grid](
+    args = [
         q,
         k,
         v,
@@ -640,9 +641,8 @@ def chunk_fwd(
         H,
         G,
         nseg,
-        **consts,
-        **launch,
-    )
+    ]
+    launch_kernel(_chunk_fwd_kernel, (problem, config), grid, args, consts, launch)
     return out, final
 
 

@@ -48,6 +48,7 @@ from .fwd_tiles import (
     _store_lohi,
     _store_rot,
 )
+from .launch import launch as launch_kernel
 
 __all__ = ["segment_states", "pass_block", "compile_kernels"]
 
@@ -280,20 +281,27 @@ def segment_states(
     dummy = v
     mv = inputs.mimo_v if inputs.mimo_v is not None else dummy
     common = {n: consts[n] for n in ("P", "N", "S", "SA", "R", "HALVES", "HAS_MV", "FAST")}
-    _segment_state_kernel[(nseg, B * H, triton.cdiv(P, BP))](
-        inputs.k, v, inputs.adt, inputs.dt, inputs.trap, inputs.k_bias, inputs.angles, mv,
-        ds, clast, phi, L, H, G, nseg, C=consts["C"], T=T, BP=BP, DOT_PREC=consts["DOT_PREC"],
-        UPCAST=consts["UPCAST"], **common, **launch,
+    key = (problem, tuple(launch.items()))
+    launch_kernel(
+        _segment_state_kernel, key, (nseg, B * H, triton.cdiv(P, BP)),
+        [inputs.k, v, inputs.adt, inputs.dt, inputs.trap, inputs.k_bias, inputs.angles, mv,
+         ds, clast, phi, L, H, G, nseg],
+        dict(C=consts["C"], T=T, BP=BP, DOT_PREC=consts["DOT_PREC"], UPCAST=consts["UPCAST"],
+             **common),
+        launch,
     )  # fmt: skip
     init = inputs.initial_state
     bp2 = pass_block(problem)
-    _state_pass_kernel[(B * H, triton.cdiv(P, bp2))](
-        ds, clast, phi, fst, inputs.dt, inputs.trap, mv,
-        *((init.angle, init.ssm, init.k, init.v) if init is not None else (dummy,) * 4),
-        inputs.k, inputs.k_bias, v,
-        *((final.angle, final.ssm, final.k, final.v) if final is not None else (dummy,) * 4),
-        L, H, G, nseg, BP=bp2, HAS_INIT=problem.has_initial_state,
-        HAS_FINAL=problem.return_final_state, **common, num_warps=4,
+    launch_kernel(
+        _state_pass_kernel, key, (B * H, triton.cdiv(P, bp2)),
+        [ds, clast, phi, fst, inputs.dt, inputs.trap, mv,
+         *((init.angle, init.ssm, init.k, init.v) if init is not None else (dummy,) * 4),
+         inputs.k, inputs.k_bias, v,
+         *((final.angle, final.ssm, final.k, final.v) if final is not None else (dummy,) * 4),
+         L, H, G, nseg],
+        dict(BP=bp2, HAS_INIT=problem.has_initial_state, HAS_FINAL=problem.return_final_state,
+             **common),
+        {"num_warps": 4},
     )  # fmt: skip
     return fst
 
