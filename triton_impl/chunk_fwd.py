@@ -50,6 +50,7 @@ from .fwd_tiles import (
     _store_final_kv,
     _store_lohi,
 )
+from .launch import cdiv as _cdiv
 from .launch import launch as launch_kernel
 
 __all__ = ["SPEC", "ChunkFwdConfig", "chunk_fwd", "default_config", "search_space", "constraint"]
@@ -601,14 +602,14 @@ def chunk_fwd(
         launch["maxnreg"] = config.maxnreg
     bp = config.block_p
     dummy = v  # stands in for absent optional tensors (never read: the flag is off)
-    grid = (nseq * H, triton.cdiv(P, bp), 1)
+    grid = (nseq * H, _cdiv(P, bp), 1)
     fst, nseg = dummy, 1
     if _splits(problem, config):
         # The state entering every segment (and the final state) first; then this kernel runs
         # each segment independently (grid axis 2).
         fst = segment_states(problem, inputs, final, consts, launch)
         nseg = fst.shape[1]
-        grid = (nseq * H, triton.cdiv(P, bp), nseg)
+        grid = (nseq * H, _cdiv(P, bp), nseg)
     if L == 0 and not problem.return_final_state:
         return out, None
     args = [

@@ -48,6 +48,7 @@ from .fwd_tiles import (
     _store_lohi,
     _store_rot,
 )
+from .launch import cdiv as _cdiv
 from .launch import launch as launch_kernel
 
 __all__ = ["segment_states", "pass_block", "compile_kernels"]
@@ -253,8 +254,8 @@ def _state_pass_kernel(
 def pass_block(problem: Problem) -> int:
     """P-rows per program of the sequential state pass: enough programs to cover the GPU
     (sequences x heads x P-blocks >= ~2 per multiprocessor) without tiles below 8 rows."""
-    bp = triton.next_power_of_2(problem.headdim)
-    while bp > 8 and problem.nseq * problem.nheads * triton.cdiv(problem.headdim, bp) < 264:
+    bp = 1 << (problem.headdim - 1).bit_length()
+    while bp > 8 and problem.nseq * problem.nheads * _cdiv(problem.headdim, bp) < 264:
         bp //= 2
     return bp
 
@@ -271,7 +272,7 @@ def segment_states(
     B, L, H, G = problem.batch, problem.seqlen, problem.nheads, problem.ngroups
     P, N, S = problem.headdim, problem.d_state, problem.n_angles
     T, BP = consts["T"], consts["BP"]
-    nseg = triton.cdiv(L, T)
+    nseg = _cdiv(L, T)
     v = inputs.v
     dev = v.device
     ds = torch.empty((B * H, nseg, P, N), dtype=torch.float32, device=dev)
@@ -283,7 +284,7 @@ def segment_states(
     common = {n: consts[n] for n in ("P", "N", "S", "SA", "R", "HALVES", "HAS_MV", "FAST")}
     key = (problem, tuple(launch.items()))
     launch_kernel(
-        _segment_state_kernel, key, (nseg, B * H, triton.cdiv(P, BP)),
+        _segment_state_kernel, key, (nseg, B * H, _cdiv(P, BP)),
         [inputs.k, v, inputs.adt, inputs.dt, inputs.trap, inputs.k_bias, inputs.angles, mv,
          ds, clast, phi, L, H, G, nseg],
         dict(C=consts["C"], T=T, BP=BP, DOT_PREC=consts["DOT_PREC"], UPCAST=consts["UPCAST"],
@@ -293,7 +294,7 @@ def segment_states(
     init = inputs.initial_state
     bp2 = pass_block(problem)
     launch_kernel(
-        _state_pass_kernel, key, (B * H, triton.cdiv(P, bp2)),
+        _state_pass_kernel, key, (B * H, _cdiv(P, bp2)),
         [ds, clast, phi, fst, inputs.dt, inputs.trap, mv,
          *((init.angle, init.ssm, init.k, init.v) if init is not None else (dummy,) * 4),
          inputs.k, inputs.k_bias, v,

@@ -16,11 +16,16 @@ import warnings
 import torch
 from triton import knobs
 
-__all__ = ["launch"]
+__all__ = ["launch", "cdiv"]
 
 _CACHE: dict[tuple, tuple] = {}
 _CACHE_MAX = 512
 _DIRECT = [True]  # switched off for good if this Triton's launcher has another signature
+
+
+def cdiv(a: int, b: int) -> int:
+    """Ceiling division on the host (triton.cdiv is a JIT function: slow to call from Python)."""
+    return -(-a // b)
 
 
 def launch(kernel, key: tuple, grid: tuple, args: list, consts: dict, options: dict) -> None:
