@@ -1,4 +1,9 @@
-"""Chunked prefill forward of the Mamba-3 scan in Triton (SISO and MIMO, one kernel).
+"""Chunked prefill forward of the Mamba-3 scan in Triton (SISO and MIMO).
+
+With config.split (the default for fixed-length calls over 256 tokens) the sequence is cut into
+segments: chunk_fwd_split computes the state entering each segment, then this kernel walks every
+segment at once (grid axis 2, "segment mode"). Without it (varlen, short calls) the kernel walks
+whole sequences, as described below.
 
 One program owns one (sequence, head, P-block) and walks the sequence chunk by chunk, keeping the
 P-block x N fp32 state in registers, so no per-chunk state ever goes to memory. A MIMO chunk of C
