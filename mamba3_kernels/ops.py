@@ -144,12 +144,26 @@ def scan_op(
     problem = describe(
         inputs, False, rotary, return_final_state, chunk_size if chunk_size > 0 else None
     )
+    return run_scan(problem, inputs, backend)
+
+
+def run_scan(
+    problem: Problem, inputs: ScanInputs, backend: str
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Dispatch one validated forward scan (the op, and api.scan's eager no-grad path).
+
+    Returns out and the final state's angle, ssm, k, v (empty tensors without a final state),
+    each owning its memory.
+    """
     chosen, configs = plan(problem, backend, "scan_fwd")
     out, state = chosen.scan(problem, inputs, configs)
+    q, v, init = inputs.q, inputs.v, inputs.initial_state
     # An output sharing memory with an input (a final v that is a slice of v, an untouched
     # initial state for L == 0) must be copied: op outputs may not alias inputs.
     taken = {
-        a.untyped_storage().data_ptr() for a in (q, k, v, z, angle0, ssm0, k0, v0) if a is not None
+        a.untyped_storage().data_ptr()
+        for a in (q, inputs.k, v, inputs.z, *(init if init is not None else ()))
+        if a is not None
     }
     out = _owned(out, v.dtype, taken)
     if state is None:

@@ -145,3 +145,21 @@ def test_explicit_backend_fails_loudly_and_auto_falls_back(monkeypatch):
 def test_info_lists_every_backend():
     names = set(m.info()["backends"])
     assert {"reference", "triton", "tilelang", "cute"} <= names
+
+
+def test_eager_no_grad_path_matches_op_and_owns_outputs():
+    # Without autograd, scan skips the op's dispatch: the same results as the op, and no output
+    # shares memory with an input (for L = 0 the final state would be the initial one).
+    x = random_inputs(batch=1, seqlen=0, nheads=2, d_state=16, headdim=8, with_initial_state=True)
+    with torch.no_grad():
+        out, state = m.scan(*x[:14], initial_state=x.initial_state, return_final_state=True)
+    taken = {t.untyped_storage().data_ptr() for t in (*x[:14], *x.initial_state)
+             if t is not None and t.numel()}  # fmt: skip
+    assert all(t.untyped_storage().data_ptr() not in taken for t in state if t.numel())
+    assert torch.equal(state.ssm, x.initial_state.ssm)
+    y = random_inputs(batch=2, seqlen=9, nheads=2, d_state=16, headdim=8, with_initial_state=True)
+    with torch.no_grad():
+        a, sa = m.scan(*y[:14], initial_state=y.initial_state, return_final_state=True)
+    b, *sb = torch.ops.mamba3.scan(*y[:14], *y.initial_state, None, True, "interleaved", 0, "auto")
+    assert torch.equal(a, b)
+    assert all(torch.equal(p, q) for p, q in zip(sa, sb, strict=True))
