@@ -406,3 +406,16 @@ def test_cached_launch_gpu():
         assert torch.equal(out, first)
         ref, _ = reference_scan(cast_inputs(inputs, torch.float32), rotary, chunk_size=64)
         assert rel_err(first, ref) < 2e-2
+
+
+@needs_device
+@pytest.mark.parametrize("rank", [8])
+def test_split_rank8_default_shape(rank):
+    # The default config of a long fixed-length MIMO R=8 call (chunk of 2 tokens = 16 rows,
+    # segments of 128 tokens) against the reference, over several segments.
+    inputs = gen(18, batch=1, seqlen=300, nheads=2, d_state=SMALL_N[0], headdim=SMALL_P[0],
+                 rank=rank, with_initial_state=True, with_mimo_o=True)  # fmt: skip
+    problem = make_problem(inputs, "halves")
+    config = cf.default_config(problem)
+    assert config.split == 1 and config.segment == 128 and config.chunk_size * rank == 16
+    check(inputs, "halves", config=config)
