@@ -317,26 +317,32 @@ def test_no_final_state():
 
 def test_config_space_and_constraints():
     # The default config satisfies the constraints; every point of the space is either valid or
-    # rejected with a reason; invalid configs are refused by the launcher.
-    for rank, n, p in [(1, 128, 64), (4, 128, 64), (2, 64, 32), (8, 256, 128), (1, 16, 8)]:
-        problem = make_problem(random_inputs(seqlen=4, d_state=16, headdim=8), "interleaved")
-        problem = Problem(**{**problem.__dict__, "rank": rank, "d_state": n, "headdim": p,
-                             "mimo": rank > 1, "dtype": torch.bfloat16})  # fmt: skip
-        default = cf.default_config(problem)
-        assert cf.constraint(problem, default, None) is None, (problem, default)
-        space = cf.search_space(problem)
-        assert set(space) == {"chunk_size", "block_p", "num_warps", "num_stages", "split",
-                              "segment"}  # fmt: skip
-        valid = 0
-        for chunk in space["chunk_size"]:
-            for bp in space["block_p"]:
-                for warps in space["num_warps"]:
-                    config = cf.ChunkFwdConfig(chunk, bp, warps, 1)
-                    props = {"shared_memory_per_block_optin": 232448}
-                    reason = cf.constraint(problem, config, props)
-                    assert reason is None or isinstance(reason, str)
-                    valid += reason is None
-        assert valid > 0
+    # rejected with a reason; invalid configs are refused by the launcher. Long fixed-length
+    # calls tune the chunk-parallel variant (split and segment), short ones the sequential walk.
+    base = make_problem(random_inputs(seqlen=4, d_state=16, headdim=8), "interleaved")
+    for seqlen in (4, 4096):
+        for rank, n, p in [(1, 128, 64), (4, 128, 64), (2, 64, 32), (8, 256, 128), (1, 16, 8)]:
+            sizes = dict(rank=rank, d_state=n, headdim=p, seqlen=seqlen)
+            problem = Problem(**{**base.__dict__, **sizes, "mimo": rank > 1,
+                                 "dtype": torch.bfloat16})  # fmt: skip
+            default = cf.default_config(problem)
+            assert cf.constraint(problem, default, None) is None, (problem, default)
+            space = cf.search_space(problem)
+            keys = {"chunk_size", "block_p", "num_warps", "num_stages"}
+            assert set(space) == (keys | {"split", "segment"} if seqlen > 256 else keys)
+            assert default.split == (seqlen > 256)
+            valid = 0
+            for chunk in space["chunk_size"]:
+                for bp in space["block_p"]:
+                    for warps in space["num_warps"]:
+                        for seg in space.get("segment", [0]):
+                            config = cf.ChunkFwdConfig(chunk, bp, warps, 1, split=int(seqlen > 256),
+                                                       segment=seg)  # fmt: skip
+                            props = {"shared_memory_per_block_optin": 232448}
+                            reason = cf.constraint(problem, config, props)
+                            assert reason is None or isinstance(reason, str)
+                            valid += reason is None
+            assert valid > 0
     assert cf.SPEC.name == "chunk_fwd" and cf.SPEC.mode == "scan_fwd"
     bad = cf.ChunkFwdConfig(chunk_size=24)
     assert cf.constraint(problem, bad, None) is not None

@@ -182,8 +182,11 @@ def search_space(problem: Problem) -> dict[str, list]:
         "num_warps": [4, 8],
         "num_stages": [1, 2, 3],
     }
-    if not problem.varlen:
-        space["split"] = [0, 1]
+    if not problem.varlen and problem.seqlen > 256:
+        # Only the chunk-parallel variant: it beat the sequential walk at every fixed-length
+        # shape measured (bench/NOTES.md, v3), and a split=0 point would make every segment
+        # value but 0 an invalid combination (a wasted trial).
+        space["split"] = [1]
         space["segment"] = [0, 128, 256, 512, 1024]
     return space
 
