@@ -43,11 +43,13 @@ from mamba3_kernels.state import Mamba3State
 
 from .chunk_fwd_split import compile_kernels as compile_split_kernels
 from .chunk_fwd_split import segment_states
+from .core_scan import _seq_bounds
 from .fwd_tiles import (
     _TWO_PI,
     _chunk_coefs,
     _chunk_rates,
     _finish_rows,
+    _initial_ssm,
     _intra_scores,
     _load_lohi,
     _op,
@@ -332,21 +334,10 @@ def _chunk_fwd_kernel(
     seq = pid_sh // H
     h = pid_sh % H
     g = h // (H // G)
-    # bos: global index of the sequence's first token in the (B*L) token axis; coef_base: its
-    # offset in the (B, H, L) coefficient tensors for this head.
-    if VARLEN:
-        bos = tl.load(cu_ptr + seq).to(tl.int64)
-        seqlen = (tl.load(cu_ptr + seq + 1) - tl.load(cu_ptr + seq)).to(tl.int32)
-        coef_base = h.to(tl.int64) * L + bos
-    else:
-        bos = seq.to(tl.int64) * L
-        seqlen = L + 0 * seq  # a tensor in both modes (the interpreter passes L as an int)
-        coef_base = (seq.to(tl.int64) * H + h) * L
+    bos, seqlen, coef_base = _seq_bounds(cu_ptr, seq, h, L, H, VARLEN)
     io_dtype = v_ptr.dtype.element_ty
     dd: tl.constexpr = io_dtype  # dot operand dtype
 
-    # Pairs [0, SA) go through the rotation (those in [S, SA) with zero rate: cos 1, sin 0);
-    # pairs [SA, NH) never rotate and skip the trig and rotation arithmetic entirely.
     # Pairs [0, SA) rotate (those in [S, SA) with zero rate: cos 1, sin 0); when S <= N/4,
     # SA = N/4 and the other pairs pass through: their cos/sin are the constants 1 and 0 zipped
     # into the tiles (see _load_lohi), so the trig runs on SA pairs only.
@@ -375,23 +366,10 @@ def _chunk_fwd_kernel(
         st_hi = st_hi.to(tl.float32)
         theta = tl.zeros((SA,), dtype=tl.float32)
     elif HAS_INIT:
-        st_lo, st_hi = _load_lohi(s0_ptr, (sh * P + pp[:, None]) * N, mp, NH, SA, HALVES)
-        st_lo = st_lo.to(tl.float32)
-        st_hi = st_hi.to(tl.float32)
-        # Previous-input term of token 0: mu_0 * sum_r (v0 * mimo_v_r) k0_r^T.
-        has_tok = seqlen > 0
-        dt0 = tl.load(dt_ptr + coef_base, mask=has_tok, other=0.0).to(tl.float32)
-        tr0 = tl.load(trap_ptr + coef_base, mask=has_tok, other=0.0).to(tl.float32)
-        mu0 = dt0 * (1.0 - tl.sigmoid(tr0))
-        v0 = tl.load(v0_ptr + sh * P + pp, mask=pp < P, other=0.0).to(tl.float32)
-        for r in tl.static_range(R):
-            vr0 = v0 * mu0
-            if HAS_MV:
-                vr0 = vr0 * tl.load(mv_ptr + (h * R + r) * P + pp, mask=pp < P, other=0.0)
-            k_row = tl.zeros((1, 1), dtype=tl.int64) + ((seq.to(tl.int64) * R + r) * H + h) * N
-            k0_lo, k0_hi = _load_lohi(k0_ptr, k_row, k_row >= 0, NH, SA, HALVES)
-            st_lo += vr0[:, None] * k0_lo.to(tl.float32)
-            st_hi += vr0[:, None] * k0_hi.to(tl.float32)
+        st_lo, st_hi = _initial_ssm(
+            s0_ptr, k0_ptr, v0_ptr, mv_ptr, dt_ptr, trap_ptr, coef_base, seqlen > 0, seq, h, H,
+            pp, P, N, NH, SA, R, HALVES, HAS_MV,
+        )  # fmt: skip
         theta = tl.load(a0_ptr + sh * S + jr, mask=rot, other=0.0).to(tl.float32)
     else:
         st_lo = tl.zeros((BP, NH), dtype=tl.float32)

@@ -39,6 +39,7 @@ from .fwd_tiles import (
     _chunk_coefs,
     _chunk_rates,
     _cos_sin,
+    _initial_ssm,
     _load_lohi,
     _load_rot,
     _op,
@@ -200,23 +201,11 @@ def _state_pass_kernel(
     rot = j < S
     row_off = (sh * P + pp[:, None]) * N  # rows of a (nseq, H, P, N) state
     if HAS_INIT:
-        a, b = _load_rot(s0_ptr, row_off, mp, NH, NH, HALVES)
-        a = a.to(tl.float32)
-        b = b.to(tl.float32)
-        # Previous-input term of token 0: mu_0 * sum_r (v0 * mimo_v_r) k0_r^T.
-        # (this kernel only runs for L > 0)
-        dt0 = tl.load(dt_ptr + sh * L).to(tl.float32)
-        tr0 = tl.load(trap_ptr + sh * L).to(tl.float32)
-        mu0 = dt0 * (1.0 - tl.sigmoid(tr0))
-        v0 = tl.load(v0_ptr + sh * P + pp, mask=pp < P, other=0.0).to(tl.float32) * mu0
-        for r in tl.static_range(R):
-            vr0 = v0
-            if HAS_MV:
-                vr0 = vr0 * tl.load(mv_ptr + (h * R + r) * P + pp, mask=pp < P, other=0.0)
-            k_row = tl.zeros((1, 1), dtype=tl.int64) + ((seq.to(tl.int64) * R + r) * H + h) * N
-            k0_a, k0_b = _load_rot(k0_ptr, k_row, k_row >= 0, NH, NH, HALVES)
-            a += vr0[:, None] * k0_a.to(tl.float32)
-            b += vr0[:, None] * k0_b.to(tl.float32)
+        # (pairs in the natural (a, b) split: SA = NH)
+        a, b = _initial_ssm(
+            s0_ptr, k0_ptr, v0_ptr, mv_ptr, dt_ptr, trap_ptr, sh * L, L + 0 * seq > 0, seq, h, H,
+            pp, P, N, NH, NH, R, HALVES, HAS_MV,
+        )  # fmt: skip
         theta = tl.load(a0_ptr + sh * S + j, mask=rot, other=0.0).to(tl.float32)
         theta = theta - _TWO_PI * tl.floor(theta / _TWO_PI)
         # Into the frame of chunk 0: F = Hs Rot(theta), i.e. each row rotated by -theta.

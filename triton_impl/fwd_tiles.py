@@ -346,3 +346,48 @@ def _store_final_kv(
             f_hi = tl.where(has_tok, f_hi, 0.0)
         kdt = k1_ptr.dtype.element_ty
         _store_lohi(k1_ptr, k_out, f_lo.to(kdt), f_hi.to(kdt), rr >= 0, NH, SA, HALVES)
+
+
+@triton.jit
+def _initial_ssm(
+    s0_ptr,
+    k0_ptr,
+    v0_ptr,
+    mv_ptr,
+    dt_ptr,
+    trap_ptr,
+    coef_base,
+    has_tok,
+    seq,
+    h,
+    H,
+    pp,
+    P: tl.constexpr,
+    N: tl.constexpr,
+    NH: tl.constexpr,
+    SA: tl.constexpr,
+    R: tl.constexpr,
+    HALVES: tl.constexpr,
+    HAS_MV: tl.constexpr,
+):
+    """The initial state's ssm rows pp of (sequence seq, head h) as fp32 (lo, hi) tiles (see
+    _load_lohi), plus the previous-input term of token 0: mu_0 * sum_r (v0 * mimo_v_r) k0_r^T
+    (k0 is stored rotated). coef_base: the (sequence, head) offset of dt/trap; has_tok: the
+    sequence has a token 0."""
+    sh = seq.to(tl.int64) * H + h
+    lo, hi = _load_lohi(s0_ptr, (sh * P + pp[:, None]) * N, (pp < P)[:, None], NH, SA, HALVES)
+    lo = lo.to(tl.float32)
+    hi = hi.to(tl.float32)
+    dt0 = tl.load(dt_ptr + coef_base, mask=has_tok, other=0.0).to(tl.float32)
+    tr0 = tl.load(trap_ptr + coef_base, mask=has_tok, other=0.0).to(tl.float32)
+    mu0 = dt0 * (1.0 - tl.sigmoid(tr0))
+    v0 = tl.load(v0_ptr + sh * P + pp, mask=pp < P, other=0.0).to(tl.float32)
+    for r in tl.static_range(R):
+        vr0 = v0 * mu0
+        if HAS_MV:
+            vr0 = vr0 * tl.load(mv_ptr + (h * R + r) * P + pp, mask=pp < P, other=0.0)
+        k_row = tl.zeros((1, 1), dtype=tl.int64) + ((seq.to(tl.int64) * R + r) * H + h) * N
+        k0_lo, k0_hi = _load_lohi(k0_ptr, k_row, k_row >= 0, NH, SA, HALVES)
+        lo += vr0[:, None] * k0_lo.to(tl.float32)
+        hi += vr0[:, None] * k0_hi.to(tl.float32)
+    return lo, hi
