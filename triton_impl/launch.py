@@ -39,10 +39,10 @@ def launch(kernel, key: tuple, grid: tuple, args: list, consts: dict, options: d
     if not (_DIRECT[0] and isinstance(first, torch.Tensor) and first.is_cuda):
         kernel[grid](*args, **consts, **options)
         return
-    tensors = [a for a in args if isinstance(a, torch.Tensor)]
-    ptrs = [a.data_ptr() if isinstance(a, torch.Tensor) else a for a in args]
-    aligned = all(t.data_ptr() % 16 == 0 for t in tensors)
-    dtypes = tuple(t.dtype for t in tensors)
+    is_tensor = [isinstance(a, torch.Tensor) for a in args]
+    ptrs = [a.data_ptr() if t else a for a, t in zip(args, is_tensor, strict=True)]
+    aligned = all(p % 16 == 0 for p, t in zip(ptrs, is_tensor, strict=True) if t)
+    dtypes = tuple(a.dtype for a, t in zip(args, is_tensor, strict=True) if t)
     full_key = (kernel.fn.__name__, first.get_device(), key, dtypes, tuple(consts.items()))
     entry = _CACHE.get(full_key) if aligned else None
     if entry is not None:
