@@ -137,12 +137,26 @@ def sweep_core_bwd(batch: int, seqlen: int, rank: int) -> list[dict]:
     return rows
 
 
+def parse_knobs(text: str) -> dict:
+    """'fast_trig=1,angle_pairs=8' -> {'fast_trig': True, 'angle_pairs': 8}."""
+    out = {}
+    for item in filter(None, text.split(",")):
+        key, value = item.split("=")
+        out[key] = bool(int(value)) if key == "fast_trig" else int(value)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--shapes", nargs="+", default=["1x2048", "1x16384", "8x2048"])
     ap.add_argument("--cases", nargs="+", default=list(CASES))
     ap.add_argument("--json", default=None)
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument(
+        "--variants", nargs="+", default=[""],
+        help="rotary/angle pass settings to time in turn, each 'key=value,...' over "
+        "core_rotary.KNOBS (e.g. fast_trig=1,angle_pairs=8); '' = the defaults",
+    )  # fmt: skip
     ap.add_argument(
         "--sweep", action="store_true",
         help="time the core backward per config at the first shape, then use the fastest one",
@@ -173,23 +187,30 @@ def main() -> None:
         # the backend reads the spec's default heuristic
         object.__setattr__(cb.SPEC, "default", tuned)
         print("chosen backward configs (rank: chunk, warps):", chosen)
-    rows = []
-    for case in args.cases:
-        for s in args.shapes:
-            b, l_ = (int(x) for x in s.split("x"))
-            rows.append(bench_one(b, l_, case, gbps, tflops))
-            r = rows[-1]
-            print(f"{case:6s} B={b:2d} L={l_:6d}  fwd {r['fwd_ms']:.3f} ms  fwd+bwd "
-                  f"{r['fwdbwd_ms']:.3f} ms  (bwd {r['bwd_ms']:.3f})  floor "
-                  f"{r['floor_fwdbwd_ms']:.3f} ms", flush=True)  # fmt: skip
-    prof = {}
-    if args.profile:
+    from mamba3_kernels.triton_impl import core_rotary as cr
+
+    defaults = dict(cr.KNOBS)
+    rows, prof = [], {}
+    for variant in args.variants:
+        cr.KNOBS.clear()
+        cr.KNOBS.update(defaults, **parse_knobs(variant))
+        print(f"== rotary/angle settings: {cr.KNOBS}")
         for case in args.cases:
-            b, l_ = (int(x) for x in args.shapes[min(1, len(args.shapes) - 1)].split("x"))
-            prof[f"{case}_{b}x{l_}"] = profile(b, l_, CASES[case])
-            print(f"-- kernels of one fwd+bwd, {case} B={b} L={l_}")
-            for r in prof[f"{case}_{b}x{l_}"]:
-                print(f"  {r['ms']:8.3f} ms  x{r['calls']:<3d} {r['name']}")
+            for s in args.shapes:
+                b, l_ = (int(x) for x in s.split("x"))
+                rows.append(dict(bench_one(b, l_, case, gbps, tflops), knobs=dict(cr.KNOBS)))
+                r = rows[-1]
+                print(f"{case:6s} B={b:2d} L={l_:6d}  fwd {r['fwd_ms']:.3f} ms  fwd+bwd "
+                      f"{r['fwdbwd_ms']:.3f} ms  (bwd {r['bwd_ms']:.3f})  floor "
+                      f"{r['floor_fwdbwd_ms']:.3f} ms", flush=True)  # fmt: skip
+        if args.profile:
+            for case in args.cases:
+                b, l_ = (int(x) for x in args.shapes[min(1, len(args.shapes) - 1)].split("x"))
+                key = f"{case}_{b}x{l_}_{variant or 'default'}"
+                prof[key] = profile(b, l_, CASES[case])
+                print(f"-- kernels of one fwd+bwd, {case} B={b} L={l_}")
+                for r in prof[key]:
+                    print(f"  {r['ms']:8.3f} ms  x{r['calls']:<3d} {r['name']}")
     result = dict(
         device=torch.cuda.get_device_name(), date=datetime.date.today().isoformat(),
         torch=torch.__version__, triton=triton.__version__, copy_gbps=gbps,

@@ -189,13 +189,18 @@ def test_rotary_kernels_match_torch(rank, G, H, N, S, layout):
 
 
 @cpu_interpreted
+@pytest.mark.parametrize("pairs", [32, 2])
 @pytest.mark.parametrize("cu,init", [(None, True), (None, False), ([0, 70, 70, 71, 200], True)])
-def test_angle_scan_matches_torch(cu, init):
-    """The Triton angle scan (several 64-token steps, varlen starts mid-step, empty sequences)
-    and its backward vs float64 autograd of cumsum(pi tanh(angles) dt) + angle0 modulo 2 pi."""
+def test_angle_scan_matches_torch(cu, init, pairs, monkeypatch):
+    """The Triton angle scan (several 64-token steps, varlen starts mid-step, empty sequences;
+    all 5 pairs in one program, or 2 per program with d dt summed across programs) and its
+    backward vs float64 autograd of cumsum(pi tanh(angles) dt) + angle0 modulo 2 pi."""
     import math
 
     from mamba3_kernels.triton_impl import core_rotary as cr
+
+    monkeypatch.setitem(cr.KNOBS, "angle_pairs", pairs)
+    monkeypatch.setitem(cr.KNOBS, "angle_step", 64)
 
     g = torch.Generator().manual_seed(3 + init)
     B, L, H, S = (2, 150, 3, 5) if cu is None else (1, 200, 3, 5)
@@ -308,8 +313,9 @@ _ROTARY_SM90 = textwrap.dedent(
     """
     from mamba3_kernels.triton_impl import core_rotary as cr
 
-    for rank, halves in ((1, False), (4, True)):
-        for name, k in cr.compile_kernels(rank, 128, 32, halves).items():
+    # accurate trig and whole-head angle programs; hardware trig and 8-pair angle programs
+    for rank, halves, fast, pairs in ((1, False, False, 32), (4, True, True, 8)):
+        for name, k in cr.compile_kernels(rank, 128, 32, halves, fast=fast, pairs=pairs).items():
             assert ".target sm_90" in k.asm["ptx"]
             print("ok", name, rank)
     """

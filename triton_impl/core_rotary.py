@@ -22,12 +22,23 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from triton.language.extra import libdevice
 
-from .core_scan import _core_bwd_op, _core_fwd_op, _seq_bounds
+from .core_scan import _core_bwd_op, _core_fwd_op, _interp, _seq_bounds
 
 __all__ = ["rotary_fwd", "rotary_bwd", "rot_core_scan", "angle_scan"]
 
 _BT = 32  # tokens per program
+_PI = tl.constexpr(3.141592653589793)
+_TWO_PI = tl.constexpr(6.283185307179586)
+
+# Launch choices of these passes, kept switchable so that a benchmark can time the variants on
+# one warm machine (bench/bench_triton_backward.py --variants):
+#   fast_trig:   hardware cos/sin after range reduction (GPU only; the interpreter keeps the
+#                accurate functions) instead of the accurate library functions;
+#   angle_step:  tokens per step of the angle scans; angle_warps: their warps;
+#   angle_pairs: angle pairs per program of the angle scans (fewer: more programs in flight).
+KNOBS = {"fast_trig": False, "angle_step": 64, "angle_warps": 4, "angle_pairs": 32}
 
 
 @triton.jit
@@ -48,6 +59,18 @@ def _pairs(N: tl.constexpr, S: tl.constexpr, HALVES: tl.constexpr):
 
 
 @triton.jit
+def _cos_sin(th, FAST: tl.constexpr):
+    """cos, sin of angles in [0, 2 pi). FAST: reduced to [-pi, pi) and the hardware
+    approximations (absolute error ~1e-6, as the fused forward uses); else the accurate library
+    functions (~10k instructions per kernel)."""
+    if FAST:
+        red = th - tl.floor(th / _TWO_PI + 0.5) * _TWO_PI
+        return libdevice.fast_cosf(red), libdevice.fast_sinf(red)
+    else:
+        return tl.cos(th), tl.sin(th)
+
+
+@triton.jit
 def _biased(x_ptr, b_ptr, src, n, partner, mask):
     """x + bias at the columns and at their partners: two (BT, N) fp32 tiles."""
     b = tl.load(b_ptr + n).to(tl.float32)
@@ -61,6 +84,7 @@ def _biased(x_ptr, b_ptr, src, n, partner, mask):
 def _rot_fwd_kernel(
     q_ptr, k_ptr, qb_ptr, kb_ptr, th_ptr, qr_ptr, kr_ptr, T, H, G,
     N: tl.constexpr, S: tl.constexpr, R: tl.constexpr, BT: tl.constexpr, HALVES: tl.constexpr,
+    FAST: tl.constexpr,
 ):  # fmt: skip
     """qr, kr (T, R, H, N) = Rot(theta) (q, k (T, R, G, N) + bias (R, H, N)); grid (T/BT, R*H)."""
     pid_t = tl.program_id(0)
@@ -75,8 +99,8 @@ def _rot_fwd_kernel(
     boff = (r * H + h) * N
     th = tl.load(th_ptr + (t * H + h)[:, None] * S + j[None, :], mask=m2 & paired[None, :],
                  other=0.0)  # fmt: skip
-    c = tl.cos(th)
-    s = tl.sin(th) * sgn[None, :]
+    c, s = _cos_sin(th, FAST)
+    s = s * sgn[None, :]
     dst = ((t * R + r) * H + h) * N
     x, xp = _biased(q_ptr, qb_ptr + boff, src, n, partner, m2)
     tl.store(qr_ptr + dst[:, None] + n[None, :], (x * c + xp * s).to(qr_ptr.dtype.element_ty),
@@ -110,7 +134,7 @@ def _rot_bwd_kernel(
     dqr_ptr, dkr_ptr, q_ptr, k_ptr, qb_ptr, kb_ptr, th_ptr,
     dq_ptr, dk_ptr, dqb_ptr, dkb_ptr, dth_ptr, T, H, G,
     N: tl.constexpr, S: tl.constexpr, R: tl.constexpr, BT: tl.constexpr, HALVES: tl.constexpr,
-    XR: tl.constexpr,
+    XR: tl.constexpr, FAST: tl.constexpr,
 ):  # fmt: skip
     """Gradients of the rotary prep; grid (T/BT, R*G), each program loops over its group's heads.
     dqr, dkr (T, R, H, N) fp32 -> dq, dk (T, R, G, N) fp32; dqb, dkb (T/BT, R, H, N) partial
@@ -133,8 +157,8 @@ def _rot_bwd_kernel(
         boff = (r * H + h) * N
         th = tl.load(th_ptr + (t * H + h)[:, None] * S + j[None, :], mask=m2 & paired[None, :],
                      other=0.0)  # fmt: skip
-        c = tl.cos(th)
-        s = tl.sin(th) * sgn[None, :]
+        c, s = _cos_sin(th, FAST)
+        s = s * sgn[None, :]
         dst = ((t * R + r) * H + h) * N
         x, xp = _biased(q_ptr, qb_ptr + boff, src, n, partner, m2)
         dxq, tq = _unrotate(dqr_ptr, dst, n, partner, m2, x, xp, c, s, XR)
@@ -156,11 +180,6 @@ def _rot_bwd_kernel(
     tl.store(dk_ptr + src[:, None] + n[None, :], acc_k, mask=m2)
 
 
-_PI = tl.constexpr(3.141592653589793)
-_TWO_PI = tl.constexpr(6.283185307179586)
-_BL = 64  # tokens per step of the angle scan
-
-
 @triton.jit
 def _angle_fwd_kernel(
     ang_ptr, dt_ptr, a0_ptr, cu_ptr, th_ptr, L, H,
@@ -169,12 +188,12 @@ def _angle_fwd_kernel(
 ):  # fmt: skip
     """theta (B, L, H, S) fp32 = angle0 + cumsum over the sequence of pi tanh(angles) dt, reduced
     modulo 2 pi (the running angle is kept in [0, 2 pi), as the fused forward does);
-    one program per (sequence, head)."""
+    grid (sequences * H, S / SP): one program per (sequence, head, block of SP pairs)."""
     pid = tl.program_id(0)
     seq = pid // H
     h = pid % H
     bos, seqlen, coef_base = _seq_bounds(cu_ptr, seq, h, L, H, VARLEN)
-    jj = tl.arange(0, SP)
+    jj = tl.program_id(1) * SP + tl.arange(0, SP)  # this program's angle pairs
     js = jj < S
     if HAS_A0:
         theta = tl.load(a0_ptr + (seq.to(tl.int64) * H + h) * S + jj, mask=js, other=0.0)
@@ -200,15 +219,16 @@ def _angle_fwd_kernel(
 def _angle_bwd_kernel(
     gth_ptr, ang_ptr, dt_ptr, cu_ptr, dang_ptr, ddt_ptr, da0_ptr, L, H,
     S: tl.constexpr, SP: tl.constexpr, BL: tl.constexpr, VARLEN: tl.constexpr,
+    ATOMIC: tl.constexpr,
 ):  # fmt: skip
     """Backward of the angle scan: with G_t = sum_{s >= t} dtheta_s (reverse cumsum within the
     sequence), d angles_t = G_t pi (1 - tanh^2) dt_t, d dt_t = pi sum_j G_t tanh_t,
-    d angle0 = G at the first token. Walks the chunks from the end."""
+    d angle0 = G at the first token. Walks the chunks from the end; grid as the forward's."""
     pid = tl.program_id(0)
     seq = pid // H
     h = pid % H
     bos, seqlen, coef_base = _seq_bounds(cu_ptr, seq, h, L, H, VARLEN)
-    jj = tl.arange(0, SP)
+    jj = tl.program_id(1) * SP + tl.arange(0, SP)  # this program's angle pairs
     js = jj < S
     carry = tl.zeros((SP,), dtype=tl.float32)  # sum of dtheta after the current chunk
     nch = (seqlen + BL - 1) // BL
@@ -226,13 +246,21 @@ def _angle_bwd_kernel(
         dt = tl.load(dt_ptr + coef_base + t, mask=valid, other=0.0)
         th = 2.0 * tl.sigmoid(2.0 * ang) - 1.0
         tl.store(dang_ptr + off, rc * ((1.0 - th * th) * _PI) * dt[:, None], mask=m2)
-        tl.store(ddt_ptr + coef_base + t, tl.sum(rc * th, axis=1) * _PI, mask=valid)
+        ddt = tl.sum(rc * th, axis=1) * _PI
+        if ATOMIC:  # the pair blocks of one (sequence, head) share d dt (zero-initialised)
+            tl.atomic_add(ddt_ptr + coef_base + t, ddt, mask=valid, sem="relaxed")
+        else:
+            tl.store(ddt_ptr + coef_base + t, ddt, mask=valid)
     tl.store(da0_ptr + (seq.to(tl.int64) * H + h) * S + jj, carry, mask=js)
 
 
 # --------------------------------------------------------------------------------------------
 # Launchers
 # --------------------------------------------------------------------------------------------
+
+
+def _fast_trig() -> bool:
+    return KNOBS["fast_trig"] and not _interp()
 
 
 def rotary_fwd(q, k, qb, kb, theta, halves: bool, out_dtype: torch.dtype):
@@ -246,7 +274,7 @@ def rotary_fwd(q, k, qb, kb, theta, halves: bool, out_dtype: torch.dtype):
     if T > 0:
         _rot_fwd_kernel[(triton.cdiv(T, _BT), R * H)](
             q, k, qb, kb, theta, qr, kr, T, H, G, N=N, S=S, R=R, BT=_BT, HALVES=halves,
-            num_warps=4,
+            FAST=_fast_trig(), num_warps=4,
         )  # fmt: skip
     return qr, kr
 
@@ -272,11 +300,18 @@ def rotary_bwd(dqr, dkr, q, k, qb, kb, theta, halves: bool, xr_dtype=torch.float
     if T > 0:
         _rot_bwd_kernel[(nblk, R * G)](
             dqr, dkr, q, k, qb, kb, theta, dq, dk, pq, pk, dth, T, H, G,
-            N=N, S=S, R=R, BT=_BT, HALVES=halves, XR=_XR[xr_dtype], num_warps=4,
+            N=N, S=S, R=R, BT=_BT, HALVES=halves, XR=_XR[xr_dtype], FAST=_fast_trig(),
+            num_warps=4,
         )  # fmt: skip
     else:
         dth.zero_()
     return dq, dk, pq.sum(0), pk.sum(0), dth.sum(0) if R > 1 else dth[0]
+
+
+def _angle_launch(S: int) -> tuple[int, int, int]:
+    """(pairs per program, tokens per step, warps) of the angle scans, from KNOBS."""
+    sp = min(triton.next_power_of_2(S), triton.next_power_of_2(KNOBS["angle_pairs"]))
+    return sp, KNOBS["angle_step"], KNOBS["angle_warps"]
 
 
 def angle_fwd(angles, dt, angle0, cu_seqlens, nseq: int):
@@ -285,11 +320,12 @@ def angle_fwd(angles, dt, angle0, cu_seqlens, nseq: int):
     B, L, H, S = angles.shape
     theta = torch.empty_like(angles)
     if L > 0 and S > 0:
-        _angle_fwd_kernel[(nseq * H,)](
+        sp, step, warps = _angle_launch(S)
+        _angle_fwd_kernel[(nseq * H, triton.cdiv(S, sp))](
             angles, dt, angle0 if angle0 is not None else dt,
             cu_seqlens if cu_seqlens is not None else dt, theta, L, H,
-            S=S, SP=triton.next_power_of_2(S), BL=_BL, VARLEN=cu_seqlens is not None,
-            HAS_A0=angle0 is not None, num_warps=4,
+            S=S, SP=sp, BL=step, VARLEN=cu_seqlens is not None,
+            HAS_A0=angle0 is not None, num_warps=warps,
         )  # fmt: skip
     return theta
 
@@ -302,10 +338,11 @@ def angle_bwd(gtheta, angles, dt, cu_seqlens, nseq: int):
     ddt = torch.zeros_like(dt)
     da0 = torch.zeros((nseq, H, S), dtype=torch.float32, device=angles.device)
     if L > 0 and S > 0:
-        _angle_bwd_kernel[(nseq * H,)](
+        sp, step, warps = _angle_launch(S)
+        _angle_bwd_kernel[(nseq * H, triton.cdiv(S, sp))](
             gtheta, angles, dt, cu_seqlens if cu_seqlens is not None else dt, dang, ddt, da0,
-            L, H, S=S, SP=triton.next_power_of_2(S), BL=_BL, VARLEN=cu_seqlens is not None,
-            num_warps=4,
+            L, H, S=S, SP=sp, BL=step, VARLEN=cu_seqlens is not None, ATOMIC=sp < S,
+            num_warps=warps,
         )  # fmt: skip
     elif S > 0:
         da0 = gtheta.new_zeros((nseq, H, S))
@@ -467,13 +504,17 @@ def rot_core_scan(
     return y, sf
 
 
-def compile_kernels(R: int, N: int, S: int, halves: bool, dtype: str = "bf16", target=None):
+def compile_kernels(
+    R: int, N: int, S: int, halves: bool, dtype: str = "bf16", target=None, fast: bool = True,
+    pairs: int = 32,
+):  # fmt: skip
     """Compile the rotary and angle-scan forward and backward kernels ahead of time (no GPU
-    needed) for ``target`` (default sm_90). Returns {name: compiled}."""
+    needed) for ``target`` (default sm_90); fast: hardware trig in the rotary kernels; pairs:
+    angle pairs per angle-scan program. Returns {name: compiled}."""
     from triton.backends.compiler import GPUTarget
 
     target = target or GPUTarget("cuda", 90, 64)
-    consts = dict(N=N, S=S, R=R, BT=_BT, HALVES=halves)
+    consts = dict(N=N, S=S, R=R, BT=_BT, HALVES=halves, FAST=fast)
     ints = dict(T="i32", H="i32", G="i32")
     fwd = {"q_ptr": f"*{dtype}", "k_ptr": f"*{dtype}", "qb_ptr": "*fp32", "kb_ptr": "*fp32",
            "th_ptr": "*fp32", "qr_ptr": f"*{dtype}", "kr_ptr": f"*{dtype}"}  # fmt: skip
@@ -490,7 +531,8 @@ def compile_kernels(R: int, N: int, S: int, halves: bool, dtype: str = "bf16", t
         sig = {**sig, **ints, **{k: "constexpr" for k in c}}
         src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=c)
         out[name] = triton.compile(src, target=target, options={"num_warps": 4})
-    ac = dict(S=S, SP=triton.next_power_of_2(S), BL=_BL, VARLEN=False)
+    sp = min(triton.next_power_of_2(S), pairs)
+    ac = dict(S=S, SP=sp, BL=KNOBS["angle_step"], VARLEN=False)
     afwd = {"ang_ptr": "*fp32", "dt_ptr": "*fp32", "a0_ptr": "*fp32", "cu_ptr": "*i32",
             "th_ptr": "*fp32", "L": "i32", "H": "i32"}  # fmt: skip
     abwd = {"gth_ptr": "*fp32", "ang_ptr": "*fp32", "dt_ptr": "*fp32", "cu_ptr": "*i32",
@@ -498,7 +540,7 @@ def compile_kernels(R: int, N: int, S: int, halves: bool, dtype: str = "bf16", t
             "H": "i32"}  # fmt: skip
     for name, fn, sig, c in (
         ("angle_fwd", _angle_fwd_kernel, afwd, {**ac, "HAS_A0": True}),
-        ("angle_bwd", _angle_bwd_kernel, abwd, ac),
+        ("angle_bwd", _angle_bwd_kernel, abwd, {**ac, "ATOMIC": sp < S}),
     ):
         sig = {**sig, **{k: "constexpr" for k in c}}
         src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=c)
