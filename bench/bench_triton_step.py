@@ -19,6 +19,7 @@ times every valid config of the kernel's search space by graph replay.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import time
 
@@ -201,14 +202,15 @@ def one(case: str, batch: int, sweep: bool, gbps: float) -> dict:
     if sweep:
         rows = []
         space = tstep.SPEC.space(problem)
-        for bp in space["block_p"]:
-            for nw in space["num_warps"]:
-                for ns in (1, 2):  # deeper pipelining: no loads to overlap beyond 2 tiles
-                    c = tstep.StepConfig(block_p=bp, num_warps=nw, num_stages=ns)
-                    if tstep.SPEC.constraint(problem, c, {}) is not None:
-                        continue
-                    cold, hot = graph_ms(lambda c=c: run(c), hot_steps=10, rep=40)
-                    rows.append({**c.__dict__, "graph_ms": cold, "graph_hot_ms": hot})
+        for bp, nw, ns, sp in itertools.product(
+            space["block_p"], space["num_warps"], (1, 2), space["split_p"]
+        ):
+            # deeper pipelining: no loads to overlap beyond 2 tiles (and split heads have few)
+            c = tstep.StepConfig(block_p=bp, num_warps=nw, num_stages=ns, split_p=sp)
+            if (ns > 1 and sp > 1) or tstep.SPEC.constraint(problem, c, {}) is not None:
+                continue
+            cold, hot = graph_ms(lambda c=c: run(c), hot_steps=10, rep=40)
+            rows.append({**c.__dict__, "graph_ms": cold, "graph_hot_ms": hot})
         rows.sort(key=lambda r: r["graph_ms"])
         res["sweep"] = rows
     return res
@@ -248,7 +250,7 @@ def main() -> None:
         bs = "-"
         if best:
             bs = f"{best['graph_ms'] * 1e3:.1f} {best['block_p']}/{best['num_warps']}/"
-            bs += f"{best['num_stages']}"
+            bs += f"{best['num_stages']}/{best['split_p']}"
         api = f"{r['api_loop_ms'] * 1e3:.1f}" if "api_loop_ms" in r else "n/a"
         print(
             f"{r['case']:<11}{r['batch']:>4}  {str(r['correct']):<6}{r['floor_ms'] * 1e3:6.1f}"

@@ -3,6 +3,8 @@
 # matrix, the harness benchmark and/or the autotuner, each under its own time limit.
 #   bash bench/gpu_session.sh validate   # pytest -m gpu, check, bench  -> $OUT
 #   bash bench/gpu_session.sh tune       # autotune the benchmark buckets + one exhaustive sweep
+#   bash bench/gpu_session.sh tests step bwd prefill   # GPU tests; decode sweep; backward pass
+#                                        # variants with kernel profiles; forward incl. API time
 # Optuna (for tune) may come from an unpacked site folder named by SITE_TARBALL.
 set -uo pipefail
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
@@ -14,7 +16,8 @@ fi
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv,noheader
 python -m mamba3_kernels info
 
-case "${1:-validate}" in
+for mode in "${@:-validate}"; do
+case "$mode" in
     validate)
         timeout "${TESTS_S:-200}" python -m pytest -m gpu -q -p no:cacheprovider tests \
             2>&1 | tee "$OUT/gpu_tests.log" | tail -25
@@ -37,4 +40,24 @@ case "${1:-validate}" in
         timeout "${SWEEP_S:-150}" python -m mamba3_kernels.autotune.sweep --kernel step --no-progress \
             --step 16,64,1,128,64,32,1 --out "$OUT/sweep_step.json" 2>&1 | tee "$OUT/sweep.log" | tail -25
         ;;
+    tests)
+        timeout "${TESTS_S:-300}" python -m pytest -m gpu -q -p no:cacheprovider tests \
+            2>&1 | tee "$OUT/gpu_tests.log" | tail -25
+        ;;
+    step)
+        timeout "${STEP_S:-300}" python bench/bench_triton_step.py --cases siso_bf16 --sweep \
+            --json "$OUT/triton_step.json" 2>&1 | tail -12
+        ;;
+    bwd)
+        timeout "${BWD_S:-300}" python bench/bench_triton_backward.py --cases siso \
+            --shapes 8x2048 1x16384 --profile --json "$OUT/triton_backward.json" \
+            --variants "" fast_trig=1 angle_pairs=8 angle_step=256,angle_warps=8 \
+            fast_trig=1,angle_pairs=8 2>&1 | grep -v "^  *0\.0[0-4]"
+        ;;
+    prefill)
+        timeout "${PREFILL_S:-240}" python bench/bench_triton_prefill.py --no-check \
+            --json "$OUT/triton_prefill.json" 2>&1 | tail -20
+        ;;
+    *) echo "unknown mode $mode" >&2; exit 2 ;;
 esac
+done

@@ -96,9 +96,20 @@ CASES = [
 ]
 
 
+def _split_cases():
+    """(case, split_p): SISO and MIMO, both layouts, with 2 and 4 programs per head."""
+    return [(CASES[i], split) for i in (1, 2, 6, 9) for split in (2, 4)]
+
+
 @cpu_interpreted
-@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(str(x) for x in c))
-def test_step_matches_reference(case):
+@pytest.mark.parametrize(
+    "case,split_p",
+    [(c, 1) for c in CASES] + _split_cases(),
+    ids=lambda c: "-".join(str(x) for x in c) if isinstance(c, tuple) else f"split{c}",
+)
+def test_step_matches_reference(case, split_p):
+    """One step vs the float64 reference; split_p > 1: several programs share each head (the
+    last to finish writes the head's new k and angle)."""
     rank, mimo, rotary, dtype, ngroups, with_d, with_z, with_mo, s_div, block_p = case
     g = torch.Generator().manual_seed(100 + CASES.index(case))
     n, p = 32, 16
@@ -110,6 +121,8 @@ def test_step_matches_reference(case):
     state = inputs.initial_state.clone()
     ref_out, ref_state = truth_step(inputs, inputs.initial_state, rotary)
     config = None if block_p is None else tstep.StepConfig(block_p=block_p, num_warps=1)
+    if split_p > 1:
+        config = tstep.StepConfig(block_p=p // split_p, num_warps=1, split_p=split_p)
     out = run_step(inputs, state, rotary, config)
     assert out.shape == ref_out.shape and out.dtype == dtype
     assert rel_err(out, ref_out) < TOL[dtype]
@@ -151,13 +164,16 @@ def steps_vs_prefill(
 
 @cpu_interpreted
 @pytest.mark.parametrize(
-    "rank,mimo,rotary,dtype",
-    [(1, False, "interleaved", torch.float32), (2, True, "halves", torch.bfloat16)],
-)
-def test_steps_match_scan(rank, mimo, rotary, dtype):
-    """Consecutive in-place steps equal one reference scan over the same tokens."""
+    "rank,mimo,rotary,dtype,split_p",
+    [(1, False, "interleaved", torch.float32, 1), (2, True, "halves", torch.bfloat16, 1),
+     (1, False, "halves", torch.float32, 2)],
+)  # fmt: skip
+def test_steps_match_scan(rank, mimo, rotary, dtype, split_p):
+    """Consecutive in-place steps equal one reference scan over the same tokens (split steps:
+    the per-head tickets carry over from step to step)."""
+    config = tstep.StepConfig(block_p=8, num_warps=1, split_p=split_p)
     steps_vs_prefill(
-        "cpu", 5, rank, mimo, rotary, dtype, config=tstep.StepConfig(block_p=8, num_warps=1),
+        "cpu", 5, rank, mimo, rotary, dtype, config=config,
         batch=2, nheads=4, ngroups=2, d_state=32, headdim=16,
     )  # fmt: skip
 
@@ -278,13 +294,15 @@ _SM90_COMPILE = textwrap.dedent(
     from mamba3_kernels.triton_impl import step as tstep
 
     B, H, G, N, P, S = 16, 64, 1, 128, 64, 32
-    for R, mimo in ((1, False), (4, True)):
+    for R, mimo, split in ((1, False, 1), (4, True, 4)):
         kern = tstep._step_kernel
-        consts = dict(H=H, G=G, R=R, N=N, P=P, S=S, BLOCK_P=32, INTERLEAVED=not mimo,
+        consts = dict(H=H, G=G, R=R, N=N, P=P, S=S, BLOCK_P=min(32, P // split), SPLIT=split,
+                      INTERLEAVED=not mimo,
                       HAS_D=True, HAS_Z=True, HAS_MV=mimo, HAS_MZ=mimo, HAS_MO=mimo,
                       KEEP_RANKS=False, STREAM=True)
         io = "*bf16"
-        ptrs = dict(q_ptr=io, k_ptr=io, v_ptr=io, z_ptr=io, sk_ptr=io, sv_ptr=io, out_ptr=io)
+        ptrs = dict(q_ptr=io, k_ptr=io, v_ptr=io, z_ptr=io, sk_ptr=io, sv_ptr=io, out_ptr=io,
+                    cnt_ptr="*i32")
         # Runtime integers: the batch strides of q, k, v, z, adt, dt, trap, angles.
         strides = [R * G * N] * 2 + [H * P] * 2 + [H] * 3 + [H * S]
         names = [n for n in kern.arg_names if n.startswith("s_")]
@@ -312,6 +330,8 @@ _SM90_COMPILE = textwrap.dedent(
         assert "ld.global.L1::evict_first.L2::cache_hint.v4.b32" in ptx
         assert "st.global.L1::evict_first.L2::cache_hint.v4.b32" in ptx
         assert "bar.sync" in ptx
+        # split heads take their ticket with an acquire-release atomic
+        assert ("acq_rel.add" in ptx) == (split > 1), split
         print("ok", R, len(ptx), len(cubin))
     """
 )
@@ -337,18 +357,23 @@ def test_compiles_for_sm90_without_gpu():
         (4, True, "halves", torch.bfloat16),
     ],
 )
-def test_gpu_steps_match_prefill(rank, mimo, rotary, dtype):
-    """64 consecutive steps on the GPU equal one reference prefill over the same tokens."""
+@pytest.mark.parametrize("split_p", [None, 4])
+def test_gpu_steps_match_prefill(rank, mimo, rotary, dtype, split_p):
+    """64 consecutive steps on the GPU equal one reference prefill over the same tokens (the
+    default config, and 4 programs per head)."""
+    config = None if split_p is None else tstep.StepConfig(16, 2, 1, split_p=split_p)
     steps_vs_prefill(
-        "cuda", 64, rank, mimo, rotary, dtype, chunk_size=16,
+        "cuda", 64, rank, mimo, rotary, dtype, chunk_size=16, config=config,
         batch=2, nheads=32, ngroups=2, d_state=128, headdim=64, n_angles=32,
     )  # fmt: skip
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_gpu_graph_capture_matches_reference():
-    """A step captured in a CUDA graph (out preallocated) replays to the reference result."""
+@pytest.mark.parametrize("split_p", [None, 4])
+def test_gpu_graph_capture_matches_reference(split_p):
+    """A step captured in a CUDA graph (out preallocated) replays to the reference result, also
+    with several programs per head (their ticket counter is made during the capture)."""
     g = torch.Generator().manual_seed(5)
     inputs = random_inputs(
         batch=3, nheads=8, ngroups=2, d_state=128, headdim=64, n_angles=32,
@@ -356,6 +381,8 @@ def test_gpu_graph_capture_matches_reference():
     )  # fmt: skip
     problem = make_problem(inputs, "interleaved")
     cfg = tstep.SPEC.default(problem)
+    if split_p is not None:
+        cfg = tstep.StepConfig(16, 2, 1, split_p=split_p)
     out = torch.empty(tstep.output_shape(problem), device="cuda", dtype=torch.bfloat16)
     state = inputs.initial_state.clone()
     tstep.step(problem, inputs, state.clone(), cfg, out=out)  # compile outside the capture
@@ -363,10 +390,11 @@ def test_gpu_graph_capture_matches_reference():
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         tstep.step(problem, inputs, state, cfg, out=out)
-    for dst, src in zip(state, inputs.initial_state, strict=True):
-        dst.copy_(src)
     out.fill_(float("nan"))
-    graph.replay()
+    for _ in range(3):  # replays carry the tickets over; each starts from the initial state
+        for dst, src in zip(state, inputs.initial_state, strict=True):
+            dst.copy_(src)
+        graph.replay()
     torch.cuda.synchronize()
     ref_out, ref_state = truth_step(inputs, inputs.initial_state, "interleaved")
     assert rel_err(out, ref_out) < TOL[torch.bfloat16]

@@ -1,11 +1,14 @@
 """Triton decode step (SISO and MIMO): one launch per step, state updated in place.
 
-One program owns one (batch, head) pair and walks the P axis in tiles of ``block_p`` rows. A
-program is the only reader and writer of its head's state, so the read-after-write hazard on the
-state (old k and v feed the trapezoid term, new k and v overwrite them) is settled inside the
-program: every old-state read happens before a CTA barrier, every write of k, v and the angle
-after it. The fp32 P x N state itself is read and written tile by tile (each element by the
-thread that loaded it), which is the memory floor of a decode step.
+``split_p`` programs share one (batch, head) pair, each walking its P / split_p rows of the state
+in tiles of ``block_p`` rows (more programs in flight at small batch). The fp32 P x N state is
+read and written tile by tile (each element by the thread that loaded it), which is the memory
+floor of a decode step; old v is read and new v written per row, by the row's owner. Old k and
+the old angle feed every program of the head, so the new ones may only be written after all of
+them have read: with one program per head a CTA barrier settles it; with several, each program
+takes a ticket from a per-head counter after its reads (release/acquire), and the one that
+draws the last ticket of the step writes them. The counter is never reset: tickets are taken
+modulo split_p, and one step's programs all draw before the next step's (stream order).
 """
 
 from __future__ import annotations
@@ -30,14 +33,16 @@ from mamba3_kernels.state import Mamba3State
 class StepConfig:
     """Tunable parameters of the step kernel.
 
-    block_p:    rows of the P x N state tile processed at once (divides P).
+    block_p:    rows of the P x N state tile processed at once (divides P / split_p).
     num_warps:  warps per program.
     num_stages: software-pipelining depth of the loop over P tiles.
+    split_p:    programs per (batch, head), each owning P / split_p rows of its state.
     """
 
     block_p: int = 32
     num_warps: int = 4
     num_stages: int = 2
+    split_p: int = 1
 
 
 def _applies(problem: Problem) -> bool:
@@ -87,15 +92,18 @@ def search_space(problem: Problem) -> dict[str, list]:
         "block_p": [b for b in (8, 16, 32, 64, 128) if b <= p],
         "num_warps": [1, 2, 4, 8],
         "num_stages": [1, 2, 3],
+        "split_p": [s for s in (1, 2, 4, 8) if p // s >= 8],
     }
 
 
 def constraint(problem: Problem, config: StepConfig, device_props: dict | None) -> str | None:
     """Why ``config`` cannot run ``problem``, or None."""
     p, n = problem.headdim, problem.d_state
-    bp = config.block_p
-    if bp < 1 or bp & (bp - 1) or p % bp:
-        return f"block_p={bp} must be a power of two dividing P={p}"
+    bp, split = config.block_p, config.split_p
+    if split < 1 or split & (split - 1) or p % split:
+        return f"split_p={split} must be a power of two dividing P={p}"
+    if bp < 1 or bp & (bp - 1) or (p // split) % bp:
+        return f"block_p={bp} must be a power of two dividing P / split_p = {p // split}"
     if config.num_warps not in (1, 2, 4, 8, 16):
         return f"num_warps={config.num_warps} not a power of two <= 16"
     if config.num_stages < 1:
@@ -141,10 +149,10 @@ def _rot_load(x_base, b_base, offs_n, partner, cos, sin_signed):
 def _step_kernel(
     q_ptr, k_ptr, v_ptr, z_ptr, adt_ptr, dt_ptr, trap_ptr, qb_ptr, kb_ptr, ang_ptr,
     d_ptr, mv_ptr, mz_ptr, mo_ptr,
-    sa_ptr, ss_ptr, sk_ptr, sv_ptr, out_ptr,
+    sa_ptr, ss_ptr, sk_ptr, sv_ptr, out_ptr, cnt_ptr,
     s_q_b, s_k_b, s_v_b, s_z_b, s_adt_b, s_dt_b, s_tr_b, s_a_b,
     H: tl.constexpr, G: tl.constexpr, R: tl.constexpr, N: tl.constexpr, P: tl.constexpr,
-    S: tl.constexpr, BLOCK_P: tl.constexpr, INTERLEAVED: tl.constexpr,
+    S: tl.constexpr, BLOCK_P: tl.constexpr, SPLIT: tl.constexpr, INTERLEAVED: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_MV: tl.constexpr, HAS_MZ: tl.constexpr,
     HAS_MO: tl.constexpr, KEEP_RANKS: tl.constexpr, STREAM: tl.constexpr,
 ):  # fmt: skip
@@ -152,6 +160,8 @@ def _step_kernel(
     # state, out and the per-head parameters are contiguous, so their offsets follow from the sizes.
     h = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)  # the state's batch offsets can pass 2**31 elements
+    PP: tl.constexpr = P // SPLIT  # rows of this program
+    p_lo = tl.program_id(2) * PP
     g = h // (H // G)
     bh = b * H + h
 
@@ -193,8 +203,8 @@ def _step_kernel(
     sv_base = sv_ptr + bh * P
     par_base = h * (R * P)  # offset of head h in mimo_v / mimo_z / mimo_o, (H, R, P)
 
-    for p0 in range(0, P, BLOCK_P):
-        offs_p = p0 + tl.arange(0, BLOCK_P)
+    for p0 in range(0, PP, BLOCK_P):
+        offs_p = p_lo + p0 + tl.arange(0, BLOCK_P)
         ss_ptrs = ss_ptr + (bh * P + offs_p[:, None]) * N + offs_n[None, :]
         # The state streams through once: evict_first would keep it from displacing the small,
         # reused per-head tensors in L2 (STREAM constexpr, so both variants can be timed).
@@ -254,15 +264,38 @@ def _step_kernel(
         if not KEEP_RANKS:  # out (B, H, P)
             tl.store(out_ptr + bh * P + offs_p, o.to(out_ptr.dtype.element_ty))
 
-    # Every old angle / k / v of this head has been read above; only now overwrite them.
+    # Every old angle / k / v row this program needs has been read above; only now overwrite.
     tl.debug_barrier()
+    if SPLIT == 1:
+        _store_shared_state(
+            sa_ptr, sk_ptr, k_base, kb_base, sk_base, bh, j, rot, first, theta, offs_n, partner,
+            cos, sin_signed, G, H, N, R, S,
+        )  # fmt: skip
+    else:
+        # The barrier above orders this CTA's reads before the ticket (taken by one thread,
+        # release); the last ticket's holder (acquire) writes after every program's reads.
+        ticket = tl.atomic_add(cnt_ptr + bh, 1, sem="acq_rel")
+        if (ticket & (SPLIT - 1)) == SPLIT - 1:
+            _store_shared_state(
+                sa_ptr, sk_ptr, k_base, kb_base, sk_base, bh, j, rot, first, theta, offs_n,
+                partner, cos, sin_signed, G, H, N, R, S,
+            )  # fmt: skip
+    offs_pp = p_lo + tl.arange(0, PP)
+    v_own = tl.load(v_base + offs_pp)
+    tl.store(sv_base + offs_pp, v_own.to(sv_ptr.dtype.element_ty))
+
+
+@triton.jit
+def _store_shared_state(
+    sa_ptr, sk_ptr, k_base, kb_base, sk_base, bh, j, rot, first, theta, offs_n, partner, cos,
+    sin_signed, G: tl.constexpr, H: tl.constexpr, N: tl.constexpr, R: tl.constexpr,
+    S: tl.constexpr,
+):  # fmt: skip
+    """The head's new angle and rotated k (every rank) into the state."""
     tl.store(sa_ptr + bh * S + j, theta, mask=rot & first)
     for r in tl.static_range(R):
         k_cur = _rot_load(k_base + r * (G * N), kb_base + r * N, offs_n, partner, cos, sin_signed)
         tl.store(sk_base + r * (H * N) + offs_n, k_cur.to(sk_ptr.dtype.element_ty))
-    offs_pf = tl.arange(0, P)
-    v_all = tl.load(v_base + offs_pf)
-    tl.store(sv_base + offs_pf, v_all.to(sv_ptr.dtype.element_ty))
 
 
 def output_shape(problem: Problem) -> tuple[int, ...]:
@@ -274,7 +307,7 @@ def output_shape(problem: Problem) -> tuple[int, ...]:
 
 
 _CONST_NAMES = (
-    "H", "G", "R", "N", "P", "S", "BLOCK_P", "INTERLEAVED",
+    "H", "G", "R", "N", "P", "S", "BLOCK_P", "SPLIT", "INTERLEAVED",
     "HAS_D", "HAS_Z", "HAS_MV", "HAS_MZ", "HAS_MO", "KEEP_RANKS", "STREAM",
 )  # fmt: skip
 
@@ -299,23 +332,24 @@ class _Plan:
     inputs must be copied to a packed layout, the batch strides, and the compiled kernel."""
 
     __slots__ = (
-        "keep", "config", "consts", "grid", "out_shape", "repack", "slow", "strides", "on_gpu",
-        "compiled",
+        "keep", "config", "split", "consts", "grid", "out_shape", "repack", "slow", "strides",
+        "on_gpu", "compiled",
     )  # fmt: skip
 
     def __init__(self, problem, config, step_tensors: tuple, params: tuple, out) -> None:
         # The plan's key holds problem and config by id: keep them alive so the ids stay theirs.
         self.keep = (problem, config)
         self.config = config
+        self.split = config.split_p
         z = step_tensors[3]
         d, mv, mz, mo = params[2:]
         self.consts = (
             problem.nheads, problem.ngroups, problem.rank, problem.d_state, problem.headdim,
-            problem.n_angles, config.block_p, problem.rotary == "interleaved",
+            problem.n_angles, config.block_p, config.split_p, problem.rotary == "interleaved",
             d is not None, z is not None, mv is not None, mz is not None, mo is not None,
             problem.mimo and mo is None, STREAM_STATE[0],
         )  # fmt: skip
-        self.grid = (problem.nheads, problem.batch)
+        self.grid = (problem.nheads, problem.batch, config.split_p)
         self.out_shape = output_shape(problem)
         # A per-step tensor whose inner axes are not packed (rare: a strided slice) is copied.
         self.repack = tuple(t is not None and not _packed_inner(t) for t in step_tensors)
@@ -340,6 +374,29 @@ class _Plan:
 _PLANS: dict[tuple, _Plan] = {}
 _PLANS_MAX = 256
 _DIRECT_LAUNCH = [True]
+
+
+# Per-head ticket counters of split steps, by (device, stream, split_p): steps on one stream run
+# in order, so their programs never draw from a counter at the same time; other streams get their
+# own. Each step adds exactly split_p to every head's counter it uses, so a counter stays a
+# multiple of split_p between steps, which is what the modulo-split_p tickets rely on.
+_TICKETS: dict[tuple, torch.Tensor] = {}
+# Outgrown counters stay allocated: a captured CUDA graph may still point at one.
+_RETIRED: list[torch.Tensor] = []
+
+
+def _tickets(device: torch.device, heads: int, split: int) -> torch.Tensor:
+    """An int32 counter per (batch, head) for split steps on the current stream of ``device``."""
+    stream = torch._C._cuda_getCurrentRawStream(device.index) if device.type == "cuda" else 0
+    key = (device, stream, split)
+    t = _TICKETS.get(key)
+    if t is None or t.numel() < heads:
+        if t is not None:
+            _RETIRED.append(t)
+        # Any multiple of split_p is a valid start, so a new buffer starts from zero.
+        t = torch.zeros(max(triton.next_power_of_2(heads), 4096), dtype=torch.int32, device=device)
+        _TICKETS[key] = t
+    return t
 
 
 def _meta(t):
@@ -369,7 +426,7 @@ def _launch(plan: _Plan, tensors: list) -> None:
         enter, leave = knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook
         try:
             meta = None if enter is None else kernel.launch_metadata(grid, stream, *args)
-            run(grid[0], grid[1], 1, stream, function, packed, meta, enter, leave, *args)
+            run(grid[0], grid[1], grid[2], stream, function, packed, meta, enter, leave, *args)
             return
         except (TypeError, AttributeError) as e:  # a Triton whose launcher differs: go generic
             _DIRECT_LAUNCH[0] = False
@@ -436,6 +493,7 @@ def step(
     tensors = [
         q, k, v, v if z is None else z, adt, dt, trap, qb, kb, ang, v if d is None else d,
         v if mv is None else mv, v if mz is None else mz, v if mo is None else mo, *state, out,
+        v if plan.split == 1 else _tickets(v.device, plan.grid[0] * plan.grid[1], plan.split),
     ]  # fmt: skip
     if plan.on_gpu:
         _launch(plan, tensors)
