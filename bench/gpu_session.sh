@@ -41,11 +41,14 @@ case "$mode" in
             --step 16,64,1,128,64,32,1 --out "$OUT/sweep_step.json" 2>&1 | tee "$OUT/sweep.log" | tail -25
         ;;
     tests)
-        timeout "${TESTS_S:-300}" python -m pytest -m gpu -q -p no:cacheprovider tests \
-            2>&1 | tee "$OUT/gpu_tests.log" | tail -25
+        # several workers: a cold run spends most of its time compiling kernels on the CPU
+        timeout "${TESTS_S:-300}" python -m pytest -m gpu -q -p no:cacheprovider \
+            -n "${GPU_WORKERS:-6}" tests 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
         ;;
     step)
+        # shellcheck disable=SC2086
         timeout "${STEP_S:-300}" python bench/bench_triton_step.py --cases siso_bf16 --sweep \
+            --batches ${STEP_BATCHES:-1 16 128} \
             --json "$OUT/triton_step.json" 2>&1 | tail -12
         ;;
     bwd)

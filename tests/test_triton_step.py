@@ -299,7 +299,7 @@ _SM90_COMPILE = textwrap.dedent(
         consts = dict(H=H, G=G, R=R, N=N, P=P, S=S, BLOCK_P=min(32, P // split), SPLIT=split,
                       INTERLEAVED=not mimo,
                       HAS_D=True, HAS_Z=True, HAS_MV=mimo, HAS_MZ=mimo, HAS_MO=mimo,
-                      KEEP_RANKS=False, STREAM=True)
+                      KEEP_RANKS=False, STREAM=True, PREFETCH=split > 1)
         io = "*bf16"
         ptrs = dict(q_ptr=io, k_ptr=io, v_ptr=io, z_ptr=io, sk_ptr=io, sv_ptr=io, out_ptr=io,
                     cnt_ptr="*i32")

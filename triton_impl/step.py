@@ -155,6 +155,7 @@ def _step_kernel(
     S: tl.constexpr, BLOCK_P: tl.constexpr, SPLIT: tl.constexpr, INTERLEAVED: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_MV: tl.constexpr, HAS_MZ: tl.constexpr,
     HAS_MO: tl.constexpr, KEEP_RANKS: tl.constexpr, STREAM: tl.constexpr,
+    PREFETCH: tl.constexpr,
 ):  # fmt: skip
     # Layouts: the per-step tensors have packed inner axes and a free batch stride (s_*_b); the
     # state, out and the per-head parameters are contiguous, so their offsets follow from the sizes.
@@ -176,6 +177,12 @@ def _step_kernel(
         first = offs_n < (N // 2)
         partner = tl.where(first, offs_n + N // 2, offs_n - N // 2)
     rot = j < S
+    tile = tl.arange(0, BLOCK_P)[:, None] * N + offs_n[None, :]
+    ss_head = ss_ptr + (bh * P + p_lo) * N  # this program's first state row
+    if PREFETCH:
+        # The first state tile is requested before anything else, so that its DRAM latency
+        # overlaps the prologue's dependent loads and trig instead of following them.
+        nxt = _state_tile(ss_head + tile, True, STREAM)
 
     dt = tl.load(dt_ptr + b * s_dt_b + h).to(tl.float32)
     adt = tl.load(adt_ptr + b * s_adt_b + h).to(tl.float32)
@@ -205,13 +212,12 @@ def _step_kernel(
 
     for p0 in range(0, PP, BLOCK_P):
         offs_p = p_lo + p0 + tl.arange(0, BLOCK_P)
-        ss_ptrs = ss_ptr + (bh * P + offs_p[:, None]) * N + offs_n[None, :]
-        # The state streams through once: evict_first would keep it from displacing the small,
-        # reused per-head tensors in L2 (STREAM constexpr, so both variants can be timed).
-        if STREAM:
-            acc = tl.load(ss_ptrs, eviction_policy="evict_first") * alpha
+        ss_ptrs = ss_head + p0 * N + tile
+        if PREFETCH:  # this tile was requested one iteration (or the prologue) ahead
+            acc = nxt * alpha
+            nxt = _state_tile(ss_ptrs + BLOCK_P * N, p0 + BLOCK_P < PP, STREAM)
         else:
-            acc = tl.load(ss_ptrs) * alpha
+            acc = _state_tile(ss_ptrs, True, STREAM) * alpha
         v_old = tl.load(sv_base + offs_p).to(tl.float32)
         v_new = tl.load(v_base + offs_p).to(tl.float32)
 
@@ -286,6 +292,17 @@ def _step_kernel(
 
 
 @triton.jit
+def _state_tile(ptrs, live, STREAM: tl.constexpr):
+    """One fp32 state tile (zeros where ``live`` is False). The state streams through once:
+    evict_first would keep it from displacing the small, reused per-head tensors in L2 (STREAM
+    constexpr, so both variants can be timed)."""
+    if STREAM:
+        return tl.load(ptrs, mask=live, other=0.0, eviction_policy="evict_first")
+    else:
+        return tl.load(ptrs, mask=live, other=0.0)
+
+
+@triton.jit
 def _store_shared_state(
     sa_ptr, sk_ptr, k_base, kb_base, sk_base, bh, j, rot, first, theta, offs_n, partner, cos,
     sin_signed, G: tl.constexpr, H: tl.constexpr, N: tl.constexpr, R: tl.constexpr,
@@ -308,13 +325,15 @@ def output_shape(problem: Problem) -> tuple[int, ...]:
 
 _CONST_NAMES = (
     "H", "G", "R", "N", "P", "S", "BLOCK_P", "SPLIT", "INTERLEAVED",
-    "HAS_D", "HAS_Z", "HAS_MV", "HAS_MZ", "HAS_MO", "KEEP_RANKS", "STREAM",
+    "HAS_D", "HAS_Z", "HAS_MV", "HAS_MZ", "HAS_MO", "KEEP_RANKS", "STREAM", "PREFETCH",
 )  # fmt: skip
 
 # Cache hint on the state's loads and stores (evict_first). Off: on an H100 it moved the step by
 # about 1 % either way (SISO slower, MIMO faster; bench/NOTES.md). A list so a benchmark can
 # switch it; launch plans made before a switch keep their setting (clear _PLANS after switching).
 STREAM_STATE = [False]
+# Request each state tile one step ahead (the first before the prologue); switchable likewise.
+PREFETCH_STATE = [True]
 
 
 def _packed_inner(t: torch.Tensor) -> bool:
@@ -347,7 +366,7 @@ class _Plan:
             problem.nheads, problem.ngroups, problem.rank, problem.d_state, problem.headdim,
             problem.n_angles, config.block_p, config.split_p, problem.rotary == "interleaved",
             d is not None, z is not None, mv is not None, mz is not None, mo is not None,
-            problem.mimo and mo is None, STREAM_STATE[0],
+            problem.mimo and mo is None, STREAM_STATE[0], PREFETCH_STATE[0],
         )  # fmt: skip
         self.grid = (problem.nheads, problem.batch, config.split_p)
         self.out_shape = output_shape(problem)
