@@ -42,8 +42,10 @@ case "$mode" in
         ;;
     tests)
         # several workers: a cold run spends most of its time compiling kernels on the CPU
-        timeout "${TESTS_S:-300}" python -m pytest -m gpu -q -p no:cacheprovider \
-            -n "${GPU_WORKERS:-6}" tests 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
+        workers=()
+        python -c "import xdist" 2>/dev/null && workers=(-n "${GPU_WORKERS:-6}")
+        timeout "${TESTS_S:-300}" python -m pytest -m gpu -q -p no:cacheprovider "${workers[@]}" \
+            tests 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
         ;;
     step)
         # shellcheck disable=SC2086
