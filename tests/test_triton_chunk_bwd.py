@@ -154,14 +154,18 @@ def test_bf16_decay_and_angle_gradients_over_many_chunks(rank, L):
 @pytest.mark.parametrize(
     "rank,G,H,N,S,layout",
     [(1, 1, 3, 16, 4, "interleaved"), (2, 2, 4, 32, 16, "halves"), (2, 1, 2, 16, 4, "halves"),
-     (1, 2, 4, 16, 8, "interleaved")],
+     (1, 2, 4, 16, 8, "interleaved"), (2, 1, 4, 16, 4, "halves")],
 )  # fmt: skip
-def test_rotary_kernels_match_torch(rank, G, H, N, S, layout):
+@pytest.mark.parametrize("heads_first,bwd_heads", [(False, 0), (True, 1), (True, 2)])
+def test_rotary_kernels_match_torch(rank, G, H, N, S, layout, heads_first, bwd_heads, monkeypatch):
     """The fused bias + rotary + GQA kernels and their hand-written backward vs PyTorch autograd
-    of the same prep in float64 (37 tokens per sequence: a partial last token block)."""
+    of the same prep in float64 (37 tokens per sequence: a partial last token block); token- or
+    head-major grids, backward programs over whole groups or 1-2 heads (dq/dk added atomically)."""
     from mamba3_kernels.triton_impl import core_prep as cp
     from mamba3_kernels.triton_impl import core_rotary as cr
 
+    monkeypatch.setitem(cr.KNOBS, "heads_first", heads_first)
+    monkeypatch.setitem(cr.KNOBS, "bwd_heads", bwd_heads)
     g = torch.Generator().manual_seed(rank * 100 + G * 10 + S)
     B, L = 2, 37
     q = torch.randn(B, L, rank, G, N, generator=g)
@@ -313,9 +317,13 @@ _ROTARY_SM90 = textwrap.dedent(
     """
     from mamba3_kernels.triton_impl import core_rotary as cr
 
-    # accurate trig and whole-head angle programs; hardware trig and 8-pair angle programs
-    for rank, halves, fast, pairs in ((1, False, False, 32), (4, True, True, 8)):
-        for name, k in cr.compile_kernels(rank, 128, 32, halves, fast=fast, pairs=pairs).items():
+    # accurate trig, whole-head angle programs, token-major rotary grids storing dq/dk;
+    # hardware trig, 8-pair angle programs, head-major grids adding partial dq/dk atomically
+    for rank, halves, fast in ((1, False, False), (4, True, True)):
+        pairs, heads = (8, 4) if fast else (32, 16)
+        for name, k in cr.compile_kernels(rank, 128, 32, halves, fast=fast, pairs=pairs,
+                                          heads_first=fast, bwd_heads=heads,
+                                          atomic=fast).items():  # fmt: skip
             assert ".target sm_90" in k.asm["ptx"]
             print("ok", name, rank)
     """

@@ -18,6 +18,8 @@ sums over tokens, reduced in PyTorch; dtheta is written per (rank, token, head, 
 
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -37,8 +39,15 @@ _TWO_PI = tl.constexpr(6.283185307179586)
 #   fast_trig:   hardware cos/sin after range reduction (GPU only; the interpreter keeps the
 #                accurate functions) instead of the accurate library functions;
 #   angle_step:  tokens per step of the angle scans; angle_warps: their warps;
-#   angle_pairs: angle pairs per program of the angle scans (fewer: more programs in flight).
-KNOBS = {"fast_trig": False, "angle_step": 64, "angle_warps": 4, "angle_pairs": 32}
+#   angle_pairs: angle pairs per program of the angle scans (fewer: more programs in flight);
+#   heads_first: the rotary passes' programs run head-major (neighbouring programs touch
+#                neighbouring rows of the per-head tensors) rather than token-major;
+#   bwd_heads:   heads per rotary-backward program (0: the whole group); fewer heads mean more
+#                programs, whose dq/dk partial sums over heads are then added atomically.
+KNOBS = {
+    "fast_trig": False, "angle_step": 64, "angle_warps": 4, "angle_pairs": 32,
+    "heads_first": False, "bwd_heads": 0,
+}  # fmt: skip
 
 
 @triton.jit
@@ -71,6 +80,15 @@ def _cos_sin(th, FAST: tl.constexpr):
 
 
 @triton.jit
+def _grid_ids(HEADS_FIRST: tl.constexpr):
+    """(token block, head index) of this program in a token-major or head-major grid."""
+    if HEADS_FIRST:
+        return tl.program_id(1), tl.program_id(0)
+    else:
+        return tl.program_id(0), tl.program_id(1)
+
+
+@triton.jit
 def _biased(x_ptr, b_ptr, src, n, partner, mask):
     """x + bias at the columns and at their partners: two (BT, N) fp32 tiles."""
     b = tl.load(b_ptr + n).to(tl.float32)
@@ -84,11 +102,11 @@ def _biased(x_ptr, b_ptr, src, n, partner, mask):
 def _rot_fwd_kernel(
     q_ptr, k_ptr, qb_ptr, kb_ptr, th_ptr, qr_ptr, kr_ptr, T, H, G,
     N: tl.constexpr, S: tl.constexpr, R: tl.constexpr, BT: tl.constexpr, HALVES: tl.constexpr,
-    FAST: tl.constexpr,
+    FAST: tl.constexpr, HEADS_FIRST: tl.constexpr,
 ):  # fmt: skip
-    """qr, kr (T, R, H, N) = Rot(theta) (q, k (T, R, G, N) + bias (R, H, N)); grid (T/BT, R*H)."""
-    pid_t = tl.program_id(0)
-    rh = tl.program_id(1)
+    """qr, kr (T, R, H, N) = Rot(theta) (q, k (T, R, G, N) + bias (R, H, N)); grid (T/BT, R*H),
+    or (R*H, T/BT) with HEADS_FIRST."""
+    pid_t, rh = _grid_ids(HEADS_FIRST)
     r = rh // H
     h = rh % H
     g = h // (H // G)
@@ -134,16 +152,19 @@ def _rot_bwd_kernel(
     dqr_ptr, dkr_ptr, q_ptr, k_ptr, qb_ptr, kb_ptr, th_ptr,
     dq_ptr, dk_ptr, dqb_ptr, dkb_ptr, dth_ptr, T, H, G,
     N: tl.constexpr, S: tl.constexpr, R: tl.constexpr, BT: tl.constexpr, HALVES: tl.constexpr,
-    XR: tl.constexpr, FAST: tl.constexpr,
+    XR: tl.constexpr, FAST: tl.constexpr, HEADS_FIRST: tl.constexpr, HB: tl.constexpr,
+    ATOMIC: tl.constexpr,
 ):  # fmt: skip
-    """Gradients of the rotary prep; grid (T/BT, R*G), each program loops over its group's heads.
-    dqr, dkr (T, R, H, N) fp32 -> dq, dk (T, R, G, N) fp32; dqb, dkb (T/BT, R, H, N) partial
-    sums over the block's tokens; dth (R, T, H, S) fp32."""
-    pid_t = tl.program_id(0)
-    rg = tl.program_id(1)
-    r = rg // G
-    g = rg % G
+    """Gradients of the rotary prep; grid (T/BT, R*H/HB) (or transposed, HEADS_FIRST), each
+    program loops over HB heads of one group. dqr, dkr (T, R, H, N) fp32 -> dq, dk (T, R, G, N)
+    fp32 (ATOMIC: zero-initialised, the programs of a group add their partial sums);
+    dqb, dkb (T/BT, R, H, N) partial sums over the block's tokens; dth (R, T, H, S) fp32."""
+    pid_t, rgb = _grid_ids(HEADS_FIRST)
     HG = H // G
+    nhb = HG // HB  # head blocks per group
+    r = rgb // (G * nhb)
+    g = (rgb // nhb) % G
+    h0 = g * HG + (rgb % nhb) * HB
     t = (pid_t * BT + tl.arange(0, BT)).to(tl.int64)
     tm = t < T
     m2 = tm[:, None]
@@ -152,8 +173,8 @@ def _rot_bwd_kernel(
     acc_q = tl.zeros((BT, N), dtype=tl.float32)
     acc_k = tl.zeros((BT, N), dtype=tl.float32)
     jj = tl.arange(0, N // 2)
-    for hh in range(0, HG):
-        h = g * HG + hh
+    for hh in range(0, HB):
+        h = h0 + hh
         boff = (r * H + h) * N
         th = tl.load(th_ptr + (t * H + h)[:, None] * S + j[None, :], mask=m2 & paired[None, :],
                      other=0.0)  # fmt: skip
@@ -176,8 +197,12 @@ def _rot_bwd_kernel(
             dth = tl.sum(tl.reshape(dcol, (BT, N // 2, 2)), axis=2)
         toff = ((r * T + t) * H + h) * S
         tl.store(dth_ptr + toff[:, None] + jj[None, :], dth, mask=m2 & (jj < S)[None, :])
-    tl.store(dq_ptr + src[:, None] + n[None, :], acc_q, mask=m2)
-    tl.store(dk_ptr + src[:, None] + n[None, :], acc_k, mask=m2)
+    if ATOMIC:
+        tl.atomic_add(dq_ptr + src[:, None] + n[None, :], acc_q, mask=m2, sem="relaxed")
+        tl.atomic_add(dk_ptr + src[:, None] + n[None, :], acc_k, mask=m2, sem="relaxed")
+    else:
+        tl.store(dq_ptr + src[:, None] + n[None, :], acc_q, mask=m2)
+        tl.store(dk_ptr + src[:, None] + n[None, :], acc_k, mask=m2)
 
 
 @triton.jit
@@ -272,9 +297,11 @@ def rotary_fwd(q, k, qb, kb, theta, halves: bool, out_dtype: torch.dtype):
     kr = torch.empty_like(qr)
     T = B * L
     if T > 0:
-        _rot_fwd_kernel[(triton.cdiv(T, _BT), R * H)](
+        first = KNOBS["heads_first"]
+        grid = (triton.cdiv(T, _BT), R * H)
+        _rot_fwd_kernel[grid[::-1] if first else grid](
             q, k, qb, kb, theta, qr, kr, T, H, G, N=N, S=S, R=R, BT=_BT, HALVES=halves,
-            FAST=_fast_trig(), num_warps=4,
+            FAST=_fast_trig(), HEADS_FIRST=first, num_warps=4,
         )  # fmt: skip
     return qr, kr
 
@@ -291,17 +318,22 @@ def rotary_bwd(dqr, dkr, q, k, qb, kb, theta, halves: bool, xr_dtype=torch.float
     T = B * L
     f32 = torch.float32
     dev = q.device
-    dq = torch.empty((B, L, R, G, N), dtype=f32, device=dev)
-    dk = torch.empty_like(dq)
+    HG = H // G
+    hb = math.gcd(KNOBS["bwd_heads"] or HG, HG)  # heads per program, a divisor of HG
+    alloc = torch.zeros if hb < HG else torch.empty
+    dq = alloc((B, L, R, G, N), dtype=f32, device=dev)
+    dk = alloc((B, L, R, G, N), dtype=f32, device=dev)
     nblk = triton.cdiv(T, _BT)
     pq = torch.zeros((nblk, R, H, N), dtype=f32, device=dev)
     pk = torch.zeros_like(pq)
     dth = torch.empty((R, B, L, H, S), dtype=f32, device=dev)
     if T > 0:
-        _rot_bwd_kernel[(nblk, R * G)](
+        first = KNOBS["heads_first"]
+        grid = (nblk, R * H // hb)
+        _rot_bwd_kernel[grid[::-1] if first else grid](
             dqr, dkr, q, k, qb, kb, theta, dq, dk, pq, pk, dth, T, H, G,
             N=N, S=S, R=R, BT=_BT, HALVES=halves, XR=_XR[xr_dtype], FAST=_fast_trig(),
-            num_warps=4,
+            HEADS_FIRST=first, HB=hb, ATOMIC=hb < HG, num_warps=4,
         )  # fmt: skip
     else:
         dth.zero_()
@@ -506,15 +538,16 @@ def rot_core_scan(
 
 def compile_kernels(
     R: int, N: int, S: int, halves: bool, dtype: str = "bf16", target=None, fast: bool = True,
-    pairs: int = 32,
+    pairs: int = 32, heads_first: bool = True, bwd_heads: int = 4, atomic: bool = True,
 ):  # fmt: skip
     """Compile the rotary and angle-scan forward and backward kernels ahead of time (no GPU
     needed) for ``target`` (default sm_90); fast: hardware trig in the rotary kernels; pairs:
-    angle pairs per angle-scan program. Returns {name: compiled}."""
+    angle pairs per angle-scan program; heads_first, bwd_heads, atomic: the rotary grids' order,
+    heads per backward program and whether those add into dq/dk. Returns {name: compiled}."""
     from triton.backends.compiler import GPUTarget
 
     target = target or GPUTarget("cuda", 90, 64)
-    consts = dict(N=N, S=S, R=R, BT=_BT, HALVES=halves, FAST=fast)
+    consts = dict(N=N, S=S, R=R, BT=_BT, HALVES=halves, FAST=fast, HEADS_FIRST=heads_first)
     ints = dict(T="i32", H="i32", G="i32")
     fwd = {"q_ptr": f"*{dtype}", "k_ptr": f"*{dtype}", "qb_ptr": "*fp32", "kb_ptr": "*fp32",
            "th_ptr": "*fp32", "qr_ptr": f"*{dtype}", "kr_ptr": f"*{dtype}"}  # fmt: skip
@@ -526,7 +559,12 @@ def compile_kernels(
     xr = {"bf16": 1, "fp16": 2}.get(dtype, 0)
     for name, fn, sig, c in (
         ("rotary_fwd", _rot_fwd_kernel, fwd, consts),
-        ("rotary_bwd", _rot_bwd_kernel, bwd, {**consts, "XR": xr}),
+        (
+            "rotary_bwd",
+            _rot_bwd_kernel,
+            bwd,
+            {**consts, "XR": xr, "HB": bwd_heads, "ATOMIC": atomic},
+        ),
     ):
         sig = {**sig, **ints, **{k: "constexpr" for k in c}}
         src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=c)
