@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import itertools
 import json
 
 import torch
@@ -104,36 +105,38 @@ def profile(batch: int, seqlen: int, rank: int, top: int = 18) -> list[dict]:
 
 def sweep_core_bwd(batch: int, seqlen: int, rank: int) -> list[dict]:
     """do_bench median of the core's backward kernel alone (both sweeps, one launch) per config,
-    on random core inputs (fp32 qr, kr, vr as the prep makes them; bf16 dot operands)."""
+    on random core inputs (bf16 qr, kr, vr as the rotary pass and the prep give them)."""
     from mamba3_kernels.triton_impl import core_scan as cs
 
     H, N, P = SIZES["nheads"], SIZES["d_state"], SIZES["headdim"]
     dev = "cuda"
-    qr = torch.randn(batch, seqlen, rank, H, N, device=dev) * N**-0.5
-    kr = torch.randn_like(qr) * N**-0.5
-    vr = torch.randn(batch, seqlen, rank, H, P, device=dev)
+    bf16 = torch.bfloat16
+    qr = (torch.randn(batch, seqlen, rank, H, N, device=dev) * N**-0.5).to(bf16)
+    kr = (torch.randn(batch, seqlen, rank, H, N, device=dev) * N**-0.5).to(bf16)
+    vr = torch.randn(batch, seqlen, rank, H, P, device=dev).to(bf16)
     adt = -torch.rand(batch, H, seqlen, device=dev) * 0.3
     w, gam = torch.rand_like(adt), torch.rand_like(adt)
     s0 = torch.randn(batch, H, P, N, device=dev) * 0.1
     dy, dsf = torch.randn_like(vr), torch.randn_like(s0)
     rows = []
-    for nrows in (32, 64):
-        for warps in (4, 8):
-            meta = (max(nrows // rank, 1), torch.bfloat16, warps, 1, batch)
-            try:
-                ms = triton.testing.do_bench(
-                    lambda meta=meta: cs.core_bwd(qr, kr, vr, adt, w, gam, s0, None, meta, dy, dsf),
-                    return_mode="median",
-                )
-                fms = triton.testing.do_bench(
-                    lambda meta=meta: cs.core_fwd(qr, kr, vr, adt, w, gam, s0, None, meta),
-                    return_mode="median",
-                )
-            except Exception as e:  # a config that fails to compile or run is reported, not fatal
-                ms = fms = float("nan")
-                print("  failed", nrows, warps, type(e).__name__, str(e)[:200])
-            rows.append(dict(R=rank, rows=nrows, num_warps=warps, core_bwd_ms=ms, core_fwd_ms=fms))
-            print(f"  core R={rank} rows={nrows} warps={warps}: bwd {ms:.3f} ms  fwd {fms:.3f} ms")
+    for nrows, warps, split_n in itertools.product((32, 64), (4, 8), (1, 2, 4)):
+        meta = (max(nrows // rank, 1), torch.bfloat16, warps, 1, batch, split_n)
+        try:
+            ms = triton.testing.do_bench(
+                lambda meta=meta: cs.core_bwd(qr, kr, vr, adt, w, gam, s0, None, meta, dy, dsf),
+                return_mode="median",
+            )
+            fms = triton.testing.do_bench(
+                lambda meta=meta: cs.core_fwd(qr, kr, vr, adt, w, gam, s0, None, meta),
+                return_mode="median",
+            )
+        except Exception as e:  # a config that fails to compile or run is reported, not fatal
+            ms = fms = float("nan")
+            print("  failed", nrows, warps, type(e).__name__, str(e)[:200])
+        rows.append(dict(R=rank, rows=nrows, num_warps=warps, split_n=split_n, core_bwd_ms=ms,
+                         core_fwd_ms=fms))  # fmt: skip
+        print(f"  core R={rank} rows={nrows} warps={warps} split_n={split_n}: bwd {ms:.3f} ms"
+              f"  fwd {fms:.3f} ms")  # fmt: skip
     return rows
 
 
@@ -174,19 +177,19 @@ def main() -> None:
             sweep += res
             ok = [r for r in res if r["core_bwd_ms"] == r["core_bwd_ms"]]
             if ok:
-                best = min(ok, key=lambda r: r["core_bwd_ms"] + r["core_fwd_ms"])
-                chosen[rank] = (max(best["rows"] // rank, 1), best["num_warps"])
+                best = min(ok, key=lambda r: r["core_bwd_ms"])
+                chosen[rank] = (max(best["rows"] // rank, 1), best["num_warps"], best["split_n"])
         default = cb.default_config
 
         def tuned(problem, _default=default):
             if problem.rank in chosen:
-                c, wp = chosen[problem.rank]
-                return cb.ChunkBwdConfig(chunk_size=c, num_warps=wp, num_stages=1)
+                c, wp, sn = chosen[problem.rank]
+                return cb.ChunkBwdConfig(chunk_size=c, num_warps=wp, num_stages=1, split_n=sn)
             return _default(problem)
 
         # the backend reads the spec's default heuristic
         object.__setattr__(cb.SPEC, "default", tuned)
-        print("chosen backward configs (rank: chunk, warps):", chosen)
+        print("chosen backward configs (rank: chunk, warps, split_n):", chosen)
     from mamba3_kernels.triton_impl import core_rotary as cr
 
     defaults = dict(cr.KNOBS)

@@ -38,10 +38,10 @@ def _reference_grads(inputs, rotary, grad_out, grad_state):
     return {n: g for (n, _), g in zip(present, grads, strict=True)}
 
 
-def _check(inputs, rotary, final, chunk, tol=1e-4, seed=0):
+def _check(inputs, rotary, final, chunk, tol=1e-4, seed=0, split_n=1):
     g = torch.Generator().manual_seed(seed)
     problem = describe(inputs, False, rotary, final, None)
-    config = cb.ChunkBwdConfig(chunk_size=chunk, num_warps=4)
+    config = cb.ChunkBwdConfig(chunk_size=chunk, num_warps=4, split_n=split_n)
     assert cb.constraint(problem, config, None) is None
     ref_out, ref_state = reference_scan(cast_inputs(inputs, torch.float64), rotary)
     grad_out = torch.randn(ref_out.shape, generator=g).to(inputs.v.dtype)
@@ -90,6 +90,21 @@ def test_grads_match_reference(rank, mimo, rotary, G, dz, mo, init, final, cu):
     # 37 tokens over chunks of 16 rows: a partial last chunk (and, with varlen, chunks that
     # start mid-way through the token axis).
     _check(inputs, rotary, final, chunk=16 // rank)
+
+
+@cpu_interpreted
+@pytest.mark.parametrize("case", [GRID[i] for i in (1, 4, 8)], ids=str)
+def test_grads_with_state_columns_split(case):
+    """The core backward with its state columns over 2 programs per sweep (partial sums over N
+    added atomically): SISO with GQA and both states, MIMO R=2, MIMO varlen with empty ones."""
+    rank, mimo, rotary, G, dz, mo, init, final, cu = case
+    g = torch.Generator().manual_seed(17 * rank + G)
+    inputs = random_inputs(
+        batch=2 if cu is None else 1, seqlen=37, nheads=4, ngroups=G, d_state=32, headdim=16,
+        rank=rank, mimo=mimo, with_D=dz, with_z=dz, with_mimo_o=mo, with_initial_state=init,
+        cu_seqlens=cu, generator=g,
+    )  # fmt: skip
+    _check(inputs, rotary, final, chunk=16 // rank, split_n=2)
 
 
 @cpu_interpreted
@@ -293,12 +308,15 @@ _CORE_SM90 = textwrap.dedent(
     import torch
     from mamba3_kernels.triton_impl import core_scan as cs
 
-    for rank in (1, 4):
-        for name, k in cs.compile_kernels(rank, 128, 64, 64 // rank).items():
+    # R=4: the backward with its state columns over 4 programs (atomic partial sums)
+    for rank, split_n in ((1, 1), (4, 4)):
+        for name, k in cs.compile_kernels(rank, 128, 64, 64 // rank, split_n=split_n).items():
             ptx = k.asm["ptx"]
             assert ".target sm_90" in ptx, ptx[:400]
             assert "wgmma" in ptx or "mma.sync" in ptx
             assert len(k.asm["cubin"]) > 1000
+            if name == "core_bwd":
+                assert ("red.global" in ptx or "atom.global" in ptx) == (split_n > 1)
             print("ok", name, rank)
     """
 )

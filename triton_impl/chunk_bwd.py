@@ -32,11 +32,14 @@ class ChunkBwdConfig:
 
     chunk_size: tokens per chunk (a MIMO chunk holds chunk_size * R rows).
     num_warps, num_stages: Triton launch parameters of both core kernels.
+    split_n: programs per sweep and head in the core backward, each owning N / split_n state
+        columns (more programs in flight; their partial sums over N are added atomically).
     """
 
     chunk_size: int = 64
     num_warps: int = 8
     num_stages: int = 1
+    split_n: int = 1
 
 
 def _pow2(x: int) -> bool:
@@ -60,6 +63,7 @@ def search_space(problem: Problem) -> dict[str, list]:
         "chunk_size": [c for c in (8, 16, 32, 64, 128) if 16 <= c * problem.rank <= 128],
         "num_warps": [4, 8],
         "num_stages": [1, 2],
+        "split_n": [s for s in (1, 2, 4, 8) if problem.d_state // s >= _MIN_DOT],
     }
 
 
@@ -79,8 +83,11 @@ def constraint(problem: Problem, config: ChunkBwdConfig, device_props: dict | No
         return f"num_warps {config.num_warps} not a power of two <= 16"
     if config.num_stages < 1:
         return "num_stages < 1"
+    sn = config.split_n
+    if sn < 1 or problem.d_state % sn or problem.d_state // sn < _MIN_DOT:
+        return f"split_n={sn} must divide N={problem.d_state} into blocks of >= {_MIN_DOT}"
     # The fp32 state (or its gradient) lives in registers.
-    state_regs = problem.headdim * problem.d_state // (32 * config.num_warps)
+    state_regs = problem.headdim * problem.d_state // (32 * config.num_warps * sn)
     if state_regs > 128:
         return f"state tile needs {state_regs} registers per thread (> 128)"
     return None
@@ -144,7 +151,8 @@ def chunk_bwd(
         return _empty_backward(inputs, grad_state)
     present = [(n, t) for n, t in _flat(inputs) if t is not None and t.is_floating_point()]
     keys = [n for n, _ in present]
-    meta = (_chunk(problem, config), problem.dtype, config.num_warps, config.num_stages)
+    meta = (_chunk(problem, config), problem.dtype, config.num_warps, config.num_stages,
+            config.split_n)  # fmt: skip
     sd = torch.float64 if inputs.q.dtype == torch.float64 else torch.float32
 
     def forward(*tensors):

@@ -480,7 +480,7 @@ class _RotCore(torch.autograd.Function):
 
     @staticmethod
     def forward(q, k, qb, kb, theta, vr, adt, w, gam, s0, cu, halves, need_y, chunk, dot_dtype,
-                nw, ns, nseq):  # fmt: skip
+                nw, ns, nseq, split_n):  # fmt: skip
         op_dtype = dot_dtype if dot_dtype in ("bfloat16", "float16") else "float32"
         qr, kr = _rotary_fwd_op(q, k, qb, kb, theta, halves, op_dtype)
         if need_y:
@@ -512,7 +512,7 @@ class _RotCore(torch.autograd.Function):
         dq, dk, dqb, dkb, dth = _rotary_bwd_op(dqr, dkr, q, k, qb, kb, theta, ctx.halves, xr_dtype)
         return (dq.to(q.dtype), dk.to(k.dtype), dqb, dkb, dth, dv.to(vr.dtype),
                 dadt.to(adt.dtype), dw.to(w.dtype), dg.to(gam.dtype),
-                ds0 if s0 is not None else None, *([None] * 8))  # fmt: skip
+                ds0 if s0 is not None else None, *([None] * 9))  # fmt: skip
 
 
 def rot_core_scan(
@@ -522,17 +522,19 @@ def rot_core_scan(
 
     q, k (B, L, R, G, N) raw (unbiased, unrotated); qb, kb (R, H, N) fp32; theta (B, L, H, S)
     fp32 cumulative angles; the rest as core_scan. meta = (chunk, dot_dtype, num_warps,
-    num_stages, nseq). need_y=False skips the core's forward: y and S_final are then zeros (not
-    their values) while the backward stays exact, which is all a caller that only takes the
-    vector-Jacobian product and whose epilogue backward never reads y needs."""
-    chunk, dot_dtype, num_warps, num_stages, nseq = meta
+    num_stages, nseq[, split_n]) (split_n: see core_scan.core_bwd). need_y=False skips the
+    core's forward: y and S_final are then zeros (not their values) while the backward stays
+    exact, which is all a caller that only takes the vector-Jacobian product and whose epilogue
+    backward never reads y needs."""
+    chunk, dot_dtype, num_warps, num_stages, nseq = meta[:5]
+    split_n = meta[5] if len(meta) > 5 else 1
     name = str(dot_dtype).replace("torch.", "")
     if name == "float64":
         name = "float32"
     args = [x.contiguous() if x is not None else None
             for x in (q, k, qb, kb, theta, vr, adt, w, gam, s0)]  # fmt: skip
     y, sf, _, _ = _RotCore.apply(*args, cu_seqlens, halves, need_y, chunk, name, num_warps,
-                                 num_stages, nseq)  # fmt: skip
+                                 num_stages, nseq, split_n)  # fmt: skip
     return y, sf
 
 

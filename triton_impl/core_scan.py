@@ -92,10 +92,11 @@ def _seq_bounds(cu_ptr, seq, h, L, H, VARLEN: tl.constexpr):
 def _load_chunk(
     qr_ptr, kr_ptr, vr_ptr, adt_ptr, w_ptr, g_ptr, bos, seqlen, coef_base, c0, h, H,
     N: tl.constexpr, P: tl.constexpr, R: tl.constexpr, C: tl.constexpr,
-    DOTK: tl.constexpr, UPCAST: tl.constexpr,
+    DOTK: tl.constexpr, UPCAST: tl.constexpr, n0=0, NB: tl.constexpr = None,
 ):  # fmt: skip
     """Rows of one chunk: per-row cumulative log-decay c, c_last, w, gamma, and the operands
-    qr, kr (CR, N), vr (CR, P) rounded to the dot dtype, plus row validity and offsets."""
+    qr, kr (CR, NB) (columns n0 .. n0 + NB of N; all N when NB is None), vr (CR, P) rounded to
+    the dot dtype, plus row validity and offsets."""
     CR: tl.constexpr = C * R
     rows = tl.arange(0, CR)
     t_loc = rows // R
@@ -110,7 +111,10 @@ def _load_chunk(
     gm = tl.load(g_ptr + coef_base + t, mask=valid, other=0.0).to(tl.float32)
     # row offset in the (B, L, R, H, X) tensors: ((bos + t) * R + r) * H + h
     row = ((bos + c0) * R + rows) * H + h
-    nn = tl.arange(0, N)
+    if NB is None:
+        nn = tl.arange(0, N)
+    else:
+        nn = n0 + tl.arange(0, NB)
     pp = tl.arange(0, P)
     mrow = valid[:, None]
     q = tl.load(qr_ptr + row[:, None] * N + nn[None, :], mask=mrow, other=0.0)
@@ -165,22 +169,39 @@ def _core_fwd_kernel(
 
 
 @triton.jit
+def _put(ptrs, x, mask, NS: tl.constexpr):
+    """Store x, or add it atomically when NS column blocks each hold a partial sum."""
+    if NS == 1:
+        tl.store(ptrs, x, mask=mask)
+    else:
+        tl.atomic_add(ptrs, x, mask=mask, sem="relaxed")
+
+
+@triton.jit
 def _core_bwd_kernel(
     qr_ptr, kr_ptr, vr_ptr, adt_ptr, w_ptr, g_ptr, s0_ptr, cu_ptr, dy_ptr, dsf_ptr,
     dq_ptr, dk_ptr, dv_ptr, dw_ptr, dg_ptr, qdq_ptr, kdk_ptr, ds0_ptr, sfdot_ptr,
     L, H,
     N: tl.constexpr, P: tl.constexpr, R: tl.constexpr, C: tl.constexpr,
     VARLEN: tl.constexpr, HAS_S0: tl.constexpr, HAS_DSF: tl.constexpr,
-    DOTK: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+    DOTK: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, NS: tl.constexpr,
 ):  # fmt: skip
-    """Gradients of the core; grid (nseq * H, 2): axis 1 picks the forward (0) or reverse (1)
-    sweep. Row outputs (qdq, kdk, dw, dg) are (B, H, L, R) fp32 with (L, R) flattened."""
+    """Gradients of the core; grid (nseq * H, 2, NS): axis 1 picks the forward (0) or reverse
+    (1) sweep, axis 2 a block of N / NS state columns. Row outputs (qdq, kdk, dw, dg) are
+    (B, H, L, R) fp32 with (L, R) flattened.
+
+    Column blocks: every product over N splits into per-block partial sums, and the outputs
+    that sum over N (dv, qdq, kdk, dw, dg, sfdot) are linear in those partials, so with NS > 1
+    each program adds its part atomically into zero-initialised buffers; dq and dk columns, the
+    state S and its gradient dS are each wholly owned by one program."""
     pid = tl.program_id(0)
     sweep = tl.program_id(1)
+    NB: tl.constexpr = N // NS
+    n0 = tl.program_id(2) * NB
     seq = pid // H
     h = pid % H
     bos, seqlen, coef_base = _seq_bounds(cu_ptr, seq, h, L, H, VARLEN)
-    nn = tl.arange(0, N)
+    nn = n0 + tl.arange(0, NB)
     pp = tl.arange(0, P)
     CR: tl.constexpr = C * R
     rloc = tl.arange(0, CR)
@@ -193,11 +214,11 @@ def _core_bwd_kernel(
         if HAS_S0:
             st = tl.load(s0_ptr + st_off).to(tl.float32)
         else:
-            st = tl.zeros((P, N), dtype=tl.float32)
+            st = tl.zeros((P, NB), dtype=tl.float32)
         for c0 in range(0, seqlen, C):
             c, c_last, w, gm, q, k, v, valid, row, _t = _load_chunk(
                 qr_ptr, kr_ptr, vr_ptr, adt_ptr, w_ptr, g_ptr, bos, seqlen, coef_base, c0, h, H,
-                N, P, R, C, DOTK, UPCAST,
+                N, P, R, C, DOTK, UPCAST, n0, NB,
             )  # fmt: skip
             dy = tl.load(dy_ptr + row[:, None] * P + pp[None, :], mask=valid[:, None], other=0.0)
             dy = dy.to(tl.float32)
@@ -207,29 +228,29 @@ def _core_bwd_kernel(
             # The inter-chunk part with the same operands the reverse sweep's dS is built from
             # (dy exp(c) rounded) against the state split hi + lo: see the module docstring.
             dyc = _rnd(dy * tl.exp(c)[:, None], DOTK, UPCAST)
-            dq = _dot_split(dyc, st, tl.zeros((CR, N), dtype=tl.float32), DOTK, DOT_PREC, UPCAST)
+            dq = _dot_split(dyc, st, tl.zeros((CR, NB), dtype=tl.float32), DOTK, DOT_PREC, UPCAST)
             dq = tl.dot(_rnd(d * m, DOTK, UPCAST), k, dq, input_precision=DOT_PREC)
             vw = _rnd(v.to(tl.float32) * (tl.exp(c_last - c) * w)[:, None], DOTK, UPCAST)
             st = tl.dot(tl.trans(vw), k, st * tl.exp(c_last), input_precision=DOT_PREC)
             tl.store(dq_ptr + row[:, None] * N + nn[None, :], dq, mask=valid[:, None])
             ridx = coef_base * R + c0 * R + rloc
-            tl.store(qdq_ptr + ridx, tl.sum(q.to(tl.float32) * dq, axis=1), mask=valid)
+            _put(qdq_ptr + ridx, tl.sum(q.to(tl.float32) * dq, axis=1), valid, NS)
         if HAS_DSF:
             dsf = tl.load(dsf_ptr + st_off).to(tl.float32)
             tot = tl.sum(tl.sum(dsf * st, axis=1), axis=0)
-            tl.store(sfdot_ptr + seq.to(tl.int64) * H + h, tot)
+            _put(sfdot_ptr + seq.to(tl.int64) * H + h, tot, None, NS)
     else:
         # ---- reverse sweep: carries dS (gradient of the state at the chunk end) ---------
         if HAS_DSF:
             ds = tl.load(dsf_ptr + st_off).to(tl.float32)
         else:
-            ds = tl.zeros((P, N), dtype=tl.float32)
+            ds = tl.zeros((P, NB), dtype=tl.float32)
         nch = (seqlen + C - 1) // C
         for jj in range(0, nch):
             c0 = (nch - 1 - jj) * C
             c, c_last, w, gm, q, k, v, valid, row, _t = _load_chunk(
                 qr_ptr, kr_ptr, vr_ptr, adt_ptr, w_ptr, g_ptr, bos, seqlen, coef_base, c0, h, H,
-                N, P, R, C, DOTK, UPCAST,
+                N, P, R, C, DOTK, UPCAST, n0, NB,
             )  # fmt: skip
             dy = tl.load(dy_ptr + row[:, None] * P + pp[None, :], mask=valid[:, None], other=0.0)
             dy = dy.to(tl.float32)
@@ -246,7 +267,7 @@ def _core_bwd_kernel(
             # the inter-chunk part from the operand the forward sweep's state is built from
             # (v exp(c_last - c) w rounded) against dS split hi + lo: see the module docstring.
             vw = _rnd(v.to(tl.float32) * wl[:, None], DOTK, UPCAST)
-            dk = _dot_split(vw, ds, tl.zeros((CR, N), dtype=tl.float32), DOTK, DOT_PREC, UPCAST)
+            dk = _dot_split(vw, ds, tl.zeros((CR, NB), dtype=tl.float32), DOTK, DOT_PREC, UPCAST)
             dk = tl.dot(tl.trans(_rnd(d * m, DOTK, UPCAST)), q, dk, input_precision=DOT_PREC)
             ad = a * d
             dw = tl.sum(e * ad, axis=0) + tl.exp(c_last - c) * tl.sum(v.to(tl.float32) * kds, 1)
@@ -255,11 +276,11 @@ def _core_bwd_kernel(
             ds = tl.dot(tl.trans(dyc), q, ds * tl.exp(c_last), input_precision=DOT_PREC)
             mr = valid[:, None]
             tl.store(dk_ptr + row[:, None] * N + nn[None, :], dk, mask=mr)
-            tl.store(dv_ptr + row[:, None] * P + pp[None, :], dv, mask=mr)
+            _put(dv_ptr + row[:, None] * P + pp[None, :], dv, mr, NS)
             ridx = coef_base * R + c0 * R + rloc
-            tl.store(dw_ptr + ridx, dw, mask=valid)
-            tl.store(dg_ptr + ridx, dg, mask=valid)
-            tl.store(kdk_ptr + ridx, tl.sum(k.to(tl.float32) * dk, axis=1), mask=valid)
+            _put(dw_ptr + ridx, dw, valid, NS)
+            _put(dg_ptr + ridx, dg, valid, NS)
+            _put(kdk_ptr + ridx, tl.sum(k.to(tl.float32) * dk, axis=1), valid, NS)
         tl.store(ds0_ptr + st_off, ds)
 
 
@@ -316,16 +337,23 @@ def core_fwd(qr, kr, vr, adt, w, gam, s0, cu_seqlens, meta):
 
 def core_bwd(qr, kr, vr, adt, w, gam, s0, cu_seqlens, meta, dy, dsf):
     """Core backward: gradients of (qr, kr, vr, adt, w, gam, s0) given dy (B, L, R, H, P) and
-    dsf (nseq, H, P, N) or None. All gradients fp32."""
+    dsf (nseq, H, P, N) or None. All gradients fp32. meta = (chunk, dot_dtype, num_warps,
+    num_stages, nseq[, split_n]): split_n programs per sweep and head, each owning N / split_n
+    state columns (their partial sums over N are added atomically, so the result's rounding
+    may differ from run to run)."""
     chunk, dot_dtype, num_warps, num_stages, nseq = meta[:5]
+    split_n = meta[5] if len(meta) > 5 else 1
     B, L, R, H, N = qr.shape
     P = vr.shape[-1]
+    if N % split_n or N // split_n < _MIN_DOT:
+        raise ValueError(f"split_n={split_n} must divide N={N} into blocks of >= {_MIN_DOT}")
     dev = qr.device
     f32 = torch.float32
+    summed = torch.zeros if split_n > 1 else torch.empty  # outputs that add partial sums
     dq = torch.empty((B, L, R, H, N), dtype=f32, device=dev)
     dk = torch.empty((B, L, R, H, N), dtype=f32, device=dev)
-    dv = torch.empty((B, L, R, H, P), dtype=f32, device=dev)
-    rows = torch.empty((4, B, H, L, R), dtype=f32, device=dev)  # qdq, kdk, dw, dg per row
+    dv = summed((B, L, R, H, P), dtype=f32, device=dev)
+    rows = summed((4, B, H, L, R), dtype=f32, device=dev)  # qdq, kdk, dw, dg per row
     ds0 = torch.empty((nseq, H, P, N), dtype=f32, device=dev)
     sfdot = torch.zeros((nseq, H), dtype=f32, device=dev)
     if L == 0:
@@ -333,7 +361,7 @@ def core_bwd(qr, kr, vr, adt, w, gam, s0, cu_seqlens, meta, dy, dsf):
         rows.zero_()
     else:
         dummy = adt
-        _core_bwd_kernel[(nseq * H, 2)](
+        _core_bwd_kernel[(nseq * H, 2, split_n)](
             qr, kr, vr, adt, w, gam,
             s0 if s0 is not None else dummy,
             cu_seqlens if cu_seqlens is not None else dummy,
@@ -341,7 +369,7 @@ def core_bwd(qr, kr, vr, adt, w, gam, s0, cu_seqlens, meta, dy, dsf):
             dsf.contiguous() if dsf is not None else dummy,
             dq, dk, dv, rows[2], rows[3], rows[0], rows[1], ds0, sfdot,
             L, H,
-            HAS_S0=s0 is not None, HAS_DSF=dsf is not None,
+            HAS_S0=s0 is not None, HAS_DSF=dsf is not None, NS=split_n,
             **_consts(R, N, P, chunk, cu_seqlens is not None, dot_dtype),
             num_warps=num_warps, num_stages=num_stages,
         )  # fmt: skip
@@ -425,14 +453,15 @@ def _core_bwd_op(
     num_warps: int,
     num_stages: int,
     nseq: int,
+    split_n: int = 1,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    meta = (chunk, _DTYPES[dot_dtype], num_warps, num_stages, nseq)
+    meta = (chunk, _DTYPES[dot_dtype], num_warps, num_stages, nseq, split_n)
     return core_bwd(qr, kr, vr, adt, w, gam, s0, cu_seqlens, meta, dy, dsf)
 
 
 @_core_bwd_op.register_fake
 def _core_bwd_fake(dy, dsf, qr, kr, vr, adt, w, gam, s0, cu_seqlens, *flags):
-    nseq = flags[-1]
+    nseq = flags[4]
     B, L, R, H, N = qr.shape
     P = vr.shape[-1]
     f32 = torch.float32
@@ -492,6 +521,7 @@ def compile_kernels(
     num_warps: int = 8,
     num_stages: int = 1,
     target=None,
+    split_n: int = 1,
 ) -> dict:
     """Compile the core's forward and backward kernels ahead of time (no GPU needed) for
     ``target`` (a ``triton.backends.compiler.GPUTarget``; default sm_90), as a launch with an
@@ -510,7 +540,7 @@ def compile_kernels(
     out = {}
     for name, fn, ptrs, flags in (
         ("core_fwd", _core_fwd_kernel, fwd_ptrs, dict(HAS_S0=True, HAS_SF=True)),
-        ("core_bwd", _core_bwd_kernel, bwd_ptrs, dict(HAS_S0=True, HAS_DSF=True)),
+        ("core_bwd", _core_bwd_kernel, bwd_ptrs, dict(HAS_S0=True, HAS_DSF=True, NS=split_n)),
     ):
         c = {**consts, **flags}
         sig = {p: ("*i32" if p == "cu_ptr" else "*fp32") for p in ptrs}
