@@ -54,13 +54,12 @@ case "$mode" in
             --json "$OUT/triton_step.json" 2>&1 | tail -12
         ;;
     bwd)
-        # the core backward's configs (split_n incl.) first, then the rotary/angle settings
-        base=fast_trig=1,angle_pairs=8
+        # the core backward's configs first (BWD_SWEEP=--sweep), then the rotary/angle settings
+        # shellcheck disable=SC2086
         timeout "${BWD_S:-300}" python bench/bench_triton_backward.py --cases siso \
-            --shapes 8x2048 1x16384 --profile --sweep --json "$OUT/triton_backward.json" \
-            --variants "" $base $base,heads_first=1 $base,heads_first=1,bwd_heads=8 \
-            $base,heads_first=1,bwd_heads=2 $base,bwd_heads=8 \
-            $base,angle_step=256,angle_warps=8 2>&1 | grep -v "^  *0\.[01][0-9][0-9] ms"
+            --shapes 8x2048 1x16384 --profile ${BWD_SWEEP:-} --json "$OUT/triton_backward.json" \
+            --variants "" heads_first=1 heads_first=1,bwd_heads=8 heads_first=1,bwd_heads=2 \
+            bwd_heads=8 angle_step=256,angle_warps=8 2>&1 | grep -v "^  *0\.[01][0-9][0-9] ms"
         ;;
     prefill)
         timeout "${PREFILL_S:-240}" python bench/bench_triton_prefill.py --no-check \

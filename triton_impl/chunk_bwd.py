@@ -55,9 +55,13 @@ def _chunk(problem: Problem, config: ChunkBwdConfig) -> int:
 
 
 def default_config(problem: Problem) -> ChunkBwdConfig:
-    """32 rows per chunk and 8 warps: the fastest of rows 32/64 x warps 4/8 for the core backward
-    on an H100 (bf16, N=128, P=64, L=16384), both for SISO and MIMO R=4 (bench/NOTES.md)."""
+    """32 rows per chunk. SISO: 4 warps with the state columns over 2 programs per sweep (core
+    backward 3.5 ms vs 4.0 for one program with 8 warps, the best of rows 32/64 x warps 4/8 x
+    split 1/2 on an H100 at bf16, N=128, P=64, L=16384); MIMO: 8 warps, one program (the best
+    of rows 32/64 x warps 4/8 there; its column split is not timed yet). bench/NOTES.md."""
     chunk = max(1, 32 // problem.rank)
+    if problem.rank == 1 and problem.d_state // 2 >= _MIN_DOT:
+        return ChunkBwdConfig(chunk_size=chunk, num_warps=4, num_stages=1, split_n=2)
     return ChunkBwdConfig(chunk_size=chunk, num_warps=8, num_stages=1)
 
 

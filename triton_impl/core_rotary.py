@@ -40,12 +40,14 @@ _TWO_PI = tl.constexpr(6.283185307179586)
 #                accurate functions) instead of the accurate library functions;
 #   angle_step:  tokens per step of the angle scans; angle_warps: their warps;
 #   angle_pairs: angle pairs per program of the angle scans (fewer: more programs in flight);
+#   (H100, SISO (1, 16384) fwd+bwd: hardware trig 17.3 -> 15.6 ms, 8 pairs per angle program
+#   a further -0.8 ms; bench/NOTES.md)
 #   heads_first: the rotary passes' programs run head-major (neighbouring programs touch
 #                neighbouring rows of the per-head tensors) rather than token-major;
 #   bwd_heads:   heads per rotary-backward program (0: the whole group); fewer heads mean more
 #                programs, whose dq/dk partial sums over heads are then added atomically.
 KNOBS = {
-    "fast_trig": False, "angle_step": 64, "angle_warps": 4, "angle_pairs": 32,
+    "fast_trig": True, "angle_step": 64, "angle_warps": 4, "angle_pairs": 8,
     "heads_first": False, "bwd_heads": 0,
 }  # fmt: skip
 
