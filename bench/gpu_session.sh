@@ -58,8 +58,8 @@ case "$mode" in
         # shellcheck disable=SC2086
         timeout "${BWD_S:-300}" python bench/bench_triton_backward.py --cases siso \
             --shapes 8x2048 1x16384 --profile ${BWD_SWEEP:-} --json "$OUT/triton_backward.json" \
-            --variants "" heads_first=1 heads_first=1,bwd_heads=8 heads_first=1,bwd_heads=2 \
-            bwd_heads=8 angle_step=256,angle_warps=8 2>&1 | grep -v "^  *0\.[01][0-9][0-9] ms"
+            --variants ${BWD_VARIANTS:-rot_tokens=32 rot_tokens=4 rot_tokens=8 rot_tokens=16} 2>&1 \
+            | grep -v "^  *0\.[01][0-9][0-9] ms"
         ;;
     prefill)
         timeout "${PREFILL_S:-240}" python bench/bench_triton_prefill.py --no-check \

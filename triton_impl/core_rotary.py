@@ -30,7 +30,6 @@ from .core_scan import _core_bwd_op, _core_fwd_op, _interp, _seq_bounds
 
 __all__ = ["rotary_fwd", "rotary_bwd", "rot_core_scan", "angle_scan"]
 
-_BT = 32  # tokens per program
 _PI = tl.constexpr(3.141592653589793)
 _TWO_PI = tl.constexpr(6.283185307179586)
 
@@ -41,14 +40,16 @@ _TWO_PI = tl.constexpr(6.283185307179586)
 #   angle_step:  tokens per step of the angle scans; angle_warps: their warps;
 #   angle_pairs: angle pairs per program of the angle scans (fewer: more programs in flight);
 #   (H100, SISO (1, 16384) fwd+bwd: hardware trig 17.3 -> 15.6 ms, 8 pairs per angle program
-#   a further -0.8 ms; bench/NOTES.md)
+#   a further -0.8 ms, 256-token steps on 8 warps -0.4 ms; bench/NOTES.md)
 #   heads_first: the rotary passes' programs run head-major (neighbouring programs touch
 #                neighbouring rows of the per-head tensors) rather than token-major;
 #   bwd_heads:   heads per rotary-backward program (0: the whole group); fewer heads mean more
-#                programs, whose dq/dk partial sums over heads are then added atomically.
+#                programs, whose dq/dk partial sums over heads are then added atomically;
+#   rot_tokens:  tokens per rotary program (its (tokens, N) fp32 tiles live in registers: 32
+#                tokens on 4 warps spilled, 255 registers and a 1.9 KB stack in the backward).
 KNOBS = {
-    "fast_trig": True, "angle_step": 64, "angle_warps": 4, "angle_pairs": 8,
-    "heads_first": False, "bwd_heads": 0,
+    "fast_trig": True, "angle_step": 256, "angle_warps": 8, "angle_pairs": 8,
+    "heads_first": False, "bwd_heads": 0, "rot_tokens": 32,
 }  # fmt: skip
 
 
@@ -300,9 +301,10 @@ def rotary_fwd(q, k, qb, kb, theta, halves: bool, out_dtype: torch.dtype):
     T = B * L
     if T > 0:
         first = KNOBS["heads_first"]
-        grid = (triton.cdiv(T, _BT), R * H)
+        bt = KNOBS["rot_tokens"]
+        grid = (triton.cdiv(T, bt), R * H)
         _rot_fwd_kernel[grid[::-1] if first else grid](
-            q, k, qb, kb, theta, qr, kr, T, H, G, N=N, S=S, R=R, BT=_BT, HALVES=halves,
+            q, k, qb, kb, theta, qr, kr, T, H, G, N=N, S=S, R=R, BT=bt, HALVES=halves,
             FAST=_fast_trig(), HEADS_FIRST=first, num_warps=4,
         )  # fmt: skip
     return qr, kr
@@ -325,7 +327,8 @@ def rotary_bwd(dqr, dkr, q, k, qb, kb, theta, halves: bool, xr_dtype=torch.float
     alloc = torch.zeros if hb < HG else torch.empty
     dq = alloc((B, L, R, G, N), dtype=f32, device=dev)
     dk = alloc((B, L, R, G, N), dtype=f32, device=dev)
-    nblk = triton.cdiv(T, _BT)
+    bt = KNOBS["rot_tokens"]
+    nblk = triton.cdiv(T, bt)
     pq = torch.zeros((nblk, R, H, N), dtype=f32, device=dev)
     pk = torch.zeros_like(pq)
     dth = torch.empty((R, B, L, H, S), dtype=f32, device=dev)
@@ -334,7 +337,7 @@ def rotary_bwd(dqr, dkr, q, k, qb, kb, theta, halves: bool, xr_dtype=torch.float
         grid = (nblk, R * H // hb)
         _rot_bwd_kernel[grid[::-1] if first else grid](
             dqr, dkr, q, k, qb, kb, theta, dq, dk, pq, pk, dth, T, H, G,
-            N=N, S=S, R=R, BT=_BT, HALVES=halves, XR=_XR[xr_dtype], FAST=_fast_trig(),
+            N=N, S=S, R=R, BT=bt, HALVES=halves, XR=_XR[xr_dtype], FAST=_fast_trig(),
             HEADS_FIRST=first, HB=hb, ATOMIC=hb < HG, num_warps=4,
         )  # fmt: skip
     else:
@@ -543,15 +546,17 @@ def rot_core_scan(
 def compile_kernels(
     R: int, N: int, S: int, halves: bool, dtype: str = "bf16", target=None, fast: bool = True,
     pairs: int = 32, heads_first: bool = True, bwd_heads: int = 4, atomic: bool = True,
+    tokens: int = 32,
 ):  # fmt: skip
     """Compile the rotary and angle-scan forward and backward kernels ahead of time (no GPU
     needed) for ``target`` (default sm_90); fast: hardware trig in the rotary kernels; pairs:
     angle pairs per angle-scan program; heads_first, bwd_heads, atomic: the rotary grids' order,
-    heads per backward program and whether those add into dq/dk. Returns {name: compiled}."""
+    heads per backward program and whether those add into dq/dk; tokens: tokens per rotary
+    program. Returns {name: compiled}."""
     from triton.backends.compiler import GPUTarget
 
     target = target or GPUTarget("cuda", 90, 64)
-    consts = dict(N=N, S=S, R=R, BT=_BT, HALVES=halves, FAST=fast, HEADS_FIRST=heads_first)
+    consts = dict(N=N, S=S, R=R, BT=tokens, HALVES=halves, FAST=fast, HEADS_FIRST=heads_first)
     ints = dict(T="i32", H="i32", G="i32")
     fwd = {"q_ptr": f"*{dtype}", "k_ptr": f"*{dtype}", "qb_ptr": "*fp32", "kb_ptr": "*fp32",
            "th_ptr": "*fp32", "qr_ptr": f"*{dtype}", "kr_ptr": f"*{dtype}"}  # fmt: skip
