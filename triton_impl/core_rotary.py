@@ -48,10 +48,11 @@ _TWO_PI = tl.constexpr(6.283185307179586)
 #   rot_tokens:  tokens per rotary program (its (tokens, N) fp32 tiles live in registers: 32
 #                tokens on 4 warps spilled, 255 registers and a 1.9 KB stack in the backward;
 #                4 tokens: 139 registers, no stack; H100 SISO (1, 16384): rotary backward
-#                4.65 -> 1.46 ms, forward 1.54 -> 0.55 ms); rot_warps: their warps.
+#                4.65 -> 1.46 ms, forward 1.54 -> 0.55 ms); rot_warps: their warps (2: fwd+bwd
+#                9.59 -> 9.37 ms there).
 KNOBS = {
     "fast_trig": True, "angle_step": 256, "angle_warps": 8, "angle_pairs": 8,
-    "heads_first": False, "bwd_heads": 0, "rot_tokens": 4, "rot_warps": 4,
+    "heads_first": False, "bwd_heads": 0, "rot_tokens": 4, "rot_warps": 2,
 }  # fmt: skip
 
 
