@@ -315,8 +315,8 @@ _CORE_SM90 = textwrap.dedent(
             assert ".target sm_90" in ptx, ptx[:400]
             assert "wgmma" in ptx or "mma.sync" in ptx
             assert len(k.asm["cubin"]) > 1000
-            if name == "core_bwd":  # the sweeps add their cross-chunk terms atomically
-                assert "red.global" in ptx or "atom.global" in ptx
+            if name == "core_bwd":
+                assert ("red.global" in ptx or "atom.global" in ptx) == (split_n > 1)
             print("ok", name, rank)
     """
 )
@@ -328,7 +328,7 @@ def test_core_kernels_compile_for_sm90_without_gpu():
         [sys.executable, "-c", _CORE_SM90], env=env, capture_output=True, text=True, timeout=300
     )
     assert res.returncode == 0, res.stderr[-3000:]
-    assert res.stdout.count("ok") == 6
+    assert res.stdout.count("ok") == 4
 
 
 _ROTARY_SM90 = textwrap.dedent(

@@ -12,15 +12,11 @@ MIMO token holds R rows, row = token * R + rank; SISO has R = 1) with token t(i)
 with C the inclusive cumulative log-decay (sum of adt) from the sequence start. Every decay is
 formed from a difference of cumulative log-decays inside one chunk, never as a ratio.
 
-Backward in two launches. First every chunk's within-chunk terms, all chunks in parallel (the
-score-matrix products: dqr, dkr, dvr, dw, dgamma and the row dots); then two sweeps over the
-chunks in one launch, each program walking one (sequence, head, block of state columns) and
-adding the terms that cross chunks:
-  * forward sweep (recomputes the state chunk by chunk): dqr, qr . dqr per row, and
+Backward runs two sweeps over the chunks in one launch, each program walking one (sequence, head):
+  * forward sweep (recomputes the state chunk by chunk): dqr, and qr . dqr per row, and
     <dS_final, S_final>;
-  * reverse sweep (carries dS from the end): dkr, dvr, dw, kr . dkr per row, and dS0.
-The sweeps are independent, so they run side by side; they hold no chunk-by-chunk score
-matrices, which keeps them small enough for the register file. The decay gradient needs no state in
+  * reverse sweep (carries dS from the end): dkr, dvr, dw, dgamma, kr . dkr per row, and dS0.
+The two sweeps are independent, so they run side by side. The decay gradient needs no state in
 the reverse sweep: the function depends on C only through exp(C_i) qr_i, exp(-C_j) kr_j and
 exp(C_last) in S_final, hence dC_i = qr_i . dqr_i - kr_i . dkr_i, plus <dS_final, S_final> at the
 last token; d adt is the reverse cumulative sum of dC over the sequence (done in PyTorch).
@@ -48,7 +44,6 @@ from torch import Tensor
 __all__ = ["core_scan", "core_fwd", "core_bwd"]
 
 _MIN_DOT = 16
-_INTRA_WARPS = 8  # warps of the backward's within-chunk kernel (see core_bwd)
 
 
 @triton.jit
@@ -174,71 +169,31 @@ def _core_fwd_kernel(
 
 
 @triton.jit
-def _core_bwd_intra_kernel(
-    qr_ptr, kr_ptr, vr_ptr, adt_ptr, w_ptr, g_ptr, cu_ptr, dy_ptr,
-    dq_ptr, dk_ptr, dv_ptr, dw_ptr, dg_ptr, qdq_ptr, kdk_ptr,
-    L, H,
-    N: tl.constexpr, P: tl.constexpr, R: tl.constexpr, C: tl.constexpr,
-    VARLEN: tl.constexpr, DOTK: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
-):  # fmt: skip
-    """The within-chunk part of the core's gradients, chunks in parallel; grid (nseq * H,
-    lanes): lane l takes chunks l, l + lanes, ... of its sequence. Writes (initialises) dq, dk
-    (B, L, R, H, N), dv (B, L, R, H, P) fp32 and the row outputs dw, dg, qr . dq, kr . dk
-    ((B, H, L, R) fp32); the sweeps of _core_bwd_kernel then add the parts that cross chunks."""
-    seq = tl.program_id(0) // H
-    h = tl.program_id(0) % H
-    bos, seqlen, coef_base = _seq_bounds(cu_ptr, seq, h, L, H, VARLEN)
-    nn = tl.arange(0, N)
-    pp = tl.arange(0, P)
-    CR: tl.constexpr = C * R
-    rloc = tl.arange(0, CR)
-    t_loc = rloc // R
-    causal = t_loc[:, None] > t_loc[None, :]
-    diag = t_loc[:, None] == t_loc[None, :]
-    for c0 in range(tl.program_id(1) * C, seqlen, tl.num_programs(1) * C):
-        c, c_last, w, gm, q, k, v, valid, row, _t = _load_chunk(
-            qr_ptr, kr_ptr, vr_ptr, adt_ptr, w_ptr, g_ptr, bos, seqlen, coef_base, c0, h, H,
-            N, P, R, C, DOTK, UPCAST,
-        )  # fmt: skip
-        dy = tl.load(dy_ptr + row[:, None] * P + pp[None, :], mask=valid[:, None], other=0.0)
-        dyo = _rnd(dy.to(tl.float32), DOTK, UPCAST)
-        a = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
-        d = tl.dot(dyo, tl.trans(v), input_precision=DOT_PREC)
-        e = tl.where(causal, tl.exp(tl.minimum(c[:, None] - c[None, :], 0.0)), 0.0)
-        m = e * w[None, :] + tl.where(diag, gm[None, :], 0.0)
-        # one rounded score matrix feeds dq and dk: their pair terms cancel in d adt
-        dm = _rnd(d * m, DOTK, UPCAST)
-        dq = tl.dot(dm, k, input_precision=DOT_PREC)
-        dk = tl.dot(tl.trans(dm), q, input_precision=DOT_PREC)
-        dv = tl.dot(tl.trans(_rnd(a * m, DOTK, UPCAST)), dyo, input_precision=DOT_PREC)
-        ad = a * d
-        mr = valid[:, None]
-        tl.store(dq_ptr + row[:, None] * N + nn[None, :], dq, mask=mr)
-        tl.store(dk_ptr + row[:, None] * N + nn[None, :], dk, mask=mr)
-        tl.store(dv_ptr + row[:, None] * P + pp[None, :], dv, mask=mr)
-        ridx = coef_base * R + c0 * R + rloc
-        tl.store(dw_ptr + ridx, tl.sum(e * ad, axis=0), mask=valid)
-        tl.store(dg_ptr + ridx, tl.sum(tl.where(diag, ad, 0.0), axis=0), mask=valid)
-        tl.store(qdq_ptr + ridx, tl.sum(q.to(tl.float32) * dq, axis=1), mask=valid)
-        tl.store(kdk_ptr + ridx, tl.sum(k.to(tl.float32) * dk, axis=1), mask=valid)
+def _put(ptrs, x, mask, NS: tl.constexpr):
+    """Store x, or add it atomically when NS column blocks each hold a partial sum."""
+    if NS == 1:
+        tl.store(ptrs, x, mask=mask)
+    else:
+        tl.atomic_add(ptrs, x, mask=mask, sem="relaxed")
 
 
 @triton.jit
 def _core_bwd_kernel(
     qr_ptr, kr_ptr, vr_ptr, adt_ptr, w_ptr, g_ptr, s0_ptr, cu_ptr, dy_ptr, dsf_ptr,
-    dq_ptr, dk_ptr, dv_ptr, dw_ptr, qdq_ptr, kdk_ptr, ds0_ptr, sfdot_ptr,
+    dq_ptr, dk_ptr, dv_ptr, dw_ptr, dg_ptr, qdq_ptr, kdk_ptr, ds0_ptr, sfdot_ptr,
     L, H,
     N: tl.constexpr, P: tl.constexpr, R: tl.constexpr, C: tl.constexpr,
     VARLEN: tl.constexpr, HAS_S0: tl.constexpr, HAS_DSF: tl.constexpr,
     DOTK: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, NS: tl.constexpr,
 ):  # fmt: skip
-    """The cross-chunk part of the core's gradients, added to what _core_bwd_intra_kernel
-    wrote; grid (nseq * H, 2, NS): axis 1 picks the forward (0) or reverse (1) sweep, axis 2 a
-    block of N / NS state columns. The forward sweep recomputes the state S chunk by chunk and
-    adds exp(c) dY S to dq (and its share of qr . dq); the reverse sweep carries dS from the end
-    and adds its terms to dk, dv, dw (and kr . dk). dq and dk columns and the state blocks are
-    each owned by one program (read, added to, written); dv and the row outputs sum over the
-    column blocks and are added atomically."""
+    """Gradients of the core; grid (nseq * H, 2, NS): axis 1 picks the forward (0) or reverse
+    (1) sweep, axis 2 a block of N / NS state columns. Row outputs (qdq, kdk, dw, dg) are
+    (B, H, L, R) fp32 with (L, R) flattened.
+
+    Column blocks: every product over N splits into per-block partial sums, and the outputs
+    that sum over N (dv, qdq, kdk, dw, dg, sfdot) are linear in those partials, so with NS > 1
+    each program adds its part atomically into zero-initialised buffers; dq and dk columns, the
+    state S and its gradient dS are each wholly owned by one program."""
     pid = tl.program_id(0)
     sweep = tl.program_id(1)
     NB: tl.constexpr = N // NS
@@ -250,9 +205,12 @@ def _core_bwd_kernel(
     pp = tl.arange(0, P)
     CR: tl.constexpr = C * R
     rloc = tl.arange(0, CR)
+    t_loc = rloc // R
+    causal = t_loc[:, None] > t_loc[None, :]
+    diag = t_loc[:, None] == t_loc[None, :]
     st_off = (seq.to(tl.int64) * H + h) * P * N + pp[:, None] * N + nn[None, :]
     if sweep == 0:
-        # ---- forward sweep: dqr += exp(c) dY S ------------------------------------------
+        # ---- forward sweep: dqr = (dY Vr^T * M) Kr + exp(c) dY S ------------------------
         if HAS_S0:
             st = tl.load(s0_ptr + st_off).to(tl.float32)
         else:
@@ -263,22 +221,24 @@ def _core_bwd_kernel(
                 N, P, R, C, DOTK, UPCAST, n0, NB,
             )  # fmt: skip
             dy = tl.load(dy_ptr + row[:, None] * P + pp[None, :], mask=valid[:, None], other=0.0)
+            dy = dy.to(tl.float32)
+            d = tl.dot(_rnd(dy, DOTK, UPCAST), tl.trans(v), input_precision=DOT_PREC)
+            dec = tl.exp(tl.minimum(c[:, None] - c[None, :], 0.0))
+            m = tl.where(causal, dec * w[None, :], tl.where(diag, gm[None, :], 0.0))
             # The inter-chunk part with the same operands the reverse sweep's dS is built from
             # (dy exp(c) rounded) against the state split hi + lo: see the module docstring.
-            dyc = _rnd(dy.to(tl.float32) * tl.exp(c)[:, None], DOTK, UPCAST)
+            dyc = _rnd(dy * tl.exp(c)[:, None], DOTK, UPCAST)
             dq = _dot_split(dyc, st, tl.zeros((CR, NB), dtype=tl.float32), DOTK, DOT_PREC, UPCAST)
+            dq = tl.dot(_rnd(d * m, DOTK, UPCAST), k, dq, input_precision=DOT_PREC)
             vw = _rnd(v.to(tl.float32) * (tl.exp(c_last - c) * w)[:, None], DOTK, UPCAST)
             st = tl.dot(tl.trans(vw), k, st * tl.exp(c_last), input_precision=DOT_PREC)
-            mr = valid[:, None]
-            dq_ptrs = dq_ptr + row[:, None] * N + nn[None, :]
-            tl.store(dq_ptrs, tl.load(dq_ptrs, mask=mr, other=0.0) + dq, mask=mr)
+            tl.store(dq_ptr + row[:, None] * N + nn[None, :], dq, mask=valid[:, None])
             ridx = coef_base * R + c0 * R + rloc
-            tl.atomic_add(qdq_ptr + ridx, tl.sum(q.to(tl.float32) * dq, axis=1), mask=valid,
-                          sem="relaxed")  # fmt: skip
+            _put(qdq_ptr + ridx, tl.sum(q.to(tl.float32) * dq, axis=1), valid, NS)
         if HAS_DSF:
             dsf = tl.load(dsf_ptr + st_off).to(tl.float32)
             tot = tl.sum(tl.sum(dsf * st, axis=1), axis=0)
-            tl.atomic_add(sfdot_ptr + seq.to(tl.int64) * H + h, tot, sem="relaxed")
+            _put(sfdot_ptr + seq.to(tl.int64) * H + h, tot, None, NS)
     else:
         # ---- reverse sweep: carries dS (gradient of the state at the chunk end) ---------
         if HAS_DSF:
@@ -293,25 +253,34 @@ def _core_bwd_kernel(
                 N, P, R, C, DOTK, UPCAST, n0, NB,
             )  # fmt: skip
             dy = tl.load(dy_ptr + row[:, None] * P + pp[None, :], mask=valid[:, None], other=0.0)
-            decay_out = tl.exp(c_last - c)
-            wl = decay_out * w  # weight of row j in the chunk's state contribution
-            kds = tl.dot(k, tl.trans(_rnd(ds, DOTK, UPCAST)), input_precision=DOT_PREC)
+            dy = dy.to(tl.float32)
+            dyo = _rnd(dy, DOTK, UPCAST)
+            a = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+            d = tl.dot(dyo, tl.trans(v), input_precision=DOT_PREC)
+            e = tl.where(causal, tl.exp(tl.minimum(c[:, None] - c[None, :], 0.0)), 0.0)
+            m = e * w[None, :] + tl.where(diag, gm[None, :], 0.0)
+            wl = tl.exp(c_last - c) * w  # weight of row j in the chunk's state contribution
+            dso = _rnd(ds, DOTK, UPCAST)
+            kds = tl.dot(k, tl.trans(dso), input_precision=DOT_PREC)  # (CR, P)
+            dv = tl.dot(tl.trans(_rnd(a * m, DOTK, UPCAST)), dyo, input_precision=DOT_PREC)
+            dv += wl[:, None] * kds
             # the inter-chunk part from the operand the forward sweep's state is built from
             # (v exp(c_last - c) w rounded) against dS split hi + lo: see the module docstring.
             vw = _rnd(v.to(tl.float32) * wl[:, None], DOTK, UPCAST)
             dk = _dot_split(vw, ds, tl.zeros((CR, NB), dtype=tl.float32), DOTK, DOT_PREC, UPCAST)
-            dyc = _rnd(dy.to(tl.float32) * tl.exp(c)[:, None], DOTK, UPCAST)
+            dk = tl.dot(tl.trans(_rnd(d * m, DOTK, UPCAST)), q, dk, input_precision=DOT_PREC)
+            ad = a * d
+            dw = tl.sum(e * ad, axis=0) + tl.exp(c_last - c) * tl.sum(v.to(tl.float32) * kds, 1)
+            dg = tl.sum(tl.where(diag, ad, 0.0), axis=0)
+            dyc = _rnd(dy * tl.exp(c)[:, None], DOTK, UPCAST)
             ds = tl.dot(tl.trans(dyc), q, ds * tl.exp(c_last), input_precision=DOT_PREC)
             mr = valid[:, None]
-            dk_ptrs = dk_ptr + row[:, None] * N + nn[None, :]
-            tl.store(dk_ptrs, tl.load(dk_ptrs, mask=mr, other=0.0) + dk, mask=mr)
-            tl.atomic_add(dv_ptr + row[:, None] * P + pp[None, :], wl[:, None] * kds, mask=mr,
-                          sem="relaxed")  # fmt: skip
+            tl.store(dk_ptr + row[:, None] * N + nn[None, :], dk, mask=mr)
+            _put(dv_ptr + row[:, None] * P + pp[None, :], dv, mr, NS)
             ridx = coef_base * R + c0 * R + rloc
-            dw = decay_out * tl.sum(v.to(tl.float32) * kds, axis=1)
-            tl.atomic_add(dw_ptr + ridx, dw, mask=valid, sem="relaxed")
-            tl.atomic_add(kdk_ptr + ridx, tl.sum(k.to(tl.float32) * dk, axis=1), mask=valid,
-                          sem="relaxed")  # fmt: skip
+            _put(dw_ptr + ridx, dw, valid, NS)
+            _put(dg_ptr + ridx, dg, valid, NS)
+            _put(kdk_ptr + ridx, tl.sum(k.to(tl.float32) * dk, axis=1), valid, NS)
         tl.store(ds0_ptr + st_off, ds)
 
 
@@ -380,11 +349,11 @@ def core_bwd(qr, kr, vr, adt, w, gam, s0, cu_seqlens, meta, dy, dsf):
         raise ValueError(f"split_n={split_n} must divide N={N} into blocks of >= {_MIN_DOT}")
     dev = qr.device
     f32 = torch.float32
-    # every row of these is first written by the within-chunk kernel, then added to
+    summed = torch.zeros if split_n > 1 else torch.empty  # outputs that add partial sums
     dq = torch.empty((B, L, R, H, N), dtype=f32, device=dev)
     dk = torch.empty((B, L, R, H, N), dtype=f32, device=dev)
-    dv = torch.empty((B, L, R, H, P), dtype=f32, device=dev)
-    rows = torch.empty((4, B, H, L, R), dtype=f32, device=dev)  # qdq, kdk, dw, dg per row
+    dv = summed((B, L, R, H, P), dtype=f32, device=dev)
+    rows = summed((4, B, H, L, R), dtype=f32, device=dev)  # qdq, kdk, dw, dg per row
     ds0 = torch.empty((nseq, H, P, N), dtype=f32, device=dev)
     sfdot = torch.zeros((nseq, H), dtype=f32, device=dev)
     if L == 0:
@@ -392,28 +361,17 @@ def core_bwd(qr, kr, vr, adt, w, gam, s0, cu_seqlens, meta, dy, dsf):
         rows.zero_()
     else:
         dummy = adt
-        cu = cu_seqlens if cu_seqlens is not None else dummy
-        varlen = cu_seqlens is not None
-        consts = _consts(R, N, P, chunk, varlen, dot_dtype)
-        dy = dy.contiguous()
-        # one lane per chunk for fixed-length sequences; varlen: a fixed number of lanes, each
-        # looping over its chunks (the longest sequence is not known without a host sync)
-        lanes = min(triton.cdiv(L, chunk), 64 if varlen else 65535)
-        # 8 warps: the chunk's score matrices and both (rows, N) gradients are live at once
-        # (sm_90, 32 rows, N=128, P=64: 4 warps spill ~1 KB per thread, 8 warps ~0.1 KB)
-        _core_bwd_intra_kernel[(nseq * H, lanes)](
-            qr, kr, vr, adt, w, gam, cu, dy,
-            dq, dk, dv, rows[2], rows[3], rows[0], rows[1], L, H,
-            **consts, num_warps=_INTRA_WARPS, num_stages=num_stages,
-        )  # fmt: skip
         _core_bwd_kernel[(nseq * H, 2, split_n)](
             qr, kr, vr, adt, w, gam,
-            s0 if s0 is not None else dummy, cu, dy,
+            s0 if s0 is not None else dummy,
+            cu_seqlens if cu_seqlens is not None else dummy,
+            dy.contiguous(),
             dsf.contiguous() if dsf is not None else dummy,
-            dq, dk, dv, rows[2], rows[0], rows[1], ds0, sfdot,
+            dq, dk, dv, rows[2], rows[3], rows[0], rows[1], ds0, sfdot,
             L, H,
             HAS_S0=s0 is not None, HAS_DSF=dsf is not None, NS=split_n,
-            **consts, num_warps=num_warps, num_stages=num_stages,
+            **_consts(R, N, P, chunk, cu_seqlens is not None, dot_dtype),
+            num_warps=num_warps, num_stages=num_stages,
         )  # fmt: skip
     qdq, kdk, dw, dg = rows
     # dC per token (sum over rank rows), plus <dS_final, S_final> at each sequence's last token;
@@ -577,15 +535,11 @@ def compile_kernels(
     fwd_ptrs = ["qr_ptr", "kr_ptr", "vr_ptr", "adt_ptr", "w_ptr", "g_ptr", "s0_ptr", "cu_ptr",
                 "y_ptr", "sf_ptr"]  # fmt: skip
     bwd_ptrs = ["qr_ptr", "kr_ptr", "vr_ptr", "adt_ptr", "w_ptr", "g_ptr", "s0_ptr", "cu_ptr",
-                "dy_ptr", "dsf_ptr", "dq_ptr", "dk_ptr", "dv_ptr", "dw_ptr", "qdq_ptr",
+                "dy_ptr", "dsf_ptr", "dq_ptr", "dk_ptr", "dv_ptr", "dw_ptr", "dg_ptr", "qdq_ptr",
                 "kdk_ptr", "ds0_ptr", "sfdot_ptr"]  # fmt: skip
-    intra_ptrs = ["qr_ptr", "kr_ptr", "vr_ptr", "adt_ptr", "w_ptr", "g_ptr", "cu_ptr",
-                  "dy_ptr", "dq_ptr", "dk_ptr", "dv_ptr", "dw_ptr", "dg_ptr", "qdq_ptr",
-                  "kdk_ptr"]  # fmt: skip
     out = {}
     for name, fn, ptrs, flags in (
         ("core_fwd", _core_fwd_kernel, fwd_ptrs, dict(HAS_S0=True, HAS_SF=True)),
-        ("core_bwd_intra", _core_bwd_intra_kernel, intra_ptrs, {}),
         ("core_bwd", _core_bwd_kernel, bwd_ptrs, dict(HAS_S0=True, HAS_DSF=True, NS=split_n)),
     ):
         c = {**consts, **flags}
