@@ -235,10 +235,7 @@ def _step_kernel(
                 w_prev = beta * v_old
                 w_cur = gamma * v_new
             acc += w_prev[:, None] * k_prev[None, :] + w_cur[:, None] * k_cur[None, :]
-        if STREAM:
-            tl.store(ss_ptrs, acc, eviction_policy="evict_first")
-        else:
-            tl.store(ss_ptrs, acc)
+        _store_state_tile(ss_ptrs, acc, STREAM)
 
         # y_r = Hs q_r + D vr, gated by silu(zr), mixed over ranks by mimo_o.
         if HAS_Z:
@@ -293,13 +290,27 @@ def _step_kernel(
 
 @triton.jit
 def _state_tile(ptrs, live, STREAM: tl.constexpr):
-    """One fp32 state tile (zeros where ``live`` is False). The state streams through once:
-    evict_first would keep it from displacing the small, reused per-head tensors in L2 (STREAM
-    constexpr, so both variants can be timed)."""
-    if STREAM:
+    """One fp32 state tile (zeros where ``live`` is False). The state streams through once, so
+    cache hints may keep it from displacing the small, reused per-head tensors in L2. STREAM
+    (constexpr, so the variants can be timed): 0 none, 1 evict_first on loads and stores,
+    2 loads cached in L2 only (.cg) and streaming stores (.cs), 3 streaming stores only."""
+    if STREAM == 1:
         return tl.load(ptrs, mask=live, other=0.0, eviction_policy="evict_first")
+    elif STREAM == 2:
+        return tl.load(ptrs, mask=live, other=0.0, cache_modifier=".cg")
     else:
         return tl.load(ptrs, mask=live, other=0.0)
+
+
+@triton.jit
+def _store_state_tile(ptrs, x, STREAM: tl.constexpr):
+    """Store a state tile with the hint of STREAM (see _state_tile)."""
+    if STREAM == 1:
+        tl.store(ptrs, x, eviction_policy="evict_first")
+    elif STREAM >= 2:
+        tl.store(ptrs, x, cache_modifier=".cs")
+    else:
+        tl.store(ptrs, x)
 
 
 @triton.jit
@@ -328,10 +339,11 @@ _CONST_NAMES = (
     "HAS_D", "HAS_Z", "HAS_MV", "HAS_MZ", "HAS_MO", "KEEP_RANKS", "STREAM", "PREFETCH",
 )  # fmt: skip
 
-# Cache hint on the state's loads and stores (evict_first). Off: on an H100 it moved the step by
-# about 1 % either way (SISO slower, MIMO faster; bench/NOTES.md). A list so a benchmark can
-# switch it; launch plans made before a switch keep their setting (clear _PLANS after switching).
-STREAM_STATE = [False]
+# Cache hints on the state's loads and stores (modes in _state_tile). Off: on an H100 evict_first
+# moved the step by about 1 % either way (SISO slower, MIMO faster; bench/NOTES.md). A list so a
+# benchmark can switch it; launch plans made before a switch keep their setting (clear _PLANS
+# after switching).
+STREAM_STATE = [0]
 # Request each state tile one step ahead (the first before the prologue); switchable likewise.
 PREFETCH_STATE = [True]
 
