@@ -49,7 +49,7 @@ case "$mode" in
         ;;
     step)
         # shellcheck disable=SC2086
-        timeout "${STEP_S:-300}" python bench/bench_triton_step.py --cases siso_bf16 --sweep \
+        timeout "${STEP_S:-300}" python bench/bench_triton_step.py --cases siso_bf16 ${STEP_SWEEP:---sweep} \
             --batches ${STEP_BATCHES:-1 16 128} \
             --json "$OUT/triton_step.json" 2>&1 | tail -12
         ;;
