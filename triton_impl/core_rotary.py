@@ -508,6 +508,9 @@ class _RotCore(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         ctx.save_for_backward(*inputs[:11], output[2], output[3])
         ctx.mark_non_differentiable(output[2], output[3])
+        # Unused outputs get None, not zero-filled gradients: qr/kr's would be two per-head
+        # (B, L, R, H, N) fills per backward, and a zero dS_final is no final-state gradient.
+        ctx.set_materialize_grads(False)
         ctx.halves = inputs[11]
         ctx.flags = inputs[13:]
 
