@@ -27,6 +27,7 @@ from torch import Tensor
 from triton.language.extra import libdevice
 
 from .core_scan import _core_bwd_op, _core_fwd_op, _interp, _seq_bounds
+from .fwd_tiles import _load_rot, _store_rot
 
 __all__ = ["rotary_fwd", "rotary_bwd", "rot_core_scan", "angle_scan"]
 
@@ -49,10 +50,13 @@ _TWO_PI = tl.constexpr(6.283185307179586)
 #                tokens on 4 warps spilled, 255 registers and a 1.9 KB stack in the backward;
 #                4 tokens: 139 registers, no stack; H100 SISO (1, 16384): rotary backward
 #                4.65 -> 1.46 ms, forward 1.54 -> 0.55 ms); rot_warps: their warps (2: fwd+bwd
-#                9.59 -> 9.37 ms there).
+#                9.59 -> 9.37 ms there);
+#   pair_tiles:  the rotary kernels on (tokens, N/2) tiles of pair members, each value loaded
+#                once and the trig evaluated per pair (else per column with partner gathers).
 KNOBS = {
     "fast_trig": True, "angle_step": 256, "angle_warps": 8, "angle_pairs": 8,
     "heads_first": False, "bwd_heads": 0, "rot_tokens": 4, "rot_warps": 2,
+    "pair_tiles": True,
 }  # fmt: skip
 
 
@@ -212,6 +216,145 @@ def _rot_bwd_kernel(
 
 
 @triton.jit
+def _pair_cols(NH: tl.constexpr, HALVES: tl.constexpr):
+    """Columns of the two members (a, b) of every pair j < NH: halves (j, NH + j), interleaved
+    (2j, 2j + 1). Pairs at or past S are rotated by a zero angle, i.e. passed through."""
+    jj = tl.arange(0, NH)
+    if HALVES:
+        return jj, NH + jj
+    else:
+        return 2 * jj, 2 * jj + 1
+
+
+@triton.jit
+def _biased_pairs(x_ptr, b_ptr, src, m2, NH: tl.constexpr, HALVES: tl.constexpr):
+    """x + bias as the pair members (a, b): two (BT, NH) fp32 tiles; each row loaded once,
+    contiguously (the interleaved split happens in registers)."""
+    ca, cb = _pair_cols(NH, HALVES)
+    xa, xb = _load_rot(x_ptr, src, m2, NH, NH, HALVES)
+    xa = xa.to(tl.float32) + tl.load(b_ptr + ca)[None, :]
+    xb = xb.to(tl.float32) + tl.load(b_ptr + cb)[None, :]
+    return xa, xb
+
+
+@triton.jit
+def _add_pairs(ptr, row_off, a, b, rmask, NH: tl.constexpr, HALVES: tl.constexpr):
+    """Atomically add pair tiles a, b (M, NH) into rows of N values (inverse layout of
+    _load_rot)."""
+    if HALVES:
+        j = tl.arange(0, NH)
+        tl.atomic_add(ptr + row_off + j[None, :], a, mask=rmask, sem="relaxed")
+        tl.atomic_add(ptr + row_off + NH + j[None, :], b, mask=rmask, sem="relaxed")
+    else:
+        jn = tl.arange(0, 2 * NH)
+        x = tl.reshape(tl.join(a, b), (a.shape[0], 2 * NH))
+        tl.atomic_add(ptr + row_off + jn[None, :], x, mask=rmask, sem="relaxed")
+
+
+@triton.jit
+def _rot_fwd_pairs_kernel(
+    q_ptr, k_ptr, qb_ptr, kb_ptr, th_ptr, qr_ptr, kr_ptr, T, H, G,
+    N: tl.constexpr, S: tl.constexpr, R: tl.constexpr, BT: tl.constexpr, HALVES: tl.constexpr,
+    FAST: tl.constexpr, HEADS_FIRST: tl.constexpr,
+):  # fmt: skip
+    """_rot_fwd_kernel on pair tiles: every value is loaded once (no partner gather) and the
+    trig is evaluated per pair, not per column."""
+    NH: tl.constexpr = N // 2
+    pid_t, rh = _grid_ids(HEADS_FIRST)
+    r = rh // H
+    h = rh % H
+    g = h // (H // G)
+    t = (pid_t * BT + tl.arange(0, BT)).to(tl.int64)
+    m2 = (t < T)[:, None]
+    jj = tl.arange(0, NH)
+    src = (((t * R + r) * G + g) * N)[:, None]
+    boff = (r * H + h) * N
+    th = tl.load(th_ptr + (t * H + h)[:, None] * S + jj[None, :], mask=m2 & (jj < S)[None, :],
+                 other=0.0)  # fmt: skip
+    c, s = _cos_sin(th, FAST)
+    dst = (((t * R + r) * H + h) * N)[:, None]
+    xa, xb = _biased_pairs(q_ptr, qb_ptr + boff, src, m2, NH, HALVES)
+    ty = qr_ptr.dtype.element_ty
+    _store_rot(qr_ptr, dst, (xa * c - xb * s).to(ty), (xa * s + xb * c).to(ty), m2, NH, NH,
+               HALVES)  # fmt: skip
+    xa, xb = _biased_pairs(k_ptr, kb_ptr + boff, src, m2, NH, HALVES)
+    _store_rot(kr_ptr, dst, (xa * c - xb * s).to(ty), (xa * s + xb * c).to(ty), m2, NH, NH,
+               HALVES)  # fmt: skip
+
+
+@triton.jit
+def _unrotate_pairs(d_ptr, dst, m2, xa, xb, c, s, NH: tl.constexpr, HALVES: tl.constexpr,
+                    XR: tl.constexpr):  # fmt: skip
+    """(dxa, dxb, dtheta) of one operand from its rotated gradient rows: dx = Rot(-theta) dxr,
+    dtheta = dxr_b xr_a - dxr_a xr_b with xr rounded as the core saw it (see _unrotate)."""
+    ga, gb = _load_rot(d_ptr, dst, m2, NH, NH, HALVES)
+    xra = xa * c - xb * s
+    xrb = xa * s + xb * c
+    if XR == 1:
+        xra = xra.to(tl.bfloat16).to(tl.float32)
+        xrb = xrb.to(tl.bfloat16).to(tl.float32)
+    elif XR == 2:
+        xra = xra.to(tl.float16).to(tl.float32)
+        xrb = xrb.to(tl.float16).to(tl.float32)
+    return ga * c + gb * s, gb * c - ga * s, gb * xra - ga * xrb
+
+
+@triton.jit
+def _rot_bwd_pairs_kernel(
+    dqr_ptr, dkr_ptr, q_ptr, k_ptr, qb_ptr, kb_ptr, th_ptr,
+    dq_ptr, dk_ptr, dqb_ptr, dkb_ptr, dth_ptr, T, H, G,
+    N: tl.constexpr, S: tl.constexpr, R: tl.constexpr, BT: tl.constexpr, HALVES: tl.constexpr,
+    XR: tl.constexpr, FAST: tl.constexpr, HEADS_FIRST: tl.constexpr, HB: tl.constexpr,
+    ATOMIC: tl.constexpr,
+):  # fmt: skip
+    """_rot_bwd_kernel on pair tiles (same grid, inputs and outputs)."""
+    NH: tl.constexpr = N // 2
+    pid_t, rgb = _grid_ids(HEADS_FIRST)
+    HG = H // G
+    nhb = HG // HB
+    r = rgb // (G * nhb)
+    g = (rgb // nhb) % G
+    h0 = g * HG + (rgb % nhb) * HB
+    t = (pid_t * BT + tl.arange(0, BT)).to(tl.int64)
+    m2 = (t < T)[:, None]
+    jj = tl.arange(0, NH)
+    ca, cb = _pair_cols(NH, HALVES)
+    src = (((t * R + r) * G + g) * N)[:, None]
+    qa = tl.zeros((BT, NH), dtype=tl.float32)
+    qb = tl.zeros((BT, NH), dtype=tl.float32)
+    ka = tl.zeros((BT, NH), dtype=tl.float32)
+    kb = tl.zeros((BT, NH), dtype=tl.float32)
+    for hh in range(0, HB):
+        h = h0 + hh
+        boff = (r * H + h) * N
+        th = tl.load(th_ptr + (t * H + h)[:, None] * S + jj[None, :],
+                     mask=m2 & (jj < S)[None, :], other=0.0)  # fmt: skip
+        c, s = _cos_sin(th, FAST)
+        dst = (((t * R + r) * H + h) * N)[:, None]
+        xa, xb = _biased_pairs(q_ptr, qb_ptr + boff, src, m2, NH, HALVES)
+        dxa, dxb, tq = _unrotate_pairs(dqr_ptr, dst, m2, xa, xb, c, s, NH, HALVES, XR)
+        qa += dxa
+        qb += dxb
+        pb = (pid_t.to(tl.int64) * R * H + r * H + h) * N
+        tl.store(dqb_ptr + pb + ca, tl.sum(dxa, axis=0))
+        tl.store(dqb_ptr + pb + cb, tl.sum(dxb, axis=0))
+        xa, xb = _biased_pairs(k_ptr, kb_ptr + boff, src, m2, NH, HALVES)
+        dxa, dxb, tk = _unrotate_pairs(dkr_ptr, dst, m2, xa, xb, c, s, NH, HALVES, XR)
+        ka += dxa
+        kb += dxb
+        tl.store(dkb_ptr + pb + ca, tl.sum(dxa, axis=0))
+        tl.store(dkb_ptr + pb + cb, tl.sum(dxb, axis=0))
+        toff = ((r * T + t) * H + h) * S
+        tl.store(dth_ptr + toff[:, None] + jj[None, :], tq + tk, mask=m2 & (jj < S)[None, :])
+    if ATOMIC:
+        _add_pairs(dq_ptr, src, qa, qb, m2, NH, HALVES)
+        _add_pairs(dk_ptr, src, ka, kb, m2, NH, HALVES)
+    else:
+        _store_rot(dq_ptr, src, qa, qb, m2, NH, NH, HALVES)
+        _store_rot(dk_ptr, src, ka, kb, m2, NH, NH, HALVES)
+
+
+@triton.jit
 def _angle_fwd_kernel(
     ang_ptr, dt_ptr, a0_ptr, cu_ptr, th_ptr, L, H,
     S: tl.constexpr, SP: tl.constexpr, BL: tl.constexpr, VARLEN: tl.constexpr,
@@ -306,7 +449,8 @@ def rotary_fwd(q, k, qb, kb, theta, halves: bool, out_dtype: torch.dtype):
         first = KNOBS["heads_first"]
         bt = KNOBS["rot_tokens"]
         grid = (triton.cdiv(T, bt), R * H)
-        _rot_fwd_kernel[grid[::-1] if first else grid](
+        kernel = _rot_fwd_pairs_kernel if KNOBS["pair_tiles"] else _rot_fwd_kernel
+        kernel[grid[::-1] if first else grid](
             q, k, qb, kb, theta, qr, kr, T, H, G, N=N, S=S, R=R, BT=bt, HALVES=halves,
             FAST=_fast_trig(), HEADS_FIRST=first, num_warps=KNOBS["rot_warps"],
         )  # fmt: skip
@@ -339,7 +483,8 @@ def rotary_bwd(dqr, dkr, q, k, qb, kb, theta, halves: bool, xr_dtype=torch.float
     if T > 0:
         first = KNOBS["heads_first"]
         grid = (nblk, R * H // hb)
-        _rot_bwd_kernel[grid[::-1] if first else grid](
+        kernel = _rot_bwd_pairs_kernel if KNOBS["pair_tiles"] else _rot_bwd_kernel
+        kernel[grid[::-1] if first else grid](
             dqr, dkr, q, k, qb, kb, theta, dq, dk, pq, pk, dth, T, H, G,
             N=N, S=S, R=R, BT=bt, HALVES=halves, XR=_XR[xr_dtype], FAST=_fast_trig(),
             HEADS_FIRST=first, HB=hb, ATOMIC=hb < HG, num_warps=KNOBS["rot_warps"],
@@ -555,13 +700,14 @@ def rot_core_scan(
 def compile_kernels(
     R: int, N: int, S: int, halves: bool, dtype: str = "bf16", target=None, fast: bool = True,
     pairs: int = 32, heads_first: bool = True, bwd_heads: int = 4, atomic: bool = True,
-    tokens: int = 32,
+    tokens: int = 32, pair_tiles: bool = True,
 ):  # fmt: skip
     """Compile the rotary and angle-scan forward and backward kernels ahead of time (no GPU
     needed) for ``target`` (default sm_90); fast: hardware trig in the rotary kernels; pairs:
     angle pairs per angle-scan program; heads_first, bwd_heads, atomic: the rotary grids' order,
     heads per backward program and whether those add into dq/dk; tokens: tokens per rotary
-    program. Returns {name: compiled}."""
+    program; pair_tiles: the pair-tile rotary kernels (else the per-column ones).
+    Returns {name: compiled}."""
     from triton.backends.compiler import GPUTarget
 
     target = target or GPUTarget("cuda", 90, 64)
@@ -575,18 +721,15 @@ def compile_kernels(
            "dth_ptr": "*fp32"}  # fmt: skip
     out = {}
     xr = {"bf16": 1, "fp16": 2}.get(dtype, 0)
-    for name, fn, sig, c in (
-        ("rotary_fwd", _rot_fwd_kernel, fwd, consts),
-        (
-            "rotary_bwd",
-            _rot_bwd_kernel,
-            bwd,
-            {**consts, "XR": xr, "HB": bwd_heads, "ATOMIC": atomic},
-        ),
-    ):
+    fwd_fn = _rot_fwd_pairs_kernel if pair_tiles else _rot_fwd_kernel
+    bwd_fn = _rot_bwd_pairs_kernel if pair_tiles else _rot_bwd_kernel
+    bwd_c = {**consts, "XR": xr, "HB": bwd_heads, "ATOMIC": atomic}
+    launches = (("rotary_fwd", fwd_fn, fwd, consts), ("rotary_bwd", bwd_fn, bwd, bwd_c))
+    for name, fn, sig, c in launches:
         sig = {**sig, **ints, **{k: "constexpr" for k in c}}
         src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=c)
-        out[name] = triton.compile(src, target=target, options={"num_warps": 4})
+        opts = {"num_warps": KNOBS["rot_warps"]}
+        out[name] = triton.compile(src, target=target, options=opts)
     sp = min(triton.next_power_of_2(S), pairs)
     ac = dict(S=S, SP=sp, BL=KNOBS["angle_step"], VARLEN=False)
     afwd = {"ang_ptr": "*fp32", "dt_ptr": "*fp32", "a0_ptr": "*fp32", "cu_ptr": "*i32",
