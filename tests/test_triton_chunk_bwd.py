@@ -171,22 +171,16 @@ def test_bf16_decay_and_angle_gradients_over_many_chunks(rank, L):
     [(1, 1, 3, 16, 4, "interleaved"), (2, 2, 4, 32, 16, "halves"), (2, 1, 2, 16, 4, "halves"),
      (1, 2, 4, 16, 8, "interleaved"), (2, 1, 4, 16, 4, "halves")],
 )  # fmt: skip
-@pytest.mark.parametrize(
-    "heads_first,bwd_heads,pair_tiles", [(False, 0, True), (True, 1, True), (True, 2, False)]
-)
-def test_rotary_kernels_match_torch(
-    rank, G, H, N, S, layout, heads_first, bwd_heads, pair_tiles, monkeypatch
-):
+@pytest.mark.parametrize("heads_first,bwd_heads", [(False, 0), (True, 1), (True, 2)])
+def test_rotary_kernels_match_torch(rank, G, H, N, S, layout, heads_first, bwd_heads, monkeypatch):
     """The fused bias + rotary + GQA kernels and their hand-written backward vs PyTorch autograd
     of the same prep in float64 (37 tokens per sequence: a partial last token block); token- or
-    head-major grids, backward programs over whole groups or 1-2 heads (dq/dk added atomically);
-    pair-tile kernels and the per-column ones."""
+    head-major grids, backward programs over whole groups or 1-2 heads (dq/dk added atomically)."""
     from mamba3_kernels.triton_impl import core_prep as cp
     from mamba3_kernels.triton_impl import core_rotary as cr
 
     monkeypatch.setitem(cr.KNOBS, "heads_first", heads_first)
     monkeypatch.setitem(cr.KNOBS, "bwd_heads", bwd_heads)
-    monkeypatch.setitem(cr.KNOBS, "pair_tiles", pair_tiles)
     g = torch.Generator().manual_seed(rank * 100 + G * 10 + S)
     B, L = 2, 37
     q = torch.randn(B, L, rank, G, N, generator=g)
@@ -341,15 +335,15 @@ _ROTARY_SM90 = textwrap.dedent(
     """
     from mamba3_kernels.triton_impl import core_rotary as cr
 
-    # accurate trig, whole-head angle programs, token-major per-column rotary kernels storing
-    # dq/dk; hardware trig, 8-pair angle programs, head-major pair-tile kernels adding partial
-    # dq/dk atomically (both layouts each way)
+    # accurate trig, whole-head angle programs, token-major rotary grids storing dq/dk;
+    # hardware trig, 8-pair angle programs, head-major grids adding partial dq/dk atomically
+    # (both layouts each way)
     for rank, halves, fast in ((1, False, False), (4, True, True), (1, False, True),
                                (4, True, False)):  # fmt: skip
         pairs, heads = (8, 4) if fast else (32, 16)
         for name, k in cr.compile_kernels(rank, 128, 32, halves, fast=fast, pairs=pairs,
                                           heads_first=fast, bwd_heads=heads, atomic=fast,
-                                          tokens=4, pair_tiles=fast).items():  # fmt: skip
+                                          tokens=4).items():  # fmt: skip
             assert ".target sm_90" in k.asm["ptx"]
             print("ok", name, rank)
     """

@@ -4,13 +4,14 @@ Fused with the core (``rot_core_scan``) so that the per-head rotated q/k exist o
 dot operands (in the dot dtype) and their fp32 gradients only between the core's backward and
 the rotary backward: no PyTorch elementwise pass and no autograd ever touches a per-head tensor.
 
-Rotation per coordinate n with partner p(n) (same pair j(n)) and sign sgn(n) (-1 for the first
-member of a pair, +1 for the second, 0 for pass-through columns):
+The kernels work on pair members: pair j has columns (a, b) = (j, N/2 + j) (halves) or
+(2j, 2j + 1) (interleaved), every row is loaded once as two (tokens, N/2) tiles, and pairs
+j >= S are rotated by a zero angle (passed through). Per pair, with x = q + bias (q read from
+group h // (H / G)):
 
-    x_n   = q_n + bias_n                          (q read from group h // (H / G))
-    xr_n  = x_n cos(theta_j) + sgn_n x_p sin(theta_j)
-    dx_n  = dxr_n cos(theta_j) - sgn_n dxr_p sin(theta_j)          (rotation by -theta)
-    dtheta_j = sum over the pair's two columns of sgn_n dxr_n xr_p  (q and k, every rank)
+    xr_a = x_a cos - x_b sin,         xr_b = x_a sin + x_b cos
+    dx_a = dxr_a cos + dxr_b sin,     dx_b = dxr_b cos - dxr_a sin      (rotation by -theta)
+    dtheta_j = dxr_b xr_a - dxr_a xr_b                                 (q and k, every rank)
 
 dq/dk are summed over the heads of a group in registers; bias gradients are per-block partial
 sums over tokens, reduced in PyTorch; dtheta is written per (rank, token, head, pair).
@@ -51,30 +52,10 @@ _TWO_PI = tl.constexpr(6.283185307179586)
 #                4 tokens: 139 registers, no stack; H100 SISO (1, 16384): rotary backward
 #                4.65 -> 1.46 ms, forward 1.54 -> 0.55 ms); rot_warps: their warps (2: fwd+bwd
 #                9.59 -> 9.37 ms there);
-#   pair_tiles:  the rotary kernels on (tokens, N/2) tiles of pair members, each value loaded
-#                once and the trig evaluated per pair (else per column with partner gathers).
 KNOBS = {
     "fast_trig": True, "angle_step": 256, "angle_warps": 8, "angle_pairs": 8,
     "heads_first": False, "bwd_heads": 0, "rot_tokens": 4, "rot_warps": 2,
-    "pair_tiles": True,
 }  # fmt: skip
-
-
-@triton.jit
-def _pairs(N: tl.constexpr, S: tl.constexpr, HALVES: tl.constexpr):
-    """Per column n: pair index j, partner column, whether it is rotated, sign (-1, +1, 0)."""
-    n = tl.arange(0, N)
-    if HALVES:
-        j = n % (N // 2)
-        second = n >= N // 2
-        partner = tl.where(second, n - N // 2, n + N // 2)
-    else:
-        j = n // 2
-        second = (n % 2) == 1
-        partner = tl.where(second, n - 1, n + 1)
-    paired = j < S
-    sgn = tl.where(paired, tl.where(second, 1.0, -1.0), 0.0)
-    return n, j, partner, paired, sgn
 
 
 @triton.jit
@@ -96,123 +77,6 @@ def _grid_ids(HEADS_FIRST: tl.constexpr):
         return tl.program_id(1), tl.program_id(0)
     else:
         return tl.program_id(0), tl.program_id(1)
-
-
-@triton.jit
-def _biased(x_ptr, b_ptr, src, n, partner, mask):
-    """x + bias at the columns and at their partners: two (BT, N) fp32 tiles."""
-    b = tl.load(b_ptr + n).to(tl.float32)
-    bp = tl.load(b_ptr + partner).to(tl.float32)
-    x = tl.load(x_ptr + src[:, None] + n[None, :], mask=mask, other=0.0).to(tl.float32)
-    xp = tl.load(x_ptr + src[:, None] + partner[None, :], mask=mask, other=0.0).to(tl.float32)
-    return x + b[None, :], xp + bp[None, :]
-
-
-@triton.jit
-def _rot_fwd_kernel(
-    q_ptr, k_ptr, qb_ptr, kb_ptr, th_ptr, qr_ptr, kr_ptr, T, H, G,
-    N: tl.constexpr, S: tl.constexpr, R: tl.constexpr, BT: tl.constexpr, HALVES: tl.constexpr,
-    FAST: tl.constexpr, HEADS_FIRST: tl.constexpr,
-):  # fmt: skip
-    """qr, kr (T, R, H, N) = Rot(theta) (q, k (T, R, G, N) + bias (R, H, N)); grid (T/BT, R*H),
-    or (R*H, T/BT) with HEADS_FIRST."""
-    pid_t, rh = _grid_ids(HEADS_FIRST)
-    r = rh // H
-    h = rh % H
-    g = h // (H // G)
-    t = (pid_t * BT + tl.arange(0, BT)).to(tl.int64)
-    m2 = (t < T)[:, None]
-    n, j, partner, paired, sgn = _pairs(N, S, HALVES)
-    src = ((t * R + r) * G + g) * N
-    boff = (r * H + h) * N
-    th = tl.load(th_ptr + (t * H + h)[:, None] * S + j[None, :], mask=m2 & paired[None, :],
-                 other=0.0)  # fmt: skip
-    c, s = _cos_sin(th, FAST)
-    s = s * sgn[None, :]
-    dst = ((t * R + r) * H + h) * N
-    x, xp = _biased(q_ptr, qb_ptr + boff, src, n, partner, m2)
-    tl.store(qr_ptr + dst[:, None] + n[None, :], (x * c + xp * s).to(qr_ptr.dtype.element_ty),
-             mask=m2)  # fmt: skip
-    x, xp = _biased(k_ptr, kb_ptr + boff, src, n, partner, m2)
-    tl.store(kr_ptr + dst[:, None] + n[None, :], (x * c + xp * s).to(kr_ptr.dtype.element_ty),
-             mask=m2)  # fmt: skip
-
-
-@triton.jit
-def _unrotate(d_ptr, dst, n, partner, m2, x, xp, c, s, XR: tl.constexpr):
-    """(dx, sgn-free dtheta term) of one operand: dx = dxr c - dxr_p s', and dxr * xr_p, with
-    s' = sgn sin already folded into s (so the dtheta term below still lacks sgn). xr_p is
-    rounded as _rot_fwd_kernel stored it (XR: 0 fp32, 1 bf16, 2 fp16): the dtheta terms of q
-    and k then come from the very operands the core multiplied, so the two members of every
-    (query, key) pair cancel to fp32 rounding in the reverse cumulative sum over tokens that
-    turns dtheta into d dt (with the unrounded values they differ by the operands' rounding,
-    and that difference accumulates over the sequence)."""
-    d = tl.load(d_ptr + dst[:, None] + n[None, :], mask=m2, other=0.0)
-    dp = tl.load(d_ptr + dst[:, None] + partner[None, :], mask=m2, other=0.0)
-    xr_p = xp * c - x * s  # the partner's rotated value
-    if XR == 1:
-        xr_p = xr_p.to(tl.bfloat16).to(tl.float32)
-    elif XR == 2:
-        xr_p = xr_p.to(tl.float16).to(tl.float32)
-    return d * c - dp * s, d * xr_p
-
-
-@triton.jit
-def _rot_bwd_kernel(
-    dqr_ptr, dkr_ptr, q_ptr, k_ptr, qb_ptr, kb_ptr, th_ptr,
-    dq_ptr, dk_ptr, dqb_ptr, dkb_ptr, dth_ptr, T, H, G,
-    N: tl.constexpr, S: tl.constexpr, R: tl.constexpr, BT: tl.constexpr, HALVES: tl.constexpr,
-    XR: tl.constexpr, FAST: tl.constexpr, HEADS_FIRST: tl.constexpr, HB: tl.constexpr,
-    ATOMIC: tl.constexpr,
-):  # fmt: skip
-    """Gradients of the rotary prep; grid (T/BT, R*H/HB) (or transposed, HEADS_FIRST), each
-    program loops over HB heads of one group. dqr, dkr (T, R, H, N) fp32 -> dq, dk (T, R, G, N)
-    fp32 (ATOMIC: zero-initialised, the programs of a group add their partial sums);
-    dqb, dkb (T/BT, R, H, N) partial sums over the block's tokens; dth (R, T, H, S) fp32."""
-    pid_t, rgb = _grid_ids(HEADS_FIRST)
-    HG = H // G
-    nhb = HG // HB  # head blocks per group
-    r = rgb // (G * nhb)
-    g = (rgb // nhb) % G
-    h0 = g * HG + (rgb % nhb) * HB
-    t = (pid_t * BT + tl.arange(0, BT)).to(tl.int64)
-    tm = t < T
-    m2 = tm[:, None]
-    n, j, partner, paired, sgn = _pairs(N, S, HALVES)
-    src = ((t * R + r) * G + g) * N
-    acc_q = tl.zeros((BT, N), dtype=tl.float32)
-    acc_k = tl.zeros((BT, N), dtype=tl.float32)
-    jj = tl.arange(0, N // 2)
-    for hh in range(0, HB):
-        h = h0 + hh
-        boff = (r * H + h) * N
-        th = tl.load(th_ptr + (t * H + h)[:, None] * S + j[None, :], mask=m2 & paired[None, :],
-                     other=0.0)  # fmt: skip
-        c, s = _cos_sin(th, FAST)
-        s = s * sgn[None, :]
-        dst = ((t * R + r) * H + h) * N
-        x, xp = _biased(q_ptr, qb_ptr + boff, src, n, partner, m2)
-        dxq, tq = _unrotate(dqr_ptr, dst, n, partner, m2, x, xp, c, s, XR)
-        x, xp = _biased(k_ptr, kb_ptr + boff, src, n, partner, m2)
-        dxk, tk = _unrotate(dkr_ptr, dst, n, partner, m2, x, xp, c, s, XR)
-        acc_q += dxq
-        acc_k += dxk
-        pb = (pid_t.to(tl.int64) * R * H + r * H + h) * N + n
-        tl.store(dqb_ptr + pb, tl.sum(dxq, axis=0))
-        tl.store(dkb_ptr + pb, tl.sum(dxk, axis=0))
-        dcol = (tq + tk) * sgn[None, :]
-        if HALVES:
-            dth = tl.sum(tl.reshape(dcol, (BT, 2, N // 2)), axis=1)
-        else:
-            dth = tl.sum(tl.reshape(dcol, (BT, N // 2, 2)), axis=2)
-        toff = ((r * T + t) * H + h) * S
-        tl.store(dth_ptr + toff[:, None] + jj[None, :], dth, mask=m2 & (jj < S)[None, :])
-    if ATOMIC:
-        tl.atomic_add(dq_ptr + src[:, None] + n[None, :], acc_q, mask=m2, sem="relaxed")
-        tl.atomic_add(dk_ptr + src[:, None] + n[None, :], acc_k, mask=m2, sem="relaxed")
-    else:
-        tl.store(dq_ptr + src[:, None] + n[None, :], acc_q, mask=m2)
-        tl.store(dk_ptr + src[:, None] + n[None, :], acc_k, mask=m2)
 
 
 @triton.jit
@@ -252,13 +116,14 @@ def _add_pairs(ptr, row_off, a, b, rmask, NH: tl.constexpr, HALVES: tl.constexpr
 
 
 @triton.jit
-def _rot_fwd_pairs_kernel(
+def _rot_fwd_kernel(
     q_ptr, k_ptr, qb_ptr, kb_ptr, th_ptr, qr_ptr, kr_ptr, T, H, G,
     N: tl.constexpr, S: tl.constexpr, R: tl.constexpr, BT: tl.constexpr, HALVES: tl.constexpr,
     FAST: tl.constexpr, HEADS_FIRST: tl.constexpr,
 ):  # fmt: skip
-    """_rot_fwd_kernel on pair tiles: every value is loaded once (no partner gather) and the
-    trig is evaluated per pair, not per column."""
+    """qr, kr (T, R, H, N) = Rot(theta) (q, k (T, R, G, N) + bias (R, H, N)); grid (T/BT, R*H),
+    or (R*H, T/BT) with HEADS_FIRST. Works on (BT, N/2) tiles of pair members: every value is
+    loaded once (no partner gather) and the trig is evaluated per pair."""
     NH: tl.constexpr = N // 2
     pid_t, rh = _grid_ids(HEADS_FIRST)
     r = rh // H
@@ -286,7 +151,12 @@ def _rot_fwd_pairs_kernel(
 def _unrotate_pairs(d_ptr, dst, m2, xa, xb, c, s, NH: tl.constexpr, HALVES: tl.constexpr,
                     XR: tl.constexpr):  # fmt: skip
     """(dxa, dxb, dtheta) of one operand from its rotated gradient rows: dx = Rot(-theta) dxr,
-    dtheta = dxr_b xr_a - dxr_a xr_b with xr rounded as the core saw it (see _unrotate)."""
+    dtheta = dxr_b xr_a - dxr_a xr_b. xr is rounded as _rot_fwd_kernel stored it (XR: 0 fp32,
+    1 bf16, 2 fp16): the dtheta terms of q and k then come from the very operands the core
+    multiplied, so the two members of every (query, key) pair cancel to fp32 rounding in the
+    reverse cumulative sum over tokens that turns dtheta into d dt (with the unrounded values
+    they differ by the operands' rounding, and that difference accumulates over the
+    sequence)."""
     ga, gb = _load_rot(d_ptr, dst, m2, NH, NH, HALVES)
     xra = xa * c - xb * s
     xrb = xa * s + xb * c
@@ -300,14 +170,17 @@ def _unrotate_pairs(d_ptr, dst, m2, xa, xb, c, s, NH: tl.constexpr, HALVES: tl.c
 
 
 @triton.jit
-def _rot_bwd_pairs_kernel(
+def _rot_bwd_kernel(
     dqr_ptr, dkr_ptr, q_ptr, k_ptr, qb_ptr, kb_ptr, th_ptr,
     dq_ptr, dk_ptr, dqb_ptr, dkb_ptr, dth_ptr, T, H, G,
     N: tl.constexpr, S: tl.constexpr, R: tl.constexpr, BT: tl.constexpr, HALVES: tl.constexpr,
     XR: tl.constexpr, FAST: tl.constexpr, HEADS_FIRST: tl.constexpr, HB: tl.constexpr,
     ATOMIC: tl.constexpr,
 ):  # fmt: skip
-    """_rot_bwd_kernel on pair tiles (same grid, inputs and outputs)."""
+    """Gradients of the rotary prep; grid (T/BT, R*H/HB) (or transposed, HEADS_FIRST), each
+    program loops over HB heads of one group. dqr, dkr (T, R, H, N) fp32 -> dq, dk (T, R, G, N)
+    fp32 (ATOMIC: zero-initialised, the programs of a group add their partial sums);
+    dqb, dkb (T/BT, R, H, N) partial sums over the block's tokens; dth (R, T, H, S) fp32."""
     NH: tl.constexpr = N // 2
     pid_t, rgb = _grid_ids(HEADS_FIRST)
     HG = H // G
@@ -449,8 +322,7 @@ def rotary_fwd(q, k, qb, kb, theta, halves: bool, out_dtype: torch.dtype):
         first = KNOBS["heads_first"]
         bt = KNOBS["rot_tokens"]
         grid = (triton.cdiv(T, bt), R * H)
-        kernel = _rot_fwd_pairs_kernel if KNOBS["pair_tiles"] else _rot_fwd_kernel
-        kernel[grid[::-1] if first else grid](
+        _rot_fwd_kernel[grid[::-1] if first else grid](
             q, k, qb, kb, theta, qr, kr, T, H, G, N=N, S=S, R=R, BT=bt, HALVES=halves,
             FAST=_fast_trig(), HEADS_FIRST=first, num_warps=KNOBS["rot_warps"],
         )  # fmt: skip
@@ -483,8 +355,7 @@ def rotary_bwd(dqr, dkr, q, k, qb, kb, theta, halves: bool, xr_dtype=torch.float
     if T > 0:
         first = KNOBS["heads_first"]
         grid = (nblk, R * H // hb)
-        kernel = _rot_bwd_pairs_kernel if KNOBS["pair_tiles"] else _rot_bwd_kernel
-        kernel[grid[::-1] if first else grid](
+        _rot_bwd_kernel[grid[::-1] if first else grid](
             dqr, dkr, q, k, qb, kb, theta, dq, dk, pq, pk, dth, T, H, G,
             N=N, S=S, R=R, BT=bt, HALVES=halves, XR=_XR[xr_dtype], FAST=_fast_trig(),
             HEADS_FIRST=first, HB=hb, ATOMIC=hb < HG, num_warps=KNOBS["rot_warps"],
@@ -700,14 +571,13 @@ def rot_core_scan(
 def compile_kernels(
     R: int, N: int, S: int, halves: bool, dtype: str = "bf16", target=None, fast: bool = True,
     pairs: int = 32, heads_first: bool = True, bwd_heads: int = 4, atomic: bool = True,
-    tokens: int = 32, pair_tiles: bool = True,
+    tokens: int = 32,
 ):  # fmt: skip
     """Compile the rotary and angle-scan forward and backward kernels ahead of time (no GPU
     needed) for ``target`` (default sm_90); fast: hardware trig in the rotary kernels; pairs:
     angle pairs per angle-scan program; heads_first, bwd_heads, atomic: the rotary grids' order,
     heads per backward program and whether those add into dq/dk; tokens: tokens per rotary
-    program; pair_tiles: the pair-tile rotary kernels (else the per-column ones).
-    Returns {name: compiled}."""
+    program. Returns {name: compiled}."""
     from triton.backends.compiler import GPUTarget
 
     target = target or GPUTarget("cuda", 90, 64)
@@ -721,8 +591,7 @@ def compile_kernels(
            "dth_ptr": "*fp32"}  # fmt: skip
     out = {}
     xr = {"bf16": 1, "fp16": 2}.get(dtype, 0)
-    fwd_fn = _rot_fwd_pairs_kernel if pair_tiles else _rot_fwd_kernel
-    bwd_fn = _rot_bwd_pairs_kernel if pair_tiles else _rot_bwd_kernel
+    fwd_fn, bwd_fn = _rot_fwd_kernel, _rot_bwd_kernel
     bwd_c = {**consts, "XR": xr, "HB": bwd_heads, "ATOMIC": atomic}
     launches = (("rotary_fwd", fwd_fn, fwd, consts), ("rotary_bwd", bwd_fn, bwd, bwd_c))
     for name, fn, sig, c in launches:
