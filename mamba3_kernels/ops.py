@@ -266,6 +266,21 @@ def scan_bwd_op(
 ) -> list[Tensor]:
     """Gradients of mamba3::scan's inputs, in GRAD_INPUTS order (an empty tensor for an absent
     input). Backends without their own backward go through the differentiable reference."""
+    return run_scan_bwd(
+        grad_out, grad_angle, grad_ssm, grad_k, grad_v, q, k, v, adt, dt, trap, q_bias, k_bias,
+        angles, D, z, mimo_v, mimo_z, mimo_o, angle0, ssm0, k0, v0, cu_seqlens,
+        return_final_state, rotary, chunk_size, backend,
+    )  # fmt: skip
+
+
+def run_scan_bwd(
+    grad_out, grad_angle, grad_ssm, grad_k, grad_v, q, k, v, adt, dt, trap, q_bias, k_bias,
+    angles, D, z, mimo_v, mimo_z, mimo_o, angle0, ssm0, k0, v0, cu_seqlens,
+    return_final_state, rotary, chunk_size, backend,
+) -> list[Tensor]:  # fmt: skip
+    """The body of mamba3::scan_bwd (same arguments and result). Called directly from the
+    scan's autograd backward outside torch.compile: there, unlike inside an op's kernel, plain
+    autograd records, which costs a backend's recompute far less host time than functorch."""
     args = (
         q,
         k,
@@ -341,9 +356,9 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_out, grad_angle, grad_ssm, grad_k, grad_v):
     saved = ctx.saved_tensors
-    grads = torch.ops.mamba3.scan_bwd(
-        grad_out, grad_angle, grad_ssm, grad_k, grad_v, *saved, *ctx.flags
-    )
+    # torch.compile traces the op; eager calls run its body directly (see run_scan_bwd)
+    bwd = torch.ops.mamba3.scan_bwd if torch.compiler.is_compiling() else run_scan_bwd
+    grads = bwd(grad_out, grad_angle, grad_ssm, grad_k, grad_v, *saved, *ctx.flags)
     result = [g if a is not None else None for g, a in zip(grads, saved[:18], strict=True)]
     return (*result, None, None, None, None, None)
 

@@ -1,10 +1,11 @@
 """Backward of the chunked prefill scan (SISO and MIMO) through the Triton core.
 
 The backward recomputes the scan as prep -> core -> epilogue (core_prep.scan_via_core) and takes
-one vector-Jacobian product with ``torch.func.vjp``: the elementwise prep and epilogue go through
-PyTorch autograd, the chunked core through its Triton backward (core_scan). ``torch.func.vjp``
-rather than ``torch.autograd.grad`` because this runs inside a custom op's kernel, below the
-autograd dispatch keys, where only functorch transforms still record.
+one vector-Jacobian product: the elementwise prep and epilogue go through PyTorch autograd, the
+chunked core through its Triton backward (core_scan). Called from the scan's autograd backward
+(eager), plain ``torch.autograd.grad`` records; called inside the ``mamba3::scan_bwd`` op's
+kernel (torch.compile), below the autograd dispatch keys, only functorch records, so
+``torch.func.vjp`` is the fallback there (a few ms more host time per call).
 """
 
 from __future__ import annotations
@@ -172,12 +173,30 @@ def chunk_bwd(
         return (out, st.angle.to(sd), st.ssm.to(sd), st.k.to(inputs.q.dtype),
                 st.v.to(inputs.v.dtype))  # fmt: skip
 
-    _, vjp_fn = torch.func.vjp(forward, *(t for _, t in present))
     cot = (grad_out,) if grad_state is None else (grad_out, *grad_state)
+    if _autograd_records():
+        # plain autograd: far less host time per call than a functorch vjp (ms at H=64)
+        with torch.enable_grad():
+            leaves = [t.detach().requires_grad_() for _, t in present]
+            pairs = [(o, c) for o, c in zip(forward(*leaves), cot, strict=True) if o.requires_grad]
+            vjps = torch.autograd.grad(
+                [o for o, _ in pairs], leaves, [c for _, c in pairs], allow_unused=True
+            )
+    else:
+        _, vjp_fn = torch.func.vjp(forward, *(t for _, t in present))
+        vjps = vjp_fn(cot)
     grads: dict = {n: None for n, _ in _flat(inputs)}
-    for (n, t), g in zip(present, vjp_fn(cot), strict=True):
+    for (n, t), g in zip(present, vjps, strict=True):
         grads[n] = None if g is None else g.to(t.dtype)
     return grads
+
+
+def _autograd_records() -> bool:
+    """Whether plain autograd records here: not below the autograd dispatch keys (inside an
+    op's kernel, e.g. mamba3::scan_bwd under torch.compile), where only functorch does."""
+    with torch.enable_grad():
+        probe = torch.zeros((), requires_grad=True)
+        return (probe * 1.0).requires_grad
 
 
 SPEC = KernelSpec(
