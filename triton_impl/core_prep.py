@@ -64,6 +64,34 @@ def _rotated_tokens(
     return rotate(kh, torch.cos(th), torch.sin(th), layout)
 
 
+class _DSkip(torch.autograd.Function):
+    """y + D vr (y (B, L, R, H, P) fp32, vr (B, L, R, H, P), D (H,) fp32) with a hand-written
+    backward. compute=False (the caller only takes the vector-Jacobian product and nothing
+    reads the sum's value): the forward returns y unchanged instead of materialising the sum,
+    the backward is the same either way."""
+
+    @staticmethod
+    def forward(y, vr, D, compute):
+        return y + D[:, None] * vr if compute else y.view_as(y)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        y, vr, D, _ = inputs
+        ctx.save_for_backward(vr, D)
+
+    @staticmethod
+    def backward(ctx, g):
+        vr, D = ctx.saved_tensors
+        dvr = dD = None
+        if ctx.needs_input_grad[1]:
+            dvr = torch.empty(vr.shape, dtype=vr.dtype, device=vr.device)
+            torch.mul(g, D[:, None], out=dvr)  # one pass, rounded to vr's dtype
+        if ctx.needs_input_grad[2]:
+            dims = tuple(i for i in range(g.dim()) if i != g.dim() - 2)
+            dD = (g * vr).sum(dims)
+        return g, dvr, dD, None
+
+
 def _token_seq(problem: Problem, cu: torch.Tensor | None, L: int, device) -> dict:
     """Per-token sequence bookkeeping for varlen: seq id, first token, is-last flags."""
     if cu is None:
@@ -145,7 +173,7 @@ def scan_via_core(
 
     # ---- epilogue -------------------------------------------------------------------------
     if inputs.D is not None:
-        y = y + inputs.D.float()[:, None] * vr
+        y = _DSkip.apply(y, vr, inputs.D.float(), need_y)
     if inputs.z is not None:
         zr = inputs.z.float().unsqueeze(2)
         if mimo and inputs.mimo_z is not None:
