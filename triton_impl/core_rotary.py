@@ -47,11 +47,12 @@ _TWO_PI = tl.constexpr(6.283185307179586)
 #                neighbouring rows of the per-head tensors) rather than token-major;
 #   bwd_heads:   heads per rotary-backward program (0: the whole group); fewer heads mean more
 #                programs, whose dq/dk partial sums over heads are then added atomically;
-#   rot_tokens:  tokens per rotary program (its (tokens, N) fp32 tiles live in registers: 32
-#                tokens on 4 warps spilled, 255 registers and a 1.9 KB stack in the backward;
-#                4 tokens: 139 registers, no stack; H100 SISO (1, 16384): rotary backward
-#                4.65 -> 1.46 ms, forward 1.54 -> 0.55 ms); rot_warps: their warps (2: fwd+bwd
-#                9.59 -> 9.37 ms there);
+#   rot_tokens:  tokens per rotary program (its (tokens, N/2) fp32 pair tiles live in
+#                registers; in the earlier per-column kernels 32 tokens on 4 warps spilled, 255
+#                registers and a 1.9 KB stack in the backward, and 4 tokens took the rotary
+#                backward at SISO (1, 16384) on the H100 from 4.65 to 1.46 ms); rot_warps: their
+#                warps (2: fwd+bwd 9.59 -> 9.37 ms there). The pair tiles then took the two
+#                passes to 0.92 and 0.28 ms (bench/NOTES.md).
 KNOBS = {
     "fast_trig": True, "angle_step": 256, "angle_warps": 8, "angle_pairs": 8,
     "heads_first": False, "bwd_heads": 0, "rot_tokens": 4, "rot_warps": 2,
