@@ -5,6 +5,8 @@
 #   bash bench/gpu_session.sh tune       # autotune the benchmark buckets + one exhaustive sweep
 #   bash bench/gpu_session.sh tests step bwd prefill   # GPU tests; decode sweep; backward pass
 #                                        # variants with kernel profiles; forward incl. API time
+# Environment: *_S per-part time limits; STEP_SWEEP= (empty) skips the decode sweep;
+# STEP_BATCHES, BWD_SWEEP=--sweep (core-backward configs), BWD_VARIANTS (core_rotary.KNOBS).
 # Optuna (for tune) may come from an unpacked site folder named by SITE_TARBALL.
 set -uo pipefail
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
@@ -49,7 +51,7 @@ case "$mode" in
         ;;
     step)
         # shellcheck disable=SC2086
-        timeout "${STEP_S:-300}" python bench/bench_triton_step.py --cases siso_bf16 ${STEP_SWEEP:---sweep} \
+        timeout "${STEP_S:-300}" python bench/bench_triton_step.py --cases siso_bf16 ${STEP_SWEEP---sweep} \
             --batches ${STEP_BATCHES:-1 16 128} \
             --json "$OUT/triton_step.json" 2>&1 | tail -12
         ;;
