@@ -9,7 +9,8 @@ For each case and batch: a correctness check against the float64 reference, then
   graph_hot_ms per-step time of a graph of consecutive steps on the same state (L2-warm),
   host_us      host time per launcher call (the GPU kept busy, so calls only enqueue),
   api_host_us  the same through ``mamba3_kernels.step``,
-  stream_state_flipped  graph and rotated-graph times with the state cache hint switched,
+  variants     kernel, graph and rotated-graph times with each state cache-hint mode and
+               with the state prefetch flipped,
 and the floor: the fp32 state read and written once at the measured copy rate. ``--sweep``
 times every valid config of the kernel's search space by graph replay.
 

@@ -363,15 +363,14 @@ class _Plan:
     inputs must be copied to a packed layout, the batch strides, and the compiled kernel."""
 
     __slots__ = (
-        "keep", "config", "split", "consts", "grid", "out_shape", "repack", "slow", "strides",
-        "on_gpu", "compiled",
+        "keep", "config", "consts", "grid", "out_shape", "repack", "slow", "strides", "on_gpu",
+        "compiled",
     )  # fmt: skip
 
     def __init__(self, problem, config, step_tensors: tuple, params: tuple, out) -> None:
         # The plan's key holds problem and config by id: keep them alive so the ids stay theirs.
         self.keep = (problem, config)
         self.config = config
-        self.split = config.split_p
         z = step_tensors[3]
         d, mv, mz, mo = params[2:]
         self.consts = (
@@ -524,7 +523,8 @@ def step(
     tensors = [
         q, k, v, v if z is None else z, adt, dt, trap, qb, kb, ang, v if d is None else d,
         v if mv is None else mv, v if mz is None else mz, v if mo is None else mo, *state, out,
-        v if plan.split == 1 else _tickets(v.device, plan.grid[0] * plan.grid[1], plan.split),
+        v if config.split_p == 1 else _tickets(v.device, problem.batch * problem.nheads,
+                                               config.split_p),
     ]  # fmt: skip
     if plan.on_gpu:
         _launch(plan, tensors)
