@@ -322,8 +322,8 @@ def _or_empty(g: Tensor | None, a: Tensor | None, like: Tensor) -> Tensor:
 
 
 def _reference_backward(problem, args, cu_seqlens, grad_out, grad_state) -> list[Tensor]:
-    # torch.func.vjp, not torch.autograd.grad: an op's kernel runs below the autograd dispatch
-    # keys, where plain autograd records nothing, while functorch's transform still works.
+    # torch.func.vjp, not torch.autograd.grad: inside the op's kernel (torch.compile) plain
+    # autograd records nothing, while functorch's transform works there and in eager calls.
     from .reference import reference_scan
 
     present = [i for i, a in enumerate(args) if a is not None and a.is_floating_point()]
