@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import torch
 
+from .dispatch import plan
 from .inputs import ScanInputs
-from .ops import run_scan, run_step
+from .ops import run_scan
 from .state import Mamba3State
-from .validate import validate_scan, validate_step
+from .validate import _validate, validate_scan
 
 
 def scan(
@@ -103,12 +104,14 @@ def step(
     """
     if not inplace:
         state = Mamba3State(*(t.clone() for t in state)) if isinstance(state, tuple) else state
-    problem, inputs = validate_step(
-        q, k, v, adt, dt, trap, q_bias, k_bias, angles, state, D, z, mimo_v, mimo_z, mimo_o, rotary
-    )
+    # validate_step's body, called directly: each Python call level of this many arguments costs
+    # ~0.5 us, and a decode step's host time is the budget here.
+    tensors = (q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, z, mimo_v, mimo_z, mimo_o)
+    problem, inputs = _validate(True, tensors, state, True, None, rotary, None)
     state = inputs.initial_state
     if torch.compiler.is_compiling():
         out = torch.ops.mamba3.step(*inputs[:9], *state, *inputs[9:14], problem.rotary, backend)
     else:  # eager: skip the op's Python dispatch, which costs tens of microseconds per call
-        out = run_step(problem, inputs, state, backend)
+        chosen, configs = plan(problem, backend, "step")  # run_step's body
+        out = chosen.step(problem, inputs, state, configs)
     return out, state

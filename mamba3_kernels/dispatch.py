@@ -85,17 +85,26 @@ def kernel_configs(backend: Backend, problem: Problem, mode: str) -> dict[str, A
     return configs
 
 
-_plan_cache: dict[tuple[Problem, str, str], tuple[Backend, dict[str, Any]]] = {}
+# Plans by Problem identity (the validation memo hands back the same Problem for a repeated call
+# signature, and hashing a Problem by value costs ~1 us): each entry holds its Problem, which keeps
+# the id from being reused and lets a hit be confirmed with ``is``.
+_plan_cache: dict[tuple[int, str, str], tuple[Problem, tuple[Backend, dict[str, Any]]]] = {}
+_PLAN_CACHE_MAX = 256
 
 
 def plan(problem: Problem, backend: str, mode: str) -> tuple[Backend, dict[str, Any]]:
     """The backend and its kernel configs for one call, in one memoized lookup (the hot path)."""
-    key = (problem, _requested(backend), mode)  # the env override is read on every call
+    # The env override is read on every call of "auto".
+    key = (id(problem), _requested(backend) if backend == "auto" else backend, mode)
     hit = _plan_cache.get(key)
-    if hit is None or not is_registered(hit[0]):
-        chosen = choose_backend(problem, backend)
-        hit = _plan_cache[key] = (chosen, kernel_configs(chosen, problem, mode))
-    return hit
+    if hit is not None and hit[0] is problem and is_registered(hit[1][0]):
+        return hit[1]
+    chosen = choose_backend(problem, backend)
+    if len(_plan_cache) >= _PLAN_CACHE_MAX:
+        _plan_cache.clear()
+    result = (chosen, kernel_configs(chosen, problem, mode))
+    _plan_cache[key] = (problem, result)
+    return result
 
 
 def clear_caches() -> None:

@@ -66,16 +66,34 @@ def _rotary(rotary: str | None, mimo: bool) -> str:
     return rotary
 
 
-def _check_values_enabled(device: torch.device) -> bool:
+ENV_CHECK_VALUES = "MAMBA3_KERNELS_CHECK_VALUES"
+# os.environ.get costs ~1 us for an absent name (a KeyError raised and caught inside), which a
+# decode step pays on every call. CPython's os.environ keeps its (encoded) entries in ``_data``,
+# updated by every os.environ assignment, so a lookup there sees the same values; elsewhere the
+# plain lookup is used.
+_ENV_DATA = getattr(os.environ, "_data", None)
+try:
+    _ENV_KEY, _ENV_ON = os.environ.encodekey(ENV_CHECK_VALUES), os.environ.encodevalue("1")
+except AttributeError:
+    _ENV_DATA = None
+
+
+def _check_values_env() -> bool:
+    """Whether MAMBA3_KERNELS_CHECK_VALUES=1 (read on every call, so it can be switched)."""
+    if _ENV_DATA is not None:
+        return _ENV_DATA.get(_ENV_KEY) == _ENV_ON
+    return os.environ.get(ENV_CHECK_VALUES, "0") == "1"
+
+
+def _check_values_enabled(device_type: str) -> bool:
     """Value-range checks need a host sync on GPU: always on CPU, opt-in on GPU (never while
-    compiling or capturing a CUDA graph)."""
-    if torch.compiler.is_compiling():
+    compiling or capturing a CUDA graph). ``device_type``: the type of q's device ("cuda")."""
+    if device_type == "cpu":
+        return not torch.compiler.is_compiling()
+    # The environment first: off (the default) needs no further query.
+    if not _check_values_env() or torch.compiler.is_compiling():
         return False
-    if device.type == "cpu":
-        return True
-    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        return False
-    return os.environ.get("MAMBA3_KERNELS_CHECK_VALUES", "0") == "1"
+    return not (device_type == "cuda" and torch.cuda.is_current_stream_capturing())
 
 
 def _check_values(adt: torch.Tensor, dt: torch.Tensor) -> None:
@@ -155,27 +173,67 @@ def _check_state(
     return state
 
 
-# Calls already validated, by signature (shapes, strides, dtypes, devices, options): a decode loop
-# repeats one signature, and re-checking it costs more host time than the step's kernel.
+# Calls already validated, by signature (shapes, dtypes, devices and layouts of every tensor, and
+# the options): a decode loop repeats one signature, and re-checking it costs more host time than
+# the step's kernel. A hit is sound: the signature holds every property the checks read (the rest
+# of the checks are on sizes, so equal signatures pass or fail together). Each entry's Problem is
+# its own object (made on the miss), so it also stands for the full layout of the call.
 _VALIDATED: dict[tuple, Problem] = {}
 _VALIDATED_MAX = 256
+# The last signature that hit, and its Problem: a decode loop repeats one signature, and comparing
+# with it skips hashing the signature (~60 entries) on every call. One (key, problem) pair,
+# replaced whole, so that threads never see one call's key with another's Problem.
+_LAST_HIT: list = [(None, None)]
+
+
+class ValidatedInputs(ScanInputs):
+    """ScanInputs returned by a hit of the validation memo. ``validated_problem`` (an attribute,
+    not a field) is the memo's Problem for their signature: every tensor's shape, dtype, device and
+    layout (``_signature``) are those of the call that made the entry, so a backend may key work
+    (a launch plan) on that Problem's identity when ``inputs.validated_problem is problem``.
+    Copies made by ``_replace`` do not carry the attribute."""
 
 
 def _signature(step, tensors, state, options) -> tuple | None:
     """The call's metadata, or None when an argument is not a tensor (full checks then).
 
-    Shapes, dtypes and devices of every tensor; strides only for the state, whose layout the
-    checks constrain (it is updated in place). Kept lean: it is on the decode hot path.
+    Shape, dtype and device of every tensor (None where absent); the strides of the per-step
+    tensors (q, k, v, z, adt, dt, trap, angles: kernels index them by stride); whether the
+    per-head parameters and the state are contiguous (the checks constrain the state's layout;
+    kernels copy non-contiguous parameters). With sizes fixed, that contiguity fixes the offsets
+    of every element. Spelled out tensor by tensor, without loops or helper calls: it is on the
+    decode hot path, where each attribute read costs ~0.1 us.
     """
+    q, k, v, adt, dt, trap, qb, kb, ang, d, z, mv, mz, mo = tensors
     try:
-        sig = tuple(
-            None if t is None else (t.shape, t.dtype, t.get_device(), t.is_meta) for t in tensors
-        )
-        if state is not None:
-            sig += tuple((t.shape, t.stride(), t.dtype, t.get_device()) for t in state)
-    except (AttributeError, TypeError):
+        sig = (
+            step, options,
+            q.shape, q.stride(), q.dtype, q.device, k.shape, k.stride(), k.dtype, k.device,
+            v.shape, v.stride(), v.dtype, v.device, adt.shape, adt.stride(), adt.dtype, adt.device,
+            dt.shape, dt.stride(), dt.dtype, dt.device,
+            trap.shape, trap.stride(), trap.dtype, trap.device,
+            qb.shape, qb.is_contiguous(), qb.dtype, qb.device,
+            kb.shape, kb.is_contiguous(), kb.dtype, kb.device,
+            ang.shape, ang.stride(), ang.dtype, ang.device,
+            None if d is None else (d.shape, d.is_contiguous(), d.dtype, d.device),
+            None if z is None else (z.shape, z.stride(), z.dtype, z.device),
+            None if mv is None else (mv.shape, mv.is_contiguous(), mv.dtype, mv.device),
+            None if mz is None else (mz.shape, mz.is_contiguous(), mz.dtype, mz.device),
+            None if mo is None else (mo.shape, mo.is_contiguous(), mo.dtype, mo.device),
+        )  # fmt: skip
+        if state is None:
+            return sig
+        if not isinstance(state, tuple):  # the checks require a Mamba3State (a tuple)
+            return None
+        sa, ss, sk, sv = state
+        return sig + (
+            sa.shape, sa.is_contiguous(), sa.dtype, sa.device,
+            ss.shape, ss.is_contiguous(), ss.dtype, ss.device,
+            sk.shape, sk.is_contiguous(), sk.dtype, sk.device,
+            sv.shape, sv.is_contiguous(), sv.dtype, sv.device,
+        )  # fmt: skip
+    except (AttributeError, TypeError, ValueError):  # not tensors, or not 4 of them
         return None
-    return (step, state is not None, options, sig)
 
 
 def _validate(
@@ -192,12 +250,23 @@ def _validate(
     if cu_seqlens is None and not torch.compiler.is_compiling():
         options = (rotary, bool(return_final_state), chunk_size, type(chunk_size))
         key = _signature(step, tensors, state, options)
-        problem = _VALIDATED.get(key) if key is not None else None
+        last_key, problem = _LAST_HIT[0]
+        if key is None or key != last_key:
+            try:
+                problem = None if key is None else _VALIDATED.get(key)
+            except TypeError:  # an unhashable option (rejected by the full checks)
+                key = problem = None
+            if problem is not None:
+                _LAST_HIT[0] = (key, problem)
         if problem is not None:
-            if _check_values_enabled(tensors[0].device):
+            if _check_values_enabled(problem.device_type):
                 _check_values(tensors[3], tensors[4])
-            state = Mamba3State(*state) if state is not None else None
-            return problem, ScanInputs(*tensors, state, None)
+            if state is not None and type(state) is not Mamba3State:
+                state = Mamba3State(*state)
+            # tuple.__new__: the named tuple's own constructor is a Python function (~0.6 us).
+            inputs = _tuple_new(ValidatedInputs, (*tensors, state, None))
+            inputs.validated_problem = problem
+            return problem, inputs
     problem, inputs = _check_and_describe(step, *tensors, state, return_final_state, cu_seqlens,
                                           rotary, chunk_size)  # fmt: skip
     if key is not None:
@@ -205,6 +274,9 @@ def _validate(
             _VALIDATED.clear()
         _VALIDATED[key] = problem
     return problem, inputs
+
+
+_tuple_new = tuple.__new__
 
 
 def _check_and_describe(
@@ -331,7 +403,7 @@ def _check_and_describe(
                 "state: expected a Mamba3State, got None (Mamba3State.zeros allocates one)"
             )
         state = _check_state(state_name, state, nseq, H, P, N, S, R, device, need_contiguous=step)
-    if _check_values_enabled(device):
+    if _check_values_enabled(device.type):
         _check_values(adt, dt)
     inputs = ScanInputs(
         q,

@@ -265,6 +265,73 @@ def test_plan_reuse_across_layouts():
         check_state(state, ref_state, 1e-4)
 
 
+class _Recorder:
+    """Stands in for Triton: the binder's launch (returns a fake compiled kernel) and the
+    compiled kernel's ``run``, recording what each was handed."""
+
+    def __init__(self):
+        self.generic, self.direct = [], []
+        self.function, self.packed_metadata = "function", "packed"
+
+    def launch_generic(self, plan, grid, tensors, strides):
+        self.generic.append((grid, [t.data_ptr() for t in tensors], strides, plan.consts))
+        return self
+
+    def run(self, *args):
+        self.direct.append(args)
+
+    def launch_metadata(self, grid, stream, *args):  # called where a launch hook is installed
+        return ("meta", grid, stream)
+
+
+@pytest.mark.parametrize("mimo", [False, True], ids=["siso-D-z", "mimo2-no-mo-split2"])
+def test_direct_launch_hands_the_kernel_the_general_paths_arguments(monkeypatch, mimo):
+    """The GPU hot path (raw addresses straight to the compiled kernel) cannot run here, so the
+    launches are recorded instead: once the plan has a compiled kernel, a call passes the same
+    grid, pointers (absent tensors: v's), strides and constants as Triton's launcher got, on the
+    current stream; a misaligned pointer goes back to the launcher."""
+    rec = _Recorder()
+    monkeypatch.setattr(tstep, "_PLANS", {})
+    monkeypatch.setattr(tstep, "_DIRECT_LAUNCH", [True])
+    monkeypatch.setattr(tstep, "_launch_generic", rec.launch_generic)
+    monkeypatch.setattr(tstep, "_current_stream", lambda index: 7)
+    g = torch.Generator().manual_seed(5)
+    inputs = random_inputs(
+        batch=3, nheads=4, d_state=32, headdim=16, rank=2 if mimo else 1, mimo=mimo,
+        with_mimo_o=not mimo, dtype=torch.bfloat16, step=True, generator=g,
+    )  # fmt: skip
+    problem = make_problem(inputs, "halves" if mimo else "interleaved")
+    config = tstep.StepConfig(block_p=8, num_warps=1, split_p=2 if mimo else 1)
+    state = inputs.initial_state.clone()
+    out = torch.empty(tstep.output_shape(problem), dtype=inputs.v.dtype)
+    tstep.step(problem, inputs, state, config, out=out)  # builds the plan (interpreter branch)
+    (plan,) = tstep._PLANS.values()
+    plan.on_gpu = True  # from here on, the branches a CUDA call takes
+    tstep.step(problem, inputs, state, config, out=out)  # Triton's launcher, then kept
+    assert len(rec.generic) == 2 and plan.compiled is not None and not rec.direct
+    grid, ptrs, strides, consts = rec.generic[-1]
+    assert tstep.step(problem, inputs, state, config, out=out) is out
+    (args,) = rec.direct
+    assert args[:4] == (*grid, 7) and args[4:6] == ("function", "packed")
+    assert list(args[9:]) == [*ptrs, *strides, *consts]
+    if mimo:  # the absent mimo_o is v's address; the split's ticket counter is its own
+        assert args[9 + 13] == inputs.v.data_ptr() != args[9 + 19]
+    buf = torch.empty(inputs.q.numel() + 1, dtype=inputs.q.dtype)
+    shifted = buf[1:].view(inputs.q.shape)  # same strides, a 2-byte offset
+    shifted.copy_(inputs.q)
+    tstep.step(problem, inputs._replace(q=shifted), state, config, out=out)
+    assert len(rec.generic) == 3 and len(rec.direct) == 1
+    # Without out (another plan): out is allocated on the hot path, in v's dtype.
+    for _ in range(2):
+        tstep.step(problem, inputs, state, config)
+        for p in tstep._PLANS.values():
+            p.on_gpu = True
+    fresh = tstep.step(problem, inputs, state, config)
+    assert fresh.shape == out.shape and fresh.dtype == out.dtype and len(rec.direct) == 2
+    assert rec.direct[-1][9 + 18] == fresh.data_ptr()
+    assert rec.direct[-1][9 : 9 + 18] == args[9 : 9 + 18]
+
+
 def test_default_configs_are_valid():
     inputs = random_inputs(batch=1, nheads=2, d_state=16, headdim=8, step=True)
     base = make_problem(inputs, "interleaved")
@@ -405,6 +472,42 @@ def test_gpu_graph_capture_matches_reference(split_p):
     check_state(state, ref_state, TOL[torch.bfloat16])
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_graph_capture_of_the_public_step():
+    """mamba3_kernels.step captured in a CUDA graph after warm-up calls (the validation memo hit
+    and its launch plan: no host sync, nothing but out allocated) replays to the reference."""
+    import mamba3_kernels
+
+    g = torch.Generator().manual_seed(6)
+    inputs = random_inputs(
+        batch=4, nheads=8, ngroups=1, d_state=128, headdim=64, n_angles=32,
+        dtype=torch.bfloat16, device="cuda", step=True, generator=g,
+    )  # fmt: skip
+    state = inputs.initial_state.clone()
+
+    def call():
+        return mamba3_kernels.step(*inputs[:9], state, D=inputs.D, z=inputs.z, backend="triton")
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):  # a memo miss, then hits (the plan compiled outside the capture)
+            call()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out, _ = call()
+    for dst, src in zip(state, inputs.initial_state, strict=True):
+        dst.copy_(src)
+    graph.replay()
+    torch.cuda.synchronize()
+    ref_out, ref_state = truth_step(inputs, inputs.initial_state, "interleaved")
+    assert rel_err(out, ref_out) < TOL[torch.bfloat16]
+    check_state(state, ref_state, TOL[torch.bfloat16])
+
+
 @cpu_interpreted
 @pytest.mark.parametrize("rank,mimo", [(1, False), (4, True)])
 def test_public_step_uses_triton(rank, mimo):
@@ -427,3 +530,46 @@ def test_public_step_uses_triton(rank, mimo):
     assert [t.data_ptr() for t in new_state] == ptrs
     assert rel_err(out, ref_out) < 1e-4
     check_state(new_state, ref_state, 1e-4)
+
+
+@cpu_interpreted
+def test_public_step_plans_follow_each_validated_layout():
+    """Through mamba3_kernels.step, a memo hit keys the launch plan on the validated Problem: calls
+    whose per-step tensors differ only in layout (packed, then batch-padded slices) get their own
+    Problem and plan, and each matches the reference, on the first call and on memo hits."""
+    import mamba3_kernels
+    from mamba3_kernels import validate
+
+    g = torch.Generator().manual_seed(31)
+    inputs = random_inputs(
+        batch=2, nheads=4, ngroups=2, d_state=32, headdim=16, dtype=torch.float32, step=True,
+        generator=g,
+    )  # fmt: skip
+    fields = ("q", "k", "v", "z", "adt", "dt", "trap", "angles")
+
+    def padded(t):  # the same values as a slice of a wider per-batch buffer
+        wide = torch.zeros(t.shape[0], 2 * t[0].numel())
+        wide[:, 3 : 3 + t[0].numel()] = t.reshape(t.shape[0], -1)
+        return wide[:, 3 : 3 + t[0].numel()].view(t.shape)
+
+    layouts = {
+        "packed": inputs,
+        "padded": inputs._replace(**{f: padded(getattr(inputs, f)) for f in fields}),
+    }
+    ref_out, ref_state = truth_step(inputs, inputs.initial_state, "interleaved")
+    problems = {}
+    for _ in range(3):  # a miss, then hits (the plan keyed on the memo's Problem)
+        for name, x in layouts.items():
+            state = inputs.initial_state.clone()
+            out, new_state = mamba3_kernels.step(
+                *x[:9], state, D=x.D, z=x.z, backend="triton"
+            )  # fmt: skip
+            assert rel_err(out, ref_out) < 1e-4, name
+            check_state(new_state, ref_state, 1e-4)
+            problem, checked = validate.validate_step(*x[:9], state, x.D, x.z)
+            assert isinstance(checked, validate.ValidatedInputs)
+            assert checked.validated_problem is problem
+            problems.setdefault(name, problem)
+            assert problems[name] is problem  # one Problem per signature
+    assert problems["packed"] is not problems["padded"]
+    assert problems["packed"] == problems["padded"]  # equal sizes and flags, other layouts

@@ -194,3 +194,55 @@ def test_random_corruptions_raise_clear_errors(kind, field, mimo, seed):
         m.scan(**kw)
     names = set(FIELDS) | {"initial_state", "cu_seqlens"}
     assert any(str(err.value).startswith(f"{n}:") for n in names), str(err.value)
+
+
+def test_step_memo_revalidates_changed_properties():
+    """After a valid step has filled the validation memo, a call that differs in any checked
+    property (dtype, shape, device, the state's layout, the state's type) is checked again and
+    rejected, including a tensor whose metadata was changed in place (same object)."""
+    s = random_inputs(batch=2, nheads=4, d_state=16, headdim=8, step=True)
+    state = s.initial_state
+
+    def call(x=s, st=state):
+        return m.step(*x[:9], st, *x[9:14], backend="reference")
+
+    call()
+    call()  # a memo hit
+    with pytest.raises(TypeError, match="k: expected dtype float32 to match q"):
+        call(s._replace(k=s.k.to(torch.float16)))
+    with pytest.raises(ValueError, match=r"adt: expected shape \(2, 4\)"):
+        call(s._replace(adt=s.adt[:, :3]))
+    with pytest.raises(ValueError, match="q_bias: expected device cpu"):
+        call(s._replace(q_bias=s.q_bias.to("meta")))
+    with pytest.raises(ValueError, match=r"D: expected shape \(4,\)"):
+        call(s._replace(D=torch.ones(5)))
+    with pytest.raises(TypeError, match="z: expected dtype float32 to match v"):
+        call(s._replace(z=torch.ones_like(s.v, dtype=torch.float64)))
+    odd = state.ssm.transpose(-1, -2).contiguous().transpose(-1, -2)  # same shape, other strides
+    with pytest.raises(ValueError, match="state.ssm: expected a contiguous tensor"):
+        call(st=state._replace(ssm=odd))
+    with pytest.raises(TypeError, match="state.angle: expected dtype float32"):
+        call(st=state._replace(angle=state.angle.half()))
+    with pytest.raises(TypeError, match="state: expected a Mamba3State"):
+        call(st=list(state))
+    # In-place metadata changes keep the object (and its version counter, for .data =).
+    k_bias = s.k_bias.clone()
+    call(s._replace(k_bias=k_bias))
+    k_bias.data = torch.zeros(4, 18)
+    with pytest.raises(ValueError, match=r"k_bias: expected shape \(4, 16\)"):
+        call(s._replace(k_bias=k_bias))
+    ssm = state.ssm.clone()
+    own = state._replace(ssm=ssm)
+    call(st=own)
+    ssm.data = odd.clone().transpose(-1, -2).contiguous().transpose(-1, -2)
+    with pytest.raises(ValueError, match="state.ssm: expected a contiguous tensor"):
+        call(st=own)
+    call()  # the original signature still validates
+
+
+def test_scan_memo_rejects_a_list_state():
+    """A list of state tensors is not a Mamba3State, also after the same tensors passed as one."""
+    x = _siso(with_initial_state=True)
+    m.scan(**_scan_kwargs(x))
+    with pytest.raises(TypeError, match="initial_state: expected a Mamba3State"):
+        m.scan(**_scan_kwargs(x, initial_state=list(x.initial_state)))

@@ -363,8 +363,8 @@ class _Plan:
     inputs must be copied to a packed layout, the batch strides, and the compiled kernel."""
 
     __slots__ = (
-        "keep", "config", "consts", "grid", "out_shape", "repack", "slow", "strides", "on_gpu",
-        "compiled",
+        "keep", "config", "consts", "grid", "out_shape", "device_index", "repack", "slow",
+        "strides", "tail", "on_gpu", "split", "compiled",
     )  # fmt: skip
 
     def __init__(self, problem, config, step_tensors: tuple, params: tuple, out) -> None:
@@ -381,20 +381,26 @@ class _Plan:
         )  # fmt: skip
         self.grid = (problem.nheads, problem.batch, config.split_p)
         self.out_shape = output_shape(problem)
+        v = step_tensors[2]
+        self.device_index = v.get_device()
         # A per-step tensor whose inner axes are not packed (rare: a strided slice) is copied.
         self.repack = tuple(t is not None and not _packed_inner(t) for t in step_tensors)
         self.strides = tuple(
             0 if t is None else (t[0].numel() if rp else t.stride(0))
             for t, rp in zip(step_tensors, self.repack, strict=True)
         )
+        # The launcher's arguments after the pointers, in the kernel's order.
+        self.tail = (*self.strides, *self.consts)
         # Anything to copy (inputs, parameters, a strided out): the general path of step().
         self.slow = (
             True in self.repack
             or any(t is not None and not t.is_contiguous() for t in params)
             or (out is not None and not out.is_contiguous())
         )
-        self.on_gpu = step_tensors[2].device.type == "cuda"
-        self.compiled = None  # (kernel, run, function, packed metadata) after the first launch
+        self.on_gpu = v.device.type == "cuda"
+        self.split = config.split_p
+        # (kernel, run, function, packed metadata) after the first launch, on the GPU only.
+        self.compiled = None
 
 
 # Plans by call signature. Problem and config enter by identity: the validation memo and the
@@ -404,6 +410,22 @@ class _Plan:
 _PLANS: dict[tuple, _Plan] = {}
 _PLANS_MAX = 256
 _DIRECT_LAUNCH = [True]
+# The raw handle of a device's current CUDA stream (absent from CPU builds of torch, where only
+# the interpreter launches; a module-level name, so a CPU benchmark of the host path can stub it).
+_current_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+
+
+def _hooks() -> tuple:
+    """Triton's launch enter and exit hooks, None where there is nothing to call. Newer Tritons
+    keep a HookChain there even when no hook is installed; handing the launcher an empty chain
+    would cost a launch-metadata build (and two calls into the chain) on every launch for nothing.
+    """
+    enter, leave = knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook
+    if enter is not None and not getattr(enter, "calls", True):
+        enter = None
+    if leave is not None and not getattr(leave, "calls", True):
+        leave = None
+    return enter, leave
 
 
 # Per-head ticket counters of split steps, by (device, stream, split_p): steps on one stream run
@@ -429,10 +451,6 @@ def _tickets(device: torch.device, heads: int, split: int) -> torch.Tensor:
     return t
 
 
-def _meta(t):
-    return None if t is None else (t.dtype, t.is_contiguous())
-
-
 def _launch_generic(plan: _Plan, grid, tensors: list, strides: tuple):
     config = plan.config
     return _step_kernel[grid](
@@ -449,11 +467,11 @@ def _launch(plan: _Plan, tensors: list) -> None:
     # The compiled kernel assumes 16-byte aligned pointers; others go through Triton's binder.
     if plan.compiled is not None and not misaligned:
         kernel, run, function, packed = plan.compiled
-        stream = torch._C._cuda_getCurrentRawStream(tensors[2].get_device())
+        stream = _current_stream(plan.device_index)
         # Raw addresses, not tensors: Triton's launcher asks the driver about every tensor
         # argument it is given (a driver call per pointer), plain integers it passes through.
         args = (*ptrs, *plan.strides, *plan.consts)
-        enter, leave = knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook
+        enter, leave = _hooks()
         try:
             meta = None if enter is None else kernel.launch_metadata(grid, stream, *args)
             run(grid[0], grid[1], grid[2], stream, function, packed, meta, enter, leave, *args)
@@ -466,6 +484,30 @@ def _launch(plan: _Plan, tensors: list) -> None:
     if _DIRECT_LAUNCH[0] and not misaligned:
         run = kernel.run  # initialises the module handles, then .function is set
         plan.compiled = (kernel, run, kernel.function, kernel.packed_metadata)
+
+
+def _plan_key(problem, config, q, k, v, adt, dt, trap, qb, kb, ang, d, z, mv, mz, mo, sa, ss,
+              sk, sv, out) -> tuple:  # fmt: skip
+    """Everything a plan depends on, for inputs that did not come from the validation memo.
+
+    Spelled out (no loops or helper calls: a decode step's host time is mostly attribute reads
+    like these). q's dtype is the problem's; k, v and z match it (validated); q_bias and k_bias
+    are always given. The state's contiguity is in it so that a plan hit cannot skip the check.
+    """
+    return (
+        id(problem), id(config), v.get_device(),
+        q.stride(), k.stride(), v.stride(), None if z is None else z.stride(),
+        adt.stride(), dt.stride(), trap.stride(), ang.stride(),
+        adt.dtype, dt.dtype, trap.dtype, ang.dtype,
+        qb.dtype, qb.is_contiguous(), kb.dtype, kb.is_contiguous(),
+        None if d is None else (d.dtype, d.is_contiguous()),
+        None if mv is None else (mv.dtype, mv.is_contiguous()),
+        None if mz is None else (mz.dtype, mz.is_contiguous()),
+        None if mo is None else (mo.dtype, mo.is_contiguous()),
+        sa.dtype, ss.dtype, sk.dtype, sv.dtype,
+        sa.is_contiguous() and ss.is_contiguous() and sk.is_contiguous() and sv.is_contiguous(),
+        None if out is None else (out.dtype, out.is_contiguous()),
+    )  # fmt: skip
 
 
 def step(
@@ -483,18 +525,17 @@ def step(
     Returns out (B, H, P), or (B, R, H, P) for MIMO without mimo_o, in v's dtype (written
     into ``out`` when given: no allocation then, so the call can be captured in a CUDA graph).
     """
-    q, k, v, z = inputs.q, inputs.k, inputs.v, inputs.z
-    adt, dt, trap, ang = inputs.adt, inputs.dt, inputs.trap, inputs.angles
-    qb, kb, d = inputs.q_bias, inputs.k_bias, inputs.D
-    mv, mz, mo = inputs.mimo_v, inputs.mimo_z, inputs.mimo_o
-    # q's dtype is the problem's; k, v and z match it (validated).
-    key = (
-        id(problem), id(config), v.get_device(),
-        q.stride(), k.stride(), v.stride(), None if z is None else z.stride(),
-        adt.dtype, adt.stride(), dt.dtype, dt.stride(), trap.dtype, trap.stride(),
-        ang.dtype, ang.stride(), _meta(qb), _meta(kb), _meta(d), _meta(mv), _meta(mz), _meta(mo),
-        state.angle.dtype, state.ssm.dtype, state.k.dtype, state.v.dtype, _meta(out),
-    )  # fmt: skip
+    q, k, v, adt, dt, trap, qb, kb, ang, d, z, mv, mz, mo = inputs[:14]
+    sa, ss, sk, sv = state
+    if out is None and getattr(inputs, "validated_problem", None) is problem:
+        # From the validation memo, whose Problem stands for one signature: every tensor's shape,
+        # dtype and device, the per-step tensors' strides, the contiguity of the parameters and
+        # the state. Those fix the plan, so the Problem's identity is its key (the plan holds
+        # the Problem, so the id stays its own).
+        key = (id(problem), id(config))
+    else:
+        key = _plan_key(problem, config, q, k, v, adt, dt, trap, qb, kb, ang, d, z, mv, mz, mo,
+                        sa, ss, sk, sv, out)  # fmt: skip
     plan = _PLANS.get(key)
     if plan is None:
         for name, t in zip(Mamba3State._fields, state, strict=True):
@@ -506,6 +547,41 @@ def step(
         if len(_PLANS) >= _PLANS_MAX:
             _PLANS.clear()
         _PLANS[key] = plan
+    compiled = plan.compiled
+    if compiled is not None and not plan.slow:
+        # The hot path (a GPU call of a known signature, nothing to copy): raw addresses straight
+        # to the compiled kernel. Absent optional tensors: v's address stands in (never read: the
+        # kernel's flags skip them), as in the general path below.
+        if out is None:  # v's dtype and device (new_empty: no keyword arguments to parse)
+            out = v.new_empty(plan.out_shape)
+        pv = v.data_ptr()
+        ptrs = (
+            q.data_ptr(), k.data_ptr(), pv, pv if z is None else z.data_ptr(), adt.data_ptr(),
+            dt.data_ptr(), trap.data_ptr(), qb.data_ptr(), kb.data_ptr(), ang.data_ptr(),
+            pv if d is None else d.data_ptr(), pv if mv is None else mv.data_ptr(),
+            pv if mz is None else mz.data_ptr(), pv if mo is None else mo.data_ptr(),
+            sa.data_ptr(), ss.data_ptr(), sk.data_ptr(), sv.data_ptr(), out.data_ptr(),
+            pv if plan.split == 1 else _tickets(v.device, problem.batch * problem.nheads,
+                                                plan.split).data_ptr(),
+        )  # fmt: skip
+        # The compiled kernel assumes 16-byte aligned pointers; others go through the binder.
+        if not reduce(or_, ptrs) & 15:
+            kernel, run, function, packed = compiled
+            stream = _current_stream(plan.device_index)
+            grid = plan.grid
+            enter, leave = _hooks()
+            try:
+                meta = None if enter is None else kernel.launch_metadata(grid, stream, *ptrs,
+                                                                          *plan.tail)  # fmt: skip
+                run(grid[0], grid[1], grid[2], stream, function, packed, meta, enter, leave,
+                    *ptrs, *plan.tail)  # fmt: skip
+                return out
+            except (TypeError, AttributeError) as e:  # a Triton whose launcher differs
+                _DIRECT_LAUNCH[0] = False
+                plan.compiled = None
+                warnings.warn(
+                    f"direct launch unavailable ({e}); using Triton's launcher", stacklevel=2
+                )
     target = None
     if plan.slow:  # copies into the layouts the kernel assumes
         q, k, v, z, adt, dt, trap, ang = (

@@ -1,0 +1,204 @@
+"""Host (Python) time of one eager decode call, ``mamba3_kernels.step(..., backend="triton")``,
+measured on a CPU-only machine.
+
+The call is made with CPU tensors of the decode shape (SISO, bf16, batch 16, H=64, P=64,
+N=128, S=32, G=1, with D and z, state updated in place), and everything Python does for it runs:
+validation (and its memo), dispatch, config lookup, the launch plan and the launch-argument
+assembly up to the compiled kernel's launcher. What is stubbed, and why (a CUDA call takes these
+branches; CPU tensors would take others):
+
+* the launcher itself: the compiled kernel's ``run`` (Triton's C launcher, which would hand the
+  pointers to the driver) is ``itertools.chain``, a C call that takes any arguments and does
+  nothing with them; the first launch through Triton's binder (``step._launch_generic``) is
+  replaced by one that returns a fake compiled kernel carrying that ``run``. Not counted: the C
+  launcher's own argument parsing and the driver's launch (a few us on the GPU hosts).
+* the plans' ``on_gpu`` flag is set, so that calls take the direct-launch branch a CUDA call
+  takes rather than the interpreter's (the script checks that the timed call reaches it);
+  ``torch._C._cuda_getCurrentRawStream`` (absent from CPU torch; ``step._current_stream``)
+  returns 0.
+* the value-range check decision (``validate._check_values_enabled``) is asked about a CUDA
+  device, so that it takes the GPU branch (off unless ``MAMBA3_KERNELS_CHECK_VALUES=1``, which
+  this script unsets), with ``torch.cuda.is_current_stream_capturing`` returning False. CPU
+  calls would check the values on every call (a host-side reduction) instead. The wrapper doing
+  this adds one Python call (~0.2 us) to every timed call.
+* ``out`` is allocated on the CPU (the CUDA caching allocator costs about the same on the host).
+
+    TRITON_INTERPRET=1 python bench/host_time_step.py [--calls 2000] [--repeats 7]
+        [--json OUT.json] [--profile]
+"""
+
+from __future__ import annotations
+
+import os
+
+# The Triton backend accepts CPU tensors only under its interpreter (set before triton loads).
+os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.pop("MAMBA3_KERNELS_CHECK_VALUES", None)  # value checks off, as in a default GPU call
+
+import argparse  # noqa: E402
+import cProfile  # noqa: E402
+import itertools  # noqa: E402
+import json  # noqa: E402
+import platform  # noqa: E402
+import pstats  # noqa: E402
+import time  # noqa: E402
+
+import torch  # noqa: E402
+from mamba3_kernels.triton_impl import step as tstep  # noqa: E402
+
+import mamba3_kernels  # noqa: E402
+from mamba3_kernels import ops, validate  # noqa: E402
+from mamba3_kernels.state import Mamba3State  # noqa: E402
+
+SHAPE = dict(batch=16, nheads=64, headdim=64, d_state=128, n_angles=32, ngroups=1)
+
+
+class _FakeCompiled:
+    """Stands in for Triton's compiled kernel: ``run`` takes the launch arguments, does nothing."""
+
+    run = staticmethod(itertools.chain)  # a C callable accepting any positional arguments
+    function = None
+    packed_metadata = None
+
+    def launch_metadata(self, *args):  # only called when a launch-enter hook is installed
+        return None
+
+
+def install_stubs() -> None:
+    """Patch the launch and the CUDA-only queries as described in the module docstring."""
+    fake = _FakeCompiled()
+    tstep._launch_generic = lambda *args, **kwargs: fake
+    torch._C._cuda_getCurrentRawStream = lambda index: 0
+    if hasattr(tstep, "_current_stream"):  # where step.py holds its own reference to it
+        tstep._current_stream = torch._C._cuda_getCurrentRawStream
+    torch.cuda.is_current_stream_capturing = lambda: False
+    cuda = torch.device("cuda", 0)
+    enabled = validate._check_values_enabled
+    # Asked with a device or a device type (the argument's kind differs between versions).
+    validate._check_values_enabled = lambda dev: enabled(
+        cuda if isinstance(dev, torch.device) else "cuda"
+    )
+
+
+def force_gpu_plans() -> None:
+    """Make the launch plans built so far take the CUDA direct-launch branch."""
+    for plan in tstep._PLANS.values():
+        plan.on_gpu = True
+
+
+def make_call(batch: int):
+    """The public call's arguments (CPU tensors) and keyword arguments."""
+    s = SHAPE
+    B, H, P, N, S, G = batch, s["nheads"], s["headdim"], s["d_state"], s["n_angles"], s["ngroups"]
+    bf = torch.bfloat16
+    g = torch.Generator().manual_seed(0)
+
+    def rnd(*shape, dtype=torch.float32):
+        return torch.randn(*shape, generator=g).to(dtype)
+
+    args = (
+        rnd(B, G, N, dtype=bf), rnd(B, G, N, dtype=bf), rnd(B, H, P, dtype=bf),
+        -rnd(B, H).abs(), rnd(B, H).abs() + 0.01, rnd(B, H),
+        rnd(H, N), rnd(H, N), rnd(B, H, S),
+        Mamba3State.zeros(B, H, P, N, S, dtype=bf),
+    )  # fmt: skip
+    kwargs = dict(D=rnd(H), z=rnd(B, H, P, dtype=bf), backend="triton")
+    return args, kwargs
+
+
+def best_us(fn, calls: int, repeats: int) -> float:
+    """Best over ``repeats`` of the mean time of ``calls`` back-to-back calls, in microseconds."""
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        best = min(best, (time.perf_counter() - t0) / calls * 1e6)
+    return best
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--batch", type=int, default=SHAPE["batch"])
+    ap.add_argument("--calls", type=int, default=2000, help="calls per repeat")
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--profile", action="store_true", help="print a cProfile of the public call")
+    a = ap.parse_args()
+
+    install_stubs()
+    args, kwargs = make_call(a.batch)
+    state = args[9]
+
+    def api():
+        return mamba3_kernels.step(*args, **kwargs)
+
+    for _ in range(4):  # builds the memos and the plan, then switches it to the CUDA branch
+        api()
+        force_gpu_plans()
+    # The timed calls take the direct-launch branch (the compiled kernel's stubbed run).
+    seen = []
+    compiled = {id(p): p.compiled for p in tstep._PLANS.values()}
+    for p in tstep._PLANS.values():
+        if p.compiled is not None:
+            kernel, _, function, packed = p.compiled
+            p.compiled = (kernel, lambda *args: seen.append(len(args)), function, packed)
+    out, new_state = api()
+    for p in tstep._PLANS.values():
+        p.compiled = compiled[id(p)]
+    assert seen, "the call did not reach the direct launch"
+    assert all(a is b for a, b in zip(new_state, state, strict=True))
+    assert out.shape == (a.batch, SHAPE["nheads"], SHAPE["headdim"])
+
+    # The parts, each called as the public call calls it.
+    rest = args[10:]
+    vargs = (*args, kwargs["D"], kwargs["z"], *rest)
+    problem, inputs = validate.validate_step(*vargs)
+
+    def validation():
+        return validate.validate_step(*vargs)
+
+    def dispatch_and_launch():
+        return ops.run_step(problem, inputs, inputs.initial_state, "triton")
+
+    backend, configs = mamba3_kernels.dispatch.plan(problem, "triton", "step")
+    cfg = configs.get("step") or tstep.SPEC.default(problem)
+
+    def launcher():
+        return tstep.step(problem, inputs, inputs.initial_state, cfg)
+
+    rows = [
+        ("mamba3_kernels.step (whole call)", api),
+        ("  validate_step", validation),
+        ("  run_step (dispatch + launcher)", dispatch_and_launch),
+        ("    triton_impl.step.step (launcher)", launcher),
+    ]
+    results = {
+        "what": "host us per call, best of repeats; launch stubbed (see bench/host_time_step.py)",
+        "shape": {**SHAPE, "batch": a.batch, "dtype": "bfloat16", "D": True, "z": True},
+        "calls": a.calls,
+        "repeats": a.repeats,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpu": platform.processor() or platform.machine(),
+        "us_per_call": {},
+    }
+    print(f"host time per call, best of {a.repeats} x {a.calls} calls (launch stubbed)")
+    for name, fn in rows:
+        us = best_us(fn, a.calls, a.repeats)
+        results["us_per_call"][name.strip()] = us
+        print(f"{name:<40} {us:7.2f} us")
+    if a.profile:
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(a.calls):
+            api()
+        prof.disable()
+        pstats.Stats(prof).sort_stats("tottime").print_stats(25)
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
