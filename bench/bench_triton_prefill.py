@@ -54,9 +54,22 @@ SPLIT_SWEEP = {
 }  # fmt: skip
 
 
-def split_configs(rank: int) -> list:
-    return [cf.ChunkFwdConfig(rows // rank, bp, w, s, split=1, segment=seg)
-            for rows, bp, w, s, seg in SPLIT_SWEEP[rank]]  # fmt: skip
+# Block-parallel (split=2) candidates, as SPLIT_SWEEP: rows per block, block_p, warps, stages,
+# segment tokens (segment / (rows / R) blocks per segment).
+BLOCK_SWEEP = {
+    1: [(64, 64, 4, 1, 128), (64, 64, 4, 1, 256), (64, 64, 4, 1, 512), (64, 64, 8, 1, 256),
+        (64, 64, 4, 2, 256), (32, 64, 4, 1, 128), (32, 64, 4, 1, 256), (128, 64, 8, 1, 256),
+        (128, 64, 8, 1, 512), (64, 32, 4, 1, 256)],
+    4: [(64, 64, 4, 1, 32), (64, 64, 4, 1, 64), (64, 64, 4, 1, 128), (64, 64, 8, 1, 64),
+        (64, 64, 4, 2, 64), (32, 64, 4, 1, 32), (32, 64, 4, 1, 64), (128, 64, 8, 1, 64),
+        (128, 64, 8, 1, 128), (64, 32, 4, 1, 64)],
+}  # fmt: skip
+
+
+def split_configs(rank: int, split: int = 1) -> list:
+    sweep = SPLIT_SWEEP if split == 1 else BLOCK_SWEEP
+    return [cf.ChunkFwdConfig(rows // rank, bp, w, s, split=split, segment=seg)
+            for rows, bp, w, s, seg in sweep[rank]]  # fmt: skip
 
 
 def make_call(rank: int, batch: int, seqlen: int, seed: int = 0):
@@ -107,7 +120,7 @@ def check(rank: int, split: int | None = None) -> dict:
                                     return_final_state=True, rotary=rotary)  # fmt: skip
     config = cf.default_config(problem)
     if split is not None:
-        config = dataclasses.replace(config, split=split, segment=config.segment if split else 0)
+        config = cf.with_split(problem, config, split)
     out, state = cf.chunk_fwd(problem, inputs, config)
     ref, rstate = reference_scan(cast_inputs(inputs, torch.float32), rotary, chunk_size=64)
     return {
@@ -146,6 +159,7 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     ap.add_argument("--sweep", action="store_true", help="time the candidate configs too")
     ap.add_argument("--split-sweep", action="store_true", help="time the split=1 candidates")
+    ap.add_argument("--block-sweep", action="store_true", help="time the split=2 candidates")
     ap.add_argument("--cases", nargs="*", default=list(CASES))
     ap.add_argument(
         "--configs",
@@ -168,7 +182,7 @@ def main() -> None:
         "cases": {},
     }
     for rank in [] if args.no_check else sorted({CASES[c][0] for c in args.cases}):
-        for split in (0, 1):
+        for split in (0, 1, 2):
             key = f"rank{rank}_split{split}"
             result["checks"][key] = check(rank, split)
             print(f"check {key}: {result['checks'][key]}", flush=True)
@@ -183,8 +197,10 @@ def main() -> None:
             configs = [cf.ChunkFwdConfig(*map(int, c.split(","))) for c in args.configs]
         elif args.sweep:
             configs += [cf.ChunkFwdConfig(*c) for c in SWEEP[rank]] + split_configs(rank)
-        elif args.split_sweep:
+        if args.split_sweep:
             configs += split_configs(rank)
+        if args.block_sweep:
+            configs += split_configs(rank, split=2)
         floor_ms = floor_bytes(problem) / gbps / 1e6
         entry = {"target_ms": target, "floor_ms": floor_ms, "bytes": floor_bytes(problem),
                  "default": dataclasses.asdict(default), "configs": []}  # fmt: skip

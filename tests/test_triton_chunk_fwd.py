@@ -78,7 +78,7 @@ def run(
     problem = make_problem(inputs, rotary, final, chunk_size)
     config = config or cf.default_config(problem)
     if split is not None:
-        config = dataclasses.replace(config, split=split, segment=config.segment if split else 0)
+        config = cf.with_split(problem, config, split)
     if segment is not None and config.split:
         chunk = chunk_size or config.chunk_size
         config = dataclasses.replace(config, segment=-segment * chunk if segment < 0 else segment)
@@ -136,8 +136,9 @@ GRID = [
 
 
 # (split, segment in chunks): the sequential kernel; chunk-parallel with one-chunk segments and
-# with two-chunk segments (a chunk loop inside each segment).
-ALGOS = [(0, None), (1, -1), (1, -2)]
+# with two-chunk segments (a chunk loop inside each segment); block-parallel (every chunk its own
+# program) with one-chunk segments and with three-chunk segments (earlier chunks as keys).
+ALGOS = [(0, None), (1, -1), (1, -2), (2, -1), (2, -3)]
 
 
 @needs_device
@@ -194,18 +195,19 @@ def test_split_varlen_and_empty_fall_back():
 @needs_device
 @pytest.mark.parametrize("segment", [-1, -4])
 def test_split_matches_fused(segment):
-    # The two algorithms at the same chunk size agree to fp32 rounding, over many chunks and
+    # The three algorithms at the same chunk size agree to fp32 rounding, over many chunks and
     # segments (64 chunks of 4 tokens; segments of 1 or 4 chunks).
     inputs = gen(17, batch=2, seqlen=256, nheads=2, ngroups=1, d_state=SMALL_N[0],
                  headdim=SMALL_P[0], n_angles=SMALL_N[0] // 2, with_initial_state=True,
                  with_D=True, with_z=True)  # fmt: skip
     chunk = 4 if INTERPRET else 16
-    outs = [run(inputs, "interleaved", chunk_size=chunk, split=s, segment=segment) for s in (0, 1)]
-    (o0, s0), (o1, s1) = outs
-    assert rel_err(o1, o0) < 1e-5, rel_err(o1, o0)
-    assert rel_err(s1.ssm, s0.ssm) < 1e-5
-    assert rel_err(s1.k, s0.k) < 1e-5
-    assert angle_err(s1.angle, s0.angle) < 1e-4
+    o0, s0 = run(inputs, "interleaved", chunk_size=chunk, split=0)
+    for split in (1, 2):
+        o1, s1 = run(inputs, "interleaved", chunk_size=chunk, split=split, segment=segment)
+        assert rel_err(o1, o0) < 1e-5, (split, rel_err(o1, o0))
+        assert rel_err(s1.ssm, s0.ssm) < 1e-5
+        assert rel_err(s1.k, s0.k) < 1e-5
+        assert angle_err(s1.angle, s0.angle) < 1e-4
 
 
 @needs_device
@@ -329,8 +331,9 @@ def test_config_space_and_constraints():
             assert cf.constraint(problem, default, None) is None, (problem, default)
             space = cf.search_space(problem)
             keys = {"chunk_size", "block_p", "num_warps", "num_stages"}
-            assert set(space) == (keys | {"split", "segment"} if seqlen > 256 else keys)
-            assert default.split == (seqlen > 256)
+            split_keys = {"split", "segment"}
+            assert set(space) == (keys | split_keys if seqlen > 256 else keys)
+            assert bool(default.split) == (seqlen > 256)
             valid = 0
             for chunk in space["chunk_size"]:
                 for bp in space["block_p"]:
@@ -352,7 +355,7 @@ def test_config_space_and_constraints():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("split,segment", ALGOS + [(1, 512)])
+@pytest.mark.parametrize("split,segment", ALGOS + [(1, 512), (2, 256)])
 @pytest.mark.parametrize("rank", [1, 4])
 def test_model_shape_gpu(rank, split, segment):
     if not torch.cuda.is_available():

@@ -27,7 +27,7 @@ _CHUNK_FWD_SM90 = textwrap.dedent(
             return_final_state=True, varlen=False,
         )
         # The sequential kernel (varlen calls and many-sequence SISO take it by default).
-        config = dataclasses.replace(cf.default_config(problem), split=0, segment=0)
+        config = cf.with_split(problem, cf.default_config(problem), 0)
         assert cf.constraint(problem, config, None) is None
         kernel = cf.compile_kernel(problem, config)
         ptx, cubin = kernel.asm["ptx"], kernel.asm["cubin"]
@@ -46,6 +46,15 @@ _CHUNK_FWD_SM90 = textwrap.dedent(
             ptx = kernels[name].asm["ptx"]
             assert "wgmma" in ptx or "mma.sync" in ptx, name
         print("split", rank)
+        # The block-parallel variant: the block kernel replaces the segment walk.
+        blocks = dataclasses.replace(config, split=2, chunk_size=64 // rank, block_p=64,
+                                     num_warps=4, segment=128 // rank)  # fmt: skip
+        assert cf.constraint(problem, blocks, None) is None
+        kernels = cf.compile_kernel(problem, blocks)
+        assert set(kernels) == {"_segment_state_kernel", "_state_pass_kernel", "_block_out_kernel"}
+        ptx = kernels["_block_out_kernel"].asm["ptx"]
+        assert ".target sm_90" in ptx and ("wgmma" in ptx or "mma.sync" in ptx)
+        print("blocks", rank)
     """
 )
 
@@ -62,6 +71,7 @@ def test_chunk_fwd_compiles_for_sm90_without_gpu():
     assert res.returncode == 0, res.stderr[-3000:]
     assert res.stdout.count("ok") == 2
     assert res.stdout.count("split") == 2
+    assert res.stdout.count("blocks") == 2
 
 
 _SMEM_FIT = textwrap.dedent(

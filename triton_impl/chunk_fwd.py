@@ -1,9 +1,10 @@
 """Chunked prefill forward of the Mamba-3 scan in Triton (SISO and MIMO).
 
 With config.split (the default for fixed-length calls over 256 tokens) the sequence is cut into
-segments: chunk_fwd_split computes the state entering each segment, then this kernel walks every
-segment at once (grid axis 2, "segment mode"). Without it (varlen, short calls) the kernel walks
-whole sequences, as described below.
+segments: chunk_fwd_split computes the state entering each segment, then either this kernel walks
+every segment at once (split=1: grid axis 2, "segment mode") or chunk_fwd_blocks runs every
+chunk of every segment at once (split=2: the state from memory, earlier chunks of the segment as
+keys). Without it (varlen, short calls) the kernel walks whole sequences, as described below.
 
 One program owns one (sequence, head, P-block) and walks the sequence chunk by chunk, keeping the
 P-block x N fp32 state in registers, so no per-chunk state ever goes to memory. A MIMO chunk of C
@@ -28,6 +29,7 @@ The initial state's (k, v) enter as the previous-input term of token 0: S0 = ssm
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 from dataclasses import dataclass
@@ -41,6 +43,8 @@ from mamba3_kernels.inputs import ScanInputs
 from mamba3_kernels.problem import Problem
 from mamba3_kernels.state import Mamba3State
 
+from .chunk_fwd_blocks import block_outputs
+from .chunk_fwd_blocks import compile_kernel as compile_block_kernel
 from .chunk_fwd_split import compile_kernels as compile_split_kernels
 from .chunk_fwd_split import segment_states
 from .core_scan import _seq_bounds
@@ -61,7 +65,15 @@ from .fwd_tiles import (
 from .launch import cdiv as _cdiv
 from .launch import launch as launch_kernel
 
-__all__ = ["SPEC", "ChunkFwdConfig", "chunk_fwd", "default_config", "search_space", "constraint"]
+__all__ = [
+    "SPEC",
+    "ChunkFwdConfig",
+    "chunk_fwd",
+    "default_config",
+    "search_space",
+    "constraint",
+    "with_split",
+]
 
 _MIN_DOT = 16  # smallest tile side tl.dot accepts on GPU
 
@@ -78,10 +90,13 @@ class ChunkFwdConfig:
     split_rot:  1: when S <= N/4, trig on N/4 pairs only (pass-through columns zipped in);
                 0: trig on all N/2 pairs (fewer layout shuffles; faster for small SISO chunks).
     split:      1: the chunk-parallel three-launch forward (chunk_fwd_split.py) for fixed-length
-                batches; 0: one program per (sequence, head, P-block) walks all chunks.
+                batches; 2: the same segment states, then one program per chunk
+                (chunk_fwd_blocks.py); 0: one program per (sequence, head, P-block) walks all
+                chunks.
     segment:    with split, tokens per segment (a multiple of the chunk; 0: one chunk): the
-                states between segments go through memory, chunks inside a segment are walked
-                with the state in registers.
+                states between segments go through memory; inside a segment the chunks are
+                walked with the state in registers (split=1), or each chunk reads the
+                segment's earlier chunks as keys (split=2).
     """
 
     chunk_size: int = 64
@@ -117,12 +132,19 @@ def default_config(problem: Problem) -> ChunkFwdConfig:
     and trig on all pairs (split_rot 0 measured faster there); many MIMO programs 64 rows, whole
     P, 8 warps.
     N = 256 or fp32 inputs halve the rows (register pressure).
+    MIMO R=4 in 16-bit with N <= 128, P >= 64 (where it was measured: H200, bench/NOTES.md
+    "Block-parallel forward"): the block-parallel variant (split=2), 16-token blocks of 64 rows,
+    two per segment, whole 64-wide P tiles on 4 warps.
     """
     p2 = _next_pow2(problem.headdim)
     pairs = problem.nseq * problem.nheads
     few = pairs * max(1, p2 // 32) <= 2 * 132
     # (a call of one segment gains nothing from the extra launches)
     split = not problem.varlen and problem.seqlen > 256
+    if (split and problem.rank == 4 and problem.chunk_size is None and problem.d_state <= 128
+            and problem.headdim >= 64 and problem.dtype != torch.float32):  # fmt: skip
+        return ChunkFwdConfig(chunk_size=16, block_p=64, num_warps=4, num_stages=1, split_rot=1,
+                              split=2, segment=32)  # fmt: skip
     if split:
         # SISO pipelines its chunk loop (2 stages measured 6-25 % faster); MIMO does not
         # (2 stages measured 19 % slower at R=4).
@@ -175,6 +197,16 @@ def default_config(problem: Problem) -> ChunkFwdConfig:
     )  # fmt: skip
 
 
+def with_split(problem: Problem, config: ChunkFwdConfig, split: int) -> ChunkFwdConfig:
+    """``config`` switched to algorithm ``split`` (0 drops the segment), for comparing the
+    algorithms at one chunk size: where the switch breaks a constraint (a MIMO chunk of >= 64
+    rows walked on 4 warps), on 8 warps."""
+    new = dataclasses.replace(config, split=split, segment=config.segment if split else 0)
+    if constraint(problem, new, None) is not None:
+        new = dataclasses.replace(new, num_warps=8)
+    return new
+
+
 def search_space(problem: Problem) -> dict[str, list]:
     """Candidate values per parameter (constraint() removes invalid combinations)."""
     p2 = _next_pow2(problem.headdim)
@@ -185,10 +217,10 @@ def search_space(problem: Problem) -> dict[str, list]:
         "num_stages": [1, 2, 3],
     }
     if not problem.varlen and problem.seqlen > 256:
-        # Only the chunk-parallel variant: it beat the sequential walk at every fixed-length
-        # shape measured (bench/NOTES.md, v3), and a split=0 point would make every segment
-        # value but 0 an invalid combination (a wasted trial).
-        space["split"] = [1]
+        # Only the chunk-parallel variants (segment walk 1, block-parallel 2): they beat the
+        # sequential walk at every fixed-length shape measured (bench/NOTES.md, v3), and a
+        # split=0 point would make every segment value but 0 an invalid combination.
+        space["split"] = [1, 2]
         space["segment"] = [0, 128, 256, 512, 1024]
     return space
 
@@ -229,8 +261,8 @@ def constraint(problem: Problem, config: ChunkFwdConfig, device_props: dict | No
         return f"num_warps {config.num_warps} not a power of two <= 16"
     if config.num_stages < 1:
         return "num_stages < 1"
-    if config.split not in (0, 1):
-        return f"split {config.split} not 0 or 1"
+    if config.split not in (0, 1, 2):
+        return f"split {config.split} not 0, 1 or 2"
     if config.segment and not config.split:
         return "segment is a parameter of split=1"
     if config.segment and (config.segment < chunk or config.segment % chunk):
@@ -239,10 +271,12 @@ def constraint(problem: Problem, config: ChunkFwdConfig, device_props: dict | No
         return f"split_rot {config.split_rot} not 0 or 1"
     if config.maxnreg and not 64 <= config.maxnreg <= 255:
         return f"maxnreg {config.maxnreg} outside [64, 255]"
-    if problem.rank > 1 and config.num_warps == 4 and rows >= 64:
+    mimo_4w = problem.rank > 1 and config.num_warps == 4 and rows >= 64
+    if mimo_4w and (config.split != 2 or config.block_p < 64):
         # Seen with Triton 3.6 on an H100 (MIMO R=4, 64 rows, block_p 32, 4 warps): the
         # scores x V product reads shared memory out of range (compute-sanitizer), an illegal
-        # address at run time. Excluded until a compiler version is shown to be clean.
+        # address at run time; on an H200 the block kernel (split=2) hit it at block_p 32 too.
+        # Its block_p 64 build ran clean under compute-sanitizer (bench/NOTES.md).
         return "MIMO with >= 64 rows on 4 warps miscompiles (Triton 3.6, out-of-range shared)"
     # The fp32 state lives in registers: keep it within about 96 registers per thread.
     state_regs = config.block_p * problem.d_state // (32 * config.num_warps)
@@ -521,6 +555,11 @@ def compile_kernel(problem: Problem, config: ChunkFwdConfig, target=None):
     options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
     if config.maxnreg:
         options["maxnreg"] = config.maxnreg
+    if _splits(problem, config) and config.split == 2:
+        return {
+            **compile_split_kernels(problem, consts, options, target, frames=True),
+            "_block_out_kernel": compile_block_kernel(problem, consts, options, target),
+        }
     kernel = triton.compile(src, target=target, options=options)
     if _splits(problem, config):
         return {
@@ -607,10 +646,18 @@ def chunk_fwd(
     dummy = v  # stands in for absent optional tensors (never read: the flag is off)
     grid = (nseq * H, _cdiv(P, bp), 1)
     fst, nseg = dummy, 1
+    if _splits(problem, config) and config.split == 2:
+        # The state entering every segment (in v's dtype: it is only a dot operand there) and
+        # each token's segment-local frame; then every chunk at once.
+        fst, th, cs = segment_states(
+            problem, inputs, final, consts, launch, frames=True, state_dtype=v.dtype
+        )
+        block_outputs(problem, inputs, out, fst, th, cs, consts, launch)
+        return out, final
     if _splits(problem, config):
         # The state entering every segment (and the final state) first; then this kernel runs
         # each segment independently (grid axis 2).
-        fst = segment_states(problem, inputs, final, consts, launch)
+        fst, _, _ = segment_states(problem, inputs, final, consts, launch)
         nseg = fst.shape[1]
         grid = (nseq * H, _cdiv(P, bp), nseg)
     if L == 0 and not problem.return_final_state:

@@ -68,6 +68,8 @@ def _segment_state_kernel(
     ds_ptr,
     cl_ptr,
     phi_ptr,
+    th_ptr,
+    cs_ptr,
     L,
     H,
     G,
@@ -85,6 +87,7 @@ def _segment_state_kernel(
     DOT_PREC: tl.constexpr,
     UPCAST: tl.constexpr,
     FAST: tl.constexpr,
+    FRAMES: tl.constexpr,
 ):
     NH: tl.constexpr = N // 2
     PASS: tl.constexpr = SA < NH
@@ -120,7 +123,15 @@ def _segment_state_kernel(
             adt_ptr, dt_ptr, trap_ptr, coef_base, t, valid, first_rank, seqlen
         )
         rate = _chunk_rates(ang_ptr, tok, h, H, S, jr, rot, valid, first_rank, dt_row)
-        cos, sin = _rot_cos_sin(theta[None, :] + tl.cumsum(rate, axis=0), rot, PASS, FAST)
+        th = theta[None, :] + tl.cumsum(rate, axis=0)
+        if FRAMES:
+            # Each token's angle and log-decay since the segment start, for the block-parallel
+            # output kernel (chunk_fwd_blocks); one row per token, by the first P-block.
+            fr = pid_sh.to(tl.int64) * L + t
+            mf = valid & first_rank & ((t * 0 + pid_p) == 0)
+            tl.store(th_ptr + fr[:, None] * S + jr[None, :], th, mask=mf[:, None] & rot[None, :])
+            tl.store(cs_ptr + fr, c_seg + c, mask=mf)
+        cos, sin = _rot_cos_sin(th, rot, PASS, FAST)
         theta = theta + tl.sum(rate, axis=0)
         theta = theta - _TWO_PI * tl.floor(theta / _TWO_PI)
         kb_lo, kb_hi = _load_lohi(kb_ptr, bias_row, bias_row >= 0, NH, SA, HALVES)
@@ -250,13 +261,21 @@ def pass_block(problem: Problem) -> int:
 
 
 def segment_states(
-    problem: Problem, inputs: ScanInputs, final: Mamba3State | None, consts: dict, launch: dict
-) -> torch.Tensor:
-    """Steps 1 and 2: the fp32 state entering every segment, (B*H, nseg, P, N), in each
-    segment's rotary frame; writes the final state into ``final`` when given.
+    problem: Problem,
+    inputs: ScanInputs,
+    final: Mamba3State | None,
+    consts: dict,
+    launch: dict,
+    frames: bool = False,
+    state_dtype: torch.dtype = torch.float32,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Steps 1 and 2: the state entering every segment, (B*H, nseg, P, N) in ``state_dtype``,
+    in each segment's rotary frame; writes the final state into ``final`` when given.
 
     inputs: contiguous scan inputs (chunk_fwd); consts: chunk_fwd._constexprs (C, T, ...);
-    launch: num_warps/num_stages of the segment-state kernel.
+    launch: num_warps/num_stages of the segment-state kernel. With ``frames`` also returns each
+    token's angle (B*H, L, S) and log-decay (B*H, L) since its segment's start (fp32), else
+    (state, None, None).
     """
     B, L, H, G = problem.batch, problem.seqlen, problem.nheads, problem.ngroups
     P, N, S = problem.headdim, problem.d_state, problem.n_angles
@@ -265,19 +284,23 @@ def segment_states(
     v = inputs.v
     dev = v.device
     ds = torch.empty((B * H, nseg, P, N), dtype=torch.float32, device=dev)
-    fst = torch.empty((B * H, nseg, P, N), dtype=torch.float32, device=dev)
+    fst = torch.empty((B * H, nseg, P, N), dtype=state_dtype, device=dev)
     clast = torch.empty((B * H, nseg), dtype=torch.float32, device=dev)
     phi = torch.empty((B * H, nseg, S), dtype=torch.float32, device=dev)
     dummy = v
+    th = cs = None
+    if frames:
+        th = torch.empty((B * H, L, S), dtype=torch.float32, device=dev)
+        cs = torch.empty((B * H, L), dtype=torch.float32, device=dev)
     mv = inputs.mimo_v if inputs.mimo_v is not None else dummy
     common = {n: consts[n] for n in ("P", "N", "S", "SA", "R", "HALVES", "HAS_MV", "FAST")}
     key = (problem, tuple(launch.items()))
     launch_kernel(
         _segment_state_kernel, key, (nseg, B * H, _cdiv(P, BP)),
         [inputs.k, v, inputs.adt, inputs.dt, inputs.trap, inputs.k_bias, inputs.angles, mv,
-         ds, clast, phi, L, H, G, nseg],
+         ds, clast, phi, th if frames else dummy, cs if frames else dummy, L, H, G, nseg],
         dict(C=consts["C"], T=T, BP=BP, DOT_PREC=consts["DOT_PREC"], UPCAST=consts["UPCAST"],
-             **common),
+             FRAMES=frames, **common),
         launch,
     )  # fmt: skip
     init = inputs.initial_state
@@ -293,22 +316,25 @@ def segment_states(
              **common),
         {"num_warps": 4},
     )  # fmt: skip
-    return fst
+    return fst, th, cs
 
 
-def compile_kernels(problem: Problem, consts: dict, options: dict, target) -> dict:
+def compile_kernels(
+    problem: Problem, consts: dict, options: dict, target, frames: bool = False
+) -> dict:
     """Compile the segment-state and state-pass kernels ahead of time (no GPU needed) for
     ``target`` (a triton ``GPUTarget``). consts: chunk_fwd._constexprs(problem, config,
-    interp=False); options: num_warps/num_stages. Returns {name: compiled kernel}; each one's
-    ``asm`` holds ptx/cubin."""
+    interp=False); options: num_warps/num_stages; frames: as segment_states (the split=2 forward,
+    whose segment states are stored in the I/O dtype). Returns {name: compiled kernel}; each
+    one's ``asm`` holds ptx/cubin."""
     io = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}[problem.dtype]
     f32, i32 = "*fp32", "i32"
     # Pointer arguments whose element type is the I/O dtype; every other pointer is fp32.
     io_ptrs = {"q_ptr", "k_ptr", "v_ptr", "z_ptr", "k0_ptr", "v0_ptr", "k1_ptr", "v1_ptr",
-               "out_ptr"}  # fmt: skip
+               "out_ptr"} | ({"fst_ptr"} if frames else set())  # fmt: skip
     scalars = {"L", "H", "G", "NSEG"}
     launches = {
-        _segment_state_kernel: (consts, options),
+        _segment_state_kernel: ({**consts, "FRAMES": frames}, options),
         _state_pass_kernel: ({**consts, "BP": pass_block(problem)}, {"num_warps": 4}),
     }
     compiled = {}

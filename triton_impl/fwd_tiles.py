@@ -159,18 +159,10 @@ def _rot_cos_sin(th, rot, PASS: tl.constexpr, FAST: tl.constexpr):
 
 
 @triton.jit
-def _chunk_coefs(adt_ptr, dt_ptr, trap_ptr, coef_base, t, valid, first_rank, seqlen):
-    """Per-row coefficients of one chunk. t: (rows,) token index in the sequence (every rank row
-    of a token repeats it); valid: t < seqlen; first_rank: the rows that carry a token's decay.
-
-    Returns c (rows,) cumulative log-decay from the chunk start, c_last (scalar) the chunk's
-    whole log-decay, dt (rows,), gamma = lam * dt (rows,) and the folded trapezoid weight
-    w = gamma + mu_{t+1} (rows,), mu_t = dt_t (1 - lam_t), zero past the end of the sequence.
-    """
-    a_row = tl.load(adt_ptr + coef_base + t, mask=valid & first_rank, other=0.0)
-    a_row = a_row.to(tl.float32)
-    c = tl.cumsum(a_row, axis=0)
-    c_last = tl.sum(a_row, axis=0)
+def _trap_weights(dt_ptr, trap_ptr, coef_base, t, valid, seqlen):
+    """Trapezoid weights of rows at tokens t (rows,) of one sequence (valid: t < seqlen): dt,
+    gamma = lam * dt and the folded weight w = gamma + mu_{t+1}, mu_t = dt_t (1 - lam_t), zero
+    past the end of the sequence."""
     dt_row = tl.load(dt_ptr + coef_base + t, mask=valid, other=0.0).to(tl.float32)
     tr_row = tl.load(trap_ptr + coef_base + t, mask=valid, other=0.0).to(tl.float32)
     gamma = tl.sigmoid(tr_row) * dt_row
@@ -178,6 +170,22 @@ def _chunk_coefs(adt_ptr, dt_ptr, trap_ptr, coef_base, t, valid, first_rank, seq
     dt_n = tl.load(dt_ptr + coef_base + t + 1, mask=nxt, other=0.0).to(tl.float32)
     tr_n = tl.load(trap_ptr + coef_base + t + 1, mask=nxt, other=0.0).to(tl.float32)
     w = gamma + dt_n * (1.0 - tl.sigmoid(tr_n))
+    return dt_row, gamma, w
+
+
+@triton.jit
+def _chunk_coefs(adt_ptr, dt_ptr, trap_ptr, coef_base, t, valid, first_rank, seqlen):
+    """Per-row coefficients of one chunk. t: (rows,) token index in the sequence (every rank row
+    of a token repeats it); valid: t < seqlen; first_rank: the rows that carry a token's decay.
+
+    Returns c (rows,) cumulative log-decay from the chunk start, c_last (scalar) the chunk's
+    whole log-decay, and dt, gamma, w (rows,) as _trap_weights.
+    """
+    a_row = tl.load(adt_ptr + coef_base + t, mask=valid & first_rank, other=0.0)
+    a_row = a_row.to(tl.float32)
+    c = tl.cumsum(a_row, axis=0)
+    c_last = tl.sum(a_row, axis=0)
+    dt_row, gamma, w = _trap_weights(dt_ptr, trap_ptr, coef_base, t, valid, seqlen)
     return c, c_last, dt_row, gamma, w
 
 
@@ -218,11 +226,17 @@ def _rotated_operand(
 
 
 @triton.jit
+def _qk_scores(q_lo, q_hi, k_lo, k_hi, DOT_PREC: tl.constexpr):
+    """Qr Kr^T (rows_q, rows_k) fp32 from the (lo, hi) operand halves."""
+    scores = tl.dot(q_lo, tl.trans(k_lo), input_precision=DOT_PREC)
+    return tl.dot(q_hi, tl.trans(k_hi), scores, input_precision=DOT_PREC)
+
+
+@triton.jit
 def _intra_scores(q_lo, q_hi, k_lo, k_hi, t, c, w, gamma, DOT_PREC: tl.constexpr):
     """Masked intra-chunk scores (rows, rows): (Qr Kr^T) * M with M[i, j] = exp(c_i - c_j) w_j
     for t_i > t_j, gamma_j on the same token, 0 above (t: (rows,) token of each row)."""
-    scores = tl.dot(q_lo, tl.trans(k_lo), input_precision=DOT_PREC)
-    scores = tl.dot(q_hi, tl.trans(k_hi), scores, input_precision=DOT_PREC)
+    scores = _qk_scores(q_lo, q_hi, k_lo, k_hi, DOT_PREC)
     causal = t[:, None] > t[None, :]
     dec = tl.exp(tl.minimum(c[:, None] - c[None, :], 0.0))
     m = tl.where(causal, dec * w[None, :], tl.where(t[:, None] == t[None, :], gamma[None, :], 0.0))
