@@ -4,24 +4,8 @@ measured on a CPU-only machine.
 The call is made with CPU tensors of the decode shape (SISO, bf16, batch 16, H=64, P=64,
 N=128, S=32, G=1, with D and z, state updated in place), and everything Python does for it runs:
 validation (and its memo), dispatch, config lookup, the launch plan and the launch-argument
-assembly up to the compiled kernel's launcher. What is stubbed, and why (a CUDA call takes these
-branches; CPU tensors would take others):
-
-* the launcher itself: the compiled kernel's ``run`` (Triton's C launcher, which would hand the
-  pointers to the driver) is ``itertools.chain``, a C call that takes any arguments and does
-  nothing with them; the first launch through Triton's binder (``step._launch_generic``) is
-  replaced by one that returns a fake compiled kernel carrying that ``run``. Not counted: the C
-  launcher's own argument parsing and the driver's launch (a few us on the GPU hosts).
-* the plans' ``on_gpu`` flag is set, so that calls take the direct-launch branch a CUDA call
-  takes rather than the interpreter's (the script checks that the timed call reaches it);
-  ``torch._C._cuda_getCurrentRawStream`` (absent from CPU torch; ``step._current_stream``)
-  returns 0.
-* the value-range check decision (``validate._check_values_enabled``) is asked about a CUDA
-  device, so that it takes the GPU branch (off unless ``MAMBA3_KERNELS_CHECK_VALUES=1``, which
-  this script unsets), with ``torch.cuda.is_current_stream_capturing`` returning False. CPU
-  calls would check the values on every call (a host-side reduction) instead. The wrapper doing
-  this adds one Python call (~0.2 us) to every timed call.
-* ``out`` is allocated on the CPU (the CUDA caching allocator costs about the same on the host).
+assembly up to the compiled kernel's launcher. What is stubbed, and why (a CUDA call takes other
+branches than CPU tensors would): see bench/host_stubs.py, shared with host_time_scan.py.
 
     TRITON_INTERPRET=1 python bench/host_time_step.py [--calls 2000] [--repeats 7]
         [--json OUT.json] [--profile]
@@ -37,13 +21,12 @@ os.environ.pop("MAMBA3_KERNELS_CHECK_VALUES", None)  # value checks off, as in a
 
 import argparse  # noqa: E402
 import cProfile  # noqa: E402
-import itertools  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
 import pstats  # noqa: E402
-import time  # noqa: E402
 
 import torch  # noqa: E402
+from host_stubs import best_us, force_gpu_plans, install_stubs  # noqa: E402
 from mamba3_kernels.triton_impl import step as tstep  # noqa: E402
 
 import mamba3_kernels  # noqa: E402
@@ -51,39 +34,6 @@ from mamba3_kernels import ops, validate  # noqa: E402
 from mamba3_kernels.state import Mamba3State  # noqa: E402
 
 SHAPE = dict(batch=16, nheads=64, headdim=64, d_state=128, n_angles=32, ngroups=1)
-
-
-class _FakeCompiled:
-    """Stands in for Triton's compiled kernel: ``run`` takes the launch arguments, does nothing."""
-
-    run = staticmethod(itertools.chain)  # a C callable accepting any positional arguments
-    function = None
-    packed_metadata = None
-
-    def launch_metadata(self, *args):  # only called when a launch-enter hook is installed
-        return None
-
-
-def install_stubs() -> None:
-    """Patch the launch and the CUDA-only queries as described in the module docstring."""
-    fake = _FakeCompiled()
-    tstep._launch_generic = lambda *args, **kwargs: fake
-    torch._C._cuda_getCurrentRawStream = lambda index: 0
-    if hasattr(tstep, "_current_stream"):  # where step.py holds its own reference to it
-        tstep._current_stream = torch._C._cuda_getCurrentRawStream
-    torch.cuda.is_current_stream_capturing = lambda: False
-    cuda = torch.device("cuda", 0)
-    enabled = validate._check_values_enabled
-    # Asked with a device or a device type (the argument's kind differs between versions).
-    validate._check_values_enabled = lambda dev: enabled(
-        cuda if isinstance(dev, torch.device) else "cuda"
-    )
-
-
-def force_gpu_plans() -> None:
-    """Make the launch plans built so far take the CUDA direct-launch branch."""
-    for plan in tstep._PLANS.values():
-        plan.on_gpu = True
 
 
 def make_call(batch: int):
@@ -104,17 +54,6 @@ def make_call(batch: int):
     )  # fmt: skip
     kwargs = dict(D=rnd(H), z=rnd(B, H, P, dtype=bf), backend="triton")
     return args, kwargs
-
-
-def best_us(fn, calls: int, repeats: int) -> float:
-    """Best over ``repeats`` of the mean time of ``calls`` back-to-back calls, in microseconds."""
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        best = min(best, (time.perf_counter() - t0) / calls * 1e6)
-    return best
 
 
 def main() -> None:

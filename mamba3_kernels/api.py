@@ -6,9 +6,9 @@ import torch
 
 from .dispatch import plan
 from .inputs import ScanInputs
-from .ops import run_scan
+from .ops import scan_eager
 from .state import Mamba3State
-from .validate import _validate, validate_scan
+from .validate import _validate
 
 
 def scan(
@@ -44,10 +44,11 @@ def scan(
     "halves" (MIMO default). ``backend`` is "auto", "reference", "triton", "tilelang" or "cute".
     Differentiable in every floating input, the initial state included.
     """
-    problem, inputs = validate_scan(
-        q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, z, mimo_v, mimo_z, mimo_o,
-        initial_state, return_final_state, cu_seqlens, rotary, chunk_size,
-    )  # fmt: skip
+    # validate_scan's body, called directly (one Python call level of this many arguments fewer).
+    tensors = (q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, z, mimo_v, mimo_z, mimo_o)
+    problem, inputs = _validate(
+        False, tensors, initial_state, return_final_state, cu_seqlens, rotary, chunk_size
+    )
     state = inputs.initial_state
     if torch.compiler.is_compiling() or _needs_grad(inputs):
         out, *final = torch.ops.mamba3.scan(
@@ -59,10 +60,14 @@ def scan(
             chunk_size or 0,
             backend,
         )
-    else:  # eager without autograd: skip the op's Python dispatch (tens of microseconds)
-        out, *final = run_scan(problem, inputs, backend)
+        if return_final_state:
+            return out, Mamba3State(*final)
+        return out
+    # Eager without autograd: skip the op's Python dispatch (tens of microseconds) and its
+    # empty placeholders for an absent final state.
+    out, final_state = scan_eager(problem, inputs, backend)
     if return_final_state:
-        return out, Mamba3State(*final)
+        return out, final_state
     return out
 
 

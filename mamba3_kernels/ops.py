@@ -150,13 +150,38 @@ def scan_op(
 def run_scan(
     problem: Problem, inputs: ScanInputs, backend: str
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Dispatch one validated forward scan (the op, and api.scan's eager no-grad path).
+    """Dispatch one validated forward scan (the op's body).
 
     Returns out and the final state's angle, ssm, k, v (empty tensors without a final state),
     each owning its memory.
     """
     chosen, configs = plan(problem, backend, "scan_fwd")
     out, state = chosen.scan(problem, inputs, configs)
+    return _owned_outputs(inputs, out, state)
+
+
+def scan_eager(
+    problem: Problem, inputs: ScanInputs, backend: str
+) -> tuple[Tensor, Mamba3State | None]:
+    """api.scan's eager path without autograd: run_scan's dispatch and results as (out, final
+    state), the state None without problem.return_final_state (no empty placeholders).
+
+    Shapes as run_scan's. A backend whose ``scan_outputs_owned`` is True promises what
+    _owned_outputs would otherwise ensure (fresh contiguous allocations, not views, in the op's
+    dtypes), so its outputs are returned as they are.
+    """
+    chosen, configs = plan(problem, backend, "scan_fwd")
+    out, state = chosen.scan(problem, inputs, configs)
+    if getattr(chosen, "scan_outputs_owned", False):
+        return out, state
+    out, *final = _owned_outputs(inputs, out, state)
+    return out, (Mamba3State(*final) if problem.return_final_state else None)
+
+
+def _owned_outputs(
+    inputs: ScanInputs, out: Tensor, state: Mamba3State | None
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """A backend's scan results as the op returns them (see run_scan)."""
     q, v, init = inputs.q, inputs.v, inputs.initial_state
     # An output sharing memory with an input (a final v that is a slice of v, an untouched
     # initial state for L == 0) must be copied: op outputs may not alias inputs.

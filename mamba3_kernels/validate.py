@@ -7,6 +7,7 @@ was expected and what came, and return the call's :class:`Problem` with its :cla
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 import torch
 
@@ -72,17 +73,22 @@ ENV_CHECK_VALUES = "MAMBA3_KERNELS_CHECK_VALUES"
 # updated by every os.environ assignment, so a lookup there sees the same values; elsewhere the
 # plain lookup is used.
 _ENV_DATA = getattr(os.environ, "_data", None)
-try:
-    _ENV_KEY, _ENV_ON = os.environ.encodekey(ENV_CHECK_VALUES), os.environ.encodevalue("1")
-except AttributeError:
-    _ENV_DATA = None
 
 
-def _check_values_env() -> bool:
-    """Whether MAMBA3_KERNELS_CHECK_VALUES=1 (read on every call, so it can be switched)."""
-    if _ENV_DATA is not None:
-        return _ENV_DATA.get(_ENV_KEY) == _ENV_ON
-    return os.environ.get(ENV_CHECK_VALUES, "0") == "1"
+def env_flag(name: str) -> Callable[[], bool]:
+    """A function telling whether the environment variable ``name`` is "1", read on every call
+    (so it can be switched) at the cost of a dict lookup."""
+    try:
+        key, on = os.environ.encodekey(name), os.environ.encodevalue("1")
+    except AttributeError:
+        key = on = None
+    data = _ENV_DATA if key is not None else None
+    if data is not None:
+        return lambda: data.get(key) == on
+    return lambda: os.environ.get(name, "0") == "1"
+
+
+_check_values_env = env_flag(ENV_CHECK_VALUES)
 
 
 def _check_values_enabled(device_type: str) -> bool:
@@ -273,6 +279,10 @@ def _validate(
         if len(_VALIDATED) >= _VALIDATED_MAX:
             _VALIDATED.clear()
         _VALIDATED[key] = problem
+        # The entry's Problem stands for this call's signature from now on, this call included
+        # (so a backend's plan keyed on it is made once, not once for the miss and once more).
+        inputs = _tuple_new(ValidatedInputs, inputs)
+        inputs.validated_problem = problem
     return problem, inputs
 
 

@@ -246,3 +246,45 @@ def test_scan_memo_rejects_a_list_state():
     m.scan(**_scan_kwargs(x))
     with pytest.raises(TypeError, match="initial_state: expected a Mamba3State"):
         m.scan(**_scan_kwargs(x, initial_state=list(x.initial_state)))
+
+
+def test_scan_memo_revalidates_changed_properties_and_keys_one_problem():
+    """The scan's memo: the first call of a signature (a miss) already hands back the Problem
+    that later hits return (one Problem per signature, which backends key their launch plans
+    on); a call differing in a checked property (shape, dtype, device, a state's layout or
+    dtype) is checked again and rejected, and a different valid layout gets its own Problem."""
+    from mamba3_kernels import validate
+
+    x = _siso(with_initial_state=True)
+    state = x.initial_state
+
+    def check(y=x, st=state, final=True):
+        return validate.validate_scan(*y[:14], st, final)
+
+    y = x._replace(q=x.q.clone())  # a fresh tensor object: a miss only if the memo had no entry
+    problem, inputs = check(y)
+    assert isinstance(inputs, validate.ValidatedInputs) and inputs.validated_problem is problem
+    for _ in range(2):
+        again, hit = check()
+        assert again is problem and hit.validated_problem is problem
+    assert check(final=False)[0] is not problem  # another option: another signature
+    with pytest.raises(ValueError, match=r"z: expected shape \(2, 6, 4, 8\) to match v"):
+        check(x._replace(z=x.z[..., :4]))
+    with pytest.raises(TypeError, match="k: expected dtype float32 to match q"):
+        check(x._replace(k=x.k.double()))
+    with pytest.raises(ValueError, match="mimo_v: only for MIMO"):
+        check(x._replace(mimo_v=torch.ones(4, 1, 8)))
+    with pytest.raises(ValueError, match="angles: expected device cpu"):
+        check(x._replace(angles=x.angles.to("meta")))
+    with pytest.raises(TypeError, match="initial_state.angle: expected dtype float32"):
+        check(st=state._replace(angle=state.angle.half()))
+    with pytest.raises(ValueError, match=r"initial_state.ssm: expected shape"):
+        check(st=state._replace(ssm=state.ssm[:1]))
+    # A valid call with a strided q and a transposed (non-contiguous) ssm: its own Problem,
+    # equal by value (same sizes and flags), not the same object.
+    wide = torch.zeros(*x.q.shape[:-1], 2 * x.q.shape[-1])
+    wide[..., ::2] = x.q
+    odd = state.ssm.transpose(-1, -2).contiguous().transpose(-1, -2)
+    other, oin = check(x._replace(q=wide[..., ::2]), state._replace(ssm=odd))
+    assert other == problem and other is not problem and oin.validated_problem is other
+    assert check()[0] is problem

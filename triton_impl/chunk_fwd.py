@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import os
 from dataclasses import dataclass
 
@@ -42,11 +43,12 @@ from mamba3_kernels.backend import KernelSpec
 from mamba3_kernels.inputs import ScanInputs
 from mamba3_kernels.problem import Problem
 from mamba3_kernels.state import Mamba3State
+from mamba3_kernels.validate import env_flag
 
-from .chunk_fwd_blocks import block_outputs
+from .chunk_fwd_blocks import block_launch
 from .chunk_fwd_blocks import compile_kernel as compile_block_kernel
 from .chunk_fwd_split import compile_kernels as compile_split_kernels
-from .chunk_fwd_split import segment_states
+from .chunk_fwd_split import segment_buffers, segment_launches
 from .core_scan import _seq_bounds
 from .fwd_tiles import (
     _TWO_PI,
@@ -62,8 +64,8 @@ from .fwd_tiles import (
     _store_final_kv,
     _store_lohi,
 )
+from .launch import Launch, launch_all, launch_generic
 from .launch import cdiv as _cdiv
-from .launch import launch as launch_kernel
 
 __all__ = [
     "SPEC",
@@ -592,6 +594,160 @@ def _c(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.contiguous()
 
 
+# The call's argument table: every tensor a launch of the forward may take, by name, in this
+# order (as tensors for Triton's launcher, as addresses for the direct launch). Absent optional
+# tensors and unused scratch buffers are v (never read: the kernels' flags skip them).
+_TABLE = ("q", "k", "v", "adt", "dt", "trap", "q_bias", "k_bias", "angles", "D", "z", "mimo_v",
+          "mimo_z", "mimo_o", "a0", "s0", "k0", "v0", "cu", "out", "a1", "s1", "k1", "v1",
+          "ds", "fst", "clast", "phi", "th", "cs")  # fmt: skip
+_SLOT = {name: i for i, name in enumerate(_TABLE)}
+_SCRATCH = _TABLE[24:]  # segment_buffers' names, carved out of one workspace allocation
+_ALIGN = 256  # bytes between workspace buffers: the kernels assume 16-byte aligned pointers
+
+
+class _Plan:
+    """What one call signature of chunk_fwd needs, worked out once: whether inputs must be
+    copied (non-contiguous, or a non-fp32 state), the shapes to allocate, the scratch layout in
+    one workspace, and the launches (with their compiled kernels after the first GPU call)."""
+
+    __slots__ = ("keep", "copy", "on_gpu", "device_index", "out_shape", "final", "offsets",
+                 "ws_bytes", "scratch", "launches")  # fmt: skip
+
+    def __init__(self, problem: Problem, config: ChunkFwdConfig, inputs: ScanInputs) -> None:
+        # A plan keyed by the ids of problem and config keeps them, so the ids stay theirs.
+        self.keep = (problem, config)
+        init = inputs.initial_state
+        self.copy = any(t is not None and not t.is_contiguous() for t in inputs[:14]) or (
+            init is not None
+            and (
+                any(not t.is_contiguous() for t in init)
+                or init.angle.dtype != torch.float32
+                or init.ssm.dtype != torch.float32
+            )
+        )
+        v = inputs.v
+        self.on_gpu = v.is_cuda
+        self.device_index = v.get_device()
+        B, L, H, R, P = problem.batch, problem.seqlen, problem.nheads, problem.rank, problem.headdim
+        N, S, nseq = problem.d_state, problem.n_angles, problem.nseq
+        keep_ranks = problem.mimo and inputs.mimo_o is None
+        self.out_shape = (B, L, R, H, P) if keep_ranks else (B, L, H, P)
+        # Shapes of the final state's angle and ssm (fp32), k and v (in k's and v's dtypes).
+        self.final = None
+        if problem.return_final_state:
+            self.final = ((nseq, H, S), (nseq, H, P, N), (nseq, R, H, N), (nseq, H, P))
+        consts = _checked_constexprs(
+            problem, config, inputs.mimo_v is not None, inputs.mimo_z is not None
+        )
+        launch = dict(num_warps=config.num_warps, num_stages=config.num_stages)
+        if config.maxnreg:
+            launch["maxnreg"] = config.maxnreg
+        slot = dict(_SLOT)
+        buffers: dict = {}
+        launches = []
+        split = config.split if _splits(problem, config) else 0
+        nseg = 1
+        if split == 2:
+            # The state entering every segment (in v's dtype: it is only a dot operand there)
+            # and each token's segment-local frame; then every chunk at once.
+            buffers = segment_buffers(problem, consts, frames=True, state_dtype=v.dtype)
+            nseg = buffers["fst"][0][1]
+            launches = segment_launches(problem, consts, launch, slot, frames=True)
+            launches.append(block_launch(problem, consts, launch, slot, nseg))
+        elif split == 1 or L > 0 or problem.return_final_state:
+            if split == 1:
+                # The state entering every segment (and the final state) first; then this
+                # kernel runs each segment independently (grid axis 2).
+                buffers = segment_buffers(problem, consts)
+                nseg = buffers["fst"][0][1]
+                launches = segment_launches(problem, consts, launch, slot)
+            else:
+                slot["fst"] = _SLOT["v"]  # not read when walking whole sequences
+            grid = (nseq * H, _cdiv(P, config.block_p), nseg)
+            args = [slot[n] for n in _TABLE[:24]] + [slot["fst"]]
+            launches.append(Launch(_chunk_fwd_kernel, grid, args, (L, H, problem.ngroups, nseg),
+                                   consts, launch))  # fmt: skip
+        # One workspace for the scratch buffers (one allocation per call instead of up to six):
+        # each buffer at a 256-byte aligned offset; (offset, shape, dtype), or None when unused.
+        offset, scratch = 0, []
+        for name in _SCRATCH:
+            if name not in buffers:
+                scratch.append(None)
+                continue
+            shape, dtype = buffers[name]
+            scratch.append((offset, shape, dtype))
+            nbytes = math.prod(shape) * dtype.itemsize
+            offset += -(-nbytes // _ALIGN) * _ALIGN
+        self.scratch = tuple(scratch)
+        self.offsets = tuple(None if s is None else s[0] for s in scratch)
+        self.ws_bytes = offset
+        # chunk_fwd's direct path spells out these two layouts (segment walk, block kernel).
+        assert not offset or (
+            None not in self.offsets[:4] and (self.offsets[4] is None) == (self.offsets[5] is None)
+        )
+        self.launches = launches
+
+
+# Plans by call signature (see _plan). Problem and config enter by identity when the inputs come
+# from the validation memo (its Problem stands for one signature): hashing them by value on
+# every call would cost more than the lookup.
+_PLANS: dict[tuple, _Plan] = {}
+_PLANS_MAX = 256
+_ENV_INTERPRET = env_flag("TRITON_INTERPRET")
+
+
+def _layout(t: torch.Tensor | None):
+    return None if t is None else (t.dtype, t.is_contiguous())
+
+
+def _plan(problem: Problem, inputs: ScanInputs, config: ChunkFwdConfig) -> _Plan:
+    """The plan of this call, made on the first call of its signature.
+
+    A plan depends on the problem and config, the interpreter switch, the device, and each
+    tensor's presence, dtype (what Triton specialises on) and contiguity (what is copied). From
+    the validation memo (``inputs.validated_problem is problem``) the Problem stands for all of
+    those but the switch: every tensor's shape, dtype and device, the per-token tensors' strides
+    and the other tensors' contiguity are its signature's. Other callers key on them in full.
+    """
+    interp = _ENV_INTERPRET()
+    if getattr(inputs, "validated_problem", None) is problem:
+        key = (id(problem), id(config), interp)
+    else:
+        init = inputs.initial_state
+        key = (problem, config, interp, inputs.v.device, *(_layout(t) for t in inputs[:14]),
+               None if init is None else tuple(_layout(t) for t in init),
+               _layout(inputs.cu_seqlens))  # fmt: skip
+    plan = _PLANS.get(key)
+    if plan is None:
+        plan = _Plan(problem, config, inputs)
+        if len(_PLANS) >= _PLANS_MAX:
+            _PLANS.clear()
+        _PLANS[key] = plan
+    return plan
+
+
+def _tensor_table(plan: _Plan, tensors: tuple, init, cu, out, final, ws) -> tuple:
+    """The argument table (_TABLE order) as tensors: the call's, v for absent ones, and views of
+    the workspace ``ws`` (uint8) for the scratch buffers."""
+    v = tensors[2]
+    scratch = tuple(
+        v if s is None else ws[s[0] : s[0] + math.prod(s[1]) * s[2].itemsize].view(s[2]).view(s[1])
+        for s in plan.scratch
+    )
+    return (
+        *(v if t is None else t for t in tensors),
+        *(init if init is not None else (v,) * 4),
+        v if cu is None else cu,
+        out,
+        *(final if final is not None else (v,) * 4),
+        *scratch,
+    )
+
+
+_tuple_new = tuple.__new__
+_F32 = torch.float32
+
+
 def chunk_fwd(
     problem: Problem, inputs: ScanInputs, config: ChunkFwdConfig
 ) -> tuple[torch.Tensor, Mamba3State | None]:
@@ -602,98 +758,70 @@ def chunk_fwd(
     Returns out ((B, L, H, P), or (B, L, R, H, P) for MIMO without mimo_o) in v's dtype, and the
     final state (angle (nseq, H, S) fp32 reduced modulo 2*pi, ssm (nseq, H, P, N) fp32,
     k (nseq, R, H, N) in k's dtype, v (nseq, H, P) in v's dtype) when problem.return_final_state.
+    Each output is a fresh allocation of its own (contiguous, not a view).
     """
-    B, L, H, G = problem.batch, problem.seqlen, problem.nheads, problem.ngroups
-    R, N, P, S = problem.rank, problem.d_state, problem.headdim, problem.n_angles
-    nseq = problem.nseq
-    init = inputs.initial_state
-    if init is not None:
-        init = Mamba3State(
-            angle=init.angle.contiguous().float(),
-            ssm=init.ssm.contiguous().float(),
-            k=init.k.contiguous(),
-            v=init.v.contiguous(),
-        )
-    inputs = ScanInputs(*(_c(x) for x in inputs[:-2]), initial_state=init,
-                        cu_seqlens=inputs.cu_seqlens)  # fmt: skip
-    v = inputs.v
-    dev = v.device
-    q, k = inputs.q, inputs.k
-    adt, dt, trap = inputs.adt, inputs.dt, inputs.trap
-    q_bias, k_bias, angles = inputs.q_bias, inputs.k_bias, inputs.angles
-    D, z = inputs.D, inputs.z
-    mimo_v, mimo_z, mimo_o = inputs.mimo_v, inputs.mimo_z, inputs.mimo_o
-    has_mo = problem.mimo and mimo_o is not None
-    if problem.mimo and not has_mo:
-        out = torch.empty((B, L, R, H, P), dtype=v.dtype, device=dev)
-    else:
-        out = torch.empty((B, L, H, P), dtype=v.dtype, device=dev)
-    if init is not None:
-        a0, s0, k0, v0 = init
+    plan = _plan(problem, inputs, config)
+    q, k, v, adt, dt, trap, qb, kb, ang, d, z, mv, mz, mo, init, cu = inputs
+    if plan.copy:  # into the layouts the kernels assume
+        q, k, v, adt, dt, trap, qb, kb, ang, d, z, mv, mz, mo = (_c(x) for x in inputs[:14])
+        if init is not None:
+            init = Mamba3State(
+                angle=init.angle.contiguous().float(),
+                ssm=init.ssm.contiguous().float(),
+                k=init.k.contiguous(),
+                v=init.v.contiguous(),
+            )
+    out = v.new_empty(plan.out_shape)
     final = None
-    if problem.return_final_state:
-        final = Mamba3State(
-            angle=torch.empty((nseq, H, S), dtype=torch.float32, device=dev),
-            ssm=torch.empty((nseq, H, P, N), dtype=torch.float32, device=dev),
-            k=torch.empty((nseq, R, H, N), dtype=inputs.k.dtype, device=dev),
-            v=torch.empty((nseq, H, P), dtype=v.dtype, device=dev),
-        )
-    consts = _checked_constexprs(problem, config, mimo_v is not None, mimo_z is not None)
-    launch = dict(num_warps=config.num_warps, num_stages=config.num_stages)
-    if config.maxnreg:
-        launch["maxnreg"] = config.maxnreg
-    bp = config.block_p
-    dummy = v  # stands in for absent optional tensors (never read: the flag is off)
-    grid = (nseq * H, _cdiv(P, bp), 1)
-    fst, nseg = dummy, 1
-    if _splits(problem, config) and config.split == 2:
-        # The state entering every segment (in v's dtype: it is only a dot operand there) and
-        # each token's segment-local frame; then every chunk at once.
-        fst, th, cs = segment_states(
-            problem, inputs, final, consts, launch, frames=True, state_dtype=v.dtype
-        )
-        block_outputs(problem, inputs, out, fst, th, cs, consts, launch)
+    if plan.final is not None:
+        sa, ss, sk, sv = plan.final
+        # tuple.__new__: the named tuple's own constructor is a Python function (~0.6 us).
+        final = _tuple_new(Mamba3State, (v.new_empty(sa, dtype=_F32),
+                                          v.new_empty(ss, dtype=_F32), k.new_empty(sk),
+                                          v.new_empty(sv)))  # fmt: skip
+    if not plan.launches:
         return out, final
-    if _splits(problem, config):
-        # The state entering every segment (and the final state) first; then this kernel runs
-        # each segment independently (grid axis 2).
-        fst, _, _ = segment_states(problem, inputs, final, consts, launch)
-        nseg = fst.shape[1]
-        grid = (nseq * H, _cdiv(P, bp), nseg)
-    if L == 0 and not problem.return_final_state:
-        return out, None
-    args = [
-        q,
-        k,
-        v,
-        adt,
-        dt,
-        trap,
-        q_bias,
-        k_bias,
-        angles,
-        D if D is not None else dummy,
-        z if z is not None else dummy,
-        mimo_v if mimo_v is not None else dummy,
-        mimo_z if mimo_z is not None else dummy,
-        mimo_o if mimo_o is not None else dummy,
-        a0 if init is not None else dummy,
-        s0 if init is not None else dummy,
-        k0 if init is not None else dummy,
-        v0 if init is not None else dummy,
-        inputs.cu_seqlens if problem.varlen else dummy,
-        out,
-        final.angle if final is not None else dummy,
-        final.ssm if final is not None else dummy,
-        final.k if final is not None else dummy,
-        final.v if final is not None else dummy,
-        fst,
-        L,
-        H,
-        G,
-        nseg,
-    ]
-    launch_kernel(_chunk_fwd_kernel, (problem, config), grid, args, consts, launch)
+    ws = v.new_empty((plan.ws_bytes,), dtype=torch.uint8) if plan.ws_bytes else None
+    if not plan.on_gpu:  # the interpreter (CPU tensors): Triton's launcher
+        tensors = (q, k, v, adt, dt, trap, qb, kb, ang, d, z, mv, mz, mo)
+        launch_generic(plan.launches, _tensor_table(plan, tensors, init, cu, out, final, ws))
+        return out, final
+    # The direct launch's argument table: the same entries as _tensor_table, as addresses.
+    # (Spelled out, without generators: each Python-level step costs here, on every call.)
+    pv = v.data_ptr()
+    if init is None:
+        state_in = (pv, pv, pv, pv)
+    else:
+        a0, s0, k0, v0 = init
+        state_in = (a0.data_ptr(), s0.data_ptr(), k0.data_ptr(), v0.data_ptr())
+    if final is None:
+        state_out = (pv, pv, pv, pv)
+    else:
+        a1, s1, k1, v1 = final
+        state_out = (a1.data_ptr(), s1.data_ptr(), k1.data_ptr(), v1.data_ptr())
+    if ws is None:
+        scratch = (pv, pv, pv, pv, pv, pv)
+    else:
+        base = ws.data_ptr()
+        o = plan.offsets
+        if o[4] is None:  # the segment walk: no frames
+            scratch = (base + o[0], base + o[1], base + o[2], base + o[3], pv, pv)
+        else:
+            scratch = (base + o[0], base + o[1], base + o[2], base + o[3], base + o[4],
+                       base + o[5])  # fmt: skip
+    ptrs = (
+        q.data_ptr(), k.data_ptr(), pv, adt.data_ptr(), dt.data_ptr(), trap.data_ptr(),
+        qb.data_ptr(), kb.data_ptr(), ang.data_ptr(), pv if d is None else d.data_ptr(),
+        pv if z is None else z.data_ptr(), pv if mv is None else mv.data_ptr(),
+        pv if mz is None else mz.data_ptr(), pv if mo is None else mo.data_ptr(), *state_in,
+        pv if cu is None else cu.data_ptr(), out.data_ptr(), *state_out, *scratch,
+    )  # fmt: skip
+
+    def tensors():
+        inputs14 = (q, k, v, adt, dt, trap, qb, kb, ang, d, z, mv, mz, mo)
+        return _tensor_table(plan, inputs14, init, cu, out, final, ws)
+
+    launch_all(plan.launches, ptrs, tensors, plan.device_index)
     return out, final
 
 

@@ -25,7 +25,6 @@ import torch
 import triton
 import triton.language as tl
 
-from mamba3_kernels.inputs import ScanInputs
 from mamba3_kernels.problem import Problem
 
 from .fwd_tiles import (
@@ -38,10 +37,10 @@ from .fwd_tiles import (
     _rotated_operand,
     _trap_weights,
 )
+from .launch import Launch
 from .launch import cdiv as _cdiv
-from .launch import launch as launch_kernel
 
-__all__ = ["block_outputs"]
+__all__ = ["block_launch"]
 
 
 @triton.jit
@@ -224,36 +223,27 @@ def kernel_constexprs(consts: dict) -> dict:
     return {n: consts[n] for n in _KERNEL_CONSTS}
 
 
-def block_outputs(
-    problem: Problem,
-    inputs: ScanInputs,
-    out: torch.Tensor,
-    fst: torch.Tensor,
-    th: torch.Tensor,
-    cs: torch.Tensor,
-    consts: dict,
-    launch: dict,
-) -> None:
-    """Step 3 of the split=2 forward: write ``out`` ((B, L, H, P), or (B, L, R, H, P) for MIMO
-    without mimo_o) from the segment states ``fst`` (B*H, nseg, P, N) and the frames ``th``
-    (B*H, L, S), ``cs`` (B*H, L) of chunk_fwd_split.segment_states(frames=True).
+def block_launch(
+    problem: Problem, consts: dict, launch: dict, slot: dict[str, int], nseg: int
+) -> Launch:
+    """Step 3 of the split=2 forward as one launch: writes out ((B, L, H, P), or
+    (B, L, R, H, P) for MIMO without mimo_o) from the segment states fst (B*H, nseg, P, N) and
+    the frames th (B*H, L, S), cs (B*H, L) of chunk_fwd_split.segment_launches(frames=True).
 
-    inputs: contiguous scan inputs; consts: chunk_fwd._constexprs (C tokens per block, T per
-    segment); launch: num_warps/num_stages."""
-    B, L, H, G = problem.batch, problem.seqlen, problem.nheads, problem.ngroups
+    consts: chunk_fwd._constexprs (C tokens per block, T per segment); launch:
+    num_warps/num_stages; slot: the index of each argument in the call's argument table
+    (chunk_fwd._TABLE names; absent tensors' entries hold a stand-in that is never read)."""
+    L, H, G = problem.seqlen, problem.nheads, problem.ngroups
     kc = kernel_constexprs(consts)
-    dummy = inputs.v
-    opt = [inputs.D, inputs.z, inputs.mimo_v, inputs.mimo_z, inputs.mimo_o]
-    args = [inputs.q, inputs.k, inputs.v, inputs.dt, inputs.trap, inputs.q_bias, inputs.k_bias,
-            *(x if x is not None else dummy for x in opt), fst, th, cs, out, L, H, G,
-            fst.shape[1]]  # fmt: skip
-    grid = (_cdiv(L, kc["C"]), B * H, _cdiv(problem.headdim, kc["BP"]))
-    launch_kernel(_block_out_kernel, (problem, tuple(launch.items())), grid, args, kc, launch)
+    names = ("q", "k", "v", "dt", "trap", "q_bias", "k_bias", "D", "z", "mimo_v", "mimo_z",
+             "mimo_o", "fst", "th", "cs", "out")  # fmt: skip
+    grid = (_cdiv(L, kc["C"]), problem.batch * H, _cdiv(problem.headdim, kc["BP"]))
+    return Launch(_block_out_kernel, grid, [slot[n] for n in names], (L, H, G, nseg), kc, launch)
 
 
 def compile_kernel(problem: Problem, consts: dict, options: dict, target):
     """Compile the block kernel ahead of time (no GPU needed) for ``target``; consts as
-    block_outputs. Returns the compiled kernel (``asm`` holds ptx/cubin)."""
+    block_launch. Returns the compiled kernel (``asm`` holds ptx/cubin)."""
     io = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}[problem.dtype]
     io_ptrs = {"q_ptr", "k_ptr", "v_ptr", "z_ptr", "out_ptr", "fst_ptr"}
     kc = kernel_constexprs(consts)

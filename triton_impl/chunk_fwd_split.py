@@ -30,9 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from mamba3_kernels.inputs import ScanInputs
 from mamba3_kernels.problem import Problem
-from mamba3_kernels.state import Mamba3State
 
 from .fwd_tiles import (
     _TWO_PI,
@@ -49,10 +47,10 @@ from .fwd_tiles import (
     _store_lohi,
     _store_rot,
 )
+from .launch import Launch
 from .launch import cdiv as _cdiv
-from .launch import launch as launch_kernel
 
-__all__ = ["segment_states", "pass_block", "compile_kernels"]
+__all__ = ["segment_buffers", "segment_launches", "pass_block", "compile_kernels"]
 
 
 @triton.jit
@@ -260,63 +258,68 @@ def pass_block(problem: Problem) -> int:
     return bp
 
 
-def segment_states(
-    problem: Problem,
-    inputs: ScanInputs,
-    final: Mamba3State | None,
-    consts: dict,
-    launch: dict,
-    frames: bool = False,
-    state_dtype: torch.dtype = torch.float32,
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """Steps 1 and 2: the state entering every segment, (B*H, nseg, P, N) in ``state_dtype``,
-    in each segment's rotary frame; writes the final state into ``final`` when given.
-
-    inputs: contiguous scan inputs (chunk_fwd); consts: chunk_fwd._constexprs (C, T, ...);
-    launch: num_warps/num_stages of the segment-state kernel. With ``frames`` also returns each
-    token's angle (B*H, L, S) and log-decay (B*H, L) since its segment's start (fp32), else
-    (state, None, None).
-    """
-    B, L, H, G = problem.batch, problem.seqlen, problem.nheads, problem.ngroups
+def segment_buffers(
+    problem: Problem, consts: dict, frames: bool = False, state_dtype: torch.dtype = torch.float32
+) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """The scratch buffers of steps 1 and 2, by name: (shape, dtype) of ds (B*H, nseg, P, N)
+    fp32, fst (B*H, nseg, P, N) in ``state_dtype`` (the state entering every segment, in its
+    rotary frame), clast (B*H, nseg) and phi (B*H, nseg, S) fp32; with ``frames`` also th
+    (B*H, L, S) and cs (B*H, L) fp32 (each token's angle and log-decay since its segment's
+    start). consts: chunk_fwd._constexprs (T tokens per segment)."""
+    B, L, H = problem.batch, problem.seqlen, problem.nheads
     P, N, S = problem.headdim, problem.d_state, problem.n_angles
+    nseg = _cdiv(L, consts["T"])
+    f32 = torch.float32
+    buffers = {
+        "ds": ((B * H, nseg, P, N), f32),
+        "fst": ((B * H, nseg, P, N), state_dtype),
+        "clast": ((B * H, nseg), f32),
+        "phi": ((B * H, nseg, S), f32),
+    }
+    if frames:
+        buffers["th"] = ((B * H, L, S), f32)
+        buffers["cs"] = ((B * H, L), f32)
+    return buffers
+
+
+def segment_launches(
+    problem: Problem, consts: dict, launch: dict, slot: dict[str, int], frames: bool = False
+) -> list[Launch]:
+    """Steps 1 and 2 as two launches: the segment-state kernel, then the state pass, which
+    writes fst (segment_buffers) and, with problem.return_final_state, the final state.
+
+    consts: chunk_fwd._constexprs (C, T, ...); launch: num_warps/num_stages of the segment-state
+    kernel; slot: the index of each argument in the call's argument table (chunk_fwd._TABLE
+    names: the inputs, a0..v0 and a1..v1 for the initial and final state, the buffers of
+    segment_buffers; absent tensors' entries hold a stand-in that is never read).
+    """
+    L, H, G = problem.seqlen, problem.nheads, problem.ngroups
+    P = problem.headdim
     T, BP = consts["T"], consts["BP"]
     nseg = _cdiv(L, T)
-    v = inputs.v
-    dev = v.device
-    ds = torch.empty((B * H, nseg, P, N), dtype=torch.float32, device=dev)
-    fst = torch.empty((B * H, nseg, P, N), dtype=state_dtype, device=dev)
-    clast = torch.empty((B * H, nseg), dtype=torch.float32, device=dev)
-    phi = torch.empty((B * H, nseg, S), dtype=torch.float32, device=dev)
-    dummy = v
-    th = cs = None
-    if frames:
-        th = torch.empty((B * H, L, S), dtype=torch.float32, device=dev)
-        cs = torch.empty((B * H, L), dtype=torch.float32, device=dev)
-    mv = inputs.mimo_v if inputs.mimo_v is not None else dummy
+    B_H = problem.batch * H
     common = {n: consts[n] for n in ("P", "N", "S", "SA", "R", "HALVES", "HAS_MV", "FAST")}
-    key = (problem, tuple(launch.items()))
-    launch_kernel(
-        _segment_state_kernel, key, (nseg, B * H, _cdiv(P, BP)),
-        [inputs.k, v, inputs.adt, inputs.dt, inputs.trap, inputs.k_bias, inputs.angles, mv,
-         ds, clast, phi, th if frames else dummy, cs if frames else dummy, L, H, G, nseg],
-        dict(C=consts["C"], T=T, BP=BP, DOT_PREC=consts["DOT_PREC"], UPCAST=consts["UPCAST"],
-             FRAMES=frames, **common),
-        launch,
-    )  # fmt: skip
-    init = inputs.initial_state
+    seg_args = ("k", "v", "adt", "dt", "trap", "k_bias", "angles", "mimo_v", "ds", "clast", "phi",
+                "th" if frames else "v", "cs" if frames else "v")  # fmt: skip
+    pass_args = ("ds", "clast", "phi", "fst", "dt", "trap", "mimo_v", "a0", "s0", "k0", "v0", "k",
+                 "k_bias", "v", "a1", "s1", "k1", "v1")  # fmt: skip
     bp2 = pass_block(problem)
-    launch_kernel(
-        _state_pass_kernel, key, (B * H, _cdiv(P, bp2)),
-        [ds, clast, phi, fst, inputs.dt, inputs.trap, mv,
-         *((init.angle, init.ssm, init.k, init.v) if init is not None else (dummy,) * 4),
-         inputs.k, inputs.k_bias, v,
-         *((final.angle, final.ssm, final.k, final.v) if final is not None else (dummy,) * 4),
-         L, H, G, nseg],
-        dict(BP=bp2, HAS_INIT=problem.has_initial_state, HAS_FINAL=problem.return_final_state,
-             **common),
-        {"num_warps": 4},
-    )  # fmt: skip
-    return fst, th, cs
+    return [
+        Launch(
+            _segment_state_kernel, (nseg, B_H, _cdiv(P, BP)), [slot[n] for n in seg_args],
+            (L, H, G, nseg),
+            dict(C=consts["C"], T=T, BP=BP, DOT_PREC=consts["DOT_PREC"],
+                 UPCAST=consts["UPCAST"], FRAMES=frames, **common),
+            launch,
+        ),
+        Launch(
+            _state_pass_kernel, (B_H, _cdiv(P, bp2)), [slot[n] for n in pass_args],
+            (L, H, G, nseg),
+            dict(BP=bp2, HAS_INIT=problem.has_initial_state,
+                 HAS_FINAL=problem.return_final_state, **common),
+            {"num_warps": 4},
+        ),
+    ]  # fmt: skip
 
 
 def compile_kernels(
@@ -324,7 +327,7 @@ def compile_kernels(
 ) -> dict:
     """Compile the segment-state and state-pass kernels ahead of time (no GPU needed) for
     ``target`` (a triton ``GPUTarget``). consts: chunk_fwd._constexprs(problem, config,
-    interp=False); options: num_warps/num_stages; frames: as segment_states (the split=2 forward,
+    interp=False); options: num_warps/num_stages; frames: as segment_launches (the split=2 forward,
     whose segment states are stored in the I/O dtype). Returns {name: compiled kernel}; each
     one's ``asm`` holds ptx/cubin."""
     io = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}[problem.dtype]
