@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import platform
 import sys
 import time
 from collections.abc import Callable
@@ -103,3 +104,15 @@ def best_us(fn: Callable[[], object], calls: int, repeats: int) -> float:
             fn()
         best = min(best, (time.perf_counter() - t0) / calls * 1e6)
     return best
+
+
+def run_info(calls: int, repeats: int) -> dict:
+    """What every host-time JSON records about its run: repeat counts and the software/CPU."""
+    return {
+        "calls": calls,
+        "repeats": repeats,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpu": platform.processor() or platform.machine(),
+        "us_per_call": {},
+    }

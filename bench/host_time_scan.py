@@ -27,7 +27,6 @@ os.environ.pop("MAMBA3_KERNELS_CHECK_VALUES", None)  # value checks off, as in a
 import argparse  # noqa: E402
 import cProfile  # noqa: E402
 import json  # noqa: E402
-import platform  # noqa: E402
 import pstats  # noqa: E402
 
 import torch  # noqa: E402
@@ -36,6 +35,7 @@ from host_stubs import (  # noqa: E402
     cache_cpu_allocations,
     force_gpu_plans,
     install_stubs,
+    run_info,
 )
 from mamba3_kernels.triton_impl import chunk_fwd as cf  # noqa: E402
 
@@ -145,22 +145,20 @@ def main() -> None:
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--profile", help="print a cProfile of this case's public call")
     a = ap.parse_args()
+    cases = [c for c in a.cases.split(",") if c]
+    unknown = [c for c in cases if c not in CASES]
+    if unknown:
+        ap.error(f"--cases: unknown {unknown}; choose from {list(CASES)}")
 
     cache_cpu_allocations()
     install_stubs()
-    cases = [c for c in a.cases.split(",") if c]
     results = {
         "what": "host us per call, best of repeats; launch stubbed (see bench/host_stubs.py)",
         "shape": {**SHAPE, "dtype": "bfloat16", "D": True, "z": True},
         "cases": {
             c: dict(zip(("batch", "seqlen", "rank", "state"), CASES[c], strict=True)) for c in cases
         },  # fmt: skip
-        "calls": a.calls,
-        "repeats": a.repeats,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "cpu": platform.processor() or platform.machine(),
-        "us_per_call": {},
+        **run_info(a.calls, a.repeats),
     }
     print(f"host time per call, us, best of {a.repeats} x {a.calls} calls (launches stubbed)")
     for case in cases:

@@ -22,11 +22,10 @@ os.environ.pop("MAMBA3_KERNELS_CHECK_VALUES", None)  # value checks off, as in a
 import argparse  # noqa: E402
 import cProfile  # noqa: E402
 import json  # noqa: E402
-import platform  # noqa: E402
 import pstats  # noqa: E402
 
 import torch  # noqa: E402
-from host_stubs import best_us, force_gpu_plans, install_stubs  # noqa: E402
+from host_stubs import best_us, force_gpu_plans, install_stubs, run_info  # noqa: E402
 from mamba3_kernels.triton_impl import step as tstep  # noqa: E402
 
 import mamba3_kernels  # noqa: E402
@@ -115,12 +114,7 @@ def main() -> None:
     results = {
         "what": "host us per call, best of repeats; launch stubbed (see bench/host_time_step.py)",
         "shape": {**SHAPE, "batch": a.batch, "dtype": "bfloat16", "D": True, "z": True},
-        "calls": a.calls,
-        "repeats": a.repeats,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "cpu": platform.processor() or platform.machine(),
-        "us_per_call": {},
+        **run_info(a.calls, a.repeats),
     }
     print(f"host time per call, best of {a.repeats} x {a.calls} calls (launch stubbed)")
     for name, fn in rows:

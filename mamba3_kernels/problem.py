@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
+
+_T = TypeVar("_T")
 
 ROTARY_LAYOUTS = ("interleaved", "halves")
 
@@ -60,3 +65,24 @@ def _pow2_bucket(x: int) -> int:
     while b < x:
         b *= 2
     return b
+
+
+def memo_by_identity(fn: Callable[[Problem], _T], maxsize: int = 256) -> Callable[[Problem], _T]:
+    """``fn(problem)`` memoized by the Problem object's identity: the validation memo hands back
+    the same Problem for a repeated call signature, so a hot-path lookup is one dict hit instead
+    of hashing the dataclass by value. Each entry holds its Problem, which keeps the id from
+    being reused while the entry lives; a hit is confirmed with ``is``."""
+    cache: dict[int, tuple[Problem, _T]] = {}
+
+    @functools.wraps(fn)
+    def wrapper(problem: Problem) -> _T:
+        hit = cache.get(id(problem))
+        if hit is not None and hit[0] is problem:
+            return hit[1]
+        if len(cache) >= maxsize:
+            cache.clear()
+        result = fn(problem)
+        cache[id(problem)] = (problem, result)
+        return result
+
+    return wrapper

@@ -41,7 +41,7 @@ import triton.language as tl
 
 from mamba3_kernels.backend import KernelSpec
 from mamba3_kernels.inputs import ScanInputs
-from mamba3_kernels.problem import Problem
+from mamba3_kernels.problem import Problem, memo_by_identity
 from mamba3_kernels.state import Mamba3State
 from mamba3_kernels.validate import env_flag
 
@@ -119,6 +119,7 @@ def _chunk(problem: Problem, config: ChunkFwdConfig) -> int:
     return problem.chunk_size if problem.chunk_size is not None else config.chunk_size
 
 
+@memo_by_identity  # a dict hit for the validation memo's Problem, on every prefill call
 @functools.lru_cache(maxsize=256)
 def default_config(problem: Problem) -> ChunkFwdConfig:
     """Heuristic config (memoized: it runs on every prefill call), from the H100 sweeps

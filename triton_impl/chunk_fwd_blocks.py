@@ -21,12 +21,12 @@ state traffic of shorter segments.
 
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 
 from mamba3_kernels.problem import Problem
 
+from .chunk_fwd_split import compile_ahead
 from .fwd_tiles import (
     _finish_rows,
     _intra_scores,
@@ -208,6 +208,7 @@ def _block_out_kernel(
         sk = _qk_scores(q_lo, q_hi, kk_lo, kk_hi, DOT_PREC)
         sk = sk * (tl.exp(tl.minimum(c[:, None] - ck[None, :], 0.0)) * wk[None, :])
         y = tl.dot(_op(sk, dd, UPCAST), _op(vk, dd, UPCAST), y, input_precision=DOT_PREC)
+    # HAS_D off: the skip was added before the key loop (y stands in for the unread vr).
     _finish_rows(
         y, y, D_ptr, z_ptr, mz_ptr, mo_ptr, out_ptr, h, H, pp, P, bos, b0, seqlen, t, r_idx, R,
         C, BP, False, HAS_Z, HAS_MZ, HAS_MO,
@@ -244,20 +245,7 @@ def block_launch(
 def compile_kernel(problem: Problem, consts: dict, options: dict, target):
     """Compile the block kernel ahead of time (no GPU needed) for ``target``; consts as
     block_launch. Returns the compiled kernel (``asm`` holds ptx/cubin)."""
-    io = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}[problem.dtype]
     io_ptrs = {"q_ptr", "k_ptr", "v_ptr", "z_ptr", "out_ptr", "fst_ptr"}
-    kc = kernel_constexprs(consts)
-    names = _block_out_kernel.arg_names
-    signature = {}
-    for n in names:
-        if n in kc:
-            signature[n] = "constexpr"
-        elif n in ("L", "H", "G", "NSEG"):
-            signature[n] = "i32"
-        else:
-            signature[n] = io if n in io_ptrs else "*fp32"
-    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names
-             if signature[n].startswith("*")}  # fmt: skip
-    src = triton.compiler.ASTSource(fn=_block_out_kernel, signature=signature, constexprs=kc,
-                                    attrs=attrs)  # fmt: skip
-    return triton.compile(src, target=target, options=options)
+    return compile_ahead(
+        _block_out_kernel, problem, kernel_constexprs(consts), options, target, io_ptrs
+    )

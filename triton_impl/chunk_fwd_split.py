@@ -322,6 +322,35 @@ def segment_launches(
     ]  # fmt: skip
 
 
+_IO_TYPE = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}
+# Pointer arguments whose element type is the I/O dtype; every other pointer is fp32.
+_IO_PTRS = frozenset({"q_ptr", "k_ptr", "v_ptr", "z_ptr", "k0_ptr", "v0_ptr", "k1_ptr", "v1_ptr",
+                      "out_ptr"})  # fmt: skip
+
+
+def compile_ahead(kernel, problem: Problem, values: dict, options: dict, target, io_ptrs=_IO_PTRS):
+    """Compile one forward kernel ahead of time (no GPU needed) for ``target``: its
+    compile-time arguments taken from ``values`` by name, the integers L, H, G, NSEG as i32,
+    the pointers in ``io_ptrs`` of the I/O dtype and the rest fp32, every pointer 16-byte
+    aligned (as the launcher's specialisation marks torch allocations)."""
+    io = _IO_TYPE[problem.dtype]
+    names = kernel.arg_names
+    kconsts = {n: values[n] for n in names if n in values}
+    signature = {}
+    for n in names:
+        if n in kconsts:
+            signature[n] = "constexpr"
+        elif n in ("L", "H", "G", "NSEG"):
+            signature[n] = "i32"
+        else:
+            signature[n] = io if n in io_ptrs else "*fp32"
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names
+             if signature[n].startswith("*")}  # fmt: skip
+    src = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=kconsts,
+                                    attrs=attrs)  # fmt: skip
+    return triton.compile(src, target=target, options=options)
+
+
 def compile_kernels(
     problem: Problem, consts: dict, options: dict, target, frames: bool = False
 ) -> dict:
@@ -330,31 +359,12 @@ def compile_kernels(
     interp=False); options: num_warps/num_stages; frames: as segment_launches (the split=2 forward,
     whose segment states are stored in the I/O dtype). Returns {name: compiled kernel}; each
     one's ``asm`` holds ptx/cubin."""
-    io = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}[problem.dtype]
-    f32, i32 = "*fp32", "i32"
-    # Pointer arguments whose element type is the I/O dtype; every other pointer is fp32.
-    io_ptrs = {"q_ptr", "k_ptr", "v_ptr", "z_ptr", "k0_ptr", "v0_ptr", "k1_ptr", "v1_ptr",
-               "out_ptr"} | ({"fst_ptr"} if frames else set())  # fmt: skip
-    scalars = {"L", "H", "G", "NSEG"}
+    io_ptrs = _IO_PTRS | ({"fst_ptr"} if frames else set())
     launches = {
         _segment_state_kernel: ({**consts, "FRAMES": frames}, options),
         _state_pass_kernel: ({**consts, "BP": pass_block(problem)}, {"num_warps": 4}),
     }
-    compiled = {}
-    for kernel, (values, opts) in launches.items():
-        names = kernel.arg_names
-        kconsts = {n: values[n] for n in names if n in values}
-        signature = {}
-        for n in names:
-            if n in kconsts:
-                signature[n] = "constexpr"
-            elif n in scalars:
-                signature[n] = i32
-            else:
-                signature[n] = io if n in io_ptrs else f32
-        attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names
-                 if signature[n].startswith("*")}  # fmt: skip
-        src = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=kconsts,
-                                        attrs=attrs)  # fmt: skip
-        compiled[kernel.fn.__name__] = triton.compile(src, target=target, options=opts)
-    return compiled
+    return {
+        kernel.fn.__name__: compile_ahead(kernel, problem, values, opts, target, io_ptrs)
+        for kernel, (values, opts) in launches.items()
+    }

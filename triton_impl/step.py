@@ -25,7 +25,7 @@ from triton import knobs
 
 from mamba3_kernels.backend import KernelSpec
 from mamba3_kernels.inputs import ScanInputs
-from mamba3_kernels.problem import Problem
+from mamba3_kernels.problem import Problem, memo_by_identity
 from mamba3_kernels.state import Mamba3State
 
 
@@ -49,21 +49,12 @@ def _applies(problem: Problem) -> bool:
     return problem.decode
 
 
-# Default configs by Problem identity (the validation memo returns the same Problem for a repeated
-# call): one dict hit per decode step, and the same config object, which the launch plans key on.
-_DEFAULTS: dict[int, tuple[Problem, StepConfig]] = {}
-
-
+@memo_by_identity
 def default_config(problem: Problem) -> StepConfig:
-    """The heuristic's config for ``problem`` (see ``_heuristic``), memoized."""
-    hit = _DEFAULTS.get(id(problem))
-    if hit is not None and hit[0] is problem:
-        return hit[1]
-    if len(_DEFAULTS) >= 256:
-        _DEFAULTS.clear()
-    cfg = _heuristic(problem)
-    _DEFAULTS[id(problem)] = (problem, cfg)  # holding problem keeps its id from being reused
-    return cfg
+    """The heuristic's config for ``problem`` (see ``_heuristic``), memoized by the Problem's
+    identity: one dict hit per decode step, and the same config object, which the launch plans
+    key on."""
+    return _heuristic(problem)
 
 
 def _heuristic(problem: Problem) -> StepConfig:
