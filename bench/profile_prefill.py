@@ -18,6 +18,7 @@ def main() -> None:
     ap.add_argument("--case", default="siso_1x16384", choices=list(CASES))
     ap.add_argument("--config", default=None, help="chunk,block_p,warps,stages[,...] (default)")
     ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--plain", action="store_true", help="no torch.profiler (under ncu)")
     args = ap.parse_args()
     rank, batch, seqlen, _ = CASES[args.case]
     problem, inputs = make_call(rank, batch, seqlen)
@@ -27,6 +28,11 @@ def main() -> None:
     for _ in range(3):  # compile and warm up
         cf.chunk_fwd(problem, inputs, config)
     torch.cuda.synchronize()
+    if args.plain:
+        for _ in range(args.reps):
+            cf.chunk_fwd(problem, inputs, config)
+        torch.cuda.synchronize()
+        return
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(args.reps):
             cf.chunk_fwd(problem, inputs, config)
