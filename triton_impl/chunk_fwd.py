@@ -50,6 +50,7 @@ from .chunk_fwd_blocks import compile_kernel as compile_block_kernel
 from .chunk_fwd_split import compile_kernels as compile_split_kernels
 from .chunk_fwd_split import segment_buffers, segment_launches
 from .core_scan import _seq_bounds
+from .fast_math import _exp
 from .fwd_tiles import (
     _TWO_PI,
     _chunk_coefs,
@@ -405,7 +406,7 @@ def _chunk_fwd_kernel(
     elif HAS_INIT:
         st_lo, st_hi = _initial_ssm(
             s0_ptr, k0_ptr, v0_ptr, mv_ptr, dt_ptr, trap_ptr, coef_base, seqlen > 0, seq, h, H,
-            pp, P, N, NH, SA, R, HALVES, HAS_MV,
+            pp, P, N, NH, SA, R, HALVES, HAS_MV, FAST,
         )  # fmt: skip
         theta = tl.load(a0_ptr + sh * S + jr, mask=rot, other=0.0).to(tl.float32)
     else:
@@ -428,10 +429,10 @@ def _chunk_fwd_kernel(
         tok = bos + t  # global token index (int64)
         mrow = valid[:, None]
         c, c_last, dt_row, gamma, w = _chunk_coefs(
-            adt_ptr, dt_ptr, trap_ptr, coef_base, t, valid, first_rank, seqlen
+            adt_ptr, dt_ptr, trap_ptr, coef_base, t, valid, first_rank, seqlen, FAST
         )
         # ---- angles: theta per row and pair (zero rate past S) ---------------------------
-        rate = _chunk_rates(ang_ptr, tok, h, H, S, jr, rot, valid, first_rank, dt_row)
+        rate = _chunk_rates(ang_ptr, tok, h, H, S, jr, rot, valid, first_rank, dt_row, FAST)
         th = theta[None, :] + tl.cumsum(rate, axis=0)
         theta = theta + tl.sum(rate, axis=0)
         theta = theta - _TWO_PI * tl.floor(theta / _TWO_PI)
@@ -453,22 +454,22 @@ def _chunk_fwd_kernel(
         vr = tl.load(v_ptr + v_off, mask=mrow & mpr, other=0.0).to(tl.float32)
         if HAS_MV:
             vr = vr * tl.load(mv_ptr + rank_par, mask=mpr, other=0.0)
-        scores = _intra_scores(q_lo, q_hi, k_lo, k_hi, t, c, w, gamma, DOT_PREC)
+        scores = _intra_scores(q_lo, q_hi, k_lo, k_hi, t, c, w, gamma, DOT_PREC, FAST)
         # ---- output: state part (decayed from the chunk start) plus intra part -----------
         y = tl.dot(q_lo, tl.trans(_op(st_lo, dd, UPCAST)), input_precision=DOT_PREC)
         y = tl.dot(q_hi, tl.trans(_op(st_hi, dd, UPCAST)), y, input_precision=DOT_PREC)
-        y = y * tl.exp(c)[:, None]
+        y = y * _exp(c, FAST)[:, None]
         y = tl.dot(_op(scores, dd, UPCAST), _op(vr, dd, UPCAST), y, input_precision=DOT_PREC)
         # ---- state update: S <- exp(c_last) S + (V * exp(c_last - c) w)^T Kr ------------
         # (not needed when a segment is one chunk: its successor's state comes from memory)
         if T != C:
-            vw = tl.trans(_op(vr * (tl.exp(c_last - c) * w)[:, None], dd, UPCAST))
-            e_last = tl.exp(c_last)
+            vw = tl.trans(_op(vr * (_exp(c_last - c, FAST) * w)[:, None], dd, UPCAST))
+            e_last = _exp(c_last, FAST)
             st_lo = tl.dot(vw, k_lo, st_lo * e_last, input_precision=DOT_PREC)
             st_hi = tl.dot(vw, k_hi, st_hi * e_last, input_precision=DOT_PREC)
         _finish_rows(
             y, vr, D_ptr, z_ptr, mz_ptr, mo_ptr, out_ptr, h, H, pp, P, bos, c0, seqlen, t,
-            r_idx, R, C, BP, HAS_D, HAS_Z, HAS_MZ, HAS_MO,
+            r_idx, R, C, BP, HAS_D, HAS_Z, HAS_MZ, HAS_MO, FAST,
         )  # fmt: skip
 
     if HAS_FINAL:

@@ -27,6 +27,7 @@ import triton.language as tl
 from mamba3_kernels.problem import Problem
 
 from .chunk_fwd_split import compile_ahead
+from .fast_math import _exp
 from .fwd_tiles import (
     _finish_rows,
     _intra_scores,
@@ -102,7 +103,7 @@ def _block_rows(
     if HAS_MV:
         vr = vr * tl.load(mv_ptr + (h * R + r_idx[:, None]) * P + pp[None, :], mask=mpr, other=0.0)
     c = tl.load(cs_ptr + fr, mask=valid, other=0.0)
-    _, gamma, w = _trap_weights(dt_ptr, trap_ptr, coef_base, t, valid, seqlen)
+    _, gamma, w = _trap_weights(dt_ptr, trap_ptr, coef_base, t, valid, seqlen, FAST)
     return x_lo, x_hi, vr, c, gamma, w, cos, sin
 
 
@@ -191,11 +192,11 @@ def _block_out_kernel(
     f_lo, f_hi = _load_lohi(fst_ptr, (fi * P + pp[:, None]) * N, mp, NH, SA, HALVES)
     y = tl.dot(q_lo, tl.trans(_op(f_lo, dd, UPCAST)), input_precision=DOT_PREC)
     y = tl.dot(q_hi, tl.trans(_op(f_hi, dd, UPCAST)), y, input_precision=DOT_PREC)
-    y = y * tl.exp(c)[:, None]
+    y = y * _exp(c, FAST)[:, None]
     if HAS_D:
         # Here rather than in the epilogue, so that v's tile is dead during the key loop.
         y += tl.load(D_ptr + h).to(tl.float32) * vr
-    scores = _intra_scores(q_lo, q_hi, k_lo, k_hi, t, c, w, gamma, DOT_PREC)
+    scores = _intra_scores(q_lo, q_hi, k_lo, k_hi, t, c, w, gamma, DOT_PREC, FAST)
     y = tl.dot(_op(scores, dd, UPCAST), _op(vr, dd, UPCAST), y, input_precision=DOT_PREC)
     # ---- the segment's earlier blocks: every key token is before every query token --------
     for kb0 in range(seg_start, b0, C):
@@ -206,12 +207,12 @@ def _block_out_kernel(
             HAS_MV, dd, UPCAST, FAST,
         )  # fmt: skip
         sk = _qk_scores(q_lo, q_hi, kk_lo, kk_hi, DOT_PREC)
-        sk = sk * (tl.exp(tl.minimum(c[:, None] - ck[None, :], 0.0)) * wk[None, :])
+        sk = sk * (_exp(tl.minimum(c[:, None] - ck[None, :], 0.0), FAST) * wk[None, :])
         y = tl.dot(_op(sk, dd, UPCAST), _op(vk, dd, UPCAST), y, input_precision=DOT_PREC)
     # HAS_D off: the skip was added before the key loop (y stands in for the unread vr).
     _finish_rows(
         y, y, D_ptr, z_ptr, mz_ptr, mo_ptr, out_ptr, h, H, pp, P, bos, b0, seqlen, t, r_idx, R,
-        C, BP, False, HAS_Z, HAS_MZ, HAS_MO,
+        C, BP, False, HAS_Z, HAS_MZ, HAS_MO, FAST,
     )  # fmt: skip
 
 

@@ -32,6 +32,7 @@ import triton.language as tl
 
 from mamba3_kernels.problem import Problem
 
+from .fast_math import _exp
 from .fwd_tiles import (
     _TWO_PI,
     _chunk_coefs,
@@ -118,9 +119,9 @@ def _segment_state_kernel(
         tok = seq.to(tl.int64) * L + t
         mrow = valid[:, None]
         c, c_last, dt_row, gamma, w = _chunk_coefs(
-            adt_ptr, dt_ptr, trap_ptr, coef_base, t, valid, first_rank, seqlen
+            adt_ptr, dt_ptr, trap_ptr, coef_base, t, valid, first_rank, seqlen, FAST
         )
-        rate = _chunk_rates(ang_ptr, tok, h, H, S, jr, rot, valid, first_rank, dt_row)
+        rate = _chunk_rates(ang_ptr, tok, h, H, S, jr, rot, valid, first_rank, dt_row, FAST)
         th = theta[None, :] + tl.cumsum(rate, axis=0)
         if FRAMES:
             # Each token's angle and log-decay since the segment start, for the block-parallel
@@ -143,8 +144,8 @@ def _segment_state_kernel(
             vr = vr * tl.load(
                 mv_ptr + (h * R + r_idx[:, None]) * P + pp[None, :], mask=mpr, other=0.0
             )
-        vw = tl.trans(_op(vr * (tl.exp(c_last - c) * w)[:, None], dd, UPCAST))
-        e_last = tl.exp(c_last)
+        vw = tl.trans(_op(vr * (_exp(c_last - c, FAST) * w)[:, None], dd, UPCAST))
+        e_last = _exp(c_last, FAST)
         ds_lo = tl.dot(vw, k_lo, ds_lo * e_last, input_precision=DOT_PREC)
         ds_hi = tl.dot(vw, k_hi, ds_hi * e_last, input_precision=DOT_PREC)
         c_seg += c_last
@@ -213,7 +214,7 @@ def _state_pass_kernel(
         # (pairs in the natural (a, b) split: SA = NH)
         a, b = _initial_ssm(
             s0_ptr, k0_ptr, v0_ptr, mv_ptr, dt_ptr, trap_ptr, sh * L, L + 0 * seq > 0, seq, h, H,
-            pp, P, N, NH, NH, R, HALVES, HAS_MV,
+            pp, P, N, NH, NH, R, HALVES, HAS_MV, FAST,
         )  # fmt: skip
         theta = tl.load(a0_ptr + sh * S + j, mask=rot, other=0.0).to(tl.float32)
         theta = theta - _TWO_PI * tl.floor(theta / _TWO_PI)
@@ -229,7 +230,7 @@ def _state_pass_kernel(
         off = (ci * P + pp[:, None]) * N
         _store_rot(fst_ptr, off, a.to(fdt), b.to(fdt), mp, NH, NH, HALVES)
         da, db = _load_rot(ds_ptr, off, mp, NH, NH, HALVES)
-        e_last = tl.exp(tl.load(cl_ptr + ci))
+        e_last = _exp(tl.load(cl_ptr + ci), FAST)
         phi = tl.load(phi_ptr + ci * S + j, mask=rot, other=0.0)
         phi = phi - _TWO_PI * tl.floor(phi / _TWO_PI + 0.5)
         a, b = _rotate_rows(e_last * a + da, e_last * b + db, -phi, rot, FAST)

@@ -41,6 +41,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .fast_math import _exp
+
 __all__ = ["core_scan", "core_fwd", "core_bwd"]
 
 _MIN_DOT = 16
@@ -132,7 +134,7 @@ def _core_fwd_kernel(
     L, H,
     N: tl.constexpr, P: tl.constexpr, R: tl.constexpr, C: tl.constexpr,
     VARLEN: tl.constexpr, HAS_S0: tl.constexpr, HAS_SF: tl.constexpr,
-    DOTK: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+    DOTK: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, FAST: tl.constexpr,
 ):  # fmt: skip
     """y (B, L, R, H, P) fp32 and S_final (nseq, H, P, N) fp32; one program per (seq, head)."""
     pid = tl.program_id(0)
@@ -156,13 +158,13 @@ def _core_fwd_kernel(
             N, P, R, C, DOTK, UPCAST,
         )  # fmt: skip
         a = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
-        dec = tl.exp(tl.minimum(c[:, None] - c[None, :], 0.0))
+        dec = _exp(tl.minimum(c[:, None] - c[None, :], 0.0), FAST)
         m = tl.where(causal, dec * w[None, :], tl.where(diag, gm[None, :], 0.0))
         y = tl.dot(q, tl.trans(_rnd(st, DOTK, UPCAST)), input_precision=DOT_PREC)
-        y = y * tl.exp(c)[:, None]
+        y = y * _exp(c, FAST)[:, None]
         y = tl.dot(_rnd(a * m, DOTK, UPCAST), v, y, input_precision=DOT_PREC)
-        vw = _rnd(v.to(tl.float32) * (tl.exp(c_last - c) * w)[:, None], DOTK, UPCAST)
-        st = tl.dot(tl.trans(vw), k, st * tl.exp(c_last), input_precision=DOT_PREC)
+        vw = _rnd(v.to(tl.float32) * (_exp(c_last - c, FAST) * w)[:, None], DOTK, UPCAST)
+        st = tl.dot(tl.trans(vw), k, st * _exp(c_last, FAST), input_precision=DOT_PREC)
         tl.store(y_ptr + row[:, None] * P + pp[None, :], y, mask=valid[:, None])
     if HAS_SF:
         tl.store(sf_ptr + st_off, st)
@@ -185,6 +187,7 @@ def _core_bwd_kernel(
     N: tl.constexpr, P: tl.constexpr, R: tl.constexpr, C: tl.constexpr,
     VARLEN: tl.constexpr, HAS_S0: tl.constexpr, HAS_DSF: tl.constexpr,
     DOTK: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, NS: tl.constexpr,
+    FAST: tl.constexpr,
 ):  # fmt: skip
     """Gradients of the core; grid (nseq * H, 2, NS): axis 1 picks the forward (0) or reverse
     (1) sweep, axis 2 a block of N / NS state columns. Row outputs (qdq, kdk, dw, dg) are
@@ -223,15 +226,15 @@ def _core_bwd_kernel(
             dy = tl.load(dy_ptr + row[:, None] * P + pp[None, :], mask=valid[:, None], other=0.0)
             dy = dy.to(tl.float32)
             d = tl.dot(_rnd(dy, DOTK, UPCAST), tl.trans(v), input_precision=DOT_PREC)
-            dec = tl.exp(tl.minimum(c[:, None] - c[None, :], 0.0))
+            dec = _exp(tl.minimum(c[:, None] - c[None, :], 0.0), FAST)
             m = tl.where(causal, dec * w[None, :], tl.where(diag, gm[None, :], 0.0))
             # The inter-chunk part with the same operands the reverse sweep's dS is built from
             # (dy exp(c) rounded) against the state split hi + lo: see the module docstring.
-            dyc = _rnd(dy * tl.exp(c)[:, None], DOTK, UPCAST)
+            dyc = _rnd(dy * _exp(c, FAST)[:, None], DOTK, UPCAST)
             dq = _dot_split(dyc, st, tl.zeros((CR, NB), dtype=tl.float32), DOTK, DOT_PREC, UPCAST)
             dq = tl.dot(_rnd(d * m, DOTK, UPCAST), k, dq, input_precision=DOT_PREC)
-            vw = _rnd(v.to(tl.float32) * (tl.exp(c_last - c) * w)[:, None], DOTK, UPCAST)
-            st = tl.dot(tl.trans(vw), k, st * tl.exp(c_last), input_precision=DOT_PREC)
+            vw = _rnd(v.to(tl.float32) * (_exp(c_last - c, FAST) * w)[:, None], DOTK, UPCAST)
+            st = tl.dot(tl.trans(vw), k, st * _exp(c_last, FAST), input_precision=DOT_PREC)
             tl.store(dq_ptr + row[:, None] * N + nn[None, :], dq, mask=valid[:, None])
             ridx = coef_base * R + c0 * R + rloc
             _put(qdq_ptr + ridx, tl.sum(q.to(tl.float32) * dq, axis=1), valid, NS)
@@ -257,9 +260,10 @@ def _core_bwd_kernel(
             dyo = _rnd(dy, DOTK, UPCAST)
             a = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
             d = tl.dot(dyo, tl.trans(v), input_precision=DOT_PREC)
-            e = tl.where(causal, tl.exp(tl.minimum(c[:, None] - c[None, :], 0.0)), 0.0)
+            e = tl.where(causal, _exp(tl.minimum(c[:, None] - c[None, :], 0.0), FAST), 0.0)
             m = e * w[None, :] + tl.where(diag, gm[None, :], 0.0)
-            wl = tl.exp(c_last - c) * w  # weight of row j in the chunk's state contribution
+            el = _exp(c_last - c, FAST)
+            wl = el * w  # weight of row j in the chunk's state contribution
             dso = _rnd(ds, DOTK, UPCAST)
             kds = tl.dot(k, tl.trans(dso), input_precision=DOT_PREC)  # (CR, P)
             dv = tl.dot(tl.trans(_rnd(a * m, DOTK, UPCAST)), dyo, input_precision=DOT_PREC)
@@ -270,10 +274,10 @@ def _core_bwd_kernel(
             dk = _dot_split(vw, ds, tl.zeros((CR, NB), dtype=tl.float32), DOTK, DOT_PREC, UPCAST)
             dk = tl.dot(tl.trans(_rnd(d * m, DOTK, UPCAST)), q, dk, input_precision=DOT_PREC)
             ad = a * d
-            dw = tl.sum(e * ad, axis=0) + tl.exp(c_last - c) * tl.sum(v.to(tl.float32) * kds, 1)
+            dw = tl.sum(e * ad, axis=0) + el * tl.sum(v.to(tl.float32) * kds, 1)
             dg = tl.sum(tl.where(diag, ad, 0.0), axis=0)
-            dyc = _rnd(dy * tl.exp(c)[:, None], DOTK, UPCAST)
-            ds = tl.dot(tl.trans(dyc), q, ds * tl.exp(c_last), input_precision=DOT_PREC)
+            dyc = _rnd(dy * _exp(c, FAST)[:, None], DOTK, UPCAST)
+            ds = tl.dot(tl.trans(dyc), q, ds * _exp(c_last, FAST), input_precision=DOT_PREC)
             mr = valid[:, None]
             tl.store(dk_ptr + row[:, None] * N + nn[None, :], dk, mask=mr)
             _put(dv_ptr + row[:, None] * P + pp[None, :], dv, mr, NS)
@@ -307,6 +311,7 @@ def _consts(R: int, N: int, P: int, chunk: int, varlen: bool, dot_dtype: torch.d
         DOTK=_DOTK[dot_dtype],
         DOT_PREC="ieee" if fp32 or interp else "tf32",
         UPCAST=interp and not fp32,
+        FAST=not interp,
     )
 
 
@@ -531,7 +536,7 @@ def compile_kernels(
     target = target or GPUTarget("cuda", 90, 64)
     prec = "ieee" if dot_dtype == torch.float32 else "tf32"
     consts = dict(N=N, P=P, R=R, C=chunk, VARLEN=varlen, DOTK=_DOTK[dot_dtype], DOT_PREC=prec,
-                  UPCAST=False)  # fmt: skip
+                  UPCAST=False, FAST=True)  # fmt: skip
     fwd_ptrs = ["qr_ptr", "kr_ptr", "vr_ptr", "adt_ptr", "w_ptr", "g_ptr", "s0_ptr", "cu_ptr",
                 "y_ptr", "sf_ptr"]  # fmt: skip
     bwd_ptrs = ["qr_ptr", "kr_ptr", "vr_ptr", "adt_ptr", "w_ptr", "g_ptr", "s0_ptr", "cu_ptr",

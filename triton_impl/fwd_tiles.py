@@ -14,6 +14,8 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
+from .fast_math import _exp, _sigmoid
+
 _TWO_PI = tl.constexpr(2.0 * math.pi)
 _PI = tl.constexpr(math.pi)
 
@@ -159,22 +161,24 @@ def _rot_cos_sin(th, rot, PASS: tl.constexpr, FAST: tl.constexpr):
 
 
 @triton.jit
-def _trap_weights(dt_ptr, trap_ptr, coef_base, t, valid, seqlen):
+def _trap_weights(dt_ptr, trap_ptr, coef_base, t, valid, seqlen, FAST: tl.constexpr):
     """Trapezoid weights of rows at tokens t (rows,) of one sequence (valid: t < seqlen): dt,
     gamma = lam * dt and the folded weight w = gamma + mu_{t+1}, mu_t = dt_t (1 - lam_t), zero
     past the end of the sequence."""
     dt_row = tl.load(dt_ptr + coef_base + t, mask=valid, other=0.0).to(tl.float32)
     tr_row = tl.load(trap_ptr + coef_base + t, mask=valid, other=0.0).to(tl.float32)
-    gamma = tl.sigmoid(tr_row) * dt_row
+    gamma = _sigmoid(tr_row, FAST) * dt_row
     nxt = valid & (t + 1 < seqlen)
     dt_n = tl.load(dt_ptr + coef_base + t + 1, mask=nxt, other=0.0).to(tl.float32)
     tr_n = tl.load(trap_ptr + coef_base + t + 1, mask=nxt, other=0.0).to(tl.float32)
-    w = gamma + dt_n * (1.0 - tl.sigmoid(tr_n))
+    w = gamma + dt_n * (1.0 - _sigmoid(tr_n, FAST))
     return dt_row, gamma, w
 
 
 @triton.jit
-def _chunk_coefs(adt_ptr, dt_ptr, trap_ptr, coef_base, t, valid, first_rank, seqlen):
+def _chunk_coefs(
+    adt_ptr, dt_ptr, trap_ptr, coef_base, t, valid, first_rank, seqlen, FAST: tl.constexpr
+):
     """Per-row coefficients of one chunk. t: (rows,) token index in the sequence (every rank row
     of a token repeats it); valid: t < seqlen; first_rank: the rows that carry a token's decay.
 
@@ -185,12 +189,14 @@ def _chunk_coefs(adt_ptr, dt_ptr, trap_ptr, coef_base, t, valid, first_rank, seq
     a_row = a_row.to(tl.float32)
     c = tl.cumsum(a_row, axis=0)
     c_last = tl.sum(a_row, axis=0)
-    dt_row, gamma, w = _trap_weights(dt_ptr, trap_ptr, coef_base, t, valid, seqlen)
+    dt_row, gamma, w = _trap_weights(dt_ptr, trap_ptr, coef_base, t, valid, seqlen, FAST)
     return c, c_last, dt_row, gamma, w
 
 
 @triton.jit
-def _chunk_rates(ang_ptr, tok, h, H, S: tl.constexpr, jr, rot, valid, first_rank, dt_row):
+def _chunk_rates(
+    ang_ptr, tok, h, H, S: tl.constexpr, jr, rot, valid, first_rank, dt_row, FAST: tl.constexpr
+):
     """Angle increments pi * tanh(angles) * dt (rows, SA) of one chunk: zero for pairs past S and
     for every rank row but a token's first, so a cumsum over rows gives per-token angles."""
     ang = tl.load(
@@ -199,7 +205,7 @@ def _chunk_rates(ang_ptr, tok, h, H, S: tl.constexpr, jr, rot, valid, first_rank
         other=0.0,
     ).to(tl.float32)
     # tanh(x) = 2 sigmoid(2x) - 1
-    return _PI * (2.0 * tl.sigmoid(2.0 * ang) - 1.0) * dt_row[:, None]
+    return _PI * (2.0 * _sigmoid(2.0 * ang, FAST) - 1.0) * dt_row[:, None]
 
 
 @triton.jit
@@ -233,12 +239,14 @@ def _qk_scores(q_lo, q_hi, k_lo, k_hi, DOT_PREC: tl.constexpr):
 
 
 @triton.jit
-def _intra_scores(q_lo, q_hi, k_lo, k_hi, t, c, w, gamma, DOT_PREC: tl.constexpr):
+def _intra_scores(
+    q_lo, q_hi, k_lo, k_hi, t, c, w, gamma, DOT_PREC: tl.constexpr, FAST: tl.constexpr
+):
     """Masked intra-chunk scores (rows, rows): (Qr Kr^T) * M with M[i, j] = exp(c_i - c_j) w_j
     for t_i > t_j, gamma_j on the same token, 0 above (t: (rows,) token of each row)."""
     scores = _qk_scores(q_lo, q_hi, k_lo, k_hi, DOT_PREC)
     causal = t[:, None] > t[None, :]
-    dec = tl.exp(tl.minimum(c[:, None] - c[None, :], 0.0))
+    dec = _exp(tl.minimum(c[:, None] - c[None, :], 0.0), FAST)
     m = tl.where(causal, dec * w[None, :], tl.where(t[:, None] == t[None, :], gamma[None, :], 0.0))
     return scores * m
 
@@ -268,6 +276,7 @@ def _finish_rows(
     HAS_Z: tl.constexpr,
     HAS_MZ: tl.constexpr,
     HAS_MO: tl.constexpr,
+    FAST: tl.constexpr,
 ):
     """Epilogue of a chunk's output rows y (C*R, BP) fp32: D skip, z gate, rank mix, store.
 
@@ -285,7 +294,7 @@ def _finish_rows(
         zz = zz.to(tl.float32)
         if HAS_MZ:
             zz = zz * tl.load(mz_ptr + rank_par, mask=mpr, other=0.0)
-        y = y * zz * tl.sigmoid(zz)
+        y = y * zz * _sigmoid(zz, FAST)
     io_dtype = out_ptr.dtype.element_ty
     if HAS_MO:
         y = y * tl.load(mo_ptr + rank_par, mask=mpr, other=0.0)
@@ -383,6 +392,7 @@ def _initial_ssm(
     R: tl.constexpr,
     HALVES: tl.constexpr,
     HAS_MV: tl.constexpr,
+    FAST: tl.constexpr,
 ):
     """The initial state's ssm rows pp of (sequence seq, head h) as fp32 (lo, hi) tiles (see
     _load_lohi), plus the previous-input term of token 0: mu_0 * sum_r (v0 * mimo_v_r) k0_r^T
@@ -394,7 +404,7 @@ def _initial_ssm(
     hi = hi.to(tl.float32)
     dt0 = tl.load(dt_ptr + coef_base, mask=has_tok, other=0.0).to(tl.float32)
     tr0 = tl.load(trap_ptr + coef_base, mask=has_tok, other=0.0).to(tl.float32)
-    mu0 = dt0 * (1.0 - tl.sigmoid(tr0))
+    mu0 = dt0 * (1.0 - _sigmoid(tr0, FAST))
     v0 = tl.load(v0_ptr + sh * P + pp, mask=pp < P, other=0.0).to(tl.float32)
     for r in tl.static_range(R):
         vr0 = v0 * mu0
