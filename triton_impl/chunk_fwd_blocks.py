@@ -2,9 +2,10 @@
 chunk_fwd; fixed-length batches only).
 
 chunk_fwd_split's first two steps give the state F_s entering every segment of T tokens (in the
-segment's rotary frame) and, with ``frames``, each token's angle and log-decay counted from its
-segment's start. With those, no output needs a state carried from chunk to chunk: one program
-owns one block of C tokens (C*R rows, as a MIMO chunk) and computes
+segment's rotary frame) and, with ``frames=2``, each token's angle and log-decay counted from
+its segment's start and its trapezoid weights. With those, no output needs a state carried
+from chunk to chunk: one program owns one block of C tokens (C*R rows, as a MIMO chunk) and
+computes
 
     y = exp(c) * (Qr~ F_s^T)                                    (the state entering the segment)
       + ((Qr~ Kr~^T) * M) V                                     (its own block, as one chunk)
@@ -36,7 +37,6 @@ from .fwd_tiles import (
     _qk_scores,
     _rot_cos_sin,
     _rotated_operand,
-    _trap_weights,
 )
 from .launch import Launch
 from .launch import cdiv as _cdiv
@@ -53,13 +53,12 @@ def _block_rows(
     mv_ptr,
     th_ptr,
     cs_ptr,
-    dt_ptr,
-    trap_ptr,
+    gm_ptr,
+    wt_ptr,
     coef_base,
     bos,
     t,
     valid,
-    seqlen,
     h,
     H,
     g,
@@ -81,12 +80,13 @@ def _block_rows(
 ):
     """One block's rows at tokens t (rows,) of a sequence: x (q or k, plus its bias rows
     bias_row of xb) rotated by the segment-local angle, as (lo, hi) dot operands; the
-    rank-weighted v (rows, BP) fp32; the segment-local log-decay c, gamma and w (rows,). Also
+    rank-weighted v (rows, BP) fp32; the segment-local log-decay c, gamma and w (rows,), all
+    from the frames of chunk_fwd_split's segment-state kernel. Also
     returns (cos, sin). The bias is re-read per block (cache hits): held across the key loop,
     its broadcast tiles would take registers the loop's tiles need."""
     NH: tl.constexpr = N // 2
     PASS: tl.constexpr = SA < NH
-    fr = coef_base + t  # (sequence, head, token) row of the frame tensors and of dt/trap
+    fr = coef_base + t  # (sequence, head, token) row of the frame tensors
     th = tl.load(th_ptr + fr[:, None] * S + jr[None, :], mask=valid[:, None] & rot[None, :],
                  other=0.0)  # fmt: skip
     cos, sin = _rot_cos_sin(th, rot, PASS, FAST)
@@ -103,7 +103,8 @@ def _block_rows(
     if HAS_MV:
         vr = vr * tl.load(mv_ptr + (h * R + r_idx[:, None]) * P + pp[None, :], mask=mpr, other=0.0)
     c = tl.load(cs_ptr + fr, mask=valid, other=0.0)
-    _, gamma, w = _trap_weights(dt_ptr, trap_ptr, coef_base, t, valid, seqlen, FAST)
+    gamma = tl.load(gm_ptr + fr, mask=valid, other=0.0)
+    w = tl.load(wt_ptr + fr, mask=valid, other=0.0)
     return x_lo, x_hi, vr, c, gamma, w, cos, sin
 
 
@@ -112,8 +113,6 @@ def _block_out_kernel(
     q_ptr,
     k_ptr,
     v_ptr,
-    dt_ptr,
-    trap_ptr,
     qb_ptr,
     kb_ptr,
     D_ptr,
@@ -124,6 +123,8 @@ def _block_out_kernel(
     fst_ptr,
     th_ptr,
     cs_ptr,
+    gm_ptr,
+    wt_ptr,
     out_ptr,
     L,
     H,
@@ -178,9 +179,8 @@ def _block_out_kernel(
     t = b0 + t_loc
     valid = t < seqlen
     k_lo, k_hi, vr, c, gamma, w, cos, sin = _block_rows(
-        k_ptr, kb_ptr, bias_row, v_ptr, mv_ptr, th_ptr, cs_ptr, dt_ptr, trap_ptr, coef_base, bos, t,
-        valid, seqlen, h, H, g, G, pp, r_idx, jr, rot, P, N, S, R, SA, HALVES, HAS_MV, dd,
-        UPCAST, FAST,
+        k_ptr, kb_ptr, bias_row, v_ptr, mv_ptr, th_ptr, cs_ptr, gm_ptr, wt_ptr, coef_base, bos, t,
+        valid, h, H, g, G, pp, r_idx, jr, rot, P, N, S, R, SA, HALVES, HAS_MV, dd, UPCAST, FAST,
     )  # fmt: skip
     qk_row = (((bos + t)[:, None] * R + r_idx[:, None]) * G + g) * N
     qb_lo, qb_hi = _load_lohi(qb_ptr, bias_row, bias_row >= 0, NH, SA, HALVES)
@@ -202,9 +202,9 @@ def _block_out_kernel(
     for kb0 in range(seg_start, b0, C):
         tk = kb0 + t_loc
         kk_lo, kk_hi, vk, ck, _, wk, _, _ = _block_rows(
-            k_ptr, kb_ptr, bias_row, v_ptr, mv_ptr, th_ptr, cs_ptr, dt_ptr, trap_ptr, coef_base,
-            bos, tk, tk < seqlen, seqlen, h, H, g, G, pp, r_idx, jr, rot, P, N, S, R, SA, HALVES,
-            HAS_MV, dd, UPCAST, FAST,
+            k_ptr, kb_ptr, bias_row, v_ptr, mv_ptr, th_ptr, cs_ptr, gm_ptr, wt_ptr, coef_base,
+            bos, tk, tk < seqlen, h, H, g, G, pp, r_idx, jr, rot, P, N, S, R, SA, HALVES, HAS_MV,
+            dd, UPCAST, FAST,
         )  # fmt: skip
         sk = _qk_scores(q_lo, q_hi, kk_lo, kk_hi, DOT_PREC)
         sk = sk * (_exp(tl.minimum(c[:, None] - ck[None, :], 0.0), FAST) * wk[None, :])
@@ -230,15 +230,16 @@ def block_launch(
 ) -> Launch:
     """Step 3 of the split=2 forward as one launch: writes out ((B, L, H, P), or
     (B, L, R, H, P) for MIMO without mimo_o) from the segment states fst (B*H, nseg, P, N) and
-    the frames th (B*H, L, S), cs (B*H, L) of chunk_fwd_split.segment_launches(frames=True).
+    the frames th (B*H, L, S), cs, gm, wt (B*H, L) of
+    chunk_fwd_split.segment_launches(frames=2).
 
     consts: chunk_fwd._constexprs (C tokens per block, T per segment); launch:
     num_warps/num_stages; slot: the index of each argument in the call's argument table
     (chunk_fwd._TABLE names; absent tensors' entries hold a stand-in that is never read)."""
     L, H, G = problem.seqlen, problem.nheads, problem.ngroups
     kc = kernel_constexprs(consts)
-    names = ("q", "k", "v", "dt", "trap", "q_bias", "k_bias", "D", "z", "mimo_v", "mimo_z",
-             "mimo_o", "fst", "th", "cs", "out")  # fmt: skip
+    names = ("q", "k", "v", "q_bias", "k_bias", "D", "z", "mimo_v", "mimo_z", "mimo_o", "fst",
+             "th", "cs", "gm", "wt", "out")  # fmt: skip
     grid = (_cdiv(L, kc["C"]), problem.batch * H, _cdiv(problem.headdim, kc["BP"]))
     return Launch(_block_out_kernel, grid, [slot[n] for n in names], (L, H, G, nseg), kc, launch)
 
