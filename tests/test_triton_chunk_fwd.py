@@ -195,21 +195,16 @@ def test_split_varlen_and_empty_fall_back():
 @needs_device
 @pytest.mark.parametrize("segment", [-1, -4])
 def test_split_matches_fused(segment):
-    # The three algorithms (and the segment walk's two ways to its frames) at the same chunk
-    # size agree to fp32 rounding, over many chunks and segments (64 chunks of 4 tokens;
-    # segments of 1 or 4 chunks).
+    # The three algorithms at the same chunk size agree to fp32 rounding, over many chunks and
+    # segments (64 chunks of 4 tokens; segments of 1 or 4 chunks).
     inputs = gen(17, batch=2, seqlen=256, nheads=2, ngroups=1, d_state=SMALL_N[0],
                  headdim=SMALL_P[0], n_angles=SMALL_N[0] // 2, with_initial_state=True,
                  with_D=True, with_z=True)  # fmt: skip
     chunk = 4 if INTERPRET else 16
     o0, s0 = run(inputs, "interleaved", chunk_size=chunk, split=0)
-    problem = make_problem(inputs, "interleaved", True, chunk)
-    base = cf.default_config(problem)
-    # split=1 with the walk recomputing its frames (0) and reading them (1), and split=2.
-    for split, frames in ((1, 0), (1, 1), (2, 1)):
-        config = dataclasses.replace(cf.with_split(problem, base, split), frames=frames)
-        o1, s1 = run(inputs, "interleaved", config, chunk_size=chunk, segment=segment)
-        assert rel_err(o1, o0) < 1e-5, (split, frames, rel_err(o1, o0))
+    for split in (1, 2):
+        o1, s1 = run(inputs, "interleaved", chunk_size=chunk, split=split, segment=segment)
+        assert rel_err(o1, o0) < 1e-5, (split, rel_err(o1, o0))
         assert rel_err(s1.ssm, s0.ssm) < 1e-5
         assert rel_err(s1.k, s0.k) < 1e-5
         assert angle_err(s1.angle, s0.angle) < 1e-4
@@ -336,7 +331,7 @@ def test_config_space_and_constraints():
             assert cf.constraint(problem, default, None) is None, (problem, default)
             space = cf.search_space(problem)
             keys = {"chunk_size", "block_p", "num_warps", "num_stages"}
-            split_keys = {"split", "segment", "frames"}
+            split_keys = {"split", "segment"}
             assert set(space) == (keys | split_keys if seqlen > 256 else keys)
             assert bool(default.split) == (seqlen > 256)
             valid = 0

@@ -100,10 +100,6 @@ class ChunkFwdConfig:
                 states between segments go through memory; inside a segment the chunks are
                 walked with the state in registers (split=1), or each chunk reads the
                 segment's earlier chunks as keys (split=2).
-    frames:     with split=1, 1: the segment-state kernel also writes each token's angle,
-                log-decay and trapezoid weights, which the walk reads instead of recomputing
-                its angle and decay scans and sigmoids; 0: the walk recomputes them.
-                (split=2 always reads them.)
     """
 
     chunk_size: int = 64
@@ -114,7 +110,6 @@ class ChunkFwdConfig:
     split_rot: int = 1
     split: int = 0
     segment: int = 0
-    frames: int = 1
 
 
 def _next_pow2(x: int) -> int:
@@ -231,7 +226,6 @@ def search_space(problem: Problem) -> dict[str, list]:
         # split=0 point would make every segment value but 0 an invalid combination.
         space["split"] = [1, 2]
         space["segment"] = [0, 128, 256, 512, 1024]
-        space["frames"] = [0, 1]
     return space
 
 
@@ -277,8 +271,6 @@ def constraint(problem: Problem, config: ChunkFwdConfig, device_props: dict | No
         return "segment is a parameter of split=1"
     if config.segment and (config.segment < chunk or config.segment % chunk):
         return f"segment {config.segment} is not a multiple of chunk_size {chunk}"
-    if config.frames not in (0, 1):
-        return f"frames {config.frames} not 0 or 1"
     if config.split_rot not in (0, 1):
         return f"split_rot {config.split_rot} not 0 or 1"
     if config.maxnreg and not 64 <= config.maxnreg <= 255:
@@ -348,10 +340,6 @@ def _chunk_fwd_kernel(
     k1_ptr,
     v1_ptr,
     fst_ptr,
-    th_ptr,
-    cs_ptr,
-    gm_ptr,
-    wt_ptr,
     L,
     H,
     G,
@@ -376,7 +364,6 @@ def _chunk_fwd_kernel(
     UPCAST: tl.constexpr,
     FAST: tl.constexpr,
     T: tl.constexpr,
-    FRAMES: tl.constexpr,
 ):
     CR: tl.constexpr = C * R
     NH: tl.constexpr = N // 2
@@ -441,25 +428,14 @@ def _chunk_fwd_kernel(
         valid = t < seqlen
         tok = bos + t  # global token index (int64)
         mrow = valid[:, None]
-        if FRAMES:
-            # Segment mode with frames: each token's log-decay since the chunk start, gamma, w
-            # and angle since the segment start, as the segment-state kernel computed them.
-            fr = coef_base + t
-            c = tl.load(cs_ptr + fr, mask=valid, other=0.0)
-            c_last = tl.load(cs_ptr + coef_base + tl.minimum(c0 + C, seqlen) - 1)
-            gamma = tl.load(gm_ptr + fr, mask=valid, other=0.0)
-            w = tl.load(wt_ptr + fr, mask=valid, other=0.0)
-            th = tl.load(th_ptr + fr[:, None] * S + jr[None, :],
-                         mask=mrow & rot[None, :], other=0.0)  # fmt: skip
-        else:
-            c, c_last, dt_row, gamma, w = _chunk_coefs(
-                adt_ptr, dt_ptr, trap_ptr, coef_base, t, valid, first_rank, seqlen, FAST
-            )
-            # ---- angles: theta per row and pair (zero rate past S) -----------------------
-            rate = _chunk_rates(ang_ptr, tok, h, H, S, jr, rot, valid, first_rank, dt_row, FAST)
-            th = theta[None, :] + tl.cumsum(rate, axis=0)
-            theta = theta + tl.sum(rate, axis=0)
-            theta = theta - _TWO_PI * tl.floor(theta / _TWO_PI)
+        c, c_last, dt_row, gamma, w = _chunk_coefs(
+            adt_ptr, dt_ptr, trap_ptr, coef_base, t, valid, first_rank, seqlen, FAST
+        )
+        # ---- angles: theta per row and pair (zero rate past S) ---------------------------
+        rate = _chunk_rates(ang_ptr, tok, h, H, S, jr, rot, valid, first_rank, dt_row, FAST)
+        th = theta[None, :] + tl.cumsum(rate, axis=0)
+        theta = theta + tl.sum(rate, axis=0)
+        theta = theta - _TWO_PI * tl.floor(theta / _TWO_PI)
         cos, sin = _rot_cos_sin(th, rot, PASS, FAST)
         # ---- q, k: bias, rotation, rounding to the dot dtype -----------------------------
         # Biases are re-read each chunk (cache hits): held across the loop, their broadcast
@@ -540,7 +516,6 @@ def _constexprs(
         UPCAST=interp and not fp32,
         FAST=not interp,
         T=segment,
-        FRAMES=bool(segment) and config.split == 1 and config.frames == 1,
     )
 
 
@@ -568,8 +543,7 @@ def compile_kernel(problem: Problem, config: ChunkFwdConfig, target=None):
         qb_ptr="*fp32", kb_ptr="*fp32", ang_ptr="*fp32", D_ptr="*fp32", z_ptr=io,
         mv_ptr="*fp32", mz_ptr="*fp32", mo_ptr="*fp32", a0_ptr="*fp32", s0_ptr="*fp32",
         k0_ptr=io, v0_ptr=io, cu_ptr="*i32", out_ptr=io, a1_ptr="*fp32", s1_ptr="*fp32",
-        k1_ptr=io, v1_ptr=io, fst_ptr="*fp32", th_ptr="*fp32", cs_ptr="*fp32", gm_ptr="*fp32",
-        wt_ptr="*fp32", L="i32", H="i32", G="i32", NSEG="i32",
+        k1_ptr=io, v1_ptr=io, fst_ptr="*fp32", L="i32", H="i32", G="i32", NSEG="i32",
     )  # fmt: skip
     consts = _constexprs(problem, config, interp=False)
     signature = {**ptr_types, **{name: "constexpr" for name in consts}}
@@ -587,13 +561,13 @@ def compile_kernel(problem: Problem, config: ChunkFwdConfig, target=None):
         options["maxnreg"] = config.maxnreg
     if _splits(problem, config) and config.split == 2:
         return {
-            **compile_split_kernels(problem, consts, options, target, frames=2),
+            **compile_split_kernels(problem, consts, options, target, frames=True),
             "_block_out_kernel": compile_block_kernel(problem, consts, options, target),
         }
     kernel = triton.compile(src, target=target, options=options)
     if _splits(problem, config):
         return {
-            **compile_split_kernels(problem, consts, options, target, int(consts["FRAMES"])),
+            **compile_split_kernels(problem, consts, options, target),
             "_chunk_fwd_kernel": kernel,
         }
     return kernel
@@ -678,22 +652,21 @@ class _Plan:
         if split == 2:
             # The state entering every segment (in v's dtype: it is only a dot operand there)
             # and each token's segment-local frame; then every chunk at once.
-            buffers = segment_buffers(problem, consts, frames=2, state_dtype=v.dtype)
+            buffers = segment_buffers(problem, consts, frames=True, state_dtype=v.dtype)
             nseg = buffers["fst"][0][1]
-            launches = segment_launches(problem, consts, launch, slot, frames=2)
+            launches = segment_launches(problem, consts, launch, slot, frames=True)
             launches.append(block_launch(problem, consts, launch, slot, nseg))
         elif split == 1 or L > 0 or problem.return_final_state:
             if split == 1:
                 # The state entering every segment (and the final state) first; then this
                 # kernel runs each segment independently (grid axis 2).
-                frames = int(consts["FRAMES"])
-                buffers = segment_buffers(problem, consts, frames=frames)
+                buffers = segment_buffers(problem, consts)
                 nseg = buffers["fst"][0][1]
-                launches = segment_launches(problem, consts, launch, slot, frames=frames)
+                launches = segment_launches(problem, consts, launch, slot)
             else:
                 slot["fst"] = _SLOT["v"]  # not read when walking whole sequences
             grid = (nseq * H, _cdiv(P, config.block_p), nseg)
-            args = [slot[n] for n in (*_TABLE[:24], "fst", "th", "cs", "gm", "wt")]
+            args = [slot[n] for n in _TABLE[:24]] + [slot["fst"]]
             launches.append(Launch(_chunk_fwd_kernel, grid, args, (L, H, problem.ngroups, nseg),
                                    consts, launch))  # fmt: skip
         # One workspace for the scratch buffers (one allocation per call instead of up to six):
@@ -710,8 +683,7 @@ class _Plan:
         self.scratch = tuple(scratch)
         self.offsets = tuple(None if s is None else s[0] for s in scratch)
         self.ws_bytes = offset
-        # chunk_fwd's direct path spells out these two layouts (segments without and with
-        # frames).
+        # chunk_fwd's direct path spells out these two layouts (segment walk, block kernel).
         assert not offset or (
             None not in self.offsets[:4] and len({o is None for o in self.offsets[4:]}) == 1
         )
@@ -834,7 +806,7 @@ def chunk_fwd(
     else:
         base = ws.data_ptr()
         o = plan.offsets
-        if o[4] is None:  # segments without frames
+        if o[4] is None:  # the segment walk: no frames
             scratch = (base + o[0], base + o[1], base + o[2], base + o[3], pv, pv, pv, pv)
         else:
             scratch = (base + o[0], base + o[1], base + o[2], base + o[3], base + o[4],

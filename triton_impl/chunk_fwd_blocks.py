@@ -2,7 +2,7 @@
 chunk_fwd; fixed-length batches only).
 
 chunk_fwd_split's first two steps give the state F_s entering every segment of T tokens (in the
-segment's rotary frame) and, with ``frames=2``, each token's angle and log-decay counted from
+segment's rotary frame) and, with ``frames``, each token's angle and log-decay counted from
 its segment's start and its trapezoid weights. With those, no output needs a state carried
 from chunk to chunk: one program owns one block of C tokens (C*R rows, as a MIMO chunk) and
 computes
@@ -231,7 +231,7 @@ def block_launch(
     """Step 3 of the split=2 forward as one launch: writes out ((B, L, H, P), or
     (B, L, R, H, P) for MIMO without mimo_o) from the segment states fst (B*H, nseg, P, N) and
     the frames th (B*H, L, S), cs, gm, wt (B*H, L) of
-    chunk_fwd_split.segment_launches(frames=2).
+    chunk_fwd_split.segment_launches(frames=True).
 
     consts: chunk_fwd._constexprs (C tokens per block, T per segment); launch:
     num_warps/num_stages; slot: the index of each argument in the call's argument table

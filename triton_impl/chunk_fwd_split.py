@@ -126,17 +126,13 @@ def _segment_state_kernel(
         rate = _chunk_rates(ang_ptr, tok, h, H, S, jr, rot, valid, first_rank, dt_row, FAST)
         th = theta[None, :] + tl.cumsum(rate, axis=0)
         if FRAMES:
-            # Each token's frame for the output kernel, one row per token, by the first
-            # P-block: its angle since the segment start, its log-decay since the chunk start
-            # (FRAMES 1, the segment walk) or the segment start (2, the block kernel), and its
-            # trapezoid weights gamma and w.
+            # Each token's frame for the block-parallel output kernel (chunk_fwd_blocks), one
+            # row per token, by the first P-block: its angle and log-decay since the segment
+            # start, and its trapezoid weights gamma and w.
             fr = pid_sh.to(tl.int64) * L + t
             mf = valid & first_rank & ((t * 0 + pid_p) == 0)
             tl.store(th_ptr + fr[:, None] * S + jr[None, :], th, mask=mf[:, None] & rot[None, :])
-            if FRAMES == 2:
-                tl.store(cs_ptr + fr, c + c_seg, mask=mf)
-            else:
-                tl.store(cs_ptr + fr, c, mask=mf)
+            tl.store(cs_ptr + fr, c_seg + c, mask=mf)
             tl.store(gm_ptr + fr, gamma, mask=mf)
             tl.store(wt_ptr + fr, w, mask=mf)
         cos, sin = _rot_cos_sin(th, rot, PASS, FAST)
@@ -269,14 +265,13 @@ def pass_block(problem: Problem) -> int:
 
 
 def segment_buffers(
-    problem: Problem, consts: dict, frames: int = 0, state_dtype: torch.dtype = torch.float32
+    problem: Problem, consts: dict, frames: bool = False, state_dtype: torch.dtype = torch.float32
 ) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """The scratch buffers of steps 1 and 2, by name: (shape, dtype) of ds (B*H, nseg, P, N)
     fp32, fst (B*H, nseg, P, N) in ``state_dtype`` (the state entering every segment, in its
-    rotary frame), clast (B*H, nseg) and phi (B*H, nseg, S) fp32; with ``frames`` (1: for the
-    segment walk, 2: for the block kernel) also th (B*H, L, S) and cs, gm, wt (B*H, L) fp32:
-    each token's angle since its segment's start, log-decay since its chunk's (1) or segment's
-    (2) start, gamma and w. consts: chunk_fwd._constexprs (T tokens per segment)."""
+    rotary frame), clast (B*H, nseg) and phi (B*H, nseg, S) fp32; with ``frames`` also th
+    (B*H, L, S) and cs, gm, wt (B*H, L) fp32: each token's angle and log-decay since its
+    segment's start, gamma and w. consts: chunk_fwd._constexprs (T tokens per segment)."""
     B, L, H = problem.batch, problem.seqlen, problem.nheads
     P, N, S = problem.headdim, problem.d_state, problem.n_angles
     nseg = _cdiv(L, consts["T"])
@@ -296,7 +291,7 @@ def segment_buffers(
 
 
 def segment_launches(
-    problem: Problem, consts: dict, launch: dict, slot: dict[str, int], frames: int = 0
+    problem: Problem, consts: dict, launch: dict, slot: dict[str, int], frames: bool = False
 ) -> list[Launch]:
     """Steps 1 and 2 as two launches: the segment-state kernel, then the state pass, which
     writes fst (segment_buffers) and, with problem.return_final_state, the final state.
@@ -364,13 +359,15 @@ def compile_ahead(kernel, problem: Problem, values: dict, options: dict, target,
     return triton.compile(src, target=target, options=options)
 
 
-def compile_kernels(problem: Problem, consts: dict, options: dict, target, frames: int = 0) -> dict:
+def compile_kernels(
+    problem: Problem, consts: dict, options: dict, target, frames: bool = False
+) -> dict:
     """Compile the segment-state and state-pass kernels ahead of time (no GPU needed) for
     ``target`` (a triton ``GPUTarget``). consts: chunk_fwd._constexprs(problem, config,
-    interp=False); options: num_warps/num_stages; frames: as segment_launches (2: the block
-    kernel's, whose segment states are stored in the I/O dtype). Returns {name: compiled
-    kernel}; each one's ``asm`` holds ptx/cubin."""
-    io_ptrs = _IO_PTRS | ({"fst_ptr"} if frames == 2 else set())
+    interp=False); options: num_warps/num_stages; frames: as segment_launches (the split=2 forward,
+    whose segment states are stored in the I/O dtype). Returns {name: compiled kernel}; each
+    one's ``asm`` holds ptx/cubin."""
+    io_ptrs = _IO_PTRS | ({"fst_ptr"} if frames else set())
     launches = {
         _segment_state_kernel: ({**consts, "FRAMES": frames}, options),
         _state_pass_kernel: ({**consts, "BP": pass_block(problem)}, {"num_warps": 4}),
