@@ -20,6 +20,7 @@ times every valid config of the kernel's search space by graph replay.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import time
@@ -176,20 +177,22 @@ def one(case: str, batch: int, sweep: bool, gbps: float) -> dict:
     res["graph_rot_ms"], res["rotated_states"] = graph_rotated_ms(problem, inputs, cfg)
     res["achieved_gbps"] = ssm_bytes / res["graph_rot_ms"] / 1e6
     res["host_us"] = host_us(run)
-    # The state cache hints (every mode) and the state prefetch (flipped), each timed with the
-    # rest as default (plans keep their setting: rebuild them around each switch).
-    variants = [("stream_state", tstep.STREAM_STATE, m) for m in (1, 2, 3)]
-    variants.append(("prefetch", tstep.PREFETCH_STATE, not tstep.PREFETCH_STATE[0]))
-    res["stream_state"], res["prefetch"] = tstep.STREAM_STATE[0], tstep.PREFETCH_STATE[0]
-    for name, switch, value in variants:
-        saved = switch[0]
-        switch[0] = value
+    # The state cache hints (every mode; a module switch, which plans keep: they are rebuilt
+    # around each switch) and the config's state prefetch flipped, each timed with the rest as
+    # default: (name, value, cache-hint mode, config).
+    stream = tstep.STREAM_STATE[0]
+    flipped = dataclasses.replace(cfg, prefetch=1 - cfg.prefetch)
+    variants = [("stream_state", m, m, cfg) for m in (1, 2, 3)]
+    variants.append(("prefetch", flipped.prefetch, stream, flipped))
+    res["stream_state"], res["prefetch"] = stream, cfg.prefetch
+    for name, value, mode, c in variants:
+        tstep.STREAM_STATE[0] = mode
         tstep._PLANS.clear()
-        alt = {"value": value, "graph_rot_ms": graph_rotated_ms(problem, inputs, cfg)[0]}
-        alt["graph_ms"] = graph_ms(run)[0]
-        alt["kernel_ms"] = triton.testing.do_bench(run, return_mode="median")
+        alt = {"value": value, "graph_rot_ms": graph_rotated_ms(problem, inputs, c)[0]}
+        alt["graph_ms"] = graph_ms(lambda c=c: run(c))[0]
+        alt["kernel_ms"] = triton.testing.do_bench(lambda c=c: run(c), return_mode="median")
         res.setdefault("variants", []).append({"switch": name, **alt})
-        switch[0] = saved
+        tstep.STREAM_STATE[0] = stream
         tstep._PLANS.clear()
     try:
         import mamba3_kernels
@@ -208,11 +211,11 @@ def one(case: str, batch: int, sweep: bool, gbps: float) -> dict:
     if sweep:
         rows = []
         space = tstep.SPEC.space(problem)
-        for bp, nw, ns, sp in itertools.product(
-            space["block_p"], space["num_warps"], (1, 2), space["split_p"]
+        for bp, nw, ns, sp, pf in itertools.product(
+            space["block_p"], space["num_warps"], (1, 2), space["split_p"], space["prefetch"]
         ):
             # deeper pipelining: no loads to overlap beyond 2 tiles (and split heads have few)
-            c = tstep.StepConfig(block_p=bp, num_warps=nw, num_stages=ns, split_p=sp)
+            c = tstep.StepConfig(block_p=bp, num_warps=nw, num_stages=ns, split_p=sp, prefetch=pf)
             if (ns > 1 and sp > 1) or tstep.SPEC.constraint(problem, c, {}) is not None:
                 continue
             cold, hot = graph_ms(lambda c=c: run(c), hot_steps=10, rep=40)

@@ -120,9 +120,14 @@ def test_step_matches_reference(case, split_p):
     )  # fmt: skip
     state = inputs.initial_state.clone()
     ref_out, ref_state = truth_step(inputs, inputs.initial_state, rotary)
-    config = None if block_p is None else tstep.StepConfig(block_p=block_p, num_warps=1)
+    # Explicit configs alternate the state prefetch (on in the default config).
+    prefetch = CASES.index(case) % 2
+    config = None
+    if block_p is not None:
+        config = tstep.StepConfig(block_p=block_p, num_warps=1, prefetch=prefetch)
     if split_p > 1:
-        config = tstep.StepConfig(block_p=p // split_p, num_warps=1, split_p=split_p)
+        config = tstep.StepConfig(block_p=p // split_p, num_warps=1, split_p=split_p,
+                                  prefetch=prefetch)  # fmt: skip
     out = run_step(inputs, state, rotary, config)
     assert out.shape == ref_out.shape and out.dtype == dtype
     assert rel_err(out, ref_out) < TOL[dtype]

@@ -37,12 +37,16 @@ class StepConfig:
     num_warps:  warps per program.
     num_stages: software-pipelining depth of the loop over P tiles.
     split_p:    programs per (batch, head), each owning P / split_p rows of its state.
+    prefetch:   1: request each state tile one step ahead (the first before the prologue); 0:
+                when it is needed. Faster with 1 on an H100, with 0 on an H200 at batch 16-128
+                (bench/NOTES.md, "Decode: the state prefetch"): a per-GPU choice for the tuner.
     """
 
     block_p: int = 32
     num_warps: int = 4
     num_stages: int = 2
     split_p: int = 1
+    prefetch: int = 1
 
 
 def _applies(problem: Problem) -> bool:
@@ -84,6 +88,7 @@ def search_space(problem: Problem) -> dict[str, list]:
         "num_warps": [1, 2, 4, 8],
         "num_stages": [1, 2, 3],
         "split_p": [s for s in (1, 2, 4, 8) if p // s >= 8],
+        "prefetch": [0, 1],
     }
 
 
@@ -99,6 +104,8 @@ def constraint(problem: Problem, config: StepConfig, device_props: dict | None) 
         return f"num_warps={config.num_warps} not a power of two <= 16"
     if config.num_stages < 1:
         return "num_stages must be >= 1"
+    if config.prefetch not in (0, 1):
+        return f"prefetch={config.prefetch} not 0 or 1"
     # A tile smaller than the threads' footprint would be held twice by different threads; the
     # in-place update is only race-free when each state element has one owner thread.
     if bp * n < 128 * config.num_warps:
@@ -335,8 +342,6 @@ _CONST_NAMES = (
 # benchmark can switch it; launch plans made before a switch keep their setting (clear _PLANS
 # after switching).
 STREAM_STATE = [0]
-# Request each state tile one step ahead (the first before the prologue); switchable likewise.
-PREFETCH_STATE = [True]
 
 
 def _packed_inner(t: torch.Tensor) -> bool:
@@ -368,7 +373,7 @@ class _Plan:
             problem.nheads, problem.ngroups, problem.rank, problem.d_state, problem.headdim,
             problem.n_angles, config.block_p, config.split_p, problem.rotary == "interleaved",
             d is not None, z is not None, mv is not None, mz is not None, mo is not None,
-            problem.mimo and mo is None, STREAM_STATE[0], PREFETCH_STATE[0],
+            problem.mimo and mo is None, STREAM_STATE[0], bool(config.prefetch),
         )  # fmt: skip
         self.grid = (problem.nheads, problem.batch, config.split_p)
         self.out_shape = output_shape(problem)
