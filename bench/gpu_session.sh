@@ -5,6 +5,7 @@
 #   bash bench/gpu_session.sh tune       # autotune the benchmark buckets + one exhaustive sweep
 #   bash bench/gpu_session.sh tests step bwd prefill   # GPU tests; decode sweep; backward pass
 #                                        # variants with kernel profiles; forward incl. API time
+#   bash bench/gpu_session.sh ncu        # Nsight Compute per-line profiles of the forwards
 # Environment: *_S per-part time limits; STEP_SWEEP= (empty) skips the decode sweep;
 # STEP_BATCHES, BWD_SWEEP=--sweep (core-backward configs), BWD_VARIANTS (core_rotary.KNOBS).
 # Optuna (for tune) may come from an unpacked site folder named by SITE_TARBALL.
@@ -66,6 +67,12 @@ case "$mode" in
     prefill)
         timeout "${PREFILL_S:-240}" python bench/bench_triton_prefill.py --no-check \
             --json "$OUT/triton_prefill.json" 2>&1 | tail -20
+        ;;
+    ncu)
+        # per-line warp stall samples of the default SISO and MIMO forwards (bench/ncu_lines.py)
+        for c in siso_1x16384 mimo4_8x2048; do
+            timeout "${NCU_S:-120}" bash bench/ncu_kernels.sh "$c" "$OUT/ncu_$c.tgz"
+        done
         ;;
     *) echo "unknown mode $mode" >&2; exit 2 ;;
 esac
