@@ -329,16 +329,18 @@ _CORE_SM90 = textwrap.dedent(
     import torch
     from mamba3_kernels.triton_impl import core_scan as cs
 
-    # R=4: the backward with its state columns over 2 programs (atomic partial sums)
-    for rank, split_n in ((1, 1), (4, 2)):
-        for name, k in cs.compile_kernels(rank, 128, 64, 64 // rank, split_n=split_n).items():
+    # R=4: the backward with its state columns over 2 programs (atomic partial sums); with the
+    # D skip, whose dD sums over sequences atomically
+    for rank, split_n, has_d in ((1, 1, False), (4, 2, False), (1, 2, True)):
+        kernels = cs.compile_kernels(rank, 128, 64, 64 // rank, split_n=split_n, has_d=has_d)
+        for name, k in kernels.items():
             ptx = k.asm["ptx"]
             assert ".target sm_90" in ptx, ptx[:400]
             assert "wgmma" in ptx or "mma.sync" in ptx
             assert len(k.asm["cubin"]) > 1000
             if name == "core_bwd":
-                assert ("red.global" in ptx or "atom.global" in ptx) == (split_n > 1)
-            print("ok", name, rank)
+                assert ("red.global" in ptx or "atom.global" in ptx) == (split_n > 1 or has_d)
+            print("ok", name, rank, has_d)
     """
 )
 
@@ -349,7 +351,7 @@ def test_core_kernels_compile_for_sm90_without_gpu():
         [sys.executable, "-c", _CORE_SM90], env=env, capture_output=True, text=True, timeout=300
     )
     assert res.returncode == 0, res.stderr[-3000:]
-    assert res.stdout.count("ok") == 4
+    assert res.stdout.count("ok") == 6
 
 
 _ROTARY_SM90 = textwrap.dedent(

@@ -235,6 +235,8 @@ def _state_pass_kernel(
         off = (ci * P + pp[:, None]) * N
         _store_rot(fst_ptr, off, a.to(fdt), b.to(fdt), mp, NH, NH, HALVES)
         da, db = _load_rot(ds_ptr, off, mp, NH, NH, HALVES)
+        da = da.to(tl.float32)
+        db = db.to(tl.float32)
         e_last = _exp(tl.load(cl_ptr + ci), FAST)
         phi = tl.load(phi_ptr + ci * S + j, mask=rot, other=0.0)
         phi = phi - _TWO_PI * tl.floor(phi / _TWO_PI + 0.5)
@@ -268,7 +270,8 @@ def segment_buffers(
     problem: Problem, consts: dict, frames: bool = False, state_dtype: torch.dtype = torch.float32
 ) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """The scratch buffers of steps 1 and 2, by name: (shape, dtype) of ds (B*H, nseg, P, N)
-    fp32, fst (B*H, nseg, P, N) in ``state_dtype`` (the state entering every segment, in its
+    (fp32; with frames in ``state_dtype``), fst (B*H, nseg, P, N) in ``state_dtype`` (the
+    state entering every segment, in its
     rotary frame), clast (B*H, nseg) and phi (B*H, nseg, S) fp32; with ``frames`` also th
     (B*H, L, S) and cs, gm, wt (B*H, L) fp32: each token's angle and log-decay since its
     segment's start, gamma and w. consts: chunk_fwd._constexprs (T tokens per segment)."""
@@ -276,8 +279,11 @@ def segment_buffers(
     P, N, S = problem.headdim, problem.d_state, problem.n_angles
     nseg = _cdiv(L, consts["T"])
     f32 = torch.float32
+    # With frames (split=2) dS is stored like F, in state_dtype: the pass adds it in fp32, and
+    # halving its bytes took 5-6 % off the MIMO forward (bench/NOTES.md).
+    ds_dtype = state_dtype if frames else f32
     buffers = {
-        "ds": ((B * H, nseg, P, N), f32),
+        "ds": ((B * H, nseg, P, N), ds_dtype),
         "fst": ((B * H, nseg, P, N), state_dtype),
         "clast": ((B * H, nseg), f32),
         "phi": ((B * H, nseg, S), f32),
@@ -367,7 +373,7 @@ def compile_kernels(
     interp=False); options: num_warps/num_stages; frames: as segment_launches (the split=2 forward,
     whose segment states are stored in the I/O dtype). Returns {name: compiled kernel}; each
     one's ``asm`` holds ptx/cubin."""
-    io_ptrs = _IO_PTRS | ({"fst_ptr"} if frames else set())
+    io_ptrs = _IO_PTRS | ({"fst_ptr", "ds_ptr"} if frames else set())
     launches = {
         _segment_state_kernel: ({**consts, "FRAMES": frames}, options),
         _state_pass_kernel: ({**consts, "BP": pass_block(problem)}, {"num_warps": 4}),

@@ -11,7 +11,8 @@ product of this function:
   * bias + rotary + group->head expansion of q, k fused with the core in one autograd node
     (core_rotary.rot_core_scan: Triton kernels forward and backward, so the per-head rotated
     q/k never pass through PyTorch elementwise ops or autograd); core: see core_scan;
-  * epilogue: D skip, silu(z) gate, mimo_o rank sum; the final state (angle, ssm, k, v).
+  * epilogue: silu(z) gate, mimo_o rank sum; the final state (angle, ssm, k, v) (the D skip
+    is the core's: core_scan);
 Varlen (cu_seqlens) is handled here with per-token sequence ids, never with host syncs.
 """
 
@@ -62,34 +63,6 @@ def _rotated_tokens(
     kh = _per_head(k.float().unsqueeze(0), kb.shape[1])[0] + kb
     th = theta.unsqueeze(1)
     return rotate(kh, torch.cos(th), torch.sin(th), layout)
-
-
-class _DSkip(torch.autograd.Function):
-    """y + D vr (y (B, L, R, H, P) fp32, vr (B, L, R, H, P), D (H,) fp32) with a hand-written
-    backward. compute=False (the caller only takes the vector-Jacobian product and nothing
-    reads the sum's value): the forward returns y unchanged instead of materialising the sum,
-    the backward is the same either way."""
-
-    @staticmethod
-    def forward(y, vr, D, compute):
-        return y + D[:, None] * vr if compute else y.view_as(y)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        y, vr, D, _ = inputs
-        ctx.save_for_backward(vr, D)
-
-    @staticmethod
-    def backward(ctx, g):
-        vr, D = ctx.saved_tensors
-        dvr = dD = None
-        if ctx.needs_input_grad[1]:
-            dvr = torch.empty(vr.shape, dtype=vr.dtype, device=vr.device)
-            torch.mul(g, D[:, None], out=dvr)  # one pass, rounded to vr's dtype
-        if ctx.needs_input_grad[2]:
-            dims = tuple(i for i in range(g.dim()) if i != g.dim() - 2)
-            dD = (g * vr).sum(dims)
-        return g, dvr, dD, None
 
 
 def _token_seq(problem: Problem, cu: torch.Tensor | None, L: int, device) -> dict:
@@ -165,15 +138,15 @@ def scan_via_core(
     # The epilogue's backward reads the core's y only through the z gate and mimo_o.
     need_y = values or inputs.z is not None or (mimo and inputs.mimo_o is not None)
     # bias + rotary + group->head expansion run inside the fused node: the per-head rotated
-    # q/k exist only as the core's dot operands, never as autograd tensors.
+    # q/k exist only as the core's dot operands, never as autograd tensors. The D skip runs
+    # inside the core too (its gradients join the core's dv in the backward kernel).
+    D = inputs.D.float() if inputs.D is not None else None
     y, sf = rot_core_scan(q, k, qb, kb, theta, vr, inputs.adt.float(), w, gam, s0,
                           inputs.cu_seqlens, problem.rotary == "halves",
                           (meta[0], dot_dtype, meta[2], meta[3], nseq, *meta[4:5]),
-                          need_y)  # fmt: skip
+                          need_y, D)  # fmt: skip
 
     # ---- epilogue -------------------------------------------------------------------------
-    if inputs.D is not None:
-        y = _DSkip.apply(y, vr, inputs.D.float(), need_y)
     if inputs.z is not None:
         zr = inputs.z.float().unsqueeze(2)
         if mimo and inputs.mimo_z is not None:

@@ -507,54 +507,60 @@ class _RotCore(torch.autograd.Function):
     y, S_final and the rotated operands (non-differentiable; saved for the core's backward)."""
 
     @staticmethod
-    def forward(q, k, qb, kb, theta, vr, adt, w, gam, s0, cu, halves, need_y, chunk, dot_dtype,
-                nw, ns, nseq, split_n):  # fmt: skip
+    def forward(q, k, qb, kb, theta, vr, adt, w, gam, s0, D, cu, halves, need_y, chunk,
+                dot_dtype, nw, ns, nseq, split_n):  # fmt: skip
         op_dtype = dot_dtype if dot_dtype in ("bfloat16", "float16") else "float32"
         qr, kr = _rotary_fwd_op(q, k, qb, kb, theta, halves, op_dtype)
         if need_y:
-            y, sf = _core_fwd_op(qr, kr, vr, adt, w, gam, s0, cu, chunk, dot_dtype, nw, ns, nseq)
+            y, sf = _core_fwd_op(qr, kr, vr, adt, w, gam, s0, cu, chunk, dot_dtype, nw, ns, nseq,
+                                 D)  # fmt: skip
         else:
             # Values not wanted (see rot_core_scan): zero-strided zeros, no launch, no memory.
+            # y in vr's dtype: the output's cast is then a no-op, and y's gradient reaches the
+            # core's backward in the output's dtype (no fp32 copy of it).
             B, L, R, H, N = qr.shape
             zero = torch.zeros(1, dtype=torch.float32, device=q.device)
-            y = zero.expand(B, L, R, H, vr.shape[-1])
+            y = zero.to(vr.dtype).expand(B, L, R, H, vr.shape[-1])
             sf = zero.expand(nseq, H, vr.shape[-1], N)
         return y, sf, qr, kr
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(*inputs[:11], output[2], output[3])
+        ctx.save_for_backward(*inputs[:12], output[2], output[3])
         ctx.mark_non_differentiable(output[2], output[3])
         # Unused outputs get None, not zero-filled gradients: qr/kr's would be two per-head
         # (B, L, R, H, N) fills per backward, and a zero dS_final is no final-state gradient.
         ctx.set_materialize_grads(False)
-        ctx.halves = inputs[11]
-        ctx.flags = inputs[13:]
+        ctx.halves = inputs[12]
+        ctx.flags = inputs[14:]
 
     @staticmethod
     def backward(ctx, dy, dsf, _dqr, _dkr):
-        q, k, qb, kb, theta, vr, adt, w, gam, s0, cu, qr, kr = ctx.saved_tensors
+        q, k, qb, kb, theta, vr, adt, w, gam, s0, D, cu, qr, kr = ctx.saved_tensors
         if dy is None:
             dy = torch.zeros(vr.shape, dtype=torch.float32, device=vr.device)
-        dqr, dkr, dv, dadt, dw, dg, ds0 = _core_bwd_op(
-            dy.contiguous(), dsf, qr, kr, vr, adt, w, gam, s0, cu, *ctx.flags
+        dqr, dkr, dv, dadt, dw, dg, ds0, dD = _core_bwd_op(
+            dy.contiguous(), dsf, qr, kr, vr, adt, w, gam, s0, cu, *ctx.flags, D=D
         )
         xr_dtype = str(qr.dtype).replace("torch.", "")
         dq, dk, dqb, dkb, dth = _rotary_bwd_op(dqr, dkr, q, k, qb, kb, theta, ctx.halves, xr_dtype)
         return (dq.to(q.dtype), dk.to(k.dtype), dqb, dkb, dth, dv.to(vr.dtype),
                 dadt.to(adt.dtype), dw.to(w.dtype), dg.to(gam.dtype),
-                ds0 if s0 is not None else None, *([None] * 9))  # fmt: skip
+                ds0 if s0 is not None else None, dD if D is not None else None,
+                *([None] * 9))  # fmt: skip
 
 
 def rot_core_scan(
-    q, k, qb, kb, theta, vr, adt, w, gam, s0, cu_seqlens, halves, meta, need_y: bool = True
+    q, k, qb, kb, theta, vr, adt, w, gam, s0, cu_seqlens, halves, meta, need_y=True, D=None
 ):
     """Differentiable rotary prep + core: (y (B, L, R, H, P) fp32, S_final (nseq, H, P, N) fp32).
 
     q, k (B, L, R, G, N) raw (unbiased, unrotated); qb, kb (R, H, N) fp32; theta (B, L, H, S)
     fp32 cumulative angles; the rest as core_scan. meta = (chunk, dot_dtype, num_warps,
-    num_stages, nseq[, split_n]) (split_n: see core_scan.core_bwd). need_y=False skips the
-    core's forward: y and S_final are then zeros (not their values) while the backward stays
+    num_stages, nseq[, split_n]) (split_n: see core_scan.core_bwd); D (H,) fp32 or None: the
+    skip y += D[h] vr, inside the core forward and backward. need_y=False skips the
+    core's forward: y (in vr's dtype then) and S_final are zeros (not their values) while the
+    backward stays
     exact, which is all a caller that only takes the vector-Jacobian product and whose epilogue
     backward never reads y needs."""
     chunk, dot_dtype, num_warps, num_stages, nseq = meta[:5]
@@ -563,7 +569,7 @@ def rot_core_scan(
     if name == "float64":
         name = "float32"
     args = [x.contiguous() if x is not None else None
-            for x in (q, k, qb, kb, theta, vr, adt, w, gam, s0)]  # fmt: skip
+            for x in (q, k, qb, kb, theta, vr, adt, w, gam, s0, D)]  # fmt: skip
     y, sf, _, _ = _RotCore.apply(*args, cu_seqlens, halves, need_y, chunk, name, num_warps,
                                  num_stages, nseq, split_n)  # fmt: skip
     return y, sf

@@ -9,8 +9,10 @@ MIMO token holds R rows, row = token * R + rank; SISO has R = 1) with token t(i)
             + exp(C_t(i)) S0 qr_i
     S_final = exp(C_last) S0 + sum_j exp(C_last - C_t(j)) w_t(j) vr_j kr_j^T
 
-with C the inclusive cumulative log-decay (sum of adt) from the sequence start. Every decay is
-formed from a difference of cumulative log-decays inside one chunk, never as a ratio.
+with C the inclusive cumulative log-decay (sum of adt) from the sequence start, plus, when a
+skip D (H,) is given, y_i += D_h vr_i (its gradients: D_h dy_i into dvr, sum dy . vr into dD).
+Every decay is formed from a difference of cumulative log-decays inside one chunk, never as a
+ratio.
 
 Backward runs two sweeps over the chunks in one launch, each program walking one (sequence, head):
   * forward sweep (recomputes the state chunk by chunk): dqr, and qr . dqr per row, and
@@ -129,14 +131,34 @@ def _load_chunk(
 
 
 @triton.jit
+def _exact_v(vr_ptr, row, valid, v, P: tl.constexpr, DOTK: tl.constexpr):
+    """vr of a chunk's rows in fp32 as given (for the D skip): the dot operand v itself when
+    rounding to the dot dtype left it unchanged (vr already in that dtype, or fp32 dots), else
+    reloaded."""
+    if DOTK == 0:
+        exact = True
+    elif DOTK == 1:
+        exact = vr_ptr.dtype.element_ty == tl.bfloat16
+    else:
+        exact = vr_ptr.dtype.element_ty == tl.float16
+    if exact:
+        return v.to(tl.float32)
+    else:
+        pp = tl.arange(0, P)
+        x = tl.load(vr_ptr + row[:, None] * P + pp[None, :], mask=valid[:, None], other=0.0)
+        return x.to(tl.float32)
+
+
+@triton.jit
 def _core_fwd_kernel(
-    qr_ptr, kr_ptr, vr_ptr, adt_ptr, w_ptr, g_ptr, s0_ptr, cu_ptr, y_ptr, sf_ptr,
+    qr_ptr, kr_ptr, vr_ptr, adt_ptr, w_ptr, g_ptr, s0_ptr, cu_ptr, D_ptr, y_ptr, sf_ptr,
     L, H,
     N: tl.constexpr, P: tl.constexpr, R: tl.constexpr, C: tl.constexpr,
-    VARLEN: tl.constexpr, HAS_S0: tl.constexpr, HAS_SF: tl.constexpr,
+    VARLEN: tl.constexpr, HAS_S0: tl.constexpr, HAS_SF: tl.constexpr, HAS_D: tl.constexpr,
     DOTK: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, FAST: tl.constexpr,
 ):  # fmt: skip
-    """y (B, L, R, H, P) fp32 and S_final (nseq, H, P, N) fp32; one program per (seq, head)."""
+    """y (B, L, R, H, P) fp32 (with HAS_D: plus the skip D[h] vr) and S_final (nseq, H, P, N)
+    fp32; one program per (seq, head)."""
     pid = tl.program_id(0)
     seq = pid // H
     h = pid % H
@@ -165,6 +187,8 @@ def _core_fwd_kernel(
         y = tl.dot(_rnd(a * m, DOTK, UPCAST), v, y, input_precision=DOT_PREC)
         vw = _rnd(v.to(tl.float32) * (_exp(c_last - c, FAST) * w)[:, None], DOTK, UPCAST)
         st = tl.dot(tl.trans(vw), k, st * _exp(c_last, FAST), input_precision=DOT_PREC)
+        if HAS_D:
+            y += tl.load(D_ptr + h) * _exact_v(vr_ptr, row, valid, v, P, DOTK)
         tl.store(y_ptr + row[:, None] * P + pp[None, :], y, mask=valid[:, None])
     if HAS_SF:
         tl.store(sf_ptr + st_off, st)
@@ -181,11 +205,11 @@ def _put(ptrs, x, mask, NS: tl.constexpr):
 
 @triton.jit
 def _core_bwd_kernel(
-    qr_ptr, kr_ptr, vr_ptr, adt_ptr, w_ptr, g_ptr, s0_ptr, cu_ptr, dy_ptr, dsf_ptr,
-    dq_ptr, dk_ptr, dv_ptr, dw_ptr, dg_ptr, qdq_ptr, kdk_ptr, ds0_ptr, sfdot_ptr,
+    qr_ptr, kr_ptr, vr_ptr, adt_ptr, w_ptr, g_ptr, s0_ptr, cu_ptr, D_ptr, dy_ptr, dsf_ptr,
+    dq_ptr, dk_ptr, dv_ptr, dw_ptr, dg_ptr, qdq_ptr, kdk_ptr, ds0_ptr, sfdot_ptr, dD_ptr,
     L, H,
     N: tl.constexpr, P: tl.constexpr, R: tl.constexpr, C: tl.constexpr,
-    VARLEN: tl.constexpr, HAS_S0: tl.constexpr, HAS_DSF: tl.constexpr,
+    VARLEN: tl.constexpr, HAS_S0: tl.constexpr, HAS_DSF: tl.constexpr, HAS_D: tl.constexpr,
     DOTK: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, NS: tl.constexpr,
     FAST: tl.constexpr,
 ):  # fmt: skip
@@ -196,7 +220,12 @@ def _core_bwd_kernel(
     Column blocks: every product over N splits into per-block partial sums, and the outputs
     that sum over N (dv, qdq, kdk, dw, dg, sfdot) are linear in those partials, so with NS > 1
     each program adds its part atomically into zero-initialised buffers; dq and dk columns, the
-    state S and its gradient dS are each wholly owned by one program."""
+    state S and its gradient dS are each wholly owned by one program.
+
+    HAS_D (the forward's skip y += D[h] vr): the reverse sweep's first column block adds
+    D[h] dy to dv; the forward sweep's sums dy . vr per row over its chunks and adds the total
+    to dD[h] atomically (every sequence adds to it). Measured on an H200: this split keeps the
+    kernel's time; both terms in the reverse sweep made it 10-20 % slower (bench/NOTES.md)."""
     pid = tl.program_id(0)
     sweep = tl.program_id(1)
     NB: tl.constexpr = N // NS
@@ -218,6 +247,7 @@ def _core_bwd_kernel(
             st = tl.load(s0_ptr + st_off).to(tl.float32)
         else:
             st = tl.zeros((P, NB), dtype=tl.float32)
+        dd_rows = tl.zeros((CR,), dtype=tl.float32)  # per row, sum over chunks of dy . vr
         for c0 in range(0, seqlen, C):
             c, c_last, w, gm, q, k, v, valid, row, _t = _load_chunk(
                 qr_ptr, kr_ptr, vr_ptr, adt_ptr, w_ptr, g_ptr, bos, seqlen, coef_base, c0, h, H,
@@ -238,6 +268,11 @@ def _core_bwd_kernel(
             tl.store(dq_ptr + row[:, None] * N + nn[None, :], dq, mask=valid[:, None])
             ridx = coef_base * R + c0 * R + rloc
             _put(qdq_ptr + ridx, tl.sum(q.to(tl.float32) * dq, axis=1), valid, NS)
+            if HAS_D:
+                dd_rows += tl.sum(dy * _exact_v(vr_ptr, row, valid, v, P, DOTK), axis=1)
+        if HAS_D:
+            if n0 == 0:
+                tl.atomic_add(dD_ptr + h, tl.sum(dd_rows, axis=0), sem="relaxed")
         if HAS_DSF:
             dsf = tl.load(dsf_ptr + st_off).to(tl.float32)
             tot = tl.sum(tl.sum(dsf * st, axis=1), axis=0)
@@ -249,6 +284,10 @@ def _core_bwd_kernel(
         else:
             ds = tl.zeros((P, NB), dtype=tl.float32)
         nch = (seqlen + C - 1) // C
+        d_skip = 0.0
+        if HAS_D:
+            # D dy into dv once, by the first column block (no branch inside the loop)
+            d_skip = tl.load(D_ptr + h) * (n0 == 0).to(tl.float32)
         for jj in range(0, nch):
             c0 = (nch - 1 - jj) * C
             c, c_last, w, gm, q, k, v, valid, row, _t = _load_chunk(
@@ -279,6 +318,8 @@ def _core_bwd_kernel(
             dyc = _rnd(dy * _exp(c, FAST)[:, None], DOTK, UPCAST)
             ds = tl.dot(tl.trans(dyc), q, ds * _exp(c_last, FAST), input_precision=DOT_PREC)
             mr = valid[:, None]
+            if HAS_D:
+                dv += d_skip * dy
             tl.store(dk_ptr + row[:, None] * N + nn[None, :], dk, mask=mr)
             _put(dv_ptr + row[:, None] * P + pp[None, :], dv, mr, NS)
             ridx = coef_base * R + c0 * R + rloc
@@ -315,10 +356,11 @@ def _consts(R: int, N: int, P: int, chunk: int, varlen: bool, dot_dtype: torch.d
     )
 
 
-def core_fwd(qr, kr, vr, adt, w, gam, s0, cu_seqlens, meta):
+def core_fwd(qr, kr, vr, adt, w, gam, s0, cu_seqlens, meta, D=None):
     """Core forward. qr, kr (B, L, R, H, N), vr (B, L, R, H, P) (fp32 or the dot dtype);
     adt, w, gam (B, H, L) fp32; s0 (nseq, H, P, N) fp32 or None; cu_seqlens (nseq+1,) int32 or
-    None. Returns y (B, L, R, H, P) fp32 and S_final (nseq, H, P, N) fp32."""
+    None; D (H,) fp32 or None (the skip: y += D[h] vr). Returns y (B, L, R, H, P) fp32 and
+    S_final (nseq, H, P, N) fp32."""
     chunk, dot_dtype, num_warps, num_stages, nseq = meta[:5]
     B, L, R, H, N = qr.shape
     P = vr.shape[-1]
@@ -332,17 +374,19 @@ def core_fwd(qr, kr, vr, adt, w, gam, s0, cu_seqlens, meta):
         qr, kr, vr, adt, w, gam,
         s0 if s0 is not None else dummy,
         cu_seqlens if cu_seqlens is not None else dummy,
+        D if D is not None else dummy,
         y, sf, L, H,
-        HAS_S0=s0 is not None, HAS_SF=True,
+        HAS_S0=s0 is not None, HAS_SF=True, HAS_D=D is not None,
         **_consts(R, N, P, chunk, cu_seqlens is not None, dot_dtype),
         num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     return y, sf
 
 
-def core_bwd(qr, kr, vr, adt, w, gam, s0, cu_seqlens, meta, dy, dsf):
-    """Core backward: gradients of (qr, kr, vr, adt, w, gam, s0) given dy (B, L, R, H, P) and
-    dsf (nseq, H, P, N) or None. All gradients fp32. meta = (chunk, dot_dtype, num_warps,
+def core_bwd(qr, kr, vr, adt, w, gam, s0, cu_seqlens, meta, dy, dsf, D=None):
+    """Core backward: gradients of (qr, kr, vr, adt, w, gam, s0, D) given dy (B, L, R, H, P)
+    (fp32 or 16-bit) and dsf (nseq, H, P, N) or None. All gradients fp32; D's (H,) is an empty
+    (0,) tensor when D is None. meta = (chunk, dot_dtype, num_warps,
     num_stages, nseq[, split_n]): split_n programs per sweep and head, each owning N / split_n
     state columns (their partial sums over N are added atomically, so the result's rounding
     may differ from run to run)."""
@@ -361,6 +405,7 @@ def core_bwd(qr, kr, vr, adt, w, gam, s0, cu_seqlens, meta, dy, dsf):
     rows = summed((4, B, H, L, R), dtype=f32, device=dev)  # qdq, kdk, dw, dg per row
     ds0 = torch.empty((nseq, H, P, N), dtype=f32, device=dev)
     sfdot = torch.zeros((nseq, H), dtype=f32, device=dev)
+    dD = torch.zeros((H if D is not None else 0,), dtype=f32, device=dev)
     if L == 0:
         ds0.copy_(dsf if dsf is not None else torch.zeros_like(ds0))
         rows.zero_()
@@ -370,11 +415,13 @@ def core_bwd(qr, kr, vr, adt, w, gam, s0, cu_seqlens, meta, dy, dsf):
             qr, kr, vr, adt, w, gam,
             s0 if s0 is not None else dummy,
             cu_seqlens if cu_seqlens is not None else dummy,
+            D if D is not None else dummy,
             dy.contiguous(),
             dsf.contiguous() if dsf is not None else dummy,
             dq, dk, dv, rows[2], rows[3], rows[0], rows[1], ds0, sfdot,
+            dD if D is not None else dummy,
             L, H,
-            HAS_S0=s0 is not None, HAS_DSF=dsf is not None, NS=split_n,
+            HAS_S0=s0 is not None, HAS_DSF=dsf is not None, HAS_D=D is not None, NS=split_n,
             **_consts(R, N, P, chunk, cu_seqlens is not None, dot_dtype),
             num_warps=num_warps, num_stages=num_stages,
         )  # fmt: skip
@@ -383,7 +430,7 @@ def core_bwd(qr, kr, vr, adt, w, gam, s0, cu_seqlens, meta, dy, dsf):
     # d adt is its reverse cumulative sum within each sequence.
     dc = (qdq - kdk).sum(-1)  # (B, H, L)
     dadt = _segment_reverse_cumsum(dc, sfdot, cu_seqlens, nseq)
-    return dq, dk, dv, dadt, dw.sum(-1), dg.sum(-1), ds0
+    return dq, dk, dv, dadt, dw.sum(-1), dg.sum(-1), ds0, dD
 
 
 def _segment_reverse_cumsum(dc, sfdot, cu_seqlens, nseq):
@@ -428,13 +475,15 @@ def _core_fwd_op(
     num_warps: int,
     num_stages: int,
     nseq: int,
+    D: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     meta = (chunk, _DTYPES[dot_dtype], num_warps, num_stages, nseq)
-    return core_fwd(qr, kr, vr, adt, w, gam, s0, cu_seqlens, meta)
+    return core_fwd(qr, kr, vr, adt, w, gam, s0, cu_seqlens, meta, D)
 
 
 @_core_fwd_op.register_fake
-def _core_fwd_fake(qr, kr, vr, adt, w, gam, s0, cu_seqlens, chunk, dot_dtype, nw, ns, nseq):
+def _core_fwd_fake(qr, kr, vr, adt, w, gam, s0, cu_seqlens, chunk, dot_dtype, nw, ns, nseq,
+                   D=None):  # fmt: skip
     B, L, R, H, N = qr.shape
     P = vr.shape[-1]
     f32 = torch.float32
@@ -459,13 +508,14 @@ def _core_bwd_op(
     num_stages: int,
     nseq: int,
     split_n: int = 1,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    D: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     meta = (chunk, _DTYPES[dot_dtype], num_warps, num_stages, nseq, split_n)
-    return core_bwd(qr, kr, vr, adt, w, gam, s0, cu_seqlens, meta, dy, dsf)
+    return core_bwd(qr, kr, vr, adt, w, gam, s0, cu_seqlens, meta, dy, dsf, D)
 
 
 @_core_bwd_op.register_fake
-def _core_bwd_fake(dy, dsf, qr, kr, vr, adt, w, gam, s0, cu_seqlens, *flags):
+def _core_bwd_fake(dy, dsf, qr, kr, vr, adt, w, gam, s0, cu_seqlens, *flags, D=None):
     nseq = flags[4]
     B, L, R, H, N = qr.shape
     P = vr.shape[-1]
@@ -473,7 +523,7 @@ def _core_bwd_fake(dy, dsf, qr, kr, vr, adt, w, gam, s0, cu_seqlens, *flags):
     e = qr.new_empty
     return (e(qr.shape, dtype=f32), e(qr.shape, dtype=f32), e(vr.shape, dtype=f32),
             e(adt.shape, dtype=f32), e(adt.shape, dtype=f32), e(adt.shape, dtype=f32),
-            e((nseq, H, P, N), dtype=f32))  # fmt: skip
+            e((nseq, H, P, N), dtype=f32), e((H if D is not None else 0,), dtype=f32))  # fmt: skip
 
 
 class _CoreScan(torch.autograd.Function):
@@ -493,7 +543,7 @@ class _CoreScan(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy, dsf):
         qr, kr, vr, adt, w, gam, s0, cu_seqlens = ctx.saved_tensors
-        dq, dk, dv, dadt, dw, dg, ds0 = _core_bwd_op(
+        dq, dk, dv, dadt, dw, dg, ds0, _ = _core_bwd_op(
             dy.contiguous(), dsf, qr, kr, vr, adt, w, gam, s0, cu_seqlens, *ctx.flags
         )
         return (dq.to(qr.dtype), dk.to(kr.dtype), dv.to(vr.dtype), dadt.to(adt.dtype),
@@ -527,29 +577,36 @@ def compile_kernels(
     num_stages: int = 1,
     target=None,
     split_n: int = 1,
+    has_d: bool = False,
 ) -> dict:
     """Compile the core's forward and backward kernels ahead of time (no GPU needed) for
     ``target`` (a ``triton.backends.compiler.GPUTarget``; default sm_90), as a launch with an
-    initial state and a final-state gradient would specialise them. Returns {name: compiled}."""
+    initial state and a final-state gradient would specialise them (with ``has_d``: the D skip
+    too, vr and dy in the dot dtype as the SISO backward passes them). Returns {name: compiled}."""
     from triton.backends.compiler import GPUTarget
 
     target = target or GPUTarget("cuda", 90, 64)
     prec = "ieee" if dot_dtype == torch.float32 else "tf32"
     consts = dict(N=N, P=P, R=R, C=chunk, VARLEN=varlen, DOTK=_DOTK[dot_dtype], DOT_PREC=prec,
-                  UPCAST=False, FAST=True)  # fmt: skip
-    fwd_ptrs = ["qr_ptr", "kr_ptr", "vr_ptr", "adt_ptr", "w_ptr", "g_ptr", "s0_ptr", "cu_ptr",
-                "y_ptr", "sf_ptr"]  # fmt: skip
-    bwd_ptrs = ["qr_ptr", "kr_ptr", "vr_ptr", "adt_ptr", "w_ptr", "g_ptr", "s0_ptr", "cu_ptr",
-                "dy_ptr", "dsf_ptr", "dq_ptr", "dk_ptr", "dv_ptr", "dw_ptr", "dg_ptr", "qdq_ptr",
-                "kdk_ptr", "ds0_ptr", "sfdot_ptr"]  # fmt: skip
+                  UPCAST=False, FAST=True, HAS_D=has_d)  # fmt: skip
+    io = {torch.bfloat16: "*bf16", torch.float16: "*fp16"}.get(dot_dtype, "*fp32")
+    types = {"cu_ptr": "*i32"}
+    if has_d:
+        types.update(vr_ptr=io, dy_ptr=io)
     out = {}
-    for name, fn, ptrs, flags in (
-        ("core_fwd", _core_fwd_kernel, fwd_ptrs, dict(HAS_S0=True, HAS_SF=True)),
-        ("core_bwd", _core_bwd_kernel, bwd_ptrs, dict(HAS_S0=True, HAS_DSF=True, NS=split_n)),
+    for name, fn, flags in (
+        ("core_fwd", _core_fwd_kernel, dict(HAS_S0=True, HAS_SF=True)),
+        ("core_bwd", _core_bwd_kernel, dict(HAS_S0=True, HAS_DSF=True, NS=split_n)),
     ):
         c = {**consts, **flags}
-        sig = {p: ("*i32" if p == "cu_ptr" else "*fp32") for p in ptrs}
-        sig.update(L="i32", H="i32", **{k: "constexpr" for k in c})
+        sig = {}
+        for arg in fn.arg_names:
+            if arg in c:
+                sig[arg] = "constexpr"
+            elif arg in ("L", "H"):
+                sig[arg] = "i32"
+            else:
+                sig[arg] = types.get(arg, "*fp32")
         src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=c)
         opts = {"num_warps": num_warps, "num_stages": num_stages}
         out[name] = triton.compile(src, target=target, options=opts)
