@@ -53,8 +53,8 @@ from .core_scan import _seq_bounds
 from .fast_math import _exp
 from .fwd_tiles import (
     _TWO_PI,
+    _chunk_angles,
     _chunk_coefs,
-    _chunk_rates,
     _finish_rows,
     _initial_ssm,
     _intra_scores,
@@ -432,9 +432,11 @@ def _chunk_fwd_kernel(
             adt_ptr, dt_ptr, trap_ptr, coef_base, t, valid, first_rank, seqlen, FAST
         )
         # ---- angles: theta per row and pair (zero rate past S) ---------------------------
-        rate = _chunk_rates(ang_ptr, tok, h, H, S, jr, rot, valid, first_rank, dt_row, FAST)
-        th = theta[None, :] + tl.cumsum(rate, axis=0)
-        theta = theta + tl.sum(rate, axis=0)
+        th, _, rate_sum = _chunk_angles(
+            ang_ptr, dt_ptr, coef_base, bos, c0, theta, tok, valid, first_rank, dt_row, seqlen,
+            h, H, S, jr, rot, R, C, FAST,
+        )  # fmt: skip
+        theta = theta + rate_sum
         theta = theta - _TWO_PI * tl.floor(theta / _TWO_PI)
         cos, sin = _rot_cos_sin(th, rot, PASS, FAST)
         # ---- q, k: bias, rotation, rounding to the dot dtype -----------------------------

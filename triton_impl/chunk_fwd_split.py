@@ -35,8 +35,8 @@ from mamba3_kernels.problem import Problem
 from .fast_math import _exp
 from .fwd_tiles import (
     _TWO_PI,
+    _chunk_angles,
     _chunk_coefs,
-    _chunk_rates,
     _cos_sin,
     _initial_ssm,
     _load_lohi,
@@ -123,20 +123,25 @@ def _segment_state_kernel(
         c, c_last, dt_row, gamma, w = _chunk_coefs(
             adt_ptr, dt_ptr, trap_ptr, coef_base, t, valid, first_rank, seqlen, FAST
         )
-        rate = _chunk_rates(ang_ptr, tok, h, H, S, jr, rot, valid, first_rank, dt_row, FAST)
-        th = theta[None, :] + tl.cumsum(rate, axis=0)
+        th, th_t, rate_sum = _chunk_angles(
+            ang_ptr, dt_ptr, coef_base, seq.to(tl.int64) * L, c0, theta, tok, valid, first_rank,
+            dt_row, seqlen, h, H, S, jr, rot, R, C, FAST,
+        )  # fmt: skip
         if FRAMES:
             # Each token's frame for the block-parallel output kernel (chunk_fwd_blocks), one
             # row per token, by the first P-block: its angle and log-decay since the segment
             # start, and its trapezoid weights gamma and w.
             fr = pid_sh.to(tl.int64) * L + t
             mf = valid & first_rank & ((t * 0 + pid_p) == 0)
-            tl.store(th_ptr + fr[:, None] * S + jr[None, :], th, mask=mf[:, None] & rot[None, :])
+            tt = c0 + tl.arange(0, C)
+            ft = pid_sh.to(tl.int64) * L + tt
+            mft = (tt < seqlen) & ((tt * 0 + pid_p) == 0)
+            tl.store(th_ptr + ft[:, None] * S + jr[None, :], th_t, mask=mft[:, None] & rot[None, :])
             tl.store(cs_ptr + fr, c_seg + c, mask=mf)
             tl.store(gm_ptr + fr, gamma, mask=mf)
             tl.store(wt_ptr + fr, w, mask=mf)
         cos, sin = _rot_cos_sin(th, rot, PASS, FAST)
-        theta = theta + tl.sum(rate, axis=0)
+        theta = theta + rate_sum
         theta = theta - _TWO_PI * tl.floor(theta / _TWO_PI)
         kb_lo, kb_hi = _load_lohi(kb_ptr, bias_row, bias_row >= 0, NH, SA, HALVES)
         qk_row = ((tok[:, None] * R + r_idx[:, None]) * G + g) * N

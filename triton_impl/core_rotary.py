@@ -52,10 +52,11 @@ _TWO_PI = tl.constexpr(6.283185307179586)
 #                registers and a 1.9 KB stack in the backward, and 4 tokens took the rotary
 #                backward at SISO (1, 16384) on the H100 from 4.65 to 1.46 ms); rot_warps: their
 #                warps (2: fwd+bwd 9.59 -> 9.37 ms there). The pair tiles then took the two
-#                passes to 0.92 and 0.28 ms (bench/NOTES.md).
+#                passes to 0.92 and 0.28 ms (bench/NOTES.md). On an H200, 8 tokens per program
+#                and 512-token angle steps: fwd+bwd 6.55 -> 6.21 ms (bench/NOTES.md).
 KNOBS = {
-    "fast_trig": True, "angle_step": 256, "angle_warps": 8, "angle_pairs": 8,
-    "heads_first": False, "bwd_heads": 0, "rot_tokens": 4, "rot_warps": 2,
+    "fast_trig": True, "angle_step": 512, "angle_warps": 8, "angle_pairs": 8,
+    "heads_first": False, "bwd_heads": 0, "rot_tokens": 8, "rot_warps": 2,
 }  # fmt: skip
 
 

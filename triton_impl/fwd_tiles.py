@@ -150,6 +150,15 @@ def _store_pass(
 
 
 @triton.jit
+def _rows_of_tokens(x, R: tl.constexpr):
+    """(C, K) per-token values as (C*R, K) rows (row = token * R + rank): each token's values
+    repeated for its R rank rows."""
+    C: tl.constexpr = x.shape[0]
+    K: tl.constexpr = x.shape[1]
+    return tl.reshape(tl.broadcast_to(x[:, None, :], (C, R, K)), (C * R, K))
+
+
+@triton.jit
 def _rot_cos_sin(th, rot, PASS: tl.constexpr, FAST: tl.constexpr):
     """cos/sin tiles (rows, SA) of angles th for the rotated pairs (rot: (SA,) pairs with a
     nonzero rate), zipped with the pass-through constants 1 and 0 when PASS (see _load_lohi)."""
@@ -206,6 +215,50 @@ def _chunk_rates(
     ).to(tl.float32)
     # tanh(x) = 2 sigmoid(2x) - 1
     return _PI * (2.0 * _sigmoid(2.0 * ang, FAST) - 1.0) * dt_row[:, None]
+
+
+@triton.jit
+def _chunk_angles(
+    ang_ptr,
+    dt_ptr,
+    coef_base,
+    tok_base,
+    c0,
+    theta,
+    tok,
+    valid,
+    first_rank,
+    dt_row,
+    seqlen,
+    h,
+    H,
+    S: tl.constexpr,
+    jr,
+    rot,
+    R: tl.constexpr,
+    C: tl.constexpr,
+    FAST: tl.constexpr,
+):
+    """Angles of one chunk (tokens c0 .. c0 + C of a sequence whose first token has global index
+    tok_base): theta (SA,), the angle before the chunk, plus the running sum of the rates.
+
+    Returns th (C*R, SA) per row, th_t (C, SA) per token (th itself when R == 1) and the chunk's
+    rate sum (SA,). MIMO computes per token and repeats each token's row for its rank rows (the
+    rank rows share the token's angle): a quarter of the loads, sigmoids and scan at R=4
+    (measured -15 % for the segment-state kernel). tok, valid, first_rank, dt_row: per row, as
+    _chunk_rates takes them (used when R == 1)."""
+    if R > 1:
+        tt = c0 + tl.arange(0, C)
+        vt = tt < seqlen
+        dt_t = tl.load(dt_ptr + coef_base + tt, mask=vt, other=0.0).to(tl.float32)
+        rate = _chunk_rates(ang_ptr, tok_base + tt, h, H, S, jr, rot, vt, vt, dt_t, FAST)
+        th_t = theta[None, :] + tl.cumsum(rate, axis=0)
+        th = _rows_of_tokens(th_t, R)
+    else:
+        rate = _chunk_rates(ang_ptr, tok, h, H, S, jr, rot, valid, first_rank, dt_row, FAST)
+        th = theta[None, :] + tl.cumsum(rate, axis=0)
+        th_t = th
+    return th, th_t, tl.sum(rate, axis=0)
 
 
 @triton.jit
