@@ -64,6 +64,7 @@ from .fwd_tiles import (
     _rotated_operand,
     _store_final_kv,
     _store_lohi,
+    _v_rows,
 )
 from .launch import Launch, launch_all, launch_generic
 from .launch import cdiv as _cdiv
@@ -452,8 +453,7 @@ def _chunk_fwd_kernel(
             k_ptr, qk_row, mrow, kb_lo, kb_hi, cos, sin, NH, SA, HALVES, dd, UPCAST
         )
         # ---- v (per rank) ----------------------------------------------------------------
-        v_off = (tok[:, None] * H + h) * P + pp[None, :]
-        vr = tl.load(v_ptr + v_off, mask=mrow & mpr, other=0.0).to(tl.float32)
+        vr = _v_rows(v_ptr, bos, c0, tok, mrow, seqlen, h, H, pp, mpr, P, R, C)
         if HAS_MV:
             vr = vr * tl.load(mv_ptr + rank_par, mask=mpr, other=0.0)
         scores = _intra_scores(q_lo, q_hi, k_lo, k_hi, t, c, w, gamma, DOT_PREC, FAST)

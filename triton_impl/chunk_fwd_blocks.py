@@ -37,6 +37,7 @@ from .fwd_tiles import (
     _qk_scores,
     _rot_cos_sin,
     _rotated_operand,
+    _v_rows,
 )
 from .launch import Launch
 from .launch import cdiv as _cdiv
@@ -57,8 +58,10 @@ def _block_rows(
     wt_ptr,
     coef_base,
     bos,
+    t0,
     t,
     valid,
+    seqlen,
     h,
     H,
     g,
@@ -78,12 +81,12 @@ def _block_rows(
     UPCAST: tl.constexpr,
     FAST: tl.constexpr,
 ):
-    """One block's rows at tokens t (rows,) of a sequence: x (q or k, plus its bias rows
-    bias_row of xb) rotated by the segment-local angle, as (lo, hi) dot operands; the
-    rank-weighted v (rows, BP) fp32; the segment-local log-decay c, gamma and w (rows,), all
-    from the frames of chunk_fwd_split's segment-state kernel. Also
-    returns (cos, sin). The bias is re-read per block (cache hits): held across the key loop,
-    its broadcast tiles would take registers the loop's tiles need."""
+    """One block's rows at tokens t (rows,) of a sequence of seqlen tokens (t0: the block's
+    first token): x (q or k, plus its bias rows bias_row of xb) rotated by the segment-local
+    angle, as (lo, hi) dot operands; the rank-weighted v (rows, BP) fp32; the segment-local
+    log-decay c, gamma and w (rows,), all from the frames of chunk_fwd_split's segment-state
+    kernel. Also returns (cos, sin). The bias is re-read per block (cache hits): held across the
+    key loop, its broadcast tiles would take registers the loop's tiles need."""
     NH: tl.constexpr = N // 2
     PASS: tl.constexpr = SA < NH
     fr = coef_base + t  # (sequence, head, token) row of the frame tensors
@@ -98,8 +101,7 @@ def _block_rows(
         x_ptr, qk_row, mrow, b_lo, b_hi, cos, sin, NH, SA, HALVES, DD, UPCAST
     )
     mpr = (pp < P)[None, :]
-    vr = tl.load(v_ptr + (tok[:, None] * H + h) * P + pp[None, :], mask=mrow & mpr, other=0.0)
-    vr = vr.to(tl.float32)
+    vr = _v_rows(v_ptr, bos, t0, tok, mrow, seqlen, h, H, pp, mpr, P, R, t.shape[0] // R)
     if HAS_MV:
         vr = vr * tl.load(mv_ptr + (h * R + r_idx[:, None]) * P + pp[None, :], mask=mpr, other=0.0)
     c = tl.load(cs_ptr + fr, mask=valid, other=0.0)
@@ -179,8 +181,9 @@ def _block_out_kernel(
     t = b0 + t_loc
     valid = t < seqlen
     k_lo, k_hi, vr, c, gamma, w, cos, sin = _block_rows(
-        k_ptr, kb_ptr, bias_row, v_ptr, mv_ptr, th_ptr, cs_ptr, gm_ptr, wt_ptr, coef_base, bos, t,
-        valid, h, H, g, G, pp, r_idx, jr, rot, P, N, S, R, SA, HALVES, HAS_MV, dd, UPCAST, FAST,
+        k_ptr, kb_ptr, bias_row, v_ptr, mv_ptr, th_ptr, cs_ptr, gm_ptr, wt_ptr, coef_base, bos, b0,
+        t, valid, seqlen, h, H, g, G, pp, r_idx, jr, rot, P, N, S, R, SA, HALVES, HAS_MV, dd,
+        UPCAST, FAST,
     )  # fmt: skip
     qk_row = (((bos + t)[:, None] * R + r_idx[:, None]) * G + g) * N
     qb_lo, qb_hi = _load_lohi(qb_ptr, bias_row, bias_row >= 0, NH, SA, HALVES)
@@ -203,8 +206,8 @@ def _block_out_kernel(
         tk = kb0 + t_loc
         kk_lo, kk_hi, vk, ck, _, wk, _, _ = _block_rows(
             k_ptr, kb_ptr, bias_row, v_ptr, mv_ptr, th_ptr, cs_ptr, gm_ptr, wt_ptr, coef_base,
-            bos, tk, tk < seqlen, h, H, g, G, pp, r_idx, jr, rot, P, N, S, R, SA, HALVES, HAS_MV,
-            dd, UPCAST, FAST,
+            bos, kb0, tk, tk < seqlen, seqlen, h, H, g, G, pp, r_idx, jr, rot, P, N, S, R, SA,
+            HALVES, HAS_MV, dd, UPCAST, FAST,
         )  # fmt: skip
         sk = _qk_scores(q_lo, q_hi, kk_lo, kk_hi, DOT_PREC)
         sk = sk * (_exp(tl.minimum(c[:, None] - ck[None, :], 0.0), FAST) * wk[None, :])

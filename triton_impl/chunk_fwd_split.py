@@ -47,6 +47,7 @@ from .fwd_tiles import (
     _store_final_kv,
     _store_lohi,
     _store_rot,
+    _v_rows,
 )
 from .launch import Launch
 from .launch import cdiv as _cdiv
@@ -148,8 +149,7 @@ def _segment_state_kernel(
         k_lo, k_hi = _rotated_operand(
             k_ptr, qk_row, mrow, kb_lo, kb_hi, cos, sin, NH, SA, HALVES, dd, UPCAST
         )
-        vr = tl.load(v_ptr + (tok[:, None] * H + h) * P + pp[None, :], mask=mrow & mpr, other=0.0)
-        vr = vr.to(tl.float32)
+        vr = _v_rows(v_ptr, seq.to(tl.int64) * L, c0, tok, mrow, seqlen, h, H, pp, mpr, P, R, C)
         if HAS_MV:
             vr = vr * tl.load(
                 mv_ptr + (h * R + r_idx[:, None]) * P + pp[None, :], mask=mpr, other=0.0
