@@ -120,6 +120,31 @@ def test_D_without_z(rank, mimo):
 
 
 @cpu_interpreted
+@pytest.mark.parametrize("with_D", [False, True])
+def test_core_ops_schema_and_fakes(with_D):
+    """The core's custom ops (their fakes serve torch.compile) with and without the D skip: the
+    fake outputs' shapes and dtypes are the kernels' (dD is an empty tensor without D)."""
+    from mamba3_kernels.triton_impl import core_scan  # noqa: F401  (registers the ops)
+
+    g = torch.Generator().manual_seed(7)
+    B, L, R, H, N, P = 1, 8, 1, 2, 32, 16
+    qr, kr = torch.randn(2, B, L, R, H, N, generator=g)
+    vr = torch.randn(B, L, R, H, P, generator=g)
+    adt = -torch.rand(B, H, L, generator=g)
+    w, gam = torch.rand(2, B, H, L, generator=g)
+    D = torch.randn(H, generator=g) if with_D else None
+    utils = ("test_schema", "test_faketensor")
+    fwd = (qr, kr, vr, adt, w, gam, None, None, 8, "float32", 4, 1, 1, D)
+    torch.library.opcheck(torch.ops.mamba3_triton.core_fwd.default, fwd, test_utils=utils)
+    bwd = (vr, None, qr, kr, vr, adt, w, gam, None, None, 8, "float32", 4, 1, 1, 1, D)
+    torch.library.opcheck(torch.ops.mamba3_triton.core_bwd.default, bwd, test_utils=utils)
+    dD = torch.ops.mamba3_triton.core_bwd(*bwd)[-1]
+    assert dD.shape == ((H,) if with_D else (0,))
+    if with_D:  # dD = sum over every row of dy . vr (here dy = vr)
+        torch.testing.assert_close(dD, (vr * vr).sum((0, 1, 2, 4)), rtol=1e-5, atol=1e-5)
+
+
+@cpu_interpreted
 def test_rank4_n32_long_chunks():
     g = torch.Generator().manual_seed(5)
     inputs = random_inputs(

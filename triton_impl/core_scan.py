@@ -515,8 +515,8 @@ def _core_bwd_op(
 
 
 @_core_bwd_op.register_fake
-def _core_bwd_fake(dy, dsf, qr, kr, vr, adt, w, gam, s0, cu_seqlens, *flags, D=None):
-    nseq = flags[4]
+def _core_bwd_fake(dy, dsf, qr, kr, vr, adt, w, gam, s0, cu_seqlens, chunk, dot_dtype, num_warps,
+                   num_stages, nseq, split_n=1, D=None):  # fmt: skip
     B, L, R, H, N = qr.shape
     P = vr.shape[-1]
     f32 = torch.float32
