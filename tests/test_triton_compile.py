@@ -122,3 +122,23 @@ def test_chunk_fwd_defaults_fit_shared_memory():
     )
     assert res.returncode == 0, res.stderr[-3000:]
     assert "ok" in res.stdout
+
+
+def test_kernel_resources_report(tmp_path):
+    """bench/kernel_resources.py (registers, stack, instructions of the sm_90 builds, read by
+    Triton's cuobjdump) runs without a GPU and reports every kernel of a split=1 SISO call."""
+    import json
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "kernel_resources.py"
+    out = tmp_path / "res.json"
+    res = subprocess.run(
+        [sys.executable, str(script), "--cases", "siso_1x2048", "--json", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    kernels = json.loads(out.read_text())["cases"]["siso_1x2048"]["kernels"]
+    assert set(kernels) == {"_segment_state_kernel", "_state_pass_kernel", "_chunk_fwd_kernel"}
+    for r in kernels.values():
+        assert 16 <= r["registers"] <= 255 and r["stack"] >= 0
+        assert r["instructions"] > 100
