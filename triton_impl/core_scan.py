@@ -223,9 +223,9 @@ def _core_bwd_kernel(
     state S and its gradient dS are each wholly owned by one program.
 
     HAS_D (the forward's skip y += D[h] vr): the reverse sweep's first column block adds
-    D[h] dy to dv; the forward sweep's sums dy . vr per row over its chunks and adds the total
-    to dD[h] atomically (every sequence adds to it). Measured on an H200: this split keeps the
-    kernel's time; both terms in the reverse sweep made it 10-20 % slower (bench/NOTES.md)."""
+    D[h] dy to dv; the forward sweep sums dy . vr per row over its chunks and adds the total to
+    dD[h] atomically (every sequence adds to it). Measured on an H200: this split keeps the
+    kernel's time; both terms in the reverse sweep made it 9-21 % slower (bench/NOTES.md)."""
     pid = tl.program_id(0)
     sweep = tl.program_id(1)
     NB: tl.constexpr = N // NS
