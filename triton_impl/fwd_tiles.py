@@ -279,9 +279,9 @@ def _v_rows(
 ):
     """v (B, L, H, P) at one chunk's rows, columns pp, as (C*R, BP) fp32 (before any rank
     weights): tokens c0 .. c0 + C of the sequence whose first token is tok_base. MIMO loads
-    each token once and repeats it for its rank rows (a quarter of the loads at R=4: the
-    segment-state kernel's sm_90 build 3433 -> 3177 instructions, no stack). tok, mrow: per
-    row (used when R == 1)."""
+    each token once and repeats it for its rank rows (a quarter of the loads at R=4; the
+    segment-state kernel's sm_90 build lost its spill stack). tok, mrow: per row (used when
+    R == 1)."""
     if R > 1:
         tt = c0 + tl.arange(0, C)
         x = tl.load(v_ptr + ((tok_base + tt)[:, None] * H + h) * P + pp[None, :],
