@@ -6,7 +6,7 @@ import torch
 
 from .dispatch import plan
 from .inputs import ScanInputs
-from .ops import scan_eager
+from .ops import scan_autograd, scan_eager
 from .state import Mamba3State
 from .validate import _validate
 
@@ -50,7 +50,7 @@ def scan(
         False, tensors, initial_state, return_final_state, cu_seqlens, rotary, chunk_size
     )
     state = inputs.initial_state
-    if torch.compiler.is_compiling() or _needs_grad(inputs):
+    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
         out, *final = torch.ops.mamba3.scan(
             *inputs[:14],
             *(state if state is not None else (None,) * 4),
@@ -60,6 +60,12 @@ def scan(
             chunk_size or 0,
             backend,
         )
+        if return_final_state:
+            return out, Mamba3State(*final)
+        return out
+    if _needs_grad(inputs):
+        # Eager with autograd: the op's autograd without its dispatch (ops.scan_autograd).
+        out, *final = scan_autograd(problem, inputs, backend)
         if return_final_state:
             return out, Mamba3State(*final)
         return out

@@ -391,6 +391,41 @@ def _backward(ctx, grad_out, grad_angle, grad_ssm, grad_k, grad_v):
 scan_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+class _EagerScan(torch.autograd.Function):
+    """mamba3::scan's autograd for eager calls (no torch.compile, no functorch transform): the
+    op's forward body (run_scan) on the already validated inputs, the op's saved inputs and its
+    backward (_backward), without the op's dispatch. The op's registered autograd re-binds its
+    23 arguments against the schema on every call (torch's ``fill_defaults``: ~0.3 ms of host
+    time per training call on this project's CPU machine, bench/NOTES.md)."""
+
+    @staticmethod
+    def forward(problem, backend, *args):
+        inputs = _inputs(*args[:19])
+        return run_scan(problem, inputs, backend)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _setup_context(ctx, inputs[2:], output)
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_angle, grad_ssm, grad_k, grad_v):
+        return (None, None, *_backward(ctx, grad_out, grad_angle, grad_ssm, grad_k, grad_v))
+
+
+def scan_autograd(
+    problem: Problem, inputs: ScanInputs, backend: str
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """What ``torch.ops.mamba3.scan`` returns, for a validated eager call that autograd records
+    (outside torch.compile and functorch transforms, which need the op): out and the final
+    state's angle, ssm, k, v (empty tensors without a final state)."""
+    state = inputs.initial_state
+    return _EagerScan.apply(
+        problem, backend, *inputs[:14], *(state if state is not None else (None,) * 4),
+        inputs.cu_seqlens, problem.return_final_state, problem.rotary,
+        problem.chunk_size or 0, backend,
+    )  # fmt: skip
+
+
 @torch.library.custom_op(
     "mamba3::step", mutates_args=("angle_state", "ssm_state", "k_state", "v_state")
 )

@@ -163,3 +163,33 @@ def test_eager_no_grad_path_matches_op_and_owns_outputs():
     b, *sb = torch.ops.mamba3.scan(*y[:14], *y.initial_state, None, True, "interleaved", 0, "auto")
     assert torch.equal(a, b)
     assert all(torch.equal(p, q) for p, q in zip(sa, sb, strict=True))
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_eager_autograd_path_skips_op_dispatch_and_matches_op(backend):
+    # Eager calls that autograd records run the op's autograd without its dispatch
+    # (ops.scan_autograd): the same values and gradients as the op, with a final state.
+    x = random_inputs(batch=2, seqlen=9, nheads=2, d_state=32, headdim=16,
+                      with_initial_state=True, dtype=torch.float32)  # fmt: skip
+
+    def leaves():
+        fields = [t.clone().requires_grad_() if t is not None else None for t in x[:14]]
+        state = [t.clone().requires_grad_() for t in x.initial_state]
+        return fields, state
+
+    fa, sa = leaves()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        out_a, fin_a = m.scan(*fa, initial_state=m.Mamba3State(*sa), return_final_state=True,
+                              backend=backend)  # fmt: skip
+    assert not any(ev.key == "mamba3::scan" for ev in prof.key_averages())
+    fb, sb = leaves()
+    out_b, *fin_b = torch.ops.mamba3.scan(*fb, *sb, None, True, "interleaved", 0, backend)
+    torch.testing.assert_close(out_a, out_b, rtol=0, atol=0)
+    weight = torch.randn_like(out_a)
+    wssm = torch.randn_like(fin_a.ssm)
+    la = (out_a * weight).sum() + (fin_a.ssm * wssm).sum()
+    lb = (out_b * weight).sum() + (fin_b[1] * wssm).sum()
+    ga = torch.autograd.grad(la, [t for t in fa if t is not None] + sa)
+    gb = torch.autograd.grad(lb, [t for t in fb if t is not None] + sb)
+    for p, q in zip(ga, gb, strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-6)
