@@ -399,17 +399,16 @@ class _EagerScan(torch.autograd.Function):
     time per training call on this project's CPU machine, bench/NOTES.md)."""
 
     @staticmethod
-    def forward(problem, backend, *args):
-        inputs = _inputs(*args[:19])
-        return run_scan(problem, inputs, backend)
+    def forward(problem, *args):  # args: the op's arguments (backend last)
+        return run_scan(problem, _inputs(*args[:19]), args[-1])
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        _setup_context(ctx, inputs[2:], output)
+        _setup_context(ctx, inputs[1:], output)
 
     @staticmethod
     def backward(ctx, grad_out, grad_angle, grad_ssm, grad_k, grad_v):
-        return (None, None, *_backward(ctx, grad_out, grad_angle, grad_ssm, grad_k, grad_v))
+        return (None, *_backward(ctx, grad_out, grad_angle, grad_ssm, grad_k, grad_v))
 
 
 def scan_autograd(
@@ -420,7 +419,7 @@ def scan_autograd(
     state's angle, ssm, k, v (empty tensors without a final state)."""
     state = inputs.initial_state
     return _EagerScan.apply(
-        problem, backend, *inputs[:14], *(state if state is not None else (None,) * 4),
+        problem, *inputs[:14], *(state if state is not None else (None,) * 4),
         inputs.cu_seqlens, problem.return_final_state, problem.rotary,
         problem.chunk_size or 0, backend,
     )  # fmt: skip
