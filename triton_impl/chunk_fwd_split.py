@@ -276,8 +276,8 @@ def segment_buffers(
 ) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """The scratch buffers of steps 1 and 2, by name: (shape, dtype) of ds (B*H, nseg, P, N)
     (fp32; with frames in ``state_dtype``), fst (B*H, nseg, P, N) in ``state_dtype`` (the
-    state entering every segment, in its
-    rotary frame), clast (B*H, nseg) and phi (B*H, nseg, S) fp32; with ``frames`` also th
+    state entering every segment, in its rotary frame), clast (B*H, nseg) and phi
+    (B*H, nseg, S) fp32; with ``frames`` also th
     (B*H, L, S) and cs, gm, wt (B*H, L) fp32: each token's angle and log-decay since its
     segment's start, gamma and w. consts: chunk_fwd._constexprs (T tokens per segment)."""
     B, L, H = problem.batch, problem.seqlen, problem.nheads

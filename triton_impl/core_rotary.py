@@ -559,11 +559,10 @@ def rot_core_scan(
     q, k (B, L, R, G, N) raw (unbiased, unrotated); qb, kb (R, H, N) fp32; theta (B, L, H, S)
     fp32 cumulative angles; the rest as core_scan. meta = (chunk, dot_dtype, num_warps,
     num_stages, nseq[, split_n]) (split_n: see core_scan.core_bwd); D (H,) fp32 or None: the
-    skip y += D[h] vr, inside the core forward and backward. need_y=False skips the
-    core's forward: y (in vr's dtype then) and S_final are zeros (not their values) while the
-    backward stays
-    exact, which is all a caller that only takes the vector-Jacobian product and whose epilogue
-    backward never reads y needs."""
+    skip y += D[h] vr, inside the core forward and backward. need_y=False skips the core's
+    forward: y (in vr's dtype then) and S_final are zeros (not their values) while the backward
+    stays exact, which is all a caller that only takes the vector-Jacobian product and whose
+    epilogue backward never reads y needs."""
     chunk, dot_dtype, num_warps, num_stages, nseq = meta[:5]
     split_n = meta[5] if len(meta) > 5 else 1
     name = str(dot_dtype).replace("torch.", "")
