@@ -79,11 +79,16 @@ def open_storage(url: str | None, default_path: str | os.PathLike) -> Any:
 
 
 def _key(t: FrozenTrial) -> dict | None:
-    """The params a trial holds or will hold (queued trials carry theirs as fixed params)."""
-    if t.params:
-        return dict(t.params)
+    """The params a trial holds or will hold (queued trials carry theirs as fixed params).
+
+    A queued trial's fixed params come first: a running trial suggests its params one by one, so
+    another worker can read it with only some of them set (and, comparing those, evaluate the
+    same point twice).
+    """
     fixed = t.system_attrs.get("fixed_params")
-    return dict(fixed) if fixed else None
+    if fixed:
+        return dict(fixed)
+    return dict(t.params) if t.params else None
 
 
 def _worker_id() -> str:

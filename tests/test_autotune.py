@@ -198,6 +198,24 @@ def test_journal_storage_and_a_finished_study_costs_nothing(tmp_path):
     assert again.entry["config"] == res.entry["config"]
 
 
+def test_a_queued_point_half_suggested_by_another_worker_is_still_a_duplicate():
+    """Two copies of one grid point (two workers queued the grid at once): while the first is
+    still suggesting its params one by one, the second must find it and defer, not evaluate."""
+    from mamba3_kernels.autotune.study import _earlier_duplicate
+
+    study = optuna.create_study()
+    point = {"chunk_size": 8, "flavor": "right", "unroll": 2}
+    study.enqueue_trial(point)
+    study.enqueue_trial(point)
+    first = study.ask()
+    first.suggest_categorical("chunk_size", [8, 16])  # the other two params not yet set
+    second = study.ask()
+    assert second.number > first.number
+    dup = _earlier_duplicate(study, second.number, point)
+    assert dup is not None and dup.number == first.number
+    assert _earlier_duplicate(study, first.number, point) is None
+
+
 class _Stop(KeyboardInterrupt):
     pass
 

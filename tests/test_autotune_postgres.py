@@ -147,7 +147,11 @@ def test_two_workers_tune_one_study_through_postgres(postgres_url, tmp_path):
     ]
     keys = [tuple(sorted(t.params.items())) for t in evaluated]
     # The whole grid, each point evaluated exactly once, by both workers together.
-    assert len(keys) == 18 and len(set(keys)) == 18
+    table = "\n".join(
+        f"#{t.number} {t.state.name} {t.system_attrs.get('fixed_params')}: {t.user_attrs}"
+        for t in trials
+    )
+    assert len(keys) == 18 and len(set(keys)) == 18, table
     pids = {w.pid for w in workers}
     by_worker = {int(t.user_attrs["worker"].rpartition(":")[2]) for t in evaluated}
     assert by_worker == pids, f"trials by {by_worker}, workers {pids}"
