@@ -85,9 +85,20 @@ class FakeBackend(Backend):
 
 
 def register_fake() -> None:
-    """Register the fake backend (the CLI's ``--import test_autotune:register_fake``)."""
+    """Register the fake backend (the CLI's ``--import test_autotune:register_fake``).
+
+    With ``FAKE_TUNE_BARRIER=DIR:N`` (the distributed test) each worker process also waits here
+    until N workers have arrived, so that all of them start tuning together however long each
+    took to import (a loaded CI machine staggers them by seconds)."""
     if FAKE not in registered_backends():
         register_backend(FakeBackend())
+    barrier = os.environ.get("FAKE_TUNE_BARRIER")
+    if barrier:
+        folder, n = barrier.rsplit(":", 1)
+        Path(folder, str(os.getpid())).touch()
+        deadline = time.monotonic() + 120
+        while len(os.listdir(folder)) < int(n) and time.monotonic() < deadline:
+            time.sleep(0.05)
 
 
 @pytest.fixture(autouse=True)

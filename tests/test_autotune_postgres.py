@@ -118,10 +118,13 @@ def test_two_workers_tune_one_study_through_postgres(postgres_url, tmp_path):
         "--no-progress",
         "--no-plots",
     ]
+    barrier = tmp_path / "arrived"
+    barrier.mkdir()
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]),
         "FAKE_TUNE_DELAY": "0.1",  # long enough trials that both workers get some
+        "FAKE_TUNE_BARRIER": f"{barrier}:2",  # and both start together
         "TRITON_INTERPRET": "1",
     }
     workers = []
