@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from .dispatch import plan
+from .eager_calls import apply_positional
 from .inputs import ScanInputs
 from .problem import Problem
 from .state import Mamba3State
@@ -418,8 +419,8 @@ def scan_autograd(
     (outside torch.compile and functorch transforms, which need the op): out and the final
     state's angle, ssm, k, v (empty tensors without a final state)."""
     state = inputs.initial_state
-    return _EagerScan.apply(
-        problem, *inputs[:14], *(state if state is not None else (None,) * 4),
+    return apply_positional(
+        _EagerScan, problem, *inputs[:14], *(state if state is not None else (None,) * 4),
         inputs.cu_seqlens, problem.return_final_state, problem.rotary,
         problem.chunk_size or 0, backend,
     )  # fmt: skip

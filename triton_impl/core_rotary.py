@@ -27,6 +27,8 @@ import triton.language as tl
 from torch import Tensor
 from triton.language.extra import libdevice
 
+from mamba3_kernels.eager_calls import apply_positional, eager_custom_op
+
 from .core_scan import _core_bwd_op, _core_fwd_op, _interp, _seq_bounds
 from .fwd_tiles import _load_rot, _store_rot
 
@@ -414,7 +416,7 @@ def angle_bwd(gtheta, angles, dt, cu_seqlens, nseq: int):
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-@torch.library.custom_op("mamba3_triton::rotary_fwd", mutates_args=())
+@eager_custom_op("mamba3_triton::rotary_fwd")
 def _rotary_fwd_op(
     q: Tensor, k: Tensor, qb: Tensor, kb: Tensor, theta: Tensor, halves: bool, out_dtype: str
 ) -> tuple[Tensor, Tensor]:
@@ -430,7 +432,7 @@ def _rotary_fwd_fake(q, k, qb, kb, theta, halves, out_dtype):
     )
 
 
-@torch.library.custom_op("mamba3_triton::rotary_bwd", mutates_args=())
+@eager_custom_op("mamba3_triton::rotary_bwd")
 def _rotary_bwd_op(
     dqr: Tensor, dkr: Tensor, q: Tensor, k: Tensor, qb: Tensor, kb: Tensor, theta: Tensor,
     halves: bool, xr_dtype: str,
@@ -447,7 +449,7 @@ def _rotary_bwd_fake(dqr, dkr, q, k, qb, kb, theta, halves, xr_dtype):
             e(kb.shape, dtype=f32), e(theta.shape, dtype=f32))  # fmt: skip
 
 
-@torch.library.custom_op("mamba3_triton::angle_fwd", mutates_args=())
+@eager_custom_op("mamba3_triton::angle_fwd")
 def _angle_fwd_op(
     angles: Tensor, dt: Tensor, angle0: Tensor | None, cu_seqlens: Tensor | None, nseq: int
 ) -> Tensor:
@@ -459,7 +461,7 @@ def _angle_fwd_fake(angles, dt, angle0, cu_seqlens, nseq):
     return torch.empty_like(angles)
 
 
-@torch.library.custom_op("mamba3_triton::angle_bwd", mutates_args=())
+@eager_custom_op("mamba3_triton::angle_bwd")
 def _angle_bwd_op(
     gtheta: Tensor, angles: Tensor, dt: Tensor, cu_seqlens: Tensor | None, nseq: int
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -500,7 +502,7 @@ def angle_scan(angles, dt, angle0, cu_seqlens, nseq: int):
     angles = angles.float().contiguous()
     dt = dt.float().contiguous()
     angle0 = angle0.float().contiguous() if angle0 is not None else None
-    return _AngleScan.apply(angles, dt, angle0, cu_seqlens, nseq)
+    return apply_positional(_AngleScan, angles, dt, angle0, cu_seqlens, nseq)
 
 
 class _RotCore(torch.autograd.Function):
@@ -570,8 +572,8 @@ def rot_core_scan(
         name = "float32"
     args = [x.contiguous() if x is not None else None
             for x in (q, k, qb, kb, theta, vr, adt, w, gam, s0, D)]  # fmt: skip
-    y, sf, _, _ = _RotCore.apply(*args, cu_seqlens, halves, need_y, chunk, name, num_warps,
-                                 num_stages, nseq, split_n)  # fmt: skip
+    y, sf, _, _ = apply_positional(_RotCore, *args, cu_seqlens, halves, need_y, chunk, name,
+                                   num_warps, num_stages, nseq, split_n)  # fmt: skip
     return y, sf
 
 

@@ -43,6 +43,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from mamba3_kernels.eager_calls import apply_positional, eager_custom_op
+
 from .fast_math import _exp
 
 __all__ = ["core_scan", "core_fwd", "core_bwd"]
@@ -460,7 +462,7 @@ def _segment_reverse_cumsum(dc, sfdot, cu_seqlens, nseq):
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-@torch.library.custom_op("mamba3_triton::core_fwd", mutates_args=())
+@eager_custom_op("mamba3_triton::core_fwd")
 def _core_fwd_op(
     qr: Tensor,
     kr: Tensor,
@@ -490,7 +492,7 @@ def _core_fwd_fake(qr, kr, vr, adt, w, gam, s0, cu_seqlens, chunk, dot_dtype, nw
     return qr.new_empty((B, L, R, H, P), dtype=f32), qr.new_empty((nseq, H, P, N), dtype=f32)
 
 
-@torch.library.custom_op("mamba3_triton::core_bwd", mutates_args=())
+@eager_custom_op("mamba3_triton::core_bwd")
 def _core_bwd_op(
     dy: Tensor,
     dsf: Tensor | None,
@@ -562,8 +564,8 @@ def core_scan(qr, kr, vr, adt, w, gam, s0, cu_seqlens, meta):
     s0 = s0.contiguous() if s0 is not None else None
     chunk, dot_dtype, num_warps, num_stages, nseq = meta
     name = str(dot_dtype).replace("torch.", "")
-    return _CoreScan.apply(qr, kr, vr, adt, w, gam, s0, cu_seqlens, chunk, name, num_warps,
-                           num_stages, nseq)  # fmt: skip
+    return apply_positional(_CoreScan, qr, kr, vr, adt, w, gam, s0, cu_seqlens, chunk, name,
+                            num_warps, num_stages, nseq)  # fmt: skip
 
 
 def compile_kernels(
