@@ -103,13 +103,18 @@ def _check_values_enabled(device_type: str) -> bool:
 
 
 def _check_values(adt: torch.Tensor, dt: torch.Tensor) -> None:
-    bad = torch.stack([(adt > 0).any(), (dt <= 0).any(), ~torch.isfinite(adt).all()]).tolist()
+    # Written so that NaN fails each range test (every comparison with NaN is false).
+    bad = torch.stack([
+        (adt > 0).any(), ~(dt > 0).all(), ~torch.isfinite(adt).all(), torch.isinf(dt).any()
+    ]).tolist()  # fmt: skip
     if bad[0]:
         raise ValueError("adt: expected A*dt <= 0 everywhere, got positive values")
     if bad[1]:
-        raise ValueError("dt: expected dt > 0 everywhere, got values <= 0")
+        raise ValueError("dt: expected dt > 0 everywhere, got values <= 0 or NaN")
     if bad[2]:
         raise ValueError("adt: expected finite values, got inf or NaN")
+    if bad[3]:
+        raise ValueError("dt: expected finite values, got inf")
 
 
 def _check_cu_seqlens(cu: torch.Tensor, batch: int, seqlen: int) -> torch.Tensor:

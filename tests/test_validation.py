@@ -104,6 +104,16 @@ def test_value_ranges_checked_on_cpu():
         m.scan(**_scan_kwargs(x, adt=x.adt.abs() + 0.1))
     with pytest.raises(ValueError, match="dt: expected dt > 0"):
         m.scan(**_scan_kwargs(x, dt=-x.dt))
+    nan_dt = x.dt.clone()
+    nan_dt[0, 0, 1] = float("nan")  # NaN compares false with everything: no range test passes
+    with pytest.raises(ValueError, match="dt: expected dt > 0 everywhere, got values <= 0 or NaN"):
+        m.scan(**_scan_kwargs(x, dt=nan_dt))
+    with pytest.raises(ValueError, match="dt: expected finite values"):
+        m.scan(**_scan_kwargs(x, dt=x.dt + float("inf")))
+    nan_adt = x.adt.clone()
+    nan_adt[0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="adt: expected finite values"):
+        m.scan(**_scan_kwargs(x, adt=nan_adt))
 
 
 def test_mimo_only_arguments_and_missing_mimo_v():
