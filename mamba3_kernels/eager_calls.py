@@ -51,11 +51,13 @@ def _shape(fn: type[torch.autograd.Function]) -> tuple[int, bool] | None:
 def apply_positional(fn: type[torch.autograd.Function], *args: Any) -> Any:
     """``fn.apply(*args)``, for a Function whose forward has no defaults to fill.
 
-    Outside functorch transforms (vmap, grad, vjp: those need Function.apply's own path) the
-    call skips the signature binding and goes to autograd's C ``apply``. Any other call (a
-    forward with defaults or keyword-only parameters, a wrong argument count) takes
-    ``fn.apply`` unchanged.
+    Outside functorch transforms (vmap, grad, vjp: those need Function.apply's own path) and
+    torch.compile's tracing, the call skips the signature binding and goes to autograd's C
+    ``apply``. Any other call (a forward with defaults or keyword-only parameters, a wrong
+    argument count) takes ``fn.apply`` unchanged.
     """
+    if torch.compiler.is_compiling():  # a trace wants Function.apply (Dynamo knows it)
+        return fn.apply(*args)
     shape = _shape(fn)
     if (
         shape is None

@@ -173,3 +173,34 @@ def test_training_host_time_script_runs_both_modes(tmp_path):
     rows = json.loads(out.read_text())["us_per_call"]
     assert set(rows) == {f"{c} ({m})" for c in ("forward", "fwd+bwd") for m in ("on", "off")}
     assert all(r["best"] > 0 for r in rows.values())
+
+
+class _Mul(torch.autograd.Function):
+    @staticmethod
+    def forward(x, a):
+        return x * a
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.a = inputs[1]
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * ctx.a, None
+
+
+def test_apply_positional_traced_by_torch_compile():
+    def f(t):
+        return apply_positional(_Mul, t, 2.0).sum()
+
+    x = torch.randn(6, requires_grad=True)
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    (gx,) = torch.autograd.grad(compiled(x), [x])
+    torch.testing.assert_close(gx, torch.full_like(x, 2.0))
+
+
+def test_eager_custom_op_traced_by_torch_compile_is_the_op():
+    x = torch.randn(5)
+    compiled = torch.compile(lambda t: _twice(t, 2.0) + 1, backend="aot_eager", fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), x * 4 + 1)
