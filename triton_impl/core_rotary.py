@@ -31,6 +31,7 @@ from mamba3_kernels.eager_calls import apply_positional, eager_custom_op
 
 from .core_scan import _core_bwd_op, _core_fwd_op, _interp, _seq_bounds
 from .fwd_tiles import _load_rot, _store_rot
+from .parallel_compile import run_kernel
 
 __all__ = ["rotary_fwd", "rotary_bwd", "rot_core_scan", "angle_scan"]
 
@@ -326,7 +327,8 @@ def rotary_fwd(q, k, qb, kb, theta, halves: bool, out_dtype: torch.dtype):
         first = KNOBS["heads_first"]
         bt = KNOBS["rot_tokens"]
         grid = (triton.cdiv(T, bt), R * H)
-        _rot_fwd_kernel[grid[::-1] if first else grid](
+        run_kernel(
+            _rot_fwd_kernel, grid[::-1] if first else grid,
             q, k, qb, kb, theta, qr, kr, T, H, G, N=N, S=S, R=R, BT=bt, HALVES=halves,
             FAST=_fast_trig(), HEADS_FIRST=first, num_warps=KNOBS["rot_warps"],
         )  # fmt: skip
@@ -359,7 +361,8 @@ def rotary_bwd(dqr, dkr, q, k, qb, kb, theta, halves: bool, xr_dtype=torch.float
     if T > 0:
         first = KNOBS["heads_first"]
         grid = (nblk, R * H // hb)
-        _rot_bwd_kernel[grid[::-1] if first else grid](
+        run_kernel(
+            _rot_bwd_kernel, grid[::-1] if first else grid,
             dqr, dkr, q, k, qb, kb, theta, dq, dk, pq, pk, dth, T, H, G,
             N=N, S=S, R=R, BT=bt, HALVES=halves, XR=_XR[xr_dtype], FAST=_fast_trig(),
             HEADS_FIRST=first, HB=hb, ATOMIC=hb < HG, num_warps=KNOBS["rot_warps"],
@@ -384,7 +387,8 @@ def angle_fwd(angles, dt, angle0, cu_seqlens, nseq: int):
     theta = torch.empty_like(angles)
     if L > 0 and S > 0:
         sp, step, warps = _angle_launch(S)
-        _angle_fwd_kernel[(nseq * H, triton.cdiv(S, sp))](
+        run_kernel(
+            _angle_fwd_kernel, (nseq * H, triton.cdiv(S, sp)),
             angles, dt, angle0 if angle0 is not None else dt,
             cu_seqlens if cu_seqlens is not None else dt, theta, L, H,
             S=S, SP=sp, BL=step, VARLEN=cu_seqlens is not None,
@@ -402,7 +406,8 @@ def angle_bwd(gtheta, angles, dt, cu_seqlens, nseq: int):
     da0 = torch.zeros((nseq, H, S), dtype=torch.float32, device=angles.device)
     if L > 0 and S > 0:
         sp, step, warps = _angle_launch(S)
-        _angle_bwd_kernel[(nseq * H, triton.cdiv(S, sp))](
+        run_kernel(
+            _angle_bwd_kernel, (nseq * H, triton.cdiv(S, sp)),
             gtheta, angles, dt, cu_seqlens if cu_seqlens is not None else dt, dang, ddt, da0,
             L, H, S=S, SP=sp, BL=step, VARLEN=cu_seqlens is not None, ATOMIC=sp < S,
             num_warps=warps,

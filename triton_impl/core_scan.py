@@ -46,6 +46,7 @@ from torch import Tensor
 from mamba3_kernels.eager_calls import apply_positional, eager_custom_op
 
 from .fast_math import _exp
+from .parallel_compile import run_kernel
 
 __all__ = ["core_scan", "core_fwd", "core_bwd"]
 
@@ -372,8 +373,8 @@ def core_fwd(qr, kr, vr, adt, w, gam, s0, cu_seqlens, meta, D=None):
         sf.copy_(s0 if s0 is not None else torch.zeros_like(sf))
         return y, sf
     dummy = adt
-    _core_fwd_kernel[(nseq * H,)](
-        qr, kr, vr, adt, w, gam,
+    run_kernel(
+        _core_fwd_kernel, (nseq * H,), qr, kr, vr, adt, w, gam,
         s0 if s0 is not None else dummy,
         cu_seqlens if cu_seqlens is not None else dummy,
         D if D is not None else dummy,
@@ -413,8 +414,8 @@ def core_bwd(qr, kr, vr, adt, w, gam, s0, cu_seqlens, meta, dy, dsf, D=None):
         rows.zero_()
     else:
         dummy = adt
-        _core_bwd_kernel[(nseq * H, 2, split_n)](
-            qr, kr, vr, adt, w, gam,
+        run_kernel(
+            _core_bwd_kernel, (nseq * H, 2, split_n), qr, kr, vr, adt, w, gam,
             s0 if s0 is not None else dummy,
             cu_seqlens if cu_seqlens is not None else dummy,
             D if D is not None else dummy,

@@ -22,6 +22,7 @@ from operator import or_
 
 import torch
 
+from .parallel_compile import compile_launches
 from .step import _hooks
 
 __all__ = ["Launch", "cdiv", "launch_all", "launch_generic"]
@@ -55,7 +56,7 @@ class Launch:
     """
 
     __slots__ = ("kernel", "grid", "grid3", "slots", "pick", "ints", "consts", "options", "tail",
-                 "compiled")  # fmt: skip
+                 "compiled", "tried")  # fmt: skip
 
     def __init__(
         self,
@@ -87,6 +88,7 @@ class Launch:
         self.tail = (*self.ints, *(self.consts[n] for n in names))
         # (run, function, packed metadata, compiled kernel) after the first GPU launch.
         self.compiled = None
+        self.tried = False  # whether parallel_compile.compile_launches took this launch
 
     def generic(self, table: Sequence):
         """This launch through Triton's launcher, with tensors from ``table``; returns the
@@ -142,6 +144,8 @@ def launch_all(
                 )
         if table is None:
             table = tensors()
+            # A first call: its kernels compile side by side, then each launch finds its own.
+            compile_launches(launches, table)
         compiled = ln.generic(table)
         if aligned and _DIRECT[0]:
             run = compiled.run  # initialises the module handles; then .function is set
