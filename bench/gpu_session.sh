@@ -6,6 +6,7 @@
 #   bash bench/gpu_session.sh tests step bwd prefill   # GPU tests; decode sweep; backward pass
 #                                        # variants with kernel profiles; forward incl. API time
 #   bash bench/gpu_session.sh ncu        # Nsight Compute per-line profiles of the forwards
+#   bash bench/gpu_session.sh firstcall  # first-call compile time, parallel vs serial
 # Environment: *_S per-part time limits; STEP_SWEEP= (empty) skips the decode sweep;
 # STEP_BATCHES, BWD_SWEEP=--sweep (core-backward configs), BWD_VARIANTS (core_rotary.KNOBS).
 # Optuna (for tune) may come from an unpacked site folder named by SITE_TARBALL.
@@ -67,6 +68,11 @@ case "$mode" in
     prefill)
         timeout "${PREFILL_S:-240}" python bench/bench_triton_prefill.py --no-check \
             --json "$OUT/triton_prefill.json" 2>&1 | tail -20
+        ;;
+    firstcall)
+        # a first SISO fwd+bwd call's compiles, side by side and serial, fresh caches
+        timeout "${FIRSTCALL_S:-300}" python bench/first_call_compile.py --repeats 2 \
+            --json "$OUT/first_call_compile.json" 2>&1 | tail -6
         ;;
     ncu)
         # per-line warp stall samples of the default SISO and MIMO forwards (bench/ncu_lines.py)

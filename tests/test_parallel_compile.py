@@ -1,8 +1,9 @@
 """triton_impl.parallel_compile: a first call's kernels compile side by side, through Triton's
 JIT (``warmup``) with the specializations of the real launches.
 
-Without a GPU, Triton's JIT runs with a stand-in driver that reports an sm_90 target (the JIT
-only asks it for the target, device and stream when it compiles; nothing is launched), in a
+Without a GPU, Triton's JIT runs with a stand-in driver that reports an sm_90 target
+(bench/jit_standin.py: the JIT only asks it for the target, device and stream when it
+compiles; nothing is launched), in a
 subprocess with the interpreter off and a fresh kernel cache: the forward's launch plan and one
 dry run of the backward compile their kernels, on more than one thread, and a second pass
 compiles nothing new.
@@ -14,29 +15,25 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
 from mamba3_kernels.triton_impl import parallel_compile as pc
 
-_SCRIPT = textwrap.dedent(
+_BENCH = str(Path(__file__).resolve().parents[1] / "bench")
+_SCRIPT = f"BENCH = {_BENCH!r}\n" + textwrap.dedent(
     """
+    import sys
     import threading
     import torch
     import triton
     import triton.compiler
-    from triton.backends.compiler import GPUTarget
-    from triton.runtime.driver import driver
 
-    class StandIn:  # what the JIT asks a driver for when it compiles
-        def get_current_target(self):
-            return GPUTarget("cuda", 90, 64)
-        def get_current_device(self):
-            return 0
-        def get_current_stream(self, device=None):
-            return 0
+    sys.path.insert(0, BENCH)
+    import jit_standin
 
-    driver.set_active(StandIn())
+    jit_standin.install()
     compiled = []  # (kernel name, thread) of every compile the JIT makes
     real_compile = triton.compiler.compile
 
@@ -89,7 +86,8 @@ _SCRIPT = textwrap.dedent(
 
 
 def test_first_call_kernels_compile_side_by_side(tmp_path):
-    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_CACHE_DIR": str(tmp_path / "cache")}
+    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_CACHE_DIR": str(tmp_path / "cache"),
+           pc.ENV_SERIAL: "0"}  # fmt: skip
     res = subprocess.run(
         [sys.executable, "-c", _SCRIPT], env=env, capture_output=True, text=True, timeout=600
     )
@@ -105,7 +103,7 @@ def test_first_call_kernels_compile_side_by_side(tmp_path):
     assert lines["again"] == "0"
 
 
-def test_compile_only_refuses_the_interpreter_and_nesting():
+def test_compile_only_refuses_the_interpreter():
     if pc.available():
         pytest.skip("runs where the interpreter is on (CPU CI)")
     with pytest.raises(RuntimeError, match="compile_only needs"):
@@ -129,3 +127,26 @@ def test_run_kernel_launches_outside_compile_only():
     out = torch.zeros(16)
     pc.run_kernel(_fill, (1,), out, 2.5, N=16)
     assert torch.equal(out, torch.full((16,), 2.5))
+
+
+def test_serial_compile_switch(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setenv(pc.ENV_SERIAL, "1")
+    assert not pc.available()
+    monkeypatch.setenv(pc.ENV_SERIAL, "0")
+    assert pc.available() == hasattr(__import__("triton"), "AsyncCompileMode")
+
+
+def test_first_call_compile_script_runs(tmp_path):
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "fc.json"
+    cmd = [sys.executable, str(root / "bench" / "first_call_compile.py"), "--shape",
+           "1,64,2,64,32", "--json", str(out)]  # fmt: skip
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=root, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    import json
+
+    rows = json.loads(out.read_text())["seconds"]
+    assert set(rows) == {f"{k} ({m})" for k in ("fwd_s", "bwd_s") for m in ("serial", "parallel")}
+    assert all(v[0] > 0 for v in rows.values())

@@ -28,17 +28,24 @@ from concurrent.futures import ThreadPoolExecutor
 
 import triton
 
-__all__ = ["compile_launches", "compile_only", "run_kernel"]
+__all__ = ["ENV_SERIAL", "available", "compile_launches", "compile_only", "run_kernel"]
 
 _ASYNC = getattr(triton, "AsyncCompileMode", None)  # Triton >= 3.4
+ENV_SERIAL = "MAMBA3_KERNELS_SERIAL_COMPILE"
 _MAX_WORKERS = 8
 # Inside compile_only(), in this thread (or task) only: run_kernel queues compiles.
 _DRY_RUN: contextvars.ContextVar[bool] = contextvars.ContextVar("mamba3_dry_run", default=False)
 
 
 def available() -> bool:
-    """Whether this Triton can compile kernels side by side (and not under its interpreter)."""
-    return _ASYNC is not None and os.environ.get("TRITON_INTERPRET", "0") != "1"
+    """Whether kernels compile side by side here: a Triton with AsyncCompileMode, not its
+    interpreter, and not switched off (``MAMBA3_KERNELS_SERIAL_COMPILE=1``: every kernel at its
+    launch, as Triton does by itself; for comparing, or for reading one compile error at a time)."""
+    return (
+        _ASYNC is not None
+        and os.environ.get("TRITON_INTERPRET", "0") != "1"
+        and os.environ.get(ENV_SERIAL, "0") != "1"
+    )
 
 
 @contextlib.contextmanager
