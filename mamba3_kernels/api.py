@@ -109,12 +109,17 @@ def step(
     """One decode step from ``state``: the recurrence for L = 1.
 
     Shapes: q, k (B, G, N) or (B, R, G, N); v, z (B, H, P); adt, dt, trap (B, H); angles (B, H, S);
-    state a Mamba3State of contiguous tensors (angle (B, H, S) fp32, ssm (B, H, P, N) fp32,
-    k (B, R, H, N), v (B, H, P)). Returns (out (B, H, P) or (B, R, H, P), state): with
-    ``inplace`` the given state is updated and returned, else a new one.
+    state a Mamba3State (angle (B, H, S) fp32, ssm (B, H, P, N) fp32, k (B, R, H, N), v (B, H, P);
+    contiguous when ``inplace``). Returns (out (B, H, P) or (B, R, H, P), state): with
+    ``inplace`` the given state is updated and returned, else a new one (contiguous copies).
     """
     if not inplace:
-        state = Mamba3State(*(t.clone() for t in state)) if isinstance(state, tuple) else state
+        # The copies are ours: contiguous, whatever the given state's layout.
+        state = (
+            Mamba3State(*(t.clone(memory_format=torch.contiguous_format) for t in state))
+            if isinstance(state, tuple)
+            else state
+        )
     # validate_step's body, called directly: each Python call level of this many arguments costs
     # ~0.5 us, and a decode step's host time is the budget here.
     tensors = (q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, z, mimo_v, mimo_z, mimo_o)

@@ -56,6 +56,19 @@ def test_step_in_place_and_copy(rank):
     assert rel_err(out, ref) < 1e-12
 
 
+def test_step_copy_takes_a_state_of_any_layout():
+    # inplace=False updates contiguous copies of its own, so a non-contiguous state is fine
+    # there (in place, it is refused: the kernels update the given tensors).
+    x = random_inputs(batch=3, nheads=2, d_state=16, headdim=8, step=True, dtype=torch.float64)
+    s = x.initial_state
+    strided = m.Mamba3State(*(t.transpose(0, -1).contiguous().transpose(0, -1) for t in s))
+    out, new = m.step(*x[:9], strided, *x[9:14], inplace=False)
+    ref, ref_state = reference_step(x, s.clone(), _layout(1))
+    assert rel_err(out, ref) < 1e-12 and rel_err(new.ssm, ref_state.ssm) < 1e-12
+    with pytest.raises(ValueError, match="expected a contiguous tensor"):
+        m.step(*x[:9], strided, *x[9:14])
+
+
 def test_gradients_through_op_match_reference_autograd():
     x = random_inputs(batch=1, seqlen=7, nheads=2, d_state=8, headdim=4, n_angles=2, rank=2,
                       with_initial_state=True, dtype=torch.float64)  # fmt: skip
