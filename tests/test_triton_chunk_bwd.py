@@ -270,7 +270,11 @@ def test_angle_scan_matches_torch(cu, init, pairs, monkeypatch):
 
     gth = torch.randn(theta.shape, generator=g)
     ref = torch.autograd.grad((want * gth.double()).sum(), leaves)
-    got = cr.angle_bwd(gth, ang, dt, cu_t, nseq)
+    with monkeypatch.context() as mp:  # uninitialised outputs start as NaN: all must be written
+        empty, empty_like = torch.empty, torch.empty_like
+        mp.setattr(torch, "empty", lambda *a, **k: empty(*a, **k).fill_(float("nan")))
+        mp.setattr(torch, "empty_like", lambda *a, **k: empty_like(*a, **k).fill_(float("nan")))
+        got = cr.angle_bwd(gth, ang, dt, cu_t, nseq)
     for name, a, b in zip(("angles", "dt", "angle0"), got, ref, strict=False):
         assert rel_err(a, b) < 1e-5, (name, rel_err(a, b))
 

@@ -401,19 +401,23 @@ def angle_bwd(gtheta, angles, dt, cu_seqlens, nseq: int):
     """Backward of angle_fwd: (d angles (B, L, H, S), d dt (B, H, L), d angle0 (nseq, H, S)),
     all fp32."""
     B, L, H, S = angles.shape
-    dang = torch.zeros_like(angles)
-    ddt = torch.zeros_like(dt)
-    da0 = torch.zeros((nseq, H, S), dtype=torch.float32, device=angles.device)
-    if L > 0 and S > 0:
-        sp, step, warps = _angle_launch(S)
-        run_kernel(
-            _angle_bwd_kernel, (nseq * H, triton.cdiv(S, sp)),
-            gtheta, angles, dt, cu_seqlens if cu_seqlens is not None else dt, dang, ddt, da0,
-            L, H, S=S, SP=sp, BL=step, VARLEN=cu_seqlens is not None, ATOMIC=sp < S,
-            num_warps=warps,
-        )  # fmt: skip
-    elif S > 0:
-        da0 = gtheta.new_zeros((nseq, H, S))
+    f32, dev = torch.float32, angles.device
+    if L == 0 or S == 0:
+        return torch.zeros_like(angles), torch.zeros_like(dt), torch.zeros((nseq, H, S), dtype=f32,
+                                                                           device=dev)  # fmt: skip
+    sp, step, warps = _angle_launch(S)
+    atomic = sp < S
+    # The kernel writes every element of d angles and d angle0 (each token belongs to one
+    # sequence: cu_seqlens ends at L), and of d dt unless several pair blocks add into it.
+    dang = torch.empty_like(angles)
+    ddt = torch.zeros_like(dt) if atomic else torch.empty_like(dt)
+    da0 = torch.empty((nseq, H, S), dtype=f32, device=dev)
+    run_kernel(
+        _angle_bwd_kernel, (nseq * H, triton.cdiv(S, sp)),
+        gtheta, angles, dt, cu_seqlens if cu_seqlens is not None else dt, dang, ddt, da0,
+        L, H, S=S, SP=sp, BL=step, VARLEN=cu_seqlens is not None, ATOMIC=atomic,
+        num_warps=warps,
+    )  # fmt: skip
     return dang, ddt, da0
 
 
