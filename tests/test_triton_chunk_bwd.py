@@ -317,6 +317,39 @@ def test_end_to_end_through_scan(rank, final, cu):
 
 
 @cpu_interpreted
+@pytest.mark.parametrize(
+    "rank,final,cu", [(1, True, None), (2, False, [0, 9, 30]), (4, True, None)]
+)
+def test_no_kernel_reads_uninitialised_memory(rank, final, cu, monkeypatch):
+    """The forward and backward with every torch.empty / empty_like / new_empty poisoned (NaN,
+    or -12345 for integers): an output, scratch or gradient buffer some kernel leaves partly
+    unwritten, or reads before writing, would carry the poison into the gradients."""
+    g = torch.Generator().manual_seed(40 + rank)
+    inputs = random_inputs(
+        batch=2 if cu is None else 1, seqlen=30, nheads=2, d_state=16, headdim=16, rank=rank,
+        with_initial_state=True, cu_seqlens=cu, generator=g,
+    )  # fmt: skip
+    want = _grads_through_api(cast_inputs(inputs, torch.float64), "reference", final)
+
+    def poison(t):
+        if t.is_floating_point():
+            t.fill_(float("nan"))
+        elif t.dtype != torch.bool:
+            t.fill_(-12345)
+        return t
+
+    empty, empty_like, new_empty = torch.empty, torch.empty_like, torch.Tensor.new_empty
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: poison(empty(*a, **k)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: poison(empty_like(*a, **k)))
+    monkeypatch.setattr(torch.Tensor, "new_empty", lambda t, *a, **k: poison(new_empty(t, *a, **k)))
+    got = _grads_through_api(inputs, "triton", final)
+    monkeypatch.undo()
+    assert len(got) == len(want)
+    for a, b in zip(got, want, strict=True):
+        assert rel_err(a, b) < 1e-4
+
+
+@cpu_interpreted
 def test_compiled_backward_matches_eager(monkeypatch):
     """Under torch.compile the backward runs inside the mamba3::scan_bwd op (functorch vjp);
     eagerly it runs from the scan's autograd backward (plain autograd). Same gradients."""
