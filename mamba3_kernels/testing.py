@@ -115,3 +115,26 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
         return float("inf")
     denom = ref64.norm().item()
     return (out64 - ref64).norm().item() / (denom if denom > 0 else 1.0)
+
+
+def _poison(t: torch.Tensor) -> torch.Tensor:
+    if t.is_floating_point():
+        t.fill_(float("nan"))
+    elif t.dtype == torch.uint8:
+        t.fill_(255)  # byte workspaces: every float viewed through them is NaN
+    elif t.dtype != torch.bool:
+        t.fill_(-12345)
+    return t
+
+
+def poison_empty(monkeypatch) -> None:
+    """Make ``torch.empty``, ``torch.empty_like`` and ``Tensor.new_empty`` return tensors filled
+    with poison (NaN; 0xFF bytes; -12345 for other integers) until ``monkeypatch`` is undone:
+    code that reads memory it never wrote then carries NaN into its results. ``monkeypatch``:
+    pytest's fixture (anything with its ``setattr``)."""
+    empty, empty_like, new_empty = torch.empty, torch.empty_like, torch.Tensor.new_empty
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: _poison(empty(*a, **k)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: _poison(empty_like(*a, **k)))
+    monkeypatch.setattr(
+        torch.Tensor, "new_empty", lambda t, *a, **k: _poison(new_empty(t, *a, **k))
+    )

@@ -17,7 +17,7 @@ from mamba3_kernels.triton_impl import chunk_bwd as cb  # noqa: E402
 import mamba3_kernels  # noqa: E402
 from mamba3_kernels.reference import reference_scan  # noqa: E402
 from mamba3_kernels.state import Mamba3State  # noqa: E402
-from mamba3_kernels.testing import cast_inputs, random_inputs, rel_err  # noqa: E402
+from mamba3_kernels.testing import cast_inputs, poison_empty, random_inputs, rel_err  # noqa: E402
 from mamba3_kernels.validate import describe  # noqa: E402
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -321,8 +321,8 @@ def test_end_to_end_through_scan(rank, final, cu):
     "rank,final,cu", [(1, True, None), (2, False, [0, 9, 30]), (4, True, None)]
 )
 def test_no_kernel_reads_uninitialised_memory(rank, final, cu, monkeypatch):
-    """The forward and backward with every torch.empty / empty_like / new_empty poisoned (NaN,
-    or -12345 for integers): an output, scratch or gradient buffer some kernel leaves partly
+    """The forward and backward with every torch.empty / empty_like / new_empty poisoned
+    (testing.poison_empty): an output, scratch or gradient buffer some kernel leaves partly
     unwritten, or reads before writing, would carry the poison into the gradients."""
     g = torch.Generator().manual_seed(40 + rank)
     inputs = random_inputs(
@@ -331,17 +331,7 @@ def test_no_kernel_reads_uninitialised_memory(rank, final, cu, monkeypatch):
     )  # fmt: skip
     want = _grads_through_api(cast_inputs(inputs, torch.float64), "reference", final)
 
-    def poison(t):
-        if t.is_floating_point():
-            t.fill_(float("nan"))
-        elif t.dtype != torch.bool:
-            t.fill_(-12345)
-        return t
-
-    empty, empty_like, new_empty = torch.empty, torch.empty_like, torch.Tensor.new_empty
-    monkeypatch.setattr(torch, "empty", lambda *a, **k: poison(empty(*a, **k)))
-    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: poison(empty_like(*a, **k)))
-    monkeypatch.setattr(torch.Tensor, "new_empty", lambda t, *a, **k: poison(new_empty(t, *a, **k)))
+    poison_empty(monkeypatch)
     got = _grads_through_api(inputs, "triton", final)
     monkeypatch.undo()
     assert len(got) == len(want)

@@ -20,7 +20,7 @@ from mamba3_kernels.inputs import ScanInputs  # noqa: E402
 from mamba3_kernels.problem import Problem  # noqa: E402
 from mamba3_kernels.reference import reference_scan  # noqa: E402
 from mamba3_kernels.state import Mamba3State  # noqa: E402
-from mamba3_kernels.testing import cast_inputs, random_inputs, rel_err  # noqa: E402
+from mamba3_kernels.testing import cast_inputs, poison_empty, random_inputs, rel_err  # noqa: E402
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 DEVICE = "cpu" if INTERPRET else "cuda"
@@ -162,6 +162,22 @@ def test_grid_fp32(rotary, rank, mimo_o, frac, dz, init, split, segment):
         with_initial_state=init,
     )
     check(inputs, rotary, chunk_size=8 if INTERPRET else None, split=split, segment=segment)
+
+
+@needs_device
+@pytest.mark.skipif(not INTERPRET, reason="CPU allocations (the interpreter)")
+@pytest.mark.parametrize("split,segment", ALGOS)
+@pytest.mark.parametrize("rank", [1, 4])
+def test_no_kernel_reads_uninitialised_memory(rank, split, segment, monkeypatch):
+    """Every algorithm with every torch.empty / empty_like / new_empty poisoned (testing.
+    poison_empty: the outputs, final state and scratch workspace start as NaN): a buffer a kernel
+    reads before writing, or leaves partly unwritten, fails the comparison."""
+    n, p = SMALL_N[1], SMALL_P[1]
+    inputs = gen(70 + rank, batch=2, seqlen=37, nheads=4, ngroups=2, d_state=n, headdim=p,
+                 rank=rank, with_initial_state=True)  # fmt: skip
+
+    poison_empty(monkeypatch)
+    check(inputs, "halves", chunk_size=8, split=split, segment=segment)
 
 
 @needs_device
