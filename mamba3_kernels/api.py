@@ -60,21 +60,15 @@ def scan(
             chunk_size or 0,
             backend,
         )
-        if return_final_state:
-            return out, Mamba3State(*final)
-        return out
-    if _needs_grad(inputs):
+    elif _needs_grad(inputs):
         # Eager with autograd: the op's autograd without its dispatch (ops.scan_autograd).
         out, *final = scan_autograd(problem, inputs, backend)
-        if return_final_state:
-            return out, Mamba3State(*final)
-        return out
-    # Eager without autograd: skip the op's Python dispatch (tens of microseconds) and its
-    # empty placeholders for an absent final state.
-    out, final_state = scan_eager(problem, inputs, backend)
-    if return_final_state:
-        return out, final_state
-    return out
+    else:
+        # Eager without autograd: skip the op's Python dispatch (tens of microseconds) and its
+        # empty placeholders for an absent final state.
+        out, final_state = scan_eager(problem, inputs, backend)
+        return (out, final_state) if return_final_state else out
+    return (out, Mamba3State(*final)) if return_final_state else out
 
 
 def _needs_grad(inputs: ScanInputs) -> bool:
