@@ -64,16 +64,14 @@ def child(shape: tuple[int, ...], serial: bool) -> dict:
     out = inputs.v.new_empty(plan.out_shape)
     ws = inputs.v.new_empty((plan.ws_bytes,), dtype=torch.uint8) if plan.ws_bytes else None
     table = cf._tensor_table(plan, tuple(inputs[:14]), None, None, out, None, ws)
+    # Both modes through parallel_compile (one worker: one kernel after the other).
+    os.environ[pc.ENV_SERIAL] = "0"
+    workers = 1 if serial else None
     t0 = time.perf_counter()
-    if serial:
-        for ln in plan.launches:
-            ln.kernel.warmup(*ln.pick(table), *ln.ints, grid=ln.grid, **ln.consts, **ln.options)
-    else:
-        pc.compile_launches(plan.launches, table)
+    pc.compile_launches(plan.launches, table, workers)
     fwd_s = time.perf_counter() - t0
-    os.environ[pc.ENV_SERIAL] = "0"  # compile_only is the dry run; one worker makes it serial
     t0 = time.perf_counter()
-    with pc.compile_only(1 if serial else 8):
+    with pc.compile_only(workers or 8):
         cb._chunk_bwd(problem, inputs, torch.randn_like(out), None, cb.default_config(problem))
     return {"fwd_s": fwd_s, "bwd_s": time.perf_counter() - t0}
 

@@ -57,16 +57,17 @@ def _async_compiles(n: int) -> Iterator[None]:
         yield
 
 
-def compile_launches(launches: Sequence, table: Sequence) -> None:
-    """Compile, side by side, the kernels of ``launches`` (launch.Launch) not yet compiled or
-    tried, with the call's argument table ``table`` (tensors, as their launches take them)."""
+def compile_launches(launches: Sequence, table: Sequence, workers: int | None = None) -> None:
+    """Compile, side by side (on up to ``workers`` threads), the kernels of ``launches``
+    (launch.Launch) not yet compiled or tried, with the call's argument table ``table``
+    (tensors, as their launches take them)."""
     pending = [ln for ln in launches if ln.compiled is None and not ln.tried]
     for ln in pending:
         ln.tried = True
     if len(pending) < 2 or not available():
         return
     try:
-        with _async_compiles(len(pending)):
+        with _async_compiles(workers or len(pending)):
             for ln in pending:
                 ln.kernel.warmup(*ln.pick(table), *ln.ints, grid=ln.grid, **ln.consts,
                                  **ln.options)  # fmt: skip
