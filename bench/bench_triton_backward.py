@@ -14,6 +14,7 @@ one forward+backward at the first shape (what the time is spent on).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import itertools
 import json
@@ -161,6 +162,11 @@ def main() -> None:
         "core_rotary.KNOBS (e.g. fast_trig=1,angle_pairs=8); '' = the defaults",
     )  # fmt: skip
     ap.add_argument(
+        "--segments", nargs="+", type=int, default=None,
+        help="core-backward segment lengths to time in turn (ChunkBwdConfig.segment: 0 = "
+        "chosen per device, a length >= L = no segments); default: the config's own",
+    )  # fmt: skip
+    ap.add_argument(
         "--sweep", action="store_true",
         help="time the core backward per config at the first shape, then use the fastest one",
     )  # fmt: skip
@@ -190,18 +196,27 @@ def main() -> None:
         # the backend reads the spec's default heuristic
         object.__setattr__(cb.SPEC, "default", tuned)
         print("chosen backward configs (rank: chunk, warps, split_n):", chosen)
+    from mamba3_kernels.triton_impl import chunk_bwd as cb
     from mamba3_kernels.triton_impl import core_rotary as cr
 
     defaults = dict(cr.KNOBS)
+    base_default = cb.SPEC.default
     rows, prof = [], {}
-    for variant in args.variants:
+    for variant, segment in itertools.product(args.variants, args.segments or [None]):
         cr.KNOBS.clear()
         cr.KNOBS.update(defaults, **parse_knobs(variant))
-        print(f"== rotary/angle settings: {cr.KNOBS}")
+        if segment is not None:
+
+            def with_segment(problem, _seg=segment):
+                return dataclasses.replace(base_default(problem), segment=_seg)
+
+            object.__setattr__(cb.SPEC, "default", with_segment)
+        print(f"== rotary/angle settings: {cr.KNOBS}; core-backward segment: {segment}")
         for case in args.cases:
             for s in args.shapes:
                 b, l_ = (int(x) for x in s.split("x"))
-                rows.append(dict(bench_one(b, l_, case, gbps, tflops), knobs=dict(cr.KNOBS)))
+                rows.append(dict(bench_one(b, l_, case, gbps, tflops), knobs=dict(cr.KNOBS),
+                                 segment=segment))  # fmt: skip
                 r = rows[-1]
                 print(f"{case:6s} B={b:2d} L={l_:6d}  fwd {r['fwd_ms']:.3f} ms  fwd+bwd "
                       f"{r['fwdbwd_ms']:.3f} ms  (bwd {r['bwd_ms']:.3f})  floor "
@@ -209,7 +224,7 @@ def main() -> None:
         if args.profile:
             for case in args.cases:
                 b, l_ = (int(x) for x in args.shapes[min(1, len(args.shapes) - 1)].split("x"))
-                key = f"{case}_{b}x{l_}_{variant or 'default'}"
+                key = f"{case}_{b}x{l_}_{variant or 'default'}_seg{segment}"
                 prof[key] = profile(b, l_, CASES[case])
                 print(f"-- kernels of one fwd+bwd, {case} B={b} L={l_}")
                 for r in prof[key]:

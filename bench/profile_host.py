@@ -1,7 +1,8 @@
 """cProfile of the public eager calls on a CUDA machine: ``mamba3_kernels.step`` (SISO decode,
 batch 16, state updated in place) and ``mamba3_kernels.scan`` under no_grad (SISO (1, 2048)),
-with the GPU kept busy by a sleep kernel so that the calls only enqueue (in batches short
-enough not to fill CUDA's launch queue). Prints the host time per call and the functions with
+and one eager training call (scan with inputs that require grad, then backward), with the GPU
+kept busy by a sleep kernel so that the calls only enqueue (in batches short enough not to fill
+CUDA's launch queue). Prints the host time per call and the functions with
 the most own time.
 
     python bench/profile_host.py [--calls 2000] [--top 30]
@@ -83,6 +84,14 @@ def main() -> None:
             return mamba3_kernels.scan(*raw[:9], D=raw.D, z=raw.z, backend="triton")
 
     _profile("scan, SISO (1, 2048)", scan, args.calls // 4, 3, args.top)
+    leaves = [t.detach().requires_grad_() if t is not None else None for t in raw[:14]]
+    grad = torch.randn(raw.v.shape, device="cuda", dtype=raw.v.dtype)
+
+    def train():
+        mamba3_kernels.scan(*leaves, backend="triton").backward(grad)
+
+    # ~40 launches per training call (kernels and PyTorch's elementwise ops)
+    _profile("scan fwd+bwd, SISO (1, 2048)", train, args.calls // 20, 40, args.top)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from mamba3_kernels.triton_impl import parallel_compile as pc
 _BENCH = str(Path(__file__).resolve().parents[1] / "bench")
 _SCRIPT = f"BENCH = {_BENCH!r}\n" + textwrap.dedent(
     """
+    import dataclasses
     import sys
     import threading
     import torch
@@ -70,9 +71,10 @@ _SCRIPT = f"BENCH = {_BENCH!r}\n" + textwrap.dedent(
     n_fwd = len(compiled)
     assert n_fwd == len(want)
 
-    # Backward: one dry run compiles every kernel the backward launches.
+    # Backward: one dry run compiles every kernel the backward launches (its core backward over
+    # segments of 128 tokens: the segment kernels too).
     grad_out = torch.randn_like(out)
-    bcfg = cb.default_config(problem)
+    bcfg = dataclasses.replace(cb.default_config(problem), segment=128)
     with pc.compile_only():
         cb._chunk_bwd(problem, inputs, grad_out, None, bcfg)
     bwd = compiled[n_fwd:]
@@ -97,7 +99,7 @@ def test_first_call_kernels_compile_side_by_side(tmp_path):
     assert fwd_compiles == 3 and fwd_threads >= 2, lines["fwd"]
     bwd_names, bwd_threads = lines["bwd"].rsplit(" ", 1)
     for name in ("_rot_fwd_kernel", "_rot_bwd_kernel", "_angle_fwd_kernel", "_angle_bwd_kernel",
-                 "_core_bwd_kernel"):  # fmt: skip
+                 "_core_bwd_kernel", "_contrib_kernel", "_pass_kernel"):  # fmt: skip
         assert name in bwd_names, bwd_names
     assert int(bwd_threads) >= 2
     assert lines["again"] == "0"

@@ -38,10 +38,10 @@ def _reference_grads(inputs, rotary, grad_out, grad_state):
     return {n: g for (n, _), g in zip(present, grads, strict=True)}
 
 
-def _check(inputs, rotary, final, chunk, tol=1e-4, seed=0, split_n=1):
+def _check(inputs, rotary, final, chunk, tol=1e-4, seed=0, split_n=1, segment=0):
     g = torch.Generator().manual_seed(seed)
     problem = describe(inputs, False, rotary, final, None)
-    config = cb.ChunkBwdConfig(chunk_size=chunk, num_warps=4, split_n=split_n)
+    config = cb.ChunkBwdConfig(chunk_size=chunk, num_warps=4, split_n=split_n, segment=segment)
     assert cb.constraint(problem, config, None) is None
     ref_out, ref_state = reference_scan(cast_inputs(inputs, torch.float64), rotary)
     grad_out = torch.randn(ref_out.shape, generator=g).to(inputs.v.dtype)
@@ -105,6 +105,27 @@ def test_grads_with_state_columns_split(case):
         cu_seqlens=cu, generator=g,
     )  # fmt: skip
     _check(inputs, rotary, final, chunk=16 // rank, split_n=2)
+
+
+@cpu_interpreted
+@pytest.mark.parametrize(
+    "case,split_n,segment",
+    [(GRID[1], 2, 16), (GRID[0], 1, 32), (GRID[4], 1, 8), (GRID[6], 2, 16)],
+    ids=str,
+)
+def test_grads_with_segments(case, split_n, segment, monkeypatch):
+    """The core backward's sweeps cut into segments (core_segments: contributions, a pass over
+    the segments, one program per segment): 37 tokens in 2-5 segments, the last one partial,
+    with and without initial and final states, SISO and MIMO, one or two column blocks; every
+    torch.empty poisoned (the segment buffers are left partly unwritten by no kernel)."""
+    poison_empty(monkeypatch)
+    rank, mimo, rotary, G, dz, mo, init, final, cu = case
+    g = torch.Generator().manual_seed(23 * rank + segment)
+    inputs = random_inputs(
+        batch=2, seqlen=37, nheads=4, ngroups=G, d_state=32, headdim=16, rank=rank, mimo=mimo,
+        with_D=dz, with_z=dz, with_mimo_o=mo, with_initial_state=init, generator=g,
+    )  # fmt: skip
+    _check(inputs, rotary, final, chunk=16 // rank, split_n=split_n, segment=segment)
 
 
 @cpu_interpreted
@@ -382,13 +403,18 @@ _CORE_SM90 = textwrap.dedent(
     from mamba3_kernels.triton_impl import core_scan as cs
 
     # R=4: the backward with its state columns over 2 programs (atomic partial sums); with the
-    # D skip, whose dD sums over sequences atomically
-    for rank, split_n, has_d in ((1, 1, False), (4, 2, False), (1, 2, True)):
-        kernels = cs.compile_kernels(rank, 128, 64, 64 // rank, split_n=split_n, has_d=has_d)
+    # D skip, whose dD sums over sequences atomically; segmented: the backward's sweeps over
+    # segments and its two segment-state kernels
+    cases = ((1, 1, False, False), (4, 2, False, False), (1, 2, True, False), (1, 2, True, True))
+    for rank, split_n, has_d, segmented in cases:
+        kernels = cs.compile_kernels(rank, 128, 64, 64 // rank, split_n=split_n, has_d=has_d,
+                                     segmented=segmented)  # fmt: skip
+        assert len(kernels) == (4 if segmented else 2)
         for name, k in kernels.items():
             ptx = k.asm["ptx"]
             assert ".target sm_90" in ptx, ptx[:400]
-            assert "wgmma" in ptx or "mma.sync" in ptx
+            if name != "segment_pass":  # (elementwise)
+                assert "wgmma" in ptx or "mma.sync" in ptx
             assert len(k.asm["cubin"]) > 1000
             if name == "core_bwd":
                 assert ("red.global" in ptx or "atom.global" in ptx) == (split_n > 1 or has_d)
@@ -403,7 +429,7 @@ def test_core_kernels_compile_for_sm90_without_gpu():
         [sys.executable, "-c", _CORE_SM90], env=env, capture_output=True, text=True, timeout=300
     )
     assert res.returncode == 0, res.stderr[-3000:]
-    assert res.stdout.count("ok") == 6
+    assert res.stdout.count("ok") == 10
 
 
 _ROTARY_SM90 = textwrap.dedent(

@@ -43,12 +43,16 @@ class ChunkBwdConfig:
     num_warps, num_stages: Triton launch parameters of both core kernels.
     split_n: programs per sweep and head in the core backward, each owning N / split_n state
         columns (more programs in flight; their partial sums over N are added atomically).
+    segment: tokens per segment of the core backward's sweeps (one program per segment; their
+        entering states come from a pass over the segments: core_segments); 0 chooses per
+        device and call (enough programs to fill the GPU); ignored for varlen calls.
     """
 
     chunk_size: int = 64
     num_warps: int = 8
     num_stages: int = 1
     split_n: int = 1
+    segment: int = 0
 
 
 def _pow2(x: int) -> bool:
@@ -63,7 +67,9 @@ def default_config(problem: Problem) -> ChunkBwdConfig:
     """32 rows per chunk. SISO: 4 warps with the state columns over 2 programs per sweep (core
     backward 3.5 ms vs 4.0 for one program with 8 warps, the best of rows 32/64 x warps 4/8 x
     split 1/2 on an H100 at bf16, N=128, P=64, L=16384); MIMO: 8 warps, one program (the best
-    of rows 32/64 x warps 4/8 there; its column split is not timed yet). bench/NOTES.md."""
+    of rows 32/64 x warps 4/8 there; its column split is not timed yet). Segments chosen per
+    call (segment=0; core backward 3.36 -> 2.91 ms at SISO (1, 16384) on an H200).
+    bench/NOTES.md."""
     chunk = max(1, 32 // problem.rank)
     if problem.rank == 1 and problem.d_state // 2 >= _MIN_DOT:
         return ChunkBwdConfig(chunk_size=chunk, num_warps=4, num_stages=1, split_n=2)
@@ -77,6 +83,7 @@ def search_space(problem: Problem) -> dict[str, list]:
         "num_warps": [4, 8],
         "num_stages": [1, 2],
         "split_n": [s for s in _SPLIT_N if problem.d_state // s >= _MIN_DOT],
+        "segment": [0, 1024, 2048, 4096, 1 << 30],
     }
 
 
@@ -100,6 +107,8 @@ def constraint(problem: Problem, config: ChunkBwdConfig, device_props: dict | No
     if sn not in _SPLIT_N or problem.d_state % sn or problem.d_state // sn < _MIN_DOT:
         return (f"split_n={sn} must be one of {_SPLIT_N} and divide N={problem.d_state} into "
                 f"blocks of >= {_MIN_DOT}")  # fmt: skip
+    if config.segment < 0:
+        return f"segment {config.segment} < 0"
     # The fp32 state (or its gradient) lives in registers.
     state_regs = problem.headdim * problem.d_state // (32 * config.num_warps * sn)
     if state_regs > 128:
@@ -194,7 +203,8 @@ def _compile_ahead(problem, inputs, grad_out, grad_state, config) -> None:
     B, L = problem.batch, problem.seqlen
     lengths = tuple((x == 1, x % 16 == 0) for x in (L, B * L, problem.nseq))
     key = (dataclasses.replace(problem, batch=0, seqlen=0, nseq=0), lengths, config,
-           grad_out.dtype, grad_state is not None, _autograd_records())  # fmt: skip
+           grad_out.dtype, grad_state is not None, _autograd_records(),
+           _segmented(problem, config, inputs.v.device))  # fmt: skip
     if key in _COMPILED_AHEAD:
         return
     _COMPILED_AHEAD.add(key)
@@ -205,13 +215,26 @@ def _compile_ahead(problem, inputs, grad_out, grad_state, config) -> None:
         warnings.warn(f"chunk_bwd: compiling the kernels ahead failed ({e})", stacklevel=3)
 
 
+def _segmented(problem: Problem, config: ChunkBwdConfig, device: torch.device) -> bool:
+    """Whether the core backward cuts this call's sweeps into segments (other kernels)."""
+    from .core_segments import segment_len
+
+    if problem.varlen:
+        return False
+    L = problem.seqlen
+    chunk = _chunk(problem, config)
+    seg = segment_len(L, problem.nseq, problem.nheads, config.split_n, chunk, config.num_warps,
+                      config.segment, device)  # fmt: skip
+    return seg < L
+
+
 def _chunk_bwd(problem, inputs, grad_out, grad_state, config) -> dict:
     from .core_prep import scan_via_core
 
     present = [(n, t) for n, t in _flat(inputs) if t is not None and t.is_floating_point()]
     keys = [n for n, _ in present]
     meta = (_chunk(problem, config), problem.dtype, config.num_warps, config.num_stages,
-            config.split_n)  # fmt: skip
+            config.split_n, config.segment)  # fmt: skip
     sd = torch.float64 if inputs.q.dtype == torch.float64 else torch.float32
 
     def forward(*tensors):

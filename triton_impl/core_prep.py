@@ -80,11 +80,12 @@ def scan_via_core(
 ) -> tuple[torch.Tensor, Mamba3State]:
     """The scan (SPEC.md) as differentiable prep -> Triton core -> epilogue.
 
-    inputs: ScanInputs in scan shapes. meta: (chunk, dot_dtype, num_warps, num_stages[, split_n])
-    for the core. Returns out (B, L, H, P) or (B, L, R, H, P) in v's dtype and the final state
-    (angle, ssm fp32; k, v in the inputs' dtypes), per sequence when varlen. values=False (for
-    a caller that only takes the vjp): the output and final ssm values may be wrong (the core's
-    forward is skipped when the epilogue's backward does not read it); their vjp stays exact.
+    inputs: ScanInputs in scan shapes. meta: (chunk, dot_dtype, num_warps, num_stages[, split_n[,
+    segment]]) for the core. Returns out (B, L, H, P) or (B, L, R, H, P) in v's dtype and the
+    final state (angle, ssm fp32; k, v in the inputs' dtypes), per sequence when varlen.
+    values=False (for a caller that only takes the vjp): the output and final ssm values may be
+    wrong (the core's forward is skipped when the epilogue's backward does not read it); their
+    vjp stays exact.
     """
     f32 = torch.float32
     q, k, v = inputs.q, inputs.k, inputs.v
@@ -143,7 +144,7 @@ def scan_via_core(
     D = inputs.D.float() if inputs.D is not None else None
     y, sf = rot_core_scan(q, k, qb, kb, theta, vr, inputs.adt.float(), w, gam, s0,
                           inputs.cu_seqlens, problem.rotary == "halves",
-                          (meta[0], dot_dtype, meta[2], meta[3], nseq, *meta[4:5]),
+                          (meta[0], dot_dtype, meta[2], meta[3], nseq, *meta[4:6]),
                           need_y, D)  # fmt: skip
 
     # ---- epilogue -------------------------------------------------------------------------

@@ -520,7 +520,7 @@ class _RotCore(torch.autograd.Function):
 
     @staticmethod
     def forward(q, k, qb, kb, theta, vr, adt, w, gam, s0, D, cu, halves, need_y, chunk,
-                dot_dtype, nw, ns, nseq, split_n):  # fmt: skip
+                dot_dtype, nw, ns, nseq, split_n, segment):  # fmt: skip
         op_dtype = dot_dtype if dot_dtype in ("bfloat16", "float16") else "float32"
         qr, kr = _rotary_fwd_op(q, k, qb, kb, theta, halves, op_dtype)
         if need_y:
@@ -551,15 +551,16 @@ class _RotCore(torch.autograd.Function):
         q, k, qb, kb, theta, vr, adt, w, gam, s0, D, cu, qr, kr = ctx.saved_tensors
         if dy is None:
             dy = torch.zeros(vr.shape, dtype=torch.float32, device=vr.device)
+        *flags, segment = ctx.flags
         dqr, dkr, dv, dadt, dw, dg, ds0, dD = _core_bwd_op(
-            dy.contiguous(), dsf, qr, kr, vr, adt, w, gam, s0, cu, *ctx.flags, D=D
+            dy.contiguous(), dsf, qr, kr, vr, adt, w, gam, s0, cu, *flags, D=D, segment=segment
         )
         xr_dtype = str(qr.dtype).replace("torch.", "")
         dq, dk, dqb, dkb, dth = _rotary_bwd_op(dqr, dkr, q, k, qb, kb, theta, ctx.halves, xr_dtype)
         return (dq.to(q.dtype), dk.to(k.dtype), dqb, dkb, dth, dv.to(vr.dtype),
                 dadt.to(adt.dtype), dw.to(w.dtype), dg.to(gam.dtype),
                 ds0 if s0 is not None else None, dD if D is not None else None,
-                *([None] * 9))  # fmt: skip
+                *([None] * 10))  # fmt: skip
 
 
 def rot_core_scan(
@@ -569,20 +570,21 @@ def rot_core_scan(
 
     q, k (B, L, R, G, N) raw (unbiased, unrotated); qb, kb (R, H, N) fp32; theta (B, L, H, S)
     fp32 cumulative angles; the rest as core_scan. meta = (chunk, dot_dtype, num_warps,
-    num_stages, nseq[, split_n]) (split_n: see core_scan.core_bwd); D (H,) fp32 or None: the
+    num_stages, nseq[, split_n[, segment]]) (see core_scan.core_bwd); D (H,) fp32 or None: the
     skip y += D[h] vr, inside the core forward and backward. need_y=False skips the core's
     forward: y (in vr's dtype then) and S_final are zeros (not their values) while the backward
     stays exact, which is all a caller that only takes the vector-Jacobian product and whose
     epilogue backward never reads y needs."""
     chunk, dot_dtype, num_warps, num_stages, nseq = meta[:5]
     split_n = meta[5] if len(meta) > 5 else 1
+    segment = meta[6] if len(meta) > 6 else 0
     name = str(dot_dtype).replace("torch.", "")
     if name == "float64":
         name = "float32"
     args = [x.contiguous() if x is not None else None
             for x in (q, k, qb, kb, theta, vr, adt, w, gam, s0, D)]  # fmt: skip
     y, sf, _, _ = apply_positional(_RotCore, *args, cu_seqlens, halves, need_y, chunk, name,
-                                   num_warps, num_stages, nseq, split_n)  # fmt: skip
+                                   num_warps, num_stages, nseq, split_n, segment)  # fmt: skip
     return y, sf
 
 

@@ -153,6 +153,25 @@ def _exact_v(vr_ptr, row, valid, v, P: tl.constexpr, DOTK: tl.constexpr):
 
 
 @triton.jit
+def _state_step(st, k, v, c, c_last, w, DOTK: tl.constexpr, DOT_PREC: tl.constexpr,
+                UPCAST: tl.constexpr, FAST: tl.constexpr):  # fmt: skip
+    """The state at a chunk's end from the state at its start: st exp(c_last) + vw^T k, with
+    vw = v exp(c_last - c) w rounded to the dot dtype (the row-side operand the backward's two
+    sweeps must share: see the module docstring)."""
+    vw = _rnd(v.to(tl.float32) * (_exp(c_last - c, FAST) * w)[:, None], DOTK, UPCAST)
+    return tl.dot(tl.trans(vw), k, st * _exp(c_last, FAST), input_precision=DOT_PREC)
+
+
+@triton.jit
+def _dstate_step(ds, q, dy, c, c_last, DOTK: tl.constexpr, DOT_PREC: tl.constexpr,
+                 UPCAST: tl.constexpr, FAST: tl.constexpr):  # fmt: skip
+    """The state gradient at a chunk's start from the one at its end: ds exp(c_last) + dyc^T q,
+    with dyc = dy exp(c) rounded to the dot dtype (dy fp32)."""
+    dyc = _rnd(dy * _exp(c, FAST)[:, None], DOTK, UPCAST)
+    return tl.dot(tl.trans(dyc), q, ds * _exp(c_last, FAST), input_precision=DOT_PREC)
+
+
+@triton.jit
 def _core_fwd_kernel(
     qr_ptr, kr_ptr, vr_ptr, adt_ptr, w_ptr, g_ptr, s0_ptr, cu_ptr, D_ptr, y_ptr, sf_ptr,
     L, H,
@@ -188,8 +207,7 @@ def _core_fwd_kernel(
         y = tl.dot(q, tl.trans(_rnd(st, DOTK, UPCAST)), input_precision=DOT_PREC)
         y = y * _exp(c, FAST)[:, None]
         y = tl.dot(_rnd(a * m, DOTK, UPCAST), v, y, input_precision=DOT_PREC)
-        vw = _rnd(v.to(tl.float32) * (_exp(c_last - c, FAST) * w)[:, None], DOTK, UPCAST)
-        st = tl.dot(tl.trans(vw), k, st * _exp(c_last, FAST), input_precision=DOT_PREC)
+        st = _state_step(st, k, v, c, c_last, w, DOTK, DOT_PREC, UPCAST, FAST)
         if HAS_D:
             y += tl.load(D_ptr + h) * _exact_v(vr_ptr, row, valid, v, P, DOTK)
         tl.store(y_ptr + row[:, None] * P + pp[None, :], y, mask=valid[:, None])
@@ -207,14 +225,21 @@ def _put(ptrs, x, mask, NS: tl.constexpr):
 
 
 @triton.jit
+def _add_sfdot(dsf_ptrs, st, sf_ptr, NS: tl.constexpr):
+    """<dS_final, S_final> of this program's state columns into sfdot."""
+    dsf = tl.load(dsf_ptrs).to(tl.float32)
+    _put(sf_ptr, tl.sum(tl.sum(dsf * st, axis=1), axis=0), None, NS)
+
+
+@triton.jit
 def _core_bwd_kernel(
     qr_ptr, kr_ptr, vr_ptr, adt_ptr, w_ptr, g_ptr, s0_ptr, cu_ptr, D_ptr, dy_ptr, dsf_ptr,
     dq_ptr, dk_ptr, dv_ptr, dw_ptr, dg_ptr, qdq_ptr, kdk_ptr, ds0_ptr, sfdot_ptr, dD_ptr,
-    L, H,
+    sin_ptr, dsout_ptr, L, H, NSEG, SEG,
     N: tl.constexpr, P: tl.constexpr, R: tl.constexpr, C: tl.constexpr,
     VARLEN: tl.constexpr, HAS_S0: tl.constexpr, HAS_DSF: tl.constexpr, HAS_D: tl.constexpr,
     DOTK: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, NS: tl.constexpr,
-    FAST: tl.constexpr,
+    FAST: tl.constexpr, SEGMENTED: tl.constexpr,
 ):  # fmt: skip
     """Gradients of the core; grid (nseq * H, 2, NS): axis 1 picks the forward (0) or reverse
     (1) sweep, axis 2 a block of N / NS state columns. Row outputs (qdq, kdk, dw, dg) are
@@ -228,8 +253,18 @@ def _core_bwd_kernel(
     HAS_D (the forward's skip y += D[h] vr): the reverse sweep's first column block adds
     D[h] dy to dv; the forward sweep sums dy . vr per row over its chunks and adds the total to
     dD[h] atomically (every sequence adds to it). Measured on an H200: this split keeps the
-    kernel's time; both terms in the reverse sweep made it 9-21 % slower (bench/NOTES.md)."""
+    kernel's time; both terms in the reverse sweep made it 9-21 % slower (bench/NOTES.md).
+
+    SEGMENTED (grid axis 0 then holds nseq * H * NSEG programs): each program walks one segment
+    of SEG tokens (a multiple of C), its sweep starting from the segment's entering state
+    (sin_ptr) or the state gradient at the segment's end (dsout_ptr), both (nseq, H, NSEG, P, N)
+    fp32 from core_segments; the last segment gives <dS_final, S_final>, the first dS0.
+    Without it (NSEG = 1, SEG unused) the sweeps start from s0 and dS_final."""
     pid = tl.program_id(0)
+    seg = 0
+    if SEGMENTED:
+        seg = pid % NSEG
+        pid = pid // NSEG
     sweep = tl.program_id(1)
     NB: tl.constexpr = N // NS
     n0 = tl.program_id(2) * NB
@@ -244,14 +279,22 @@ def _core_bwd_kernel(
     causal = t_loc[:, None] > t_loc[None, :]
     diag = t_loc[:, None] == t_loc[None, :]
     st_off = (seq.to(tl.int64) * H + h) * P * N + pp[:, None] * N + nn[None, :]
+    seg_off = ((seq.to(tl.int64) * H + h) * NSEG + seg) * P * N + pp[:, None] * N + nn[None, :]
+    lo = 0
+    hi = seqlen
+    if SEGMENTED:
+        lo = seg * SEG
+        hi = tl.minimum(seqlen, lo + SEG)
     if sweep == 0:
         # ---- forward sweep: dqr = (dY Vr^T * M) Kr + exp(c) dY S ------------------------
-        if HAS_S0:
+        if SEGMENTED:
+            st = tl.load(sin_ptr + seg_off)
+        elif HAS_S0:
             st = tl.load(s0_ptr + st_off).to(tl.float32)
         else:
             st = tl.zeros((P, NB), dtype=tl.float32)
         dd_rows = tl.zeros((CR,), dtype=tl.float32)  # per row, sum over chunks of dy . vr
-        for c0 in range(0, seqlen, C):
+        for c0 in range(lo, hi, C):
             c, c_last, w, gm, q, k, v, valid, row, _t = _load_chunk(
                 qr_ptr, kr_ptr, vr_ptr, adt_ptr, w_ptr, g_ptr, bos, seqlen, coef_base, c0, h, H,
                 N, P, R, C, DOTK, UPCAST, n0, NB,
@@ -266,8 +309,7 @@ def _core_bwd_kernel(
             dyc = _rnd(dy * _exp(c, FAST)[:, None], DOTK, UPCAST)
             dq = _dot_split(dyc, st, tl.zeros((CR, NB), dtype=tl.float32), DOTK, DOT_PREC, UPCAST)
             dq = tl.dot(_rnd(d * m, DOTK, UPCAST), k, dq, input_precision=DOT_PREC)
-            vw = _rnd(v.to(tl.float32) * (_exp(c_last - c, FAST) * w)[:, None], DOTK, UPCAST)
-            st = tl.dot(tl.trans(vw), k, st * _exp(c_last, FAST), input_precision=DOT_PREC)
+            st = _state_step(st, k, v, c, c_last, w, DOTK, DOT_PREC, UPCAST, FAST)
             tl.store(dq_ptr + row[:, None] * N + nn[None, :], dq, mask=valid[:, None])
             ridx = coef_base * R + c0 * R + rloc
             _put(qdq_ptr + ridx, tl.sum(q.to(tl.float32) * dq, axis=1), valid, NS)
@@ -277,22 +319,27 @@ def _core_bwd_kernel(
             if n0 == 0:
                 tl.atomic_add(dD_ptr + h, tl.sum(dd_rows, axis=0), sem="relaxed")
         if HAS_DSF:
-            dsf = tl.load(dsf_ptr + st_off).to(tl.float32)
-            tot = tl.sum(tl.sum(dsf * st, axis=1), axis=0)
-            _put(sfdot_ptr + seq.to(tl.int64) * H + h, tot, None, NS)
+            sf_ptr = sfdot_ptr + seq.to(tl.int64) * H + h
+            if SEGMENTED:
+                if seg == NSEG - 1:  # st is S_final
+                    _add_sfdot(dsf_ptr + st_off, st, sf_ptr, NS)
+            else:
+                _add_sfdot(dsf_ptr + st_off, st, sf_ptr, NS)
     else:
         # ---- reverse sweep: carries dS (gradient of the state at the chunk end) ---------
-        if HAS_DSF:
+        if SEGMENTED:
+            ds = tl.load(dsout_ptr + seg_off)
+        elif HAS_DSF:
             ds = tl.load(dsf_ptr + st_off).to(tl.float32)
         else:
             ds = tl.zeros((P, NB), dtype=tl.float32)
-        nch = (seqlen + C - 1) // C
+        nch = (hi - lo + C - 1) // C
         d_skip = 0.0
         if HAS_D:
             # D dy into dv once, by the first column block (no branch inside the loop)
             d_skip = tl.load(D_ptr + h) * (n0 == 0).to(tl.float32)
         for jj in range(0, nch):
-            c0 = (nch - 1 - jj) * C
+            c0 = lo + (nch - 1 - jj) * C
             c, c_last, w, gm, q, k, v, valid, row, _t = _load_chunk(
                 qr_ptr, kr_ptr, vr_ptr, adt_ptr, w_ptr, g_ptr, bos, seqlen, coef_base, c0, h, H,
                 N, P, R, C, DOTK, UPCAST, n0, NB,
@@ -318,8 +365,7 @@ def _core_bwd_kernel(
             ad = a * d
             dw = tl.sum(e * ad, axis=0) + el * tl.sum(v.to(tl.float32) * kds, 1)
             dg = tl.sum(tl.where(diag, ad, 0.0), axis=0)
-            dyc = _rnd(dy * _exp(c, FAST)[:, None], DOTK, UPCAST)
-            ds = tl.dot(tl.trans(dyc), q, ds * _exp(c_last, FAST), input_precision=DOT_PREC)
+            ds = _dstate_step(ds, q, dy, c, c_last, DOTK, DOT_PREC, UPCAST, FAST)
             mr = valid[:, None]
             if HAS_D:
                 dv += d_skip * dy
@@ -329,7 +375,8 @@ def _core_bwd_kernel(
             _put(dw_ptr + ridx, dw, valid, NS)
             _put(dg_ptr + ridx, dg, valid, NS)
             _put(kdk_ptr + ridx, tl.sum(k.to(tl.float32) * dk, axis=1), valid, NS)
-        tl.store(ds0_ptr + st_off, ds)
+        if seg == 0:
+            tl.store(ds0_ptr + st_off, ds)
 
 
 # --------------------------------------------------------------------------------------------
@@ -390,11 +437,15 @@ def core_bwd(qr, kr, vr, adt, w, gam, s0, cu_seqlens, meta, dy, dsf, D=None):
     """Core backward: gradients of (qr, kr, vr, adt, w, gam, s0, D) given dy (B, L, R, H, P)
     (fp32 or 16-bit) and dsf (nseq, H, P, N) or None. All gradients fp32; D's (H,) is an empty
     (0,) tensor when D is None. meta = (chunk, dot_dtype, num_warps,
-    num_stages, nseq[, split_n]): split_n programs per sweep and head, each owning N / split_n
-    state columns (their partial sums over N are added atomically, so the result's rounding
-    may differ from run to run)."""
+    num_stages, nseq[, split_n[, segment]]): split_n programs per sweep and head, each owning
+    N / split_n state columns (their partial sums over N are added atomically, so the result's
+    rounding may differ from run to run); segment: tokens per segment of the sweeps (0: chosen
+    for the device, core_segments.segment_len; ignored with cu_seqlens)."""
+    from .core_segments import segment_len, segment_states  # (it imports this module)
+
     chunk, dot_dtype, num_warps, num_stages, nseq = meta[:5]
     split_n = meta[5] if len(meta) > 5 else 1
+    segment = meta[6] if len(meta) > 6 else 0
     B, L, R, H, N = qr.shape
     P = vr.shape[-1]
     if N % split_n or N // split_n < _MIN_DOT:
@@ -414,19 +465,29 @@ def core_bwd(qr, kr, vr, adt, w, gam, s0, cu_seqlens, meta, dy, dsf, D=None):
         rows.zero_()
     else:
         dummy = adt
+        consts = _consts(R, N, P, chunk, cu_seqlens is not None, dot_dtype)
+        dy = dy.contiguous()
+        dsf = dsf.contiguous() if dsf is not None else None
+        seg = L
+        if cu_seqlens is None:
+            seg = segment_len(L, nseq, H, split_n, chunk, num_warps, segment, dev)
+        s_in = ds_out = dummy
+        nseg = 1
+        if seg < L:
+            s_in, ds_out, nseg = segment_states(qr, kr, vr, adt, w, gam, s0, dsf, dy, consts,
+                                                nseq, seg, num_warps, split_n)  # fmt: skip
         run_kernel(
-            _core_bwd_kernel, (nseq * H, 2, split_n), qr, kr, vr, adt, w, gam,
+            _core_bwd_kernel, (nseq * H * nseg, 2, split_n), qr, kr, vr, adt, w, gam,
             s0 if s0 is not None else dummy,
             cu_seqlens if cu_seqlens is not None else dummy,
             D if D is not None else dummy,
-            dy.contiguous(),
-            dsf.contiguous() if dsf is not None else dummy,
+            dy,
+            dsf if dsf is not None else dummy,
             dq, dk, dv, rows[2], rows[3], rows[0], rows[1], ds0, sfdot,
             dD if D is not None else dummy,
-            L, H,
+            s_in, ds_out, L, H, nseg, seg,
             HAS_S0=s0 is not None, HAS_DSF=dsf is not None, HAS_D=D is not None, NS=split_n,
-            **_consts(R, N, P, chunk, cu_seqlens is not None, dot_dtype),
-            num_warps=num_warps, num_stages=num_stages,
+            SEGMENTED=nseg > 1, **consts, num_warps=num_warps, num_stages=num_stages,
         )  # fmt: skip
     qdq, kdk, dw, dg = rows
     # dC per token (sum over rank rows), plus <dS_final, S_final> at each sequence's last token;
@@ -512,14 +573,15 @@ def _core_bwd_op(
     nseq: int,
     split_n: int = 1,
     D: Tensor | None = None,
+    segment: int = 0,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    meta = (chunk, _DTYPES[dot_dtype], num_warps, num_stages, nseq, split_n)
+    meta = (chunk, _DTYPES[dot_dtype], num_warps, num_stages, nseq, split_n, segment)
     return core_bwd(qr, kr, vr, adt, w, gam, s0, cu_seqlens, meta, dy, dsf, D)
 
 
 @_core_bwd_op.register_fake
 def _core_bwd_fake(dy, dsf, qr, kr, vr, adt, w, gam, s0, cu_seqlens, chunk, dot_dtype, num_warps,
-                   num_stages, nseq, split_n=1, D=None):  # fmt: skip
+                   num_stages, nseq, split_n=1, D=None, segment=0):  # fmt: skip
     B, L, R, H, N = qr.shape
     P = vr.shape[-1]
     f32 = torch.float32
@@ -581,12 +643,17 @@ def compile_kernels(
     target=None,
     split_n: int = 1,
     has_d: bool = False,
+    segmented: bool = False,
 ) -> dict:
     """Compile the core's forward and backward kernels ahead of time (no GPU needed) for
     ``target`` (a ``triton.backends.compiler.GPUTarget``; default sm_90), as a launch with an
     initial state and a final-state gradient would specialise them (with ``has_d``: the D skip
-    too, vr and dy in the dot dtype as the SISO backward passes them). Returns {name: compiled}."""
+    too, vr and dy in the dot dtype as the SISO backward passes them; with ``segmented``: the
+    backward's segment kernels, core_segments, and its segmented sweeps). Returns
+    {name: compiled}."""
     from triton.backends.compiler import GPUTarget
+
+    from .core_segments import _contrib_kernel, _pass_kernel
 
     target = target or GPUTarget("cuda", 90, 64)
     prec = "ieee" if dot_dtype == torch.float32 else "tf32"
@@ -597,16 +664,23 @@ def compile_kernels(
     if has_d:
         types.update(vr_ptr=io, dy_ptr=io)
     out = {}
-    for name, fn, flags in (
-        ("core_fwd", _core_fwd_kernel, dict(HAS_S0=True, HAS_SF=True)),
-        ("core_bwd", _core_bwd_kernel, dict(HAS_S0=True, HAS_DSF=True, NS=split_n)),
-    ):
-        c = {**consts, **flags}
+    # (name, kernel, its constexprs)
+    kernels = [
+        ("core_fwd", _core_fwd_kernel, dict(consts, HAS_S0=True, HAS_SF=True)),
+        ("core_bwd", _core_bwd_kernel,
+         dict(consts, HAS_S0=True, HAS_DSF=True, NS=split_n, SEGMENTED=segmented)),
+    ]  # fmt: skip
+    if segmented:
+        shared = {k: v for k, v in consts.items() if k not in ("VARLEN", "HAS_D")}
+        pass_c = dict(PN=P * N, BLOCK=min(P * N, 1024), HAS_S0=True, HAS_DSF=True)
+        kernels += [("segment_contrib", _contrib_kernel, dict(shared, NS=split_n)),
+                    ("segment_pass", _pass_kernel, pass_c)]  # fmt: skip
+    for name, fn, c in kernels:
         sig = {}
         for arg in fn.arg_names:
             if arg in c:
                 sig[arg] = "constexpr"
-            elif arg in ("L", "H"):
+            elif arg in ("L", "H", "NSEG", "SEG"):
                 sig[arg] = "i32"
             else:
                 sig[arg] = types.get(arg, "*fp32")

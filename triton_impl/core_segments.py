@@ -1,0 +1,190 @@
+"""Segment states for the core backward: its two sweeps split along the sequence.
+
+The core backward (core_scan) walks each (sequence, head) through all its chunks twice: forward
+carrying the state S, in reverse carrying its gradient dS. With few sequences and heads those
+walks are too few programs to fill the GPU (at B=1, H=64 and two column blocks: 256 programs
+for 132 multiprocessors holding two each, one wave whose forward-sweep half finishes early), and
+each is a chain as long as the sequence. Here the sequence is cut into segments of SEG tokens:
+
+1. ``_contrib_kernel``: per segment, the state its chunks add when started from zero, and the
+   state gradient its chunks add when started from zero at its end (the same chunk steps as the
+   core backward's sweeps, so the same rounded operands), plus its total log-decay;
+2. ``_pass_kernel``: one elementwise walk over the segments turns those into the state entering
+   each segment (from s0) and the state gradient at each segment's end (from dS_final);
+3. the core backward then runs one program per segment and sweep (``SEGMENTED``).
+
+Segments need a (B, L) batch (no cu_seqlens): with varlen the backward keeps whole sequences.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .core_scan import _dstate_step, _load_chunk, _seq_bounds, _state_step
+from .parallel_compile import run_kernel
+
+__all__ = ["segment_len", "segment_states"]
+
+# The core backward's threads hold 255 registers (bench/NOTES.md), so a multiprocessor's 64K
+# registers hold 8 warps of it: two programs of 4 warps or one of 8. _WAVES such waves of
+# programs keep every multiprocessor busy to the end (the sweeps' lengths differ, so a single
+# wave leaves the multiprocessors of the shorter forward sweeps idle for the rest).
+_WARPS_PER_SM = 8
+_WAVES = 4
+# Software pipelining of the contribution kernel's chunk loop (its loads are most of its time)
+_CONTRIB_STAGES = 1
+# Shortest automatic segment: each segment's states cost two extra P x N passes.
+_MIN_SEGMENT = 256
+
+
+def segment_len(
+    seqlen: int, nseq: int, H: int, split_n: int, chunk: int, num_warps: int, segment: int,
+    device: torch.device,
+) -> int:  # fmt: skip
+    """Tokens per segment of the core backward for a (B, L) call: ``segment`` rounded up to a
+    multiple of ``chunk`` when given (> 0); 0 picks one that gives about _WAVES waves of
+    programs on this device's multiprocessors (the whole sequence when the sequences and heads
+    fill them already, and on the CPU). A result >= seqlen means no segments."""
+    if segment > 0:
+        return -(-segment // chunk) * chunk
+    if device.type != "cuda":
+        return seqlen
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    programs = nseq * H * 2 * split_n
+    want = _WAVES * max(1, _WARPS_PER_SM // num_warps) * sms
+    nseg = 1
+    while programs * nseg < want and seqlen // (2 * nseg) >= _MIN_SEGMENT:
+        nseg *= 2
+    seg = -(-seqlen // nseg)
+    return -(-seg // chunk) * chunk
+
+
+@triton.jit
+def _contrib_kernel(
+    qr_ptr, kr_ptr, vr_ptr, adt_ptr, w_ptr, g_ptr, dy_ptr, fwd_ptr, rev_ptr, dec_ptr,
+    L, H, NSEG, SEG,
+    N: tl.constexpr, P: tl.constexpr, R: tl.constexpr, C: tl.constexpr,
+    DOTK: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, NS: tl.constexpr,
+    FAST: tl.constexpr,
+):  # fmt: skip
+    """Grid (nseq * H * NSEG, 2, NS): axis 1 picks the state (0) or the state gradient (1),
+    axis 2 a block of N / NS state columns. Writes the segment's contribution started from zero
+    into fwd / rev (nseq, H, NSEG, P, N) fp32 and (first column block) its summed log-decay into
+    dec (nseq, H, NSEG): from the forward sweep but for the last segment, which has no forward
+    contribution (nothing follows it), from its reverse sweep."""
+    pid = tl.program_id(0)
+    sweep = tl.program_id(1)
+    NB: tl.constexpr = N // NS
+    n0 = tl.program_id(2) * NB
+    seg = pid % NSEG
+    sh = pid // NSEG
+    seq = sh // H
+    h = sh % H
+    bos, seqlen, coef_base = _seq_bounds(adt_ptr, seq, h, L, H, False)
+    lo = seg * SEG
+    hi = tl.minimum(seqlen, lo + SEG)
+    # No segment follows the last one and none precedes the first: their state (gradient)
+    # contributions are never read, so those programs walk no chunks.
+    unused = tl.where(sweep == 0, seg == NSEG - 1, seg == 0)
+    hi = tl.where(unused, lo, hi)
+    pp = tl.arange(0, P)
+    nn = n0 + tl.arange(0, NB)
+    off = (sh.to(tl.int64) * NSEG + seg) * P * N + pp[:, None] * N + nn[None, :]
+    x = tl.zeros((P, NB), dtype=tl.float32)
+    if sweep == 0:
+        decay = 0.0
+        for c0 in range(lo, hi, C):
+            c, c_last, w, _g, _q, k, v, _m, _r, _t = _load_chunk(
+                qr_ptr, kr_ptr, vr_ptr, adt_ptr, w_ptr, g_ptr, bos, seqlen, coef_base, c0, h, H,
+                N, P, R, C, DOTK, UPCAST, n0, NB,
+            )  # fmt: skip
+            x = _state_step(x, k, v, c, c_last, w, DOTK, DOT_PREC, UPCAST, FAST)
+            decay += c_last
+        tl.store(fwd_ptr + off, x)
+        if n0 == 0:  # (the last segment's decay comes from its reverse sweep)
+            if seg < NSEG - 1:
+                tl.store(dec_ptr + sh.to(tl.int64) * NSEG + seg, decay)
+    else:
+        decay = 0.0
+        nch = (hi - lo + C - 1) // C
+        for jj in range(0, nch):
+            c0 = lo + (nch - 1 - jj) * C
+            c, c_last, _w, _g, q, _k, _v, valid, row, _t = _load_chunk(
+                qr_ptr, kr_ptr, vr_ptr, adt_ptr, w_ptr, g_ptr, bos, seqlen, coef_base, c0, h, H,
+                N, P, R, C, DOTK, UPCAST, n0, NB,
+            )  # fmt: skip
+            dy = tl.load(dy_ptr + row[:, None] * P + pp[None, :], mask=valid[:, None], other=0.0)
+            x = _dstate_step(x, q, dy.to(tl.float32), c, c_last, DOTK, DOT_PREC, UPCAST, FAST)
+            decay += c_last
+        tl.store(rev_ptr + off, x)
+        if n0 == 0:
+            if seg == NSEG - 1:
+                tl.store(dec_ptr + sh.to(tl.int64) * NSEG + seg, decay)
+
+
+@triton.jit
+def _pass_kernel(
+    fwd_ptr, rev_ptr, dec_ptr, s0_ptr, dsf_ptr, NSEG,
+    PN: tl.constexpr, BLOCK: tl.constexpr, HAS_S0: tl.constexpr, HAS_DSF: tl.constexpr,
+):  # fmt: skip
+    """Grid (nseq * H, 2, PN / BLOCK): in place, fwd's contributions become the state entering
+    each segment (from s0) and rev's the state gradient at each segment's end (from dS_final):
+    S_in[s + 1] = exp(dec[s]) S_in[s] + fwd[s], dS_out[s - 1] = exp(dec[s]) dS_out[s] + rev[s]."""
+    sh = tl.program_id(0).to(tl.int64)
+    sweep = tl.program_id(1)
+    idx = tl.program_id(2) * BLOCK + tl.arange(0, BLOCK)
+    base = sh * NSEG * PN + idx
+    # (the last segment's fwd and the first segment's rev contributions are not computed)
+    if sweep == 0:
+        if HAS_S0:
+            x = tl.load(s0_ptr + sh * PN + idx).to(tl.float32)
+        else:
+            x = tl.zeros((BLOCK,), dtype=tl.float32)
+        for s in range(0, NSEG - 1):
+            contrib = tl.load(fwd_ptr + base + s * PN)
+            tl.store(fwd_ptr + base + s * PN, x)
+            x = x * tl.exp(tl.load(dec_ptr + sh * NSEG + s)) + contrib
+        tl.store(fwd_ptr + base + (NSEG - 1) * PN, x)
+    else:
+        if HAS_DSF:
+            x = tl.load(dsf_ptr + sh * PN + idx).to(tl.float32)
+        else:
+            x = tl.zeros((BLOCK,), dtype=tl.float32)
+        for jj in range(0, NSEG - 1):
+            s = NSEG - 1 - jj
+            contrib = tl.load(rev_ptr + base + s * PN)
+            tl.store(rev_ptr + base + s * PN, x)
+            x = x * tl.exp(tl.load(dec_ptr + sh * NSEG + s)) + contrib
+        tl.store(rev_ptr + base, x)
+
+
+def segment_states(
+    qr, kr, vr, adt, w, gam, s0, dsf, dy, consts: dict, nseq: int, seg: int, num_warps: int,
+    split_n: int,
+) -> tuple[torch.Tensor, torch.Tensor, int]:  # fmt: skip
+    """(S_in, dS_out, nseg): the state entering each segment of ``seg`` tokens and the state
+    gradient at each segment's end, both (nseq, H, nseg, P, N) fp32, for a (B, L) call of the
+    core backward (operands as core_scan.core_bwd takes them; consts: its kernels' constants)."""
+    B, L, R, H, N = qr.shape
+    P = vr.shape[-1]
+    nseg = -(-L // seg)
+    dev = qr.device
+    f32 = torch.float32
+    fwd = torch.empty((nseq, H, nseg, P, N), dtype=f32, device=dev)
+    rev = torch.empty_like(fwd)
+    dec = torch.empty((nseq, H, nseg), dtype=f32, device=dev)
+    c = {k: consts[k] for k in ("N", "P", "R", "C", "DOTK", "DOT_PREC", "UPCAST", "FAST")}
+    run_kernel(
+        _contrib_kernel, (nseq * H * nseg, 2, split_n), qr, kr, vr, adt, w, gam, dy, fwd, rev,
+        dec, L, H, nseg, seg, **c, NS=split_n, num_warps=num_warps, num_stages=_CONTRIB_STAGES,
+    )  # fmt: skip
+    block = min(P * N, 1024)
+    dummy = dec
+    run_kernel(
+        _pass_kernel, (nseq * H, 2, P * N // block), fwd, rev, dec,
+        s0 if s0 is not None else dummy, dsf if dsf is not None else dummy, nseg,
+        PN=P * N, BLOCK=block, HAS_S0=s0 is not None, HAS_DSF=dsf is not None, num_warps=4,
+    )  # fmt: skip
+    return fwd, rev, nseg
