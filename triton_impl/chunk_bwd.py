@@ -239,7 +239,8 @@ def _chunk_bwd(problem, inputs, grad_out, grad_state, config) -> dict:
 
     def forward(*tensors):
         # only the vjp is used: values=False lets it skip recomputing the core's output
-        out, st = scan_via_core(problem, _rebuild(inputs, keys, tensors), meta, values=False)
+        out, st = scan_via_core(problem, _rebuild(inputs, keys, tensors), meta, values=False,
+                                state=grad_state is not None)  # fmt: skip
         if grad_state is None:
             return (out,)
         return (out, st.angle.to(sd), st.ssm.to(sd), st.k.to(inputs.q.dtype),

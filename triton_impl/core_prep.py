@@ -76,8 +76,8 @@ def _token_seq(problem: Problem, cu: torch.Tensor | None, L: int, device) -> dic
 
 
 def scan_via_core(
-    problem: Problem, inputs: ScanInputs, meta: tuple, values: bool = True
-) -> tuple[torch.Tensor, Mamba3State]:
+    problem: Problem, inputs: ScanInputs, meta: tuple, values: bool = True, state: bool = True
+) -> tuple[torch.Tensor, Mamba3State | None]:
     """The scan (SPEC.md) as differentiable prep -> Triton core -> epilogue.
 
     inputs: ScanInputs in scan shapes. meta: (chunk, dot_dtype, num_warps, num_stages[, split_n[,
@@ -85,7 +85,8 @@ def scan_via_core(
     final state (angle, ssm fp32; k, v in the inputs' dtypes), per sequence when varlen.
     values=False (for a caller that only takes the vjp): the output and final ssm values may be
     wrong (the core's forward is skipped when the epilogue's backward does not read it); their
-    vjp stays exact.
+    vjp stays exact. state=False: no final state (None; its ~30 small ops are skipped, which a
+    backward without a final-state gradient would record for nothing).
     """
     f32 = torch.float32
     q, k, v = inputs.q, inputs.k, inputs.v
@@ -160,6 +161,8 @@ def scan_via_core(
     else:
         out = y
     out = out.to(v.dtype)
+    if not state:
+        return out, None
 
     # ---- final state ----------------------------------------------------------------------
     if seqs:

@@ -29,6 +29,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import triton
 
+from . import direct_launch
+
 __all__ = ["ENV_SERIAL", "available", "compile_launches", "compile_only", "run_kernel"]
 
 _ASYNC = getattr(triton, "AsyncCompileMode", None)  # Triton >= 3.4
@@ -76,11 +78,12 @@ def compile_launches(launches: Sequence, table: Sequence, workers: int | None = 
 
 
 def run_kernel(kernel, grid: tuple, *args, **kwargs) -> None:
-    """``kernel[grid](*args, **kwargs)``; inside ``compile_only()`` only its compile is queued."""
+    """``kernel[grid](*args, **kwargs)`` (past a launch's first, without Triton's argument
+    binder: direct_launch); inside ``compile_only()`` only its compile is queued."""
     if _DRY_RUN.get():
         kernel.warmup(*args, grid=grid, **kwargs)
     else:
-        kernel[grid](*args, **kwargs)
+        direct_launch.launch(kernel, grid, args, kwargs)
 
 
 @contextlib.contextmanager
