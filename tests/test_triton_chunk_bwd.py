@@ -110,20 +110,22 @@ def test_grads_with_state_columns_split(case):
 @cpu_interpreted
 @pytest.mark.parametrize(
     "case,split_n,segment",
-    [(GRID[1], 2, 16), (GRID[0], 1, 32), (GRID[4], 1, 8), (GRID[6], 2, 16)],
+    [(GRID[1], 2, 16), (GRID[0], 1, 32), (GRID[4], 1, 8), (GRID[6], 2, 16), (GRID[7], 1, 16)],
     ids=str,
 )
 def test_grads_with_segments(case, split_n, segment, monkeypatch):
     """The core backward's sweeps cut into segments (core_segments: contributions, a pass over
     the segments, one program per segment): 37 tokens in 2-5 segments, the last one partial,
     with and without initial and final states, SISO and MIMO, one or two column blocks; every
-    torch.empty poisoned (the segment buffers are left partly unwritten by no kernel)."""
+    torch.empty poisoned (the segment buffers are left partly unwritten by no kernel). Varlen
+    calls keep whole sequences whatever the config asks (the last case)."""
     poison_empty(monkeypatch)
     rank, mimo, rotary, G, dz, mo, init, final, cu = case
     g = torch.Generator().manual_seed(23 * rank + segment)
     inputs = random_inputs(
-        batch=2, seqlen=37, nheads=4, ngroups=G, d_state=32, headdim=16, rank=rank, mimo=mimo,
-        with_D=dz, with_z=dz, with_mimo_o=mo, with_initial_state=init, generator=g,
+        batch=2 if cu is None else 1, seqlen=37, nheads=4, ngroups=G, d_state=32, headdim=16,
+        rank=rank, mimo=mimo, with_D=dz, with_z=dz, with_mimo_o=mo, with_initial_state=init,
+        cu_seqlens=cu, generator=g,
     )  # fmt: skip
     _check(inputs, rotary, final, chunk=16 // rank, split_n=split_n, segment=segment)
 
