@@ -46,12 +46,13 @@ def matmul_tflops() -> float:
     return 2 * 8192**3 / ms / 1e9
 
 
-def make_call(batch: int, seqlen: int, rank: int):
-    """(forward closure, forward+backward closure, leaves) on fresh random bf16 inputs."""
+def make_call(batch: int, seqlen: int, rank: int, with_z: bool = False):
+    """(forward closure, forward+backward closure, leaves) on fresh random bf16 inputs (with
+    the z gate: the backward then recomputes the core's output, which the gate reads)."""
     g = torch.Generator().manual_seed(batch * 7 + seqlen + rank)
     inputs = random_inputs(
         batch=batch, seqlen=seqlen, rank=rank, dtype=torch.bfloat16, device="cuda",
-        with_D=True, with_z=False, with_mimo_o=True, generator=g, **SIZES,
+        with_D=True, with_z=with_z, with_mimo_o=True, generator=g, **SIZES,
     )  # fmt: skip
     fields = [t.requires_grad_() if t is not None else None for t in inputs[:14]]
     leaves = [t for t in fields if t is not None]
@@ -69,25 +70,27 @@ def make_call(batch: int, seqlen: int, rank: int):
     return fwd, fwdbwd, leaves
 
 
-def bench_one(batch: int, seqlen: int, case: str, gbps: float, tflops: float) -> dict:
+def bench_one(
+    batch: int, seqlen: int, case: str, gbps: float, tflops: float, with_z: bool = False
+) -> dict:
     rank = CASES[case]
-    fwd, fwdbwd, leaves = make_call(batch, seqlen, rank)
+    fwd, fwdbwd, leaves = make_call(batch, seqlen, rank, with_z)
     with torch.no_grad():
         fwd_ms = triton.testing.do_bench(fwd, return_mode="median")
     fb_ms = triton.testing.do_bench(fwdbwd, grad_to_none=leaves, return_mode="median")
-    shape = Shape(batch=batch, seqlen=seqlen, rank=rank, has_z=False, **SIZES)
+    shape = Shape(batch=batch, seqlen=seqlen, rank=rank, has_z=with_z, **SIZES)
     nbytes, flops = scan_bytes(shape, backward=True), scan_flops(shape, backward=True)
     floor = floor_ms(nbytes, flops, gbps, tflops)
     return dict(
-        case=case, B=batch, L=seqlen, R=rank, fwd_ms=fwd_ms, fwdbwd_ms=fb_ms,
+        case=case, B=batch, L=seqlen, R=rank, z=with_z, fwd_ms=fwd_ms, fwdbwd_ms=fb_ms,
         bwd_ms=fb_ms - fwd_ms, floor_fwdbwd_ms=floor, fwdbwd_bytes=nbytes, fwdbwd_flops=flops,
         fwdbwd_gbps=nbytes / fb_ms / 1e6, fwdbwd_tflops=flops / fb_ms / 1e9,
     )  # fmt: skip
 
 
-def profile(batch: int, seqlen: int, rank: int, top: int = 18) -> list[dict]:
+def profile(batch: int, seqlen: int, rank: int, top: int = 18, with_z: bool = False) -> list:
     """Per-kernel CUDA time (ms) of one forward+backward."""
-    _, fwdbwd, leaves = make_call(batch, seqlen, rank)
+    _, fwdbwd, leaves = make_call(batch, seqlen, rank, with_z)
     for _ in range(2):
         fwdbwd()
     torch.cuda.synchronize()
@@ -156,6 +159,7 @@ def main() -> None:
     ap.add_argument("--cases", nargs="+", default=list(CASES))
     ap.add_argument("--json", default=None)
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--z", action="store_true", help="inputs with the z gate")
     ap.add_argument(
         "--variants", nargs="+", default=[""],
         help="rotary/angle pass settings to time in turn, each 'key=value,...' over "
@@ -215,8 +219,8 @@ def main() -> None:
         for case in args.cases:
             for s in args.shapes:
                 b, l_ = (int(x) for x in s.split("x"))
-                rows.append(dict(bench_one(b, l_, case, gbps, tflops), knobs=dict(cr.KNOBS),
-                                 segment=segment))  # fmt: skip
+                rows.append(dict(bench_one(b, l_, case, gbps, tflops, args.z),
+                                 knobs=dict(cr.KNOBS), segment=segment))  # fmt: skip
                 r = rows[-1]
                 print(f"{case:6s} B={b:2d} L={l_:6d}  fwd {r['fwd_ms']:.3f} ms  fwd+bwd "
                       f"{r['fwdbwd_ms']:.3f} ms  (bwd {r['bwd_ms']:.3f})  floor "
@@ -225,7 +229,7 @@ def main() -> None:
             for case in args.cases:
                 b, l_ = (int(x) for x in args.shapes[min(1, len(args.shapes) - 1)].split("x"))
                 key = f"{case}_{b}x{l_}_{variant or 'default'}_seg{segment}"
-                prof[key] = profile(b, l_, CASES[case])
+                prof[key] = profile(b, l_, CASES[case], with_z=args.z)
                 print(f"-- kernels of one fwd+bwd, {case} B={b} L={l_}")
                 for r in prof[key]:
                     print(f"  {r['ms']:8.3f} ms  x{r['calls']:<3d} {r['name']}")

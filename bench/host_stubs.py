@@ -32,8 +32,10 @@ What is stubbed, and why (a CUDA call takes these branches; CPU tensors would ta
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import platform
+import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -104,6 +106,20 @@ def best_us(fn: Callable[[], object], calls: int, repeats: int) -> float:
             fn()
         best = min(best, (time.perf_counter() - t0) / calls * 1e6)
     return best
+
+
+def report_best_median(out: dict, times: dict[str, list[float]], json_path: str | None) -> None:
+    """Print each label's best and median host time (us) of its repeats, record them in
+    ``out['us_per_call']`` and write ``out`` to ``json_path`` when given."""
+    width = max(len(k) for k in times)
+    print(f"{'call':{width}} {'best us':>9} {'median us':>10}")
+    for label, v in times.items():
+        best, med = min(v), statistics.median(v)
+        out["us_per_call"][label] = {"best": round(best, 1), "median": round(med, 1)}
+        print(f"{label:{width}} {best:9.1f} {med:10.1f}")
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(out, f, indent=1)
 
 
 def run_info(calls: int, repeats: int) -> dict:

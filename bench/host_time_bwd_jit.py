@@ -17,14 +17,12 @@ os.environ["TRITON_INTERPRET"] = "0"  # Triton's JIT, not its interpreter (set b
 
 import argparse  # noqa: E402
 import datetime  # noqa: E402
-import json  # noqa: E402
-import statistics  # noqa: E402
 import time  # noqa: E402
 
 import jit_standin  # noqa: E402
 import torch  # noqa: E402
 import triton  # noqa: E402
-from host_stubs import run_info  # noqa: E402
+from host_stubs import report_best_median, run_info  # noqa: E402
 from triton.compiler.compiler import CompiledKernel  # noqa: E402
 
 SIZES = dict(batch=1, seqlen=64, nheads=4, ngroups=1, d_state=32, headdim=16, n_angles=8)
@@ -70,6 +68,8 @@ def main() -> None:
     backward()  # compiles every kernel (sm_90, through the stand-in driver)
     compile_s = time.perf_counter() - t0
     per_call = LAUNCHES[0]
+    backward()
+    direct = len(dl._CACHE)  # launches keyed for the direct path (all of them, normally)
     modes = (True, False) if a.ab else (True,)
     times: dict[bool, list[float]] = {on: [] for on in modes}
     for _ in range(a.repeats):
@@ -85,18 +85,14 @@ def main() -> None:
     out = run_info(a.calls, a.repeats)
     out.update(what="host us per chunk_bwd call through Triton's JIT (launcher a no-op)",
                sizes=SIZES, date=datetime.date.today().isoformat(), triton=triton.__version__,
-               launches_per_call=per_call, first_call_compile_s=round(compile_s, 1))  # fmt: skip
-    print(f"{per_call} launches per call; first call (compiles) {compile_s:.1f} s")
-    print(f"{'direct launches':16} {'best us':>9} {'median us':>10}")
-    for on, v in times.items():
-        best, med = min(v), statistics.median(v)
-        label = "on" if on else "off"
-        out["us_per_call"][f"chunk_bwd (direct {label})"] = {"best": round(best, 1),
-                                                             "median": round(med, 1)}  # fmt: skip
-        print(f"{label:16} {best:9.1f} {med:10.1f}")
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(out, f, indent=1)
+               launches_per_call=per_call, direct_launch_keys=direct,
+               first_call_compile_s=round(compile_s, 1))  # fmt: skip
+    print(
+        f"{per_call} launches per call ({direct} of them direct after the first); first call "
+        f"(compiles) {compile_s:.1f} s"
+    )
+    rows = {f"chunk_bwd (direct {'on' if on else 'off'})": v for on, v in times.items()}
+    report_best_median(out, rows, a.json)
 
 
 if __name__ == "__main__":

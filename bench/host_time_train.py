@@ -26,12 +26,10 @@ os.environ.pop("MAMBA3_KERNELS_CHECK_VALUES", None)
 
 import argparse  # noqa: E402
 import datetime  # noqa: E402
-import json  # noqa: E402
-import statistics  # noqa: E402
 import time  # noqa: E402
 
 import torch  # noqa: E402
-from host_stubs import run_info  # noqa: E402
+from host_stubs import report_best_median, run_info  # noqa: E402
 from triton.runtime import interpreter  # noqa: E402
 
 import mamba3_kernels  # noqa: E402
@@ -99,15 +97,8 @@ def main() -> None:
     out["what"] = "host us per eager training call (kernels stubbed); best and median of repeats"
     out["sizes"] = SIZES
     out["date"] = datetime.date.today().isoformat()
-    print(f"{'call':10} {'shortcuts':10} {'best us':>9} {'median us':>10}")
-    for (name, on), v in times.items():
-        best, med = min(v), statistics.median(v)
-        label = "on" if on else "off"
-        out["us_per_call"][f"{name} ({label})"] = {"best": round(best, 1), "median": round(med, 1)}
-        print(f"{name:10} {label:10} {best:9.1f} {med:10.1f}")
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(out, f, indent=1)
+    rows = {f"{name} ({'on' if on else 'off'})": v for (name, on), v in times.items()}  # shortcuts
+    report_best_median(out, rows, a.json)
 
 
 if __name__ == "__main__":

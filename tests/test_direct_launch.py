@@ -9,6 +9,7 @@ in a subprocess, and the compiled kernels' launcher is replaced by a recorder.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -111,3 +112,20 @@ def test_direct_launch_matches_tritons_launcher(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     for step in ("same-args ok", "keys ok", "reuse ok"):
         assert step in res.stdout, res.stdout
+
+
+def test_backward_launches_all_go_direct(tmp_path):
+    """bench/host_time_bwd_jit.py (the backward through Triton's JIT with a no-op launcher):
+    every kernel the backward launches is keyed for the direct path after its first launch, so
+    no call site leaves Triton's binder in the loop; the script writes its JSON."""
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "bwd.json"
+    env = {**os.environ, "TRITON_CACHE_DIR": str(tmp_path / "cache")}
+    cmd = [sys.executable, str(root / "bench" / "host_time_bwd_jit.py"), "--repeats", "1",
+           "--calls", "2", "--ab", "--json", str(out)]  # fmt: skip
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=root, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    got = json.loads(out.read_text())
+    assert got["launches_per_call"] >= 5
+    assert got["direct_launch_keys"] == got["launches_per_call"]
+    assert set(got["us_per_call"]) == {"chunk_bwd (direct on)", "chunk_bwd (direct off)"}

@@ -143,6 +143,31 @@ def test_D_without_z(rank, mimo):
 
 
 @cpu_interpreted
+@pytest.mark.parametrize("rank,s0", [(1, True), (2, False)])
+def test_core_forward_over_segments(rank, s0, monkeypatch):
+    """The core forward (the backward's recompute of y) over segments of 16 tokens gives the
+    whole-sequence walk's y and final state: 41 tokens in 3 segments, the last partial, with
+    and without an initial state; every torch.empty poisoned."""
+    from mamba3_kernels.triton_impl import core_scan as cs
+
+    g = torch.Generator().manual_seed(5 + rank)
+    B, L, H, N, P = 2, 41, 3, 32, 16
+    qr, kr = torch.randn(2, B, L, rank, H, N, generator=g)
+    vr = torch.randn(B, L, rank, H, P, generator=g)
+    adt = -torch.rand(B, H, L, generator=g)
+    w, gam = torch.rand(2, B, H, L, generator=g)
+    init = torch.randn(B, H, P, N, generator=g) if s0 else None
+    D = torch.randn(H, generator=g)
+    chunk = 16 // rank
+    whole = cs.core_fwd(qr, kr, vr, adt, w, gam, init, None, (chunk, torch.float32, 4, 1, B), D)
+    poison_empty(monkeypatch)
+    meta = (chunk, torch.float32, 4, 1, B, 16)
+    parts = cs.core_fwd(qr, kr, vr, adt, w, gam, init, None, meta, D)
+    for a, b in zip(parts, whole, strict=True):
+        assert rel_err(a, b) < 1e-5, rel_err(a, b)
+
+
+@cpu_interpreted
 @pytest.mark.parametrize("with_D", [False, True])
 def test_core_ops_schema_and_fakes(with_D):
     """The core's custom ops (their fakes serve torch.compile) with and without the D skip: the

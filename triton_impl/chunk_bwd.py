@@ -43,9 +43,10 @@ class ChunkBwdConfig:
     num_warps, num_stages: Triton launch parameters of both core kernels.
     split_n: programs per sweep and head in the core backward, each owning N / split_n state
         columns (more programs in flight; their partial sums over N are added atomically).
-    segment: tokens per segment of the core backward's sweeps (one program per segment; their
-        entering states come from a pass over the segments: core_segments); 0 chooses per
-        device and call (enough programs to fill the GPU); ignored for varlen calls.
+    segment: tokens per segment of the core kernels' walks (the backward's two sweeps, and the
+        forward's recompute of y where z or mimo_o read it): one program per segment, their
+        entering states from a pass over the segments (core_segments); 0 chooses per device
+        and call (enough programs to fill the GPU); ignored for varlen calls.
     """
 
     chunk_size: int = 64
@@ -215,17 +216,20 @@ def _compile_ahead(problem, inputs, grad_out, grad_state, config) -> None:
         warnings.warn(f"chunk_bwd: compiling the kernels ahead failed ({e})", stacklevel=3)
 
 
-def _segmented(problem: Problem, config: ChunkBwdConfig, device: torch.device) -> bool:
-    """Whether the core backward cuts this call's sweeps into segments (other kernels)."""
+def _segmented(problem: Problem, config: ChunkBwdConfig, device: torch.device) -> tuple:
+    """Whether the core backward and the core forward (when it runs) cut this call's walks into
+    segments (other kernels, other specialisations)."""
     from .core_segments import segment_len
 
     if problem.varlen:
-        return False
+        return (False, False)
     L = problem.seqlen
     chunk = _chunk(problem, config)
-    seg = segment_len(L, problem.nseq, problem.nheads, config.split_n, chunk, config.num_warps,
-                      config.segment, device)  # fmt: skip
-    return seg < L
+    heads = problem.nseq * problem.nheads
+    bwd = segment_len(L, heads * 2 * config.split_n, chunk, config.num_warps, config.segment,
+                      device)  # fmt: skip
+    fwd = segment_len(L, heads, chunk, config.num_warps, config.segment, device)
+    return (bwd < L, fwd < L)
 
 
 def _chunk_bwd(problem, inputs, grad_out, grad_state, config) -> dict:

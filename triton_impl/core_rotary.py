@@ -525,7 +525,7 @@ class _RotCore(torch.autograd.Function):
         qr, kr = _rotary_fwd_op(q, k, qb, kb, theta, halves, op_dtype)
         if need_y:
             y, sf = _core_fwd_op(qr, kr, vr, adt, w, gam, s0, cu, chunk, dot_dtype, nw, ns, nseq,
-                                 D)  # fmt: skip
+                                 D, segment)  # fmt: skip
         else:
             # Values not wanted (see rot_core_scan): zero-strided zeros, no launch, no memory.
             # y in vr's dtype: the output's cast is then a no-op, and y's gradient reaches the

@@ -174,14 +174,21 @@ def _dstate_step(ds, q, dy, c, c_last, DOTK: tl.constexpr, DOT_PREC: tl.constexp
 @triton.jit
 def _core_fwd_kernel(
     qr_ptr, kr_ptr, vr_ptr, adt_ptr, w_ptr, g_ptr, s0_ptr, cu_ptr, D_ptr, y_ptr, sf_ptr,
-    L, H,
+    sin_ptr, L, H, NSEG, SEG,
     N: tl.constexpr, P: tl.constexpr, R: tl.constexpr, C: tl.constexpr,
     VARLEN: tl.constexpr, HAS_S0: tl.constexpr, HAS_SF: tl.constexpr, HAS_D: tl.constexpr,
     DOTK: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, FAST: tl.constexpr,
+    SEGMENTED: tl.constexpr,
 ):  # fmt: skip
     """y (B, L, R, H, P) fp32 (with HAS_D: plus the skip D[h] vr) and S_final (nseq, H, P, N)
-    fp32; one program per (seq, head)."""
+    fp32; one program per (seq, head), or with SEGMENTED per (seq, head, segment of SEG tokens),
+    each starting from its segment's entering state (sin_ptr, (nseq, H, NSEG, P, N) fp32 from
+    core_segments; the last segment writes S_final)."""
     pid = tl.program_id(0)
+    seg = 0
+    if SEGMENTED:
+        seg = pid % NSEG
+        pid = pid // NSEG
     seq = pid // H
     h = pid % H
     bos, seqlen, coef_base = _seq_bounds(cu_ptr, seq, h, L, H, VARLEN)
@@ -192,11 +199,18 @@ def _core_fwd_kernel(
     causal = t_loc[:, None] > t_loc[None, :]
     diag = t_loc[:, None] == t_loc[None, :]
     st_off = (seq.to(tl.int64) * H + h) * P * N + pp[:, None] * N + nn[None, :]
-    if HAS_S0:
+    lo = 0
+    hi = seqlen
+    if SEGMENTED:
+        lo = seg * SEG
+        hi = tl.minimum(seqlen, lo + SEG)
+        seg_off = ((seq.to(tl.int64) * H + h) * NSEG + seg) * P * N
+        st = tl.load(sin_ptr + seg_off + pp[:, None] * N + nn[None, :])
+    elif HAS_S0:
         st = tl.load(s0_ptr + st_off).to(tl.float32)
     else:
         st = tl.zeros((P, N), dtype=tl.float32)
-    for c0 in range(0, seqlen, C):
+    for c0 in range(lo, hi, C):
         c, c_last, w, gm, q, k, v, valid, row, _t = _load_chunk(
             qr_ptr, kr_ptr, vr_ptr, adt_ptr, w_ptr, g_ptr, bos, seqlen, coef_base, c0, h, H,
             N, P, R, C, DOTK, UPCAST,
@@ -212,7 +226,11 @@ def _core_fwd_kernel(
             y += tl.load(D_ptr + h) * _exact_v(vr_ptr, row, valid, v, P, DOTK)
         tl.store(y_ptr + row[:, None] * P + pp[None, :], y, mask=valid[:, None])
     if HAS_SF:
-        tl.store(sf_ptr + st_off, st)
+        if SEGMENTED:
+            if seg == NSEG - 1:
+                tl.store(sf_ptr + st_off, st)
+        else:
+            tl.store(sf_ptr + st_off, st)
 
 
 @triton.jit
@@ -409,9 +427,14 @@ def _consts(R: int, N: int, P: int, chunk: int, varlen: bool, dot_dtype: torch.d
 def core_fwd(qr, kr, vr, adt, w, gam, s0, cu_seqlens, meta, D=None):
     """Core forward. qr, kr (B, L, R, H, N), vr (B, L, R, H, P) (fp32 or the dot dtype);
     adt, w, gam (B, H, L) fp32; s0 (nseq, H, P, N) fp32 or None; cu_seqlens (nseq+1,) int32 or
-    None; D (H,) fp32 or None (the skip: y += D[h] vr). Returns y (B, L, R, H, P) fp32 and
-    S_final (nseq, H, P, N) fp32."""
+    None; D (H,) fp32 or None (the skip: y += D[h] vr). meta = (chunk, dot_dtype, num_warps,
+    num_stages, nseq[, segment]) (segment: tokens per segment of the walks, 0 chosen for the
+    device, core_segments.segment_len; ignored with cu_seqlens). Returns y (B, L, R, H, P) fp32
+    and S_final (nseq, H, P, N) fp32."""
+    from .core_segments import segment_len, segment_states  # (it imports this module)
+
     chunk, dot_dtype, num_warps, num_stages, nseq = meta[:5]
+    segment = meta[5] if len(meta) > 5 else 0
     B, L, R, H, N = qr.shape
     P = vr.shape[-1]
     y = torch.empty((B, L, R, H, P), dtype=torch.float32, device=qr.device)
@@ -420,15 +443,22 @@ def core_fwd(qr, kr, vr, adt, w, gam, s0, cu_seqlens, meta, D=None):
         sf.copy_(s0 if s0 is not None else torch.zeros_like(sf))
         return y, sf
     dummy = adt
+    consts = _consts(R, N, P, chunk, cu_seqlens is not None, dot_dtype)
+    seg = L
+    if cu_seqlens is None:
+        seg = segment_len(L, nseq * H, chunk, num_warps, segment, qr.device)
+    s_in, nseg = dummy, 1
+    if seg < L:
+        s_in, _, nseg = segment_states(qr, kr, vr, adt, w, gam, s0, None, None, consts, nseq,
+                                       seg, num_warps, 1)  # fmt: skip
     run_kernel(
-        _core_fwd_kernel, (nseq * H,), qr, kr, vr, adt, w, gam,
+        _core_fwd_kernel, (nseq * H * nseg,), qr, kr, vr, adt, w, gam,
         s0 if s0 is not None else dummy,
         cu_seqlens if cu_seqlens is not None else dummy,
         D if D is not None else dummy,
-        y, sf, L, H,
-        HAS_S0=s0 is not None, HAS_SF=True, HAS_D=D is not None,
-        **_consts(R, N, P, chunk, cu_seqlens is not None, dot_dtype),
-        num_warps=num_warps, num_stages=num_stages,
+        y, sf, s_in, L, H, nseg, seg,
+        HAS_S0=s0 is not None, HAS_SF=True, HAS_D=D is not None, SEGMENTED=nseg > 1,
+        **consts, num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     return y, sf
 
@@ -470,7 +500,7 @@ def core_bwd(qr, kr, vr, adt, w, gam, s0, cu_seqlens, meta, dy, dsf, D=None):
         dsf = dsf.contiguous() if dsf is not None else None
         seg = L
         if cu_seqlens is None:
-            seg = segment_len(L, nseq, H, split_n, chunk, num_warps, segment, dev)
+            seg = segment_len(L, nseq * H * 2 * split_n, chunk, num_warps, segment, dev)
         s_in = ds_out = dummy
         nseg = 1
         if seg < L:
@@ -540,14 +570,15 @@ def _core_fwd_op(
     num_stages: int,
     nseq: int,
     D: Tensor | None = None,
+    segment: int = 0,
 ) -> tuple[Tensor, Tensor]:
-    meta = (chunk, _DTYPES[dot_dtype], num_warps, num_stages, nseq)
+    meta = (chunk, _DTYPES[dot_dtype], num_warps, num_stages, nseq, segment)
     return core_fwd(qr, kr, vr, adt, w, gam, s0, cu_seqlens, meta, D)
 
 
 @_core_fwd_op.register_fake
 def _core_fwd_fake(qr, kr, vr, adt, w, gam, s0, cu_seqlens, chunk, dot_dtype, nw, ns, nseq,
-                   D=None):  # fmt: skip
+                   D=None, segment=0):  # fmt: skip
     B, L, R, H, N = qr.shape
     P = vr.shape[-1]
     f32 = torch.float32
@@ -666,7 +697,8 @@ def compile_kernels(
     out = {}
     # (name, kernel, its constexprs)
     kernels = [
-        ("core_fwd", _core_fwd_kernel, dict(consts, HAS_S0=True, HAS_SF=True)),
+        ("core_fwd", _core_fwd_kernel,
+         dict(consts, HAS_S0=True, HAS_SF=True, SEGMENTED=segmented)),
         ("core_bwd", _core_bwd_kernel,
          dict(consts, HAS_S0=True, HAS_DSF=True, NS=split_n, SEGMENTED=segmented)),
     ]  # fmt: skip

@@ -1,4 +1,4 @@
-"""Segment states for the core backward: its two sweeps split along the sequence.
+"""Segment states for the core kernels: their walks along the sequence split into segments.
 
 The core backward (core_scan) walks each (sequence, head) through all its chunks twice: forward
 carrying the state S, in reverse carrying its gradient dS. With few sequences and heads those
@@ -11,7 +11,9 @@ each is a chain as long as the sequence. Here the sequence is cut into segments 
    core backward's sweeps, so the same rounded operands), plus its total log-decay;
 2. ``_pass_kernel``: one elementwise walk over the segments turns those into the state entering
    each segment (from s0) and the state gradient at each segment's end (from dS_final);
-3. the core backward then runs one program per segment and sweep (``SEGMENTED``).
+3. the core backward then runs one program per segment and sweep (``SEGMENTED``); the core
+   forward (the backward's recompute of y, when z or mimo_o read it) likewise, from the states
+   alone (one program per (sequence, head): 64 at B=1, H=64, on half the multiprocessors).
 
 Segments need a (B, L) batch (no cu_seqlens): with varlen the backward keeps whole sequences.
 """
@@ -40,19 +42,18 @@ _MIN_SEGMENT = 256
 
 
 def segment_len(
-    seqlen: int, nseq: int, H: int, split_n: int, chunk: int, num_warps: int, segment: int,
-    device: torch.device,
-) -> int:  # fmt: skip
-    """Tokens per segment of the core backward for a (B, L) call: ``segment`` rounded up to a
-    multiple of ``chunk`` when given (> 0); 0 picks one that gives about _WAVES waves of
-    programs on this device's multiprocessors (the whole sequence when the sequences and heads
-    fill them already, and on the CPU). A result >= seqlen means no segments."""
+    seqlen: int, programs: int, chunk: int, num_warps: int, segment: int, device: torch.device
+) -> int:
+    """Tokens per segment of a core kernel's walks for a (B, L) call that launches ``programs``
+    programs of ``num_warps`` warps without segments: ``segment`` rounded up to a multiple of
+    ``chunk`` when given (> 0); 0 picks one that gives about _WAVES waves of programs on this
+    device's multiprocessors (the whole sequence when the programs fill them already, and on the
+    CPU). A result >= seqlen means no segments."""
     if segment > 0:
         return -(-segment // chunk) * chunk
     if device.type != "cuda":
         return seqlen
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    programs = nseq * H * 2 * split_n
     want = _WAVES * max(1, _WARPS_PER_SM // num_warps) * sms
     nseg = 1
     while programs * nseg < want and seqlen // (2 * nseg) >= _MIN_SEGMENT:
@@ -163,28 +164,31 @@ def _pass_kernel(
 def segment_states(
     qr, kr, vr, adt, w, gam, s0, dsf, dy, consts: dict, nseq: int, seg: int, num_warps: int,
     split_n: int,
-) -> tuple[torch.Tensor, torch.Tensor, int]:  # fmt: skip
+) -> tuple[torch.Tensor, torch.Tensor | None, int]:  # fmt: skip
     """(S_in, dS_out, nseg): the state entering each segment of ``seg`` tokens and the state
     gradient at each segment's end, both (nseq, H, nseg, P, N) fp32, for a (B, L) call of the
-    core backward (operands as core_scan.core_bwd takes them; consts: its kernels' constants)."""
+    core backward (operands as core_scan.core_bwd takes them; consts: its kernels' constants).
+    dy None (the core forward): S_in only, dS_out None."""
     B, L, R, H, N = qr.shape
     P = vr.shape[-1]
     nseg = -(-L // seg)
+    sweeps = 1 if dy is None else 2
     dev = qr.device
     f32 = torch.float32
     fwd = torch.empty((nseq, H, nseg, P, N), dtype=f32, device=dev)
-    rev = torch.empty_like(fwd)
+    rev = torch.empty_like(fwd) if sweeps == 2 else None
     dec = torch.empty((nseq, H, nseg), dtype=f32, device=dev)
+    dummy = dec
     c = {k: consts[k] for k in ("N", "P", "R", "C", "DOTK", "DOT_PREC", "UPCAST", "FAST")}
     run_kernel(
-        _contrib_kernel, (nseq * H * nseg, 2, split_n), qr, kr, vr, adt, w, gam, dy, fwd, rev,
-        dec, L, H, nseg, seg, **c, NS=split_n, num_warps=num_warps, num_stages=_CONTRIB_STAGES,
+        _contrib_kernel, (nseq * H * nseg, sweeps, split_n), qr, kr, vr, adt, w, gam,
+        dy if dy is not None else dummy, fwd, rev if rev is not None else dummy, dec, L, H,
+        nseg, seg, **c, NS=split_n, num_warps=num_warps, num_stages=_CONTRIB_STAGES,
     )  # fmt: skip
     block = min(P * N, 1024)
-    dummy = dec
     run_kernel(
-        _pass_kernel, (nseq * H, 2, P * N // block), fwd, rev, dec,
-        s0 if s0 is not None else dummy, dsf if dsf is not None else dummy, nseg,
+        _pass_kernel, (nseq * H, sweeps, P * N // block), fwd, rev if rev is not None else dummy,
+        dec, s0 if s0 is not None else dummy, dsf if dsf is not None else dummy, nseg,
         PN=P * N, BLOCK=block, HAS_S0=s0 is not None, HAS_DSF=dsf is not None, num_warps=4,
     )  # fmt: skip
     return fwd, rev, nseg
