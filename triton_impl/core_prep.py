@@ -26,6 +26,7 @@ from mamba3_kernels.problem import Problem
 from mamba3_kernels.state import Mamba3State
 
 from .core_rotary import angle_scan, rot_core_scan
+from .mimo_gate import mimo_gate
 
 __all__ = ["scan_via_core", "rotate"]
 
@@ -149,18 +150,16 @@ def scan_via_core(
                           need_y, D)  # fmt: skip
 
     # ---- epilogue -------------------------------------------------------------------------
-    if inputs.z is not None:
-        zr = inputs.z.float().unsqueeze(2)
-        if mimo and inputs.mimo_z is not None:
-            zr = zr * inputs.mimo_z.float().transpose(0, 1)
-        y = y * F.silu(zr)
     if mimo and inputs.mimo_o is not None:
-        out = (y * inputs.mimo_o.float().transpose(0, 1)).sum(2)
-    elif not mimo:
-        out = y.squeeze(2)
+        # gate and rank sum in one node, its backward one Triton pass (mimo_gate)
+        out = mimo_gate(y, inputs.z, inputs.mimo_z, inputs.mimo_o, v.dtype, values)
     else:
-        out = y
-    out = out.to(v.dtype)
+        if inputs.z is not None:
+            zr = inputs.z.float().unsqueeze(2)
+            if mimo and inputs.mimo_z is not None:
+                zr = zr * inputs.mimo_z.float().transpose(0, 1)
+            y = y * F.silu(zr)
+        out = (y if mimo else y.squeeze(2)).to(v.dtype)
     if not state:
         return out, None
 

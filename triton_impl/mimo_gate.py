@@ -1,0 +1,172 @@
+"""The MIMO epilogue (z gate and mimo_o rank sum) with a one-pass Triton backward.
+
+Per token t, head h, rank r (SPEC.md): zr = z_t * mimo_z_r (z_t without mimo_z),
+yg = y_{t,r} * silu(zr), out_t = sum_r mimo_o_r * yg. Through PyTorch autograd its backward is
+about ten elementwise passes and five reductions over (B, L, R, H, P) fp32 tensors (counted with
+a dispatch mode: ~300 bf16 (B, L, H, P) tensors of traffic at R=4, ~5 GB at (1, 16384), H=64,
+P=64, of a MIMO backward whose PyTorch glue moved ~56 GB; bench/NOTES.md). ``_gate_bwd_kernel``
+reads dout, y and z once and writes dy and dz once, summing the mimo_z and mimo_o gradients
+per head in the same pass.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from mamba3_kernels.eager_calls import apply_positional, eager_custom_op
+
+from .parallel_compile import run_kernel
+
+__all__ = ["mimo_gate"]
+
+_ROWS = 16  # rank rows (tokens x R) per step: 72 registers at R=4, P=64 (no spills)
+_TOKENS = 64  # tokens per program (its mimo_z / mimo_o sums: one atomic add per program)
+
+
+@triton.jit
+def _gate_bwd_kernel(
+    dout_ptr, y_ptr, z_ptr, mz_ptr, mo_ptr, dy_ptr, dz_ptr, dmz_ptr, dmo_ptr, T, H,
+    R: tl.constexpr, P: tl.constexpr, BT: tl.constexpr, STEPS: tl.constexpr,
+    HAS_Z: tl.constexpr, HAS_MZ: tl.constexpr,
+):  # fmt: skip
+    """Grid (cdiv(T, BT * STEPS), H) over T = B * L tokens, STEPS blocks of BT tokens per
+    program. dout, z (T, H, P); y, dy (T, R, H, P) fp32; mimo_z, mimo_o (H, R, P) fp32; dz
+    (T, H, P) fp32; dmz, dmo (H, R, P) fp32, zero-initialised (each program adds its part)."""
+    h = tl.program_id(1)
+    rows = tl.arange(0, BT * R)
+    r = rows % R
+    pp = tl.arange(0, P)[None, :]
+    w_off = (h * R + r)[:, None] * P + pp
+    mo = tl.load(mo_ptr + w_off)
+    if HAS_MZ:
+        mz = tl.load(mz_ptr + w_off)
+    rp = tl.arange(0, R)[:, None] * P + tl.arange(0, P)[None, :]
+    acc_mo = tl.zeros((R, P), dtype=tl.float32)
+    acc_mz = tl.zeros((R, P), dtype=tl.float32)
+    for step in range(STEPS):
+        t0 = (tl.program_id(0) * STEPS + step) * BT
+        t = (t0 + rows // R).to(tl.int64)
+        valid = (t < T)[:, None]
+        tok = (t * H + h)[:, None] * P + pp  # (T, H, P) offsets of each row's token
+        y_off = ((t * R + r) * H + h)[:, None] * P + pp
+        y = tl.load(y_ptr + y_off, mask=valid, other=0.0)
+        dout = tl.load(dout_ptr + tok, mask=valid, other=0.0).to(tl.float32)
+        dyg = dout * mo
+        if HAS_Z:
+            zt = tl.load(z_ptr + tok, mask=valid, other=0.0).to(tl.float32)
+            zr = zt
+            if HAS_MZ:
+                zr = zt * mz
+            s = tl.sigmoid(zr)
+            g = zr * s
+            yg = y * g
+            dy = dyg * g
+            dzr = dyg * y * (s * (1.0 + zr * (1.0 - s)))  # d silu(x)/dx = s (1 + x (1 - s))
+            dz_rows = dzr
+            if HAS_MZ:
+                dz_rows = dzr * mz
+                acc_mz += tl.sum(tl.reshape(dzr * zt, (BT, R, P)), axis=0)
+            dz = tl.sum(tl.reshape(dz_rows, (BT, R, P)), axis=1)
+            tt = (t0 + tl.arange(0, BT)).to(tl.int64)
+            dz_off = (tt * H + h)[:, None] * P + tl.arange(0, P)[None, :]
+            tl.store(dz_ptr + dz_off, dz, mask=(tt < T)[:, None])
+        else:
+            yg = y
+            dy = dyg
+        acc_mo += tl.sum(tl.reshape(dout * yg, (BT, R, P)), axis=0)
+        tl.store(dy_ptr + y_off, dy, mask=valid)
+    tl.atomic_add(dmo_ptr + h * R * P + rp, acc_mo, sem="relaxed")
+    if HAS_MZ:
+        tl.atomic_add(dmz_ptr + h * R * P + rp, acc_mz, sem="relaxed")
+
+
+def gate_bwd(dout: Tensor, y: Tensor, z: Tensor | None, mz: Tensor | None, mo: Tensor):
+    """(dy, dz, dmz, dmo) of out = sum_r mo_r * y_r * silu(z * mz_r) (no gate without z).
+    dout (B, L, H, P); y (B, L, R, H, P) fp32; z (B, L, H, P) or None; mz, mo (H, R, P) fp32
+    (mz None: z ungated by rank). dy (B, L, R, H, P) fp32; dz (B, L, H, P) fp32 or an empty
+    tensor; dmz, dmo (H, R, P) fp32 (dmz empty without z and mz)."""
+    B, L, R, H, P = y.shape
+    T = B * L
+    f32 = torch.float32
+    dy = torch.empty_like(y)
+    dz = torch.empty(z.shape, dtype=f32, device=y.device) if z is not None else y.new_empty(0)
+    has_mz = z is not None and mz is not None
+    dmz = torch.zeros((H, R, P), dtype=f32, device=y.device) if has_mz else y.new_empty(0)
+    dmo = torch.zeros((H, R, P), dtype=f32, device=y.device)
+    if T == 0:
+        return dy, dz, dmz, dmo
+    bt = max(1, _ROWS // R)
+    steps = max(1, _TOKENS // bt)
+    dummy = dmo
+    run_kernel(
+        _gate_bwd_kernel, (triton.cdiv(T, bt * steps), H), dout, y,
+        z if z is not None else dummy, mz if has_mz else dummy, mo, dy,
+        dz if z is not None else dummy, dmz if has_mz else dummy, dmo, T, H,
+        R=R, P=P, BT=bt, STEPS=steps, HAS_Z=z is not None, HAS_MZ=has_mz, num_warps=4,
+    )  # fmt: skip
+    return dy, dz, dmz, dmo
+
+
+@eager_custom_op("mamba3_triton::mimo_gate_bwd")
+def _gate_bwd_op(
+    dout: Tensor, y: Tensor, z: Tensor | None, mz: Tensor | None, mo: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return gate_bwd(dout.contiguous(), y.contiguous(), z, mz, mo)
+
+
+@_gate_bwd_op.register_fake
+def _gate_bwd_fake(dout, y, z, mz, mo):
+    f32 = torch.float32
+    H, R, P = mo.shape
+    e = y.new_empty
+    has_mz = z is not None and mz is not None
+    return (e(y.shape, dtype=f32), e(z.shape, dtype=f32) if z is not None else e(0),
+            e((H, R, P), dtype=f32) if has_mz else e(0), e((H, R, P), dtype=f32))  # fmt: skip
+
+
+def _gate_forward(y: Tensor, z: Tensor | None, mz: Tensor | None, mo: Tensor) -> Tensor:
+    """out (B, L, H, P) fp32 in PyTorch (see the module docstring)."""
+    if z is not None:
+        zr = z.float().unsqueeze(2)
+        if mz is not None:
+            zr = zr * mz.transpose(0, 1)
+        y = y * F.silu(zr)
+    return (y * mo.transpose(0, 1)).sum(2)
+
+
+class _MimoGate(torch.autograd.Function):
+    """The epilogue as one autograd node (setup_context style for functorch)."""
+
+    @staticmethod
+    def forward(y, z, mz, mo, need_value, out_dtype):
+        if need_value:
+            return _gate_forward(y, z, mz, mo).to(out_dtype)
+        # Value not wanted (a vjp-only caller): zero-strided zeros, no passes over y.
+        B, L, R, H, P = y.shape
+        return torch.zeros(1, dtype=out_dtype, device=y.device).expand(B, L, H, P)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        y, z, mz, mo, _, _ = inputs
+        ctx.save_for_backward(y, z, mz, mo)
+
+    @staticmethod
+    def backward(ctx, dout):
+        y, z, mz, mo = ctx.saved_tensors
+        dy, dz, dmz, dmo = _gate_bwd_op(dout, y, z, mz, mo)
+        return (dy, dz.to(z.dtype) if z is not None else None,
+                dmz if z is not None and mz is not None else None, dmo, None, None)  # fmt: skip
+
+
+def mimo_gate(y: Tensor, z: Tensor | None, mimo_z: Tensor | None, mimo_o: Tensor,
+              out_dtype: torch.dtype, need_value: bool = True) -> Tensor:  # fmt: skip
+    """Differentiable MIMO epilogue: out (B, L, H, P) in ``out_dtype`` = sum_r mimo_o_r * y_r *
+    silu(z * mimo_z_r) (no gate without z). y (B, L, R, H, P) fp32; z (B, L, H, P) or None;
+    mimo_z (H, R, P) or None; mimo_o (H, R, P). need_value=False: the output's value is zeros
+    (a caller that only takes the vjp), its gradients stay exact."""
+    mz = mimo_z.float() if mimo_z is not None else None
+    return apply_positional(_MimoGate, y, z, mz, mimo_o.float(), need_value, out_dtype)
