@@ -84,6 +84,8 @@ def test_gate_op_schema_and_fake():
     utils = ("test_schema", "test_faketensor")
     for args in ((dout, y, z, mz, mo), (dout, y, None, None, mo)):
         torch.library.opcheck(torch.ops.mamba3_triton.mimo_gate_bwd.default, args, test_utils=utils)
+    torch.library.opcheck(torch.ops.mamba3_triton.mimo_vmix_bwd.default, (y, z, mo),
+                          test_utils=utils)  # fmt: skip
 
 
 _SM90 = textwrap.dedent(
@@ -104,6 +106,15 @@ _SM90 = textwrap.dedent(
         assert ".target sm_90" in ptx
         assert "red.global" in ptx or "atom.global" in ptx  # the per-head weight sums
         print("ok", R)
+    fn = mg._vmix_bwd_kernel
+    c = dict(R=4, P=64, BT=4, STEPS=16)
+    sig = {a: "constexpr" if a in c else ("i32" if a in ("T", "H") else "*fp32")
+           for a in fn.arg_names}
+    sig.update(v_ptr="*bf16", dv_ptr="*bf16")
+    k = triton.compile(triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=c),
+                       target=GPUTarget("cuda", 90, 64), options={"num_warps": 4})
+    assert ".target sm_90" in k.asm["ptx"]
+    print("ok vmix")
     """
 )
 
@@ -114,4 +125,26 @@ def test_gate_kernel_compiles_for_sm90_without_gpu():
         [sys.executable, "-c", _SM90], env=env, capture_output=True, text=True, timeout=300
     )
     assert res.returncode == 0, res.stderr[-3000:]
-    assert res.stdout.count("ok") == 3
+    assert res.stdout.count("ok") == 4
+
+
+@cpu_interpreted
+@pytest.mark.parametrize("rank,dtype", [(2, torch.float32), (4, torch.bfloat16)])
+def test_v_mix_matches_autograd(rank, dtype):
+    """vr = v * mimo_v (the prologue): gradients against float64 autograd, 90 tokens."""
+    g = torch.Generator().manual_seed(rank)
+    B, L, H, P = 2, 45, 3, 16
+    v = torch.randn(B, L, H, P, generator=g).to(dtype)
+    mv = torch.randn(H, rank, P, generator=g)
+    dvr = torch.randn(B, L, rank, H, P, generator=g)
+    v64, mv64 = v.double().requires_grad_(), mv.double().requires_grad_()
+    want = torch.autograd.grad(v64.unsqueeze(2) * mv64.transpose(0, 1), (v64, mv64), dvr.double())
+    leaves = v.clone().requires_grad_(), mv.clone().requires_grad_()
+    vr = mg.mimo_v_mix(*leaves)
+    assert vr.dtype == torch.float32 and vr.shape == (B, L, rank, H, P)
+    assert rel_err(vr, v64.unsqueeze(2) * mv64.transpose(0, 1)) < 1e-6
+    vr.backward(dvr)
+    for leaf, ref in zip(leaves, want, strict=True):
+        assert leaf.grad.dtype == leaf.dtype
+        tol = 1e-2 if leaf.dtype == torch.bfloat16 else 1e-5
+        assert rel_err(leaf.grad, ref) < tol, rel_err(leaf.grad, ref)

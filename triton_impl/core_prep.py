@@ -26,7 +26,7 @@ from mamba3_kernels.problem import Problem
 from mamba3_kernels.state import Mamba3State
 
 from .core_rotary import angle_scan, rot_core_scan
-from .mimo_gate import mimo_gate
+from .mimo_gate import mimo_gate, mimo_v_mix
 
 __all__ = ["scan_via_core", "rotate"]
 
@@ -117,12 +117,13 @@ def scan_via_core(
     else:
         qb, kb = inputs.q_bias.float().unsqueeze(0), inputs.k_bias.float().unsqueeze(0)
     mv = inputs.mimo_v.float().transpose(0, 1) if mimo and inputs.mimo_v is not None else None
-    # SISO: the core reads v in its own dtype (it upcasts in registers): no fp32 copy
-    vr = v.unsqueeze(2) if not mimo and v.dtype != torch.float64 else v.float().unsqueeze(2)
     if mv is not None:
-        vr = vr * mv
-    elif R > 1:
-        vr = vr.expand(-1, -1, R, -1, -1)
+        vr = mimo_v_mix(v, inputs.mimo_v)  # its backward one Triton pass (mimo_gate)
+    else:
+        # SISO: the core reads v in its own dtype (it upcasts in registers): no fp32 copy
+        vr = v.unsqueeze(2) if not mimo and v.dtype != torch.float64 else v.float().unsqueeze(2)
+        if R > 1:
+            vr = vr.expand(-1, -1, R, -1, -1)
 
     s0 = None
     if init is not None:

@@ -1,12 +1,13 @@
-"""The MIMO epilogue (z gate and mimo_o rank sum) with a one-pass Triton backward.
+"""The MIMO rank mixing around the core, each with a one-pass Triton backward: the epilogue (z
+gate and mimo_o rank sum) and the prologue (v's rank weights).
 
-Per token t, head h, rank r (SPEC.md): zr = z_t * mimo_z_r (z_t without mimo_z),
-yg = y_{t,r} * silu(zr), out_t = sum_r mimo_o_r * yg. Through PyTorch autograd its backward is
-about ten elementwise passes and five reductions over (B, L, R, H, P) fp32 tensors (counted with
-a dispatch mode: ~300 bf16 (B, L, H, P) tensors of traffic at R=4, ~5 GB at (1, 16384), H=64,
-P=64, of a MIMO backward whose PyTorch glue moved ~56 GB; bench/NOTES.md). ``_gate_bwd_kernel``
-reads dout, y and z once and writes dy and dz once, summing the mimo_z and mimo_o gradients
-per head in the same pass.
+Per token t, head h, rank r (SPEC.md): vr_{t,r} = v_t * mimo_v_r into the core;
+zr = z_t * mimo_z_r (z_t without mimo_z), yg = y_{t,r} * silu(zr), out_t = sum_r mimo_o_r * yg
+out of it. Through PyTorch autograd their backward is about fourteen elementwise passes and
+seven reductions over (B, L, R, H, P) fp32 tensors (counted with a dispatch mode: ~320 bf16
+(B, L, H, P) tensors of traffic at R=4 with z, ~43 GB at (1, 16384), H=64, P=64; bench/NOTES.md).
+``_gate_bwd_kernel`` reads dout, y and z once and writes dy and dz once; ``_vmix_bwd_kernel``
+reads dvr and v once and writes dv once; both sum their weights' gradients per program.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from mamba3_kernels.eager_calls import apply_positional, eager_custom_op
 
 from .parallel_compile import run_kernel
 
-__all__ = ["mimo_gate"]
+__all__ = ["mimo_gate", "mimo_v_mix"]
 
 _ROWS = 16  # rank rows (tokens x R) per step: 72 registers at R=4, P=64 (no spills)
 _TOKENS = 64  # tokens per program (its mimo_z / mimo_o sums: one atomic add per program)
@@ -170,3 +171,83 @@ def mimo_gate(y: Tensor, z: Tensor | None, mimo_z: Tensor | None, mimo_o: Tensor
     (a caller that only takes the vjp), its gradients stay exact."""
     mz = mimo_z.float() if mimo_z is not None else None
     return apply_positional(_MimoGate, y, z, mz, mimo_o.float(), need_value, out_dtype)
+
+
+@triton.jit
+def _vmix_bwd_kernel(
+    dvr_ptr, v_ptr, mv_ptr, dv_ptr, dmv_ptr, T, H,
+    R: tl.constexpr, P: tl.constexpr, BT: tl.constexpr, STEPS: tl.constexpr,
+):  # fmt: skip
+    """Grid (cdiv(T, BT * STEPS), H). dvr (T, R, H, P) fp32; v, dv (T, H, P); mimo_v (H, R, P)
+    fp32; dmv (H, R, P) fp32, zero-initialised: dv_t = sum_r dvr_{t,r} mimo_v_r,
+    dmv_r += sum_t dvr_{t,r} v_t."""
+    h = tl.program_id(1)
+    rows = tl.arange(0, BT * R)
+    r = rows % R
+    pp = tl.arange(0, P)[None, :]
+    mv = tl.load(mv_ptr + (h * R + r)[:, None] * P + pp)
+    acc = tl.zeros((R, P), dtype=tl.float32)
+    for step in range(STEPS):
+        t0 = (tl.program_id(0) * STEPS + step) * BT
+        t = (t0 + rows // R).to(tl.int64)
+        valid = (t < T)[:, None]
+        dvr = tl.load(dvr_ptr + ((t * R + r) * H + h)[:, None] * P + pp, mask=valid, other=0.0)
+        v = tl.load(v_ptr + (t * H + h)[:, None] * P + pp, mask=valid, other=0.0).to(tl.float32)
+        acc += tl.sum(tl.reshape(dvr * v, (BT, R, P)), axis=0)
+        dv = tl.sum(tl.reshape(dvr * mv, (BT, R, P)), axis=1)
+        tt = (t0 + tl.arange(0, BT)).to(tl.int64)
+        dv_off = (tt * H + h)[:, None] * P + tl.arange(0, P)[None, :]
+        tl.store(dv_ptr + dv_off, dv.to(dv_ptr.dtype.element_ty), mask=(tt < T)[:, None])
+    rp = tl.arange(0, R)[:, None] * P + tl.arange(0, P)[None, :]
+    tl.atomic_add(dmv_ptr + h * R * P + rp, acc, sem="relaxed")
+
+
+def vmix_bwd(dvr: Tensor, v: Tensor, mv: Tensor) -> tuple[Tensor, Tensor]:
+    """(dv, dmv) of vr = v * mimo_v: dvr (B, L, R, H, P) fp32; v (B, L, H, P); mv (H, R, P)
+    fp32. dv (B, L, H, P) in v's dtype, dmv (H, R, P) fp32."""
+    B, L, R, H, P = dvr.shape
+    T = B * L
+    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    dmv = torch.zeros((H, R, P), dtype=torch.float32, device=v.device)
+    if T == 0:
+        return dv, dmv
+    bt = max(1, _ROWS // R)
+    steps = max(1, _TOKENS // bt)
+    run_kernel(
+        _vmix_bwd_kernel, (triton.cdiv(T, bt * steps), H), dvr, v, mv, dv, dmv, T, H,
+        R=R, P=P, BT=bt, STEPS=steps, num_warps=4,
+    )  # fmt: skip
+    return dv, dmv
+
+
+@eager_custom_op("mamba3_triton::mimo_vmix_bwd")
+def _vmix_bwd_op(dvr: Tensor, v: Tensor, mv: Tensor) -> tuple[Tensor, Tensor]:
+    return vmix_bwd(dvr.contiguous(), v.contiguous(), mv.contiguous())
+
+
+@_vmix_bwd_op.register_fake
+def _vmix_bwd_fake(dvr, v, mv):
+    return v.new_empty(v.shape), v.new_empty(mv.shape, dtype=torch.float32)
+
+
+class _MimoVMix(torch.autograd.Function):
+    """vr = v * mimo_v as one autograd node (setup_context style for functorch)."""
+
+    @staticmethod
+    def forward(v, mv):
+        return v.float().unsqueeze(2) * mv.transpose(0, 1)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    @staticmethod
+    def backward(ctx, dvr):
+        v, mv = ctx.saved_tensors
+        dv, dmv = _vmix_bwd_op(dvr.float(), v, mv)
+        return dv, dmv
+
+
+def mimo_v_mix(v: Tensor, mimo_v: Tensor) -> Tensor:
+    """Differentiable vr (B, L, R, H, P) fp32 = v (B, L, H, P) * mimo_v (H, R, P) per rank."""
+    return apply_positional(_MimoVMix, v, mimo_v.float())
