@@ -21,29 +21,32 @@ cpu_interpreted = pytest.mark.skipif(not INTERPRET, reason="needs TRITON_INTERPR
 
 
 def _truth(y, z, mz, mo, dout):
-    """Value and gradients of sum_r mo_r * y_r * silu(z * mz_r) by float64 autograd."""
+    """Value and gradients of sum_r mo_r * y_r * silu(z * mz_r) (mo None: y silu(z), R = 1) by
+    float64 autograd."""
     leaves = [t.double().requires_grad_() if t is not None else None for t in (y, z, mz, mo)]
     y64, z64, mz64, mo64 = leaves
     gate = 1.0
     if z64 is not None:
         zr = z64.unsqueeze(2) * (mz64.transpose(0, 1) if mz64 is not None else 1.0)
         gate = torch.nn.functional.silu(zr)
-    out = (y64 * gate * mo64.transpose(0, 1)).sum(2)
+    out = (y64 * gate * (mo64.transpose(0, 1) if mo64 is not None else 1.0)).sum(2)
     present = [t for t in leaves if t is not None]
     grads = iter(torch.autograd.grad(out, present, dout.double()))
     return out, [next(grads) if t is not None else None for t in leaves]
 
 
 @cpu_interpreted
-@pytest.mark.parametrize("rank", [2, 4])
-@pytest.mark.parametrize("gate", ["none", "z", "z_mz"])
+@pytest.mark.parametrize(
+    "rank,gate", [(r, gt) for r in (2, 4) for gt in ("none", "z", "z_mz")] + [(1, "siso")]
+)
 def test_gate_matches_autograd(rank, gate):
+    """The MIMO epilogue with each gate, and SISO's z gate (R = 1, no mimo_o)."""
     g = torch.Generator().manual_seed(rank + len(gate))
     B, L, H, P = 2, 45, 3, 16  # 90 tokens: two programs per head, the second partial
     y = torch.randn(B, L, rank, H, P, generator=g)
     z = torch.randn(B, L, H, P, generator=g).to(torch.bfloat16) if gate != "none" else None
     mz = torch.randn(H, rank, P, generator=g) + 1.0 if gate == "z_mz" else None
-    mo = torch.randn(H, rank, P, generator=g)
+    mo = torch.randn(H, rank, P, generator=g) if gate != "siso" else None
     dout = torch.randn(B, L, H, P, generator=g).to(torch.bfloat16)
     want_out, want = _truth(y, z, mz, mo, dout)
 
@@ -95,8 +98,9 @@ _SM90 = textwrap.dedent(
     from mamba3_kernels.triton_impl import mimo_gate as mg
 
     fn = mg._gate_bwd_kernel
-    for R, z, mz in ((4, True, True), (2, True, False), (8, False, False)):
-        c = dict(R=R, P=64, BT=max(1, mg._ROWS // R), STEPS=4, HAS_Z=z, HAS_MZ=mz)
+    for R, z, mz, mo in ((4, True, True, True), (2, True, False, True), (8, False, False, True),
+                         (1, True, False, False)):
+        c = dict(R=R, P=64, BT=max(1, mg._ROWS // R), STEPS=4, HAS_Z=z, HAS_MZ=mz, HAS_MO=mo)
         sig = {a: "constexpr" if a in c else ("i32" if a in ("T", "H") else "*fp32")
                for a in fn.arg_names}
         sig.update(dout_ptr="*bf16", z_ptr="*bf16")
@@ -104,7 +108,8 @@ _SM90 = textwrap.dedent(
                            target=GPUTarget("cuda", 90, 64), options={"num_warps": 4})
         ptx = k.asm["ptx"]
         assert ".target sm_90" in ptx
-        assert "red.global" in ptx or "atom.global" in ptx  # the per-head weight sums
+        if mo:  # the per-head weight sums
+            assert "red.global" in ptx or "atom.global" in ptx
         print("ok", R)
     fn = mg._vmix_bwd_kernel
     c = dict(R=4, P=64, BT=4, STEPS=16)
@@ -125,7 +130,7 @@ def test_gate_kernel_compiles_for_sm90_without_gpu():
         [sys.executable, "-c", _SM90], env=env, capture_output=True, text=True, timeout=300
     )
     assert res.returncode == 0, res.stderr[-3000:]
-    assert res.stdout.count("ok") == 4
+    assert res.stdout.count("ok") == 5
 
 
 @cpu_interpreted

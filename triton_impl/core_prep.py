@@ -151,9 +151,10 @@ def scan_via_core(
                           need_y, D)  # fmt: skip
 
     # ---- epilogue -------------------------------------------------------------------------
-    if mimo and inputs.mimo_o is not None:
+    if (mimo and inputs.mimo_o is not None) or (not mimo and inputs.z is not None):
         # gate and rank sum in one node, its backward one Triton pass (mimo_gate)
-        out = mimo_gate(y, inputs.z, inputs.mimo_z, inputs.mimo_o, v.dtype, values)
+        mo = inputs.mimo_o if mimo else None
+        out = mimo_gate(y, inputs.z, inputs.mimo_z if mimo else None, mo, v.dtype, values)
     else:
         if inputs.z is not None:
             zr = inputs.z.float().unsqueeze(2)

@@ -32,17 +32,19 @@ _TOKENS = 64  # tokens per program (its mimo_z / mimo_o sums: one atomic add per
 def _gate_bwd_kernel(
     dout_ptr, y_ptr, z_ptr, mz_ptr, mo_ptr, dy_ptr, dz_ptr, dmz_ptr, dmo_ptr, T, H,
     R: tl.constexpr, P: tl.constexpr, BT: tl.constexpr, STEPS: tl.constexpr,
-    HAS_Z: tl.constexpr, HAS_MZ: tl.constexpr,
+    HAS_Z: tl.constexpr, HAS_MZ: tl.constexpr, HAS_MO: tl.constexpr,
 ):  # fmt: skip
     """Grid (cdiv(T, BT * STEPS), H) over T = B * L tokens, STEPS blocks of BT tokens per
     program. dout, z (T, H, P); y, dy (T, R, H, P) fp32; mimo_z, mimo_o (H, R, P) fp32; dz
-    (T, H, P) fp32; dmz, dmo (H, R, P) fp32, zero-initialised (each program adds its part)."""
+    (T, H, P) fp32; dmz, dmo (H, R, P) fp32, zero-initialised (each program adds its part).
+    Without HAS_MO (SISO's gate: R = 1) the rank weights are ones."""
     h = tl.program_id(1)
     rows = tl.arange(0, BT * R)
     r = rows % R
     pp = tl.arange(0, P)[None, :]
     w_off = (h * R + r)[:, None] * P + pp
-    mo = tl.load(mo_ptr + w_off)
+    if HAS_MO:
+        mo = tl.load(mo_ptr + w_off)
     if HAS_MZ:
         mz = tl.load(mz_ptr + w_off)
     rp = tl.arange(0, R)[:, None] * P + tl.arange(0, P)[None, :]
@@ -56,7 +58,9 @@ def _gate_bwd_kernel(
         y_off = ((t * R + r) * H + h)[:, None] * P + pp
         y = tl.load(y_ptr + y_off, mask=valid, other=0.0)
         dout = tl.load(dout_ptr + tok, mask=valid, other=0.0).to(tl.float32)
-        dyg = dout * mo
+        dyg = dout
+        if HAS_MO:
+            dyg = dout * mo
         if HAS_Z:
             zt = tl.load(z_ptr + tok, mask=valid, other=0.0).to(tl.float32)
             zr = zt
@@ -78,18 +82,21 @@ def _gate_bwd_kernel(
         else:
             yg = y
             dy = dyg
-        acc_mo += tl.sum(tl.reshape(dout * yg, (BT, R, P)), axis=0)
+        if HAS_MO:
+            acc_mo += tl.sum(tl.reshape(dout * yg, (BT, R, P)), axis=0)
         tl.store(dy_ptr + y_off, dy, mask=valid)
-    tl.atomic_add(dmo_ptr + h * R * P + rp, acc_mo, sem="relaxed")
+    if HAS_MO:
+        tl.atomic_add(dmo_ptr + h * R * P + rp, acc_mo, sem="relaxed")
     if HAS_MZ:
         tl.atomic_add(dmz_ptr + h * R * P + rp, acc_mz, sem="relaxed")
 
 
-def gate_bwd(dout: Tensor, y: Tensor, z: Tensor | None, mz: Tensor | None, mo: Tensor):
+def gate_bwd(dout: Tensor, y: Tensor, z: Tensor | None, mz: Tensor | None, mo: Tensor | None):
     """(dy, dz, dmz, dmo) of out = sum_r mo_r * y_r * silu(z * mz_r) (no gate without z).
     dout (B, L, H, P); y (B, L, R, H, P) fp32; z (B, L, H, P) or None; mz, mo (H, R, P) fp32
-    (mz None: z ungated by rank). dy (B, L, R, H, P) fp32; dz (B, L, H, P) fp32 or an empty
-    tensor; dmz, dmo (H, R, P) fp32 (dmz empty without z and mz)."""
+    (mz None: z ungated by rank; mo None, only with R = 1: SISO's gate). dy (B, L, R, H, P)
+    fp32; dz (B, L, H, P) fp32 or an empty tensor; dmz, dmo (H, R, P) fp32 (empty without
+    z and mz, without mo)."""
     B, L, R, H, P = y.shape
     T = B * L
     f32 = torch.float32
@@ -97,24 +104,27 @@ def gate_bwd(dout: Tensor, y: Tensor, z: Tensor | None, mz: Tensor | None, mo: T
     dz = torch.empty(z.shape, dtype=f32, device=y.device) if z is not None else y.new_empty(0)
     has_mz = z is not None and mz is not None
     dmz = torch.zeros((H, R, P), dtype=f32, device=y.device) if has_mz else y.new_empty(0)
-    dmo = torch.zeros((H, R, P), dtype=f32, device=y.device)
+    if mo is None and R != 1:
+        raise ValueError(f"the gate without mimo_o needs one rank, not {R}")
+    dmo = torch.zeros((H, R, P), dtype=f32, device=y.device) if mo is not None else y.new_empty(0)
     if T == 0:
         return dy, dz, dmz, dmo
     bt = max(1, _ROWS // R)
     steps = max(1, _TOKENS // bt)
-    dummy = dmo
+    dummy = dy
     run_kernel(
         _gate_bwd_kernel, (triton.cdiv(T, bt * steps), H), dout, y,
-        z if z is not None else dummy, mz if has_mz else dummy, mo, dy,
-        dz if z is not None else dummy, dmz if has_mz else dummy, dmo, T, H,
-        R=R, P=P, BT=bt, STEPS=steps, HAS_Z=z is not None, HAS_MZ=has_mz, num_warps=4,
+        z if z is not None else dummy, mz if has_mz else dummy, mo if mo is not None else dummy,
+        dy, dz if z is not None else dummy, dmz if has_mz else dummy,
+        dmo if mo is not None else dummy, T, H, R=R, P=P, BT=bt, STEPS=steps,
+        HAS_Z=z is not None, HAS_MZ=has_mz, HAS_MO=mo is not None, num_warps=4,
     )  # fmt: skip
     return dy, dz, dmz, dmo
 
 
 @eager_custom_op("mamba3_triton::mimo_gate_bwd")
 def _gate_bwd_op(
-    dout: Tensor, y: Tensor, z: Tensor | None, mz: Tensor | None, mo: Tensor
+    dout: Tensor, y: Tensor, z: Tensor | None, mz: Tensor | None, mo: Tensor | None
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return gate_bwd(dout.contiguous(), y.contiguous(), z, mz, mo)
 
@@ -122,21 +132,22 @@ def _gate_bwd_op(
 @_gate_bwd_op.register_fake
 def _gate_bwd_fake(dout, y, z, mz, mo):
     f32 = torch.float32
-    H, R, P = mo.shape
+    B, L, R, H, P = y.shape
     e = y.new_empty
     has_mz = z is not None and mz is not None
     return (e(y.shape, dtype=f32), e(z.shape, dtype=f32) if z is not None else e(0),
-            e((H, R, P), dtype=f32) if has_mz else e(0), e((H, R, P), dtype=f32))  # fmt: skip
+            e((H, R, P), dtype=f32) if has_mz else e(0),
+            e((H, R, P), dtype=f32) if mo is not None else e(0))  # fmt: skip
 
 
-def _gate_forward(y: Tensor, z: Tensor | None, mz: Tensor | None, mo: Tensor) -> Tensor:
+def _gate_forward(y: Tensor, z: Tensor | None, mz: Tensor | None, mo: Tensor | None) -> Tensor:
     """out (B, L, H, P) fp32 in PyTorch (see the module docstring)."""
     if z is not None:
         zr = z.float().unsqueeze(2)
         if mz is not None:
             zr = zr * mz.transpose(0, 1)
         y = y * F.silu(zr)
-    return (y * mo.transpose(0, 1)).sum(2)
+    return (y * mo.transpose(0, 1)).sum(2) if mo is not None else y.squeeze(2)
 
 
 class _MimoGate(torch.autograd.Function):
@@ -160,17 +171,20 @@ class _MimoGate(torch.autograd.Function):
         y, z, mz, mo = ctx.saved_tensors
         dy, dz, dmz, dmo = _gate_bwd_op(dout, y, z, mz, mo)
         return (dy, dz.to(z.dtype) if z is not None else None,
-                dmz if z is not None and mz is not None else None, dmo, None, None)  # fmt: skip
+                dmz if z is not None and mz is not None else None,
+                dmo if mo is not None else None, None, None)  # fmt: skip
 
 
-def mimo_gate(y: Tensor, z: Tensor | None, mimo_z: Tensor | None, mimo_o: Tensor,
+def mimo_gate(y: Tensor, z: Tensor | None, mimo_z: Tensor | None, mimo_o: Tensor | None,
               out_dtype: torch.dtype, need_value: bool = True) -> Tensor:  # fmt: skip
-    """Differentiable MIMO epilogue: out (B, L, H, P) in ``out_dtype`` = sum_r mimo_o_r * y_r *
+    """Differentiable epilogue: out (B, L, H, P) in ``out_dtype`` = sum_r mimo_o_r * y_r *
     silu(z * mimo_z_r) (no gate without z). y (B, L, R, H, P) fp32; z (B, L, H, P) or None;
-    mimo_z (H, R, P) or None; mimo_o (H, R, P). need_value=False: the output's value is zeros
-    (a caller that only takes the vjp), its gradients stay exact."""
+    mimo_z (H, R, P) or None; mimo_o (H, R, P), or None with R = 1 (SISO's z gate:
+    out = y silu(z)). need_value=False: the output's value is zeros (a caller that only takes
+    the vjp), its gradients stay exact."""
     mz = mimo_z.float() if mimo_z is not None else None
-    return apply_positional(_MimoGate, y, z, mz, mimo_o.float(), need_value, out_dtype)
+    mo = mimo_o.float() if mimo_o is not None else None
+    return apply_positional(_MimoGate, y, z, mz, mo, need_value, out_dtype)
 
 
 @triton.jit
