@@ -219,16 +219,14 @@ def _compile_ahead(problem, inputs, grad_out, grad_state, config) -> None:
 def _segmented(problem: Problem, config: ChunkBwdConfig, device: torch.device) -> tuple:
     """Whether the core backward and the core forward (when it runs) cut this call's walks into
     segments (other kernels, other specialisations)."""
-    from .core_segments import segment_len
+    from .core_segments import bwd_segment_len, fwd_segment_len
 
     if problem.varlen:
         return (False, False)
-    L = problem.seqlen
-    chunk = _chunk(problem, config)
-    heads = problem.nseq * problem.nheads
-    bwd = segment_len(L, heads * 2 * config.split_n, chunk, config.num_warps, config.segment,
-                      device)  # fmt: skip
-    fwd = segment_len(L, heads, chunk, config.num_warps, config.segment, device)
+    L, nseq, H = problem.seqlen, problem.nseq, problem.nheads
+    chunk, warps, segment = _chunk(problem, config), config.num_warps, config.segment
+    bwd = bwd_segment_len(L, nseq, H, config.split_n, chunk, warps, segment, device)
+    fwd = fwd_segment_len(L, nseq, H, chunk, warps, segment, device)
     return (bwd < L, fwd < L)
 
 

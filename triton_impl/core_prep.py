@@ -26,7 +26,7 @@ from mamba3_kernels.problem import Problem
 from mamba3_kernels.state import Mamba3State
 
 from .core_rotary import angle_scan, rot_core_scan
-from .mimo_gate import mimo_gate, mimo_v_mix
+from .mimo_gate import gated, mimo_gate, mimo_v_mix
 
 __all__ = ["scan_via_core", "rotate"]
 
@@ -155,12 +155,8 @@ def scan_via_core(
         # gate and rank sum in one node, its backward one Triton pass (mimo_gate)
         mo = inputs.mimo_o if mimo else None
         out = mimo_gate(y, inputs.z, inputs.mimo_z if mimo else None, mo, v.dtype, values)
-    else:
-        if inputs.z is not None:
-            zr = inputs.z.float().unsqueeze(2)
-            if mimo and inputs.mimo_z is not None:
-                zr = zr * inputs.mimo_z.float().transpose(0, 1)
-            y = y * F.silu(zr)
+    else:  # MIMO without mimo_o (the rank axis is returned), or SISO without z
+        y = gated(y, inputs.z, inputs.mimo_z if mimo else None)
         out = (y if mimo else y.squeeze(2)).to(v.dtype)
     if not state:
         return out, None

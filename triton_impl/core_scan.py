@@ -431,7 +431,7 @@ def core_fwd(qr, kr, vr, adt, w, gam, s0, cu_seqlens, meta, D=None):
     num_stages, nseq[, segment]) (segment: tokens per segment of the walks, 0 chosen for the
     device, core_segments.segment_len; ignored with cu_seqlens). Returns y (B, L, R, H, P) fp32
     and S_final (nseq, H, P, N) fp32."""
-    from .core_segments import segment_len, segment_states  # (it imports this module)
+    from .core_segments import fwd_segment_len, segment_states  # (it imports this module)
 
     chunk, dot_dtype, num_warps, num_stages, nseq = meta[:5]
     segment = meta[5] if len(meta) > 5 else 0
@@ -446,7 +446,7 @@ def core_fwd(qr, kr, vr, adt, w, gam, s0, cu_seqlens, meta, D=None):
     consts = _consts(R, N, P, chunk, cu_seqlens is not None, dot_dtype)
     seg = L
     if cu_seqlens is None:
-        seg = segment_len(L, nseq * H, chunk, num_warps, segment, qr.device)
+        seg = fwd_segment_len(L, nseq, H, chunk, num_warps, segment, qr.device)
     s_in, nseg = dummy, 1
     if seg < L:
         s_in, _, nseg = segment_states(qr, kr, vr, adt, w, gam, s0, None, None, consts, nseq,
@@ -471,7 +471,7 @@ def core_bwd(qr, kr, vr, adt, w, gam, s0, cu_seqlens, meta, dy, dsf, D=None):
     N / split_n state columns (their partial sums over N are added atomically, so the result's
     rounding may differ from run to run); segment: tokens per segment of the sweeps (0: chosen
     for the device, core_segments.segment_len; ignored with cu_seqlens)."""
-    from .core_segments import segment_len, segment_states  # (it imports this module)
+    from .core_segments import bwd_segment_len, segment_states  # (it imports this module)
 
     chunk, dot_dtype, num_warps, num_stages, nseq = meta[:5]
     split_n = meta[5] if len(meta) > 5 else 1
@@ -500,7 +500,7 @@ def core_bwd(qr, kr, vr, adt, w, gam, s0, cu_seqlens, meta, dy, dsf, D=None):
         dsf = dsf.contiguous() if dsf is not None else None
         seg = L
         if cu_seqlens is None:
-            seg = segment_len(L, nseq * H * 2 * split_n, chunk, num_warps, segment, dev)
+            seg = bwd_segment_len(L, nseq, H, split_n, chunk, num_warps, segment, dev)
         s_in = ds_out = dummy
         nseg = 1
         if seg < L:

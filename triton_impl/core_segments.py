@@ -27,7 +27,7 @@ import triton.language as tl
 from .core_scan import _dstate_step, _load_chunk, _seq_bounds, _state_step
 from .parallel_compile import run_kernel
 
-__all__ = ["segment_len", "segment_states"]
+__all__ = ["bwd_segment_len", "fwd_segment_len", "segment_len", "segment_states"]
 
 # The core backward's threads hold 255 registers (bench/NOTES.md), so a multiprocessor's 64K
 # registers hold 8 warps of it: two programs of 4 warps or one of 8. _WAVES such waves of
@@ -39,6 +39,31 @@ _WAVES = 4
 _CONTRIB_STAGES = 1
 # Shortest automatic segment: each segment's states cost two extra P x N passes.
 _MIN_SEGMENT = 256
+
+
+_SMS: dict[int | None, int] = {}  # multiprocessors per CUDA device index (asked once)
+
+
+def _multiprocessors(device: torch.device) -> int:
+    n = _SMS.get(device.index)
+    if n is None:
+        n = _SMS[device.index] = torch.cuda.get_device_properties(device).multi_processor_count
+    return n
+
+
+def fwd_segment_len(
+    seqlen: int, nseq: int, H: int, chunk: int, num_warps: int, segment: int, device
+) -> int:
+    """segment_len of the core forward (one program per sequence and head)."""
+    return segment_len(seqlen, nseq * H, chunk, num_warps, segment, device)
+
+
+def bwd_segment_len(
+    seqlen: int, nseq: int, H: int, split_n: int, chunk: int, num_warps: int, segment: int,
+    device,
+) -> int:  # fmt: skip
+    """segment_len of the core backward (a program per sequence, head, sweep, column block)."""
+    return segment_len(seqlen, nseq * H * 2 * split_n, chunk, num_warps, segment, device)
 
 
 def segment_len(
@@ -53,8 +78,7 @@ def segment_len(
         return -(-segment // chunk) * chunk
     if device.type != "cuda":
         return seqlen
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    want = _WAVES * max(1, _WARPS_PER_SM // num_warps) * sms
+    want = _WAVES * max(1, _WARPS_PER_SM // num_warps) * _multiprocessors(device)
     nseg = 1
     while programs * nseg < want and seqlen // (2 * nseg) >= _MIN_SEGMENT:
         nseg *= 2

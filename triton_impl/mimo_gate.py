@@ -22,7 +22,7 @@ from mamba3_kernels.eager_calls import apply_positional, eager_custom_op
 
 from .parallel_compile import run_kernel
 
-__all__ = ["mimo_gate", "mimo_v_mix"]
+__all__ = ["gated", "mimo_gate", "mimo_v_mix"]
 
 _ROWS = 16  # rank rows (tokens x R) per step: 72 registers at R=4, P=64 (no spills)
 _TOKENS = 64  # tokens per program (its mimo_z / mimo_o sums: one atomic add per program)
@@ -140,13 +140,20 @@ def _gate_bwd_fake(dout, y, z, mz, mo):
             e((H, R, P), dtype=f32) if mo is not None else e(0))  # fmt: skip
 
 
+def gated(y: Tensor, z: Tensor | None, mz: Tensor | None) -> Tensor:
+    """y (B, L, R, H, P) times silu(z * mz_r) (z (B, L, H, P), mz (H, R, P) or None), in
+    PyTorch; y itself without z."""
+    if z is None:
+        return y
+    zr = z.float().unsqueeze(2)
+    if mz is not None:
+        zr = zr * mz.float().transpose(0, 1)
+    return y * F.silu(zr)
+
+
 def _gate_forward(y: Tensor, z: Tensor | None, mz: Tensor | None, mo: Tensor | None) -> Tensor:
     """out (B, L, H, P) fp32 in PyTorch (see the module docstring)."""
-    if z is not None:
-        zr = z.float().unsqueeze(2)
-        if mz is not None:
-            zr = zr * mz.transpose(0, 1)
-        y = y * F.silu(zr)
+    y = gated(y, z, mz)
     return (y * mo.transpose(0, 1)).sum(2) if mo is not None else y.squeeze(2)
 
 
