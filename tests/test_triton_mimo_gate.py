@@ -1,10 +1,12 @@
 """triton_impl.mimo_gate (the MIMO epilogue: z gate and mimo_o rank sum) vs PyTorch autograd
 of the same formula in float64 (CPU under TRITON_INTERPRET=1)."""
 
+import json
 import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -153,3 +155,16 @@ def test_v_mix_matches_autograd(rank, dtype):
         assert leaf.grad.dtype == leaf.dtype
         tol = 1e-2 if leaf.dtype == torch.bfloat16 else 1e-5
         assert rel_err(leaf.grad, ref) < tol, rel_err(leaf.grad, ref)
+
+
+def test_glue_traffic_script_runs(tmp_path):
+    """bench/glue_traffic.py (the op and traffic count behind the gate passes' numbers) runs
+    and writes its JSON."""
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "glue.json"
+    cmd = [sys.executable, str(root / "bench" / "glue_traffic.py"), "--rank", "4", "--z",
+           "--json", str(out)]  # fmt: skip
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=root)
+    assert res.returncode == 0, res.stderr[-2000:]
+    got = json.loads(out.read_text())
+    assert got["aten_ops"] > 0 and got["traffic_units"] > 0 and got["top"]
