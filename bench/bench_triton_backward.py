@@ -131,7 +131,8 @@ def sweep_core_bwd(batch: int, seqlen: int, rank: int) -> list[dict]:
                 return_mode="median",
             )
             fms = triton.testing.do_bench(
-                lambda meta=meta: cs.core_fwd(qr, kr, vr, adt, w, gam, s0, None, meta),
+                # core_fwd's meta has no split_n (its sixth entry is the segment length)
+                lambda meta=meta: cs.core_fwd(qr, kr, vr, adt, w, gam, s0, None, meta[:5]),
                 return_mode="median",
             )
         except Exception as e:  # a config that fails to compile or run is reported, not fatal

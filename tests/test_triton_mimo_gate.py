@@ -44,7 +44,7 @@ def _truth(y, z, mz, mo, dout):
 def test_gate_matches_autograd(rank, gate):
     """The MIMO epilogue with each gate, and SISO's z gate (R = 1, no mimo_o)."""
     g = torch.Generator().manual_seed(rank + len(gate))
-    B, L, H, P = 2, 45, 3, 16  # 90 tokens: two programs per head, the second partial
+    B, L, H, P = 2, 150, 3, 16  # 300 tokens: two programs per head, the second partial
     y = torch.randn(B, L, rank, H, P, generator=g)
     z = torch.randn(B, L, H, P, generator=g).to(torch.bfloat16) if gate != "none" else None
     mz = torch.randn(H, rank, P, generator=g) + 1.0 if gate == "z_mz" else None
@@ -138,9 +138,10 @@ def test_gate_kernel_compiles_for_sm90_without_gpu():
 @cpu_interpreted
 @pytest.mark.parametrize("rank,dtype", [(2, torch.float32), (4, torch.bfloat16)])
 def test_v_mix_matches_autograd(rank, dtype):
-    """vr = v * mimo_v (the prologue): gradients against float64 autograd, 90 tokens."""
+    """vr = v * mimo_v (the prologue): gradients against float64 autograd, 300 tokens (two
+    programs per head, the second partial)."""
     g = torch.Generator().manual_seed(rank)
-    B, L, H, P = 2, 45, 3, 16
+    B, L, H, P = 2, 150, 3, 16
     v = torch.randn(B, L, H, P, generator=g).to(dtype)
     mv = torch.randn(H, rank, P, generator=g)
     dvr = torch.randn(B, L, rank, H, P, generator=g)

@@ -65,16 +65,17 @@ def _chunk(problem: Problem, config: ChunkBwdConfig) -> int:
 
 
 def default_config(problem: Problem) -> ChunkBwdConfig:
-    """32 rows per chunk. SISO: 4 warps with the state columns over 2 programs per sweep (core
-    backward 3.5 ms vs 4.0 for one program with 8 warps, the best of rows 32/64 x warps 4/8 x
-    split 1/2 on an H100 at bf16, N=128, P=64, L=16384); MIMO: 8 warps, one program (the best
-    of rows 32/64 x warps 4/8 there; its column split is not timed yet). Segments chosen per
-    call (segment=0; core backward 3.36 -> 2.91 ms at SISO (1, 16384) on an H200).
-    bench/NOTES.md."""
+    """32 rows per chunk on 4 warps, one program per sweep (no column split), segments chosen
+    per call. With segments (segment=0) neither 8 warps nor the column split's extra programs
+    pay any more: core backward, H200, bf16, N=128, P=64, the best of rows 16/32/64 x warps
+    4/8 x split 1/2: SISO (1, 16384) 2.81 ms (3.38 with the split on 4 warps, the earlier
+    default), MIMO R=4 (8, 2048) 9.34 ms (12.41 on 8 warps, the earlier default); fwd+bwd
+    SISO (1, 16384) 6.10 -> 5.52 ms, MIMO R=4 (8, 2048) 29.76 -> 27.26 ms. bench/NOTES.md."""
     chunk = max(1, 32 // problem.rank)
-    if problem.rank == 1 and problem.d_state // 2 >= _MIN_DOT:
-        return ChunkBwdConfig(chunk_size=chunk, num_warps=4, num_stages=1, split_n=2)
-    return ChunkBwdConfig(chunk_size=chunk, num_warps=8, num_stages=1)
+    warps = 4
+    # the largest heads (N * P = 256 * 128) keep the state within 128 registers per thread
+    split_n = 1 if problem.d_state * problem.headdim <= 128 * 32 * warps else 2
+    return ChunkBwdConfig(chunk_size=chunk, num_warps=warps, num_stages=1, split_n=split_n)
 
 
 def search_space(problem: Problem) -> dict[str, list]:

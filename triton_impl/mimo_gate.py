@@ -25,7 +25,16 @@ from .parallel_compile import run_kernel
 __all__ = ["gated", "mimo_gate", "mimo_v_mix"]
 
 _ROWS = 16  # rank rows (tokens x R) per step: 72 registers at R=4, P=64 (no spills)
-_TOKENS = 64  # tokens per program (its mimo_z / mimo_o sums: one atomic add per program)
+# Tokens per program: each program adds its (R, P) weight-gradient sums atomically once, so this
+# sets the number of atomic adds (at 64 tokens, serialised adds on the same few cache lines were
+# 80 % of the kernels' time on an H200; bench/NOTES.md).
+_TOKENS = 256
+
+
+@triton.jit
+def _fold_tokens(acc, BT: tl.constexpr, R: tl.constexpr, P: tl.constexpr):
+    """(BT * R, P) per-row sums -> (R, P) per-rank sums (rows are token * R + rank)."""
+    return tl.sum(tl.reshape(acc, (BT, R, P)), axis=0)
 
 
 @triton.jit
@@ -34,11 +43,15 @@ def _gate_bwd_kernel(
     R: tl.constexpr, P: tl.constexpr, BT: tl.constexpr, STEPS: tl.constexpr,
     HAS_Z: tl.constexpr, HAS_MZ: tl.constexpr, HAS_MO: tl.constexpr,
 ):  # fmt: skip
-    """Grid (cdiv(T, BT * STEPS), H) over T = B * L tokens, STEPS blocks of BT tokens per
-    program. dout, z (T, H, P); y, dy (T, R, H, P) fp32; mimo_z, mimo_o (H, R, P) fp32; dz
-    (T, H, P) fp32; dmz, dmo (H, R, P) fp32, zero-initialised (each program adds its part).
+    """Grid (cdiv(T, BT * STEPS) * H,) over T = B * L tokens and the heads (heads fastest),
+    STEPS blocks of BT tokens per program. dout, z (T, H, P); y, dy (T, R, H, P) fp32;
+    mimo_z, mimo_o (H, R, P) fp32; dz (T, H, P) fp32; dmz, dmo (H, R, P) fp32,
+    zero-initialised (each program adds its part).
     Without HAS_MO (SISO's gate: R = 1) the rank weights are ones."""
-    h = tl.program_id(1)
+    # heads vary fastest over the grid: programs in flight together add into different heads'
+    # weight sums (no queue of atomic adds on one cache line) and read neighbouring P-rows
+    h = tl.program_id(0) % H
+    blk = tl.program_id(0) // H
     rows = tl.arange(0, BT * R)
     r = rows % R
     pp = tl.arange(0, P)[None, :]
@@ -48,10 +61,11 @@ def _gate_bwd_kernel(
     if HAS_MZ:
         mz = tl.load(mz_ptr + w_off)
     rp = tl.arange(0, R)[:, None] * P + tl.arange(0, P)[None, :]
-    acc_mo = tl.zeros((R, P), dtype=tl.float32)
-    acc_mz = tl.zeros((R, P), dtype=tl.float32)
+    # weight-gradient sums per row, folded over the tokens once at the end (not per step)
+    acc_mo = tl.zeros((BT * R, P), dtype=tl.float32)
+    acc_mz = tl.zeros((BT * R, P), dtype=tl.float32)
     for step in range(STEPS):
-        t0 = (tl.program_id(0) * STEPS + step) * BT
+        t0 = (blk * STEPS + step) * BT
         t = (t0 + rows // R).to(tl.int64)
         valid = (t < T)[:, None]
         tok = (t * H + h)[:, None] * P + pp  # (T, H, P) offsets of each row's token
@@ -74,7 +88,7 @@ def _gate_bwd_kernel(
             dz_rows = dzr
             if HAS_MZ:
                 dz_rows = dzr * mz
-                acc_mz += tl.sum(tl.reshape(dzr * zt, (BT, R, P)), axis=0)
+                acc_mz += dzr * zt
             dz = tl.sum(tl.reshape(dz_rows, (BT, R, P)), axis=1)
             tt = (t0 + tl.arange(0, BT)).to(tl.int64)
             dz_off = (tt * H + h)[:, None] * P + tl.arange(0, P)[None, :]
@@ -83,12 +97,12 @@ def _gate_bwd_kernel(
             yg = y
             dy = dyg
         if HAS_MO:
-            acc_mo += tl.sum(tl.reshape(dout * yg, (BT, R, P)), axis=0)
+            acc_mo += dout * yg
         tl.store(dy_ptr + y_off, dy, mask=valid)
     if HAS_MO:
-        tl.atomic_add(dmo_ptr + h * R * P + rp, acc_mo, sem="relaxed")
+        tl.atomic_add(dmo_ptr + h * R * P + rp, _fold_tokens(acc_mo, BT, R, P), sem="relaxed")
     if HAS_MZ:
-        tl.atomic_add(dmz_ptr + h * R * P + rp, acc_mz, sem="relaxed")
+        tl.atomic_add(dmz_ptr + h * R * P + rp, _fold_tokens(acc_mz, BT, R, P), sem="relaxed")
 
 
 def gate_bwd(dout: Tensor, y: Tensor, z: Tensor | None, mz: Tensor | None, mo: Tensor | None):
@@ -113,7 +127,7 @@ def gate_bwd(dout: Tensor, y: Tensor, z: Tensor | None, mz: Tensor | None, mo: T
     steps = max(1, _TOKENS // bt)
     dummy = dy
     run_kernel(
-        _gate_bwd_kernel, (triton.cdiv(T, bt * steps), H), dout, y,
+        _gate_bwd_kernel, (triton.cdiv(T, bt * steps) * H,), dout, y,
         z if z is not None else dummy, mz if has_mz else dummy, mo if mo is not None else dummy,
         dy, dz if z is not None else dummy, dmz if has_mz else dummy,
         dmo if mo is not None else dummy, T, H, R=R, P=P, BT=bt, STEPS=steps,
@@ -199,28 +213,31 @@ def _vmix_bwd_kernel(
     dvr_ptr, v_ptr, mv_ptr, dv_ptr, dmv_ptr, T, H,
     R: tl.constexpr, P: tl.constexpr, BT: tl.constexpr, STEPS: tl.constexpr,
 ):  # fmt: skip
-    """Grid (cdiv(T, BT * STEPS), H). dvr (T, R, H, P) fp32; v, dv (T, H, P); mimo_v (H, R, P)
-    fp32; dmv (H, R, P) fp32, zero-initialised: dv_t = sum_r dvr_{t,r} mimo_v_r,
-    dmv_r += sum_t dvr_{t,r} v_t."""
-    h = tl.program_id(1)
+    """Grid (cdiv(T, BT * STEPS) * H,), heads fastest (see _gate_bwd_kernel). dvr (T, R, H, P)
+    fp32; v, dv (T, H, P); mimo_v (H, R, P) fp32; dmv (H, R, P) fp32, zero-initialised:
+    dv_t = sum_r dvr_{t,r} mimo_v_r, dmv_r += sum_t dvr_{t,r} v_t."""
+    # heads vary fastest over the grid: programs in flight together add into different heads'
+    # weight sums (no queue of atomic adds on one cache line) and read neighbouring P-rows
+    h = tl.program_id(0) % H
+    blk = tl.program_id(0) // H
     rows = tl.arange(0, BT * R)
     r = rows % R
     pp = tl.arange(0, P)[None, :]
     mv = tl.load(mv_ptr + (h * R + r)[:, None] * P + pp)
-    acc = tl.zeros((R, P), dtype=tl.float32)
+    acc = tl.zeros((BT * R, P), dtype=tl.float32)
     for step in range(STEPS):
-        t0 = (tl.program_id(0) * STEPS + step) * BT
+        t0 = (blk * STEPS + step) * BT
         t = (t0 + rows // R).to(tl.int64)
         valid = (t < T)[:, None]
         dvr = tl.load(dvr_ptr + ((t * R + r) * H + h)[:, None] * P + pp, mask=valid, other=0.0)
         v = tl.load(v_ptr + (t * H + h)[:, None] * P + pp, mask=valid, other=0.0).to(tl.float32)
-        acc += tl.sum(tl.reshape(dvr * v, (BT, R, P)), axis=0)
+        acc += dvr * v
         dv = tl.sum(tl.reshape(dvr * mv, (BT, R, P)), axis=1)
         tt = (t0 + tl.arange(0, BT)).to(tl.int64)
         dv_off = (tt * H + h)[:, None] * P + tl.arange(0, P)[None, :]
         tl.store(dv_ptr + dv_off, dv.to(dv_ptr.dtype.element_ty), mask=(tt < T)[:, None])
     rp = tl.arange(0, R)[:, None] * P + tl.arange(0, P)[None, :]
-    tl.atomic_add(dmv_ptr + h * R * P + rp, acc, sem="relaxed")
+    tl.atomic_add(dmv_ptr + h * R * P + rp, _fold_tokens(acc, BT, R, P), sem="relaxed")
 
 
 def vmix_bwd(dvr: Tensor, v: Tensor, mv: Tensor) -> tuple[Tensor, Tensor]:
@@ -235,7 +252,7 @@ def vmix_bwd(dvr: Tensor, v: Tensor, mv: Tensor) -> tuple[Tensor, Tensor]:
     bt = max(1, _ROWS // R)
     steps = max(1, _TOKENS // bt)
     run_kernel(
-        _vmix_bwd_kernel, (triton.cdiv(T, bt * steps), H), dvr, v, mv, dv, dmv, T, H,
+        _vmix_bwd_kernel, (triton.cdiv(T, bt * steps) * H,), dvr, v, mv, dv, dmv, T, H,
         R=R, P=P, BT=bt, STEPS=steps, num_warps=4,
     )  # fmt: skip
     return dv, dmv
