@@ -172,6 +172,14 @@ def main() -> None:
         "chosen per device, a length >= L = no segments); default: the config's own",
     )  # fmt: skip
     ap.add_argument(
+        "--stages", nargs="+", type=int, default=None,
+        help="core-kernel pipeline stages to time in turn (ChunkBwdConfig.num_stages)",
+    )  # fmt: skip
+    ap.add_argument(
+        "--waves", nargs="+", type=int, default=None,
+        help="waves of programs the automatic segment lengths aim at (core_segments._WAVES)",
+    )  # fmt: skip
+    ap.add_argument(
         "--sweep", action="store_true",
         help="time the core backward per config at the first shape, then use the fastest one",
     )  # fmt: skip
@@ -203,25 +211,32 @@ def main() -> None:
         print("chosen backward configs (rank: chunk, warps, split_n):", chosen)
     from mamba3_kernels.triton_impl import chunk_bwd as cb
     from mamba3_kernels.triton_impl import core_rotary as cr
+    from mamba3_kernels.triton_impl import core_segments as cs
 
-    defaults = dict(cr.KNOBS)
+    defaults, default_waves = dict(cr.KNOBS), cs._WAVES
     base_default = cb.SPEC.default
     rows, prof = [], {}
-    for variant, segment in itertools.product(args.variants, args.segments or [None]):
+    combos = itertools.product(args.variants, args.segments or [None], args.stages or [None],
+                               args.waves or [None])  # fmt: skip
+    for variant, segment, stages, waves in combos:
         cr.KNOBS.clear()
         cr.KNOBS.update(defaults, **parse_knobs(variant))
-        if segment is not None:
+        cs._WAVES = default_waves if waves is None else waves
+        changes = {k: v for k, v in (("segment", segment), ("num_stages", stages)) if v is not None}
 
-            def with_segment(problem, _seg=segment):
-                return dataclasses.replace(base_default(problem), segment=_seg)
+        def with_changes(problem, _changes=changes):
+            return dataclasses.replace(base_default(problem), **_changes)
 
-            object.__setattr__(cb.SPEC, "default", with_segment)
-        print(f"== rotary/angle settings: {cr.KNOBS}; core-backward segment: {segment}")
+        # (the default itself when nothing changes: the backend memoises configs by identity)
+        object.__setattr__(cb.SPEC, "default", with_changes if changes else base_default)
+        print(f"== rotary/angle settings: {cr.KNOBS}; core-backward segment: {segment}, "
+              f"stages: {stages}, segment waves: {cs._WAVES}")  # fmt: skip
         for case in args.cases:
             for s in args.shapes:
                 b, l_ = (int(x) for x in s.split("x"))
                 rows.append(dict(bench_one(b, l_, case, gbps, tflops, args.z),
-                                 knobs=dict(cr.KNOBS), segment=segment))  # fmt: skip
+                                 knobs=dict(cr.KNOBS), segment=segment, num_stages=stages,
+                                 waves=cs._WAVES))  # fmt: skip
                 r = rows[-1]
                 print(f"{case:6s} B={b:2d} L={l_:6d}  fwd {r['fwd_ms']:.3f} ms  fwd+bwd "
                       f"{r['fwdbwd_ms']:.3f} ms  (bwd {r['bwd_ms']:.3f})  floor "
@@ -229,7 +244,7 @@ def main() -> None:
         if args.profile:
             for case in args.cases:
                 b, l_ = (int(x) for x in args.shapes[min(1, len(args.shapes) - 1)].split("x"))
-                key = f"{case}_{b}x{l_}_{variant or 'default'}_seg{segment}"
+                key = f"{case}_{b}x{l_}_{variant or 'default'}_seg{segment}_st{stages}_w{waves}"
                 prof[key] = profile(b, l_, CASES[case], with_z=args.z)
                 print(f"-- kernels of one fwd+bwd, {case} B={b} L={l_}")
                 for r in prof[key]:

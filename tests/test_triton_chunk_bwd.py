@@ -107,6 +107,26 @@ def test_grads_with_state_columns_split(case):
     _check(inputs, rotary, final, chunk=16 // rank, split_n=2)
 
 
+def test_automatic_segment_lengths(monkeypatch):
+    """segment_len's automatic rule on a 132-multiprocessor GPU (no GPU needed): segments
+    double until the programs make _WAVES waves (programs of 4 warps: two per multiprocessor),
+    never below _MIN_SEGMENT tokens; none when the programs fill the GPU already, on the CPU,
+    or when a length is given (rounded up to whole chunks)."""
+    from mamba3_kernels.triton_impl import core_segments as cs
+
+    monkeypatch.setattr(cs, "_multiprocessors", lambda device: 132)
+    gpu, cpu = torch.device("cuda", 0), torch.device("cpu")
+    want = cs._WAVES * 2 * 132
+    # SISO (1, 16384), H=64: two sweeps per head, 128 programs without segments
+    seg = cs.bwd_segment_len(16384, 1, 64, 1, 32, 4, 0, gpu)
+    nseg = 16384 // seg
+    assert 16384 % seg == 0 and 128 * nseg >= want > 128 * nseg // 2
+    assert cs.bwd_segment_len(16384, 64, 64, 1, 32, 4, 0, gpu) == 16384  # 8192 programs
+    assert cs.fwd_segment_len(512, 1, 4, 32, 4, 0, gpu) == cs._MIN_SEGMENT  # floor
+    assert cs.bwd_segment_len(16384, 1, 64, 1, 32, 4, 0, cpu) == 16384
+    assert cs.bwd_segment_len(16384, 1, 64, 1, 32, 4, 1000, gpu) == 1024
+
+
 @cpu_interpreted
 @pytest.mark.parametrize(
     "case,split_n,segment",

@@ -32,9 +32,12 @@ __all__ = ["bwd_segment_len", "fwd_segment_len", "segment_len", "segment_states"
 # The core backward's threads hold 255 registers (bench/NOTES.md), so a multiprocessor's 64K
 # registers hold 8 warps of it: two programs of 4 warps or one of 8. _WAVES such waves of
 # programs keep every multiprocessor busy to the end (the sweeps' lengths differ, so a single
-# wave leaves the multiprocessors of the shorter forward sweeps idle for the rest).
+# wave leaves the multiprocessors of the shorter forward sweeps idle for the rest). Two waves
+# beat four and eight with the 4-warp, unsplit default (fwd+bwd on an H200: SISO (1, 16384)
+# 5.48 / 5.39 / 5.67 ms at 4 / 2 / 8, (8, 2048) 5.45 / 5.22 / 5.63; MIMO R=4 likewise;
+# bench/NOTES.md): more segments cost more contribution and pass work than they recover.
 _WARPS_PER_SM = 8
-_WAVES = 4
+_WAVES = 2
 # Software pipelining of the contribution kernel's chunk loop (its loads are most of its time)
 _CONTRIB_STAGES = 1
 # Shortest automatic segment: each segment's states cost two extra P x N passes.
