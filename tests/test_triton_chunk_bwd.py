@@ -479,6 +479,42 @@ def test_core_kernels_compile_for_sm90_without_gpu():
     assert res.stdout.count("ok") == 10
 
 
+_DEFAULTS_SM90 = textwrap.dedent(
+    """
+    import torch
+    from mamba3_kernels.problem import Problem
+    from mamba3_kernels.triton_impl import chunk_bwd as cb
+    from mamba3_kernels.triton_impl import core_scan as cs
+
+    # the shipped backward defaults at ranks and head sizes the GPU tests do not run
+    for rank, n, p in ((2, 128, 64), (8, 128, 64), (1, 256, 128)):
+        problem = Problem(
+            batch=1, seqlen=4096, rank=rank, nseq=1, dtype=torch.bfloat16, device_type="cuda",
+            nheads=8, ngroups=1, d_state=n, headdim=p, n_angles=n // 4, mimo=rank > 1,
+            rotary="halves", has_D=True, has_z=True, has_mimo_o=rank > 1,
+            has_initial_state=False, return_final_state=False, varlen=False,
+        )
+        cfg = cb.default_config(problem)
+        kernels = cs.compile_kernels(rank, n, p, cfg.chunk_size, num_warps=cfg.num_warps,
+                                     num_stages=cfg.num_stages, split_n=cfg.split_n,
+                                     has_d=True, segmented=True)
+        for name, k in kernels.items():
+            assert ".target sm_90" in k.asm["ptx"] and len(k.asm["cubin"]) > 1000
+            print("ok", name, rank, n, p)
+    """
+)
+
+
+def test_default_backward_configs_compile_for_sm90_without_gpu():
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    res = subprocess.run(
+        [sys.executable, "-c", _DEFAULTS_SM90], env=env, capture_output=True, text=True,
+        timeout=600,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.count("ok") == 12  # 3 cases x 4 kernels
+
+
 _ROTARY_SM90 = textwrap.dedent(
     """
     from mamba3_kernels.triton_impl import core_rotary as cr
