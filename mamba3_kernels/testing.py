@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import torch
 
 from .inputs import ScanInputs
@@ -138,3 +142,14 @@ def poison_empty(monkeypatch) -> None:
     monkeypatch.setattr(
         torch.Tensor, "new_empty", lambda t, *a, **k: _poison(new_empty(t, *a, **k))
     )
+
+
+def run_compiled(source: str, timeout: int = 300, env: dict[str, str] | None = None) -> str:
+    """Run ``python -c source`` with Triton's real compiler (TRITON_INTERPRET=0, plus ``env``),
+    as the sm_90 build tests do on a machine without a GPU; fail with the end of its stderr
+    unless it exits 0. Returns its stdout."""
+    full_env = {**os.environ, "TRITON_INTERPRET": "0", **(env or {})}
+    res = subprocess.run([sys.executable, "-c", source], env=full_env, capture_output=True,
+                         text=True, timeout=timeout)  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    return res.stdout

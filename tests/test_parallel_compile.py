@@ -21,6 +21,8 @@ import pytest
 import torch
 from mamba3_kernels.triton_impl import parallel_compile as pc
 
+from mamba3_kernels.testing import run_compiled
+
 _BENCH = str(Path(__file__).resolve().parents[1] / "bench")
 _SCRIPT = f"BENCH = {_BENCH!r}\n" + textwrap.dedent(
     """
@@ -88,13 +90,9 @@ _SCRIPT = f"BENCH = {_BENCH!r}\n" + textwrap.dedent(
 
 
 def test_first_call_kernels_compile_side_by_side(tmp_path):
-    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_CACHE_DIR": str(tmp_path / "cache"),
-           pc.ENV_SERIAL: "0"}  # fmt: skip
-    res = subprocess.run(
-        [sys.executable, "-c", _SCRIPT], env=env, capture_output=True, text=True, timeout=600
-    )
-    assert res.returncode == 0, res.stderr[-3000:]
-    lines = dict(line.split(" ", 1) for line in res.stdout.splitlines())
+    env = {"TRITON_CACHE_DIR": str(tmp_path / "cache"), pc.ENV_SERIAL: "0"}
+    out = run_compiled(_SCRIPT, timeout=600, env=env)
+    lines = dict(line.split(" ", 1) for line in out.splitlines())
     fwd_compiles, fwd_threads = map(int, lines["fwd"].split())
     assert fwd_compiles == 3 and fwd_threads >= 2, lines["fwd"]
     bwd_names, bwd_threads = lines["bwd"].rsplit(" ", 1)

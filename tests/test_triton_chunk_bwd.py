@@ -2,8 +2,6 @@
 model-shape tests marked gpu)."""
 
 import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -17,7 +15,13 @@ from mamba3_kernels.triton_impl import chunk_bwd as cb  # noqa: E402
 import mamba3_kernels  # noqa: E402
 from mamba3_kernels.reference import reference_scan  # noqa: E402
 from mamba3_kernels.state import Mamba3State  # noqa: E402
-from mamba3_kernels.testing import cast_inputs, poison_empty, random_inputs, rel_err  # noqa: E402
+from mamba3_kernels.testing import (  # noqa: E402
+    cast_inputs,
+    poison_empty,
+    random_inputs,
+    rel_err,
+    run_compiled,
+)
 from mamba3_kernels.validate import describe  # noqa: E402
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -78,15 +82,20 @@ GRID = [
 ]
 
 
+def _grid_inputs(rank, mimo, G, dz, mo, init, cu, g, d_state):
+    """Random inputs of a GRID case: 37 tokens, 4 heads, P=16 (one varlen batch with cu)."""
+    return random_inputs(
+        batch=2 if cu is None else 1, seqlen=37, nheads=4, ngroups=G, d_state=d_state,
+        headdim=16, rank=rank, mimo=mimo, with_D=dz, with_z=dz, with_mimo_o=mo,
+        with_initial_state=init, cu_seqlens=cu, generator=g,
+    )  # fmt: skip
+
+
 @cpu_interpreted
 @pytest.mark.parametrize("rank,mimo,rotary,G,dz,mo,init,final,cu", GRID)
 def test_grads_match_reference(rank, mimo, rotary, G, dz, mo, init, final, cu):
     g = torch.Generator().manual_seed(11 * rank + G + 3 * init + 5 * final)
-    inputs = random_inputs(
-        batch=2 if cu is None else 1, seqlen=37, nheads=4, ngroups=G, d_state=16, headdim=16,
-        rank=rank, mimo=mimo, with_D=dz, with_z=dz, with_mimo_o=mo, with_initial_state=init,
-        cu_seqlens=cu, generator=g,
-    )  # fmt: skip
+    inputs = _grid_inputs(rank, mimo, G, dz, mo, init, cu, g, d_state=16)
     # 37 tokens over chunks of 16 rows: a partial last chunk (and, with varlen, chunks that
     # start mid-way through the token axis).
     _check(inputs, rotary, final, chunk=16 // rank)
@@ -99,11 +108,7 @@ def test_grads_with_state_columns_split(case):
     added atomically): SISO with GQA and both states, MIMO R=2, MIMO varlen with empty ones."""
     rank, mimo, rotary, G, dz, mo, init, final, cu = case
     g = torch.Generator().manual_seed(17 * rank + G)
-    inputs = random_inputs(
-        batch=2 if cu is None else 1, seqlen=37, nheads=4, ngroups=G, d_state=32, headdim=16,
-        rank=rank, mimo=mimo, with_D=dz, with_z=dz, with_mimo_o=mo, with_initial_state=init,
-        cu_seqlens=cu, generator=g,
-    )  # fmt: skip
+    inputs = _grid_inputs(rank, mimo, G, dz, mo, init, cu, g, d_state=32)
     _check(inputs, rotary, final, chunk=16 // rank, split_n=2)
 
 
@@ -142,11 +147,7 @@ def test_grads_with_segments(case, split_n, segment, monkeypatch):
     poison_empty(monkeypatch)
     rank, mimo, rotary, G, dz, mo, init, final, cu = case
     g = torch.Generator().manual_seed(23 * rank + segment)
-    inputs = random_inputs(
-        batch=2 if cu is None else 1, seqlen=37, nheads=4, ngroups=G, d_state=32, headdim=16,
-        rank=rank, mimo=mimo, with_D=dz, with_z=dz, with_mimo_o=mo, with_initial_state=init,
-        cu_seqlens=cu, generator=g,
-    )  # fmt: skip
+    inputs = _grid_inputs(rank, mimo, G, dz, mo, init, cu, g, d_state=32)
     _check(inputs, rotary, final, chunk=16 // rank, split_n=split_n, segment=segment)
 
 
@@ -471,12 +472,8 @@ _CORE_SM90 = textwrap.dedent(
 
 
 def test_core_kernels_compile_for_sm90_without_gpu():
-    env = {**os.environ, "TRITON_INTERPRET": "0"}
-    res = subprocess.run(
-        [sys.executable, "-c", _CORE_SM90], env=env, capture_output=True, text=True, timeout=300
-    )
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert res.stdout.count("ok") == 10
+    out = run_compiled(_CORE_SM90)
+    assert out.count("ok") == 10
 
 
 _DEFAULTS_SM90 = textwrap.dedent(
@@ -506,13 +503,8 @@ _DEFAULTS_SM90 = textwrap.dedent(
 
 
 def test_default_backward_configs_compile_for_sm90_without_gpu():
-    env = {**os.environ, "TRITON_INTERPRET": "0"}
-    res = subprocess.run(
-        [sys.executable, "-c", _DEFAULTS_SM90], env=env, capture_output=True, text=True,
-        timeout=600,
-    )  # fmt: skip
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert res.stdout.count("ok") == 12  # 3 cases x 4 kernels
+    out = run_compiled(_DEFAULTS_SM90, timeout=600)
+    assert out.count("ok") == 12  # 3 cases x 4 kernels
 
 
 _ROTARY_SM90 = textwrap.dedent(
@@ -535,12 +527,8 @@ _ROTARY_SM90 = textwrap.dedent(
 
 
 def test_rotary_kernels_compile_for_sm90_without_gpu():
-    env = {**os.environ, "TRITON_INTERPRET": "0"}
-    res = subprocess.run(
-        [sys.executable, "-c", _ROTARY_SM90], env=env, capture_output=True, text=True, timeout=300
-    )
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert res.stdout.count("ok") == 16
+    out = run_compiled(_ROTARY_SM90)
+    assert out.count("ok") == 16
 
 
 # ---------------------------------------------------------------------------- GPU

@@ -4,10 +4,11 @@ Compilation runs in a fresh interpreter with TRITON_INTERPRET=0: under the inter
 kernels are not JIT functions and cannot be handed to the compiler.
 """
 
-import os
 import subprocess
 import sys
 import textwrap
+
+from mamba3_kernels.testing import run_compiled
 
 # Compiles the chunked forward kernel at the model shape (bf16, H=64, N=128, P=64, S=32) for SISO
 # and MIMO R=4, with every optional input on, as a launch would specialise it.
@@ -60,18 +61,10 @@ _CHUNK_FWD_SM90 = textwrap.dedent(
 
 
 def test_chunk_fwd_compiles_for_sm90_without_gpu():
-    env = {**os.environ, "TRITON_INTERPRET": "0"}
-    res = subprocess.run(
-        [sys.executable, "-c", _CHUNK_FWD_SM90],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert res.stdout.count("ok") == 2
-    assert res.stdout.count("split") == 2
-    assert res.stdout.count("blocks") == 2
+    out = run_compiled(_CHUNK_FWD_SM90)
+    assert out.count("ok") == 2
+    assert out.count("split") == 2
+    assert out.count("blocks") == 2
 
 
 _SMEM_FIT = textwrap.dedent(
@@ -116,12 +109,8 @@ _SMEM_FIT = textwrap.dedent(
 
 
 def test_chunk_fwd_defaults_fit_shared_memory():
-    env = {**os.environ, "TRITON_INTERPRET": "0"}
-    res = subprocess.run(
-        [sys.executable, "-c", _SMEM_FIT], env=env, capture_output=True, text=True, timeout=300
-    )
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert "ok" in res.stdout
+    out = run_compiled(_SMEM_FIT)
+    assert "ok" in out
 
 
 def test_kernel_resources_report(tmp_path):

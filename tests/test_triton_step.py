@@ -1,8 +1,6 @@
 """Triton decode step vs the reference (CPU under TRITON_INTERPRET=1; GPU tests marked gpu)."""
 
 import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -18,7 +16,7 @@ from mamba3_kernels.inputs import ScanInputs  # noqa: E402
 from mamba3_kernels.problem import Problem  # noqa: E402
 from mamba3_kernels.reference import reference_scan, reference_step  # noqa: E402
 from mamba3_kernels.state import Mamba3State  # noqa: E402
-from mamba3_kernels.testing import cast_inputs, random_inputs, rel_err  # noqa: E402
+from mamba3_kernels.testing import cast_inputs, random_inputs, rel_err, run_compiled  # noqa: E402
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # The small-shape CPU tests need the interpreter (on a GPU machine run the gpu tests instead).
@@ -414,12 +412,8 @@ _SM90_COMPILE = textwrap.dedent(
 
 
 def test_compiles_for_sm90_without_gpu():
-    env = {**os.environ, "TRITON_INTERPRET": "0"}
-    res = subprocess.run(
-        [sys.executable, "-c", _SM90_COMPILE], env=env, capture_output=True, text=True, timeout=300
-    )
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert res.stdout.count("ok") == 2
+    out = run_compiled(_SM90_COMPILE)
+    assert out.count("ok") == 2
 
 
 @pytest.mark.gpu
