@@ -146,9 +146,12 @@ def sweep_core_bwd(batch: int, seqlen: int, rank: int) -> list[dict]:
 
 
 def parse_knobs(text: str) -> dict:
-    """'fast_trig=1,angle_pairs=8' -> {'fast_trig': True, 'angle_pairs': 8}."""
+    """'fast_trig=1,angle_pairs=8' -> {'fast_trig': True, 'angle_pairs': 8}; '' or 'default'
+    -> {}."""
     out = {}
     for item in filter(None, text.split(",")):
+        if item == "default":
+            continue
         key, value = item.split("=")
         out[key] = bool(int(value)) if key == "fast_trig" else int(value)
     return out
@@ -174,6 +177,11 @@ def main() -> None:
     ap.add_argument(
         "--stages", nargs="+", type=int, default=None,
         help="core-kernel pipeline stages to time in turn (ChunkBwdConfig.num_stages)",
+    )  # fmt: skip
+    ap.add_argument(
+        "--configs", nargs="+", default=None,
+        help="backward config changes to time in turn, each 'field=value,...' over "
+        "ChunkBwdConfig (e.g. num_stages=1,fwd_chunk_size=32); 'default' = the default config",
     )  # fmt: skip
     ap.add_argument(
         "--waves", nargs="+", type=int, default=None,
@@ -217,26 +225,27 @@ def main() -> None:
     base_default = cb.SPEC.default
     rows, prof = [], {}
     combos = itertools.product(args.variants, args.segments or [None], args.stages or [None],
-                               args.waves or [None])  # fmt: skip
-    for variant, segment, stages, waves in combos:
+                               args.waves or [None], args.configs or [""])  # fmt: skip
+    for variant, segment, stages, waves, config in combos:
         cr.KNOBS.clear()
         cr.KNOBS.update(defaults, **parse_knobs(variant))
         cs._WAVES = default_waves if waves is None else waves
         changes = {k: v for k, v in (("segment", segment), ("num_stages", stages)) if v is not None}
+        changes.update(parse_knobs(config))
 
         def with_changes(problem, _changes=changes):
             return dataclasses.replace(base_default(problem), **_changes)
 
         # (the default itself when nothing changes: the backend memoises configs by identity)
         object.__setattr__(cb.SPEC, "default", with_changes if changes else base_default)
-        print(f"== rotary/angle settings: {cr.KNOBS}; core-backward segment: {segment}, "
-              f"stages: {stages}, segment waves: {cs._WAVES}")  # fmt: skip
+        print(f"== rotary/angle settings: {cr.KNOBS}; core-backward changes: {changes}, "
+              f"segment waves: {cs._WAVES}")  # fmt: skip
         for case in args.cases:
             for s in args.shapes:
                 b, l_ = (int(x) for x in s.split("x"))
                 rows.append(dict(bench_one(b, l_, case, gbps, tflops, args.z),
                                  knobs=dict(cr.KNOBS), segment=segment, num_stages=stages,
-                                 waves=cs._WAVES))  # fmt: skip
+                                 waves=cs._WAVES, bwd_changes=changes))  # fmt: skip
                 r = rows[-1]
                 print(f"{case:6s} B={b:2d} L={l_:6d}  fwd {r['fwd_ms']:.3f} ms  fwd+bwd "
                       f"{r['fwdbwd_ms']:.3f} ms  (bwd {r['bwd_ms']:.3f})  floor "
@@ -244,7 +253,8 @@ def main() -> None:
         if args.profile:
             for case in args.cases:
                 b, l_ = (int(x) for x in args.shapes[min(1, len(args.shapes) - 1)].split("x"))
-                key = f"{case}_{b}x{l_}_{variant or 'default'}_seg{segment}_st{stages}_w{waves}"
+                key = (f"{case}_{b}x{l_}_{variant or 'default'}_seg{segment}_st{stages}_w{waves}"
+                       f"_{config or 'cfg'}")  # fmt: skip
                 prof[key] = profile(b, l_, CASES[case], with_z=args.z)
                 print(f"-- kernels of one fwd+bwd, {case} B={b} L={l_}")
                 for r in prof[key]:

@@ -42,10 +42,11 @@ def _reference_grads(inputs, rotary, grad_out, grad_state):
     return {n: g for (n, _), g in zip(present, grads, strict=True)}
 
 
-def _check(inputs, rotary, final, chunk, tol=1e-4, seed=0, split_n=1, segment=0):
+def _check(inputs, rotary, final, chunk, tol=1e-4, seed=0, split_n=1, segment=0, fwd_chunk=0):
     g = torch.Generator().manual_seed(seed)
     problem = describe(inputs, False, rotary, final, None)
-    config = cb.ChunkBwdConfig(chunk_size=chunk, num_warps=4, split_n=split_n, segment=segment)
+    config = cb.ChunkBwdConfig(chunk_size=chunk, num_warps=4, split_n=split_n, segment=segment,
+                               fwd_chunk_size=fwd_chunk)  # fmt: skip
     assert cb.constraint(problem, config, None) is None
     ref_out, ref_state = reference_scan(cast_inputs(inputs, torch.float64), rotary)
     grad_out = torch.randn(ref_out.shape, generator=g).to(inputs.v.dtype)
@@ -110,6 +111,28 @@ def test_grads_with_state_columns_split(case):
     g = torch.Generator().manual_seed(17 * rank + G)
     inputs = _grid_inputs(rank, mimo, G, dz, mo, init, cu, g, d_state=32)
     _check(inputs, rotary, final, chunk=16 // rank, split_n=2)
+
+
+@cpu_interpreted
+@pytest.mark.parametrize("case", [GRID[i] for i in (0, 4, 8)], ids=str)
+def test_grads_with_longer_forward_chunks(case, monkeypatch):
+    """The forward recompute (which the z gate and mimo_o read) on chunks twice the backward's
+    (ChunkBwdConfig.fwd_chunk_size): SISO with z, MIMO R=2 with mimo_o, MIMO varlen."""
+    from mamba3_kernels.triton_impl import core_scan as cs
+
+    chunks = []
+    real = cs.core_fwd
+
+    def recording(*args, **kwargs):
+        chunks.append(args[8][0])  # meta's chunk
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(cs, "core_fwd", recording)
+    rank, mimo, rotary, G, dz, mo, init, final, cu = case
+    g = torch.Generator().manual_seed(19 * rank + G)
+    inputs = _grid_inputs(rank, mimo, G, dz, mo, init, cu, g, d_state=16)
+    _check(inputs, rotary, final, chunk=16 // rank, fwd_chunk=32 // rank)
+    assert chunks == [32 // rank]
 
 
 def test_automatic_segment_lengths(monkeypatch):
@@ -263,13 +286,14 @@ def test_bf16_decay_and_angle_gradients_over_many_chunks(rank, L):
 @pytest.mark.parametrize(
     "rank,G,H,N,S,layout",
     [(1, 1, 3, 16, 4, "interleaved"), (2, 2, 4, 32, 16, "halves"), (2, 1, 2, 16, 4, "halves"),
-     (1, 2, 4, 16, 8, "interleaved"), (2, 1, 4, 16, 4, "halves")],
+     (1, 2, 4, 16, 8, "interleaved"), (2, 1, 4, 16, 4, "halves"), (4, 1, 2, 32, 8, "halves")],
 )  # fmt: skip
 @pytest.mark.parametrize("heads_first,bwd_heads", [(False, 0), (True, 1), (True, 2)])
 def test_rotary_kernels_match_torch(rank, G, H, N, S, layout, heads_first, bwd_heads, monkeypatch):
     """The fused bias + rotary + GQA kernels and their hand-written backward vs PyTorch autograd
     of the same prep in float64 (37 tokens per sequence: a partial last token block); token- or
-    head-major grids, backward programs over whole groups or 1-2 heads (dq/dk added atomically)."""
+    head-major grids, backward programs over whole groups or 1-2 heads (dq/dk added atomically),
+    each holding its tokens' rank rows (dtheta summed over them, bias sums per rank)."""
     from mamba3_kernels.triton_impl import core_prep as cp
     from mamba3_kernels.triton_impl import core_rotary as cr
 
@@ -494,9 +518,11 @@ _DEFAULTS_SM90 = textwrap.dedent(
         cfg = cb.default_config(problem)
         kernels = cs.compile_kernels(rank, n, p, cfg.chunk_size, num_warps=cfg.num_warps,
                                      num_stages=cfg.num_stages, split_n=cfg.split_n,
-                                     has_d=True, segmented=True)
+                                     has_d=True, segmented=True, fwd_chunk=cfg.fwd_chunk_size)
         for name, k in kernels.items():
             assert ".target sm_90" in k.asm["ptx"] and len(k.asm["cubin"]) > 1000
+            # (an sm_90 block's shared-memory limit: the pipeline stages' buffers must fit)
+            assert k.metadata.shared <= 232448, (name, rank, n, p, k.metadata.shared)
             print("ok", name, rank, n, p)
     """
 )

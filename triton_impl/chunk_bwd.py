@@ -47,6 +47,8 @@ class ChunkBwdConfig:
         forward's recompute of y where z or mimo_o read it): one program per segment, their
         entering states from a pass over the segments (core_segments); 0 chooses per device
         and call (enough programs to fill the GPU); ignored for varlen calls.
+    fwd_chunk_size: tokens per chunk of that forward recompute (0: chunk_size); its best chunk
+        is longer than the backward's (no reverse sweep's tiles share its registers).
     """
 
     chunk_size: int = 64
@@ -54,6 +56,7 @@ class ChunkBwdConfig:
     num_stages: int = 1
     split_n: int = 1
     segment: int = 0
+    fwd_chunk_size: int = 0
 
 
 def _pow2(x: int) -> bool:
@@ -64,18 +67,30 @@ def _chunk(problem: Problem, config: ChunkBwdConfig) -> int:
     return problem.chunk_size if problem.chunk_size is not None else config.chunk_size
 
 
+def _fwd_chunk(problem: Problem, config: ChunkBwdConfig) -> int:
+    if problem.chunk_size is not None:
+        return problem.chunk_size
+    return config.fwd_chunk_size or config.chunk_size
+
+
 def default_config(problem: Problem) -> ChunkBwdConfig:
-    """32 rows per chunk on 4 warps, one program per sweep (no column split), segments chosen
-    per call. With segments (segment=0) neither 8 warps nor the column split's extra programs
-    pay any more: core backward, H200, bf16, N=128, P=64, the best of rows 16/32/64 x warps
-    4/8 x split 1/2: SISO (1, 16384) 2.81 ms (3.38 with the split on 4 warps, the earlier
-    default), MIMO R=4 (8, 2048) 9.34 ms (12.41 on 8 warps, the earlier default); fwd+bwd
-    SISO (1, 16384) 6.10 -> 5.52 ms, MIMO R=4 (8, 2048) 29.76 -> 27.26 ms. bench/NOTES.md."""
+    """32 rows per chunk on 4 warps, 2 pipeline stages, one program per sweep (no column
+    split), segments chosen per call; the forward recompute on 64-row chunks. With segments
+    (segment=0) neither 8 warps nor the column split's extra programs pay any more: core
+    backward, H200, bf16, N=128, P=64, the best of rows 16/32/64 x warps 4/8 x split 1/2: SISO
+    (1, 16384) 2.81 ms (3.38 with the split on 4 warps, the earlier default), MIMO R=4 (8, 2048)
+    9.34 ms (12.41 on 8 warps, the earlier default); the recompute there 2.43 -> 2.01 ms on 64
+    rows (SISO (1, 16384) 0.90 -> 0.80). 2 stages: fwd+bwd -4 % SISO, -1 % MIMO. bench/NOTES.md.
+    """
     chunk = max(1, 32 // problem.rank)
+    fwd_chunk = max(1, 64 // problem.rank)
+    if problem.d_state > 128 or problem.dtype == torch.float32:
+        fwd_chunk = chunk  # (the forward kernel's tiles at N = 256 or fp32: as the backward's)
     warps = 4
     # the largest heads (N * P = 256 * 128) keep the state within 128 registers per thread
     split_n = 1 if problem.d_state * problem.headdim <= 128 * 32 * warps else 2
-    return ChunkBwdConfig(chunk_size=chunk, num_warps=warps, num_stages=1, split_n=split_n)
+    return ChunkBwdConfig(chunk_size=chunk, num_warps=warps, num_stages=2, split_n=split_n,
+                          fwd_chunk_size=fwd_chunk)  # fmt: skip
 
 
 def search_space(problem: Problem) -> dict[str, list]:
@@ -86,17 +101,19 @@ def search_space(problem: Problem) -> dict[str, list]:
         "num_stages": [1, 2],
         "split_n": [s for s in _SPLIT_N if problem.d_state // s >= _MIN_DOT],
         "segment": [0, 1024, 2048, 4096, 1 << 30],
+        "fwd_chunk_size": [c for c in (8, 16, 32, 64, 128) if 16 <= c * problem.rank <= 128],
     }
 
 
 def constraint(problem: Problem, config: ChunkBwdConfig, device_props: dict | None) -> str | None:
     """Why ``config`` cannot run ``problem``, or None."""
-    chunk = _chunk(problem, config)
-    rows = chunk * problem.rank
-    if not _pow2(chunk):
-        return f"chunk_size {chunk} is not a power of two"
-    if rows < _MIN_DOT or rows > 256:
-        return f"chunk_size*R = {rows} rows outside [16, 256]"
+    for name, chunk in (("chunk_size", _chunk(problem, config)),
+                        ("fwd_chunk_size", _fwd_chunk(problem, config))):  # fmt: skip
+        rows = chunk * problem.rank
+        if not _pow2(chunk):
+            return f"{name} {chunk} is not a power of two"
+        if rows < _MIN_DOT or rows > 256:
+            return f"{name}*R = {rows} rows outside [16, 256]"
     if not _pow2(problem.headdim) or problem.headdim < _MIN_DOT:
         return f"headdim P={problem.headdim} is not a power of two >= 16"
     if not _pow2(problem.d_state) or problem.d_state < _MIN_DOT:
@@ -227,7 +244,7 @@ def _segmented(problem: Problem, config: ChunkBwdConfig, device: torch.device) -
     L, nseq, H = problem.seqlen, problem.nseq, problem.nheads
     chunk, warps, segment = _chunk(problem, config), config.num_warps, config.segment
     bwd = bwd_segment_len(L, nseq, H, config.split_n, chunk, warps, segment, device)
-    fwd = fwd_segment_len(L, nseq, H, chunk, warps, segment, device)
+    fwd = fwd_segment_len(L, nseq, H, _fwd_chunk(problem, config), warps, segment, device)
     return (bwd < L, fwd < L)
 
 
@@ -237,7 +254,7 @@ def _chunk_bwd(problem, inputs, grad_out, grad_state, config) -> dict:
     present = [(n, t) for n, t in _flat(inputs) if t is not None and t.is_floating_point()]
     keys = [n for n, _ in present]
     meta = (_chunk(problem, config), problem.dtype, config.num_warps, config.num_stages,
-            config.split_n, config.segment)  # fmt: skip
+            config.split_n, config.segment, _fwd_chunk(problem, config))  # fmt: skip
     sd = torch.float64 if inputs.q.dtype == torch.float64 else torch.float32
 
     def forward(*tensors):

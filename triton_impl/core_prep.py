@@ -82,8 +82,9 @@ def scan_via_core(
     """The scan (SPEC.md) as differentiable prep -> Triton core -> epilogue.
 
     inputs: ScanInputs in scan shapes. meta: (chunk, dot_dtype, num_warps, num_stages[, split_n[,
-    segment]]) for the core. Returns out (B, L, H, P) or (B, L, R, H, P) in v's dtype and the
-    final state (angle, ssm fp32; k, v in the inputs' dtypes), per sequence when varlen.
+    segment[, fwd_chunk]]]) for the core (see core_rotary.rot_core_scan). Returns out
+    (B, L, H, P) or (B, L, R, H, P) in v's dtype and the final state (angle, ssm fp32; k, v in
+    the inputs' dtypes), per sequence when varlen.
     values=False (for a caller that only takes the vjp): the output and final ssm values may be
     wrong (the core's forward is skipped when the epilogue's backward does not read it); their
     vjp stays exact. state=False: no final state (None; its ~30 small ops are skipped, which a
@@ -147,7 +148,7 @@ def scan_via_core(
     D = inputs.D.float() if inputs.D is not None else None
     y, sf = rot_core_scan(q, k, qb, kb, theta, vr, inputs.adt.float(), w, gam, s0,
                           inputs.cu_seqlens, problem.rotary == "halves",
-                          (meta[0], dot_dtype, meta[2], meta[3], nseq, *meta[4:6]),
+                          (meta[0], dot_dtype, meta[2], meta[3], nseq, *meta[4:7]),
                           need_y, D)  # fmt: skip
 
     # ---- epilogue -------------------------------------------------------------------------

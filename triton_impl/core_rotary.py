@@ -14,7 +14,8 @@ group h // (H / G)):
     dtheta_j = dxr_b xr_a - dxr_a xr_b                                 (q and k, every rank)
 
 dq/dk are summed over the heads of a group in registers; bias gradients are per-block partial
-sums over tokens, reduced in PyTorch; dtheta is written per (rank, token, head, pair).
+sums over tokens, reduced in PyTorch; dtheta is summed over a token's rank rows in registers and
+written per (token, head, pair).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from triton.language.extra import libdevice
 from mamba3_kernels.eager_calls import apply_positional, eager_custom_op
 
 from .core_scan import _core_bwd_op, _core_fwd_op, _interp, _seq_bounds
-from .fwd_tiles import _load_rot, _store_rot
+from .fwd_tiles import _load_rot, _rows_of_tokens, _store_rot
 from .parallel_compile import run_kernel
 
 __all__ = ["rotary_fwd", "rotary_bwd", "rot_core_scan", "angle_scan"]
@@ -96,13 +97,14 @@ def _pair_cols(NH: tl.constexpr, HALVES: tl.constexpr):
 
 
 @triton.jit
-def _biased_pairs(x_ptr, b_ptr, src, m2, NH: tl.constexpr, HALVES: tl.constexpr):
+def _biased_pairs(x_ptr, b_ptr, boff, src, m2, NH: tl.constexpr, HALVES: tl.constexpr):
     """x + bias as the pair members (a, b): two (BT, NH) fp32 tiles; each row loaded once,
-    contiguously (the interleaved split happens in registers)."""
+    contiguously (the interleaved split happens in registers). boff: the bias row's element
+    offset, one for every row or one per row ((BT, 1))."""
     ca, cb = _pair_cols(NH, HALVES)
     xa, xb = _load_rot(x_ptr, src, m2, NH, NH, HALVES)
-    xa = xa.to(tl.float32) + tl.load(b_ptr + ca)[None, :]
-    xb = xb.to(tl.float32) + tl.load(b_ptr + cb)[None, :]
+    xa = xa.to(tl.float32) + tl.load(b_ptr + boff + ca[None, :])
+    xb = xb.to(tl.float32) + tl.load(b_ptr + boff + cb[None, :])
     return xa, xb
 
 
@@ -126,30 +128,55 @@ def _rot_fwd_kernel(
     N: tl.constexpr, S: tl.constexpr, R: tl.constexpr, BT: tl.constexpr, HALVES: tl.constexpr,
     FAST: tl.constexpr, HEADS_FIRST: tl.constexpr,
 ):  # fmt: skip
-    """qr, kr (T, R, H, N) = Rot(theta) (q, k (T, R, G, N) + bias (R, H, N)); grid (T/BT, R*H),
-    or (R*H, T/BT) with HEADS_FIRST. Works on (BT, N/2) tiles of pair members: every value is
-    loaded once (no partner gather) and the trig is evaluated per pair."""
+    """qr, kr (T, R, H, N) = Rot(theta) (q, k (T, R, G, N) + bias (R, H, N)); grid (T/BT, H),
+    or (H, T/BT) with HEADS_FIRST. Works on (BT*R, N/2) tiles of pair members (the block's
+    tokens with all their rank rows, see _block_rows): every value is loaded once (no partner
+    gather) and the trig is evaluated per token and pair."""
     NH: tl.constexpr = N // 2
-    pid_t, rh = _grid_ids(HEADS_FIRST)
-    r = rh // H
-    h = rh % H
+    pid_t, h = _grid_ids(HEADS_FIRST)
     g = h // (H // G)
-    t = (pid_t * BT + tl.arange(0, BT)).to(tl.int64)
-    m2 = (t < T)[:, None]
-    jj = tl.arange(0, NH)
-    src = (((t * R + r) * G + g) * N)[:, None]
-    boff = (r * H + h) * N
-    th = tl.load(th_ptr + (t * H + h)[:, None] * S + jj[None, :], mask=m2 & (jj < S)[None, :],
-                 other=0.0)  # fmt: skip
-    c, s = _cos_sin(th, FAST)
-    dst = (((t * R + r) * H + h) * N)[:, None]
-    xa, xb = _biased_pairs(q_ptr, qb_ptr + boff, src, m2, NH, HALVES)
+    tt, mt, rows, m2, roff = _block_rows(pid_t, T, H, N, R, BT)
+    boff = roff + h * N
+    c, s = _token_cos_sin(th_ptr, tt, mt, h, H, S, NH, R, FAST)
+    src = ((rows * G + g) * N)[:, None]
+    dst = ((rows * H + h) * N)[:, None]
     ty = qr_ptr.dtype.element_ty
+    xa, xb = _biased_pairs(q_ptr, qb_ptr, boff, src, m2, NH, HALVES)
     _store_rot(qr_ptr, dst, (xa * c - xb * s).to(ty), (xa * s + xb * c).to(ty), m2, NH, NH,
                HALVES)  # fmt: skip
-    xa, xb = _biased_pairs(k_ptr, kb_ptr + boff, src, m2, NH, HALVES)
+    xa, xb = _biased_pairs(k_ptr, kb_ptr, boff, src, m2, NH, HALVES)
     _store_rot(kr_ptr, dst, (xa * c - xb * s).to(ty), (xa * s + xb * c).to(ty), m2, NH, NH,
                HALVES)  # fmt: skip
+
+
+@triton.jit
+def _block_rows(pid_t, T, H, N: tl.constexpr, R: tl.constexpr, BT: tl.constexpr):
+    """The rows of token block pid_t: its BT tokens tt (BT,) and their mask (BT, 1); their
+    (token, rank) rows t * R + r (BT*R,) and mask (BT*R, 1); each row's rank offset into the
+    bias (R, H, N) ((BT*R, 1); 0 when R == 1), to which head h adds h * N."""
+    RB: tl.constexpr = BT * R
+    tt = (pid_t * BT + tl.arange(0, BT)).to(tl.int64)
+    rows = pid_t.to(tl.int64) * RB + tl.arange(0, RB)
+    if R > 1:
+        roff = (rows % R)[:, None] * H * N
+    else:
+        roff = 0
+    return tt, (tt < T)[:, None], rows, (rows < T * R)[:, None], roff
+
+
+@triton.jit
+def _token_cos_sin(th_ptr, tt, mt, h, H, S: tl.constexpr, NH: tl.constexpr, R: tl.constexpr,
+                   FAST: tl.constexpr):  # fmt: skip
+    """cos, sin (BT*R, NH) of head h's angles theta (T, H, S) at tokens tt, evaluated per token
+    and repeated for its rank rows (pairs at or past S: angle 0)."""
+    jj = tl.arange(0, NH)
+    th = tl.load(th_ptr + (tt * H + h)[:, None] * S + jj[None, :], mask=mt & (jj < S)[None, :],
+                 other=0.0)  # fmt: skip
+    c, s = _cos_sin(th, FAST)
+    if R > 1:
+        c = _rows_of_tokens(c, R)
+        s = _rows_of_tokens(s, R)
+    return c, s
 
 
 @triton.jit
@@ -182,54 +209,70 @@ def _rot_bwd_kernel(
     XR: tl.constexpr, FAST: tl.constexpr, HEADS_FIRST: tl.constexpr, HB: tl.constexpr,
     ATOMIC: tl.constexpr,
 ):  # fmt: skip
-    """Gradients of the rotary prep; grid (T/BT, R*H/HB) (or transposed, HEADS_FIRST), each
-    program loops over HB heads of one group. dqr, dkr (T, R, H, N) fp32 -> dq, dk (T, R, G, N)
-    fp32 (ATOMIC: zero-initialised, the programs of a group add their partial sums);
-    dqb, dkb (T/BT, R, H, N) partial sums over the block's tokens; dth (R, T, H, S) fp32."""
+    """Gradients of the rotary prep; grid (T/BT, G*H/HB) (or transposed, HEADS_FIRST), each
+    program owns BT tokens with all their R rank rows (row i: token i // R, rank i % R) and
+    loops over HB heads of one group. dqr, dkr (T, R, H, N) fp32 -> dq, dk (T, R, G, N) fp32
+    (ATOMIC: zero-initialised, the programs of a group add their partial sums); dqb, dkb
+    (T/BT, R, H, N) partial sums over the block's tokens; dth (T, H, S) fp32, summed over the
+    ranks here (a token's rank rows share its angle, so its trig is evaluated once per token)."""
     NH: tl.constexpr = N // 2
-    pid_t, rgb = _grid_ids(HEADS_FIRST)
+    RB: tl.constexpr = BT * R
+    pid_t, gb = _grid_ids(HEADS_FIRST)
     HG = H // G
     nhb = HG // HB
-    r = rgb // (G * nhb)
-    g = (rgb // nhb) % G
-    h0 = g * HG + (rgb % nhb) * HB
-    t = (pid_t * BT + tl.arange(0, BT)).to(tl.int64)
-    m2 = (t < T)[:, None]
+    g = gb // nhb
+    h0 = g * HG + (gb % nhb) * HB
     jj = tl.arange(0, NH)
     ca, cb = _pair_cols(NH, HALVES)
-    src = (((t * R + r) * G + g) * N)[:, None]
-    qa = tl.zeros((BT, NH), dtype=tl.float32)
-    qb = tl.zeros((BT, NH), dtype=tl.float32)
-    ka = tl.zeros((BT, NH), dtype=tl.float32)
-    kb = tl.zeros((BT, NH), dtype=tl.float32)
+    qa = tl.zeros((RB, NH), dtype=tl.float32)
+    qb = tl.zeros((RB, NH), dtype=tl.float32)
+    ka = tl.zeros((RB, NH), dtype=tl.float32)
+    kb = tl.zeros((RB, NH), dtype=tl.float32)
+    ranks = tl.arange(0, R)
+    tt, mt, rows, m2, roff = _block_rows(pid_t, T, H, N, R, BT)
+    src = ((rows * G + g) * N)[:, None]
     for hh in range(0, HB):
         h = h0 + hh
-        boff = (r * H + h) * N
-        th = tl.load(th_ptr + (t * H + h)[:, None] * S + jj[None, :],
-                     mask=m2 & (jj < S)[None, :], other=0.0)  # fmt: skip
-        c, s = _cos_sin(th, FAST)
-        dst = (((t * R + r) * H + h) * N)[:, None]
-        xa, xb = _biased_pairs(q_ptr, qb_ptr + boff, src, m2, NH, HALVES)
+        boff = roff + h * N
+        c, s = _token_cos_sin(th_ptr, tt, mt, h, H, S, NH, R, FAST)
+        dst = ((rows * H + h) * N)[:, None]
+        xa, xb = _biased_pairs(q_ptr, qb_ptr, boff, src, m2, NH, HALVES)
         dxa, dxb, tq = _unrotate_pairs(dqr_ptr, dst, m2, xa, xb, c, s, NH, HALVES, XR)
         qa += dxa
         qb += dxb
-        pb = (pid_t.to(tl.int64) * R * H + r * H + h) * N
-        tl.store(dqb_ptr + pb + ca, tl.sum(dxa, axis=0))
-        tl.store(dqb_ptr + pb + cb, tl.sum(dxb, axis=0))
-        xa, xb = _biased_pairs(k_ptr, kb_ptr + boff, src, m2, NH, HALVES)
+        pb = ((pid_t.to(tl.int64) * R + ranks) * H + h) * N  # (R,) rows of the partial sums
+        _store_rank_sums(dqb_ptr, pb, dxa, dxb, ca, cb, BT, R, NH)
+        xa, xb = _biased_pairs(k_ptr, kb_ptr, boff, src, m2, NH, HALVES)
         dxa, dxb, tk = _unrotate_pairs(dkr_ptr, dst, m2, xa, xb, c, s, NH, HALVES, XR)
         ka += dxa
         kb += dxb
-        tl.store(dkb_ptr + pb + ca, tl.sum(dxa, axis=0))
-        tl.store(dkb_ptr + pb + cb, tl.sum(dxb, axis=0))
-        toff = ((r * T + t) * H + h) * S
-        tl.store(dth_ptr + toff[:, None] + jj[None, :], tq + tk, mask=m2 & (jj < S)[None, :])
+        _store_rank_sums(dkb_ptr, pb, dxa, dxb, ca, cb, BT, R, NH)
+        dth = tq + tk
+        if R > 1:
+            dth = tl.sum(tl.reshape(dth, (BT, R, NH)), axis=1)
+        tl.store(dth_ptr + (tt * H + h)[:, None] * S + jj[None, :], dth,
+                 mask=mt & (jj < S)[None, :])  # fmt: skip
     if ATOMIC:
         _add_pairs(dq_ptr, src, qa, qb, m2, NH, HALVES)
         _add_pairs(dk_ptr, src, ka, kb, m2, NH, HALVES)
     else:
         _store_rot(dq_ptr, src, qa, qb, m2, NH, NH, HALVES)
         _store_rot(dk_ptr, src, ka, kb, m2, NH, NH, HALVES)
+
+
+@triton.jit
+def _store_rank_sums(ptr, rank_rows, a, b, ca, cb, BT: tl.constexpr, R: tl.constexpr,
+                     NH: tl.constexpr):  # fmt: skip
+    """Store the sums over the block's tokens of pair tiles a, b ((BT*R, NH), row t * R + r)
+    per rank, into the rows of N values at element offsets rank_rows (R,)."""
+    if R > 1:
+        a = tl.reshape(a, (BT, R, NH))
+        b = tl.reshape(b, (BT, R, NH))
+        tl.store(ptr + rank_rows[:, None] + ca[None, :], tl.sum(a, axis=0))
+        tl.store(ptr + rank_rows[:, None] + cb[None, :], tl.sum(b, axis=0))
+    else:
+        tl.store(ptr + rank_rows[:, None] + ca[None, :], tl.sum(a, axis=0)[None, :])
+        tl.store(ptr + rank_rows[:, None] + cb[None, :], tl.sum(b, axis=0)[None, :])
 
 
 @triton.jit
@@ -326,16 +369,22 @@ def rotary_fwd(q, k, qb, kb, theta, halves: bool, out_dtype: torch.dtype):
     if T > 0:
         first = KNOBS["heads_first"]
         bt = KNOBS["rot_tokens"]
-        grid = (triton.cdiv(T, bt), R * H)
+        grid = (triton.cdiv(T, bt), H)
         run_kernel(
             _rot_fwd_kernel, grid[::-1] if first else grid,
             q, k, qb, kb, theta, qr, kr, T, H, G, N=N, S=S, R=R, BT=bt, HALVES=halves,
-            FAST=_fast_trig(), HEADS_FIRST=first, num_warps=KNOBS["rot_warps"],
+            FAST=_fast_trig(), HEADS_FIRST=first, num_warps=_rot_warps(R),
         )  # fmt: skip
     return qr, kr
 
 
 _XR = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
+def _rot_warps(R: int) -> int:
+    """Warps of a rotary program, which holds its tokens' R rank rows: as many rows per warp
+    as SISO's programs (up to 8 warps)."""
+    return min(8, KNOBS["rot_warps"] * R)
 
 
 def rotary_bwd(dqr, dkr, q, k, qb, kb, theta, halves: bool, xr_dtype=torch.float32):
@@ -357,21 +406,21 @@ def rotary_bwd(dqr, dkr, q, k, qb, kb, theta, halves: bool, xr_dtype=torch.float
     # per-block bias partial sums: every (block, rank, head) row is written (masked tokens add 0)
     pq = torch.empty((nblk, R, H, N), dtype=f32, device=dev)
     pk = torch.empty_like(pq)
-    dth = torch.empty((R, B, L, H, S), dtype=f32, device=dev)
+    dth = torch.empty((B, L, H, S), dtype=f32, device=dev)
     if T > 0:
         first = KNOBS["heads_first"]
-        grid = (nblk, R * H // hb)
+        grid = (nblk, H // hb)
         run_kernel(
             _rot_bwd_kernel, grid[::-1] if first else grid,
             dqr, dkr, q, k, qb, kb, theta, dq, dk, pq, pk, dth, T, H, G,
             N=N, S=S, R=R, BT=bt, HALVES=halves, XR=_XR[xr_dtype], FAST=_fast_trig(),
-            HEADS_FIRST=first, HB=hb, ATOMIC=hb < HG, num_warps=KNOBS["rot_warps"],
+            HEADS_FIRST=first, HB=hb, ATOMIC=hb < HG, num_warps=_rot_warps(R),
         )  # fmt: skip
     else:
         dth.zero_()
         pq.zero_()
         pk.zero_()
-    return dq, dk, pq.sum(0), pk.sum(0), dth.sum(0) if R > 1 else dth[0]
+    return dq, dk, pq.sum(0), pk.sum(0), dth
 
 
 def _angle_launch(S: int) -> tuple[int, int, int]:
@@ -520,12 +569,12 @@ class _RotCore(torch.autograd.Function):
 
     @staticmethod
     def forward(q, k, qb, kb, theta, vr, adt, w, gam, s0, D, cu, halves, need_y, chunk,
-                dot_dtype, nw, ns, nseq, split_n, segment):  # fmt: skip
+                dot_dtype, nw, ns, nseq, split_n, segment, fwd_chunk):  # fmt: skip
         op_dtype = dot_dtype if dot_dtype in ("bfloat16", "float16") else "float32"
         qr, kr = _rotary_fwd_op(q, k, qb, kb, theta, halves, op_dtype)
         if need_y:
-            y, sf = _core_fwd_op(qr, kr, vr, adt, w, gam, s0, cu, chunk, dot_dtype, nw, ns, nseq,
-                                 D, segment)  # fmt: skip
+            y, sf = _core_fwd_op(qr, kr, vr, adt, w, gam, s0, cu, fwd_chunk, dot_dtype, nw, ns,
+                                 nseq, D, segment)  # fmt: skip
         else:
             # Values not wanted (see rot_core_scan): zero-strided zeros, no launch, no memory.
             # y in vr's dtype: the output's cast is then a no-op, and y's gradient reaches the
@@ -544,7 +593,7 @@ class _RotCore(torch.autograd.Function):
         # (B, L, R, H, N) fills per backward, and a zero dS_final is no final-state gradient.
         ctx.set_materialize_grads(False)
         ctx.halves = inputs[12]
-        ctx.flags = inputs[14:]
+        ctx.flags = inputs[14:-1]  # (the backward's; the forward chunk is the recompute's)
 
     @staticmethod
     def backward(ctx, dy, dsf, _dqr, _dkr):
@@ -560,7 +609,7 @@ class _RotCore(torch.autograd.Function):
         return (dq.to(q.dtype), dk.to(k.dtype), dqb, dkb, dth, dv.to(vr.dtype),
                 dadt.to(adt.dtype), dw.to(w.dtype), dg.to(gam.dtype),
                 ds0 if s0 is not None else None, dD if D is not None else None,
-                *([None] * 10))  # fmt: skip
+                *([None] * 11))  # fmt: skip
 
 
 def rot_core_scan(
@@ -570,7 +619,8 @@ def rot_core_scan(
 
     q, k (B, L, R, G, N) raw (unbiased, unrotated); qb, kb (R, H, N) fp32; theta (B, L, H, S)
     fp32 cumulative angles; the rest as core_scan. meta = (chunk, dot_dtype, num_warps,
-    num_stages, nseq[, split_n[, segment]]) (see core_scan.core_bwd); D (H,) fp32 or None: the
+    num_stages, nseq[, split_n[, segment[, fwd_chunk]]]) (see core_scan.core_bwd; fwd_chunk: the
+    forward's chunk, 0 or absent: chunk); D (H,) fp32 or None: the
     skip y += D[h] vr, inside the core forward and backward. need_y=False skips the core's
     forward: y (in vr's dtype then) and S_final are zeros (not their values) while the backward
     stays exact, which is all a caller that only takes the vector-Jacobian product and whose
@@ -578,13 +628,15 @@ def rot_core_scan(
     chunk, dot_dtype, num_warps, num_stages, nseq = meta[:5]
     split_n = meta[5] if len(meta) > 5 else 1
     segment = meta[6] if len(meta) > 6 else 0
+    fwd_chunk = (meta[7] if len(meta) > 7 else 0) or chunk
     name = str(dot_dtype).replace("torch.", "")
     if name == "float64":
         name = "float32"
     args = [x.contiguous() if x is not None else None
             for x in (q, k, qb, kb, theta, vr, adt, w, gam, s0, D)]  # fmt: skip
     y, sf, _, _ = apply_positional(_RotCore, *args, cu_seqlens, halves, need_y, chunk, name,
-                                   num_warps, num_stages, nseq, split_n, segment)  # fmt: skip
+                                   num_warps, num_stages, nseq, split_n, segment,
+                                   fwd_chunk)  # fmt: skip
     return y, sf
 
 
@@ -617,7 +669,7 @@ def compile_kernels(
     for name, fn, sig, c in launches:
         sig = {**sig, **ints, **{k: "constexpr" for k in c}}
         src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=c)
-        opts = {"num_warps": KNOBS["rot_warps"]}
+        opts = {"num_warps": _rot_warps(R)}
         out[name] = triton.compile(src, target=target, options=opts)
     sp = min(triton.next_power_of_2(S), pairs)
     ac = dict(S=S, SP=sp, BL=KNOBS["angle_step"], VARLEN=False)

@@ -226,10 +226,7 @@ def _core_fwd_kernel(
             y += tl.load(D_ptr + h) * _exact_v(vr_ptr, row, valid, v, P, DOTK)
         tl.store(y_ptr + row[:, None] * P + pp[None, :], y, mask=valid[:, None])
     if HAS_SF:
-        if SEGMENTED:
-            if seg == NSEG - 1:
-                tl.store(sf_ptr + st_off, st)
-        else:
+        if seg == NSEG - 1:  # (unsegmented: seg = 0, NSEG = 1)
             tl.store(sf_ptr + st_off, st)
 
 
@@ -338,10 +335,7 @@ def _core_bwd_kernel(
                 tl.atomic_add(dD_ptr + h, tl.sum(dd_rows, axis=0), sem="relaxed")
         if HAS_DSF:
             sf_ptr = sfdot_ptr + seq.to(tl.int64) * H + h
-            if SEGMENTED:
-                if seg == NSEG - 1:  # st is S_final
-                    _add_sfdot(dsf_ptr + st_off, st, sf_ptr, NS)
-            else:
+            if seg == NSEG - 1:  # st is S_final (unsegmented: seg = 0, NSEG = 1)
                 _add_sfdot(dsf_ptr + st_off, st, sf_ptr, NS)
     else:
         # ---- reverse sweep: carries dS (gradient of the state at the chunk end) ---------
@@ -675,13 +669,14 @@ def compile_kernels(
     split_n: int = 1,
     has_d: bool = False,
     segmented: bool = False,
+    fwd_chunk: int = 0,
 ) -> dict:
     """Compile the core's forward and backward kernels ahead of time (no GPU needed) for
     ``target`` (a ``triton.backends.compiler.GPUTarget``; default sm_90), as a launch with an
     initial state and a final-state gradient would specialise them (with ``has_d``: the D skip
     too, vr and dy in the dot dtype as the SISO backward passes them; with ``segmented``: the
-    backward's segment kernels, core_segments, and its segmented sweeps). Returns
-    {name: compiled}."""
+    backward's segment kernels, core_segments, and its segmented sweeps; fwd_chunk: the
+    forward kernel's chunk, 0: ``chunk``). Returns {name: compiled}."""
     from triton.backends.compiler import GPUTarget
 
     from .core_segments import _contrib_kernel, _pass_kernel
@@ -698,7 +693,7 @@ def compile_kernels(
     # (name, kernel, its constexprs)
     kernels = [
         ("core_fwd", _core_fwd_kernel,
-         dict(consts, HAS_S0=True, HAS_SF=True, SEGMENTED=segmented)),
+         dict(consts, C=fwd_chunk or chunk, HAS_S0=True, HAS_SF=True, SEGMENTED=segmented)),
         ("core_bwd", _core_bwd_kernel,
          dict(consts, HAS_S0=True, HAS_DSF=True, NS=split_n, SEGMENTED=segmented)),
     ]  # fmt: skip
