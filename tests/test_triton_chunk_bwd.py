@@ -292,8 +292,8 @@ def test_bf16_decay_and_angle_gradients_over_many_chunks(rank, L):
 def test_rotary_kernels_match_torch(rank, G, H, N, S, layout, heads_first, bwd_heads, monkeypatch):
     """The fused bias + rotary + GQA kernels and their hand-written backward vs PyTorch autograd
     of the same prep in float64 (37 tokens per sequence: a partial last token block); token- or
-    head-major grids, backward programs over whole groups or 1-2 heads (dq/dk added atomically),
-    each holding its tokens' rank rows (dtheta summed over them, bias sums per rank)."""
+    head-major grids, backward programs over whole groups or 1-2 heads (dq/dk added atomically);
+    ranks 1, 2 and 4."""
     from mamba3_kernels.triton_impl import core_prep as cp
     from mamba3_kernels.triton_impl import core_rotary as cr
 

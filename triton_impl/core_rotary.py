@@ -14,8 +14,7 @@ group h // (H / G)):
     dtheta_j = dxr_b xr_a - dxr_a xr_b                                 (q and k, every rank)
 
 dq/dk are summed over the heads of a group in registers; bias gradients are per-block partial
-sums over tokens, reduced in PyTorch; dtheta is summed over a token's rank rows in registers and
-written per (token, head, pair).
+sums over tokens, reduced in PyTorch; dtheta is written per (rank, token, head, pair).
 """
 
 from __future__ import annotations
@@ -31,7 +30,7 @@ from triton.language.extra import libdevice
 from mamba3_kernels.eager_calls import apply_positional, eager_custom_op
 
 from .core_scan import _core_bwd_op, _core_fwd_op, _interp, _seq_bounds
-from .fwd_tiles import _load_rot, _rows_of_tokens, _store_rot
+from .fwd_tiles import _load_rot, _store_rot
 from .parallel_compile import run_kernel
 
 __all__ = ["rotary_fwd", "rotary_bwd", "rot_core_scan", "angle_scan"]
@@ -97,14 +96,13 @@ def _pair_cols(NH: tl.constexpr, HALVES: tl.constexpr):
 
 
 @triton.jit
-def _biased_pairs(x_ptr, b_ptr, boff, src, m2, NH: tl.constexpr, HALVES: tl.constexpr):
+def _biased_pairs(x_ptr, b_ptr, src, m2, NH: tl.constexpr, HALVES: tl.constexpr):
     """x + bias as the pair members (a, b): two (BT, NH) fp32 tiles; each row loaded once,
-    contiguously (the interleaved split happens in registers). boff: the bias row's element
-    offset, one for every row or one per row ((BT, 1))."""
+    contiguously (the interleaved split happens in registers)."""
     ca, cb = _pair_cols(NH, HALVES)
     xa, xb = _load_rot(x_ptr, src, m2, NH, NH, HALVES)
-    xa = xa.to(tl.float32) + tl.load(b_ptr + boff + ca[None, :])
-    xb = xb.to(tl.float32) + tl.load(b_ptr + boff + cb[None, :])
+    xa = xa.to(tl.float32) + tl.load(b_ptr + ca)[None, :]
+    xb = xb.to(tl.float32) + tl.load(b_ptr + cb)[None, :]
     return xa, xb
 
 
@@ -128,55 +126,30 @@ def _rot_fwd_kernel(
     N: tl.constexpr, S: tl.constexpr, R: tl.constexpr, BT: tl.constexpr, HALVES: tl.constexpr,
     FAST: tl.constexpr, HEADS_FIRST: tl.constexpr,
 ):  # fmt: skip
-    """qr, kr (T, R, H, N) = Rot(theta) (q, k (T, R, G, N) + bias (R, H, N)); grid (T/BT, H),
-    or (H, T/BT) with HEADS_FIRST. Works on (BT*R, N/2) tiles of pair members (the block's
-    tokens with all their rank rows, see _block_rows): every value is loaded once (no partner
-    gather) and the trig is evaluated per token and pair."""
+    """qr, kr (T, R, H, N) = Rot(theta) (q, k (T, R, G, N) + bias (R, H, N)); grid (T/BT, R*H),
+    or (R*H, T/BT) with HEADS_FIRST. Works on (BT, N/2) tiles of pair members: every value is
+    loaded once (no partner gather) and the trig is evaluated per pair."""
     NH: tl.constexpr = N // 2
-    pid_t, h = _grid_ids(HEADS_FIRST)
+    pid_t, rh = _grid_ids(HEADS_FIRST)
+    r = rh // H
+    h = rh % H
     g = h // (H // G)
-    tt, mt, rows, m2, roff = _block_rows(pid_t, T, H, N, R, BT)
-    boff = roff + h * N
-    c, s = _token_cos_sin(th_ptr, tt, mt, h, H, S, NH, R, FAST)
-    src = ((rows * G + g) * N)[:, None]
-    dst = ((rows * H + h) * N)[:, None]
-    ty = qr_ptr.dtype.element_ty
-    xa, xb = _biased_pairs(q_ptr, qb_ptr, boff, src, m2, NH, HALVES)
-    _store_rot(qr_ptr, dst, (xa * c - xb * s).to(ty), (xa * s + xb * c).to(ty), m2, NH, NH,
-               HALVES)  # fmt: skip
-    xa, xb = _biased_pairs(k_ptr, kb_ptr, boff, src, m2, NH, HALVES)
-    _store_rot(kr_ptr, dst, (xa * c - xb * s).to(ty), (xa * s + xb * c).to(ty), m2, NH, NH,
-               HALVES)  # fmt: skip
-
-
-@triton.jit
-def _block_rows(pid_t, T, H, N: tl.constexpr, R: tl.constexpr, BT: tl.constexpr):
-    """The rows of token block pid_t: its BT tokens tt (BT,) and their mask (BT, 1); their
-    (token, rank) rows t * R + r (BT*R,) and mask (BT*R, 1); each row's rank offset into the
-    bias (R, H, N) ((BT*R, 1); 0 when R == 1), to which head h adds h * N."""
-    RB: tl.constexpr = BT * R
-    tt = (pid_t * BT + tl.arange(0, BT)).to(tl.int64)
-    rows = pid_t.to(tl.int64) * RB + tl.arange(0, RB)
-    if R > 1:
-        roff = (rows % R)[:, None] * H * N
-    else:
-        roff = 0
-    return tt, (tt < T)[:, None], rows, (rows < T * R)[:, None], roff
-
-
-@triton.jit
-def _token_cos_sin(th_ptr, tt, mt, h, H, S: tl.constexpr, NH: tl.constexpr, R: tl.constexpr,
-                   FAST: tl.constexpr):  # fmt: skip
-    """cos, sin (BT*R, NH) of head h's angles theta (T, H, S) at tokens tt, evaluated per token
-    and repeated for its rank rows (pairs at or past S: angle 0)."""
+    t = (pid_t * BT + tl.arange(0, BT)).to(tl.int64)
+    m2 = (t < T)[:, None]
     jj = tl.arange(0, NH)
-    th = tl.load(th_ptr + (tt * H + h)[:, None] * S + jj[None, :], mask=mt & (jj < S)[None, :],
+    src = (((t * R + r) * G + g) * N)[:, None]
+    boff = (r * H + h) * N
+    th = tl.load(th_ptr + (t * H + h)[:, None] * S + jj[None, :], mask=m2 & (jj < S)[None, :],
                  other=0.0)  # fmt: skip
     c, s = _cos_sin(th, FAST)
-    if R > 1:
-        c = _rows_of_tokens(c, R)
-        s = _rows_of_tokens(s, R)
-    return c, s
+    dst = (((t * R + r) * H + h) * N)[:, None]
+    xa, xb = _biased_pairs(q_ptr, qb_ptr + boff, src, m2, NH, HALVES)
+    ty = qr_ptr.dtype.element_ty
+    _store_rot(qr_ptr, dst, (xa * c - xb * s).to(ty), (xa * s + xb * c).to(ty), m2, NH, NH,
+               HALVES)  # fmt: skip
+    xa, xb = _biased_pairs(k_ptr, kb_ptr + boff, src, m2, NH, HALVES)
+    _store_rot(kr_ptr, dst, (xa * c - xb * s).to(ty), (xa * s + xb * c).to(ty), m2, NH, NH,
+               HALVES)  # fmt: skip
 
 
 @triton.jit
@@ -209,70 +182,54 @@ def _rot_bwd_kernel(
     XR: tl.constexpr, FAST: tl.constexpr, HEADS_FIRST: tl.constexpr, HB: tl.constexpr,
     ATOMIC: tl.constexpr,
 ):  # fmt: skip
-    """Gradients of the rotary prep; grid (T/BT, G*H/HB) (or transposed, HEADS_FIRST), each
-    program owns BT tokens with all their R rank rows (row i: token i // R, rank i % R) and
-    loops over HB heads of one group. dqr, dkr (T, R, H, N) fp32 -> dq, dk (T, R, G, N) fp32
-    (ATOMIC: zero-initialised, the programs of a group add their partial sums); dqb, dkb
-    (T/BT, R, H, N) partial sums over the block's tokens; dth (T, H, S) fp32, summed over the
-    ranks here (a token's rank rows share its angle, so its trig is evaluated once per token)."""
+    """Gradients of the rotary prep; grid (T/BT, R*H/HB) (or transposed, HEADS_FIRST), each
+    program loops over HB heads of one group. dqr, dkr (T, R, H, N) fp32 -> dq, dk (T, R, G, N)
+    fp32 (ATOMIC: zero-initialised, the programs of a group add their partial sums);
+    dqb, dkb (T/BT, R, H, N) partial sums over the block's tokens; dth (R, T, H, S) fp32."""
     NH: tl.constexpr = N // 2
-    RB: tl.constexpr = BT * R
-    pid_t, gb = _grid_ids(HEADS_FIRST)
+    pid_t, rgb = _grid_ids(HEADS_FIRST)
     HG = H // G
     nhb = HG // HB
-    g = gb // nhb
-    h0 = g * HG + (gb % nhb) * HB
+    r = rgb // (G * nhb)
+    g = (rgb // nhb) % G
+    h0 = g * HG + (rgb % nhb) * HB
+    t = (pid_t * BT + tl.arange(0, BT)).to(tl.int64)
+    m2 = (t < T)[:, None]
     jj = tl.arange(0, NH)
     ca, cb = _pair_cols(NH, HALVES)
-    qa = tl.zeros((RB, NH), dtype=tl.float32)
-    qb = tl.zeros((RB, NH), dtype=tl.float32)
-    ka = tl.zeros((RB, NH), dtype=tl.float32)
-    kb = tl.zeros((RB, NH), dtype=tl.float32)
-    ranks = tl.arange(0, R)
-    tt, mt, rows, m2, roff = _block_rows(pid_t, T, H, N, R, BT)
-    src = ((rows * G + g) * N)[:, None]
+    src = (((t * R + r) * G + g) * N)[:, None]
+    qa = tl.zeros((BT, NH), dtype=tl.float32)
+    qb = tl.zeros((BT, NH), dtype=tl.float32)
+    ka = tl.zeros((BT, NH), dtype=tl.float32)
+    kb = tl.zeros((BT, NH), dtype=tl.float32)
     for hh in range(0, HB):
         h = h0 + hh
-        boff = roff + h * N
-        c, s = _token_cos_sin(th_ptr, tt, mt, h, H, S, NH, R, FAST)
-        dst = ((rows * H + h) * N)[:, None]
-        xa, xb = _biased_pairs(q_ptr, qb_ptr, boff, src, m2, NH, HALVES)
+        boff = (r * H + h) * N
+        th = tl.load(th_ptr + (t * H + h)[:, None] * S + jj[None, :],
+                     mask=m2 & (jj < S)[None, :], other=0.0)  # fmt: skip
+        c, s = _cos_sin(th, FAST)
+        dst = (((t * R + r) * H + h) * N)[:, None]
+        xa, xb = _biased_pairs(q_ptr, qb_ptr + boff, src, m2, NH, HALVES)
         dxa, dxb, tq = _unrotate_pairs(dqr_ptr, dst, m2, xa, xb, c, s, NH, HALVES, XR)
         qa += dxa
         qb += dxb
-        pb = ((pid_t.to(tl.int64) * R + ranks) * H + h) * N  # (R,) rows of the partial sums
-        _store_rank_sums(dqb_ptr, pb, dxa, dxb, ca, cb, BT, R, NH)
-        xa, xb = _biased_pairs(k_ptr, kb_ptr, boff, src, m2, NH, HALVES)
+        pb = (pid_t.to(tl.int64) * R * H + r * H + h) * N
+        tl.store(dqb_ptr + pb + ca, tl.sum(dxa, axis=0))
+        tl.store(dqb_ptr + pb + cb, tl.sum(dxb, axis=0))
+        xa, xb = _biased_pairs(k_ptr, kb_ptr + boff, src, m2, NH, HALVES)
         dxa, dxb, tk = _unrotate_pairs(dkr_ptr, dst, m2, xa, xb, c, s, NH, HALVES, XR)
         ka += dxa
         kb += dxb
-        _store_rank_sums(dkb_ptr, pb, dxa, dxb, ca, cb, BT, R, NH)
-        dth = tq + tk
-        if R > 1:
-            dth = tl.sum(tl.reshape(dth, (BT, R, NH)), axis=1)
-        tl.store(dth_ptr + (tt * H + h)[:, None] * S + jj[None, :], dth,
-                 mask=mt & (jj < S)[None, :])  # fmt: skip
+        tl.store(dkb_ptr + pb + ca, tl.sum(dxa, axis=0))
+        tl.store(dkb_ptr + pb + cb, tl.sum(dxb, axis=0))
+        toff = ((r * T + t) * H + h) * S
+        tl.store(dth_ptr + toff[:, None] + jj[None, :], tq + tk, mask=m2 & (jj < S)[None, :])
     if ATOMIC:
         _add_pairs(dq_ptr, src, qa, qb, m2, NH, HALVES)
         _add_pairs(dk_ptr, src, ka, kb, m2, NH, HALVES)
     else:
         _store_rot(dq_ptr, src, qa, qb, m2, NH, NH, HALVES)
         _store_rot(dk_ptr, src, ka, kb, m2, NH, NH, HALVES)
-
-
-@triton.jit
-def _store_rank_sums(ptr, rank_rows, a, b, ca, cb, BT: tl.constexpr, R: tl.constexpr,
-                     NH: tl.constexpr):  # fmt: skip
-    """Store the sums over the block's tokens of pair tiles a, b ((BT*R, NH), row t * R + r)
-    per rank, into the rows of N values at element offsets rank_rows (R,)."""
-    if R > 1:
-        a = tl.reshape(a, (BT, R, NH))
-        b = tl.reshape(b, (BT, R, NH))
-        tl.store(ptr + rank_rows[:, None] + ca[None, :], tl.sum(a, axis=0))
-        tl.store(ptr + rank_rows[:, None] + cb[None, :], tl.sum(b, axis=0))
-    else:
-        tl.store(ptr + rank_rows[:, None] + ca[None, :], tl.sum(a, axis=0)[None, :])
-        tl.store(ptr + rank_rows[:, None] + cb[None, :], tl.sum(b, axis=0)[None, :])
 
 
 @triton.jit
@@ -369,22 +326,16 @@ def rotary_fwd(q, k, qb, kb, theta, halves: bool, out_dtype: torch.dtype):
     if T > 0:
         first = KNOBS["heads_first"]
         bt = KNOBS["rot_tokens"]
-        grid = (triton.cdiv(T, bt), H)
+        grid = (triton.cdiv(T, bt), R * H)
         run_kernel(
             _rot_fwd_kernel, grid[::-1] if first else grid,
             q, k, qb, kb, theta, qr, kr, T, H, G, N=N, S=S, R=R, BT=bt, HALVES=halves,
-            FAST=_fast_trig(), HEADS_FIRST=first, num_warps=_rot_warps(R),
+            FAST=_fast_trig(), HEADS_FIRST=first, num_warps=KNOBS["rot_warps"],
         )  # fmt: skip
     return qr, kr
 
 
 _XR = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-
-
-def _rot_warps(R: int) -> int:
-    """Warps of a rotary program, which holds its tokens' R rank rows: as many rows per warp
-    as SISO's programs (up to 8 warps)."""
-    return min(8, KNOBS["rot_warps"] * R)
 
 
 def rotary_bwd(dqr, dkr, q, k, qb, kb, theta, halves: bool, xr_dtype=torch.float32):
@@ -406,21 +357,21 @@ def rotary_bwd(dqr, dkr, q, k, qb, kb, theta, halves: bool, xr_dtype=torch.float
     # per-block bias partial sums: every (block, rank, head) row is written (masked tokens add 0)
     pq = torch.empty((nblk, R, H, N), dtype=f32, device=dev)
     pk = torch.empty_like(pq)
-    dth = torch.empty((B, L, H, S), dtype=f32, device=dev)
+    dth = torch.empty((R, B, L, H, S), dtype=f32, device=dev)
     if T > 0:
         first = KNOBS["heads_first"]
-        grid = (nblk, H // hb)
+        grid = (nblk, R * H // hb)
         run_kernel(
             _rot_bwd_kernel, grid[::-1] if first else grid,
             dqr, dkr, q, k, qb, kb, theta, dq, dk, pq, pk, dth, T, H, G,
             N=N, S=S, R=R, BT=bt, HALVES=halves, XR=_XR[xr_dtype], FAST=_fast_trig(),
-            HEADS_FIRST=first, HB=hb, ATOMIC=hb < HG, num_warps=_rot_warps(R),
+            HEADS_FIRST=first, HB=hb, ATOMIC=hb < HG, num_warps=KNOBS["rot_warps"],
         )  # fmt: skip
     else:
         dth.zero_()
         pq.zero_()
         pk.zero_()
-    return dq, dk, pq.sum(0), pk.sum(0), dth
+    return dq, dk, pq.sum(0), pk.sum(0), dth.sum(0) if R > 1 else dth[0]
 
 
 def _angle_launch(S: int) -> tuple[int, int, int]:
@@ -669,7 +620,7 @@ def compile_kernels(
     for name, fn, sig, c in launches:
         sig = {**sig, **ints, **{k: "constexpr" for k in c}}
         src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=c)
-        opts = {"num_warps": _rot_warps(R)}
+        opts = {"num_warps": KNOBS["rot_warps"]}
         out[name] = triton.compile(src, target=target, options=opts)
     sp = min(triton.next_power_of_2(S), pairs)
     ac = dict(S=S, SP=sp, BL=KNOBS["angle_step"], VARLEN=False)
