@@ -114,6 +114,21 @@ def test_grads_with_state_columns_split(case):
 
 
 @cpu_interpreted
+@pytest.mark.parametrize("case", [GRID[i] for i in (1, 8)], ids=str)
+def test_grads_with_sweeps_in_separate_launches(case, monkeypatch):
+    """The core backward's two sweeps as two launches of single-sweep builds (SPLIT_SWEEPS,
+    the reverse one on 8 warps): SISO with GQA and both states, MIMO varlen with empty
+    sequences."""
+    from mamba3_kernels.triton_impl import core_scan as cs
+
+    monkeypatch.setattr(cs, "SPLIT_SWEEPS", (0, 8))
+    rank, mimo, rotary, G, dz, mo, init, final, cu = case
+    g = torch.Generator().manual_seed(23 * rank + G)
+    inputs = _grid_inputs(rank, mimo, G, dz, mo, init, cu, g, d_state=16)
+    _check(inputs, rotary, final, chunk=16 // rank)
+
+
+@cpu_interpreted
 @pytest.mark.parametrize("case", [GRID[i] for i in (0, 4, 8)], ids=str)
 def test_grads_with_longer_forward_chunks(case, monkeypatch):
     """The forward recompute (which the z gate and mimo_o read) on chunks twice the backward's

@@ -52,6 +52,13 @@ __all__ = ["core_scan", "core_fwd", "core_bwd"]
 
 _MIN_DOT = 16
 
+# The core backward's two sweeps in one launch (None) or one launch each, on the given numbers
+# of warps (forward sweep, reverse sweep); 0: the config's. Each single-sweep build holds only its
+# own sweep's code (sm_90 builds, SISO, 4 warps: the forward sweep alone spills 608 B of stack,
+# the reverse sweep 2192 B, both in one kernel 2032 B; on 8 warps 200 / 792 / 848 B). A switch
+# for the benchmark's A/B.
+SPLIT_SWEEPS: tuple[int, int] | None = None
+
 
 @triton.jit
 def _rnd(x, DOTK: tl.constexpr, UPCAST: tl.constexpr):
@@ -254,10 +261,12 @@ def _core_bwd_kernel(
     N: tl.constexpr, P: tl.constexpr, R: tl.constexpr, C: tl.constexpr,
     VARLEN: tl.constexpr, HAS_S0: tl.constexpr, HAS_DSF: tl.constexpr, HAS_D: tl.constexpr,
     DOTK: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, NS: tl.constexpr,
-    FAST: tl.constexpr, SEGMENTED: tl.constexpr,
+    FAST: tl.constexpr, SEGMENTED: tl.constexpr, SWEEP: tl.constexpr = 2,
 ):  # fmt: skip
     """Gradients of the core; grid (nseq * H, 2, NS): axis 1 picks the forward (0) or reverse
-    (1) sweep, axis 2 a block of N / NS state columns. Row outputs (qdq, kdk, dw, dg) are
+    (1) sweep, axis 2 a block of N / NS state columns. SWEEP 0 or 1: this build runs only that
+    sweep (grid (nseq * H, 1, NS); each build then has only its own sweep's code and registers);
+    2: both, by axis 1. Row outputs (qdq, kdk, dw, dg) are
     (B, H, L, R) fp32 with (L, R) flattened.
 
     Column blocks: every product over N splits into per-block partial sums, and the outputs
@@ -280,7 +289,10 @@ def _core_bwd_kernel(
     if SEGMENTED:
         seg = pid % NSEG
         pid = pid // NSEG
-    sweep = tl.program_id(1)
+    if SWEEP == 2:
+        sweep = tl.program_id(1)
+    else:
+        sweep = SWEEP
     NB: tl.constexpr = N // NS
     n0 = tl.program_id(2) * NB
     seq = pid // H
@@ -500,19 +512,26 @@ def core_bwd(qr, kr, vr, adt, w, gam, s0, cu_seqlens, meta, dy, dsf, D=None):
         if seg < L:
             s_in, ds_out, nseg = segment_states(qr, kr, vr, adt, w, gam, s0, dsf, dy, consts,
                                                 nseq, seg, num_warps, split_n)  # fmt: skip
-        run_kernel(
-            _core_bwd_kernel, (nseq * H * nseg, 2, split_n), qr, kr, vr, adt, w, gam,
-            s0 if s0 is not None else dummy,
-            cu_seqlens if cu_seqlens is not None else dummy,
-            D if D is not None else dummy,
-            dy,
-            dsf if dsf is not None else dummy,
-            dq, dk, dv, rows[2], rows[3], rows[0], rows[1], ds0, sfdot,
-            dD if D is not None else dummy,
-            s_in, ds_out, L, H, nseg, seg,
-            HAS_S0=s0 is not None, HAS_DSF=dsf is not None, HAS_D=D is not None, NS=split_n,
-            SEGMENTED=nseg > 1, **consts, num_warps=num_warps, num_stages=num_stages,
-        )  # fmt: skip
+        # one launch running both sweeps, or (SPLIT_SWEEPS) one launch per sweep
+        sweeps = ((2, num_warps),)
+        if SPLIT_SWEEPS is not None:
+            sweeps = tuple((i, wp or num_warps) for i, wp in enumerate(SPLIT_SWEEPS))
+        for sweep, warps in sweeps:
+            run_kernel(
+                _core_bwd_kernel, (nseq * H * nseg, 2 if sweep == 2 else 1, split_n),
+                qr, kr, vr, adt, w, gam,
+                s0 if s0 is not None else dummy,
+                cu_seqlens if cu_seqlens is not None else dummy,
+                D if D is not None else dummy,
+                dy,
+                dsf if dsf is not None else dummy,
+                dq, dk, dv, rows[2], rows[3], rows[0], rows[1], ds0, sfdot,
+                dD if D is not None else dummy,
+                s_in, ds_out, L, H, nseg, seg,
+                HAS_S0=s0 is not None, HAS_DSF=dsf is not None, HAS_D=D is not None, NS=split_n,
+                SEGMENTED=nseg > 1, SWEEP=sweep, **consts, num_warps=warps,
+                num_stages=num_stages,
+            )  # fmt: skip
     qdq, kdk, dw, dg = rows
     # dC per token (sum over rank rows), plus <dS_final, S_final> at each sequence's last token;
     # d adt is its reverse cumulative sum within each sequence.
@@ -670,6 +689,7 @@ def compile_kernels(
     has_d: bool = False,
     segmented: bool = False,
     fwd_chunk: int = 0,
+    sweep: int = 2,
 ) -> dict:
     """Compile the core's forward and backward kernels ahead of time (no GPU needed) for
     ``target`` (a ``triton.backends.compiler.GPUTarget``; default sm_90), as a launch with an
@@ -695,7 +715,7 @@ def compile_kernels(
         ("core_fwd", _core_fwd_kernel,
          dict(consts, C=fwd_chunk or chunk, HAS_S0=True, HAS_SF=True, SEGMENTED=segmented)),
         ("core_bwd", _core_bwd_kernel,
-         dict(consts, HAS_S0=True, HAS_DSF=True, NS=split_n, SEGMENTED=segmented)),
+         dict(consts, HAS_S0=True, HAS_DSF=True, NS=split_n, SEGMENTED=segmented, SWEEP=sweep)),
     ]  # fmt: skip
     if segmented:
         shared = {k: v for k, v in consts.items() if k not in ("VARLEN", "HAS_D")}
