@@ -114,21 +114,6 @@ def test_grads_with_state_columns_split(case):
 
 
 @cpu_interpreted
-@pytest.mark.parametrize("case", [GRID[i] for i in (1, 8)], ids=str)
-def test_grads_with_sweeps_in_separate_launches(case, monkeypatch):
-    """The core backward's two sweeps as two launches of single-sweep builds (SPLIT_SWEEPS,
-    the reverse one on 8 warps): SISO with GQA and both states, MIMO varlen with empty
-    sequences."""
-    from mamba3_kernels.triton_impl import core_scan as cs
-
-    monkeypatch.setattr(cs, "SPLIT_SWEEPS", (0, 8))
-    rank, mimo, rotary, G, dz, mo, init, final, cu = case
-    g = torch.Generator().manual_seed(23 * rank + G)
-    inputs = _grid_inputs(rank, mimo, G, dz, mo, init, cu, g, d_state=16)
-    _check(inputs, rotary, final, chunk=16 // rank)
-
-
-@cpu_interpreted
 @pytest.mark.parametrize("case", [GRID[i] for i in (0, 4, 8)], ids=str)
 def test_grads_with_longer_forward_chunks(case, monkeypatch):
     """The forward recompute (which the z gate and mimo_o read) on chunks twice the backward's
@@ -227,28 +212,34 @@ def test_core_forward_over_segments(rank, s0, monkeypatch):
 
 
 @cpu_interpreted
-@pytest.mark.parametrize("with_D", [False, True])
-def test_core_ops_schema_and_fakes(with_D):
+@pytest.mark.parametrize("with_D,vr_dtype,split_n",
+                         [(False, torch.float32, 1), (True, torch.float32, 1),
+                          (True, torch.bfloat16, 1), (False, torch.bfloat16, 2)])  # fmt: skip
+def test_core_ops_schema_and_fakes(with_D, vr_dtype, split_n):
     """The core's custom ops (their fakes serve torch.compile) with and without the D skip: the
-    fake outputs' shapes and dtypes are the kernels' (dD is an empty tensor without D)."""
+    fake outputs' shapes and dtypes are the kernels' (dD is an empty tensor without D; dv in
+    vr's dtype without the column split, else fp32)."""
     from mamba3_kernels.triton_impl import core_scan  # noqa: F401  (registers the ops)
 
     g = torch.Generator().manual_seed(7)
     B, L, R, H, N, P = 1, 8, 1, 2, 32, 16
     qr, kr = torch.randn(2, B, L, R, H, N, generator=g)
-    vr = torch.randn(B, L, R, H, P, generator=g)
+    vr = torch.randn(B, L, R, H, P, generator=g).to(vr_dtype)
     adt = -torch.rand(B, H, L, generator=g)
     w, gam = torch.rand(2, B, H, L, generator=g)
     D = torch.randn(H, generator=g) if with_D else None
     utils = ("test_schema", "test_faketensor")
     fwd = (qr, kr, vr, adt, w, gam, None, None, 8, "float32", 4, 1, 1, D)
     torch.library.opcheck(torch.ops.mamba3_triton.core_fwd.default, fwd, test_utils=utils)
-    bwd = (vr, None, qr, kr, vr, adt, w, gam, None, None, 8, "float32", 4, 1, 1, 1, D)
+    bwd = (vr, None, qr, kr, vr, adt, w, gam, None, None, 8, "float32", 4, 1, 1, split_n, D)
     torch.library.opcheck(torch.ops.mamba3_triton.core_bwd.default, bwd, test_utils=utils)
-    dD = torch.ops.mamba3_triton.core_bwd(*bwd)[-1]
+    grads = torch.ops.mamba3_triton.core_bwd(*bwd)
+    assert grads[2].dtype == (vr_dtype if split_n == 1 else torch.float32)
+    dD = grads[-1]
     assert dD.shape == ((H,) if with_D else (0,))
     if with_D:  # dD = sum over every row of dy . vr (here dy = vr)
-        torch.testing.assert_close(dD, (vr * vr).sum((0, 1, 2, 4)), rtol=1e-5, atol=1e-5)
+        vv = vr.float()
+        torch.testing.assert_close(dD, (vv * vv).sum((0, 1, 2, 4)), rtol=1e-5, atol=1e-5)
 
 
 @cpu_interpreted

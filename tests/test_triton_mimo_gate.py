@@ -146,6 +146,7 @@ def test_v_mix_matches_autograd(rank, dtype):
     leaves = v.clone().requires_grad_(), mv.clone().requires_grad_()
     vr = mg.mimo_v_mix(*leaves)
     assert vr.dtype == torch.float32 and vr.shape == (B, L, rank, H, P)
+    assert vr.is_contiguous()  # (else the core copies it whole before reading it)
     assert rel_err(vr, v64.unsqueeze(2) * mv64.transpose(0, 1)) < 1e-6
     vr.backward(dvr)
     for leaf, ref in zip(leaves, want, strict=True):

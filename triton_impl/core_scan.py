@@ -52,13 +52,6 @@ __all__ = ["core_scan", "core_fwd", "core_bwd"]
 
 _MIN_DOT = 16
 
-# The core backward's two sweeps in one launch (None) or one launch each, on the given numbers
-# of warps (forward sweep, reverse sweep); 0: the config's. Each single-sweep build holds only its
-# own sweep's code (sm_90 builds, SISO, 4 warps: the forward sweep alone spills 608 B of stack,
-# the reverse sweep 2192 B, both in one kernel 2032 B; on 8 warps 200 / 792 / 848 B). A switch
-# for the benchmark's A/B.
-SPLIT_SWEEPS: tuple[int, int] | None = None
-
 
 @triton.jit
 def _rnd(x, DOTK: tl.constexpr, UPCAST: tl.constexpr):
@@ -261,12 +254,10 @@ def _core_bwd_kernel(
     N: tl.constexpr, P: tl.constexpr, R: tl.constexpr, C: tl.constexpr,
     VARLEN: tl.constexpr, HAS_S0: tl.constexpr, HAS_DSF: tl.constexpr, HAS_D: tl.constexpr,
     DOTK: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, NS: tl.constexpr,
-    FAST: tl.constexpr, SEGMENTED: tl.constexpr, SWEEP: tl.constexpr = 2,
+    FAST: tl.constexpr, SEGMENTED: tl.constexpr,
 ):  # fmt: skip
     """Gradients of the core; grid (nseq * H, 2, NS): axis 1 picks the forward (0) or reverse
-    (1) sweep, axis 2 a block of N / NS state columns. SWEEP 0 or 1: this build runs only that
-    sweep (grid (nseq * H, 1, NS); each build then has only its own sweep's code and registers);
-    2: both, by axis 1. Row outputs (qdq, kdk, dw, dg) are
+    (1) sweep, axis 2 a block of N / NS state columns. Row outputs (qdq, kdk, dw, dg) are
     (B, H, L, R) fp32 with (L, R) flattened.
 
     Column blocks: every product over N splits into per-block partial sums, and the outputs
@@ -289,10 +280,7 @@ def _core_bwd_kernel(
     if SEGMENTED:
         seg = pid % NSEG
         pid = pid // NSEG
-    if SWEEP == 2:
-        sweep = tl.program_id(1)
-    else:
-        sweep = SWEEP
+    sweep = tl.program_id(1)
     NB: tl.constexpr = N // NS
     n0 = tl.program_id(2) * NB
     seq = pid // H
@@ -471,12 +459,14 @@ def core_fwd(qr, kr, vr, adt, w, gam, s0, cu_seqlens, meta, D=None):
 
 def core_bwd(qr, kr, vr, adt, w, gam, s0, cu_seqlens, meta, dy, dsf, D=None):
     """Core backward: gradients of (qr, kr, vr, adt, w, gam, s0, D) given dy (B, L, R, H, P)
-    (fp32 or 16-bit) and dsf (nseq, H, P, N) or None. All gradients fp32; D's (H,) is an empty
-    (0,) tensor when D is None. meta = (chunk, dot_dtype, num_warps,
-    num_stages, nseq[, split_n[, segment]]): split_n programs per sweep and head, each owning
-    N / split_n state columns (their partial sums over N are added atomically, so the result's
-    rounding may differ from run to run); segment: tokens per segment of the sweeps (0: chosen
-    for the device, core_segments.segment_len; ignored with cu_seqlens)."""
+    (fp32 or 16-bit) and dsf (nseq, H, P, N) or None. All gradients fp32 but vr's, which is in
+    vr's dtype when split_n = 1 (stored once, no fp32 copy to cast; with the column split its
+    partial sums add up in fp32); D's (H,) is an empty (0,) tensor when D is None.
+    meta = (chunk, dot_dtype, num_warps, num_stages, nseq[, split_n[, segment]]): split_n
+    programs per sweep and head, each owning N / split_n state columns (their partial sums over
+    N are added atomically, so the result's rounding may differ from run to run); segment:
+    tokens per segment of the sweeps (0: chosen for the device, core_segments.segment_len;
+    ignored with cu_seqlens)."""
     from .core_segments import bwd_segment_len, segment_states  # (it imports this module)
 
     chunk, dot_dtype, num_warps, num_stages, nseq = meta[:5]
@@ -491,7 +481,7 @@ def core_bwd(qr, kr, vr, adt, w, gam, s0, cu_seqlens, meta, dy, dsf, D=None):
     summed = torch.zeros if split_n > 1 else torch.empty  # outputs that add partial sums
     dq = torch.empty((B, L, R, H, N), dtype=f32, device=dev)
     dk = torch.empty((B, L, R, H, N), dtype=f32, device=dev)
-    dv = summed((B, L, R, H, P), dtype=f32, device=dev)
+    dv = summed((B, L, R, H, P), dtype=_dv_dtype(vr.dtype, split_n), device=dev)
     rows = summed((4, B, H, L, R), dtype=f32, device=dev)  # qdq, kdk, dw, dg per row
     ds0 = torch.empty((nseq, H, P, N), dtype=f32, device=dev)
     sfdot = torch.zeros((nseq, H), dtype=f32, device=dev)
@@ -512,32 +502,30 @@ def core_bwd(qr, kr, vr, adt, w, gam, s0, cu_seqlens, meta, dy, dsf, D=None):
         if seg < L:
             s_in, ds_out, nseg = segment_states(qr, kr, vr, adt, w, gam, s0, dsf, dy, consts,
                                                 nseq, seg, num_warps, split_n)  # fmt: skip
-        # one launch running both sweeps, or (SPLIT_SWEEPS) one launch per sweep
-        sweeps = ((2, num_warps),)
-        if SPLIT_SWEEPS is not None:
-            sweeps = tuple((i, wp or num_warps) for i, wp in enumerate(SPLIT_SWEEPS))
-        for sweep, warps in sweeps:
-            run_kernel(
-                _core_bwd_kernel, (nseq * H * nseg, 2 if sweep == 2 else 1, split_n),
-                qr, kr, vr, adt, w, gam,
-                s0 if s0 is not None else dummy,
-                cu_seqlens if cu_seqlens is not None else dummy,
-                D if D is not None else dummy,
-                dy,
-                dsf if dsf is not None else dummy,
-                dq, dk, dv, rows[2], rows[3], rows[0], rows[1], ds0, sfdot,
-                dD if D is not None else dummy,
-                s_in, ds_out, L, H, nseg, seg,
-                HAS_S0=s0 is not None, HAS_DSF=dsf is not None, HAS_D=D is not None, NS=split_n,
-                SEGMENTED=nseg > 1, SWEEP=sweep, **consts, num_warps=warps,
-                num_stages=num_stages,
-            )  # fmt: skip
+        run_kernel(
+            _core_bwd_kernel, (nseq * H * nseg, 2, split_n), qr, kr, vr, adt, w, gam,
+            s0 if s0 is not None else dummy,
+            cu_seqlens if cu_seqlens is not None else dummy,
+            D if D is not None else dummy,
+            dy,
+            dsf if dsf is not None else dummy,
+            dq, dk, dv, rows[2], rows[3], rows[0], rows[1], ds0, sfdot,
+            dD if D is not None else dummy,
+            s_in, ds_out, L, H, nseg, seg,
+            HAS_S0=s0 is not None, HAS_DSF=dsf is not None, HAS_D=D is not None, NS=split_n,
+            SEGMENTED=nseg > 1, **consts, num_warps=num_warps, num_stages=num_stages,
+        )  # fmt: skip
     qdq, kdk, dw, dg = rows
     # dC per token (sum over rank rows), plus <dS_final, S_final> at each sequence's last token;
     # d adt is its reverse cumulative sum within each sequence.
     dc = (qdq - kdk).sum(-1)  # (B, H, L)
     dadt = _segment_reverse_cumsum(dc, sfdot, cu_seqlens, nseq)
     return dq, dk, dv, dadt, dw.sum(-1), dg.sum(-1), ds0, dD
+
+
+def _dv_dtype(vr_dtype: torch.dtype, split_n: int) -> torch.dtype:
+    """dtype of the core backward's dv (see core_bwd)."""
+    return vr_dtype if split_n == 1 else torch.float32
 
 
 def _segment_reverse_cumsum(dc, sfdot, cu_seqlens, nseq):
@@ -630,7 +618,8 @@ def _core_bwd_fake(dy, dsf, qr, kr, vr, adt, w, gam, s0, cu_seqlens, chunk, dot_
     P = vr.shape[-1]
     f32 = torch.float32
     e = qr.new_empty
-    return (e(qr.shape, dtype=f32), e(qr.shape, dtype=f32), e(vr.shape, dtype=f32),
+    dv_dtype = _dv_dtype(vr.dtype, split_n)
+    return (e(qr.shape, dtype=f32), e(qr.shape, dtype=f32), e(vr.shape, dtype=dv_dtype),
             e(adt.shape, dtype=f32), e(adt.shape, dtype=f32), e(adt.shape, dtype=f32),
             e((nseq, H, P, N), dtype=f32), e((H if D is not None else 0,), dtype=f32))  # fmt: skip
 
@@ -689,7 +678,6 @@ def compile_kernels(
     has_d: bool = False,
     segmented: bool = False,
     fwd_chunk: int = 0,
-    sweep: int = 2,
 ) -> dict:
     """Compile the core's forward and backward kernels ahead of time (no GPU needed) for
     ``target`` (a ``triton.backends.compiler.GPUTarget``; default sm_90), as a launch with an
@@ -709,13 +697,15 @@ def compile_kernels(
     types = {"cu_ptr": "*i32"}
     if has_d:
         types.update(vr_ptr=io, dy_ptr=io)
+        if split_n == 1:
+            types.update(dv_ptr=io)  # (core_bwd stores dv in vr's dtype then)
     out = {}
     # (name, kernel, its constexprs)
     kernels = [
         ("core_fwd", _core_fwd_kernel,
          dict(consts, C=fwd_chunk or chunk, HAS_S0=True, HAS_SF=True, SEGMENTED=segmented)),
         ("core_bwd", _core_bwd_kernel,
-         dict(consts, HAS_S0=True, HAS_DSF=True, NS=split_n, SEGMENTED=segmented, SWEEP=sweep)),
+         dict(consts, HAS_S0=True, HAS_DSF=True, NS=split_n, SEGMENTED=segmented)),
     ]  # fmt: skip
     if segmented:
         shared = {k: v for k, v in consts.items() if k not in ("VARLEN", "HAS_D")}
