@@ -349,7 +349,8 @@ def test_config_space_and_constraints():
             keys = {"chunk_size", "block_p", "num_warps", "num_stages"}
             split_keys = {"split", "segment"}
             assert set(space) == (keys | split_keys if seqlen > 256 else keys)
-            assert bool(default.split) == (seqlen > 256)
+            # (SISO whose sequences make one segment each walks them whole: see below)
+            assert bool(default.split) == (seqlen > 256 and (rank > 1 or default.segment < seqlen))
             valid = 0
             for chunk in space["chunk_size"]:
                 for bp in space["block_p"]:
@@ -365,6 +366,28 @@ def test_config_space_and_constraints():
     assert cf.SPEC.name == "chunk_fwd" and cf.SPEC.mode == "scan_fwd"
     bad = cf.ChunkFwdConfig(chunk_size=24)
     assert cf.constraint(problem, bad, None) is not None
+
+
+def test_siso_default_split_rule():
+    """SISO fixed-length defaults (the H200's measurements, bench/NOTES.md): segments of
+    4096..512 tokens aiming at ~2 programs per multiprocessor; whole-sequence walks on the same
+    tiles where sequences x heads make ~2 per multiprocessor already or a sequence is one
+    segment; varlen keeps the sequential walk's own tiles."""
+    base = make_problem(random_inputs(seqlen=4, d_state=16, headdim=8), "interleaved")
+
+    def config(batch, seqlen, varlen=False):
+        sizes = dict(batch=batch, nseq=batch, seqlen=seqlen, nheads=64, d_state=128, headdim=64,
+                     n_angles=32, dtype=torch.bfloat16, varlen=varlen)  # fmt: skip
+        return cf.default_config(Problem(**{**base.__dict__, **sizes}))
+
+    tiles = lambda c: (c.chunk_size, c.block_p, c.num_warps, c.num_stages, c.split_rot)  # noqa: E731
+    for (batch, seqlen), (split, segment) in {(1, 2048): (1, 512), (1, 16384): (1, 4096),
+                                              (8, 2048): (0, 0), (4, 2048): (0, 0),
+                                              (2, 16384): (1, 4096)}.items():  # fmt: skip
+        c = config(batch, seqlen)
+        assert (c.split, c.segment) == (split, segment), (batch, seqlen, c)
+        assert tiles(c) == (32, 64, 4, 2, 1), c
+    assert tiles(config(1, 16384, varlen=True)) != (32, 64, 4, 2, 1)
 
 
 # ---- GPU: model shape --------------------------------------------------------------------

@@ -129,8 +129,9 @@ def default_config(problem: Problem) -> ChunkFwdConfig:
 
     Fixed-length batches longer than 256 tokens: the chunk-parallel variant (split=1) with
     whole-P tiles on 4 warps; SISO chunks of 32 tokens, 2 stages, in the longest segments of
-    1024/512/256 tokens that leave ~4 programs per multiprocessor; MIMO chunks of 16 rows in
-    segments of 128 tokens.
+    4096/2048/1024/512/256 tokens that leave ~2 programs per multiprocessor, or, where whole
+    sequences already make ~2 programs per multiprocessor, those tiles walking whole sequences
+    (split=0); MIMO chunks of 16 rows in segments of 128 tokens.
     Varlen and short calls: one program walks each sequence; few programs (sequences x heads x
     32-wide P-blocks under ~2 per multiprocessor) take long chunks (SISO 128 rows, 8 warps, 2
     stages; MIMO 32 rows, 4 warps, P in blocks of 32); many SISO programs 32 rows with 4 warps
@@ -146,6 +147,11 @@ def default_config(problem: Problem) -> ChunkFwdConfig:
     few = pairs * max(1, p2 // 32) <= 2 * 132
     # (a call of one segment gains nothing from the extra launches)
     split = not problem.varlen and problem.seqlen > 256
+    # SISO whose whole-sequence walks (64-wide P tiles) already make ~2 programs per
+    # multiprocessor: those walks, on the split variant's tiles (H200, (8, 2048): 0.81 ms
+    # against 1.19 split into 1024-token segments and 1.16 into one segment per sequence).
+    whole_walks = (split and problem.rank == 1 and problem.chunk_size is None
+                   and pairs * -(-problem.headdim // 64) >= 2 * 132)  # fmt: skip
     if (split and problem.rank == 4 and problem.chunk_size is None and problem.d_state <= 128
             and problem.headdim >= 64 and problem.dtype != torch.float32):  # fmt: skip
         return ChunkFwdConfig(chunk_size=16, block_p=64, num_warps=4, num_stages=1, split_rot=1,
@@ -183,19 +189,21 @@ def default_config(problem: Problem) -> ChunkFwdConfig:
         warps = 8  # see constraint(): MIMO with >= 64 rows on 4 warps miscompiles
     segment = 0
     if split:
-        # Segments of 128 tokens for MIMO; SISO: the longest of 1024/512/256 (less state
-        # traffic) that still gives ~4 programs per multiprocessor (bench/NOTES.md,
-        # "chunk-parallel").
+        # Segments of 128 tokens for MIMO; SISO: the longest of 4096/2048/1024/512/256 (less
+        # state traffic) that still gives ~2 programs per multiprocessor (H200: (1, 2048) 512
+        # tokens 0.164 ms, 256 0.176; (1, 16384) 4096 1.147, 1024 1.175; bench/NOTES.md).
         segment = 128
         if problem.rank == 1:
             segment = 256
-            for seg in (1024, 512):
+            for seg in (4096, 2048, 1024, 512):
                 programs = pairs * -(-problem.headdim // block_p) * -(-problem.seqlen // seg)
-                if programs >= 4 * 132:
+                if programs >= 2 * 128:
                     segment = seg
                     break
         segment = max(segment, problem.chunk_size or chunk)
         segment -= segment % (problem.chunk_size or chunk)
+    if whole_walks or (split and problem.rank == 1 and segment >= problem.seqlen):
+        split, segment = False, 0  # (one segment per sequence: the same walks, fewer launches)
     return ChunkFwdConfig(
         chunk_size=chunk, block_p=block_p, num_warps=warps, num_stages=stages, split_rot=rot,
         split=int(split), segment=segment,
