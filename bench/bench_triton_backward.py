@@ -175,10 +175,6 @@ def main() -> None:
         "chosen per device, a length >= L = no segments); default: the config's own",
     )  # fmt: skip
     ap.add_argument(
-        "--stages", nargs="+", type=int, default=None,
-        help="core-kernel pipeline stages to time in turn (ChunkBwdConfig.num_stages)",
-    )  # fmt: skip
-    ap.add_argument(
         "--configs", nargs="+", default=None,
         help="backward config changes to time in turn, each 'field=value,...' over "
         "ChunkBwdConfig (e.g. num_stages=1,fwd_chunk_size=32); 'default' = the default config",
@@ -224,13 +220,13 @@ def main() -> None:
     defaults, default_waves = dict(cr.KNOBS), cs._WAVES
     base_default = cb.SPEC.default
     rows, prof = [], {}
-    combos = itertools.product(args.variants, args.segments or [None], args.stages or [None],
-                               args.waves or [None], args.configs or [""])  # fmt: skip
-    for variant, segment, stages, waves, config in combos:
+    combos = itertools.product(args.variants, args.segments or [None], args.waves or [None],
+                               args.configs or [""])  # fmt: skip
+    for variant, segment, waves, config in combos:
         cr.KNOBS.clear()
         cr.KNOBS.update(defaults, **parse_knobs(variant))
         cs._WAVES = default_waves if waves is None else waves
-        changes = {k: v for k, v in (("segment", segment), ("num_stages", stages)) if v is not None}
+        changes = {} if segment is None else {"segment": segment}
         changes.update(parse_knobs(config))
 
         def with_changes(problem, _changes=changes):
@@ -244,8 +240,8 @@ def main() -> None:
             for s in args.shapes:
                 b, l_ = (int(x) for x in s.split("x"))
                 rows.append(dict(bench_one(b, l_, case, gbps, tflops, args.z),
-                                 knobs=dict(cr.KNOBS), segment=segment, num_stages=stages,
-                                 waves=cs._WAVES, bwd_changes=changes))  # fmt: skip
+                                 knobs=dict(cr.KNOBS), segment=segment, waves=cs._WAVES,
+                                 bwd_changes=changes))  # fmt: skip
                 r = rows[-1]
                 print(f"{case:6s} B={b:2d} L={l_:6d}  fwd {r['fwd_ms']:.3f} ms  fwd+bwd "
                       f"{r['fwdbwd_ms']:.3f} ms  (bwd {r['bwd_ms']:.3f})  floor "
@@ -253,7 +249,7 @@ def main() -> None:
         if args.profile:
             for case in args.cases:
                 b, l_ = (int(x) for x in args.shapes[min(1, len(args.shapes) - 1)].split("x"))
-                key = (f"{case}_{b}x{l_}_{variant or 'default'}_seg{segment}_st{stages}_w{waves}"
+                key = (f"{case}_{b}x{l_}_{variant or 'default'}_seg{segment}_w{waves}"
                        f"_{config or 'cfg'}")  # fmt: skip
                 prof[key] = profile(b, l_, CASES[case], with_z=args.z)
                 print(f"-- kernels of one fwd+bwd, {case} B={b} L={l_}")

@@ -10,8 +10,8 @@
 # Environment: *_S per-part time limits; STEP_SWEEP= (empty) skips the decode sweep;
 # STEP_BATCHES, BWD_SWEEP=--sweep (core-backward configs), BWD_VARIANTS (core_rotary.KNOBS),
 # BWD_Z=1 (inputs with the z gate), BWD_SEGMENTS="1073741824 0" (core-backward segment A/B),
-# BWD_STAGES="1 2" (core-kernel pipeline stages), BWD_WAVES="2 4" (automatic segments' waves),
-# BWD_CONFIGS="default num_stages=1" (ChunkBwdConfig changes), BWD_CASES="siso mimo4".
+# BWD_WAVES="2 4" (automatic segments' waves), BWD_CONFIGS="default num_stages=1" (ChunkBwdConfig
+# changes, e.g. pipeline stages), BWD_CASES="siso mimo4".
 # Optuna (for tune) may come from an unpacked site folder named by SITE_TARBALL.
 set -uo pipefail
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
@@ -66,7 +66,7 @@ case "$mode" in
         timeout "${BWD_S:-300}" python bench/bench_triton_backward.py --cases ${BWD_CASES:-siso} \
             --shapes 8x2048 1x16384 --profile ${BWD_SWEEP:-} --json "$OUT/triton_backward.json" \
             ${BWD_Z:+--z} ${BWD_SEGMENTS:+--segments $BWD_SEGMENTS} \
-            ${BWD_STAGES:+--stages $BWD_STAGES} ${BWD_WAVES:+--waves $BWD_WAVES} \
+            ${BWD_WAVES:+--waves $BWD_WAVES} \
             ${BWD_CONFIGS:+--configs $BWD_CONFIGS} \
             --variants ${BWD_VARIANTS:-rot_tokens=32 rot_tokens=4 rot_tokens=8 rot_tokens=16} 2>&1 \
             | grep -v "^  *0\.[01][0-9][0-9] ms"
