@@ -91,12 +91,19 @@ def bench_one(
 def profile(batch: int, seqlen: int, rank: int, top: int = 18, with_z: bool = False) -> list:
     """Per-kernel CUDA time (ms) of one forward+backward."""
     _, fwdbwd, leaves = make_call(batch, seqlen, rank, with_z)
-    for _ in range(2):
+
+    def fresh_fwdbwd():
+        # as do_bench's grad_to_none: no accumulation into .grad (an add kernel per leaf)
+        for t in leaves:
+            t.grad = None
         fwdbwd()
+
+    for _ in range(2):
+        fresh_fwdbwd()
     torch.cuda.synchronize()
     acts = [torch.profiler.ProfilerActivity.CUDA]
     with torch.profiler.profile(activities=acts) as prof:
-        fwdbwd()
+        fresh_fwdbwd()
         torch.cuda.synchronize()
     rows = []
     for ev in prof.key_averages():

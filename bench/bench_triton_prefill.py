@@ -167,6 +167,11 @@ def main() -> None:
         default=None,
         help="time only these configs, each chunk,block_p,warps,stages[,maxnreg,split_rot,split]",
     )
+    ap.add_argument(
+        "--changes", nargs="*", default=None,
+        help="also time the default config with these changes, each 'field=value,...' over "
+        "ChunkFwdConfig (e.g. prefetch=2 or num_stages=1,prefetch=1)",
+    )  # fmt: skip
     ap.add_argument("--seqlen", type=int, default=None, help="override the cases' length")
     ap.add_argument("--no-check", action="store_true", help="skip the reference checks")
     args = ap.parse_args()
@@ -197,6 +202,9 @@ def main() -> None:
             configs = [cf.ChunkFwdConfig(*map(int, c.split(","))) for c in args.configs]
         elif args.sweep:
             configs += [cf.ChunkFwdConfig(*c) for c in SWEEP[rank]] + split_configs(rank)
+        for change in args.changes or []:
+            fields = dict(item.split("=") for item in change.split(","))
+            configs.append(dataclasses.replace(default, **{k: int(x) for k, x in fields.items()}))
         if args.split_sweep:
             configs += split_configs(rank)
         if args.block_sweep:
@@ -247,7 +255,15 @@ def main() -> None:
         cfg = (
             {
                 k: best[k]
-                for k in ("chunk_size", "block_p", "num_warps", "num_stages", "split", "segment")
+                for k in (
+                    "chunk_size",
+                    "block_p",
+                    "num_warps",
+                    "num_stages",
+                    "split",
+                    "segment",
+                    "prefetch",
+                )
             }
             if best
             else {}

@@ -346,7 +346,7 @@ def test_config_space_and_constraints():
             default = cf.default_config(problem)
             assert cf.constraint(problem, default, None) is None, (problem, default)
             space = cf.search_space(problem)
-            keys = {"chunk_size", "block_p", "num_warps", "num_stages"}
+            keys = {"chunk_size", "block_p", "num_warps", "num_stages", "prefetch"}
             split_keys = {"split", "segment"}
             assert set(space) == (keys | split_keys if seqlen > 256 else keys)
             # (SISO whose sequences make one segment each walks them whole: see below)
@@ -366,6 +366,13 @@ def test_config_space_and_constraints():
     assert cf.SPEC.name == "chunk_fwd" and cf.SPEC.mode == "scan_fwd"
     bad = cf.ChunkFwdConfig(chunk_size=24)
     assert cf.constraint(problem, bad, None) is not None
+    # The L2 prefetch: up to 4 chunks ahead; GPU builds get it, the interpreter's never (its
+    # inline assembly has no interpreter form; it changes no value).
+    assert cf.constraint(problem, dataclasses.replace(default, prefetch=5), None) is not None
+    ahead = dataclasses.replace(default, prefetch=2)
+    assert cf.constraint(problem, ahead, None) is None
+    assert cf._constexprs(problem, ahead, interp=False)["PREFETCH"] == 2
+    assert cf._constexprs(problem, ahead, interp=True)["PREFETCH"] == 0
 
 
 def test_siso_default_split_rule():

@@ -46,6 +46,12 @@ _CHUNK_FWD_SM90 = textwrap.dedent(
         for name in ("_segment_state_kernel", "_chunk_fwd_kernel"):
             ptx = kernels[name].asm["ptx"]
             assert "wgmma" in ptx or "mma.sync" in ptx, name
+            assert ("prefetch.global.L2" in ptx) == (config.prefetch > 0), name
+        if rank == 1:
+            # The L2 prefetch (off by default): its requests in both chunk loops when asked for.
+            pre = cf.compile_kernel(problem, dataclasses.replace(split, prefetch=1))
+            for name in ("_segment_state_kernel", "_chunk_fwd_kernel"):
+                assert "prefetch.global.L2" in pre[name].asm["ptx"], name
         print("split", rank)
         # The block-parallel variant: the block kernel replaces the segment walk.
         blocks = dataclasses.replace(config, split=2, chunk_size=64 // rank, block_p=64,

@@ -60,6 +60,7 @@ from .fwd_tiles import (
     _intra_scores,
     _load_lohi,
     _op,
+    _prefetch_chunk,
     _rot_cos_sin,
     _rotated_operand,
     _store_final_kv,
@@ -101,6 +102,11 @@ class ChunkFwdConfig:
                 states between segments go through memory; inside a segment the chunks are
                 walked with the state in registers (split=1), or each chunk reads the
                 segment's earlier chunks as keys (split=2).
+    prefetch:   chunks ahead whose streamed inputs (coefficients, angles, v, z) the chunk
+                loops of the walk and the segment-state kernel ask L2 for (0: none; see
+                l2_prefetch.py). Changes no value; the interpreter ignores it. Off by default:
+                on an H200 one chunk ahead was within 2 % of none for whole walks and the
+                block-parallel MIMO forward, and 15 % slower for split=1 (bench/NOTES.md).
     """
 
     chunk_size: int = 64
@@ -111,6 +117,7 @@ class ChunkFwdConfig:
     split_rot: int = 1
     split: int = 0
     segment: int = 0
+    prefetch: int = 0
 
 
 def _next_pow2(x: int) -> int:
@@ -228,6 +235,7 @@ def search_space(problem: Problem) -> dict[str, list]:
         "block_p": [b for b in (16, 32, 64, 128) if b <= max(p2, 16)],
         "num_warps": [4, 8],
         "num_stages": [1, 2, 3],
+        "prefetch": [0, 1],
     }
     if not problem.varlen and problem.seqlen > 256:
         # Only the chunk-parallel variants (segment walk 1, block-parallel 2): they beat the
@@ -280,6 +288,8 @@ def constraint(problem: Problem, config: ChunkFwdConfig, device_props: dict | No
         return "segment is a parameter of split=1"
     if config.segment and (config.segment < chunk or config.segment % chunk):
         return f"segment {config.segment} is not a multiple of chunk_size {chunk}"
+    if config.prefetch not in range(5):
+        return f"prefetch {config.prefetch} not in 0..4 chunks ahead"
     if config.split_rot not in (0, 1):
         return f"split_rot {config.split_rot} not 0 or 1"
     if config.maxnreg and not 64 <= config.maxnreg <= 255:
@@ -373,6 +383,7 @@ def _chunk_fwd_kernel(
     UPCAST: tl.constexpr,
     FAST: tl.constexpr,
     T: tl.constexpr,
+    PREFETCH: tl.constexpr,
 ):
     CR: tl.constexpr = C * R
     NH: tl.constexpr = N // 2
@@ -433,6 +444,11 @@ def _chunk_fwd_kernel(
     rank_par = (h * R + r_idx[:, None]) * P + pp[None, :]  # MIMO: (H, R, P) rank weights
     mpr = (pp < P)[None, :]
     for c0 in range(seg_start, seg_end, C):
+        if PREFETCH > 0:  # the lines of the chunk PREFETCH ahead into L2 (none past the walk)
+            _prefetch_chunk(
+                adt_ptr, dt_ptr, trap_ptr, ang_ptr, v_ptr, z_ptr, coef_base, bos,
+                c0 + PREFETCH * C, seg_end, h, H, pid_p * BP, P, S, SA, C, BP, HAS_Z,
+            )  # fmt: skip
         t = c0 + t_loc
         valid = t < seqlen
         tok = bos + t  # global token index (int64)
@@ -526,6 +542,7 @@ def _constexprs(
         UPCAST=interp and not fp32,
         FAST=not interp,
         T=segment,
+        PREFETCH=0 if interp else config.prefetch,  # (inline assembly: GPU builds only)
     )
 
 

@@ -42,6 +42,7 @@ from .fwd_tiles import (
     _load_lohi,
     _load_rot,
     _op,
+    _prefetch_chunk,
     _rot_cos_sin,
     _rotated_operand,
     _store_final_kv,
@@ -90,6 +91,7 @@ def _segment_state_kernel(
     UPCAST: tl.constexpr,
     FAST: tl.constexpr,
     FRAMES: tl.constexpr,
+    PREFETCH: tl.constexpr,
 ):
     NH: tl.constexpr = N // 2
     PASS: tl.constexpr = SA < NH
@@ -116,7 +118,13 @@ def _segment_state_kernel(
     theta = tl.zeros((SA,), dtype=tl.float32)  # angle accumulated since the segment start
     c_seg = 0.0  # log-decay accumulated since the segment start
     seg_start = pid_s * T
-    for c0 in range(seg_start, tl.minimum(seg_start + T, seqlen), C):
+    seg_end = tl.minimum(seg_start + T, seqlen)
+    for c0 in range(seg_start, seg_end, C):
+        if PREFETCH > 0:  # the lines of the chunk PREFETCH ahead into L2 (none past the segment)
+            _prefetch_chunk(
+                adt_ptr, dt_ptr, trap_ptr, ang_ptr, v_ptr, v_ptr, coef_base, seq.to(tl.int64) * L,
+                c0 + PREFETCH * C, seg_end, h, H, pid_p * BP, P, S, SA, C, BP, False,
+            )  # fmt: skip
         t = c0 + t_loc
         valid = t < seqlen
         tok = seq.to(tl.int64) * L + t
@@ -350,7 +358,7 @@ def segment_launches(
             _segment_state_kernel, (nseg, B_H, _cdiv(P, BP)), [slot[n] for n in seg_args],
             (L, H, G, nseg),
             dict(C=consts["C"], T=T, BP=BP, DOT_PREC=consts["DOT_PREC"],
-                 UPCAST=consts["UPCAST"], FRAMES=frames, **common),
+                 UPCAST=consts["UPCAST"], FRAMES=frames, PREFETCH=consts["PREFETCH"], **common),
             launch,
         ),
         Launch(

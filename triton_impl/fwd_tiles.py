@@ -15,6 +15,7 @@ import triton.language as tl
 from triton.language.extra import libdevice
 
 from .fast_math import _exp, _sigmoid
+from .l2_prefetch import _prefetch_lines
 
 _TWO_PI = tl.constexpr(2.0 * math.pi)
 _PI = tl.constexpr(math.pi)
@@ -259,6 +260,47 @@ def _chunk_angles(
         th = theta[None, :] + tl.cumsum(rate, axis=0)
         th_t = th
     return th, th_t, tl.sum(rate, axis=0)
+
+
+@triton.jit
+def _prefetch_chunk(
+    adt_ptr,
+    dt_ptr,
+    trap_ptr,
+    ang_ptr,
+    v_ptr,
+    z_ptr,
+    coef_base,
+    tok_base,
+    c0,
+    seqlen,
+    h,
+    H,
+    p0,
+    P: tl.constexpr,
+    S: tl.constexpr,
+    SA: tl.constexpr,
+    C: tl.constexpr,
+    BP: tl.constexpr,
+    HAS_Z: tl.constexpr,
+):
+    """L2 prefetch of what a later chunk (tokens c0 .. c0 + C of a sequence whose first token
+    has global index tok_base) streams from memory: its log-decay, dt and trap values (one row
+    of C per (sequence, head) at coef_base), its angle rows and its v (and z) rows at columns
+    p0 .. p0 + BP. q and k are not fetched: shared by the heads of a group, they are L2 hits."""
+    tt = c0 + tl.arange(0, C)
+    vt = tt < seqlen
+    tok = tok_base + tt
+    row = tl.zeros((1,), dtype=tl.int64) + coef_base + c0  # the chunk's coefficients, one row
+    left = seqlen - c0  # tokens of the sequence from c0 on (none: nothing fetched)
+    _prefetch_lines(adt_ptr, row, row >= 0, left, C)
+    _prefetch_lines(dt_ptr, row, row >= 0, left, C)
+    _prefetch_lines(trap_ptr, row, row >= 0, left, C)
+    _prefetch_lines(ang_ptr, (tok * H + h) * S, vt, S, SA)
+    vw = tl.minimum(P - p0, BP)  # columns of this P-block inside P
+    _prefetch_lines(v_ptr, (tok * H + h) * P + p0, vt, vw, BP)
+    if HAS_Z:
+        _prefetch_lines(z_ptr, (tok * H + h) * P + p0, vt, vw, BP)
 
 
 @triton.jit
