@@ -553,6 +553,9 @@ _ROTARY_SM90 = textwrap.dedent(
                                           heads_first=fast, bwd_heads=heads, atomic=fast,
                                           tokens=4).items():  # fmt: skip
             assert ".target sm_90" in k.asm["ptx"]
+            # the backward under its register cap (the knob's default), the others without
+            capped = f".maxnreg {cr.KNOBS['rot_bwd_maxnreg']}" in k.asm["ptx"]
+            assert capped == (name == "rotary_bwd"), name
             print("ok", name, rank)
     """
 )

@@ -56,10 +56,14 @@ _TWO_PI = tl.constexpr(6.283185307179586)
 #                backward at SISO (1, 16384) on the H100 from 4.65 to 1.46 ms); rot_warps: their
 #                warps (2: fwd+bwd 9.59 -> 9.37 ms there). The pair tiles then took the two
 #                passes to 0.92 and 0.28 ms (bench/NOTES.md). On an H200, 8 tokens per program
-#                and 512-token angle steps: fwd+bwd 6.55 -> 6.21 ms (bench/NOTES.md).
+#                and 512-token angle steps: fwd+bwd 6.55 -> 6.21 ms (bench/NOTES.md);
+#   rot_bwd_maxnreg: register cap of the rotary backward (0: none). Uncapped it takes all 255
+#                on 2 warps (four programs per multiprocessor); at 128 it spills ~350 B of stack
+#                but eight programs share a multiprocessor: H200, rotary backward SISO 0.68 ->
+#                0.58 ms, MIMO R=4 3.06 -> 2.74 (192 and 96 were slower; bench/NOTES.md).
 KNOBS = {
     "fast_trig": True, "angle_step": 512, "angle_warps": 8, "angle_pairs": 8,
-    "heads_first": False, "bwd_heads": 0, "rot_tokens": 8, "rot_warps": 2,
+    "heads_first": False, "bwd_heads": 0, "rot_tokens": 8, "rot_warps": 2, "rot_bwd_maxnreg": 128,
 }  # fmt: skip
 
 
@@ -366,12 +370,19 @@ def rotary_bwd(dqr, dkr, q, k, qb, kb, theta, halves: bool, xr_dtype=torch.float
             dqr, dkr, q, k, qb, kb, theta, dq, dk, pq, pk, dth, T, H, G,
             N=N, S=S, R=R, BT=bt, HALVES=halves, XR=_XR[xr_dtype], FAST=_fast_trig(),
             HEADS_FIRST=first, HB=hb, ATOMIC=hb < HG, num_warps=KNOBS["rot_warps"],
+            **_cap("rot_bwd_maxnreg"),
         )  # fmt: skip
     else:
         dth.zero_()
         pq.zero_()
         pk.zero_()
     return dq, dk, pq.sum(0), pk.sum(0), dth.sum(0) if R > 1 else dth[0]
+
+
+def _cap(knob: str) -> dict:
+    """A register cap knob as a launch option (none when it is 0)."""
+    cap = KNOBS[knob]
+    return {"maxnreg": cap} if cap else {}
 
 
 def _angle_launch(S: int) -> tuple[int, int, int]:
@@ -620,7 +631,10 @@ def compile_kernels(
     for name, fn, sig, c in launches:
         sig = {**sig, **ints, **{k: "constexpr" for k in c}}
         src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=c)
-        opts = {"num_warps": KNOBS["rot_warps"]}
+        opts = {
+            "num_warps": KNOBS["rot_warps"],
+            **(_cap("rot_bwd_maxnreg") if fn is bwd_fn else {}),
+        }
         out[name] = triton.compile(src, target=target, options=opts)
     sp = min(triton.next_power_of_2(S), pairs)
     ac = dict(S=S, SP=sp, BL=KNOBS["angle_step"], VARLEN=False)
