@@ -230,6 +230,7 @@ def _vmix_bwd_kernel(
         t = (t0 + rows // R).to(tl.int64)
         valid = (t < T)[:, None]
         dvr = tl.load(dvr_ptr + ((t * R + r) * H + h)[:, None] * P + pp, mask=valid, other=0.0)
+        dvr = dvr.to(tl.float32)  # (16-bit when vr is: see _MimoVMix)
         v = tl.load(v_ptr + (t * H + h)[:, None] * P + pp, mask=valid, other=0.0).to(tl.float32)
         acc += dvr * v
         dv = tl.sum(tl.reshape(dvr * mv, (BT, R, P)), axis=1)
@@ -241,8 +242,8 @@ def _vmix_bwd_kernel(
 
 
 def vmix_bwd(dvr: Tensor, v: Tensor, mv: Tensor) -> tuple[Tensor, Tensor]:
-    """(dv, dmv) of vr = v * mimo_v: dvr (B, L, R, H, P) fp32; v (B, L, H, P); mv (H, R, P)
-    fp32. dv (B, L, H, P) in v's dtype, dmv (H, R, P) fp32."""
+    """(dv, dmv) of vr = v * mimo_v: dvr (B, L, R, H, P) fp32 or 16-bit; v (B, L, H, P);
+    mv (H, R, P) fp32. dv (B, L, H, P) in v's dtype, dmv (H, R, P) fp32."""
     B, L, R, H, P = dvr.shape
     T = B * L
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
@@ -269,14 +270,18 @@ def _vmix_bwd_fake(dvr, v, mv):
 
 
 class _MimoVMix(torch.autograd.Function):
-    """vr = v * mimo_v as one autograd node (setup_context style for functorch)."""
+    """vr = v * mimo_v as one autograd node (setup_context style for functorch). vr is in v's
+    dtype when that is 16-bit: the core rounds vr to it for every product anyway, so only its
+    D skip (y += D vr in the backward's recompute, dD) sees the rounding, and the fp32 copy
+    would be R times v's bytes written here and read by every core kernel."""
 
     @staticmethod
     def forward(v, mv):
         # (R, H, P) weights made contiguous first: with the transposed view the product came out
         # in (B, L, H, R, P) memory order, and the core's .contiguous() copied all of it (0.86 ms
         # of a MIMO R=4 fwd+bwd at (1, 16384) on an H200)
-        return v.float().unsqueeze(2) * mv.transpose(0, 1).contiguous()
+        vr = v.float().unsqueeze(2) * mv.transpose(0, 1).contiguous()
+        return vr.to(v.dtype) if v.dtype in (torch.bfloat16, torch.float16) else vr
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -285,10 +290,11 @@ class _MimoVMix(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dvr):
         v, mv = ctx.saved_tensors
-        dv, dmv = _vmix_bwd_op(dvr.float(), v, mv)
+        dv, dmv = _vmix_bwd_op(dvr, v, mv)  # (the kernel reads dvr in its own dtype)
         return dv, dmv
 
 
 def mimo_v_mix(v: Tensor, mimo_v: Tensor) -> Tensor:
-    """Differentiable vr (B, L, R, H, P) fp32 = v (B, L, H, P) * mimo_v (H, R, P) per rank."""
+    """Differentiable vr (B, L, R, H, P) = v (B, L, H, P) * mimo_v (H, R, P) per rank, in v's
+    dtype when it is 16-bit, else fp32 (see _MimoVMix)."""
     return apply_positional(_MimoVMix, v, mimo_v.float())
