@@ -20,6 +20,7 @@ import time
 import torch
 import triton
 import triton.testing
+from bench_triton_backward import parse_knobs
 from mamba3_kernels.triton_impl import chunk_fwd as cf
 
 import mamba3_kernels
@@ -203,8 +204,7 @@ def main() -> None:
         elif args.sweep:
             configs += [cf.ChunkFwdConfig(*c) for c in SWEEP[rank]] + split_configs(rank)
         for change in args.changes or []:
-            fields = dict(item.split("=") for item in change.split(","))
-            configs.append(dataclasses.replace(default, **{k: int(x) for k, x in fields.items()}))
+            configs.append(dataclasses.replace(default, **parse_knobs(change)))
         if args.split_sweep:
             configs += split_configs(rank)
         if args.block_sweep:
