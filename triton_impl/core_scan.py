@@ -682,7 +682,8 @@ def compile_kernels(
     """Compile the core's forward and backward kernels ahead of time (no GPU needed) for
     ``target`` (a ``triton.backends.compiler.GPUTarget``; default sm_90), as a launch with an
     initial state and a final-state gradient would specialise them (with ``has_d``: the D skip
-    too, vr and dy in the dot dtype as the SISO backward passes them; with ``segmented``: the
+    too, vr and dy in the dot dtype as the backward passes them, SISO's v and MIMO's 16-bit
+    rank-weighted v alike; with ``segmented``: the
     backward's segment kernels, core_segments, and its segmented sweeps; fwd_chunk: the
     forward kernel's chunk, 0: ``chunk``). Returns {name: compiled}."""
     from triton.backends.compiler import GPUTarget
