@@ -217,8 +217,8 @@ def test_core_forward_over_segments(rank, s0, monkeypatch):
                           (True, torch.bfloat16, 1), (False, torch.bfloat16, 2)])  # fmt: skip
 def test_core_ops_schema_and_fakes(with_D, vr_dtype, split_n):
     """The core's custom ops (their fakes serve torch.compile) with and without the D skip: the
-    fake outputs' shapes and dtypes are the kernels' (dD is an empty tensor without D; dv in
-    vr's dtype without the column split, else fp32)."""
+    fake outputs' shapes and dtypes are the kernels' (dD is an empty tensor without D; y in
+    vr's dtype, and dv too without the column split, else fp32)."""
     from mamba3_kernels.triton_impl import core_scan  # noqa: F401  (registers the ops)
 
     g = torch.Generator().manual_seed(7)
@@ -231,6 +231,8 @@ def test_core_ops_schema_and_fakes(with_D, vr_dtype, split_n):
     utils = ("test_schema", "test_faketensor")
     fwd = (qr, kr, vr, adt, w, gam, None, None, 8, "float32", 4, 1, 1, D)
     torch.library.opcheck(torch.ops.mamba3_triton.core_fwd.default, fwd, test_utils=utils)
+    y, _ = torch.ops.mamba3_triton.core_fwd(*fwd)
+    assert y.dtype == vr_dtype  # (16-bit vr: a 16-bit y; fp32 otherwise)
     bwd = (vr, None, qr, kr, vr, adt, w, gam, None, None, 8, "float32", 4, 1, 1, split_n, D)
     torch.library.opcheck(torch.ops.mamba3_triton.core_bwd.default, bwd, test_utils=utils)
     grads = torch.ops.mamba3_triton.core_bwd(*bwd)

@@ -67,6 +67,25 @@ def test_gate_matches_autograd(rank, gate):
 
 
 @cpu_interpreted
+def test_gate_with_16bit_y():
+    """A bf16 y (the core's y_dtype with 16-bit inputs) gives a bf16 dy, the gradients of the
+    rounded y to bf16 accuracy."""
+    g = torch.Generator().manual_seed(11)
+    B, L, R, H, P = 1, 70, 4, 2, 16
+    y = torch.randn(B, L, R, H, P, generator=g).to(torch.bfloat16)
+    z = torch.randn(B, L, H, P, generator=g).to(torch.bfloat16)
+    mo = torch.randn(H, R, P, generator=g)
+    dout = torch.randn(B, L, H, P, generator=g).to(torch.bfloat16)
+    _, want = _truth(y, z, None, mo, dout)
+    leaves = [t.clone().requires_grad_() for t in (y, z, mo)]
+    mg.mimo_gate(leaves[0], leaves[1], None, leaves[2], torch.bfloat16).backward(dout)
+    assert leaves[0].grad.dtype == torch.bfloat16
+    for name, leaf, ref in zip(("y", "z", "mimo_o"), leaves, (want[0], want[1], want[3]),
+                               strict=True):  # fmt: skip
+        assert rel_err(leaf.grad, ref) < 1e-2, (name, rel_err(leaf.grad, ref))
+
+
+@cpu_interpreted
 def test_gate_without_value_keeps_gradients():
     """need_value=False (the backward's recompute): zeros for the value, exact gradients."""
     g = torch.Generator().manual_seed(3)
@@ -87,10 +106,17 @@ def test_gate_op_schema_and_fake():
     mz, mo = torch.randn(2, 2, 2, 16, generator=g)
     dout = torch.randn(1, 3, 2, 16, generator=g)
     utils = ("test_schema", "test_faketensor")
-    for args in ((dout, y, z, mz, mo), (dout, y, None, None, mo)):
+    for args in (
+        (dout, y, z, mz, mo),
+        (dout, y, None, None, mo),
+        (dout, y.to(torch.bfloat16), z, None, mo),
+    ):
         torch.library.opcheck(torch.ops.mamba3_triton.mimo_gate_bwd.default, args, test_utils=utils)
     torch.library.opcheck(torch.ops.mamba3_triton.mimo_vmix_bwd.default, (y, z, mo),
                           test_utils=utils)  # fmt: skip
+    for v in (z, z.to(torch.bfloat16)):  # (vr fp32, and in v's 16-bit dtype)
+        torch.library.opcheck(torch.ops.mamba3_triton.mimo_vmix_fwd.default, (v, mo),
+                              test_utils=utils)  # fmt: skip
 
 
 _SM90 = textwrap.dedent(
@@ -122,13 +148,21 @@ _SM90 = textwrap.dedent(
                        target=GPUTarget("cuda", 90, 64), options={"num_warps": 4})
     assert ".target sm_90" in k.asm["ptx"]
     print("ok vmix")
+    fn = mg._vmix_fwd_kernel
+    sig = {a: "constexpr" if a in c else ("i32" if a in ("T", "H") else "*fp32")
+           for a in fn.arg_names}
+    sig.update(v_ptr="*bf16", vr_ptr="*bf16")
+    k = triton.compile(triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=c),
+                       target=GPUTarget("cuda", 90, 64), options={"num_warps": 4})
+    assert "st.global" in k.asm["ptx"]
+    print("ok vmix fwd")
     """
 )
 
 
 def test_gate_kernel_compiles_for_sm90_without_gpu():
     out = run_compiled(_SM90)
-    assert out.count("ok") == 5
+    assert out.count("ok") == 6
 
 
 @cpu_interpreted
@@ -150,11 +184,27 @@ def test_v_mix_matches_autograd(rank, dtype):
     assert vr.is_contiguous()  # (else the core copies it whole before reading it)
     tol = 1e-2 if dtype == torch.bfloat16 else 1e-6
     assert rel_err(vr, v64.unsqueeze(2) * mv64.transpose(0, 1)) < tol
+    # the fp32 product rounded once (the interpreter's cast to bf16 truncates where the GPU's
+    # rounds to nearest: one ulp apart at most; test_v_mix_rounds_once_on_gpu checks the bits)
+    exact = (v.float().unsqueeze(2) * mv.transpose(0, 1)).to(dtype)
+    ulp = 2.0**-7 if dtype == torch.bfloat16 else 2.0**-23
+    assert ((vr.float() - exact.float()).abs() <= exact.float().abs() * ulp).all()
     vr.backward(dvr)
     for leaf, ref in zip(leaves, want, strict=True):
         assert leaf.grad.dtype == leaf.dtype
         tol = 1e-2 if leaf.dtype == torch.bfloat16 else 1e-5
         assert rel_err(leaf.grad, ref) < tol, rel_err(leaf.grad, ref)
+
+
+@pytest.mark.gpu
+def test_v_mix_rounds_once_on_gpu():
+    """On the GPU, vr is bit for bit the fp32 product rounded once to bf16 (as PyTorch's fp32
+    product then a cast), at a model-sized head count."""
+    g = torch.Generator().manual_seed(12)
+    v = torch.randn(2, 1000, 32, 64, generator=g).to(torch.bfloat16).cuda()
+    mv = torch.randn(32, 4, 64, generator=g).cuda()
+    vr = mg.mimo_v_mix(v, mv)
+    assert torch.equal(vr, (v.float().unsqueeze(2) * mv.transpose(0, 1)).to(torch.bfloat16))
 
 
 def test_glue_traffic_script_runs(tmp_path):

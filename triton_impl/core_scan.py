@@ -48,7 +48,7 @@ from mamba3_kernels.eager_calls import apply_positional, eager_custom_op
 from .fast_math import _exp
 from .parallel_compile import run_kernel
 
-__all__ = ["core_scan", "core_fwd", "core_bwd"]
+__all__ = ["core_scan", "core_fwd", "core_bwd", "y_dtype"]
 
 _MIN_DOT = 16
 
@@ -180,10 +180,10 @@ def _core_fwd_kernel(
     DOTK: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, FAST: tl.constexpr,
     SEGMENTED: tl.constexpr,
 ):  # fmt: skip
-    """y (B, L, R, H, P) fp32 (with HAS_D: plus the skip D[h] vr) and S_final (nseq, H, P, N)
-    fp32; one program per (seq, head), or with SEGMENTED per (seq, head, segment of SEG tokens),
-    each starting from its segment's entering state (sin_ptr, (nseq, H, NSEG, P, N) fp32 from
-    core_segments; the last segment writes S_final)."""
+    """y (B, L, R, H, P) in y_ptr's dtype (with HAS_D: plus the skip D[h] vr) and S_final
+    (nseq, H, P, N) fp32; one program per (seq, head), or with SEGMENTED per (seq, head,
+    segment of SEG tokens), each starting from its segment's entering state (sin_ptr,
+    (nseq, H, NSEG, P, N) fp32 from core_segments; the last segment writes S_final)."""
     pid = tl.program_id(0)
     seg = 0
     if SEGMENTED:
@@ -224,7 +224,8 @@ def _core_fwd_kernel(
         st = _state_step(st, k, v, c, c_last, w, DOTK, DOT_PREC, UPCAST, FAST)
         if HAS_D:
             y += tl.load(D_ptr + h) * _exact_v(vr_ptr, row, valid, v, P, DOTK)
-        tl.store(y_ptr + row[:, None] * P + pp[None, :], y, mask=valid[:, None])
+        y_out = y.to(y_ptr.dtype.element_ty)
+        tl.store(y_ptr + row[:, None] * P + pp[None, :], y_out, mask=valid[:, None])
     if HAS_SF:
         if seg == NSEG - 1:  # (unsegmented: seg = 0, NSEG = 1)
             tl.store(sf_ptr + st_off, st)
@@ -423,15 +424,15 @@ def core_fwd(qr, kr, vr, adt, w, gam, s0, cu_seqlens, meta, D=None):
     adt, w, gam (B, H, L) fp32; s0 (nseq, H, P, N) fp32 or None; cu_seqlens (nseq+1,) int32 or
     None; D (H,) fp32 or None (the skip: y += D[h] vr). meta = (chunk, dot_dtype, num_warps,
     num_stages, nseq[, segment]) (segment: tokens per segment of the walks, 0 chosen for the
-    device, core_segments.segment_len; ignored with cu_seqlens). Returns y (B, L, R, H, P) fp32
-    and S_final (nseq, H, P, N) fp32."""
+    device, core_segments.segment_len; ignored with cu_seqlens). Returns y (B, L, R, H, P) in
+    y_dtype(vr.dtype) and S_final (nseq, H, P, N) fp32."""
     from .core_segments import fwd_segment_len, segment_states  # (it imports this module)
 
     chunk, dot_dtype, num_warps, num_stages, nseq = meta[:5]
     segment = meta[5] if len(meta) > 5 else 0
     B, L, R, H, N = qr.shape
     P = vr.shape[-1]
-    y = torch.empty((B, L, R, H, P), dtype=torch.float32, device=qr.device)
+    y = torch.empty((B, L, R, H, P), dtype=y_dtype(vr.dtype), device=qr.device)
     sf = torch.empty((nseq, H, P, N), dtype=torch.float32, device=qr.device)
     if L == 0:
         sf.copy_(s0 if s0 is not None else torch.zeros_like(sf))
@@ -523,6 +524,14 @@ def core_bwd(qr, kr, vr, adt, w, gam, s0, cu_seqlens, meta, dy, dsf, D=None):
     return dq, dk, dv, dadt, dw.sum(-1), dg.sum(-1), ds0, dD
 
 
+def y_dtype(vr_dtype: torch.dtype) -> torch.dtype:
+    """dtype of the core forward's y: vr's when that is 16-bit, else fp32. y only feeds the
+    epilogue (z gate, mimo_o rank sum) and, through it, comes back as dy, which every core
+    backward product rounds to that dtype anyway: a 16-bit y halves the bytes of y, of the gate
+    backward's dy and of the two sweeps' dy reads (MIMO R=4: ~1 GB each at 16K tokens)."""
+    return vr_dtype if vr_dtype in (torch.bfloat16, torch.float16) else torch.float32
+
+
 def _dv_dtype(vr_dtype: torch.dtype, split_n: int) -> torch.dtype:
     """dtype of the core backward's dv (see core_bwd)."""
     return vr_dtype if split_n == 1 else torch.float32
@@ -583,7 +592,8 @@ def _core_fwd_fake(qr, kr, vr, adt, w, gam, s0, cu_seqlens, chunk, dot_dtype, nw
     B, L, R, H, N = qr.shape
     P = vr.shape[-1]
     f32 = torch.float32
-    return qr.new_empty((B, L, R, H, P), dtype=f32), qr.new_empty((nseq, H, P, N), dtype=f32)
+    y = qr.new_empty((B, L, R, H, P), dtype=y_dtype(vr.dtype))
+    return y, qr.new_empty((nseq, H, P, N), dtype=f32)
 
 
 @eager_custom_op("mamba3_triton::core_bwd")
@@ -650,7 +660,8 @@ class _CoreScan(torch.autograd.Function):
 
 
 def core_scan(qr, kr, vr, adt, w, gam, s0, cu_seqlens, meta):
-    """Differentiable core: (y (B, L, R, H, P) fp32, S_final (nseq, H, P, N) fp32).
+    """Differentiable core: (y (B, L, R, H, P) in y_dtype(vr.dtype), S_final (nseq, H, P, N)
+    fp32).
 
     qr, kr (B, L, R, H, N); vr (B, L, R, H, P); adt, w, gam (B, H, L); s0 (nseq, H, P, N) or
     None; cu_seqlens (nseq + 1,) int32 or None; meta = (chunk, dot_dtype, num_warps, num_stages,
@@ -682,7 +693,7 @@ def compile_kernels(
     """Compile the core's forward and backward kernels ahead of time (no GPU needed) for
     ``target`` (a ``triton.backends.compiler.GPUTarget``; default sm_90), as a launch with an
     initial state and a final-state gradient would specialise them (with ``has_d``: the D skip
-    too, vr and dy in the dot dtype as the backward passes them, SISO's v and MIMO's 16-bit
+    too, vr, y and dy in the dot dtype as the backward passes them, SISO's v and MIMO's 16-bit
     rank-weighted v alike; with ``segmented``: the
     backward's segment kernels, core_segments, and its segmented sweeps; fwd_chunk: the
     forward kernel's chunk, 0: ``chunk``). Returns {name: compiled}."""
@@ -697,7 +708,7 @@ def compile_kernels(
     io = {torch.bfloat16: "*bf16", torch.float16: "*fp16"}.get(dot_dtype, "*fp32")
     types = {"cu_ptr": "*i32"}
     if has_d:
-        types.update(vr_ptr=io, dy_ptr=io)
+        types.update(vr_ptr=io, dy_ptr=io, y_ptr=io)
         if split_n == 1:
             types.update(dv_ptr=io)  # (core_bwd stores dv in vr's dtype then)
     out = {}

@@ -8,6 +8,7 @@ seven reductions over (B, L, R, H, P) fp32 tensors (counted with a dispatch mode
 (B, L, H, P) tensors of traffic at R=4 with z, ~43 GB at (1, 16384), H=64, P=64; bench/NOTES.md).
 ``_gate_bwd_kernel`` reads dout, y and z once and writes dy and dz once; ``_vmix_bwd_kernel``
 reads dvr and v once and writes dv once; both sum their weights' gradients per program.
+``_vmix_fwd_kernel`` forms vr itself in one pass (read v, write vr in its 16-bit dtype).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from mamba3_kernels.eager_calls import apply_positional, eager_custom_op
 
 from .parallel_compile import run_kernel
 
-__all__ = ["gated", "mimo_gate", "mimo_v_mix"]
+__all__ = ["gated", "mimo_gate", "mimo_v_mix", "vmix_fwd"]
 
 _ROWS = 16  # rank rows (tokens x R) per step: 72 registers at R=4, P=64 (no spills)
 # Tokens per program: each program adds its (R, P) weight-gradient sums atomically once, so this
@@ -44,7 +45,8 @@ def _gate_bwd_kernel(
     HAS_Z: tl.constexpr, HAS_MZ: tl.constexpr, HAS_MO: tl.constexpr,
 ):  # fmt: skip
     """Grid (cdiv(T, BT * STEPS) * H,) over T = B * L tokens and the heads (heads fastest),
-    STEPS blocks of BT tokens per program. dout, z (T, H, P); y, dy (T, R, H, P) fp32;
+    STEPS blocks of BT tokens per program. dout, z (T, H, P); y, dy (T, R, H, P) (one dtype,
+    fp32 or 16-bit: the core's y_dtype);
     mimo_z, mimo_o (H, R, P) fp32; dz (T, H, P) fp32; dmz, dmo (H, R, P) fp32,
     zero-initialised (each program adds its part).
     Without HAS_MO (SISO's gate: R = 1) the rank weights are ones."""
@@ -70,7 +72,7 @@ def _gate_bwd_kernel(
         valid = (t < T)[:, None]
         tok = (t * H + h)[:, None] * P + pp  # (T, H, P) offsets of each row's token
         y_off = ((t * R + r) * H + h)[:, None] * P + pp
-        y = tl.load(y_ptr + y_off, mask=valid, other=0.0)
+        y = tl.load(y_ptr + y_off, mask=valid, other=0.0).to(tl.float32)
         dout = tl.load(dout_ptr + tok, mask=valid, other=0.0).to(tl.float32)
         dyg = dout
         if HAS_MO:
@@ -98,7 +100,7 @@ def _gate_bwd_kernel(
             dy = dyg
         if HAS_MO:
             acc_mo += dout * yg
-        tl.store(dy_ptr + y_off, dy, mask=valid)
+        tl.store(dy_ptr + y_off, dy.to(dy_ptr.dtype.element_ty), mask=valid)
     if HAS_MO:
         tl.atomic_add(dmo_ptr + h * R * P + rp, _fold_tokens(acc_mo, BT, R, P), sem="relaxed")
     if HAS_MZ:
@@ -107,9 +109,10 @@ def _gate_bwd_kernel(
 
 def gate_bwd(dout: Tensor, y: Tensor, z: Tensor | None, mz: Tensor | None, mo: Tensor | None):
     """(dy, dz, dmz, dmo) of out = sum_r mo_r * y_r * silu(z * mz_r) (no gate without z).
-    dout (B, L, H, P); y (B, L, R, H, P) fp32; z (B, L, H, P) or None; mz, mo (H, R, P) fp32
-    (mz None: z ungated by rank; mo None, only with R = 1: SISO's gate). dy (B, L, R, H, P)
-    fp32; dz (B, L, H, P) fp32 or an empty tensor; dmz, dmo (H, R, P) fp32 (empty without
+    dout (B, L, H, P); y (B, L, R, H, P) fp32 or 16-bit; z (B, L, H, P) or None; mz, mo
+    (H, R, P) fp32 (mz None: z ungated by rank; mo None, only with R = 1: SISO's gate).
+    dy (B, L, R, H, P) in y's dtype (the core's backward rounds it to that for its products);
+    dz (B, L, H, P) fp32 or an empty tensor; dmz, dmo (H, R, P) fp32 (empty without
     z and mz, without mo)."""
     B, L, R, H, P = y.shape
     T = B * L
@@ -149,7 +152,7 @@ def _gate_bwd_fake(dout, y, z, mz, mo):
     B, L, R, H, P = y.shape
     e = y.new_empty
     has_mz = z is not None and mz is not None
-    return (e(y.shape, dtype=f32), e(z.shape, dtype=f32) if z is not None else e(0),
+    return (e(y.shape, dtype=y.dtype), e(z.shape, dtype=f32) if z is not None else e(0),
             e((H, R, P), dtype=f32) if has_mz else e(0),
             e((H, R, P), dtype=f32) if mo is not None else e(0))  # fmt: skip
 
@@ -199,13 +202,67 @@ class _MimoGate(torch.autograd.Function):
 def mimo_gate(y: Tensor, z: Tensor | None, mimo_z: Tensor | None, mimo_o: Tensor | None,
               out_dtype: torch.dtype, need_value: bool = True) -> Tensor:  # fmt: skip
     """Differentiable epilogue: out (B, L, H, P) in ``out_dtype`` = sum_r mimo_o_r * y_r *
-    silu(z * mimo_z_r) (no gate without z). y (B, L, R, H, P) fp32; z (B, L, H, P) or None;
-    mimo_z (H, R, P) or None; mimo_o (H, R, P), or None with R = 1 (SISO's z gate:
+    silu(z * mimo_z_r) (no gate without z). y (B, L, R, H, P) fp32 or 16-bit; z (B, L, H, P)
+    or None; mimo_z (H, R, P) or None; mimo_o (H, R, P), or None with R = 1 (SISO's z gate:
     out = y silu(z)). need_value=False: the output's value is zeros (a caller that only takes
     the vjp), its gradients stay exact."""
     mz = mimo_z.float() if mimo_z is not None else None
     mo = mimo_o.float() if mimo_o is not None else None
     return apply_positional(_MimoGate, y, z, mz, mo, need_value, out_dtype)
+
+
+@triton.jit
+def _vmix_fwd_kernel(
+    v_ptr, mv_ptr, vr_ptr, T, H,
+    R: tl.constexpr, P: tl.constexpr, BT: tl.constexpr, STEPS: tl.constexpr,
+):  # fmt: skip
+    """Grid (cdiv(T, BT * STEPS) * H,), heads fastest (neighbouring programs write neighbouring
+    P-rows). v (T, H, P); mimo_v (H, R, P) fp32; vr (T, R, H, P) = v_t * mimo_v_r, the product
+    in fp32 rounded once to vr's dtype."""
+    h = tl.program_id(0) % H
+    blk = tl.program_id(0) // H
+    rows = tl.arange(0, BT * R)
+    r = rows % R
+    pp = tl.arange(0, P)[None, :]
+    mv = tl.load(mv_ptr + (h * R + r)[:, None] * P + pp)
+    for step in range(STEPS):
+        t = ((blk * STEPS + step) * BT + rows // R).to(tl.int64)
+        valid = (t < T)[:, None]
+        # (each token's row is read by its R rank rows: cache hits after the first)
+        v = tl.load(v_ptr + (t * H + h)[:, None] * P + pp, mask=valid, other=0.0).to(tl.float32)
+        vr = (v * mv).to(vr_ptr.dtype.element_ty)
+        tl.store(vr_ptr + ((t * R + r) * H + h)[:, None] * P + pp, vr, mask=valid)
+
+
+def vmix_fwd(v: Tensor, mv: Tensor) -> Tensor:
+    """vr (B, L, R, H, P) = v (B, L, H, P) * mv (H, R, P) fp32 per rank, in v's dtype when that
+    is 16-bit, else fp32."""
+    B, L, H, P = v.shape
+    R = mv.shape[1]
+    out_dtype = v.dtype if v.dtype in (torch.bfloat16, torch.float16) else torch.float32
+    vr = torch.empty((B, L, R, H, P), dtype=out_dtype, device=v.device)
+    T = B * L
+    if T == 0:
+        return vr
+    bt = max(1, _ROWS // R)
+    steps = max(1, _TOKENS // bt)
+    run_kernel(
+        _vmix_fwd_kernel, (triton.cdiv(T, bt * steps) * H,), v, mv, vr, T, H,
+        R=R, P=P, BT=bt, STEPS=steps, num_warps=4,
+    )  # fmt: skip
+    return vr
+
+
+@eager_custom_op("mamba3_triton::mimo_vmix_fwd")
+def _vmix_fwd_op(v: Tensor, mv: Tensor) -> Tensor:
+    return vmix_fwd(v.contiguous(), mv.contiguous())
+
+
+@_vmix_fwd_op.register_fake
+def _vmix_fwd_fake(v, mv):
+    B, L, H, P = v.shape
+    out_dtype = v.dtype if v.dtype in (torch.bfloat16, torch.float16) else torch.float32
+    return v.new_empty((B, L, mv.shape[1], H, P), dtype=out_dtype)
 
 
 @triton.jit
@@ -277,11 +334,12 @@ class _MimoVMix(torch.autograd.Function):
 
     @staticmethod
     def forward(v, mv):
-        # (R, H, P) weights made contiguous first: with the transposed view the product came out
-        # in (B, L, H, R, P) memory order, and the core's .contiguous() copied all of it (0.86 ms
-        # of a MIMO R=4 fwd+bwd at (1, 16384) on an H200)
-        vr = v.float().unsqueeze(2) * mv.transpose(0, 1).contiguous()
-        return vr.to(v.dtype) if v.dtype in (torch.bfloat16, torch.float16) else vr
+        # One Triton pass: the product in fp32 rounded once (bit for bit the fp32 product then a
+        # cast), written in the (B, L, R, H, P) order the core reads. On an H200 at MIMO R=4
+        # (8, 2048), PyTorch's fp32 product and cast took 0.78 + 0.26 ms, its broadcast product
+        # into a bf16 out= 1.2 ms (bench/NOTES.md); and a product against a transposed view of
+        # the weights once came out in (B, L, H, R, P) order, which the core copied whole.
+        return _vmix_fwd_op(v, mv)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
