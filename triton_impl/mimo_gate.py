@@ -212,6 +212,21 @@ def mimo_gate(y: Tensor, z: Tensor | None, mimo_z: Tensor | None, mimo_o: Tensor
 
 
 @triton.jit
+def _rank_rows(mv_ptr, H, R: tl.constexpr, P: tl.constexpr, BT: tl.constexpr):
+    """A v-mix program's (head, token block, rank rows 0..BT*R, their ranks, P columns (1, P),
+    the head's (BT*R, P) rank weights). Heads vary fastest over the grid: programs in flight
+    together touch neighbouring P-rows, and the backward's add into different heads' weight
+    sums (no queue of atomic adds on one cache line)."""
+    h = tl.program_id(0) % H
+    blk = tl.program_id(0) // H
+    rows = tl.arange(0, BT * R)
+    r = rows % R
+    pp = tl.arange(0, P)[None, :]
+    mv = tl.load(mv_ptr + (h * R + r)[:, None] * P + pp)
+    return h, blk, rows, r, pp, mv
+
+
+@triton.jit
 def _vmix_fwd_kernel(
     v_ptr, mv_ptr, vr_ptr, T, H,
     R: tl.constexpr, P: tl.constexpr, BT: tl.constexpr, STEPS: tl.constexpr,
@@ -219,12 +234,7 @@ def _vmix_fwd_kernel(
     """Grid (cdiv(T, BT * STEPS) * H,), heads fastest (neighbouring programs write neighbouring
     P-rows). v (T, H, P); mimo_v (H, R, P) fp32; vr (T, R, H, P) = v_t * mimo_v_r, the product
     in fp32 rounded once to vr's dtype."""
-    h = tl.program_id(0) % H
-    blk = tl.program_id(0) // H
-    rows = tl.arange(0, BT * R)
-    r = rows % R
-    pp = tl.arange(0, P)[None, :]
-    mv = tl.load(mv_ptr + (h * R + r)[:, None] * P + pp)
+    h, blk, rows, r, pp, mv = _rank_rows(mv_ptr, H, R, P, BT)
     for step in range(STEPS):
         t = ((blk * STEPS + step) * BT + rows // R).to(tl.int64)
         valid = (t < T)[:, None]
@@ -273,14 +283,7 @@ def _vmix_bwd_kernel(
     """Grid (cdiv(T, BT * STEPS) * H,), heads fastest (see _gate_bwd_kernel). dvr (T, R, H, P)
     fp32; v, dv (T, H, P); mimo_v (H, R, P) fp32; dmv (H, R, P) fp32, zero-initialised:
     dv_t = sum_r dvr_{t,r} mimo_v_r, dmv_r += sum_t dvr_{t,r} v_t."""
-    # heads vary fastest over the grid: programs in flight together add into different heads'
-    # weight sums (no queue of atomic adds on one cache line) and read neighbouring P-rows
-    h = tl.program_id(0) % H
-    blk = tl.program_id(0) // H
-    rows = tl.arange(0, BT * R)
-    r = rows % R
-    pp = tl.arange(0, P)[None, :]
-    mv = tl.load(mv_ptr + (h * R + r)[:, None] * P + pp)
+    h, blk, rows, r, pp, mv = _rank_rows(mv_ptr, H, R, P, BT)
     acc = tl.zeros((BT * R, P), dtype=tl.float32)
     for step in range(STEPS):
         t0 = (blk * STEPS + step) * BT
