@@ -68,7 +68,7 @@ def test_gate_matches_autograd(rank, gate):
 
 @cpu_interpreted
 def test_gate_with_16bit_y():
-    """A bf16 y (the core's y_dtype with 16-bit inputs) gives a bf16 dy, the gradients of the
+    """A bf16 y (the core's operand_dtype with 16-bit inputs) gives a bf16 dy, the gradients of the
     rounded y to bf16 accuracy."""
     g = torch.Generator().manual_seed(11)
     B, L, R, H, P = 1, 70, 4, 2, 16

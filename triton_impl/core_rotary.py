@@ -29,7 +29,7 @@ from triton.language.extra import libdevice
 
 from mamba3_kernels.eager_calls import apply_positional, eager_custom_op
 
-from .core_scan import _core_bwd_op, _core_fwd_op, _interp, _seq_bounds, y_dtype
+from .core_scan import _core_bwd_op, _core_fwd_op, _interp, _seq_bounds, operand_dtype
 from .fwd_tiles import _load_rot, _store_rot
 from .parallel_compile import run_kernel
 
@@ -561,7 +561,7 @@ class _RotCore(torch.autograd.Function):
     def backward(ctx, dy, dsf, _dqr, _dkr):
         q, k, qb, kb, theta, vr, adt, w, gam, s0, D, cu, qr, kr = ctx.saved_tensors
         if dy is None:
-            dy = torch.zeros(vr.shape, dtype=y_dtype(vr.dtype), device=vr.device)
+            dy = torch.zeros(vr.shape, dtype=operand_dtype(vr.dtype), device=vr.device)
         *flags, segment = ctx.flags
         dqr, dkr, dv, dadt, dw, dg, ds0, dD = _core_bwd_op(
             dy.contiguous(), dsf, qr, kr, vr, adt, w, gam, s0, cu, *flags, D=D, segment=segment
@@ -577,7 +577,7 @@ class _RotCore(torch.autograd.Function):
 def rot_core_scan(
     q, k, qb, kb, theta, vr, adt, w, gam, s0, cu_seqlens, halves, meta, need_y=True, D=None
 ):
-    """Differentiable rotary prep + core: (y (B, L, R, H, P) in core_scan.y_dtype(vr.dtype),
+    """Differentiable rotary prep + core: (y (B, L, R, H, P) in core_scan.operand_dtype(vr.dtype),
     S_final (nseq, H, P, N) fp32).
 
     q, k (B, L, R, G, N) raw (unbiased, unrotated); qb, kb (R, H, N) fp32; theta (B, L, H, S)

@@ -48,7 +48,7 @@ from mamba3_kernels.eager_calls import apply_positional, eager_custom_op
 from .fast_math import _exp
 from .parallel_compile import run_kernel
 
-__all__ = ["core_scan", "core_fwd", "core_bwd", "y_dtype"]
+__all__ = ["core_scan", "core_fwd", "core_bwd", "operand_dtype"]
 
 _MIN_DOT = 16
 
@@ -425,14 +425,18 @@ def core_fwd(qr, kr, vr, adt, w, gam, s0, cu_seqlens, meta, D=None):
     None; D (H,) fp32 or None (the skip: y += D[h] vr). meta = (chunk, dot_dtype, num_warps,
     num_stages, nseq[, segment]) (segment: tokens per segment of the walks, 0 chosen for the
     device, core_segments.segment_len; ignored with cu_seqlens). Returns y (B, L, R, H, P) in
-    y_dtype(vr.dtype) and S_final (nseq, H, P, N) fp32."""
+    operand_dtype(vr.dtype) and S_final (nseq, H, P, N) fp32."""
     from .core_segments import fwd_segment_len, segment_states  # (it imports this module)
 
     chunk, dot_dtype, num_warps, num_stages, nseq = meta[:5]
     segment = meta[5] if len(meta) > 5 else 0
     B, L, R, H, N = qr.shape
     P = vr.shape[-1]
-    y = torch.empty((B, L, R, H, P), dtype=y_dtype(vr.dtype), device=qr.device)
+    # y only feeds the epilogue (z gate, mimo_o rank sum) and comes back through it as dy, which
+    # every core backward product rounds to the dot dtype anyway: in 16 bits it halves the
+    # bytes of y, of the gate backward's dy and of the two sweeps' dy reads (MIMO R=4: ~1 GB
+    # each at 16K tokens)
+    y = torch.empty((B, L, R, H, P), dtype=operand_dtype(vr.dtype), device=qr.device)
     sf = torch.empty((nseq, H, P, N), dtype=torch.float32, device=qr.device)
     if L == 0:
         sf.copy_(s0 if s0 is not None else torch.zeros_like(sf))
@@ -524,12 +528,11 @@ def core_bwd(qr, kr, vr, adt, w, gam, s0, cu_seqlens, meta, dy, dsf, D=None):
     return dq, dk, dv, dadt, dw.sum(-1), dg.sum(-1), ds0, dD
 
 
-def y_dtype(vr_dtype: torch.dtype) -> torch.dtype:
-    """dtype of the core forward's y: vr's when that is 16-bit, else fp32. y only feeds the
-    epilogue (z gate, mimo_o rank sum) and, through it, comes back as dy, which every core
-    backward product rounds to that dtype anyway: a 16-bit y halves the bytes of y, of the gate
-    backward's dy and of the two sweeps' dy reads (MIMO R=4: ~1 GB each at 16K tokens)."""
-    return vr_dtype if vr_dtype in (torch.bfloat16, torch.float16) else torch.float32
+def operand_dtype(dtype: torch.dtype) -> torch.dtype:
+    """dtype of a tensor that only feeds the core's dot products (MIMO's vr, the core
+    forward's y and so its gradient dy): ``dtype`` itself when 16-bit, else fp32. The dots
+    round such operands to the 16-bit dtype anyway, so storing them wider only moves bytes."""
+    return dtype if dtype in (torch.bfloat16, torch.float16) else torch.float32
 
 
 def _dv_dtype(vr_dtype: torch.dtype, split_n: int) -> torch.dtype:
@@ -592,7 +595,7 @@ def _core_fwd_fake(qr, kr, vr, adt, w, gam, s0, cu_seqlens, chunk, dot_dtype, nw
     B, L, R, H, N = qr.shape
     P = vr.shape[-1]
     f32 = torch.float32
-    y = qr.new_empty((B, L, R, H, P), dtype=y_dtype(vr.dtype))
+    y = qr.new_empty((B, L, R, H, P), dtype=operand_dtype(vr.dtype))
     return y, qr.new_empty((nseq, H, P, N), dtype=f32)
 
 
@@ -660,7 +663,7 @@ class _CoreScan(torch.autograd.Function):
 
 
 def core_scan(qr, kr, vr, adt, w, gam, s0, cu_seqlens, meta):
-    """Differentiable core: (y (B, L, R, H, P) in y_dtype(vr.dtype), S_final (nseq, H, P, N)
+    """Differentiable core: (y (B, L, R, H, P) in operand_dtype(vr.dtype), S_final (nseq, H, P, N)
     fp32).
 
     qr, kr (B, L, R, H, N); vr (B, L, R, H, P); adt, w, gam (B, H, L); s0 (nseq, H, P, N) or

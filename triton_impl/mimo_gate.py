@@ -21,6 +21,7 @@ from torch import Tensor
 
 from mamba3_kernels.eager_calls import apply_positional, eager_custom_op
 
+from .core_scan import operand_dtype
 from .parallel_compile import run_kernel
 
 __all__ = ["gated", "mimo_gate", "mimo_v_mix", "vmix_fwd"]
@@ -30,6 +31,13 @@ _ROWS = 16  # rank rows (tokens x R) per step: 72 registers at R=4, P=64 (no spi
 # sets the number of atomic adds (at 64 tokens, serialised adds on the same few cache lines were
 # 80 % of the kernels' time on an H200; bench/NOTES.md).
 _TOKENS = 256
+
+
+def _token_blocks(R: int) -> tuple[int, int]:
+    """(tokens per step, steps per program) of the rank-mixing kernels at rank R: _ROWS rank
+    rows per step, about _TOKENS tokens per program."""
+    bt = max(1, _ROWS // R)
+    return bt, max(1, _TOKENS // bt)
 
 
 @triton.jit
@@ -46,7 +54,7 @@ def _gate_bwd_kernel(
 ):  # fmt: skip
     """Grid (cdiv(T, BT * STEPS) * H,) over T = B * L tokens and the heads (heads fastest),
     STEPS blocks of BT tokens per program. dout, z (T, H, P); y, dy (T, R, H, P) (one dtype,
-    fp32 or 16-bit: the core's y_dtype);
+    fp32 or 16-bit: core_scan.operand_dtype);
     mimo_z, mimo_o (H, R, P) fp32; dz (T, H, P) fp32; dmz, dmo (H, R, P) fp32,
     zero-initialised (each program adds its part).
     Without HAS_MO (SISO's gate: R = 1) the rank weights are ones."""
@@ -126,8 +134,7 @@ def gate_bwd(dout: Tensor, y: Tensor, z: Tensor | None, mz: Tensor | None, mo: T
     dmo = torch.zeros((H, R, P), dtype=f32, device=y.device) if mo is not None else y.new_empty(0)
     if T == 0:
         return dy, dz, dmz, dmo
-    bt = max(1, _ROWS // R)
-    steps = max(1, _TOKENS // bt)
+    bt, steps = _token_blocks(R)
     dummy = dy
     run_kernel(
         _gate_bwd_kernel, (triton.cdiv(T, bt * steps) * H,), dout, y,
@@ -249,13 +256,11 @@ def vmix_fwd(v: Tensor, mv: Tensor) -> Tensor:
     is 16-bit, else fp32."""
     B, L, H, P = v.shape
     R = mv.shape[1]
-    out_dtype = v.dtype if v.dtype in (torch.bfloat16, torch.float16) else torch.float32
-    vr = torch.empty((B, L, R, H, P), dtype=out_dtype, device=v.device)
+    vr = torch.empty((B, L, R, H, P), dtype=operand_dtype(v.dtype), device=v.device)
     T = B * L
     if T == 0:
         return vr
-    bt = max(1, _ROWS // R)
-    steps = max(1, _TOKENS // bt)
+    bt, steps = _token_blocks(R)
     run_kernel(
         _vmix_fwd_kernel, (triton.cdiv(T, bt * steps) * H,), v, mv, vr, T, H,
         R=R, P=P, BT=bt, STEPS=steps, num_warps=4,
@@ -271,8 +276,7 @@ def _vmix_fwd_op(v: Tensor, mv: Tensor) -> Tensor:
 @_vmix_fwd_op.register_fake
 def _vmix_fwd_fake(v, mv):
     B, L, H, P = v.shape
-    out_dtype = v.dtype if v.dtype in (torch.bfloat16, torch.float16) else torch.float32
-    return v.new_empty((B, L, mv.shape[1], H, P), dtype=out_dtype)
+    return v.new_empty((B, L, mv.shape[1], H, P), dtype=operand_dtype(v.dtype))
 
 
 @triton.jit
@@ -310,8 +314,7 @@ def vmix_bwd(dvr: Tensor, v: Tensor, mv: Tensor) -> tuple[Tensor, Tensor]:
     dmv = torch.zeros((H, R, P), dtype=torch.float32, device=v.device)
     if T == 0:
         return dv, dmv
-    bt = max(1, _ROWS // R)
-    steps = max(1, _TOKENS // bt)
+    bt, steps = _token_blocks(R)
     run_kernel(
         _vmix_bwd_kernel, (triton.cdiv(T, bt * steps) * H,), dvr, v, mv, dv, dmv, T, H,
         R=R, P=P, BT=bt, STEPS=steps, num_warps=4,
