@@ -5,20 +5,15 @@
 # KERNEL: the kernel's name (default _core_bwd_kernel; a kernel launched once per call).
 # OUT.tgz holds KERNEL_details.csv, KERNEL_sass.csv, the log and the cubins that ran.
 set -uo pipefail
+source "$(dirname "$0")/ncu_archive.sh"
 batch=$1 seqlen=$2 rank=$3 out=$4 kernel=${5:-_core_bwd_kernel}
 work=$(mktemp -d)
 export PYTHONPATH="$PWD:$PWD/bench${PYTHONPATH:+:$PYTHONPATH}" TRITON_CACHE_DIR="$work/cache"
 ncu --clock-control none --kernel-name "$kernel" --launch-skip 3 --launch-count 1 \
-    --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
-    --section SchedulerStats --section MemoryWorkloadAnalysis --section SourceCounters \
+    "${NCU_SECTIONS[@]}" \
     -f -o "$work/$kernel" python bench/profile_backward.py --batch "$batch" --seqlen "$seqlen" \
     --rank "$rank" > "$work/${kernel}_ncu.log" 2>&1
 tail -4 "$work/${kernel}_ncu.log"
-ncu -i "$work/$kernel.ncu-rep" --page details --csv > "$work/${kernel}_details.csv" 2>&1
-ncu -i "$work/$kernel.ncu-rep" --page source --csv --print-source sass \
-    > "$work/${kernel}_sass.csv" 2>&1
-mkdir -p "$work/cubin"
-find "$work/cache" -name "${kernel}.cubin" -exec cp {} "$work/cubin/" \;
-tar czf "$out" -C "$work" "${kernel}_details.csv" "${kernel}_sass.csv" "${kernel}_ncu.log" cubin
+ncu_archive "$work" "$kernel" "$out"
 rm -rf "$work"
 ls -la "$out"
