@@ -60,10 +60,10 @@ def child(shape: tuple[int, ...], serial: bool) -> dict:
     problem, inputs = validate.validate_scan(*x[:9], x.D, x.z, x.mimo_v, x.mimo_z, x.mimo_o,
                                              None, False)  # fmt: skip
     config = cf.default_config(problem)
-    plan = cf._plan(problem, inputs, config)
+    plan = cf._plan(problem, inputs, config, False)
     out = inputs.v.new_empty(plan.out_shape)
     ws = inputs.v.new_empty((plan.ws_bytes,), dtype=torch.uint8) if plan.ws_bytes else None
-    table = cf._tensor_table(plan, tuple(inputs[:14]), None, None, out, None, ws)
+    table = cf._tensor_table(plan, tuple(inputs[:14]), None, None, out, None, ws, None)
     # Both modes through parallel_compile (one worker: one kernel after the other).
     os.environ[pc.ENV_SERIAL] = "0"
     workers = 1 if serial else None

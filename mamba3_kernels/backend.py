@@ -83,6 +83,15 @@ class Backend:
         """Forward scan: out and the final state (None unless problem.return_final_state)."""
         raise NotImplementedError(f"backend {self.name!r} has no scan")
 
+    def scan_for_backward(
+        self, problem: Problem, inputs: ScanInputs, configs: dict[str, Any] | None = None
+    ) -> tuple[torch.Tensor, Mamba3State | None, torch.Tensor | None]:
+        """Forward scan of a call whose backward will run: scan's out and final state, plus a
+        residual that this backend's scan_backward can reuse instead of recomputing it (a
+        tensor of the backend's own meaning, or None; here: None)."""
+        out, state = self.scan(problem, inputs, configs)
+        return out, state, None
+
     def scan_backward(
         self,
         problem: Problem,
@@ -90,9 +99,11 @@ class Backend:
         grad_out: torch.Tensor,
         grad_state: Mamba3State | None,
         configs: dict[str, Any] | None = None,
+        residual: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor | None]:
         """Gradients of the inputs (names of ScanInputs fields; initial_state as
-        'initial_state.angle' etc.). Only called when has_backward is True."""
+        'initial_state.angle' etc.). Only called when has_backward is True. residual: what
+        this backend's scan_for_backward returned for the same call, or None."""
         raise NotImplementedError(f"backend {self.name!r} has no backward")
 
     def step(

@@ -161,6 +161,17 @@ def run_scan(
     return _owned_outputs(inputs, out, state)
 
 
+def run_scan_for_backward(
+    problem: Problem, inputs: ScanInputs, backend: str
+) -> tuple[tuple[Tensor, Tensor, Tensor, Tensor, Tensor], Tensor | None, str]:
+    """run_scan for a call whose backward will run: its five outputs, the backend's residual
+    for its backward (Backend.scan_for_backward; None when it keeps nothing) and the backend's
+    name (a residual only means something to the backend that made it)."""
+    chosen, configs = plan(problem, backend, "scan_fwd")
+    out, state, residual = chosen.scan_for_backward(problem, inputs, configs)
+    return _owned_outputs(inputs, out, state), residual, chosen.name
+
+
 def scan_eager(
     problem: Problem, inputs: ScanInputs, backend: str
 ) -> tuple[Tensor, Mamba3State | None]:
@@ -302,11 +313,13 @@ def scan_bwd_op(
 def run_scan_bwd(
     grad_out, grad_angle, grad_ssm, grad_k, grad_v, q, k, v, adt, dt, trap, q_bias, k_bias,
     angles, D, z, mimo_v, mimo_z, mimo_o, angle0, ssm0, k0, v0, cu_seqlens,
-    return_final_state, rotary, chunk_size, backend,
+    return_final_state, rotary, chunk_size, backend, residual=None,
 ) -> list[Tensor]:  # fmt: skip
     """The body of mamba3::scan_bwd (same arguments and result). Called directly from the
     scan's autograd backward outside torch.compile: there, unlike inside an op's kernel, plain
-    autograd records, which costs a backend's recompute far less host time than functorch."""
+    autograd records, which costs a backend's recompute far less host time than functorch.
+    residual: (backend name, tensor) from run_scan_for_backward, or None; passed on to the
+    backward's backend when it is the one that made it."""
     args = (
         q,
         k,
@@ -334,7 +347,11 @@ def run_scan_bwd(
     chosen, configs = plan(problem, backend, "scan_bwd")
     grad_state = Mamba3State(grad_angle, grad_ssm, grad_k, grad_v) if return_final_state else None
     if chosen.has_backward:
-        grads = chosen.scan_backward(problem, inputs, grad_out, grad_state, configs)
+        kept = residual[1] if residual is not None and residual[0] == chosen.name else None
+        if kept is None:
+            grads = chosen.scan_backward(problem, inputs, grad_out, grad_state, configs)
+        else:
+            grads = chosen.scan_backward(problem, inputs, grad_out, grad_state, configs, kept)
         return [
             _or_empty(grads.get(key), a, q) for key, a in zip(BACKEND_GRAD_KEYS, args, strict=True)
         ]
@@ -383,10 +400,20 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_out, grad_angle, grad_ssm, grad_k, grad_v):
     saved = ctx.saved_tensors
     # torch.compile traces the op; eager calls run its body directly (see run_scan_bwd)
-    bwd = torch.ops.mamba3.scan_bwd if torch.compiler.is_compiling() else run_scan_bwd
-    grads = bwd(grad_out, grad_angle, grad_ssm, grad_k, grad_v, *saved, *ctx.flags)
+    if torch.compiler.is_compiling():
+        grads = torch.ops.mamba3.scan_bwd(grad_out, grad_angle, grad_ssm, grad_k, grad_v,
+                                          *saved, *ctx.flags)  # fmt: skip
+    else:
+        grads = run_scan_bwd(grad_out, grad_angle, grad_ssm, grad_k, grad_v, *saved[:19],
+                             *ctx.flags, _residual(ctx, saved))  # fmt: skip
     result = [g if a is not None else None for g, a in zip(grads, saved[:18], strict=True)]
     return (*result, None, None, None, None, None)
+
+
+def _residual(ctx, saved) -> tuple[str, Tensor] | None:
+    """The forward backend's residual (_EagerScan), or None."""
+    name = getattr(ctx, "residual_backend", None)
+    return None if name is None else (name, saved[19])
 
 
 scan_op.register_autograd(_backward, setup_context=_setup_context)
@@ -401,14 +428,26 @@ class _EagerScan(torch.autograd.Function):
 
     @staticmethod
     def forward(problem, *args):  # args: the op's arguments (backend last)
-        return run_scan(problem, _inputs(*args[:19]), args[-1])
+        outputs, residual, name = run_scan_for_backward(problem, _inputs(*args[:19]), args[-1])
+        if residual is None:
+            return (*outputs, None, None)
+        return (*outputs, residual, name)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        _setup_context(ctx, inputs[1:], output)
+        residual, name = output[5], output[6]
+        if residual is None:
+            _setup_context(ctx, inputs[1:], output)
+            return
+        # The backend's residual for its own backward, saved after the op's inputs (the
+        # Triton backend's: the core's y, which its backward then does not recompute).
+        ctx.save_for_backward(*inputs[1:20], residual)
+        ctx.flags = inputs[20:]
+        ctx.mark_non_differentiable(residual)
+        ctx.residual_backend = name
 
     @staticmethod
-    def backward(ctx, grad_out, grad_angle, grad_ssm, grad_k, grad_v):
+    def backward(ctx, grad_out, grad_angle, grad_ssm, grad_k, grad_v, _grad_residual, _name):
         return (None, *_backward(ctx, grad_out, grad_angle, grad_ssm, grad_k, grad_v))
 
 
@@ -423,7 +462,7 @@ def scan_autograd(
         _EagerScan, problem, *inputs[:14], *(state if state is not None else (None,) * 4),
         inputs.cu_seqlens, problem.return_final_state, problem.rotary,
         problem.chunk_size or 0, backend,
-    )  # fmt: skip
+    )[:5]  # fmt: skip
 
 
 @torch.library.custom_op(

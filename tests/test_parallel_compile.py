@@ -59,10 +59,10 @@ _SCRIPT = f"BENCH = {_BENCH!r}\n" + textwrap.dedent(
 
     # Forward: the launch plan's kernels, from the call's argument table.
     config = cf.default_config(problem)
-    plan = cf._plan(problem, inputs, config)
+    plan = cf._plan(problem, inputs, config, False)
     out = inputs.v.new_empty(plan.out_shape)
     ws = inputs.v.new_empty((plan.ws_bytes,), dtype=torch.uint8) if plan.ws_bytes else None
-    table = cf._tensor_table(plan, tuple(inputs[:14]), None, None, out, None, ws)
+    table = cf._tensor_table(plan, tuple(inputs[:14]), None, None, out, None, ws, None)
     pc.compile_launches(plan.launches, table)
     names = sorted({n for n, _ in compiled})
     want = sorted(ln.kernel.fn.__name__ for ln in plan.launches)

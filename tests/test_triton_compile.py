@@ -62,6 +62,17 @@ _CHUNK_FWD_SM90 = textwrap.dedent(
         ptx = kernels["_block_out_kernel"].asm["ptx"]
         assert ".target sm_90" in ptx and ("wgmma" in ptx or "mma.sync" in ptx)
         print("blocks", rank)
+        # A training forward's build, which also stores the core's y for the backward: the
+        # kernel that writes the outputs gains stores (SISO: the walk; MIMO: the block kernel).
+        name, cfg = (("_chunk_fwd_kernel", config) if rank == 1
+                     else ("_block_out_kernel", blocks))  # fmt: skip
+        plain = cf.compile_kernel(problem, cfg)
+        plain = plain[name] if isinstance(plain, dict) else plain
+        saving = cf.compile_kernel(problem, cfg, save_y=True)
+        saving = saving[name] if isinstance(saving, dict) else saving
+        count = [k.asm["ptx"].count("st.global") for k in (plain, saving)]
+        assert count[1] > count[0], count
+        print("save_y", rank, count)
     """
 )
 

@@ -29,6 +29,10 @@ class TritonBackend(Backend):
     # ssm in fp32, k and v in the inputs' dtype, each contiguous and not a view (chunk_fwd), so
     # the eager path need not copy them (ops.scan_eager).
     scan_outputs_owned = True
+    # Training forwards keep the core's output y (B, L, R, H, P) in v's dtype when the backward
+    # reads it (z gate, mimo_o), so the backward skips recomputing it: more activation memory
+    # (R times v's size) for less time. False: the backward recomputes y.
+    save_y_for_backward = True
 
     def __init__(self) -> None:
         super().__init__(name="triton", priority=20, kernels=[], has_backward=True)
@@ -90,14 +94,26 @@ class TritonBackend(Backend):
         cfg = self._config(self._chunk_fwd.SPEC, problem, configs)
         return self._chunk_fwd.chunk_fwd(problem, inputs, cfg)
 
+    def scan_for_backward(self, problem: Problem, inputs: ScanInputs, configs=None):
+        """Prefill forward of a training call: (out, final state or None, the core's y or
+        None), y kept when save_y_for_backward is set and the backward's epilogue reads it
+        (chunk_fwd.chunk_fwd_saving_y, core_prep.epilogue_reads_y)."""
+        self._load()
+        from .core_prep import epilogue_reads_y
+
+        cfg = self._config(self._chunk_fwd.SPEC, problem, configs)
+        keep = self.save_y_for_backward and epilogue_reads_y(problem, inputs)
+        return self._chunk_fwd.chunk_fwd_saving_y(problem, inputs, cfg, keep)
+
     def scan_backward(
-        self, problem: Problem, inputs: ScanInputs, grad_out, grad_state, configs=None
-    ):
+        self, problem: Problem, inputs: ScanInputs, grad_out, grad_state, configs=None,
+        residual=None,
+    ):  # fmt: skip
         """Gradients of every input (see chunk_bwd.chunk_bwd): keys are ScanInputs field names and
-        'initial_state.<field>'."""
+        'initial_state.<field>'. residual: the y of scan_for_backward, or None."""
         self._load()
         cfg = self._config(self._chunk_bwd.SPEC, problem, configs)
-        return self._chunk_bwd.chunk_bwd(problem, inputs, grad_out, grad_state, cfg)
+        return self._chunk_bwd.chunk_bwd(problem, inputs, grad_out, grad_state, cfg, y=residual)
 
     def step(self, problem: Problem, inputs: ScanInputs, state: Mamba3State, configs=None):
         self._load()

@@ -175,12 +175,14 @@ def chunk_bwd(
     grad_out: torch.Tensor,
     grad_state: Mamba3State | None,
     config: ChunkBwdConfig,
+    y: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor | None]:
     """Gradients of every floating input of the scan.
 
     inputs: ScanInputs in scan shapes (SPEC.md). grad_out: the output's shape and dtype.
     grad_state: Mamba3State of cotangents for the final state (angle, ssm fp32; k, v in the
-    inputs' dtypes), or None when the call returned no final state.
+    inputs' dtypes), or None when the call returned no final state. y: the core's output as the
+    forward kept it (chunk_fwd.chunk_fwd_saving_y), or None to recompute it where needed.
     Returns {ScanInputs field name: gradient or None}, with the initial state's gradients under
     'initial_state.angle' / '.ssm' / '.k' / '.v'.
     """
@@ -189,9 +191,11 @@ def chunk_bwd(
         raise ValueError(f"chunk_bwd config {config}: {reason}")
     if problem.seqlen == 0:
         return _empty_backward(inputs, grad_state)
+    if y is not None and y.numel() == 0 and problem.seqlen > 0:
+        y = None  # (an op's empty placeholder)
     if inputs.v.is_cuda:
-        _compile_ahead(problem, inputs, grad_out, grad_state, config)
-    return _chunk_bwd(problem, inputs, grad_out, grad_state, config)
+        _compile_ahead(problem, inputs, grad_out, grad_state, config, y)
+    return _chunk_bwd(problem, inputs, grad_out, grad_state, config, y)
 
 
 # Backward call kinds whose kernels were compiled ahead (see _compile_ahead), and the (problem,
@@ -200,13 +204,13 @@ _COMPILED_AHEAD: set = set()
 _SEEN: dict[tuple[int, int], tuple] = {}
 
 
-def _compile_ahead(problem, inputs, grad_out, grad_state, config) -> None:
+def _compile_ahead(problem, inputs, grad_out, grad_state, config, y) -> None:
     """The first backward of its kind in this process: one dry run (parallel_compile) compiles
     its six kernels side by side before the real run launches them. The kind holds what the
     kernels are specialised on: the call's description without its lengths, which enter the
     kernels as integers specialised on being 1 or a multiple of 16 (a kind that compiles nothing
     new costs one extra host pass, once)."""
-    ids = (id(problem), id(config))
+    ids = (id(problem), id(config), y is None)
     seen = _SEEN.get(ids)
     if seen is not None and seen[0] is problem and seen[1] is config:
         return
@@ -223,13 +227,13 @@ def _compile_ahead(problem, inputs, grad_out, grad_state, config) -> None:
     lengths = tuple((x == 1, x % 16 == 0) for x in (L, B * L, problem.nseq))
     key = (dataclasses.replace(problem, batch=0, seqlen=0, nseq=0), lengths, config,
            grad_out.dtype, grad_state is not None, _autograd_records(),
-           _segmented(problem, config, inputs.v.device))  # fmt: skip
+           _segmented(problem, config, inputs.v.device), y is None)  # fmt: skip
     if key in _COMPILED_AHEAD:
         return
     _COMPILED_AHEAD.add(key)
     try:
         with parallel_compile.compile_only():
-            _chunk_bwd(problem, inputs, grad_out, grad_state, config)
+            _chunk_bwd(problem, inputs, grad_out, grad_state, config, y)
     except Exception as e:  # the real run compiles each kernel at its launch
         warnings.warn(f"chunk_bwd: compiling the kernels ahead failed ({e})", stacklevel=3)
 
@@ -248,7 +252,7 @@ def _segmented(problem: Problem, config: ChunkBwdConfig, device: torch.device) -
     return (bwd < L, fwd < L)
 
 
-def _chunk_bwd(problem, inputs, grad_out, grad_state, config) -> dict:
+def _chunk_bwd(problem, inputs, grad_out, grad_state, config, y=None) -> dict:
     from .core_prep import scan_via_core
 
     present = [(n, t) for n, t in _flat(inputs) if t is not None and t.is_floating_point()]
@@ -260,7 +264,7 @@ def _chunk_bwd(problem, inputs, grad_out, grad_state, config) -> dict:
     def forward(*tensors):
         # only the vjp is used: values=False lets it skip recomputing the core's output
         out, st = scan_via_core(problem, _rebuild(inputs, keys, tensors), meta, values=False,
-                                state=grad_state is not None)  # fmt: skip
+                                state=grad_state is not None, y_saved=y)  # fmt: skip
         if grad_state is None:
             return (out,)
         return (out, st.angle.to(sd), st.ssm.to(sd), st.k.to(inputs.q.dtype),

@@ -74,6 +74,7 @@ __all__ = [
     "SPEC",
     "ChunkFwdConfig",
     "chunk_fwd",
+    "chunk_fwd_saving_y",
     "default_config",
     "search_space",
     "constraint",
@@ -359,6 +360,7 @@ def _chunk_fwd_kernel(
     k1_ptr,
     v1_ptr,
     fst_ptr,
+    ys_ptr,
     L,
     H,
     G,
@@ -384,6 +386,7 @@ def _chunk_fwd_kernel(
     FAST: tl.constexpr,
     T: tl.constexpr,
     PREFETCH: tl.constexpr,
+    SAVE_Y: tl.constexpr,
 ):
     CR: tl.constexpr = C * R
     NH: tl.constexpr = N // 2
@@ -495,7 +498,7 @@ def _chunk_fwd_kernel(
             st_hi = tl.dot(vw, k_hi, st_hi * e_last, input_precision=DOT_PREC)
         _finish_rows(
             y, vr, D_ptr, z_ptr, mz_ptr, mo_ptr, out_ptr, h, H, pp, P, bos, c0, seqlen, t,
-            r_idx, R, C, BP, HAS_D, HAS_Z, HAS_MZ, HAS_MO, FAST,
+            r_idx, R, C, BP, HAS_D, HAS_Z, HAS_MZ, HAS_MO, FAST, ys_ptr, SAVE_Y,
         )  # fmt: skip
 
     if HAS_FINAL:
@@ -515,10 +518,16 @@ def _chunk_fwd_kernel(
 
 
 def _constexprs(
-    problem: Problem, config: ChunkFwdConfig, interp: bool, has_mv: bool = True, has_mz: bool = True
+    problem: Problem,
+    config: ChunkFwdConfig,
+    interp: bool,
+    has_mv: bool = True,
+    has_mz: bool = True,
+    save_y: bool = False,
 ) -> dict:
     """The kernel's compile-time arguments for a problem and config (T: tokens per segment of
-    the chunk-parallel variant, 0 when the kernel walks whole sequences)."""
+    the chunk-parallel variant, 0 when the kernel walks whole sequences; SAVE_Y: the core's y
+    also stored for the backward, see chunk_fwd)."""
     fp32 = problem.dtype == torch.float32
     segment = _segment(problem, config) if _splits(problem, config) else 0
     return dict(
@@ -543,6 +552,7 @@ def _constexprs(
         FAST=not interp,
         T=segment,
         PREFETCH=0 if interp else config.prefetch,  # (inline assembly: GPU builds only)
+        SAVE_Y=save_y,
     )
 
 
@@ -556,11 +566,12 @@ def _rotated_pairs(problem: Problem, config: ChunkFwdConfig) -> int:
 _TRITON_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
-def compile_kernel(problem: Problem, config: ChunkFwdConfig, target=None):
+def compile_kernel(problem: Problem, config: ChunkFwdConfig, target=None, save_y: bool = False):
     """Compile the kernel ahead of time (no GPU needed) for ``target`` (a
     ``triton.backends.compiler.GPUTarget``; default sm_90). Returns the compiled kernel, whose
     ``asm`` dict holds ttir/ttgir/llir/ptx/cubin (with config.split: a dict of the three
-    kernels). Used for build checks and resource reports."""
+    kernels). Used for build checks and resource reports. save_y: the build that also stores
+    the core's y for the backward (chunk_fwd's save_y)."""
     from triton.backends.compiler import GPUTarget
 
     target = target or GPUTarget("cuda", 90, 64)
@@ -570,9 +581,10 @@ def compile_kernel(problem: Problem, config: ChunkFwdConfig, target=None):
         qb_ptr="*fp32", kb_ptr="*fp32", ang_ptr="*fp32", D_ptr="*fp32", z_ptr=io,
         mv_ptr="*fp32", mz_ptr="*fp32", mo_ptr="*fp32", a0_ptr="*fp32", s0_ptr="*fp32",
         k0_ptr=io, v0_ptr=io, cu_ptr="*i32", out_ptr=io, a1_ptr="*fp32", s1_ptr="*fp32",
-        k1_ptr=io, v1_ptr=io, fst_ptr="*fp32", L="i32", H="i32", G="i32", NSEG="i32",
+        k1_ptr=io, v1_ptr=io, fst_ptr="*fp32", ys_ptr=io, L="i32", H="i32", G="i32",
+        NSEG="i32",
     )  # fmt: skip
-    consts = _constexprs(problem, config, interp=False)
+    consts = _constexprs(problem, config, interp=False, save_y=save_y)
     signature = {**ptr_types, **{name: "constexpr" for name in consts}}
     # As the launcher's specialisation does: pointers (torch allocations) and sizes that are
     # multiples of 16 are marked 16-divisible, which lets loads vectorise.
@@ -603,11 +615,13 @@ def compile_kernel(problem: Problem, config: ChunkFwdConfig, target=None):
 _CONSTS: dict[tuple, dict] = {}
 
 
-def _checked_constexprs(problem: Problem, config: ChunkFwdConfig, has_mv: bool, has_mz: bool):
+def _checked_constexprs(
+    problem: Problem, config: ChunkFwdConfig, has_mv: bool, has_mz: bool, save_y: bool
+):
     """The kernel's compile-time arguments after the config's constraint check, memoized per call
     signature (both are pure functions of it; this runs on every prefill call)."""
     interp = os.environ.get("TRITON_INTERPRET", "0") == "1"
-    key = (problem, config, has_mv, has_mz, interp)
+    key = (problem, config, has_mv, has_mz, save_y, interp)
     consts = _CONSTS.get(key)
     if consts is None:
         reason = constraint(problem, config, None)
@@ -615,7 +629,7 @@ def _checked_constexprs(problem: Problem, config: ChunkFwdConfig, has_mv: bool, 
             raise ValueError(f"chunk_fwd config {config}: {reason}")
         if len(_CONSTS) >= 256:
             _CONSTS.clear()
-        consts = _CONSTS[key] = _constexprs(problem, config, interp, has_mv, has_mz)
+        consts = _CONSTS[key] = _constexprs(problem, config, interp, has_mv, has_mz, save_y)
     return consts
 
 
@@ -628,9 +642,9 @@ def _c(t: torch.Tensor | None) -> torch.Tensor | None:
 # tensors and unused scratch buffers are v (never read: the kernels' flags skip them).
 _TABLE = ("q", "k", "v", "adt", "dt", "trap", "q_bias", "k_bias", "angles", "D", "z", "mimo_v",
           "mimo_z", "mimo_o", "a0", "s0", "k0", "v0", "cu", "out", "a1", "s1", "k1", "v1",
-          "ds", "fst", "clast", "phi", "th", "cs", "gm", "wt")  # fmt: skip
+          "ds", "fst", "clast", "phi", "th", "cs", "gm", "wt", "ys")  # fmt: skip
 _SLOT = {name: i for i, name in enumerate(_TABLE)}
-_SCRATCH = _TABLE[24:]  # segment_buffers' names, carved out of one workspace allocation
+_SCRATCH = _TABLE[24:32]  # segment_buffers' names, carved out of one workspace allocation
 _ALIGN = 256  # bytes between workspace buffers: the kernels assume 16-byte aligned pointers
 
 
@@ -639,10 +653,12 @@ class _Plan:
     copied (non-contiguous, or a non-fp32 state), the shapes to allocate, the scratch layout in
     one workspace, and the launches (with their compiled kernels after the first GPU call)."""
 
-    __slots__ = ("keep", "copy", "on_gpu", "device_index", "out_shape", "final", "offsets",
-                 "ws_bytes", "scratch", "launches")  # fmt: skip
+    __slots__ = ("keep", "copy", "on_gpu", "device_index", "out_shape", "final", "y_shape",
+                 "offsets", "ws_bytes", "scratch", "launches")  # fmt: skip
 
-    def __init__(self, problem: Problem, config: ChunkFwdConfig, inputs: ScanInputs) -> None:
+    def __init__(
+        self, problem: Problem, config: ChunkFwdConfig, inputs: ScanInputs, save_y: bool
+    ) -> None:
         # A plan keyed by the ids of problem and config keeps them, so the ids stay theirs.
         self.keep = (problem, config)
         init = inputs.initial_state
@@ -661,17 +677,20 @@ class _Plan:
         N, S, nseq = problem.d_state, problem.n_angles, problem.nseq
         keep_ranks = problem.mimo and inputs.mimo_o is None
         self.out_shape = (B, L, R, H, P) if keep_ranks else (B, L, H, P)
+        self.y_shape = (B, L, R, H, P) if save_y else None
         # Shapes of the final state's angle and ssm (fp32), k and v (in k's and v's dtypes).
         self.final = None
         if problem.return_final_state:
             self.final = ((nseq, H, S), (nseq, H, P, N), (nseq, R, H, N), (nseq, H, P))
         consts = _checked_constexprs(
-            problem, config, inputs.mimo_v is not None, inputs.mimo_z is not None
+            problem, config, inputs.mimo_v is not None, inputs.mimo_z is not None, save_y
         )
         launch = dict(num_warps=config.num_warps, num_stages=config.num_stages)
         if config.maxnreg:
             launch["maxnreg"] = config.maxnreg
         slot = dict(_SLOT)
+        if not save_y:
+            slot["ys"] = _SLOT["v"]  # not written
         buffers: dict = {}
         launches = []
         split = config.split if _splits(problem, config) else 0
@@ -693,7 +712,7 @@ class _Plan:
             else:
                 slot["fst"] = _SLOT["v"]  # not read when walking whole sequences
             grid = (nseq * H, _cdiv(P, config.block_p), nseg)
-            args = [slot[n] for n in _TABLE[:24]] + [slot["fst"]]
+            args = [slot[n] for n in _TABLE[:24]] + [slot["fst"], slot["ys"]]
             launches.append(Launch(_chunk_fwd_kernel, grid, args, (L, H, problem.ngroups, nseg),
                                    consts, launch))  # fmt: skip
         # One workspace for the scratch buffers (one allocation per call instead of up to six):
@@ -729,7 +748,7 @@ def _layout(t: torch.Tensor | None):
     return None if t is None else (t.dtype, t.is_contiguous())
 
 
-def _plan(problem: Problem, inputs: ScanInputs, config: ChunkFwdConfig) -> _Plan:
+def _plan(problem: Problem, inputs: ScanInputs, config: ChunkFwdConfig, save_y: bool) -> _Plan:
     """The plan of this call, made on the first call of its signature.
 
     A plan depends on the problem and config, the interpreter switch, the device, and each
@@ -740,24 +759,25 @@ def _plan(problem: Problem, inputs: ScanInputs, config: ChunkFwdConfig) -> _Plan
     """
     interp = _ENV_INTERPRET()
     if getattr(inputs, "validated_problem", None) is problem:
-        key = (id(problem), id(config), interp)
+        key = (id(problem), id(config), interp, save_y)
     else:
         init = inputs.initial_state
-        key = (problem, config, interp, inputs.v.device, *(_layout(t) for t in inputs[:14]),
+        key = (problem, config, interp, save_y, inputs.v.device,
+               *(_layout(t) for t in inputs[:14]),
                None if init is None else tuple(_layout(t) for t in init),
                _layout(inputs.cu_seqlens))  # fmt: skip
     plan = _PLANS.get(key)
     if plan is None:
-        plan = _Plan(problem, config, inputs)
+        plan = _Plan(problem, config, inputs, save_y)
         if len(_PLANS) >= _PLANS_MAX:
             _PLANS.clear()
         _PLANS[key] = plan
     return plan
 
 
-def _tensor_table(plan: _Plan, tensors: tuple, init, cu, out, final, ws) -> tuple:
-    """The argument table (_TABLE order) as tensors: the call's, v for absent ones, and views of
-    the workspace ``ws`` (uint8) for the scratch buffers."""
+def _tensor_table(plan: _Plan, tensors: tuple, init, cu, out, final, ws, ys) -> tuple:
+    """The argument table (_TABLE order) as tensors: the call's, v for absent ones, views of
+    the workspace ``ws`` (uint8) for the scratch buffers, and the saved y (or v)."""
     v = tensors[2]
     scratch = tuple(
         v if s is None else ws[s[0] : s[0] + math.prod(s[1]) * s[2].itemsize].view(s[2]).view(s[1])
@@ -770,6 +790,7 @@ def _tensor_table(plan: _Plan, tensors: tuple, init, cu, out, final, ws) -> tupl
         out,
         *(final if final is not None else (v,) * 4),
         *scratch,
+        v if ys is None else ys,
     )
 
 
@@ -780,16 +801,27 @@ _F32 = torch.float32
 def chunk_fwd(
     problem: Problem, inputs: ScanInputs, config: ChunkFwdConfig
 ) -> tuple[torch.Tensor, Mamba3State | None]:
-    """Run the chunked forward scan.
+    """Run the chunked forward scan: chunk_fwd_saving_y's (out, final state) without the y."""
+    out, final, _ = chunk_fwd_saving_y(problem, inputs, config, False)
+    return out, final
+
+
+def chunk_fwd_saving_y(
+    problem: Problem, inputs: ScanInputs, config: ChunkFwdConfig, save_y: bool = True
+) -> tuple[torch.Tensor, Mamba3State | None, torch.Tensor | None]:
+    """Run the chunked forward scan, keeping the core's output for a backward.
 
     inputs: ScanInputs in scan shapes (SPEC.md): q, k (B, L, G, N) or (B, L, R, G, N);
         v, z (B, L, H, P); adt, dt, trap (B, H, L); angles (B, L, H, S); ...
     Returns out ((B, L, H, P), or (B, L, R, H, P) for MIMO without mimo_o) in v's dtype, and the
     final state (angle (nseq, H, S) fp32 reduced modulo 2*pi, ssm (nseq, H, P, N) fp32,
     k (nseq, R, H, N) in k's dtype, v (nseq, H, P) in v's dtype) when problem.return_final_state.
+    With save_y, also y (B, L, R, H, P) in v's dtype: every row's output after the D skip and
+    before the z gate and the mimo_o rank sum, which is what the backward's epilogue reads of
+    the core (chunk_bwd then skips recomputing it); else None.
     Each output is a fresh allocation of its own (contiguous, not a view).
     """
-    plan = _plan(problem, inputs, config)
+    plan = _plan(problem, inputs, config, save_y)
     q, k, v, adt, dt, trap, qb, kb, ang, d, z, mv, mz, mo, init, cu = inputs
     if plan.copy:  # into the layouts the kernels assume
         q, k, v, adt, dt, trap, qb, kb, ang, d, z, mv, mz, mo = (_c(x) for x in inputs[:14])
@@ -801,6 +833,7 @@ def chunk_fwd(
                 v=init.v.contiguous(),
             )
     out = v.new_empty(plan.out_shape)
+    ys = None if plan.y_shape is None else v.new_empty(plan.y_shape)
     final = None
     if plan.final is not None:
         sa, ss, sk, sv = plan.final
@@ -809,12 +842,12 @@ def chunk_fwd(
                                           v.new_empty(ss, dtype=_F32), k.new_empty(sk),
                                           v.new_empty(sv)))  # fmt: skip
     if not plan.launches:
-        return out, final
+        return out, final, ys
     ws = v.new_empty((plan.ws_bytes,), dtype=torch.uint8) if plan.ws_bytes else None
     if not plan.on_gpu:  # the interpreter (CPU tensors): Triton's launcher
         tensors = (q, k, v, adt, dt, trap, qb, kb, ang, d, z, mv, mz, mo)
-        launch_generic(plan.launches, _tensor_table(plan, tensors, init, cu, out, final, ws))
-        return out, final
+        launch_generic(plan.launches, _tensor_table(plan, tensors, init, cu, out, final, ws, ys))
+        return out, final, ys
     # The direct launch's argument table: the same entries as _tensor_table, as addresses.
     # (Spelled out, without generators: each Python-level step costs here, on every call.)
     pv = v.data_ptr()
@@ -844,14 +877,15 @@ def chunk_fwd(
         pv if z is None else z.data_ptr(), pv if mv is None else mv.data_ptr(),
         pv if mz is None else mz.data_ptr(), pv if mo is None else mo.data_ptr(), *state_in,
         pv if cu is None else cu.data_ptr(), out.data_ptr(), *state_out, *scratch,
+        pv if ys is None else ys.data_ptr(),
     )  # fmt: skip
 
     def tensors():
         inputs14 = (q, k, v, adt, dt, trap, qb, kb, ang, d, z, mv, mz, mo)
-        return _tensor_table(plan, inputs14, init, cu, out, final, ws)
+        return _tensor_table(plan, inputs14, init, cu, out, final, ws, ys)
 
     launch_all(plan.launches, ptrs, tensors, plan.device_index)
-    return out, final
+    return out, final, ys
 
 
 SPEC = KernelSpec(

@@ -128,6 +128,7 @@ def _block_out_kernel(
     gm_ptr,
     wt_ptr,
     out_ptr,
+    ys_ptr,
     L,
     H,
     G,
@@ -149,6 +150,7 @@ def _block_out_kernel(
     DOT_PREC: tl.constexpr,
     UPCAST: tl.constexpr,
     FAST: tl.constexpr,
+    SAVE_Y: tl.constexpr,
 ):
     CR: tl.constexpr = C * R
     NH: tl.constexpr = N // 2
@@ -215,12 +217,12 @@ def _block_out_kernel(
     # HAS_D off: the skip was added before the key loop (y stands in for the unread vr).
     _finish_rows(
         y, y, D_ptr, z_ptr, mz_ptr, mo_ptr, out_ptr, h, H, pp, P, bos, b0, seqlen, t, r_idx, R,
-        C, BP, False, HAS_Z, HAS_MZ, HAS_MO, FAST,
+        C, BP, False, HAS_Z, HAS_MZ, HAS_MO, FAST, ys_ptr, SAVE_Y,
     )  # fmt: skip
 
 
 _KERNEL_CONSTS = ("P", "N", "S", "SA", "R", "C", "T", "BP", "HALVES", "HAS_D", "HAS_Z",
-                  "HAS_MV", "HAS_MZ", "HAS_MO", "DOT_PREC", "UPCAST", "FAST")  # fmt: skip
+                  "HAS_MV", "HAS_MZ", "HAS_MO", "DOT_PREC", "UPCAST", "FAST", "SAVE_Y")  # fmt: skip
 
 
 def kernel_constexprs(consts: dict) -> dict:
@@ -242,7 +244,7 @@ def block_launch(
     L, H, G = problem.seqlen, problem.nheads, problem.ngroups
     kc = kernel_constexprs(consts)
     names = ("q", "k", "v", "q_bias", "k_bias", "D", "z", "mimo_v", "mimo_z", "mimo_o", "fst",
-             "th", "cs", "gm", "wt", "out")  # fmt: skip
+             "th", "cs", "gm", "wt", "out", "ys")  # fmt: skip
     grid = (_cdiv(L, kc["C"]), problem.batch * H, _cdiv(problem.headdim, kc["BP"]))
     return Launch(_block_out_kernel, grid, [slot[n] for n in names], (L, H, G, nseg), kc, launch)
 
@@ -250,7 +252,7 @@ def block_launch(
 def compile_kernel(problem: Problem, consts: dict, options: dict, target):
     """Compile the block kernel ahead of time (no GPU needed) for ``target``; consts as
     block_launch. Returns the compiled kernel (``asm`` holds ptx/cubin)."""
-    io_ptrs = {"q_ptr", "k_ptr", "v_ptr", "z_ptr", "out_ptr", "fst_ptr"}
+    io_ptrs = {"q_ptr", "k_ptr", "v_ptr", "z_ptr", "out_ptr", "fst_ptr", "ys_ptr"}
     return compile_ahead(
         _block_out_kernel, problem, kernel_constexprs(consts), options, target, io_ptrs
     )

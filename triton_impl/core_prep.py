@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from mamba3_kernels.eager_calls import apply_positional
 from mamba3_kernels.inputs import ScanInputs
 from mamba3_kernels.problem import Problem
 from mamba3_kernels.state import Mamba3State
@@ -28,7 +29,7 @@ from mamba3_kernels.state import Mamba3State
 from .core_rotary import angle_scan, rot_core_scan
 from .mimo_gate import gated, mimo_gate, mimo_v_mix
 
-__all__ = ["scan_via_core", "rotate"]
+__all__ = ["scan_via_core", "rotate", "epilogue_reads_y"]
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: str) -> torch.Tensor:
@@ -46,6 +47,28 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: str) -
     a, b = x[..., :s], x[..., half : half + s]
     parts = (a * cos - b * sin, x[..., s:half], a * sin + b * cos, x[..., half + s :])
     return torch.cat(parts, dim=-1)
+
+
+def epilogue_reads_y(problem: Problem, inputs: ScanInputs) -> bool:
+    """Whether the epilogue's backward reads the core's y: through the z gate, or the mimo_o
+    rank sum (else y's values never enter a gradient)."""
+    return inputs.z is not None or (problem.mimo and inputs.mimo_o is not None)
+
+
+class _SavedY(torch.autograd.Function):
+    """y_saved in place of the core's y: the values of the first, the gradient to the second."""
+
+    @staticmethod
+    def forward(y_core, y_saved):
+        return y_saved.view_as(y_saved)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, dy):
+        return dy, None
 
 
 def _per_head(x: torch.Tensor, nheads: int) -> torch.Tensor:
@@ -77,7 +100,12 @@ def _token_seq(problem: Problem, cu: torch.Tensor | None, L: int, device) -> dic
 
 
 def scan_via_core(
-    problem: Problem, inputs: ScanInputs, meta: tuple, values: bool = True, state: bool = True
+    problem: Problem,
+    inputs: ScanInputs,
+    meta: tuple,
+    values: bool = True,
+    state: bool = True,
+    y_saved: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, Mamba3State | None]:
     """The scan (SPEC.md) as differentiable prep -> Triton core -> epilogue.
 
@@ -89,6 +117,8 @@ def scan_via_core(
     wrong (the core's forward is skipped when the epilogue's backward does not read it); their
     vjp stays exact. state=False: no final state (None; its ~30 small ops are skipped, which a
     backward without a final-state gradient would record for nothing).
+    y_saved: the core's y (B, L, R, H, P) as the forward computed it (chunk_fwd_saving_y), used
+    in place of the core's forward, which is then skipped (the core's backward still runs).
     """
     f32 = torch.float32
     q, k, v = inputs.q, inputs.k, inputs.v
@@ -140,8 +170,7 @@ def scan_via_core(
         s0 = init.ssm.float() + prev
 
     dot_dtype = problem.dtype
-    # The epilogue's backward reads the core's y only through the z gate and mimo_o.
-    need_y = values or inputs.z is not None or (mimo and inputs.mimo_o is not None)
+    need_y = y_saved is None and (values or epilogue_reads_y(problem, inputs))
     # bias + rotary + group->head expansion run inside the fused node: the per-head rotated
     # q/k exist only as the core's dot operands, never as autograd tensors. The D skip runs
     # inside the core too (its gradients join the core's dv in the backward kernel).
@@ -150,6 +179,8 @@ def scan_via_core(
                           inputs.cu_seqlens, problem.rotary == "halves",
                           (meta[0], dot_dtype, meta[2], meta[3], nseq, *meta[4:7]),
                           need_y, D)  # fmt: skip
+    if y_saved is not None:
+        y = apply_positional(_SavedY, y, y_saved)
 
     # ---- epilogue -------------------------------------------------------------------------
     if (mimo and inputs.mimo_o is not None) or (not mimo and inputs.z is not None):

@@ -403,18 +403,25 @@ def _finish_rows(
     HAS_MZ: tl.constexpr,
     HAS_MO: tl.constexpr,
     FAST: tl.constexpr,
+    ys_ptr=None,
+    SAVE_Y: tl.constexpr = False,
 ):
     """Epilogue of a chunk's output rows y (C*R, BP) fp32: D skip, z gate, rank mix, store.
 
     vr: the rows' (rank-weighted) v; t: (C*R,) token of each row in its sequence; bos: global
-    index of the sequence's first token; c0: the chunk's first token.
+    index of the sequence's first token; c0: the chunk's first token. SAVE_Y: y after the D
+    skip, before the gate, also goes to ys_ptr ((B, L, R, H, P) in its dtype), which is the
+    core's y that the backward's epilogue reads (it then need not recompute it).
     """
     tok = bos + t
     mrow = (t < seqlen)[:, None]
     mpr = (pp < P)[None, :]
     rank_par = (h * R + r_idx[:, None]) * P + pp[None, :]  # MIMO: (H, R, P) rank weights
+    y_off = ((tok[:, None] * R + r_idx[:, None]) * H + h) * P + pp[None, :]
     if HAS_D:
         y += tl.load(D_ptr + h).to(tl.float32) * vr
+    if SAVE_Y:
+        tl.store(ys_ptr + y_off, y.to(ys_ptr.dtype.element_ty), mask=mrow & mpr)
     if HAS_Z:
         zz = tl.load(z_ptr + (tok[:, None] * H + h) * P + pp[None, :], mask=mrow & mpr, other=0.0)
         zz = zz.to(tl.float32)
@@ -429,8 +436,7 @@ def _finish_rows(
         o_off = ((bos + tt)[:, None] * H + h) * P + pp[None, :]
         tl.store(out_ptr + o_off, o.to(io_dtype), mask=(tt < seqlen)[:, None] & mpr)
     else:
-        o_off = ((tok[:, None] * R + r_idx[:, None]) * H + h) * P + pp[None, :]
-        tl.store(out_ptr + o_off, y.to(io_dtype), mask=mrow & mpr)
+        tl.store(out_ptr + y_off, y.to(io_dtype), mask=mrow & mpr)
 
 
 @triton.jit
