@@ -445,10 +445,20 @@ class _EagerScan(torch.autograd.Function):
         ctx.flags = inputs[20:]
         ctx.mark_non_differentiable(residual)
         ctx.residual_backend = name
+        # No zero-filled gradient for the residual (the size of y: a fill of R times v's
+        # bytes per backward); the outputs' gradients are then zero-filled here when absent.
+        ctx.set_materialize_grads(False)
+        ctx.outputs = [(t.shape, t.dtype, t.device) for t in output[:5]]
 
     @staticmethod
-    def backward(ctx, grad_out, grad_angle, grad_ssm, grad_k, grad_v, _grad_residual, _name):
-        return (None, *_backward(ctx, grad_out, grad_angle, grad_ssm, grad_k, grad_v))
+    def backward(ctx, *grads):
+        grads = grads[:5]
+        if getattr(ctx, "outputs", None) is not None:
+            grads = [
+                g if g is not None else torch.zeros(shape, dtype=dtype, device=device)
+                for g, (shape, dtype, device) in zip(grads, ctx.outputs, strict=True)
+            ]
+        return (None, *_backward(ctx, *grads))
 
 
 def scan_autograd(

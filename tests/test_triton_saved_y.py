@@ -119,3 +119,25 @@ def test_no_y_kept_when_the_backward_does_not_read_it(monkeypatch):
     out, state, y = backend.scan_for_backward(problem, inputs)
     assert y is None and state is None
     assert rel_err(out, reference_scan(cast_inputs(inputs, torch.float64), "interleaved")[0]) < 1e-4
+
+
+def test_backward_with_only_the_state_used():
+    """A loss on the final state alone: the output's gradient is absent (no zero fill is made
+    for the kept y), and the gradients still match the reference's."""
+    inputs = _inputs(2, seed=7)
+    got_want = []
+    for backend, x in (("triton", inputs), ("reference", cast_inputs(inputs, torch.float64))):
+        leaves = [t.detach().clone().requires_grad_() for t in (*x[:14], *x.initial_state)
+                  if t is not None]  # fmt: skip
+        it = iter(leaves)
+        fields = [None if t is None else next(it) for t in x[:14]]
+        state = Mamba3State(*(next(it) for _ in range(4)))
+        _, st = mamba3_kernels.scan(*fields, initial_state=state, return_final_state=True,
+                                    backend=backend)  # fmt: skip
+        loss = st.ssm.sum() + st.k.square().sum()
+        got_want.append(torch.autograd.grad(loss, leaves, allow_unused=True))
+    for a, b in zip(*got_want, strict=True):
+        if b is None:
+            assert a is None or not a.any()
+        else:
+            assert rel_err(a, b) < 1e-4
