@@ -103,6 +103,21 @@ def test_grads_match_reference(rank, mimo, rotary, G, dz, mo, init, final, cu):
 
 
 @cpu_interpreted
+@pytest.mark.parametrize("case", [GRID[i] for i in (1, 2, 4, 8)], ids=str)
+def test_grads_with_dtheta_in_the_rotary_backward(case, monkeypatch):
+    """d theta formed by the rotary backward from fp32 dqr, dkr (core_rotary's dtheta_in_core
+    off) instead of inside the core backward (the default): the same gradients; both layouts,
+    GQA, MIMO, varlen."""
+    from mamba3_kernels.triton_impl import core_rotary
+
+    monkeypatch.setitem(core_rotary.KNOBS, "dtheta_in_core", False)
+    rank, mimo, rotary, G, dz, mo, init, final, cu = case
+    g = torch.Generator().manual_seed(13 * rank + G + init)
+    inputs = _grid_inputs(rank, mimo, G, dz, mo, init, cu, g, d_state=16)
+    _check(inputs, rotary, final, chunk=16 // rank)
+
+
+@cpu_interpreted
 @pytest.mark.parametrize("case", [GRID[i] for i in (1, 4, 8)], ids=str)
 def test_grads_with_state_columns_split(case):
     """The core backward with its state columns over 2 programs per sweep (partial sums over N
@@ -237,8 +252,17 @@ def test_core_ops_schema_and_fakes(with_D, vr_dtype, split_n):
     torch.library.opcheck(torch.ops.mamba3_triton.core_bwd.default, bwd, test_utils=utils)
     grads = torch.ops.mamba3_triton.core_bwd(*bwd)
     assert grads[2].dtype == (vr_dtype if split_n == 1 else torch.float32)
-    dD = grads[-1]
+    dD = grads[7]
     assert dD.shape == ((H,) if with_D else (0,))
+    assert grads[8].shape == grads[9].shape == (0,)  # no d theta parts unless asked for
+    if split_n == 1:  # d theta in the kernel: its parts, and dq, dk in the operands' dtype
+        rot = dict(n_angles=N // 4, halves=with_D)
+        bf = tuple(x.bfloat16() if i in (2, 3) else x for i, x in enumerate(bwd))
+        torch.library.opcheck(torch.ops.mamba3_triton.core_bwd.default, bf, rot,
+                              test_utils=utils)  # fmt: skip
+        got = torch.ops.mamba3_triton.core_bwd(*bf, **rot)
+        assert got[0].dtype == got[1].dtype == torch.bfloat16
+        assert got[8].shape == got[9].shape == (B, L, R, H, N // 4)
     if with_D:  # dD = sum over every row of dy . vr (here dy = vr)
         vv = vr.float()
         torch.testing.assert_close(dD, (vv * vv).sum((0, 1, 2, 4)), rtol=1e-5, atol=1e-5)
@@ -499,13 +523,20 @@ _CORE_SM90 = textwrap.dedent(
             if name == "core_bwd":
                 assert ("red.global" in ptx or "atom.global" in ptx) == (split_n > 1 or has_d)
             print("ok", name, rank, has_d)
+    # SISO's backward with d theta in the kernel (interleaved pairs): 16-bit dq, dk stores
+    plain = cs.compile_kernels(1, 128, 64, 32, num_warps=4, has_d=True)["core_bwd"]
+    dth = cs.compile_kernels(1, 128, 64, 32, num_warps=4, has_d=True,
+                             dtheta=(32, False))["core_bwd"]  # fmt: skip
+    b16 = [k.asm["ptx"].count("st.global.b16") for k in (plain, dth)]
+    assert b16[1] > b16[0], b16  # (dv is 16-bit in both)
+    print("ok dtheta")
     """
 )
 
 
 def test_core_kernels_compile_for_sm90_without_gpu():
     out = run_compiled(_CORE_SM90)
-    assert out.count("ok") == 10
+    assert out.count("ok") == 11
 
 
 _DEFAULTS_SM90 = textwrap.dedent(
@@ -526,7 +557,8 @@ _DEFAULTS_SM90 = textwrap.dedent(
         cfg = cb.default_config(problem)
         kernels = cs.compile_kernels(rank, n, p, cfg.chunk_size, num_warps=cfg.num_warps,
                                      num_stages=cfg.num_stages, split_n=cfg.split_n,
-                                     has_d=True, segmented=True, fwd_chunk=cfg.fwd_chunk_size)
+                                     has_d=True, segmented=True, fwd_chunk=cfg.fwd_chunk_size,
+                                     dtheta=(n // 4, True) if cfg.split_n == 1 else None)
         for name, k in kernels.items():
             assert ".target sm_90" in k.asm["ptx"] and len(k.asm["cubin"]) > 1000
             # (an sm_90 block's shared-memory limit: the pipeline stages' buffers must fit)
@@ -553,7 +585,7 @@ _ROTARY_SM90 = textwrap.dedent(
         pairs, heads = (8, 4) if fast else (32, 16)
         for name, k in cr.compile_kernels(rank, 128, 32, halves, fast=fast, pairs=pairs,
                                           heads_first=fast, bwd_heads=heads, atomic=fast,
-                                          tokens=4).items():  # fmt: skip
+                                          tokens=4, given=fast).items():  # fmt: skip
             assert ".target sm_90" in k.asm["ptx"]
             # the backward under its register cap (the knob's default), the others without
             capped = f".maxnreg {cr.KNOBS['rot_bwd_maxnreg']}" in k.asm["ptx"]

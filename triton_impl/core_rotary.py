@@ -57,6 +57,9 @@ _TWO_PI = tl.constexpr(6.283185307179586)
 #                warps (2: fwd+bwd 9.59 -> 9.37 ms there). The pair tiles then took the two
 #                passes to 0.92 and 0.28 ms (bench/NOTES.md). On an H200, 8 tokens per program
 #                and 512-token angle steps: fwd+bwd 6.55 -> 6.21 ms (bench/NOTES.md);
+#   dtheta_in_core: the core backward forms d theta (per pair: g_b x_a - g_a x_b from dqr, dkr
+#                and the rotated operands it holds) and stores dqr, dkr in 16 bits; the rotary
+#                backward then only unrotates (no fp32 dqr, dkr through memory, no q, k reload);
 #   rot_bwd_maxnreg: register cap of the rotary backward (0: none). Uncapped it takes all 255
 #                on 2 warps (four programs per multiprocessor); at 128 it spills ~350 B of stack
 #                but eight programs share a multiprocessor: H200, rotary backward SISO 0.68 ->
@@ -64,6 +67,7 @@ _TWO_PI = tl.constexpr(6.283185307179586)
 KNOBS = {
     "fast_trig": True, "angle_step": 512, "angle_warps": 8, "angle_pairs": 8,
     "heads_first": False, "bwd_heads": 0, "rot_tokens": 8, "rot_warps": 2, "rot_bwd_maxnreg": 128,
+    "dtheta_in_core": True,
 }  # fmt: skip
 
 
@@ -167,6 +171,8 @@ def _unrotate_pairs(d_ptr, dst, m2, xa, xb, c, s, NH: tl.constexpr, HALVES: tl.c
     they differ by the operands' rounding, and that difference accumulates over the
     sequence)."""
     ga, gb = _load_rot(d_ptr, dst, m2, NH, NH, HALVES)
+    ga = ga.to(tl.float32)
+    gb = gb.to(tl.float32)
     xra = xa * c - xb * s
     xrb = xa * s + xb * c
     if XR == 1:
@@ -179,17 +185,35 @@ def _unrotate_pairs(d_ptr, dst, m2, xa, xb, c, s, NH: tl.constexpr, HALVES: tl.c
 
 
 @triton.jit
+def _unrotate(d_ptr, dst, m2, c, s, NH: tl.constexpr, HALVES: tl.constexpr):
+    """(dxa, dxb) = Rot(-theta) dxr of one operand's rotated gradient rows (any float dtype)."""
+    ga, gb = _load_rot(d_ptr, dst, m2, NH, NH, HALVES)
+    ga = ga.to(tl.float32)
+    gb = gb.to(tl.float32)
+    return ga * c + gb * s, gb * c - ga * s
+
+
+@triton.jit
+def _dtheta_part(p_ptr, t, r, h, H, jj, m2, S: tl.constexpr, R: tl.constexpr):
+    """The core backward's d theta part of rows (t, r, h), pairs jj < S: (BT, NH) fp32."""
+    off = ((t * R + r) * H + h) * S
+    return tl.load(p_ptr + off[:, None] + jj[None, :], mask=m2 & (jj < S)[None, :], other=0.0)
+
+
+@triton.jit
 def _rot_bwd_kernel(
     dqr_ptr, dkr_ptr, q_ptr, k_ptr, qb_ptr, kb_ptr, th_ptr,
-    dq_ptr, dk_ptr, dqb_ptr, dkb_ptr, dth_ptr, T, H, G,
+    dq_ptr, dk_ptr, dqb_ptr, dkb_ptr, dth_ptr, tq_ptr, tk_ptr, T, H, G,
     N: tl.constexpr, S: tl.constexpr, R: tl.constexpr, BT: tl.constexpr, HALVES: tl.constexpr,
     XR: tl.constexpr, FAST: tl.constexpr, HEADS_FIRST: tl.constexpr, HB: tl.constexpr,
-    ATOMIC: tl.constexpr,
+    ATOMIC: tl.constexpr, GIVEN: tl.constexpr,
 ):  # fmt: skip
     """Gradients of the rotary prep; grid (T/BT, R*H/HB) (or transposed, HEADS_FIRST), each
-    program loops over HB heads of one group. dqr, dkr (T, R, H, N) fp32 -> dq, dk (T, R, G, N)
-    fp32 (ATOMIC: zero-initialised, the programs of a group add their partial sums);
-    dqb, dkb (T/BT, R, H, N) partial sums over the block's tokens; dth (R, T, H, S) fp32."""
+    program loops over HB heads of one group. dqr, dkr (T, R, H, N) (fp32, or with GIVEN any
+    float) -> dq, dk (T, R, G, N) fp32 (ATOMIC: zero-initialised, the programs of a group add
+    their partial sums); dqb, dkb (T/BT, R, H, N) partial sums over the block's tokens; dth
+    (R, T, H, S) fp32. GIVEN: d theta's q and k parts come formed by the core backward (tq, tk
+    (T, R, H, S) fp32), so neither q, k nor their rotation is needed here."""
     NH: tl.constexpr = N // 2
     pid_t, rgb = _grid_ids(HEADS_FIRST)
     HG = H // G
@@ -213,15 +237,23 @@ def _rot_bwd_kernel(
                      mask=m2 & (jj < S)[None, :], other=0.0)  # fmt: skip
         c, s = _cos_sin(th, FAST)
         dst = (((t * R + r) * H + h) * N)[:, None]
-        xa, xb = _biased_pairs(q_ptr, qb_ptr + boff, src, m2, NH, HALVES)
-        dxa, dxb, tq = _unrotate_pairs(dqr_ptr, dst, m2, xa, xb, c, s, NH, HALVES, XR)
+        if GIVEN:
+            dxa, dxb = _unrotate(dqr_ptr, dst, m2, c, s, NH, HALVES)
+            tq = _dtheta_part(tq_ptr, t, r, h, H, jj, m2, S, R)
+        else:
+            xa, xb = _biased_pairs(q_ptr, qb_ptr + boff, src, m2, NH, HALVES)
+            dxa, dxb, tq = _unrotate_pairs(dqr_ptr, dst, m2, xa, xb, c, s, NH, HALVES, XR)
         qa += dxa
         qb += dxb
         pb = (pid_t.to(tl.int64) * R * H + r * H + h) * N
         tl.store(dqb_ptr + pb + ca, tl.sum(dxa, axis=0))
         tl.store(dqb_ptr + pb + cb, tl.sum(dxb, axis=0))
-        xa, xb = _biased_pairs(k_ptr, kb_ptr + boff, src, m2, NH, HALVES)
-        dxa, dxb, tk = _unrotate_pairs(dkr_ptr, dst, m2, xa, xb, c, s, NH, HALVES, XR)
+        if GIVEN:
+            dxa, dxb = _unrotate(dkr_ptr, dst, m2, c, s, NH, HALVES)
+            tk = _dtheta_part(tk_ptr, t, r, h, H, jj, m2, S, R)
+        else:
+            xa, xb = _biased_pairs(k_ptr, kb_ptr + boff, src, m2, NH, HALVES)
+            dxa, dxb, tk = _unrotate_pairs(dkr_ptr, dst, m2, xa, xb, c, s, NH, HALVES, XR)
         ka += dxa
         kb += dxb
         tl.store(dkb_ptr + pb + ca, tl.sum(dxa, axis=0))
@@ -342,10 +374,12 @@ def rotary_fwd(q, k, qb, kb, theta, halves: bool, out_dtype: torch.dtype):
 _XR = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
-def rotary_bwd(dqr, dkr, q, k, qb, kb, theta, halves: bool, xr_dtype=torch.float32):
+def rotary_bwd(dqr, dkr, q, k, qb, kb, theta, halves: bool, xr_dtype=torch.float32, parts=None):
     """Backward of rotary_fwd: dqr, dkr (B, L, R, H, N) fp32 -> dq, dk (B, L, R, G, N) fp32,
     dqb, dkb (R, H, N) fp32, dtheta (B, L, H, S) fp32. xr_dtype: the out_dtype rotary_fwd gave
-    the core (dtheta reads the rotated values rounded to it)."""
+    the core (dtheta reads the rotated values rounded to it). parts: (dthq, dthk)
+    (B, L, R, H, S) fp32, d theta's q and k parts formed by the core backward
+    (core_scan.core_bwd with rotary), or None; given, dqr, dkr may be 16-bit."""
     B, L, R, G, N = q.shape
     H, S = qb.shape[1], theta.shape[-1]
     T = B * L
@@ -367,9 +401,11 @@ def rotary_bwd(dqr, dkr, q, k, qb, kb, theta, halves: bool, xr_dtype=torch.float
         grid = (nblk, R * H // hb)
         run_kernel(
             _rot_bwd_kernel, grid[::-1] if first else grid,
-            dqr, dkr, q, k, qb, kb, theta, dq, dk, pq, pk, dth, T, H, G,
+            dqr, dkr, q, k, qb, kb, theta, dq, dk, pq, pk, dth,
+            *(parts if parts is not None else (dth, dth)), T, H, G,
             N=N, S=S, R=R, BT=bt, HALVES=halves, XR=_XR[xr_dtype], FAST=_fast_trig(),
-            HEADS_FIRST=first, HB=hb, ATOMIC=hb < HG, num_warps=KNOBS["rot_warps"],
+            HEADS_FIRST=first, HB=hb, ATOMIC=hb < HG, GIVEN=parts is not None,
+            num_warps=KNOBS["rot_warps"],
             **_cap("rot_bwd_maxnreg"),
         )  # fmt: skip
     else:
@@ -455,14 +491,15 @@ def _rotary_fwd_fake(q, k, qb, kb, theta, halves, out_dtype):
 @eager_custom_op("mamba3_triton::rotary_bwd")
 def _rotary_bwd_op(
     dqr: Tensor, dkr: Tensor, q: Tensor, k: Tensor, qb: Tensor, kb: Tensor, theta: Tensor,
-    halves: bool, xr_dtype: str,
+    halves: bool, xr_dtype: str, dthq: Tensor | None = None, dthk: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    parts = (dthq, dthk) if dthq is not None else None
     return rotary_bwd(dqr.contiguous(), dkr.contiguous(), q, k, qb, kb, theta, halves,
-                      _DTYPES[xr_dtype])  # fmt: skip
+                      _DTYPES[xr_dtype], parts)  # fmt: skip
 
 
 @_rotary_bwd_op.register_fake
-def _rotary_bwd_fake(dqr, dkr, q, k, qb, kb, theta, halves, xr_dtype):
+def _rotary_bwd_fake(dqr, dkr, q, k, qb, kb, theta, halves, xr_dtype, dthq=None, dthk=None):
     f32 = torch.float32
     e = q.new_empty
     return (e(q.shape, dtype=f32), e(q.shape, dtype=f32), e(qb.shape, dtype=f32),
@@ -563,11 +600,17 @@ class _RotCore(torch.autograd.Function):
         if dy is None:
             dy = torch.zeros(vr.shape, dtype=operand_dtype(vr.dtype), device=vr.device)
         *flags, segment = ctx.flags
-        dqr, dkr, dv, dadt, dw, dg, ds0, dD = _core_bwd_op(
-            dy.contiguous(), dsf, qr, kr, vr, adt, w, gam, s0, cu, *flags, D=D, segment=segment
-        )
+        # d theta inside the core backward (whole rows of pairs in one program: no column split)
+        in_core = KNOBS["dtheta_in_core"] and flags[-1] == 1 and theta.shape[-1] > 0
+        n_angles = theta.shape[-1] if in_core else 0
+        dqr, dkr, dv, dadt, dw, dg, ds0, dD, dthq, dthk = _core_bwd_op(
+            dy.contiguous(), dsf, qr, kr, vr, adt, w, gam, s0, cu, *flags, D=D, segment=segment,
+            n_angles=n_angles, halves=ctx.halves,
+        )  # fmt: skip
         xr_dtype = str(qr.dtype).replace("torch.", "")
-        dq, dk, dqb, dkb, dth = _rotary_bwd_op(dqr, dkr, q, k, qb, kb, theta, ctx.halves, xr_dtype)
+        parts = (dthq, dthk) if in_core else (None, None)
+        dq, dk, dqb, dkb, dth = _rotary_bwd_op(dqr, dkr, q, k, qb, kb, theta, ctx.halves,
+                                               xr_dtype, *parts)  # fmt: skip
         return (dq.to(q.dtype), dk.to(k.dtype), dqb, dkb, dth, dv.to(vr.dtype),
                 dadt.to(adt.dtype), dw.to(w.dtype), dg.to(gam.dtype),
                 ds0 if s0 is not None else None, dD if D is not None else None,
@@ -606,13 +649,14 @@ def rot_core_scan(
 def compile_kernels(
     R: int, N: int, S: int, halves: bool, dtype: str = "bf16", target=None, fast: bool = True,
     pairs: int = 32, heads_first: bool = True, bwd_heads: int = 4, atomic: bool = True,
-    tokens: int = 32,
+    tokens: int = 32, given: bool = False,
 ):  # fmt: skip
     """Compile the rotary and angle-scan forward and backward kernels ahead of time (no GPU
     needed) for ``target`` (default sm_90); fast: hardware trig in the rotary kernels; pairs:
     angle pairs per angle-scan program; heads_first, bwd_heads, atomic: the rotary grids' order,
     heads per backward program and whether those add into dq/dk; tokens: tokens per rotary
-    program. Returns {name: compiled}."""
+    program; given: the backward that takes d theta's parts from the core backward (and its
+    16-bit dqr, dkr). Returns {name: compiled}."""
     from triton.backends.compiler import GPUTarget
 
     target = target or GPUTarget("cuda", 90, 64)
@@ -623,11 +667,13 @@ def compile_kernels(
     bwd = {"dqr_ptr": "*fp32", "dkr_ptr": "*fp32", "q_ptr": f"*{dtype}", "k_ptr": f"*{dtype}",
            "qb_ptr": "*fp32", "kb_ptr": "*fp32", "th_ptr": "*fp32", "dq_ptr": "*fp32",
            "dk_ptr": "*fp32", "dqb_ptr": "*fp32", "dkb_ptr": "*fp32",
-           "dth_ptr": "*fp32"}  # fmt: skip
+           "dth_ptr": "*fp32", "tq_ptr": "*fp32", "tk_ptr": "*fp32"}  # fmt: skip
+    if given:
+        bwd.update(dqr_ptr=f"*{dtype}", dkr_ptr=f"*{dtype}")
     out = {}
     xr = {"bf16": 1, "fp16": 2}.get(dtype, 0)
     fwd_fn, bwd_fn = _rot_fwd_kernel, _rot_bwd_kernel
-    bwd_c = {**consts, "XR": xr, "HB": bwd_heads, "ATOMIC": atomic}
+    bwd_c = {**consts, "XR": xr, "HB": bwd_heads, "ATOMIC": atomic, "GIVEN": given}
     launches = (("rotary_fwd", fwd_fn, fwd, consts), ("rotary_bwd", bwd_fn, bwd, bwd_c))
     for name, fn, sig, c in launches:
         sig = {**sig, **ints, **{k: "constexpr" for k in c}}

@@ -104,6 +104,24 @@ def _load_chunk(
     """Rows of one chunk: per-row cumulative log-decay c, c_last, w, gamma, and the operands
     qr, kr (CR, NB) (columns n0 .. n0 + NB of N; all N when NB is None), vr (CR, P) rounded to
     the dot dtype, plus row validity and offsets."""
+    c, c_last, w, gm, valid, row, t_loc = _chunk_rows(
+        adt_ptr, w_ptr, g_ptr, bos, seqlen, coef_base, c0, h, H, R, C
+    )
+    if NB is None:
+        nn = tl.arange(0, N)
+    else:
+        nn = n0 + tl.arange(0, NB)
+    q = _load_cols(qr_ptr, row, valid, nn, N, DOTK, UPCAST)
+    k = _load_cols(kr_ptr, row, valid, nn, N, DOTK, UPCAST)
+    v = _load_cols(vr_ptr, row, valid, tl.arange(0, P), P, DOTK, UPCAST)
+    return c, c_last, w, gm, q, k, v, valid, row, t_loc
+
+
+@triton.jit
+def _chunk_rows(adt_ptr, w_ptr, g_ptr, bos, seqlen, coef_base, c0, h, H,
+                R: tl.constexpr, C: tl.constexpr):  # fmt: skip
+    """Per-row coefficients of one chunk: cumulative log-decay c, c_last, w, gamma, row validity,
+    row offsets in the (B, L, R, H, X) tensors and each row's token in the chunk."""
     CR: tl.constexpr = C * R
     rows = tl.arange(0, CR)
     t_loc = rows // R
@@ -118,19 +136,15 @@ def _load_chunk(
     gm = tl.load(g_ptr + coef_base + t, mask=valid, other=0.0).to(tl.float32)
     # row offset in the (B, L, R, H, X) tensors: ((bos + t) * R + r) * H + h
     row = ((bos + c0) * R + rows) * H + h
-    if NB is None:
-        nn = tl.arange(0, N)
-    else:
-        nn = n0 + tl.arange(0, NB)
-    pp = tl.arange(0, P)
-    mrow = valid[:, None]
-    q = tl.load(qr_ptr + row[:, None] * N + nn[None, :], mask=mrow, other=0.0)
-    k = tl.load(kr_ptr + row[:, None] * N + nn[None, :], mask=mrow, other=0.0)
-    v = tl.load(vr_ptr + row[:, None] * P + pp[None, :], mask=mrow, other=0.0)
-    q = _rnd(q.to(tl.float32), DOTK, UPCAST)
-    k = _rnd(k.to(tl.float32), DOTK, UPCAST)
-    v = _rnd(v.to(tl.float32), DOTK, UPCAST)
-    return c, c_last, w, gm, q, k, v, valid, row, t_loc
+    return c, c_last, w, gm, valid, row, t_loc
+
+
+@triton.jit
+def _load_cols(x_ptr, row, valid, cols, X: tl.constexpr, DOTK: tl.constexpr,
+               UPCAST: tl.constexpr):  # fmt: skip
+    """Columns ``cols`` of a chunk's rows of X values, rounded to the dot dtype."""
+    x = tl.load(x_ptr + row[:, None] * X + cols[None, :], mask=valid[:, None], other=0.0)
+    return _rnd(x.to(tl.float32), DOTK, UPCAST)
 
 
 @triton.jit
@@ -159,7 +173,13 @@ def _state_step(st, k, v, c, c_last, w, DOTK: tl.constexpr, DOT_PREC: tl.constex
     vw = v exp(c_last - c) w rounded to the dot dtype (the row-side operand the backward's two
     sweeps must share: see the module docstring)."""
     vw = _rnd(v.to(tl.float32) * (_exp(c_last - c, FAST) * w)[:, None], DOTK, UPCAST)
-    return tl.dot(tl.trans(vw), k, st * _exp(c_last, FAST), input_precision=DOT_PREC)
+    return _step(st, vw, k, c_last, DOT_PREC, FAST)
+
+
+@triton.jit
+def _step(x, rows_op, cols_op, c_last, DOT_PREC: tl.constexpr, FAST: tl.constexpr):
+    """x exp(c_last) + rows_op^T cols_op: a state (or state gradient) over one chunk."""
+    return tl.dot(tl.trans(rows_op), cols_op, x * _exp(c_last, FAST), input_precision=DOT_PREC)
 
 
 @triton.jit
@@ -168,7 +188,7 @@ def _dstate_step(ds, q, dy, c, c_last, DOTK: tl.constexpr, DOT_PREC: tl.constexp
     """The state gradient at a chunk's start from the one at its end: ds exp(c_last) + dyc^T q,
     with dyc = dy exp(c) rounded to the dot dtype (dy fp32)."""
     dyc = _rnd(dy * _exp(c, FAST)[:, None], DOTK, UPCAST)
-    return tl.dot(tl.trans(dyc), q, ds * _exp(c_last, FAST), input_precision=DOT_PREC)
+    return _step(ds, dyc, q, c_last, DOT_PREC, FAST)
 
 
 @triton.jit
@@ -241,21 +261,52 @@ def _put(ptrs, x, mask, NS: tl.constexpr):
 
 
 @triton.jit
-def _add_sfdot(dsf_ptrs, st, sf_ptr, NS: tl.constexpr):
-    """<dS_final, S_final> of this program's state columns into sfdot."""
-    dsf = tl.load(dsf_ptrs).to(tl.float32)
-    _put(sf_ptr, tl.sum(tl.sum(dsf * st, axis=1), axis=0), None, NS)
+def _col_sets(n0, NB: tl.constexpr, DTH: tl.constexpr, HALVES: tl.constexpr):
+    """The two sets of NB / 2 columns that the sweeps carry every N-wide tile in (q, k, the state
+    and its gradient): with DTH the two members of each rotary pair (halves: j and N/2 + j;
+    interleaved: 2j and 2j + 1; DTH needs the whole N in one program), so that a row's d theta
+    per pair is an elementwise product of the tiles; else the two halves of the program's
+    column block [n0, n0 + NB)."""
+    j = tl.arange(0, NB // 2)
+    if DTH and not HALVES:
+        return 2 * j, 2 * j + 1
+    else:
+        return n0 + j, n0 + NB // 2 + j
+
+
+@triton.jit
+def _rows_dot(a, b, xa, xb):
+    """Per row, the dot product over both column sets: sum_n a x + sum_n b x."""
+    return tl.sum(a.to(tl.float32) * xa, axis=1) + tl.sum(b.to(tl.float32) * xb, axis=1)
+
+
+@triton.jit
+def _store_grad(ptr, row, valid, ca, cb, ga, gb, xa, xb, dth_ptr,
+                N: tl.constexpr, S: tl.constexpr, DTH: tl.constexpr):  # fmt: skip
+    """A rotated operand's gradient rows (two column sets ga, gb, stored in ptr's dtype) and, with
+    DTH, their d theta per pair: ga, gb and the operand xa, xb are the pair members (a, b), so
+    d theta_j = g_b x_a - g_a x_b (pairs j < S; dth_ptr (B, L, R, H, S) fp32). x is the rounded
+    operand the core multiplied, as the rotary backward's d theta needs (core_rotary)."""
+    mr = valid[:, None]
+    ty = ptr.dtype.element_ty
+    tl.store(ptr + row[:, None] * N + ca[None, :], ga.to(ty), mask=mr)
+    tl.store(ptr + row[:, None] * N + cb[None, :], gb.to(ty), mask=mr)
+    if DTH:
+        j = tl.arange(0, N // 2)
+        dth = gb * xa.to(tl.float32) - ga * xb.to(tl.float32)
+        tl.store(dth_ptr + row[:, None] * S + j[None, :], dth, mask=mr & (j < S)[None, :])
 
 
 @triton.jit
 def _core_bwd_kernel(
     qr_ptr, kr_ptr, vr_ptr, adt_ptr, w_ptr, g_ptr, s0_ptr, cu_ptr, D_ptr, dy_ptr, dsf_ptr,
     dq_ptr, dk_ptr, dv_ptr, dw_ptr, dg_ptr, qdq_ptr, kdk_ptr, ds0_ptr, sfdot_ptr, dD_ptr,
-    sin_ptr, dsout_ptr, L, H, NSEG, SEG,
+    sin_ptr, dsout_ptr, dthq_ptr, dthk_ptr, L, H, NSEG, SEG,
     N: tl.constexpr, P: tl.constexpr, R: tl.constexpr, C: tl.constexpr,
     VARLEN: tl.constexpr, HAS_S0: tl.constexpr, HAS_DSF: tl.constexpr, HAS_D: tl.constexpr,
     DOTK: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, NS: tl.constexpr,
-    FAST: tl.constexpr, SEGMENTED: tl.constexpr,
+    FAST: tl.constexpr, SEGMENTED: tl.constexpr, DTH: tl.constexpr, S: tl.constexpr,
+    HALVES: tl.constexpr,
 ):  # fmt: skip
     """Gradients of the core; grid (nseq * H, 2, NS): axis 1 picks the forward (0) or reverse
     (1) sweep, axis 2 a block of N / NS state columns. Row outputs (qdq, kdk, dw, dg) are
@@ -264,7 +315,13 @@ def _core_bwd_kernel(
     Column blocks: every product over N splits into per-block partial sums, and the outputs
     that sum over N (dv, qdq, kdk, dw, dg, sfdot) are linear in those partials, so with NS > 1
     each program adds its part atomically into zero-initialised buffers; dq and dk columns, the
-    state S and its gradient dS are each wholly owned by one program.
+    state S and its gradient dS are each wholly owned by one program. Inside a program every
+    N-wide tile is carried as two column sets (_col_sets): products over N are two dots.
+
+    DTH (NS == 1; S pairs, HALVES their layout): the rotary backward's d theta from dq and dk
+    as they are formed (qr, kr are the rotated operands): the forward sweep writes the q part,
+    the reverse sweep the k part (dthq, dthk (B, L, R, H, S) fp32), so dq and dk can be stored
+    in their 16-bit dtype (dq_ptr's) instead of at the fp32 accuracy d theta needs.
 
     HAS_D (the forward's skip y += D[h] vr): the reverse sweep's first column block adds
     D[h] dy to dv; the forward sweep sums dy . vr per row over its chunks and adds the total to
@@ -287,15 +344,18 @@ def _core_bwd_kernel(
     seq = pid // H
     h = pid % H
     bos, seqlen, coef_base = _seq_bounds(cu_ptr, seq, h, L, H, VARLEN)
-    nn = n0 + tl.arange(0, NB)
+    ca, cb = _col_sets(n0, NB, DTH, HALVES)
     pp = tl.arange(0, P)
     CR: tl.constexpr = C * R
     rloc = tl.arange(0, CR)
     t_loc = rloc // R
     causal = t_loc[:, None] > t_loc[None, :]
     diag = t_loc[:, None] == t_loc[None, :]
-    st_off = (seq.to(tl.int64) * H + h) * P * N + pp[:, None] * N + nn[None, :]
-    seg_off = ((seq.to(tl.int64) * H + h) * NSEG + seg) * P * N + pp[:, None] * N + nn[None, :]
+    sh_off = (seq.to(tl.int64) * H + h) * P * N + pp[:, None] * N
+    st_a_off = sh_off + ca[None, :]
+    st_b_off = sh_off + cb[None, :]
+    seg_a_off = ((seq.to(tl.int64) * H + h) * NSEG + seg) * P * N + pp[:, None] * N + ca[None, :]
+    seg_b_off = seg_a_off - ca[None, :] + cb[None, :]
     lo = 0
     hi = seqlen
     if SEGMENTED:
@@ -304,17 +364,24 @@ def _core_bwd_kernel(
     if sweep == 0:
         # ---- forward sweep: dqr = (dY Vr^T * M) Kr + exp(c) dY S ------------------------
         if SEGMENTED:
-            st = tl.load(sin_ptr + seg_off)
+            st_a = tl.load(sin_ptr + seg_a_off)
+            st_b = tl.load(sin_ptr + seg_b_off)
         elif HAS_S0:
-            st = tl.load(s0_ptr + st_off).to(tl.float32)
+            st_a = tl.load(s0_ptr + st_a_off).to(tl.float32)
+            st_b = tl.load(s0_ptr + st_b_off).to(tl.float32)
         else:
-            st = tl.zeros((P, NB), dtype=tl.float32)
+            st_a = tl.zeros((P, NB // 2), dtype=tl.float32)
+            st_b = tl.zeros((P, NB // 2), dtype=tl.float32)
         dd_rows = tl.zeros((CR,), dtype=tl.float32)  # per row, sum over chunks of dy . vr
         for c0 in range(lo, hi, C):
-            c, c_last, w, gm, q, k, v, valid, row, _t = _load_chunk(
-                qr_ptr, kr_ptr, vr_ptr, adt_ptr, w_ptr, g_ptr, bos, seqlen, coef_base, c0, h, H,
-                N, P, R, C, DOTK, UPCAST, n0, NB,
-            )  # fmt: skip
+            c, c_last, w, gm, valid, row, _t = _chunk_rows(
+                adt_ptr, w_ptr, g_ptr, bos, seqlen, coef_base, c0, h, H, R, C
+            )
+            q_a = _load_cols(qr_ptr, row, valid, ca, N, DOTK, UPCAST)
+            q_b = _load_cols(qr_ptr, row, valid, cb, N, DOTK, UPCAST)
+            k_a = _load_cols(kr_ptr, row, valid, ca, N, DOTK, UPCAST)
+            k_b = _load_cols(kr_ptr, row, valid, cb, N, DOTK, UPCAST)
+            v = _load_cols(vr_ptr, row, valid, pp, P, DOTK, UPCAST)
             dy = tl.load(dy_ptr + row[:, None] * P + pp[None, :], mask=valid[:, None], other=0.0)
             dy = dy.to(tl.float32)
             d = tl.dot(_rnd(dy, DOTK, UPCAST), tl.trans(v), input_precision=DOT_PREC)
@@ -323,29 +390,41 @@ def _core_bwd_kernel(
             # The inter-chunk part with the same operands the reverse sweep's dS is built from
             # (dy exp(c) rounded) against the state split hi + lo: see the module docstring.
             dyc = _rnd(dy * _exp(c, FAST)[:, None], DOTK, UPCAST)
-            dq = _dot_split(dyc, st, tl.zeros((CR, NB), dtype=tl.float32), DOTK, DOT_PREC, UPCAST)
-            dq = tl.dot(_rnd(d * m, DOTK, UPCAST), k, dq, input_precision=DOT_PREC)
-            st = _state_step(st, k, v, c, c_last, w, DOTK, DOT_PREC, UPCAST, FAST)
-            tl.store(dq_ptr + row[:, None] * N + nn[None, :], dq, mask=valid[:, None])
+            dm = _rnd(d * m, DOTK, UPCAST)
+            zero = tl.zeros((CR, NB // 2), dtype=tl.float32)
+            dq_a = tl.dot(dm, k_a, _dot_split(dyc, st_a, zero, DOTK, DOT_PREC, UPCAST),
+                          input_precision=DOT_PREC)  # fmt: skip
+            dq_b = tl.dot(dm, k_b, _dot_split(dyc, st_b, zero, DOTK, DOT_PREC, UPCAST),
+                          input_precision=DOT_PREC)  # fmt: skip
+            vw = _rnd(v.to(tl.float32) * (_exp(c_last - c, FAST) * w)[:, None], DOTK, UPCAST)
+            st_a = _step(st_a, vw, k_a, c_last, DOT_PREC, FAST)
+            st_b = _step(st_b, vw, k_b, c_last, DOT_PREC, FAST)
+            _store_grad(dq_ptr, row, valid, ca, cb, dq_a, dq_b, q_a, q_b, dthq_ptr, N, S, DTH)
             ridx = coef_base * R + c0 * R + rloc
-            _put(qdq_ptr + ridx, tl.sum(q.to(tl.float32) * dq, axis=1), valid, NS)
+            _put(qdq_ptr + ridx, _rows_dot(q_a, q_b, dq_a, dq_b), valid, NS)
             if HAS_D:
                 dd_rows += tl.sum(dy * _exact_v(vr_ptr, row, valid, v, P, DOTK), axis=1)
         if HAS_D:
             if n0 == 0:
                 tl.atomic_add(dD_ptr + h, tl.sum(dd_rows, axis=0), sem="relaxed")
         if HAS_DSF:
-            sf_ptr = sfdot_ptr + seq.to(tl.int64) * H + h
             if seg == NSEG - 1:  # st is S_final (unsegmented: seg = 0, NSEG = 1)
-                _add_sfdot(dsf_ptr + st_off, st, sf_ptr, NS)
+                dsf_a = tl.load(dsf_ptr + st_a_off).to(tl.float32)
+                dsf_b = tl.load(dsf_ptr + st_b_off).to(tl.float32)
+                total = tl.sum(tl.sum(dsf_a * st_a, axis=1), axis=0)
+                total += tl.sum(tl.sum(dsf_b * st_b, axis=1), axis=0)
+                _put(sfdot_ptr + seq.to(tl.int64) * H + h, total, None, NS)
     else:
         # ---- reverse sweep: carries dS (gradient of the state at the chunk end) ---------
         if SEGMENTED:
-            ds = tl.load(dsout_ptr + seg_off)
+            ds_a = tl.load(dsout_ptr + seg_a_off)
+            ds_b = tl.load(dsout_ptr + seg_b_off)
         elif HAS_DSF:
-            ds = tl.load(dsf_ptr + st_off).to(tl.float32)
+            ds_a = tl.load(dsf_ptr + st_a_off).to(tl.float32)
+            ds_b = tl.load(dsf_ptr + st_b_off).to(tl.float32)
         else:
-            ds = tl.zeros((P, NB), dtype=tl.float32)
+            ds_a = tl.zeros((P, NB // 2), dtype=tl.float32)
+            ds_b = tl.zeros((P, NB // 2), dtype=tl.float32)
         nch = (hi - lo + C - 1) // C
         d_skip = 0.0
         if HAS_D:
@@ -353,43 +432,55 @@ def _core_bwd_kernel(
             d_skip = tl.load(D_ptr + h) * (n0 == 0).to(tl.float32)
         for jj in range(0, nch):
             c0 = lo + (nch - 1 - jj) * C
-            c, c_last, w, gm, q, k, v, valid, row, _t = _load_chunk(
-                qr_ptr, kr_ptr, vr_ptr, adt_ptr, w_ptr, g_ptr, bos, seqlen, coef_base, c0, h, H,
-                N, P, R, C, DOTK, UPCAST, n0, NB,
-            )  # fmt: skip
+            c, c_last, w, gm, valid, row, _t = _chunk_rows(
+                adt_ptr, w_ptr, g_ptr, bos, seqlen, coef_base, c0, h, H, R, C
+            )
+            q_a = _load_cols(qr_ptr, row, valid, ca, N, DOTK, UPCAST)
+            q_b = _load_cols(qr_ptr, row, valid, cb, N, DOTK, UPCAST)
+            k_a = _load_cols(kr_ptr, row, valid, ca, N, DOTK, UPCAST)
+            k_b = _load_cols(kr_ptr, row, valid, cb, N, DOTK, UPCAST)
+            v = _load_cols(vr_ptr, row, valid, pp, P, DOTK, UPCAST)
             dy = tl.load(dy_ptr + row[:, None] * P + pp[None, :], mask=valid[:, None], other=0.0)
             dy = dy.to(tl.float32)
             dyo = _rnd(dy, DOTK, UPCAST)
-            a = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+            a = tl.dot(q_a, tl.trans(k_a), input_precision=DOT_PREC)
+            a = tl.dot(q_b, tl.trans(k_b), a, input_precision=DOT_PREC)
             d = tl.dot(dyo, tl.trans(v), input_precision=DOT_PREC)
             e = tl.where(causal, _exp(tl.minimum(c[:, None] - c[None, :], 0.0), FAST), 0.0)
             m = e * w[None, :] + tl.where(diag, gm[None, :], 0.0)
             el = _exp(c_last - c, FAST)
             wl = el * w  # weight of row j in the chunk's state contribution
-            dso = _rnd(ds, DOTK, UPCAST)
-            kds = tl.dot(k, tl.trans(dso), input_precision=DOT_PREC)  # (CR, P)
+            kds = tl.dot(k_a, tl.trans(_rnd(ds_a, DOTK, UPCAST)), input_precision=DOT_PREC)
+            kds = tl.dot(k_b, tl.trans(_rnd(ds_b, DOTK, UPCAST)), kds, input_precision=DOT_PREC)
             dv = tl.dot(tl.trans(_rnd(a * m, DOTK, UPCAST)), dyo, input_precision=DOT_PREC)
             dv += wl[:, None] * kds
             # the inter-chunk part from the operand the forward sweep's state is built from
             # (v exp(c_last - c) w rounded) against dS split hi + lo: see the module docstring.
             vw = _rnd(v.to(tl.float32) * wl[:, None], DOTK, UPCAST)
-            dk = _dot_split(vw, ds, tl.zeros((CR, NB), dtype=tl.float32), DOTK, DOT_PREC, UPCAST)
-            dk = tl.dot(tl.trans(_rnd(d * m, DOTK, UPCAST)), q, dk, input_precision=DOT_PREC)
+            dmt = tl.trans(_rnd(d * m, DOTK, UPCAST))
+            zero = tl.zeros((CR, NB // 2), dtype=tl.float32)
+            dk_a = tl.dot(dmt, q_a, _dot_split(vw, ds_a, zero, DOTK, DOT_PREC, UPCAST),
+                          input_precision=DOT_PREC)  # fmt: skip
+            dk_b = tl.dot(dmt, q_b, _dot_split(vw, ds_b, zero, DOTK, DOT_PREC, UPCAST),
+                          input_precision=DOT_PREC)  # fmt: skip
             ad = a * d
             dw = tl.sum(e * ad, axis=0) + el * tl.sum(v.to(tl.float32) * kds, 1)
             dg = tl.sum(tl.where(diag, ad, 0.0), axis=0)
-            ds = _dstate_step(ds, q, dy, c, c_last, DOTK, DOT_PREC, UPCAST, FAST)
+            dyc = _rnd(dy * _exp(c, FAST)[:, None], DOTK, UPCAST)
+            ds_a = _step(ds_a, dyc, q_a, c_last, DOT_PREC, FAST)
+            ds_b = _step(ds_b, dyc, q_b, c_last, DOT_PREC, FAST)
             mr = valid[:, None]
             if HAS_D:
                 dv += d_skip * dy
-            tl.store(dk_ptr + row[:, None] * N + nn[None, :], dk, mask=mr)
+            _store_grad(dk_ptr, row, valid, ca, cb, dk_a, dk_b, k_a, k_b, dthk_ptr, N, S, DTH)
             _put(dv_ptr + row[:, None] * P + pp[None, :], dv, mr, NS)
             ridx = coef_base * R + c0 * R + rloc
             _put(dw_ptr + ridx, dw, valid, NS)
             _put(dg_ptr + ridx, dg, valid, NS)
-            _put(kdk_ptr + ridx, tl.sum(k.to(tl.float32) * dk, axis=1), valid, NS)
+            _put(kdk_ptr + ridx, _rows_dot(k_a, k_b, dk_a, dk_b), valid, NS)
         if seg == 0:
-            tl.store(ds0_ptr + st_off, ds)
+            tl.store(ds0_ptr + st_a_off, ds_a)
+            tl.store(ds0_ptr + st_b_off, ds_b)
 
 
 # --------------------------------------------------------------------------------------------
@@ -462,11 +553,15 @@ def core_fwd(qr, kr, vr, adt, w, gam, s0, cu_seqlens, meta, D=None):
     return y, sf
 
 
-def core_bwd(qr, kr, vr, adt, w, gam, s0, cu_seqlens, meta, dy, dsf, D=None):
+def core_bwd(qr, kr, vr, adt, w, gam, s0, cu_seqlens, meta, dy, dsf, D=None, rotary=None):
     """Core backward: gradients of (qr, kr, vr, adt, w, gam, s0, D) given dy (B, L, R, H, P)
     (fp32 or 16-bit) and dsf (nseq, H, P, N) or None. All gradients fp32 but vr's, which is in
     vr's dtype when split_n = 1 (stored once, no fp32 copy to cast; with the column split its
     partial sums add up in fp32); D's (H,) is an empty (0,) tensor when D is None.
+    rotary: (S, halves) of qr and kr's rotation, or None. Given (with split_n = 1), the kernel
+    also returns the rotary backward's d theta, q's part and k's part (B, L, R, H, S) fp32
+    (rotary_dtheta_parts), and dqr, dkr in operand_dtype(qr.dtype) (d theta then needs them no
+    more); else those two are empty (0,) tensors.
     meta = (chunk, dot_dtype, num_warps, num_stages, nseq[, split_n[, segment]]): split_n
     programs per sweep and head, each owning N / split_n state columns (their partial sums over
     N are added atomically, so the result's rounding may differ from run to run); segment:
@@ -483,9 +578,16 @@ def core_bwd(qr, kr, vr, adt, w, gam, s0, cu_seqlens, meta, dy, dsf, D=None):
         raise ValueError(f"split_n={split_n} must divide N={N} into blocks of >= {_MIN_DOT}")
     dev = qr.device
     f32 = torch.float32
+    dth = rotary is not None
+    if dth and split_n != 1:
+        raise ValueError("d theta in the core backward needs split_n=1 (whole rows of pairs)")
+    S, halves = rotary if dth else (0, False)
     summed = torch.zeros if split_n > 1 else torch.empty  # outputs that add partial sums
-    dq = torch.empty((B, L, R, H, N), dtype=f32, device=dev)
-    dk = torch.empty((B, L, R, H, N), dtype=f32, device=dev)
+    dq_dtype = operand_dtype(qr.dtype) if dth else f32
+    dq = torch.empty((B, L, R, H, N), dtype=dq_dtype, device=dev)
+    dk = torch.empty((B, L, R, H, N), dtype=dq_dtype, device=dev)
+    dthq = torch.empty((B, L, R, H, S) if dth else (0,), dtype=f32, device=dev)
+    dthk = torch.empty_like(dthq)
     dv = summed((B, L, R, H, P), dtype=_dv_dtype(vr.dtype, split_n), device=dev)
     rows = summed((4, B, H, L, R), dtype=f32, device=dev)  # qdq, kdk, dw, dg per row
     ds0 = torch.empty((nseq, H, P, N), dtype=f32, device=dev)
@@ -516,16 +618,17 @@ def core_bwd(qr, kr, vr, adt, w, gam, s0, cu_seqlens, meta, dy, dsf, D=None):
             dsf if dsf is not None else dummy,
             dq, dk, dv, rows[2], rows[3], rows[0], rows[1], ds0, sfdot,
             dD if D is not None else dummy,
-            s_in, ds_out, L, H, nseg, seg,
+            s_in, ds_out, dthq if dth else dummy, dthk if dth else dummy, L, H, nseg, seg,
             HAS_S0=s0 is not None, HAS_DSF=dsf is not None, HAS_D=D is not None, NS=split_n,
-            SEGMENTED=nseg > 1, **consts, num_warps=num_warps, num_stages=num_stages,
+            SEGMENTED=nseg > 1, DTH=dth, S=max(S, 1), HALVES=halves, **consts,
+            num_warps=num_warps, num_stages=num_stages,
         )  # fmt: skip
     qdq, kdk, dw, dg = rows
     # dC per token (sum over rank rows), plus <dS_final, S_final> at each sequence's last token;
     # d adt is its reverse cumulative sum within each sequence.
     dc = (qdq - kdk).sum(-1)  # (B, H, L)
     dadt = _segment_reverse_cumsum(dc, sfdot, cu_seqlens, nseq)
-    return dq, dk, dv, dadt, dw.sum(-1), dg.sum(-1), ds0, dD
+    return dq, dk, dv, dadt, dw.sum(-1), dg.sum(-1), ds0, dD, dthq, dthk
 
 
 def operand_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -619,22 +722,30 @@ def _core_bwd_op(
     split_n: int = 1,
     D: Tensor | None = None,
     segment: int = 0,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    n_angles: int = 0,
+    halves: bool = False,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """core_bwd; n_angles > 0 passes rotary=(n_angles, halves) (d theta in the kernel)."""
     meta = (chunk, _DTYPES[dot_dtype], num_warps, num_stages, nseq, split_n, segment)
-    return core_bwd(qr, kr, vr, adt, w, gam, s0, cu_seqlens, meta, dy, dsf, D)
+    rotary = (n_angles, halves) if n_angles > 0 else None
+    return core_bwd(qr, kr, vr, adt, w, gam, s0, cu_seqlens, meta, dy, dsf, D, rotary)
 
 
 @_core_bwd_op.register_fake
 def _core_bwd_fake(dy, dsf, qr, kr, vr, adt, w, gam, s0, cu_seqlens, chunk, dot_dtype, num_warps,
-                   num_stages, nseq, split_n=1, D=None, segment=0):  # fmt: skip
+                   num_stages, nseq, split_n=1, D=None, segment=0, n_angles=0,
+                   halves=False):  # fmt: skip
     B, L, R, H, N = qr.shape
     P = vr.shape[-1]
     f32 = torch.float32
     e = qr.new_empty
     dv_dtype = _dv_dtype(vr.dtype, split_n)
-    return (e(qr.shape, dtype=f32), e(qr.shape, dtype=f32), e(vr.shape, dtype=dv_dtype),
+    dq_dtype = operand_dtype(qr.dtype) if n_angles > 0 else f32
+    dth_shape = (B, L, R, H, n_angles) if n_angles > 0 else (0,)
+    return (e(qr.shape, dtype=dq_dtype), e(qr.shape, dtype=dq_dtype), e(vr.shape, dtype=dv_dtype),
             e(adt.shape, dtype=f32), e(adt.shape, dtype=f32), e(adt.shape, dtype=f32),
-            e((nseq, H, P, N), dtype=f32), e((H if D is not None else 0,), dtype=f32))  # fmt: skip
+            e((nseq, H, P, N), dtype=f32), e((H if D is not None else 0,), dtype=f32),
+            e(dth_shape, dtype=f32), e(dth_shape, dtype=f32))  # fmt: skip
 
 
 class _CoreScan(torch.autograd.Function):
@@ -654,7 +765,7 @@ class _CoreScan(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy, dsf):
         qr, kr, vr, adt, w, gam, s0, cu_seqlens = ctx.saved_tensors
-        dq, dk, dv, dadt, dw, dg, ds0, _ = _core_bwd_op(
+        dq, dk, dv, dadt, dw, dg, ds0, *_ = _core_bwd_op(
             dy.contiguous(), dsf, qr, kr, vr, adt, w, gam, s0, cu_seqlens, *ctx.flags
         )
         return (dq.to(qr.dtype), dk.to(kr.dtype), dv.to(vr.dtype), dadt.to(adt.dtype),
@@ -692,6 +803,7 @@ def compile_kernels(
     has_d: bool = False,
     segmented: bool = False,
     fwd_chunk: int = 0,
+    dtheta: tuple[int, bool] | None = None,
 ) -> dict:
     """Compile the core's forward and backward kernels ahead of time (no GPU needed) for
     ``target`` (a ``triton.backends.compiler.GPUTarget``; default sm_90), as a launch with an
@@ -699,7 +811,8 @@ def compile_kernels(
     too, vr, y and dy in the dot dtype as the backward passes them, SISO's v and MIMO's 16-bit
     rank-weighted v alike; with ``segmented``: the
     backward's segment kernels, core_segments, and its segmented sweeps; fwd_chunk: the
-    forward kernel's chunk, 0: ``chunk``). Returns {name: compiled}."""
+    forward kernel's chunk, 0: ``chunk``; dtheta: (S, halves), the backward that also gives
+    the rotary backward's d theta, with dq, dk in the dot dtype). Returns {name: compiled}."""
     from triton.backends.compiler import GPUTarget
 
     from .core_segments import _contrib_kernel, _pass_kernel
@@ -714,13 +827,17 @@ def compile_kernels(
         types.update(vr_ptr=io, dy_ptr=io, y_ptr=io)
         if split_n == 1:
             types.update(dv_ptr=io)  # (core_bwd stores dv in vr's dtype then)
+    if dtheta is not None:
+        types.update(dq_ptr=io, dk_ptr=io)
+    S, halves = dtheta if dtheta is not None else (1, False)
     out = {}
     # (name, kernel, its constexprs)
     kernels = [
         ("core_fwd", _core_fwd_kernel,
          dict(consts, C=fwd_chunk or chunk, HAS_S0=True, HAS_SF=True, SEGMENTED=segmented)),
         ("core_bwd", _core_bwd_kernel,
-         dict(consts, HAS_S0=True, HAS_DSF=True, NS=split_n, SEGMENTED=segmented)),
+         dict(consts, HAS_S0=True, HAS_DSF=True, NS=split_n, SEGMENTED=segmented,
+              DTH=dtheta is not None, S=S, HALVES=halves)),
     ]  # fmt: skip
     if segmented:
         shared = {k: v for k, v in consts.items() if k not in ("VARLEN", "HAS_D")}
