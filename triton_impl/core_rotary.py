@@ -132,11 +132,13 @@ def _add_pairs(ptr, row_off, a, b, rmask, NH: tl.constexpr, HALVES: tl.constexpr
 def _rot_fwd_kernel(
     q_ptr, k_ptr, qb_ptr, kb_ptr, th_ptr, qr_ptr, kr_ptr, T, H, G,
     N: tl.constexpr, S: tl.constexpr, R: tl.constexpr, BT: tl.constexpr, HALVES: tl.constexpr,
-    FAST: tl.constexpr, HEADS_FIRST: tl.constexpr,
+    FAST: tl.constexpr, HEADS_FIRST: tl.constexpr, PAIR_MAJOR: tl.constexpr,
 ):  # fmt: skip
     """qr, kr (T, R, H, N) = Rot(theta) (q, k (T, R, G, N) + bias (R, H, N)); grid (T/BT, R*H),
     or (R*H, T/BT) with HEADS_FIRST. Works on (BT, N/2) tiles of pair members: every value is
-    loaded once (no partner gather) and the trig is evaluated per pair."""
+    loaded once (no partner gather) and the trig is evaluated per pair. PAIR_MAJOR: qr, kr
+    columns in pair-member order (all first members, then all second members: the halves
+    layout) whatever q's layout (see _RotCore)."""
     NH: tl.constexpr = N // 2
     pid_t, rh = _grid_ids(HEADS_FIRST)
     r = rh // H
@@ -154,15 +156,16 @@ def _rot_fwd_kernel(
     xa, xb = _biased_pairs(q_ptr, qb_ptr + boff, src, m2, NH, HALVES)
     ty = qr_ptr.dtype.element_ty
     _store_rot(qr_ptr, dst, (xa * c - xb * s).to(ty), (xa * s + xb * c).to(ty), m2, NH, NH,
-               HALVES)  # fmt: skip
+               HALVES or PAIR_MAJOR)  # fmt: skip
     xa, xb = _biased_pairs(k_ptr, kb_ptr + boff, src, m2, NH, HALVES)
     _store_rot(kr_ptr, dst, (xa * c - xb * s).to(ty), (xa * s + xb * c).to(ty), m2, NH, NH,
-               HALVES)  # fmt: skip
+               HALVES or PAIR_MAJOR)  # fmt: skip
 
 
 @triton.jit
 def _unrotate_pairs(d_ptr, dst, m2, xa, xb, c, s, NH: tl.constexpr, HALVES: tl.constexpr,
                     XR: tl.constexpr):  # fmt: skip
+    # (HALVES: the layout of the gradient rows d_ptr, the operands' (rotary_fwd's PAIR_MAJOR))
     """(dxa, dxb, dtheta) of one operand from its rotated gradient rows: dx = Rot(-theta) dxr,
     dtheta = dxr_b xr_a - dxr_a xr_b. xr is rounded as _rot_fwd_kernel stored it (XR: 0 fp32,
     1 bf16, 2 fp16): the dtheta terms of q and k then come from the very operands the core
@@ -206,14 +209,15 @@ def _rot_bwd_kernel(
     dq_ptr, dk_ptr, dqb_ptr, dkb_ptr, dth_ptr, tq_ptr, tk_ptr, T, H, G,
     N: tl.constexpr, S: tl.constexpr, R: tl.constexpr, BT: tl.constexpr, HALVES: tl.constexpr,
     XR: tl.constexpr, FAST: tl.constexpr, HEADS_FIRST: tl.constexpr, HB: tl.constexpr,
-    ATOMIC: tl.constexpr, GIVEN: tl.constexpr,
+    ATOMIC: tl.constexpr, GIVEN: tl.constexpr, PAIR_MAJOR: tl.constexpr,
 ):  # fmt: skip
     """Gradients of the rotary prep; grid (T/BT, R*H/HB) (or transposed, HEADS_FIRST), each
     program loops over HB heads of one group. dqr, dkr (T, R, H, N) (fp32, or with GIVEN any
     float) -> dq, dk (T, R, G, N) fp32 (ATOMIC: zero-initialised, the programs of a group add
     their partial sums); dqb, dkb (T/BT, R, H, N) partial sums over the block's tokens; dth
     (R, T, H, S) fp32. GIVEN: d theta's q and k parts come formed by the core backward (tq, tk
-    (T, R, H, S) fp32), so neither q, k nor their rotation is needed here."""
+    (T, R, H, S) fp32), so neither q, k nor their rotation is needed here. PAIR_MAJOR: dqr, dkr
+    in pair-member column order (rotary_fwd's)."""
     NH: tl.constexpr = N // 2
     pid_t, rgb = _grid_ids(HEADS_FIRST)
     HG = H // G
@@ -238,22 +242,24 @@ def _rot_bwd_kernel(
         c, s = _cos_sin(th, FAST)
         dst = (((t * R + r) * H + h) * N)[:, None]
         if GIVEN:
-            dxa, dxb = _unrotate(dqr_ptr, dst, m2, c, s, NH, HALVES)
+            dxa, dxb = _unrotate(dqr_ptr, dst, m2, c, s, NH, HALVES or PAIR_MAJOR)
             tq = _dtheta_part(tq_ptr, t, r, h, H, jj, m2, S, R)
         else:
             xa, xb = _biased_pairs(q_ptr, qb_ptr + boff, src, m2, NH, HALVES)
-            dxa, dxb, tq = _unrotate_pairs(dqr_ptr, dst, m2, xa, xb, c, s, NH, HALVES, XR)
+            dxa, dxb, tq = _unrotate_pairs(dqr_ptr, dst, m2, xa, xb, c, s, NH,
+                                           HALVES or PAIR_MAJOR, XR)  # fmt: skip
         qa += dxa
         qb += dxb
         pb = (pid_t.to(tl.int64) * R * H + r * H + h) * N
         tl.store(dqb_ptr + pb + ca, tl.sum(dxa, axis=0))
         tl.store(dqb_ptr + pb + cb, tl.sum(dxb, axis=0))
         if GIVEN:
-            dxa, dxb = _unrotate(dkr_ptr, dst, m2, c, s, NH, HALVES)
+            dxa, dxb = _unrotate(dkr_ptr, dst, m2, c, s, NH, HALVES or PAIR_MAJOR)
             tk = _dtheta_part(tk_ptr, t, r, h, H, jj, m2, S, R)
         else:
             xa, xb = _biased_pairs(k_ptr, kb_ptr + boff, src, m2, NH, HALVES)
-            dxa, dxb, tk = _unrotate_pairs(dkr_ptr, dst, m2, xa, xb, c, s, NH, HALVES, XR)
+            dxa, dxb, tk = _unrotate_pairs(dkr_ptr, dst, m2, xa, xb, c, s, NH,
+                                           HALVES or PAIR_MAJOR, XR)  # fmt: skip
         ka += dxa
         kb += dxb
         tl.store(dkb_ptr + pb + ca, tl.sum(dxa, axis=0))
@@ -351,9 +357,10 @@ def _fast_trig() -> bool:
     return KNOBS["fast_trig"] and not _interp()
 
 
-def rotary_fwd(q, k, qb, kb, theta, halves: bool, out_dtype: torch.dtype):
+def rotary_fwd(q, k, qb, kb, theta, halves: bool, out_dtype: torch.dtype, pair_major=False):
     """q, k (B, L, R, G, N) any float; qb, kb (R, H, N) fp32; theta (B, L, H, S) fp32.
-    Returns qr, kr (B, L, R, H, N) in out_dtype."""
+    Returns qr, kr (B, L, R, H, N) in out_dtype; with pair_major their columns in pair-member
+    order (the halves layout) whatever q's layout."""
     B, L, R, G, N = q.shape
     H, S = qb.shape[1], theta.shape[-1]
     qr = torch.empty((B, L, R, H, N), dtype=out_dtype, device=q.device)
@@ -366,7 +373,8 @@ def rotary_fwd(q, k, qb, kb, theta, halves: bool, out_dtype: torch.dtype):
         run_kernel(
             _rot_fwd_kernel, grid[::-1] if first else grid,
             q, k, qb, kb, theta, qr, kr, T, H, G, N=N, S=S, R=R, BT=bt, HALVES=halves,
-            FAST=_fast_trig(), HEADS_FIRST=first, num_warps=KNOBS["rot_warps"],
+            FAST=_fast_trig(), HEADS_FIRST=first, PAIR_MAJOR=pair_major,
+            num_warps=KNOBS["rot_warps"],
         )  # fmt: skip
     return qr, kr
 
@@ -374,12 +382,14 @@ def rotary_fwd(q, k, qb, kb, theta, halves: bool, out_dtype: torch.dtype):
 _XR = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
-def rotary_bwd(dqr, dkr, q, k, qb, kb, theta, halves: bool, xr_dtype=torch.float32, parts=None):
+def rotary_bwd(dqr, dkr, q, k, qb, kb, theta, halves: bool, xr_dtype=torch.float32, parts=None,
+               pair_major=False):  # fmt: skip
     """Backward of rotary_fwd: dqr, dkr (B, L, R, H, N) fp32 -> dq, dk (B, L, R, G, N) fp32,
     dqb, dkb (R, H, N) fp32, dtheta (B, L, H, S) fp32. xr_dtype: the out_dtype rotary_fwd gave
     the core (dtheta reads the rotated values rounded to it). parts: (dthq, dthk)
     (B, L, R, H, S) fp32, d theta's q and k parts formed by the core backward
-    (core_scan.core_bwd with rotary), or None; given, dqr, dkr may be 16-bit."""
+    (core_scan.core_bwd with rotary), or None; given, dqr, dkr may be 16-bit. pair_major: dqr,
+    dkr in rotary_fwd's pair-member column order."""
     B, L, R, G, N = q.shape
     H, S = qb.shape[1], theta.shape[-1]
     T = B * L
@@ -405,6 +415,7 @@ def rotary_bwd(dqr, dkr, q, k, qb, kb, theta, halves: bool, xr_dtype=torch.float
             *(parts if parts is not None else (dth, dth)), T, H, G,
             N=N, S=S, R=R, BT=bt, HALVES=halves, XR=_XR[xr_dtype], FAST=_fast_trig(),
             HEADS_FIRST=first, HB=hb, ATOMIC=hb < HG, GIVEN=parts is not None,
+            PAIR_MAJOR=pair_major,
             num_warps=KNOBS["rot_warps"],
             **_cap("rot_bwd_maxnreg"),
         )  # fmt: skip
@@ -474,13 +485,14 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 @eager_custom_op("mamba3_triton::rotary_fwd")
 def _rotary_fwd_op(
-    q: Tensor, k: Tensor, qb: Tensor, kb: Tensor, theta: Tensor, halves: bool, out_dtype: str
-) -> tuple[Tensor, Tensor]:
-    return rotary_fwd(q, k, qb, kb, theta, halves, _DTYPES[out_dtype])
+    q: Tensor, k: Tensor, qb: Tensor, kb: Tensor, theta: Tensor, halves: bool, out_dtype: str,
+    pair_major: bool = False,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
+    return rotary_fwd(q, k, qb, kb, theta, halves, _DTYPES[out_dtype], pair_major)
 
 
 @_rotary_fwd_op.register_fake
-def _rotary_fwd_fake(q, k, qb, kb, theta, halves, out_dtype):
+def _rotary_fwd_fake(q, k, qb, kb, theta, halves, out_dtype, pair_major=False):
     B, L, R, G, N = q.shape
     shape = (B, L, R, qb.shape[1], N)
     return q.new_empty(shape, dtype=_DTYPES[out_dtype]), q.new_empty(
@@ -492,14 +504,16 @@ def _rotary_fwd_fake(q, k, qb, kb, theta, halves, out_dtype):
 def _rotary_bwd_op(
     dqr: Tensor, dkr: Tensor, q: Tensor, k: Tensor, qb: Tensor, kb: Tensor, theta: Tensor,
     halves: bool, xr_dtype: str, dthq: Tensor | None = None, dthk: Tensor | None = None,
+    pair_major: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
     parts = (dthq, dthk) if dthq is not None else None
     return rotary_bwd(dqr.contiguous(), dkr.contiguous(), q, k, qb, kb, theta, halves,
-                      _DTYPES[xr_dtype], parts)  # fmt: skip
+                      _DTYPES[xr_dtype], parts, pair_major)  # fmt: skip
 
 
 @_rotary_bwd_op.register_fake
-def _rotary_bwd_fake(dqr, dkr, q, k, qb, kb, theta, halves, xr_dtype, dthq=None, dthk=None):
+def _rotary_bwd_fake(dqr, dkr, q, k, qb, kb, theta, halves, xr_dtype, dthq=None, dthk=None,
+                     pair_major=False):  # fmt: skip
     f32 = torch.float32
     e = q.new_empty
     return (e(q.shape, dtype=f32), e(q.shape, dtype=f32), e(qb.shape, dtype=f32),
@@ -562,18 +576,37 @@ def angle_scan(angles, dt, angle0, cu_seqlens, nseq: int):
     return apply_positional(_AngleScan, angles, dt, angle0, cu_seqlens, nseq)
 
 
+def _pair_major(x: Tensor | None, halves: bool, back: bool = False) -> Tensor | None:
+    """A state-shaped (..., N) tensor between q's column layout and the core's pair-member
+    order (rotary_fwd's pair_major: for the interleaved layout, the even columns then the odd
+    ones; the halves layout is that order already); back: the other way."""
+    if x is None or halves:
+        return x
+    n = x.shape[-1]
+    if back:
+        return torch.stack((x[..., : n // 2], x[..., n // 2 :]), dim=-1).flatten(-2)
+    return torch.cat((x[..., 0::2], x[..., 1::2]), dim=-1).contiguous()
+
+
 class _RotCore(torch.autograd.Function):
     """rotary prep + core as one autograd node (setup_context style for functorch). Outputs
-    y, S_final and the rotated operands (non-differentiable; saved for the core's backward)."""
+    y, S_final and the rotated operands (non-differentiable; saved for the core's backward).
+
+    The core sees every N-wide tensor (qr, kr, the states and their gradients) in pair-member
+    column order (_pair_major): the dot products over N do not depend on the order, and its
+    backward then holds both members of each rotary pair in contiguous columns (its d theta
+    needs them side by side; interleaved pairs read as strided columns made it 3x slower on
+    an H200, bench/NOTES.md)."""
 
     @staticmethod
     def forward(q, k, qb, kb, theta, vr, adt, w, gam, s0, D, cu, halves, need_y, chunk,
                 dot_dtype, nw, ns, nseq, split_n, segment, fwd_chunk):  # fmt: skip
         op_dtype = dot_dtype if dot_dtype in ("bfloat16", "float16") else "float32"
-        qr, kr = _rotary_fwd_op(q, k, qb, kb, theta, halves, op_dtype)
+        qr, kr = _rotary_fwd_op(q, k, qb, kb, theta, halves, op_dtype, True)
         if need_y:
-            y, sf = _core_fwd_op(qr, kr, vr, adt, w, gam, s0, cu, fwd_chunk, dot_dtype, nw, ns,
-                                 nseq, D, segment)  # fmt: skip
+            y, sf = _core_fwd_op(qr, kr, vr, adt, w, gam, _pair_major(s0, halves), cu, fwd_chunk,
+                                 dot_dtype, nw, ns, nseq, D, segment)  # fmt: skip
+            sf = _pair_major(sf, halves, back=True)
         else:
             # Values not wanted (see rot_core_scan): zero-strided zeros, no launch, no memory.
             # y in vr's dtype: the output's cast is then a no-op, and y's gradient reaches the
@@ -603,14 +636,16 @@ class _RotCore(torch.autograd.Function):
         # d theta inside the core backward (whole rows of pairs in one program: no column split)
         in_core = KNOBS["dtheta_in_core"] and flags[-1] == 1 and theta.shape[-1] > 0
         n_angles = theta.shape[-1] if in_core else 0
+        hv = ctx.halves
         dqr, dkr, dv, dadt, dw, dg, ds0, dD, dthq, dthk = _core_bwd_op(
-            dy.contiguous(), dsf, qr, kr, vr, adt, w, gam, s0, cu, *flags, D=D, segment=segment,
-            n_angles=n_angles, halves=ctx.halves,
+            dy.contiguous(), _pair_major(dsf, hv), qr, kr, vr, adt, w, gam, _pair_major(s0, hv),
+            cu, *flags, D=D, segment=segment, n_angles=n_angles, halves=True,
         )  # fmt: skip
+        ds0 = _pair_major(ds0, hv, back=True)
         xr_dtype = str(qr.dtype).replace("torch.", "")
         parts = (dthq, dthk) if in_core else (None, None)
-        dq, dk, dqb, dkb, dth = _rotary_bwd_op(dqr, dkr, q, k, qb, kb, theta, ctx.halves,
-                                               xr_dtype, *parts)  # fmt: skip
+        dq, dk, dqb, dkb, dth = _rotary_bwd_op(dqr, dkr, q, k, qb, kb, theta, hv, xr_dtype,
+                                               *parts, True)  # fmt: skip
         return (dq.to(q.dtype), dk.to(k.dtype), dqb, dkb, dth, dv.to(vr.dtype),
                 dadt.to(adt.dtype), dw.to(w.dtype), dg.to(gam.dtype),
                 ds0 if s0 is not None else None, dD if D is not None else None,
@@ -649,18 +684,20 @@ def rot_core_scan(
 def compile_kernels(
     R: int, N: int, S: int, halves: bool, dtype: str = "bf16", target=None, fast: bool = True,
     pairs: int = 32, heads_first: bool = True, bwd_heads: int = 4, atomic: bool = True,
-    tokens: int = 32, given: bool = False,
+    tokens: int = 32, given: bool = False, pair_major: bool = True,
 ):  # fmt: skip
     """Compile the rotary and angle-scan forward and backward kernels ahead of time (no GPU
     needed) for ``target`` (default sm_90); fast: hardware trig in the rotary kernels; pairs:
     angle pairs per angle-scan program; heads_first, bwd_heads, atomic: the rotary grids' order,
     heads per backward program and whether those add into dq/dk; tokens: tokens per rotary
     program; given: the backward that takes d theta's parts from the core backward (and its
-    16-bit dqr, dkr). Returns {name: compiled}."""
+    16-bit dqr, dkr); pair_major: qr, kr (and their gradients) in the core's pair-member column
+    order, as the backward's recompute runs them. Returns {name: compiled}."""
     from triton.backends.compiler import GPUTarget
 
     target = target or GPUTarget("cuda", 90, 64)
-    consts = dict(N=N, S=S, R=R, BT=tokens, HALVES=halves, FAST=fast, HEADS_FIRST=heads_first)
+    consts = dict(N=N, S=S, R=R, BT=tokens, HALVES=halves, FAST=fast, HEADS_FIRST=heads_first,
+                  PAIR_MAJOR=pair_major)  # fmt: skip
     ints = dict(T="i32", H="i32", G="i32")
     fwd = {"q_ptr": f"*{dtype}", "k_ptr": f"*{dtype}", "qb_ptr": "*fp32", "kb_ptr": "*fp32",
            "th_ptr": "*fp32", "qr_ptr": f"*{dtype}", "kr_ptr": f"*{dtype}"}  # fmt: skip
