@@ -56,7 +56,9 @@ _TWO_PI = tl.constexpr(6.283185307179586)
 #                backward at SISO (1, 16384) on the H100 from 4.65 to 1.46 ms); rot_warps: their
 #                warps (2: fwd+bwd 9.59 -> 9.37 ms there). The pair tiles then took the two
 #                passes to 0.92 and 0.28 ms (bench/NOTES.md). On an H200, 8 tokens per program
-#                and 512-token angle steps: fwd+bwd 6.55 -> 6.21 ms (bench/NOTES.md);
+#                and 512-token angle steps: fwd+bwd 6.55 -> 6.21 ms (bench/NOTES.md); with
+#                d theta from the core (the backward reads 16-bit rows, no q, k), 16 tokens:
+#                SISO (1, 16384) 4.91 -> 4.85 ms, MIMO R=4 (8, 2048) 17.08 -> 16.64;
 #   dtheta_in_core: the core backward forms d theta (per pair: g_b x_a - g_a x_b from dqr, dkr
 #                and the rotated operands it holds) and stores dqr, dkr in 16 bits; the rotary
 #                backward then only unrotates (no fp32 dqr, dkr through memory, no q, k reload);
@@ -66,7 +68,7 @@ _TWO_PI = tl.constexpr(6.283185307179586)
 #                0.58 ms, MIMO R=4 3.06 -> 2.74 (192 and 96 were slower; bench/NOTES.md).
 KNOBS = {
     "fast_trig": True, "angle_step": 512, "angle_warps": 8, "angle_pairs": 8,
-    "heads_first": False, "bwd_heads": 0, "rot_tokens": 8, "rot_warps": 2, "rot_bwd_maxnreg": 128,
+    "heads_first": False, "bwd_heads": 0, "rot_tokens": 16, "rot_warps": 2, "rot_bwd_maxnreg": 128,
     "dtheta_in_core": True,
 }  # fmt: skip
 
