@@ -648,3 +648,20 @@ def test_gpu_model_shape(rank, dtype, tol):
         assert torch.isfinite(a).all(), i
         bound = BF16_ADT_TOL if (i == ADT_INDEX and dtype == torch.bfloat16) else tol
         assert rel_err(a, b) < bound, (i, rel_err(a, b))
+
+
+def test_rotary_backward_tokens_follow_the_programs(monkeypatch):
+    """16 tokens per rotary-backward program where that still gives >= 3 programs per
+    multiprocessor, else 8 (few programs each walking every head of a group in turn); the
+    interpreter keeps the knob."""
+    from mamba3_kernels.triton_impl import core_rotary as cr
+    from mamba3_kernels.triton_impl import core_segments as cs
+
+    monkeypatch.setitem(cs._SMS, 0, 132)
+    gpu = torch.device("cuda", 0)
+    assert cr.KNOBS["rot_tokens"] == 16
+    assert cr._bwd_tokens(16384, 1, gpu) == 16  # SISO (1, 16384): 1024 programs
+    assert cr._bwd_tokens(2048, 4, gpu) == 16  # MIMO R=4 (1, 2048): 512
+    assert cr._bwd_tokens(2048, 1, gpu) == 8  # SISO (1, 2048): 128 at 16 tokens
+    assert cr._bwd_tokens(100, 1, gpu) == 8  # never below 8
+    assert cr._bwd_tokens(2048, 1, torch.device("cpu")) == 16

@@ -430,8 +430,9 @@ def rotary_bwd(dqr, dkr, q, k, qb, kb, theta, halves: bool, xr_dtype=torch.float
 
 
 def _bwd_tokens(T: int, groups: int, device: torch.device) -> int:
-    """Tokens per rotary-backward program: KNOBS["rot_tokens"], halved (to 4 at least) while
-    the T / tokens x groups programs would not give three per multiprocessor. Each program walks
+    """Tokens per rotary-backward program: KNOBS["rot_tokens"], halved (to 8 at least, the
+    previous default) while the T / tokens x groups programs would not give three per
+    multiprocessor. Each program walks
     its heads one after another, so with few programs the pass takes as long as a whole wave
     (H200, SISO (1, 2048) at 16 tokens: 128 programs, fwd+bwd 2.39 -> 2.93 ms; MIMO R=4
     (1, 2048), 512 programs, gained from 16 tokens)."""
@@ -439,7 +440,7 @@ def _bwd_tokens(T: int, groups: int, device: torch.device) -> int:
     if device.type != "cuda":
         return bt
     want = 3 * _multiprocessors(device)
-    while bt > 4 and triton.cdiv(T, bt) * groups < want:
+    while bt > 8 and triton.cdiv(T, bt) * groups < want:
         bt //= 2
     return bt
 
