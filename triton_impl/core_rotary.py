@@ -207,6 +207,24 @@ def _dtheta_part(p_ptr, t, r, h, H, jj, m2, S: tl.constexpr, R: tl.constexpr):
 
 
 @triton.jit
+def _operand_grads(
+    d_ptr, x_ptr, xb_ptr, tpart_ptr, src, dst, m2, c, s, t, r, h, H, jj,
+    S: tl.constexpr, R: tl.constexpr, NH: tl.constexpr, HALVES: tl.constexpr, XR: tl.constexpr,
+    GIVEN: tl.constexpr, PAIR_MAJOR: tl.constexpr,
+):  # fmt: skip
+    """One operand's (q's or k's) rows of one head: the unrotated gradient pair tiles dxa, dxb
+    and d theta's part, the core backward's (GIVEN) or formed here from x + bias rotated."""
+    if GIVEN:
+        dxa, dxb = _unrotate(d_ptr, dst, m2, c, s, NH, HALVES or PAIR_MAJOR)
+        part = _dtheta_part(tpart_ptr, t, r, h, H, jj, m2, S, R)
+    else:
+        xa, xb = _biased_pairs(x_ptr, xb_ptr, src, m2, NH, HALVES)
+        dxa, dxb, part = _unrotate_pairs(d_ptr, dst, m2, xa, xb, c, s, NH, HALVES or PAIR_MAJOR,
+                                         XR)  # fmt: skip
+    return dxa, dxb, part
+
+
+@triton.jit
 def _rot_bwd_kernel(
     dqr_ptr, dkr_ptr, q_ptr, k_ptr, qb_ptr, kb_ptr, th_ptr,
     dq_ptr, dk_ptr, dqb_ptr, dkb_ptr, dth_ptr, tq_ptr, tk_ptr, T, H, G,
@@ -244,25 +262,17 @@ def _rot_bwd_kernel(
                      mask=m2 & (jj < S)[None, :], other=0.0)  # fmt: skip
         c, s = _cos_sin(th, FAST)
         dst = (((t * R + r) * H + h) * N)[:, None]
-        if GIVEN:
-            dxa, dxb = _unrotate(dqr_ptr, dst, m2, c, s, NH, HALVES or PAIR_MAJOR)
-            tq = _dtheta_part(tq_ptr, t, r, h, H, jj, m2, S, R)
-        else:
-            xa, xb = _biased_pairs(q_ptr, qb_ptr + boff, src, m2, NH, HALVES)
-            dxa, dxb, tq = _unrotate_pairs(dqr_ptr, dst, m2, xa, xb, c, s, NH,
-                                           HALVES or PAIR_MAJOR, XR)  # fmt: skip
+        dxa, dxb, tq = _operand_grads(dqr_ptr, q_ptr, qb_ptr + boff, tq_ptr, src, dst, m2, c, s,
+                                      t, r, h, H, jj, S, R, NH, HALVES, XR, GIVEN,
+                                      PAIR_MAJOR)  # fmt: skip
         qa += dxa
         qb += dxb
         pb = (pid_t.to(tl.int64) * R * H + r * H + h) * N
         tl.store(dqb_ptr + pb + ca, tl.sum(dxa, axis=0))
         tl.store(dqb_ptr + pb + cb, tl.sum(dxb, axis=0))
-        if GIVEN:
-            dxa, dxb = _unrotate(dkr_ptr, dst, m2, c, s, NH, HALVES or PAIR_MAJOR)
-            tk = _dtheta_part(tk_ptr, t, r, h, H, jj, m2, S, R)
-        else:
-            xa, xb = _biased_pairs(k_ptr, kb_ptr + boff, src, m2, NH, HALVES)
-            dxa, dxb, tk = _unrotate_pairs(dkr_ptr, dst, m2, xa, xb, c, s, NH,
-                                           HALVES or PAIR_MAJOR, XR)  # fmt: skip
+        dxa, dxb, tk = _operand_grads(dkr_ptr, k_ptr, kb_ptr + boff, tk_ptr, src, dst, m2, c, s,
+                                      t, r, h, H, jj, S, R, NH, HALVES, XR, GIVEN,
+                                      PAIR_MAJOR)  # fmt: skip
         ka += dxa
         kb += dxb
         tl.store(dkb_ptr + pb + ca, tl.sum(dxa, axis=0))

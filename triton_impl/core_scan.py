@@ -298,6 +298,27 @@ def _store_grad(ptr, row, valid, ca, cb, ga, gb, xa, xb, dth_ptr,
 
 
 @triton.jit
+def _sweep_chunk(
+    qr_ptr, kr_ptr, vr_ptr, adt_ptr, w_ptr, g_ptr, dy_ptr, bos, seqlen, coef_base, c0, h, H,
+    ca, cb, N: tl.constexpr, P: tl.constexpr, R: tl.constexpr, C: tl.constexpr,
+    DOTK: tl.constexpr, UPCAST: tl.constexpr,
+):  # fmt: skip
+    """What both sweeps read of one chunk: its rows' coefficients (_chunk_rows), q and k as
+    their two column sets ca, cb, and v rounded to the dot dtype, and dy in fp32."""
+    c, c_last, w, gm, valid, row, _t = _chunk_rows(
+        adt_ptr, w_ptr, g_ptr, bos, seqlen, coef_base, c0, h, H, R, C
+    )
+    q_a = _load_cols(qr_ptr, row, valid, ca, N, DOTK, UPCAST)
+    q_b = _load_cols(qr_ptr, row, valid, cb, N, DOTK, UPCAST)
+    k_a = _load_cols(kr_ptr, row, valid, ca, N, DOTK, UPCAST)
+    k_b = _load_cols(kr_ptr, row, valid, cb, N, DOTK, UPCAST)
+    pp = tl.arange(0, P)
+    v = _load_cols(vr_ptr, row, valid, pp, P, DOTK, UPCAST)
+    dy = tl.load(dy_ptr + row[:, None] * P + pp[None, :], mask=valid[:, None], other=0.0)
+    return c, c_last, w, gm, valid, row, q_a, q_b, k_a, k_b, v, dy.to(tl.float32)
+
+
+@triton.jit
 def _core_bwd_kernel(
     qr_ptr, kr_ptr, vr_ptr, adt_ptr, w_ptr, g_ptr, s0_ptr, cu_ptr, D_ptr, dy_ptr, dsf_ptr,
     dq_ptr, dk_ptr, dv_ptr, dw_ptr, dg_ptr, qdq_ptr, kdk_ptr, ds0_ptr, sfdot_ptr, dD_ptr,
@@ -374,16 +395,10 @@ def _core_bwd_kernel(
             st_b = tl.zeros((P, NB // 2), dtype=tl.float32)
         dd_rows = tl.zeros((CR,), dtype=tl.float32)  # per row, sum over chunks of dy . vr
         for c0 in range(lo, hi, C):
-            c, c_last, w, gm, valid, row, _t = _chunk_rows(
-                adt_ptr, w_ptr, g_ptr, bos, seqlen, coef_base, c0, h, H, R, C
-            )
-            q_a = _load_cols(qr_ptr, row, valid, ca, N, DOTK, UPCAST)
-            q_b = _load_cols(qr_ptr, row, valid, cb, N, DOTK, UPCAST)
-            k_a = _load_cols(kr_ptr, row, valid, ca, N, DOTK, UPCAST)
-            k_b = _load_cols(kr_ptr, row, valid, cb, N, DOTK, UPCAST)
-            v = _load_cols(vr_ptr, row, valid, pp, P, DOTK, UPCAST)
-            dy = tl.load(dy_ptr + row[:, None] * P + pp[None, :], mask=valid[:, None], other=0.0)
-            dy = dy.to(tl.float32)
+            c, c_last, w, gm, valid, row, q_a, q_b, k_a, k_b, v, dy = _sweep_chunk(
+                qr_ptr, kr_ptr, vr_ptr, adt_ptr, w_ptr, g_ptr, dy_ptr, bos, seqlen, coef_base, c0,
+                h, H, ca, cb, N, P, R, C, DOTK, UPCAST,
+            )  # fmt: skip
             d = tl.dot(_rnd(dy, DOTK, UPCAST), tl.trans(v), input_precision=DOT_PREC)
             dec = _exp(tl.minimum(c[:, None] - c[None, :], 0.0), FAST)
             m = tl.where(causal, dec * w[None, :], tl.where(diag, gm[None, :], 0.0))
@@ -432,16 +447,10 @@ def _core_bwd_kernel(
             d_skip = tl.load(D_ptr + h) * (n0 == 0).to(tl.float32)
         for jj in range(0, nch):
             c0 = lo + (nch - 1 - jj) * C
-            c, c_last, w, gm, valid, row, _t = _chunk_rows(
-                adt_ptr, w_ptr, g_ptr, bos, seqlen, coef_base, c0, h, H, R, C
-            )
-            q_a = _load_cols(qr_ptr, row, valid, ca, N, DOTK, UPCAST)
-            q_b = _load_cols(qr_ptr, row, valid, cb, N, DOTK, UPCAST)
-            k_a = _load_cols(kr_ptr, row, valid, ca, N, DOTK, UPCAST)
-            k_b = _load_cols(kr_ptr, row, valid, cb, N, DOTK, UPCAST)
-            v = _load_cols(vr_ptr, row, valid, pp, P, DOTK, UPCAST)
-            dy = tl.load(dy_ptr + row[:, None] * P + pp[None, :], mask=valid[:, None], other=0.0)
-            dy = dy.to(tl.float32)
+            c, c_last, w, gm, valid, row, q_a, q_b, k_a, k_b, v, dy = _sweep_chunk(
+                qr_ptr, kr_ptr, vr_ptr, adt_ptr, w_ptr, g_ptr, dy_ptr, bos, seqlen, coef_base, c0,
+                h, H, ca, cb, N, P, R, C, DOTK, UPCAST,
+            )  # fmt: skip
             dyo = _rnd(dy, DOTK, UPCAST)
             a = tl.dot(q_a, tl.trans(k_a), input_precision=DOT_PREC)
             a = tl.dot(q_b, tl.trans(k_b), a, input_precision=DOT_PREC)
