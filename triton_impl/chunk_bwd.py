@@ -191,8 +191,6 @@ def chunk_bwd(
         raise ValueError(f"chunk_bwd config {config}: {reason}")
     if problem.seqlen == 0:
         return _empty_backward(inputs, grad_state)
-    if y is not None and y.numel() == 0 and problem.seqlen > 0:
-        y = None  # (an op's empty placeholder)
     if inputs.v.is_cuda:
         _compile_ahead(problem, inputs, grad_out, grad_state, config, y)
     return _chunk_bwd(problem, inputs, grad_out, grad_state, config, y)

@@ -166,19 +166,27 @@ def _rot_fwd_kernel(
 
 
 @triton.jit
-def _unrotate_pairs(d_ptr, dst, m2, xa, xb, c, s, NH: tl.constexpr, HALVES: tl.constexpr,
-                    XR: tl.constexpr):  # fmt: skip
-    # (HALVES: the layout of the gradient rows d_ptr, the operands' (rotary_fwd's PAIR_MAJOR))
-    """(dxa, dxb, dtheta) of one operand from its rotated gradient rows: dx = Rot(-theta) dxr,
-    dtheta = dxr_b xr_a - dxr_a xr_b. xr is rounded as _rot_fwd_kernel stored it (XR: 0 fp32,
-    1 bf16, 2 fp16): the dtheta terms of q and k then come from the very operands the core
-    multiplied, so the two members of every (query, key) pair cancel to fp32 rounding in the
-    reverse cumulative sum over tokens that turns dtheta into d dt (with the unrounded values
-    they differ by the operands' rounding, and that difference accumulates over the
-    sequence)."""
+def _grad_pairs(d_ptr, dst, m2, NH: tl.constexpr, HALVES: tl.constexpr):
+    """One operand's rotated gradient rows (any float dtype; HALVES: their column layout, the
+    operands' (rotary_fwd's pair_major)) as fp32 pair-member tiles ga, gb (BT, NH)."""
     ga, gb = _load_rot(d_ptr, dst, m2, NH, NH, HALVES)
-    ga = ga.to(tl.float32)
-    gb = gb.to(tl.float32)
+    return ga.to(tl.float32), gb.to(tl.float32)
+
+
+@triton.jit
+def _unrotate(ga, gb, c, s):
+    """dx = Rot(-theta) dxr per pair: (dxa, dxb)."""
+    return ga * c + gb * s, gb * c - ga * s
+
+
+@triton.jit
+def _dtheta(ga, gb, xa, xb, c, s, XR: tl.constexpr):
+    """dtheta = dxr_b xr_a - dxr_a xr_b of one operand (x = its biased rows, ga, gb its rotated
+    gradient). xr is rounded as _rot_fwd_kernel stored it (XR: 0 fp32, 1 bf16, 2 fp16): the
+    dtheta terms of q and k then come from the very operands the core multiplied, so the two
+    members of every (query, key) pair cancel to fp32 rounding in the reverse cumulative sum
+    over tokens that turns dtheta into d dt (with the unrounded values they differ by the
+    operands' rounding, and that difference accumulates over the sequence)."""
     xra = xa * c - xb * s
     xrb = xa * s + xb * c
     if XR == 1:
@@ -187,16 +195,7 @@ def _unrotate_pairs(d_ptr, dst, m2, xa, xb, c, s, NH: tl.constexpr, HALVES: tl.c
     elif XR == 2:
         xra = xra.to(tl.float16).to(tl.float32)
         xrb = xrb.to(tl.float16).to(tl.float32)
-    return ga * c + gb * s, gb * c - ga * s, gb * xra - ga * xrb
-
-
-@triton.jit
-def _unrotate(d_ptr, dst, m2, c, s, NH: tl.constexpr, HALVES: tl.constexpr):
-    """(dxa, dxb) = Rot(-theta) dxr of one operand's rotated gradient rows (any float dtype)."""
-    ga, gb = _load_rot(d_ptr, dst, m2, NH, NH, HALVES)
-    ga = ga.to(tl.float32)
-    gb = gb.to(tl.float32)
-    return ga * c + gb * s, gb * c - ga * s
+    return gb * xra - ga * xrb
 
 
 @triton.jit
@@ -214,13 +213,13 @@ def _operand_grads(
 ):  # fmt: skip
     """One operand's (q's or k's) rows of one head: the unrotated gradient pair tiles dxa, dxb
     and d theta's part, the core backward's (GIVEN) or formed here from x + bias rotated."""
+    ga, gb = _grad_pairs(d_ptr, dst, m2, NH, HALVES or PAIR_MAJOR)
+    dxa, dxb = _unrotate(ga, gb, c, s)
     if GIVEN:
-        dxa, dxb = _unrotate(d_ptr, dst, m2, c, s, NH, HALVES or PAIR_MAJOR)
         part = _dtheta_part(tpart_ptr, t, r, h, H, jj, m2, S, R)
     else:
         xa, xb = _biased_pairs(x_ptr, xb_ptr, src, m2, NH, HALVES)
-        dxa, dxb, part = _unrotate_pairs(d_ptr, dst, m2, xa, xb, c, s, NH, HALVES or PAIR_MAJOR,
-                                         XR)  # fmt: skip
+        part = _dtheta(ga, gb, xa, xb, c, s, XR)
     return dxa, dxb, part
 
 
@@ -442,8 +441,8 @@ def rotary_bwd(dqr, dkr, q, k, qb, kb, theta, halves: bool, xr_dtype=torch.float
 def _bwd_tokens(T: int, groups: int, device: torch.device) -> int:
     """Tokens per rotary-backward program: KNOBS["rot_tokens"], halved (to 8 at least, the
     previous default) while the T / tokens x groups programs would not give three per
-    multiprocessor. Each program walks
-    its heads one after another, so with few programs the pass takes as long as a whole wave
+    multiprocessor. Each program walks its heads one after another, so with few programs the
+    pass takes as long as a whole wave
     (H200, SISO (1, 2048) at 16 tokens: 128 programs, fwd+bwd 2.39 -> 2.93 ms; MIMO R=4
     (1, 2048), 512 programs, gained from 16 tokens)."""
     bt = KNOBS["rot_tokens"]
@@ -614,7 +613,7 @@ def _pair_major(x: Tensor | None, halves: bool, back: bool = False) -> Tensor | 
     n = x.shape[-1]
     if back:
         return torch.stack((x[..., : n // 2], x[..., n // 2 :]), dim=-1).flatten(-2)
-    return torch.cat((x[..., 0::2], x[..., 1::2]), dim=-1).contiguous()
+    return torch.cat((x[..., 0::2], x[..., 1::2]), dim=-1)
 
 
 class _RotCore(torch.autograd.Function):
