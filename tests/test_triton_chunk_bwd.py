@@ -254,15 +254,15 @@ def test_core_ops_schema_and_fakes(with_D, vr_dtype, split_n):
     assert grads[2].dtype == (vr_dtype if split_n == 1 else torch.float32)
     dD = grads[7]
     assert dD.shape == ((H,) if with_D else (0,))
-    assert grads[8].shape == grads[9].shape == (0,)  # no d theta parts unless asked for
-    if split_n == 1:  # d theta in the kernel: its parts, and dq, dk in the operands' dtype
+    assert len(grads) == 9 and grads[8].shape == (0,)  # no d theta unless asked for
+    if split_n == 1:  # d theta in the kernel (per token), and dq, dk in the operands' dtype
         rot = dict(n_angles=N // 4, halves=with_D)
         bf = tuple(x.bfloat16() if i in (2, 3) else x for i, x in enumerate(bwd))
         torch.library.opcheck(torch.ops.mamba3_triton.core_bwd.default, bf, rot,
                               test_utils=utils)  # fmt: skip
         got = torch.ops.mamba3_triton.core_bwd(*bf, **rot)
         assert got[0].dtype == got[1].dtype == torch.bfloat16
-        assert got[8].shape == got[9].shape == (B, L, R, H, N // 4)
+        assert got[8].shape == (B, L, H, N // 4)
     if with_D:  # dD = sum over every row of dy . vr (here dy = vr)
         vv = vr.float()
         torch.testing.assert_close(dD, (vv * vv).sum((0, 1, 2, 4)), rtol=1e-5, atol=1e-5)
@@ -540,6 +540,10 @@ _CORE_SM90 = textwrap.dedent(
                              dtheta=(32, False))["core_bwd"]  # fmt: skip
     b16 = [k.asm["ptx"].count("st.global.b16") for k in (plain, dth)]
     assert b16[1] > b16[0], b16  # (dv is 16-bit in both)
+    # d theta is added per token by both sweeps (the D skip's adds are in both builds)
+    adds = [k.asm["ptx"].count("red.global") + k.asm["ptx"].count("atom.global")
+            for k in (plain, dth)]
+    assert adds[1] > adds[0], adds
     print("ok dtheta")
     """
 )

@@ -45,6 +45,9 @@ _TWO_PI = tl.constexpr(6.283185307179586)
 #                accurate functions) instead of the accurate library functions;
 #   angle_step:  tokens per step of the angle scans; angle_warps: their warps;
 #   angle_pairs: angle pairs per program of the angle scans (fewer: more programs in flight);
+#   angle_stages: software-pipelining depth of the angle scans' walks (1: none; their loads do
+#                not depend on the running angle, so the next step's can be in flight while
+#                this one's cumulative sum runs: the walks are latency-bound, few programs);
 #   (H100, SISO (1, 16384) fwd+bwd: hardware trig 17.3 -> 15.6 ms, 8 pairs per angle program
 #   a further -0.8 ms, 256-token steps on 8 warps -0.4 ms; bench/NOTES.md)
 #   heads_first: the rotary passes' programs run head-major (neighbouring programs touch
@@ -66,11 +69,13 @@ _TWO_PI = tl.constexpr(6.283185307179586)
 #   rot_bwd_maxnreg: register cap of the rotary backward (0: none). Uncapped it takes all 255
 #                on 2 warps (four programs per multiprocessor); at 128 it spills ~350 B of stack
 #                but eight programs share a multiprocessor: H200, rotary backward SISO 0.68 ->
-#                0.58 ms, MIMO R=4 3.06 -> 2.74 (192 and 96 were slower; bench/NOTES.md).
+#                0.58 ms, MIMO R=4 3.06 -> 2.74 (192 and 96 were slower; bench/NOTES.md);
+#   rot_bwd_stages: software-pipelining depth of the rotary backward's loop over heads (1: none;
+#                2 prefetches the next head's 16-bit gradient rows while this one unrotates).
 KNOBS = {
-    "fast_trig": True, "angle_step": 512, "angle_warps": 8, "angle_pairs": 8,
+    "fast_trig": True, "angle_step": 512, "angle_warps": 8, "angle_pairs": 8, "angle_stages": 1,
     "heads_first": False, "bwd_heads": 0, "rot_tokens": 16, "rot_warps": 2, "rot_bwd_maxnreg": 128,
-    "dtheta_in_core": True,
+    "dtheta_in_core": True, "rot_bwd_stages": 2,
 }  # fmt: skip
 
 
@@ -199,24 +204,24 @@ def _dtheta(ga, gb, xa, xb, c, s, XR: tl.constexpr):
 
 
 @triton.jit
-def _dtheta_part(p_ptr, t, r, h, H, jj, m2, S: tl.constexpr, R: tl.constexpr):
-    """The core backward's d theta part of rows (t, r, h), pairs jj < S: (BT, NH) fp32."""
-    off = ((t * R + r) * H + h) * S
-    return tl.load(p_ptr + off[:, None] + jj[None, :], mask=m2 & (jj < S)[None, :], other=0.0)
+def _add4(a0, a1, a2, a3, b0, b1, b2, b3):
+    """Combine of a reduction over four tiles at once: their elementwise sums."""
+    return a0 + b0, a1 + b1, a2 + b2, a3 + b3
 
 
 @triton.jit
 def _operand_grads(
-    d_ptr, x_ptr, xb_ptr, tpart_ptr, src, dst, m2, c, s, t, r, h, H, jj,
-    S: tl.constexpr, R: tl.constexpr, NH: tl.constexpr, HALVES: tl.constexpr, XR: tl.constexpr,
-    GIVEN: tl.constexpr, PAIR_MAJOR: tl.constexpr,
+    d_ptr, x_ptr, xb_ptr, src, dst, m2, c, s,
+    NH: tl.constexpr, HALVES: tl.constexpr, XR: tl.constexpr, GIVEN: tl.constexpr,
+    PAIR_MAJOR: tl.constexpr,
 ):  # fmt: skip
     """One operand's (q's or k's) rows of one head: the unrotated gradient pair tiles dxa, dxb
-    and d theta's part, the core backward's (GIVEN) or formed here from x + bias rotated."""
+    and d theta's part formed from x + bias rotated (with GIVEN, d theta comes whole from the
+    core backward: no part, 0)."""
     ga, gb = _grad_pairs(d_ptr, dst, m2, NH, HALVES or PAIR_MAJOR)
     dxa, dxb = _unrotate(ga, gb, c, s)
     if GIVEN:
-        part = _dtheta_part(tpart_ptr, t, r, h, H, jj, m2, S, R)
+        part = 0.0
     else:
         xa, xb = _biased_pairs(x_ptr, xb_ptr, src, m2, NH, HALVES)
         part = _dtheta(ga, gb, xa, xb, c, s, XR)
@@ -226,18 +231,20 @@ def _operand_grads(
 @triton.jit
 def _rot_bwd_kernel(
     dqr_ptr, dkr_ptr, q_ptr, k_ptr, qb_ptr, kb_ptr, th_ptr,
-    dq_ptr, dk_ptr, dqb_ptr, dkb_ptr, dth_ptr, tq_ptr, tk_ptr, T, H, G,
+    dq_ptr, dk_ptr, dqb_ptr, dkb_ptr, dth_ptr, T, H, G,
     N: tl.constexpr, S: tl.constexpr, R: tl.constexpr, BT: tl.constexpr, HALVES: tl.constexpr,
     XR: tl.constexpr, FAST: tl.constexpr, HEADS_FIRST: tl.constexpr, HB: tl.constexpr,
-    ATOMIC: tl.constexpr, GIVEN: tl.constexpr, PAIR_MAJOR: tl.constexpr,
+    ATOMIC: tl.constexpr, GIVEN: tl.constexpr, PAIR_MAJOR: tl.constexpr, STAGES: tl.constexpr,
 ):  # fmt: skip
     """Gradients of the rotary prep; grid (T/BT, R*H/HB) (or transposed, HEADS_FIRST), each
     program loops over HB heads of one group. dqr, dkr (T, R, H, N) (fp32, or with GIVEN any
     float) -> dq, dk (T, R, G, N) fp32 (ATOMIC: zero-initialised, the programs of a group add
     their partial sums); dqb, dkb (T/BT, R, H, N) partial sums over the block's tokens; dth
-    (R, T, H, S) fp32. GIVEN: d theta's q and k parts come formed by the core backward (tq, tk
-    (T, R, H, S) fp32), so neither q, k nor their rotation is needed here. PAIR_MAJOR: dqr, dkr
-    in pair-member column order (rotary_fwd's)."""
+    (R, T, H, S) fp32. GIVEN: the core backward formed d theta (core_scan's DTH), so neither
+    q, k, their rotation nor dth is touched here. PAIR_MAJOR: dqr, dkr in pair-member column
+    order (rotary_fwd's). The four bias column sums of a head share one reduction (its
+    cross-warp exchange and barrier: a third of this kernel's stalls when they were four,
+    bench/NOTES.md)."""
     NH: tl.constexpr = N // 2
     pid_t, rgb = _grid_ids(HEADS_FIRST)
     HG = H // G
@@ -254,30 +261,31 @@ def _rot_bwd_kernel(
     qb = tl.zeros((BT, NH), dtype=tl.float32)
     ka = tl.zeros((BT, NH), dtype=tl.float32)
     kb = tl.zeros((BT, NH), dtype=tl.float32)
-    for hh in range(0, HB):
+    for hh in tl.range(0, HB, num_stages=STAGES):
         h = h0 + hh
         boff = (r * H + h) * N
         th = tl.load(th_ptr + (t * H + h)[:, None] * S + jj[None, :],
                      mask=m2 & (jj < S)[None, :], other=0.0)  # fmt: skip
         c, s = _cos_sin(th, FAST)
         dst = (((t * R + r) * H + h) * N)[:, None]
-        dxa, dxb, tq = _operand_grads(dqr_ptr, q_ptr, qb_ptr + boff, tq_ptr, src, dst, m2, c, s,
-                                      t, r, h, H, jj, S, R, NH, HALVES, XR, GIVEN,
-                                      PAIR_MAJOR)  # fmt: skip
-        qa += dxa
-        qb += dxb
+        qxa, qxb, tq = _operand_grads(dqr_ptr, q_ptr, qb_ptr + boff, src, dst, m2, c, s, NH,
+                                      HALVES, XR, GIVEN, PAIR_MAJOR)  # fmt: skip
+        kxa, kxb, tk = _operand_grads(dkr_ptr, k_ptr, kb_ptr + boff, src, dst, m2, c, s, NH,
+                                      HALVES, XR, GIVEN, PAIR_MAJOR)  # fmt: skip
+        qa += qxa
+        qb += qxb
+        ka += kxa
+        kb += kxb
+        sqa, sqb, ska, skb = tl.reduce((qxa, qxb, kxa, kxb), 0, _add4)
         pb = (pid_t.to(tl.int64) * R * H + r * H + h) * N
-        tl.store(dqb_ptr + pb + ca, tl.sum(dxa, axis=0))
-        tl.store(dqb_ptr + pb + cb, tl.sum(dxb, axis=0))
-        dxa, dxb, tk = _operand_grads(dkr_ptr, k_ptr, kb_ptr + boff, tk_ptr, src, dst, m2, c, s,
-                                      t, r, h, H, jj, S, R, NH, HALVES, XR, GIVEN,
-                                      PAIR_MAJOR)  # fmt: skip
-        ka += dxa
-        kb += dxb
-        tl.store(dkb_ptr + pb + ca, tl.sum(dxa, axis=0))
-        tl.store(dkb_ptr + pb + cb, tl.sum(dxb, axis=0))
-        toff = ((r * T + t) * H + h) * S
-        tl.store(dth_ptr + toff[:, None] + jj[None, :], tq + tk, mask=m2 & (jj < S)[None, :])
+        tl.store(dqb_ptr + pb + ca, sqa)
+        tl.store(dqb_ptr + pb + cb, sqb)
+        tl.store(dkb_ptr + pb + ca, ska)
+        tl.store(dkb_ptr + pb + cb, skb)
+        if not GIVEN:
+            toff = ((r * T + t) * H + h) * S
+            tl.store(dth_ptr + toff[:, None] + jj[None, :], tq + tk,
+                     mask=m2 & (jj < S)[None, :])  # fmt: skip
     if ATOMIC:
         _add_pairs(dq_ptr, src, qa, qb, m2, NH, HALVES)
         _add_pairs(dk_ptr, src, ka, kb, m2, NH, HALVES)
@@ -290,7 +298,7 @@ def _rot_bwd_kernel(
 def _angle_fwd_kernel(
     ang_ptr, dt_ptr, a0_ptr, cu_ptr, th_ptr, L, H,
     S: tl.constexpr, SP: tl.constexpr, BL: tl.constexpr, VARLEN: tl.constexpr,
-    HAS_A0: tl.constexpr,
+    HAS_A0: tl.constexpr, STAGES: tl.constexpr,
 ):  # fmt: skip
     """theta (B, L, H, S) fp32 = angle0 + cumsum over the sequence of pi tanh(angles) dt, reduced
     modulo 2 pi (the running angle is kept in [0, 2 pi), as the fused forward does);
@@ -306,7 +314,7 @@ def _angle_fwd_kernel(
     else:
         theta = tl.zeros((SP,), dtype=tl.float32)
     theta = theta - tl.floor(theta / _TWO_PI) * _TWO_PI
-    for c0 in range(0, seqlen, BL):
+    for c0 in tl.range(0, seqlen, BL, num_stages=STAGES):
         t = c0 + tl.arange(0, BL)
         valid = t < seqlen
         m2 = valid[:, None] & js[None, :]
@@ -325,7 +333,7 @@ def _angle_fwd_kernel(
 def _angle_bwd_kernel(
     gth_ptr, ang_ptr, dt_ptr, cu_ptr, dang_ptr, ddt_ptr, da0_ptr, L, H,
     S: tl.constexpr, SP: tl.constexpr, BL: tl.constexpr, VARLEN: tl.constexpr,
-    ATOMIC: tl.constexpr,
+    ATOMIC: tl.constexpr, STAGES: tl.constexpr,
 ):  # fmt: skip
     """Backward of the angle scan: with G_t = sum_{s >= t} dtheta_s (reverse cumsum within the
     sequence), d angles_t = G_t pi (1 - tanh^2) dt_t, d dt_t = pi sum_j G_t tanh_t,
@@ -338,7 +346,7 @@ def _angle_bwd_kernel(
     js = jj < S
     carry = tl.zeros((SP,), dtype=tl.float32)  # sum of dtheta after the current chunk
     nch = (seqlen + BL - 1) // BL
-    for i in range(0, nch):
+    for i in tl.range(0, nch, num_stages=STAGES):
         c0 = (nch - 1 - i) * BL
         t = c0 + tl.arange(0, BL)
         valid = t < seqlen
@@ -394,14 +402,14 @@ def rotary_fwd(q, k, qb, kb, theta, halves: bool, out_dtype: torch.dtype, pair_m
 _XR = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
-def rotary_bwd(dqr, dkr, q, k, qb, kb, theta, halves: bool, xr_dtype=torch.float32, parts=None,
-               pair_major=False):  # fmt: skip
+def rotary_bwd(dqr, dkr, q, k, qb, kb, theta, halves: bool, xr_dtype=torch.float32,
+               dtheta_given=False, pair_major=False):  # fmt: skip
     """Backward of rotary_fwd: dqr, dkr (B, L, R, H, N) fp32 -> dq, dk (B, L, R, G, N) fp32,
     dqb, dkb (R, H, N) fp32, dtheta (B, L, H, S) fp32. xr_dtype: the out_dtype rotary_fwd gave
-    the core (dtheta reads the rotated values rounded to it). parts: (dthq, dthk)
-    (B, L, R, H, S) fp32, d theta's q and k parts formed by the core backward
-    (core_scan.core_bwd with rotary), or None; given, dqr, dkr may be 16-bit. pair_major: dqr,
-    dkr in rotary_fwd's pair-member column order."""
+    the core (dtheta reads the rotated values rounded to it). dtheta_given: the core backward
+    formed d theta (core_scan.core_bwd with rotary), so it is not computed here (an empty (0,)
+    tensor is returned in its place) and dqr, dkr may be 16-bit. pair_major: dqr, dkr in
+    rotary_fwd's pair-member column order."""
     B, L, R, G, N = q.shape
     H, S = qb.shape[1], theta.shape[-1]
     T = B * L
@@ -417,17 +425,17 @@ def rotary_bwd(dqr, dkr, q, k, qb, kb, theta, halves: bool, xr_dtype=torch.float
     # per-block bias partial sums: every (block, rank, head) row is written (masked tokens add 0)
     pq = torch.empty((nblk, R, H, N), dtype=f32, device=dev)
     pk = torch.empty_like(pq)
-    dth = torch.empty((R, B, L, H, S), dtype=f32, device=dev)
+    dth = torch.empty((0,) if dtheta_given else (R, B, L, H, S), dtype=f32, device=dev)
     if T > 0:
         first = KNOBS["heads_first"]
         grid = (nblk, R * H // hb)
         run_kernel(
             _rot_bwd_kernel, grid[::-1] if first else grid,
-            dqr, dkr, q, k, qb, kb, theta, dq, dk, pq, pk, dth,
-            *(parts if parts is not None else (dth, dth)), T, H, G,
+            dqr, dkr, q, k, qb, kb, theta, dq, dk, pq, pk, dth if not dtheta_given else dq,
+            T, H, G,
             N=N, S=S, R=R, BT=bt, HALVES=halves, XR=_XR[xr_dtype], FAST=_fast_trig(),
-            HEADS_FIRST=first, HB=hb, ATOMIC=hb < HG, GIVEN=parts is not None,
-            PAIR_MAJOR=pair_major,
+            HEADS_FIRST=first, HB=hb, ATOMIC=hb < HG, GIVEN=dtheta_given,
+            PAIR_MAJOR=pair_major, STAGES=KNOBS["rot_bwd_stages"],
             num_warps=KNOBS["rot_warps"],
             **_cap("rot_bwd_maxnreg"),
         )  # fmt: skip
@@ -435,6 +443,8 @@ def rotary_bwd(dqr, dkr, q, k, qb, kb, theta, halves: bool, xr_dtype=torch.float
         dth.zero_()
         pq.zero_()
         pk.zero_()
+    if dtheta_given:
+        return dq, dk, pq.sum(0), pk.sum(0), dth
     return dq, dk, pq.sum(0), pk.sum(0), dth.sum(0) if R > 1 else dth[0]
 
 
@@ -460,10 +470,12 @@ def _cap(knob: str) -> dict:
     return {"maxnreg": cap} if cap else {}
 
 
-def _angle_launch(S: int) -> tuple[int, int, int]:
-    """(pairs per program, tokens per step, warps) of the angle scans, from KNOBS."""
+def _angle_launch(S: int) -> tuple[int, int, dict]:
+    """(pairs per program, tokens per step, launch options: warps and pipelining depth) of the
+    angle scans, from KNOBS."""
     sp = min(triton.next_power_of_2(S), triton.next_power_of_2(KNOBS["angle_pairs"]))
-    return sp, KNOBS["angle_step"], KNOBS["angle_warps"]
+    return sp, KNOBS["angle_step"], {"num_warps": KNOBS["angle_warps"],
+                                     "STAGES": KNOBS["angle_stages"]}  # fmt: skip
 
 
 def angle_fwd(angles, dt, angle0, cu_seqlens, nseq: int):
@@ -472,13 +484,13 @@ def angle_fwd(angles, dt, angle0, cu_seqlens, nseq: int):
     B, L, H, S = angles.shape
     theta = torch.empty_like(angles)
     if L > 0 and S > 0:
-        sp, step, warps = _angle_launch(S)
+        sp, step, opts = _angle_launch(S)
         run_kernel(
             _angle_fwd_kernel, (nseq * H, triton.cdiv(S, sp)),
             angles, dt, angle0 if angle0 is not None else dt,
             cu_seqlens if cu_seqlens is not None else dt, theta, L, H,
             S=S, SP=sp, BL=step, VARLEN=cu_seqlens is not None,
-            HAS_A0=angle0 is not None, num_warps=warps,
+            HAS_A0=angle0 is not None, **opts,
         )  # fmt: skip
     return theta
 
@@ -491,7 +503,7 @@ def angle_bwd(gtheta, angles, dt, cu_seqlens, nseq: int):
     if L == 0 or S == 0:
         return torch.zeros_like(angles), torch.zeros_like(dt), torch.zeros((nseq, H, S), dtype=f32,
                                                                            device=dev)  # fmt: skip
-    sp, step, warps = _angle_launch(S)
+    sp, step, opts = _angle_launch(S)
     atomic = sp < S
     # The kernel writes every element of d angles and d angle0 (each token belongs to one
     # sequence: cu_seqlens ends at L), and of d dt unless several pair blocks add into it.
@@ -501,8 +513,7 @@ def angle_bwd(gtheta, angles, dt, cu_seqlens, nseq: int):
     run_kernel(
         _angle_bwd_kernel, (nseq * H, triton.cdiv(S, sp)),
         gtheta, angles, dt, cu_seqlens if cu_seqlens is not None else dt, dang, ddt, da0,
-        L, H, S=S, SP=sp, BL=step, VARLEN=cu_seqlens is not None, ATOMIC=atomic,
-        num_warps=warps,
+        L, H, S=S, SP=sp, BL=step, VARLEN=cu_seqlens is not None, ATOMIC=atomic, **opts,
     )  # fmt: skip
     return dang, ddt, da0
 
@@ -531,21 +542,24 @@ def _rotary_fwd_fake(q, k, qb, kb, theta, halves, out_dtype, pair_major=False):
 @eager_custom_op("mamba3_triton::rotary_bwd")
 def _rotary_bwd_op(
     dqr: Tensor, dkr: Tensor, q: Tensor, k: Tensor, qb: Tensor, kb: Tensor, theta: Tensor,
-    halves: bool, xr_dtype: str, dthq: Tensor | None = None, dthk: Tensor | None = None,
-    pair_major: bool = False,
+    halves: bool, xr_dtype: str, dtheta_given: bool = False, pair_major: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
-    parts = (dthq, dthk) if dthq is not None else None
     return rotary_bwd(dqr.contiguous(), dkr.contiguous(), q, k, qb, kb, theta, halves,
-                      _DTYPES[xr_dtype], parts, pair_major)  # fmt: skip
+                      _DTYPES[xr_dtype], dtheta_given, pair_major)  # fmt: skip
 
 
 @_rotary_bwd_op.register_fake
-def _rotary_bwd_fake(dqr, dkr, q, k, qb, kb, theta, halves, xr_dtype, dthq=None, dthk=None,
+def _rotary_bwd_fake(dqr, dkr, q, k, qb, kb, theta, halves, xr_dtype, dtheta_given=False,
                      pair_major=False):  # fmt: skip
     f32 = torch.float32
     e = q.new_empty
-    return (e(q.shape, dtype=f32), e(q.shape, dtype=f32), e(qb.shape, dtype=f32),
-            e(kb.shape, dtype=f32), e(theta.shape, dtype=f32))  # fmt: skip
+    return (
+        e(q.shape, dtype=f32),
+        e(q.shape, dtype=f32),
+        e(qb.shape, dtype=f32),
+        e(kb.shape, dtype=f32),
+        e((0,) if dtheta_given else theta.shape, dtype=f32),
+    )
 
 
 @eager_custom_op("mamba3_triton::angle_fwd")
@@ -665,15 +679,16 @@ class _RotCore(torch.autograd.Function):
         in_core = KNOBS["dtheta_in_core"] and flags[-1] == 1 and theta.shape[-1] > 0
         n_angles = theta.shape[-1] if in_core else 0
         hv = ctx.halves
-        dqr, dkr, dv, dadt, dw, dg, ds0, dD, dthq, dthk = _core_bwd_op(
+        dqr, dkr, dv, dadt, dw, dg, ds0, dD, dth_core = _core_bwd_op(
             dy.contiguous(), _pair_major(dsf, hv), qr, kr, vr, adt, w, gam, _pair_major(s0, hv),
             cu, *flags, D=D, segment=segment, n_angles=n_angles, halves=True,
         )  # fmt: skip
         ds0 = _pair_major(ds0, hv, back=True)
         xr_dtype = str(qr.dtype).replace("torch.", "")
-        parts = (dthq, dthk) if in_core else (None, None)
         dq, dk, dqb, dkb, dth = _rotary_bwd_op(dqr, dkr, q, k, qb, kb, theta, hv, xr_dtype,
-                                               *parts, True)  # fmt: skip
+                                               in_core, True)  # fmt: skip
+        if in_core:
+            dth = dth_core
         return (dq.to(q.dtype), dk.to(k.dtype), dqb, dkb, dth, dv.to(vr.dtype),
                 dadt.to(adt.dtype), dw.to(w.dtype), dg.to(gam.dtype),
                 ds0 if s0 is not None else None, dD if D is not None else None,
@@ -718,9 +733,9 @@ def compile_kernels(
     needed) for ``target`` (default sm_90); fast: hardware trig in the rotary kernels; pairs:
     angle pairs per angle-scan program; heads_first, bwd_heads, atomic: the rotary grids' order,
     heads per backward program and whether those add into dq/dk; tokens: tokens per rotary
-    program; given: the backward that takes d theta's parts from the core backward (and its
-    16-bit dqr, dkr); pair_major: qr, kr (and their gradients) in the core's pair-member column
-    order, as the backward's recompute runs them. Returns {name: compiled}."""
+    program; given: the backward whose d theta the core backward formed (it takes 16-bit dqr,
+    dkr and leaves d theta alone); pair_major: qr, kr (and their gradients) in the core's
+    pair-member column order, as the backward's recompute runs them. Returns {name: compiled}."""
     from triton.backends.compiler import GPUTarget
 
     target = target or GPUTarget("cuda", 90, 64)
@@ -732,13 +747,14 @@ def compile_kernels(
     bwd = {"dqr_ptr": "*fp32", "dkr_ptr": "*fp32", "q_ptr": f"*{dtype}", "k_ptr": f"*{dtype}",
            "qb_ptr": "*fp32", "kb_ptr": "*fp32", "th_ptr": "*fp32", "dq_ptr": "*fp32",
            "dk_ptr": "*fp32", "dqb_ptr": "*fp32", "dkb_ptr": "*fp32",
-           "dth_ptr": "*fp32", "tq_ptr": "*fp32", "tk_ptr": "*fp32"}  # fmt: skip
+           "dth_ptr": "*fp32"}  # fmt: skip
     if given:
         bwd.update(dqr_ptr=f"*{dtype}", dkr_ptr=f"*{dtype}")
     out = {}
     xr = {"bf16": 1, "fp16": 2}.get(dtype, 0)
     fwd_fn, bwd_fn = _rot_fwd_kernel, _rot_bwd_kernel
-    bwd_c = {**consts, "XR": xr, "HB": bwd_heads, "ATOMIC": atomic, "GIVEN": given}
+    bwd_c = {**consts, "XR": xr, "HB": bwd_heads, "ATOMIC": atomic, "GIVEN": given,
+             "STAGES": KNOBS["rot_bwd_stages"]}  # fmt: skip
     launches = (("rotary_fwd", fwd_fn, fwd, consts), ("rotary_bwd", bwd_fn, bwd, bwd_c))
     for name, fn, sig, c in launches:
         sig = {**sig, **ints, **{k: "constexpr" for k in c}}
@@ -749,7 +765,7 @@ def compile_kernels(
         }
         out[name] = triton.compile(src, target=target, options=opts)
     sp = min(triton.next_power_of_2(S), pairs)
-    ac = dict(S=S, SP=sp, BL=KNOBS["angle_step"], VARLEN=False)
+    ac = dict(S=S, SP=sp, BL=KNOBS["angle_step"], VARLEN=False, STAGES=KNOBS["angle_stages"])
     afwd = {"ang_ptr": "*fp32", "dt_ptr": "*fp32", "a0_ptr": "*fp32", "cu_ptr": "*i32",
             "th_ptr": "*fp32", "L": "i32", "H": "i32"}  # fmt: skip
     abwd = {"gth_ptr": "*fp32", "ang_ptr": "*fp32", "dt_ptr": "*fp32", "cu_ptr": "*i32",

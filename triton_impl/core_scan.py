@@ -281,12 +281,16 @@ def _rows_dot(a, b, xa, xb):
 
 
 @triton.jit
-def _store_grad(ptr, row, valid, ca, cb, ga, gb, xa, xb, dth_ptr,
-                N: tl.constexpr, S: tl.constexpr, DTH: tl.constexpr):  # fmt: skip
+def _store_grad(ptr, row, valid, ca, cb, ga, gb, xa, xb, dth_ptr, tok_row, tok_valid,
+                N: tl.constexpr, S: tl.constexpr, R: tl.constexpr, C: tl.constexpr,
+                DTH: tl.constexpr):  # fmt: skip
     """A rotated operand's gradient rows (two column sets ga, gb, stored in ptr's dtype) and, with
     DTH, their d theta per pair: ga, gb and the operand xa, xb are the pair members (a, b), so
-    d theta_j = g_b x_a - g_a x_b (pairs j < S; dth_ptr (B, L, R, H, S) fp32). x is the rounded
-    operand the core multiplied, as the rotary backward's d theta needs (core_rotary)."""
+    d theta_j = g_b x_a - g_a x_b (pairs j < S). x is the rounded operand the core multiplied,
+    as d theta needs (core_rotary). A token's rank rows are summed here, and the sum is added
+    into dth_ptr (B, L, H, S) fp32 (zero-initialised; tok_row: the chunk's tokens' offsets
+    ((bos + t) H + h), tok_valid their mask), where the other sweep adds the other operand's
+    part: two terms per element, so the sum does not depend on their order."""
     mr = valid[:, None]
     ty = ptr.dtype.element_ty
     tl.store(ptr + row[:, None] * N + ca[None, :], ga.to(ty), mask=mr)
@@ -294,7 +298,10 @@ def _store_grad(ptr, row, valid, ca, cb, ga, gb, xa, xb, dth_ptr,
     if DTH:
         j = tl.arange(0, N // 2)
         dth = gb * xa.to(tl.float32) - ga * xb.to(tl.float32)
-        tl.store(dth_ptr + row[:, None] * S + j[None, :], dth, mask=mr & (j < S)[None, :])
+        if R > 1:
+            dth = tl.sum(tl.reshape(dth, (C, R, N // 2)), axis=1)
+        tl.atomic_add(dth_ptr + tok_row[:, None] * S + j[None, :], dth,
+                      mask=tok_valid[:, None] & (j < S)[None, :], sem="relaxed")  # fmt: skip
 
 
 @triton.jit
@@ -322,7 +329,7 @@ def _sweep_chunk(
 def _core_bwd_kernel(
     qr_ptr, kr_ptr, vr_ptr, adt_ptr, w_ptr, g_ptr, s0_ptr, cu_ptr, D_ptr, dy_ptr, dsf_ptr,
     dq_ptr, dk_ptr, dv_ptr, dw_ptr, dg_ptr, qdq_ptr, kdk_ptr, ds0_ptr, sfdot_ptr, dD_ptr,
-    sin_ptr, dsout_ptr, dthq_ptr, dthk_ptr, L, H, NSEG, SEG,
+    sin_ptr, dsout_ptr, dth_ptr, L, H, NSEG, SEG,
     N: tl.constexpr, P: tl.constexpr, R: tl.constexpr, C: tl.constexpr,
     VARLEN: tl.constexpr, HAS_S0: tl.constexpr, HAS_DSF: tl.constexpr, HAS_D: tl.constexpr,
     DOTK: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, NS: tl.constexpr,
@@ -340,9 +347,10 @@ def _core_bwd_kernel(
     N-wide tile is carried as two column sets (_col_sets): products over N are two dots.
 
     DTH (NS == 1; S pairs, HALVES their layout): the rotary backward's d theta from dq and dk
-    as they are formed (qr, kr are the rotated operands): the forward sweep writes the q part,
-    the reverse sweep the k part (dthq, dthk (B, L, R, H, S) fp32), so dq and dk can be stored
-    in their 16-bit dtype (dq_ptr's) instead of at the fp32 accuracy d theta needs.
+    as they are formed (qr, kr are the rotated operands): the forward sweep adds the q part,
+    the reverse sweep the k part, each summed over a token's rank rows, into dth (B, L, H, S)
+    fp32, which is then the angle scan's whole gradient; dq and dk are stored in their 16-bit
+    dtype (dq_ptr's) instead of at the fp32 accuracy d theta needs.
 
     HAS_D (the forward's skip y += D[h] vr): the reverse sweep's first column block adds
     D[h] dy to dv; the forward sweep sums dy . vr per row over its chunks and adds the total to
@@ -370,6 +378,7 @@ def _core_bwd_kernel(
     CR: tl.constexpr = C * R
     rloc = tl.arange(0, CR)
     t_loc = rloc // R
+    tok = tl.arange(0, C)  # the chunk's tokens (d theta is stored per token)
     causal = t_loc[:, None] > t_loc[None, :]
     diag = t_loc[:, None] == t_loc[None, :]
     sh_off = (seq.to(tl.int64) * H + h) * P * N + pp[:, None] * N
@@ -414,7 +423,9 @@ def _core_bwd_kernel(
             vw = _rnd(v.to(tl.float32) * (_exp(c_last - c, FAST) * w)[:, None], DOTK, UPCAST)
             st_a = _step(st_a, vw, k_a, c_last, DOT_PREC, FAST)
             st_b = _step(st_b, vw, k_b, c_last, DOT_PREC, FAST)
-            _store_grad(dq_ptr, row, valid, ca, cb, dq_a, dq_b, q_a, q_b, dthq_ptr, N, S, DTH)
+            trow, tvalid = (bos + c0 + tok) * H + h, c0 + tok < seqlen
+            _store_grad(dq_ptr, row, valid, ca, cb, dq_a, dq_b, q_a, q_b, dth_ptr, trow,
+                        tvalid, N, S, R, C, DTH)  # fmt: skip
             ridx = coef_base * R + c0 * R + rloc
             _put(qdq_ptr + ridx, _rows_dot(q_a, q_b, dq_a, dq_b), valid, NS)
             if HAS_D:
@@ -481,7 +492,9 @@ def _core_bwd_kernel(
             mr = valid[:, None]
             if HAS_D:
                 dv += d_skip * dy
-            _store_grad(dk_ptr, row, valid, ca, cb, dk_a, dk_b, k_a, k_b, dthk_ptr, N, S, DTH)
+            trow, tvalid = (bos + c0 + tok) * H + h, c0 + tok < seqlen
+            _store_grad(dk_ptr, row, valid, ca, cb, dk_a, dk_b, k_a, k_b, dth_ptr, trow,
+                        tvalid, N, S, R, C, DTH)  # fmt: skip
             _put(dv_ptr + row[:, None] * P + pp[None, :], dv, mr, NS)
             ridx = coef_base * R + c0 * R + rloc
             _put(dw_ptr + ridx, dw, valid, NS)
@@ -568,9 +581,9 @@ def core_bwd(qr, kr, vr, adt, w, gam, s0, cu_seqlens, meta, dy, dsf, D=None, rot
     vr's dtype when split_n = 1 (stored once, no fp32 copy to cast; with the column split its
     partial sums add up in fp32); D's (H,) is an empty (0,) tensor when D is None.
     rotary: (S, halves) of qr and kr's rotation, or None. Given (with split_n = 1), the kernel
-    also returns the rotary backward's d theta, q's part and k's part (B, L, R, H, S) fp32
-    (rotary_dtheta_parts), and dqr, dkr in operand_dtype(qr.dtype) (d theta then needs them no
-    more); else those two are empty (0,) tensors.
+    also returns d theta (B, L, H, S) fp32, the gradient of the cumulative angles through qr
+    and kr (summed over ranks), and dqr, dkr in operand_dtype(qr.dtype) (d theta then needs
+    them no more); else d theta is an empty (0,) tensor.
     meta = (chunk, dot_dtype, num_warps, num_stages, nseq[, split_n[, segment]]): split_n
     programs per sweep and head, each owning N / split_n state columns (their partial sums over
     N are added atomically, so the result's rounding may differ from run to run); segment:
@@ -595,8 +608,8 @@ def core_bwd(qr, kr, vr, adt, w, gam, s0, cu_seqlens, meta, dy, dsf, D=None, rot
     dq_dtype = operand_dtype(qr.dtype) if dth else f32
     dq = torch.empty((B, L, R, H, N), dtype=dq_dtype, device=dev)
     dk = torch.empty((B, L, R, H, N), dtype=dq_dtype, device=dev)
-    dthq = torch.empty((B, L, R, H, S) if dth else (0,), dtype=f32, device=dev)
-    dthk = torch.empty_like(dthq)
+    # both sweeps add into d theta (the forward the q part, the reverse the k part)
+    dtheta = torch.zeros((B, L, H, S) if dth else (0,), dtype=f32, device=dev)
     dv = summed((B, L, R, H, P), dtype=_dv_dtype(vr.dtype, split_n), device=dev)
     rows = summed((4, B, H, L, R), dtype=f32, device=dev)  # qdq, kdk, dw, dg per row
     ds0 = torch.empty((nseq, H, P, N), dtype=f32, device=dev)
@@ -627,7 +640,7 @@ def core_bwd(qr, kr, vr, adt, w, gam, s0, cu_seqlens, meta, dy, dsf, D=None, rot
             dsf if dsf is not None else dummy,
             dq, dk, dv, rows[2], rows[3], rows[0], rows[1], ds0, sfdot,
             dD if D is not None else dummy,
-            s_in, ds_out, dthq if dth else dummy, dthk if dth else dummy, L, H, nseg, seg,
+            s_in, ds_out, dtheta if dth else dummy, L, H, nseg, seg,
             HAS_S0=s0 is not None, HAS_DSF=dsf is not None, HAS_D=D is not None, NS=split_n,
             SEGMENTED=nseg > 1, DTH=dth, S=max(S, 1), HALVES=halves, **consts,
             num_warps=num_warps, num_stages=num_stages,
@@ -637,7 +650,7 @@ def core_bwd(qr, kr, vr, adt, w, gam, s0, cu_seqlens, meta, dy, dsf, D=None, rot
     # d adt is its reverse cumulative sum within each sequence.
     dc = (qdq - kdk).sum(-1)  # (B, H, L)
     dadt = _segment_reverse_cumsum(dc, sfdot, cu_seqlens, nseq)
-    return dq, dk, dv, dadt, dw.sum(-1), dg.sum(-1), ds0, dD, dthq, dthk
+    return dq, dk, dv, dadt, dw.sum(-1), dg.sum(-1), ds0, dD, dtheta
 
 
 def operand_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -733,7 +746,7 @@ def _core_bwd_op(
     segment: int = 0,
     n_angles: int = 0,
     halves: bool = False,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """core_bwd; n_angles > 0 passes rotary=(n_angles, halves) (d theta in the kernel)."""
     meta = (chunk, _DTYPES[dot_dtype], num_warps, num_stages, nseq, split_n, segment)
     rotary = (n_angles, halves) if n_angles > 0 else None
@@ -750,11 +763,11 @@ def _core_bwd_fake(dy, dsf, qr, kr, vr, adt, w, gam, s0, cu_seqlens, chunk, dot_
     e = qr.new_empty
     dv_dtype = _dv_dtype(vr.dtype, split_n)
     dq_dtype = operand_dtype(qr.dtype) if n_angles > 0 else f32
-    dth_shape = (B, L, R, H, n_angles) if n_angles > 0 else (0,)
+    dth_shape = (B, L, H, n_angles) if n_angles > 0 else (0,)
     return (e(qr.shape, dtype=dq_dtype), e(qr.shape, dtype=dq_dtype), e(vr.shape, dtype=dv_dtype),
             e(adt.shape, dtype=f32), e(adt.shape, dtype=f32), e(adt.shape, dtype=f32),
             e((nseq, H, P, N), dtype=f32), e((H if D is not None else 0,), dtype=f32),
-            e(dth_shape, dtype=f32), e(dth_shape, dtype=f32))  # fmt: skip
+            e(dth_shape, dtype=f32))  # fmt: skip
 
 
 class _CoreScan(torch.autograd.Function):
