@@ -369,18 +369,22 @@ def test_rotary_kernels_match_torch(rank, G, H, N, S, layout, heads_first, bwd_h
 
 
 @cpu_interpreted
+@pytest.mark.parametrize("programs", [0, 64])
 @pytest.mark.parametrize("pairs", [32, 2])
 @pytest.mark.parametrize("cu,init", [(None, True), (None, False), ([0, 70, 70, 71, 200], True)])
-def test_angle_scan_matches_torch(cu, init, pairs, monkeypatch):
+def test_angle_scan_matches_torch(cu, init, pairs, programs, monkeypatch):
     """The Triton angle scan (several 64-token steps, varlen starts mid-step, empty sequences;
-    all 5 pairs in one program, or 2 per program with d dt summed across programs) and its
-    backward vs float64 autograd of cumsum(pi tanh(angles) dt) + angle0 modulo 2 pi."""
+    all 5 pairs in one program, or 2 per program with d dt summed across programs; one walk per
+    sequence, or (programs > 0, not varlen) three segments walked from carries, the last one
+    partial) and its backward vs float64 autograd of cumsum(pi tanh(angles) dt) + angle0
+    modulo 2 pi."""
     import math
 
     from mamba3_kernels.triton_impl import core_rotary as cr
 
     monkeypatch.setitem(cr.KNOBS, "angle_pairs", pairs)
     monkeypatch.setitem(cr.KNOBS, "angle_step", 64)
+    monkeypatch.setitem(cr.KNOBS, "angle_programs", programs)
 
     g = torch.Generator().manual_seed(3 + init)
     B, L, H, S = (2, 150, 3, 5) if cu is None else (1, 200, 3, 5)
@@ -389,6 +393,8 @@ def test_angle_scan_matches_torch(cu, init, pairs, monkeypatch):
     dt = torch.rand(B, H, L, generator=g) * 0.5 + 0.01
     a0 = torch.rand(nseq, H, S, generator=g) * 20 if init else None
     cu_t = None if cu is None else torch.tensor(cu, dtype=torch.int32)
+    nseg, seg = cr._angle_segments(nseq, H, S, L, cu is not None, ang.device)
+    assert (nseg, seg) == ((3, 64) if programs and cu is None else (1, L))
     theta = cr.angle_fwd(ang, dt, a0, cu_t, nseq)
 
     leaves = [t.double().requires_grad_() for t in (ang, dt) + ((a0,) if init else ())]
@@ -600,7 +606,8 @@ _ROTARY_SM90 = textwrap.dedent(
         pairs, heads = (8, 4) if fast else (32, 16)
         for name, k in cr.compile_kernels(rank, 128, 32, halves, fast=fast, pairs=pairs,
                                           heads_first=fast, bwd_heads=heads, atomic=fast,
-                                          tokens=4, given=fast).items():  # fmt: skip
+                                          tokens=4, given=fast,
+                                          segmented=fast).items():  # fmt: skip
             assert ".target sm_90" in k.asm["ptx"]
             # the backward under its register cap (the knob's default), the others without
             capped = f".maxnreg {cr.KNOBS['rot_bwd_maxnreg']}" in k.asm["ptx"]
@@ -612,7 +619,8 @@ _ROTARY_SM90 = textwrap.dedent(
 
 def test_rotary_kernels_compile_for_sm90_without_gpu():
     out = run_compiled(_ROTARY_SM90)
-    assert out.count("ok") == 16
+    # 4 kernels each, and the angle scans' sums kernel where their walks are segmented
+    assert out.count("ok") == 18
 
 
 # ---------------------------------------------------------------------------- GPU

@@ -45,6 +45,9 @@ _TWO_PI = tl.constexpr(6.283185307179586)
 #                accurate functions) instead of the accurate library functions;
 #   angle_step:  tokens per step of the angle scans; angle_warps: their warps;
 #   angle_pairs: angle pairs per program of the angle scans (fewer: more programs in flight);
+#   angle_programs: the angle scans' walks over a sequence are cut into segments (each then
+#                starting from the sums of the segments before it, a separate pass) until there
+#                are this many programs per multiprocessor (0: one walk per sequence);
 #   angle_stages: software-pipelining depth of the angle scans' walks (1: none; their loads do
 #                not depend on the running angle, so the next step's can be in flight while
 #                this one's cumulative sum runs: the walks are latency-bound, few programs);
@@ -73,7 +76,8 @@ _TWO_PI = tl.constexpr(6.283185307179586)
 #   rot_bwd_stages: software-pipelining depth of the rotary backward's loop over heads (1: none;
 #                2 prefetches the next head's 16-bit gradient rows while this one unrotates).
 KNOBS = {
-    "fast_trig": True, "angle_step": 512, "angle_warps": 8, "angle_pairs": 8, "angle_stages": 1,
+    "fast_trig": True, "angle_step": 64, "angle_warps": 8, "angle_pairs": 32, "angle_stages": 1,
+    "angle_programs": 16,
     "heads_first": False, "bwd_heads": 0, "rot_tokens": 16, "rot_warps": 2, "rot_bwd_maxnreg": 128,
     "dtheta_in_core": True, "rot_bwd_stages": 2,
 }  # fmt: skip
@@ -295,14 +299,69 @@ def _rot_bwd_kernel(
 
 
 @triton.jit
+def _angle_rate(ang, dt):
+    """d theta / d token: pi tanh(angles) dt (tanh through the sigmoid)."""
+    return (2.0 * tl.sigmoid(2.0 * ang) - 1.0) * _PI * dt[:, None]
+
+
+@triton.jit
+def _wrap(theta):
+    """theta reduced to [0, 2 pi)."""
+    return theta - tl.floor(theta / _TWO_PI) * _TWO_PI
+
+
+@triton.jit
+def _angle_segment(pid_seg, seqlen, SEG):
+    """(first token, end) of this program's segment of the sequence (SEG tokens each)."""
+    lo = pid_seg * SEG
+    return lo, tl.minimum(lo + SEG, seqlen)
+
+
+@triton.jit
+def _angle_sums_kernel(
+    x_ptr, dt_ptr, sums_ptr, L, H, SEG,
+    S: tl.constexpr, SP: tl.constexpr, BL: tl.constexpr, RATE: tl.constexpr,
+    FIRST: tl.constexpr,
+):  # fmt: skip
+    """Per segment of SEG tokens of a (sequence, head): the sum over its tokens of the angle rate
+    pi tanh(angles) dt, reduced modulo 2 pi (RATE: the forward's carries), or of x itself (the
+    backward's, x = d theta) -> sums (B, H, NSEG, S) fp32. Grid (B H, S / SP, NSEG - 1): the
+    segments from FIRST on (the forward needs the carries of all but the last segment, the
+    backward of all but the first)."""
+    pid = tl.program_id(0)
+    seq = pid // H
+    h = pid % H
+    bos, seqlen, coef_base = _seq_bounds(x_ptr, seq, h, L, H, False)
+    g = tl.program_id(2) + FIRST
+    lo, hi = _angle_segment(g, seqlen, SEG)
+    jj = tl.program_id(1) * SP + tl.arange(0, SP)
+    js = jj < S
+    acc = tl.zeros((SP,), dtype=tl.float32)
+    for c0 in range(lo, hi, BL):
+        t = c0 + tl.arange(0, BL)
+        valid = t < hi
+        off = ((bos + t) * H + h)[:, None] * S + jj[None, :]
+        x = tl.load(x_ptr + off, mask=valid[:, None] & js[None, :], other=0.0)
+        if RATE:
+            dt = tl.load(dt_ptr + coef_base + t, mask=valid, other=0.0)
+            acc = _wrap(acc + tl.sum(_angle_rate(x, dt), axis=0))
+        else:
+            acc += tl.sum(x, axis=0)
+    tl.store(sums_ptr + ((seq.to(tl.int64) * H + h) * tl.num_programs(2) + g - FIRST) * S + jj,
+             acc, mask=js)  # fmt: skip
+
+
+@triton.jit
 def _angle_fwd_kernel(
-    ang_ptr, dt_ptr, a0_ptr, cu_ptr, th_ptr, L, H,
+    ang_ptr, dt_ptr, a0_ptr, cu_ptr, sums_ptr, th_ptr, L, H, SEG,
     S: tl.constexpr, SP: tl.constexpr, BL: tl.constexpr, VARLEN: tl.constexpr,
-    HAS_A0: tl.constexpr, STAGES: tl.constexpr,
+    HAS_A0: tl.constexpr, SEGMENTED: tl.constexpr, STAGES: tl.constexpr,
 ):  # fmt: skip
     """theta (B, L, H, S) fp32 = angle0 + cumsum over the sequence of pi tanh(angles) dt, reduced
     modulo 2 pi (the running angle is kept in [0, 2 pi), as the fused forward does);
-    grid (sequences * H, S / SP): one program per (sequence, head, block of SP pairs)."""
+    grid (sequences * H, S / SP, NSEG): one program per (sequence, head, block of SP pairs,
+    segment of SEG tokens). SEGMENTED: a segment starts from the carries of the segments before
+    it (sums_ptr (B, H, NSEG - 1, S), _angle_sums_kernel); else one segment per sequence."""
     pid = tl.program_id(0)
     seq = pid // H
     h = pid % H
@@ -313,31 +372,38 @@ def _angle_fwd_kernel(
         theta = tl.load(a0_ptr + (seq.to(tl.int64) * H + h) * S + jj, mask=js, other=0.0)
     else:
         theta = tl.zeros((SP,), dtype=tl.float32)
-    theta = theta - tl.floor(theta / _TWO_PI) * _TWO_PI
-    for c0 in tl.range(0, seqlen, BL, num_stages=STAGES):
+    if SEGMENTED:
+        g = tl.program_id(2)
+        lo, hi = _angle_segment(g, seqlen, SEG)
+        carries = sums_ptr + (seq.to(tl.int64) * H + h) * (tl.num_programs(2) - 1) * S + jj
+        for gi in range(0, g):
+            theta += tl.load(carries + gi * S, mask=js, other=0.0)
+    else:
+        lo, hi = 0, seqlen
+    theta = _wrap(theta)
+    for c0 in tl.range(lo, hi, BL, num_stages=STAGES):
         t = c0 + tl.arange(0, BL)
-        valid = t < seqlen
+        valid = t < hi
         m2 = valid[:, None] & js[None, :]
         off = ((bos + t) * H + h)[:, None] * S + jj[None, :]
         ang = tl.load(ang_ptr + off, mask=m2, other=0.0)
         dt = tl.load(dt_ptr + coef_base + t, mask=valid, other=0.0)
-        rate = (2.0 * tl.sigmoid(2.0 * ang) - 1.0) * _PI * dt[:, None]
-        th = theta[None, :] + tl.cumsum(rate, axis=0)
-        th = th - tl.floor(th / _TWO_PI) * _TWO_PI
-        tl.store(th_ptr + off, th, mask=m2)
-        theta = theta + tl.sum(rate, axis=0)
-        theta = theta - tl.floor(theta / _TWO_PI) * _TWO_PI
+        rate = _angle_rate(ang, dt)
+        tl.store(th_ptr + off, _wrap(theta[None, :] + tl.cumsum(rate, axis=0)), mask=m2)
+        theta = _wrap(theta + tl.sum(rate, axis=0))
 
 
 @triton.jit
 def _angle_bwd_kernel(
-    gth_ptr, ang_ptr, dt_ptr, cu_ptr, dang_ptr, ddt_ptr, da0_ptr, L, H,
+    gth_ptr, ang_ptr, dt_ptr, cu_ptr, sums_ptr, dang_ptr, ddt_ptr, da0_ptr, L, H, SEG,
     S: tl.constexpr, SP: tl.constexpr, BL: tl.constexpr, VARLEN: tl.constexpr,
-    ATOMIC: tl.constexpr, STAGES: tl.constexpr,
+    ATOMIC: tl.constexpr, SEGMENTED: tl.constexpr, STAGES: tl.constexpr,
 ):  # fmt: skip
     """Backward of the angle scan: with G_t = sum_{s >= t} dtheta_s (reverse cumsum within the
     sequence), d angles_t = G_t pi (1 - tanh^2) dt_t, d dt_t = pi sum_j G_t tanh_t,
-    d angle0 = G at the first token. Walks the chunks from the end; grid as the forward's."""
+    d angle0 = G at the first token. Walks its segment's chunks from the end, starting from the
+    sums of d theta over the segments after it (SEGMENTED: sums_ptr (B, H, NSEG - 1, S) holds
+    segments 1 .. NSEG - 1); grid as the forward's."""
     pid = tl.program_id(0)
     seq = pid // H
     h = pid % H
@@ -345,16 +411,26 @@ def _angle_bwd_kernel(
     jj = tl.program_id(1) * SP + tl.arange(0, SP)  # this program's angle pairs
     js = jj < S
     carry = tl.zeros((SP,), dtype=tl.float32)  # sum of dtheta after the current chunk
-    nch = (seqlen + BL - 1) // BL
+    if SEGMENTED:
+        g = tl.program_id(2)
+        lo, hi = _angle_segment(g, seqlen, SEG)
+        nseg = tl.num_programs(2)
+        later = sums_ptr + (seq.to(tl.int64) * H + h) * (nseg - 1) * S + jj
+        for gi in range(g + 1, nseg):
+            carry += tl.load(later + (gi - 1) * S, mask=js, other=0.0)
+    else:
+        g = 0
+        lo, hi = 0, seqlen
+    nch = (hi - lo + BL - 1) // BL
     for i in tl.range(0, nch, num_stages=STAGES):
-        c0 = (nch - 1 - i) * BL
+        c0 = lo + (nch - 1 - i) * BL
         t = c0 + tl.arange(0, BL)
-        valid = t < seqlen
+        valid = t < hi
         m2 = valid[:, None] & js[None, :]
         off = ((bos + t) * H + h)[:, None] * S + jj[None, :]
-        g = tl.load(gth_ptr + off, mask=m2, other=0.0)
-        tot = tl.sum(g, axis=0)
-        rc = carry[None, :] + tot[None, :] - tl.cumsum(g, axis=0) + g
+        g_th = tl.load(gth_ptr + off, mask=m2, other=0.0)
+        tot = tl.sum(g_th, axis=0)
+        rc = carry[None, :] + tot[None, :] - tl.cumsum(g_th, axis=0) + g_th
         carry = carry + tot
         ang = tl.load(ang_ptr + off, mask=m2, other=0.0)
         dt = tl.load(dt_ptr + coef_base + t, mask=valid, other=0.0)
@@ -365,7 +441,8 @@ def _angle_bwd_kernel(
             tl.atomic_add(ddt_ptr + coef_base + t, ddt, mask=valid, sem="relaxed")
         else:
             tl.store(ddt_ptr + coef_base + t, ddt, mask=valid)
-    tl.store(da0_ptr + (seq.to(tl.int64) * H + h) * S + jj, carry, mask=js)
+    if g == 0:
+        tl.store(da0_ptr + (seq.to(tl.int64) * H + h) * S + jj, carry, mask=js)
 
 
 # --------------------------------------------------------------------------------------------
@@ -478,6 +555,36 @@ def _angle_launch(S: int) -> tuple[int, int, dict]:
                                      "STAGES": KNOBS["angle_stages"]}  # fmt: skip
 
 
+def _angle_segments(nseq: int, H: int, S: int, L: int, varlen: bool, device) -> tuple[int, int]:
+    """(segments per sequence, tokens per segment) of the angle scans: a (sequence, head, pair
+    block)'s walk over L tokens is cut into segments (whole steps each) until the programs
+    reach KNOBS["angle_programs"] per multiprocessor (0: never; varlen: never, its sequences'
+    lengths are on the device)."""
+    sp, step, _ = _angle_launch(S)
+    per_sm = KNOBS["angle_programs"]
+    if varlen or per_sm == 0 or L <= step:
+        return 1, L
+    sms = _multiprocessors(device) if device.type == "cuda" else 1
+    blocks = nseq * H * triton.cdiv(S, sp)
+    nseg = min(triton.cdiv(per_sm * sms, blocks), triton.cdiv(L, step))
+    seg = triton.cdiv(triton.cdiv(L, max(nseg, 1)), step) * step
+    return triton.cdiv(L, seg), seg
+
+
+def _angle_sums(x, dt, nseg: int, seg: int, rate: bool) -> Tensor:
+    """Per-segment sums of the angle rates (rate: segments 0 .. nseg - 2, the forward's carries)
+    or of x = d theta (segments 1 .. nseg - 1, the backward's): (B, H, nseg - 1, S) fp32."""
+    B, L, H, S = x.shape
+    sp, step, opts = _angle_launch(S)
+    sums = torch.empty((B, H, nseg - 1, S), dtype=torch.float32, device=x.device)
+    run_kernel(
+        _angle_sums_kernel, (B * H, triton.cdiv(S, sp), nseg - 1), x, dt, sums, L, H, seg,
+        S=S, SP=sp, BL=step, RATE=rate, FIRST=0 if rate else 1,
+        num_warps=opts["num_warps"],
+    )  # fmt: skip
+    return sums
+
+
 def angle_fwd(angles, dt, angle0, cu_seqlens, nseq: int):
     """angles (B, L, H, S) fp32, dt (B, H, L) fp32, angle0 (nseq, H, S) fp32 or None,
     cu_seqlens (nseq + 1,) int32 or None. Returns theta (B, L, H, S) fp32 in [0, 2 pi)."""
@@ -485,12 +592,14 @@ def angle_fwd(angles, dt, angle0, cu_seqlens, nseq: int):
     theta = torch.empty_like(angles)
     if L > 0 and S > 0:
         sp, step, opts = _angle_launch(S)
+        nseg, seg = _angle_segments(nseq, H, S, L, cu_seqlens is not None, angles.device)
+        sums = _angle_sums(angles, dt, nseg, seg, rate=True) if nseg > 1 else dt
         run_kernel(
-            _angle_fwd_kernel, (nseq * H, triton.cdiv(S, sp)),
+            _angle_fwd_kernel, (nseq * H, triton.cdiv(S, sp), nseg),
             angles, dt, angle0 if angle0 is not None else dt,
-            cu_seqlens if cu_seqlens is not None else dt, theta, L, H,
+            cu_seqlens if cu_seqlens is not None else dt, sums, theta, L, H, seg,
             S=S, SP=sp, BL=step, VARLEN=cu_seqlens is not None,
-            HAS_A0=angle0 is not None, **opts,
+            HAS_A0=angle0 is not None, SEGMENTED=nseg > 1, **opts,
         )  # fmt: skip
     return theta
 
@@ -505,15 +614,19 @@ def angle_bwd(gtheta, angles, dt, cu_seqlens, nseq: int):
                                                                            device=dev)  # fmt: skip
     sp, step, opts = _angle_launch(S)
     atomic = sp < S
+    nseg, seg = _angle_segments(nseq, H, S, L, cu_seqlens is not None, dev)
+    sums = _angle_sums(gtheta, dt, nseg, seg, rate=False) if nseg > 1 else dt
     # The kernel writes every element of d angles and d angle0 (each token belongs to one
-    # sequence: cu_seqlens ends at L), and of d dt unless several pair blocks add into it.
+    # sequence: cu_seqlens ends at L; d angle0 from each sequence's first segment), and of
+    # d dt unless several pair blocks add into it.
     dang = torch.empty_like(angles)
     ddt = torch.zeros_like(dt) if atomic else torch.empty_like(dt)
     da0 = torch.empty((nseq, H, S), dtype=f32, device=dev)
     run_kernel(
-        _angle_bwd_kernel, (nseq * H, triton.cdiv(S, sp)),
-        gtheta, angles, dt, cu_seqlens if cu_seqlens is not None else dt, dang, ddt, da0,
-        L, H, S=S, SP=sp, BL=step, VARLEN=cu_seqlens is not None, ATOMIC=atomic, **opts,
+        _angle_bwd_kernel, (nseq * H, triton.cdiv(S, sp), nseg),
+        gtheta, angles, dt, cu_seqlens if cu_seqlens is not None else dt, sums, dang, ddt, da0,
+        L, H, seg, S=S, SP=sp, BL=step, VARLEN=cu_seqlens is not None, ATOMIC=atomic,
+        SEGMENTED=nseg > 1, **opts,
     )  # fmt: skip
     return dang, ddt, da0
 
@@ -727,7 +840,7 @@ def rot_core_scan(
 def compile_kernels(
     R: int, N: int, S: int, halves: bool, dtype: str = "bf16", target=None, fast: bool = True,
     pairs: int = 32, heads_first: bool = True, bwd_heads: int = 4, atomic: bool = True,
-    tokens: int = 32, given: bool = False, pair_major: bool = True,
+    tokens: int = 32, given: bool = False, pair_major: bool = True, segmented: bool = True,
 ):  # fmt: skip
     """Compile the rotary and angle-scan forward and backward kernels ahead of time (no GPU
     needed) for ``target`` (default sm_90); fast: hardware trig in the rotary kernels; pairs:
@@ -735,7 +848,9 @@ def compile_kernels(
     heads per backward program and whether those add into dq/dk; tokens: tokens per rotary
     program; given: the backward whose d theta the core backward formed (it takes 16-bit dqr,
     dkr and leaves d theta alone); pair_major: qr, kr (and their gradients) in the core's
-    pair-member column order, as the backward's recompute runs them. Returns {name: compiled}."""
+    pair-member column order, as the backward's recompute runs them; segmented: the angle scans
+    walk segments of the sequence from carries (_angle_segments; their sums kernel is then also
+    built). Returns {name: compiled}."""
     from triton.backends.compiler import GPUTarget
 
     target = target or GPUTarget("cuda", 90, 64)
@@ -766,15 +881,23 @@ def compile_kernels(
         out[name] = triton.compile(src, target=target, options=opts)
     sp = min(triton.next_power_of_2(S), pairs)
     ac = dict(S=S, SP=sp, BL=KNOBS["angle_step"], VARLEN=False, STAGES=KNOBS["angle_stages"])
+    ac["SEGMENTED"] = segmented
     afwd = {"ang_ptr": "*fp32", "dt_ptr": "*fp32", "a0_ptr": "*fp32", "cu_ptr": "*i32",
-            "th_ptr": "*fp32", "L": "i32", "H": "i32"}  # fmt: skip
+            "sums_ptr": "*fp32", "th_ptr": "*fp32", "L": "i32", "H": "i32",
+            "SEG": "i32"}  # fmt: skip
     abwd = {"gth_ptr": "*fp32", "ang_ptr": "*fp32", "dt_ptr": "*fp32", "cu_ptr": "*i32",
-            "dang_ptr": "*fp32", "ddt_ptr": "*fp32", "da0_ptr": "*fp32", "L": "i32",
-            "H": "i32"}  # fmt: skip
-    for name, fn, sig, c in (
+            "sums_ptr": "*fp32", "dang_ptr": "*fp32", "ddt_ptr": "*fp32", "da0_ptr": "*fp32",
+            "L": "i32", "H": "i32", "SEG": "i32"}  # fmt: skip
+    asums = {"x_ptr": "*fp32", "dt_ptr": "*fp32", "sums_ptr": "*fp32", "L": "i32", "H": "i32",
+             "SEG": "i32"}  # fmt: skip
+    angle_launches = [
         ("angle_fwd", _angle_fwd_kernel, afwd, {**ac, "HAS_A0": True}),
         ("angle_bwd", _angle_bwd_kernel, abwd, {**ac, "ATOMIC": sp < S}),
-    ):
+    ]
+    if segmented:
+        sc = dict(S=S, SP=sp, BL=KNOBS["angle_step"], RATE=True, FIRST=0)
+        angle_launches.append(("angle_sums", _angle_sums_kernel, asums, sc))
+    for name, fn, sig, c in angle_launches:
         sig = {**sig, **{k: "constexpr" for k in c}}
         src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=c)
         out[name] = triton.compile(src, target=target, options={"num_warps": 4})
