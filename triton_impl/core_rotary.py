@@ -48,11 +48,13 @@ _TWO_PI = tl.constexpr(6.283185307179586)
 #   angle_programs: the angle scans' walks over a sequence are cut into segments (each then
 #                starting from the sums of the segments before it, a separate pass) until there
 #                are this many programs per multiprocessor (0: one walk per sequence);
-#   angle_stages: software-pipelining depth of the angle scans' walks (1: none; their loads do
-#                not depend on the running angle, so the next step's can be in flight while
-#                this one's cumulative sum runs: the walks are latency-bound, few programs);
+#   angle_stages: software-pipelining depth of the angle scans' walks (1: none; 2 keeps the next
+#                step's loads in flight during this one's cumulative sum: no gain measured);
 #   (H100, SISO (1, 16384) fwd+bwd: hardware trig 17.3 -> 15.6 ms, 8 pairs per angle program
-#   a further -0.8 ms, 256-token steps on 8 warps -0.4 ms; bench/NOTES.md)
+#   a further -0.8 ms, 256-token steps on 8 warps -0.4 ms. H200: whole 128-byte rows (32 pairs)
+#   on 64-token steps, segmented to 16 programs per multiprocessor, then one warp per program
+#   (each thread scans its own column in registers, no shared-memory rounds): the angle kernels
+#   at SISO (1, 16384) 0.38 -> 0.41 -> 0.285 ms, at (8, 2048) 0.53 -> 0.37; bench/NOTES.md)
 #   heads_first: the rotary passes' programs run head-major (neighbouring programs touch
 #                neighbouring rows of the per-head tensors) rather than token-major;
 #   bwd_heads:   heads per rotary-backward program (0: the whole group); fewer heads mean more
@@ -76,7 +78,7 @@ _TWO_PI = tl.constexpr(6.283185307179586)
 #   rot_bwd_stages: software-pipelining depth of the rotary backward's loop over heads (1: none;
 #                2 prefetches the next head's 16-bit gradient rows while this one unrotates).
 KNOBS = {
-    "fast_trig": True, "angle_step": 64, "angle_warps": 8, "angle_pairs": 32, "angle_stages": 1,
+    "fast_trig": True, "angle_step": 64, "angle_warps": 1, "angle_pairs": 32, "angle_stages": 1,
     "angle_programs": 16,
     "heads_first": False, "bwd_heads": 0, "rot_tokens": 16, "rot_warps": 2, "rot_bwd_maxnreg": 128,
     "dtheta_in_core": True, "rot_bwd_stages": 2,
@@ -900,5 +902,5 @@ def compile_kernels(
     for name, fn, sig, c in angle_launches:
         sig = {**sig, **{k: "constexpr" for k in c}}
         src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=c)
-        out[name] = triton.compile(src, target=target, options={"num_warps": 4})
+        out[name] = triton.compile(src, target=target, options={"num_warps": KNOBS["angle_warps"]})
     return out
