@@ -323,18 +323,17 @@ def _angle_segment(pid_seg, seqlen, SEG):
 def _angle_sums_kernel(
     x_ptr, dt_ptr, sums_ptr, L, H, SEG,
     S: tl.constexpr, SP: tl.constexpr, BL: tl.constexpr, RATE: tl.constexpr,
-    FIRST: tl.constexpr,
 ):  # fmt: skip
     """Per segment of SEG tokens of a (sequence, head): the sum over its tokens of the angle rate
     pi tanh(angles) dt, reduced modulo 2 pi (RATE: the forward's carries), or of x itself (the
-    backward's, x = d theta) -> sums (B, H, NSEG, S) fp32. Grid (B H, S / SP, NSEG - 1): the
-    segments from FIRST on (the forward needs the carries of all but the last segment, the
-    backward of all but the first)."""
+    backward's, x = d theta) -> sums (B, H, NSEG - 1, S) fp32. Grid (B H, S / SP, NSEG - 1):
+    the forward needs the carries of all but the last segment (RATE: segments 0 .. NSEG - 2),
+    the backward of all but the first (segments 1 .. NSEG - 1)."""
     pid = tl.program_id(0)
     seq = pid // H
     h = pid % H
     bos, seqlen, coef_base = _seq_bounds(x_ptr, seq, h, L, H, False)
-    g = tl.program_id(2) + FIRST
+    g = tl.program_id(2) + (0 if RATE else 1)
     lo, hi = _angle_segment(g, seqlen, SEG)
     jj = tl.program_id(1) * SP + tl.arange(0, SP)
     js = jj < S
@@ -349,8 +348,8 @@ def _angle_sums_kernel(
             acc = _wrap(acc + tl.sum(_angle_rate(x, dt), axis=0))
         else:
             acc += tl.sum(x, axis=0)
-    tl.store(sums_ptr + ((seq.to(tl.int64) * H + h) * tl.num_programs(2) + g - FIRST) * S + jj,
-             acc, mask=js)  # fmt: skip
+    row = (seq.to(tl.int64) * H + h) * tl.num_programs(2) + tl.program_id(2)
+    tl.store(sums_ptr + row * S + jj, acc, mask=js)
 
 
 @triton.jit
@@ -581,8 +580,7 @@ def _angle_sums(x, dt, nseg: int, seg: int, rate: bool) -> Tensor:
     sums = torch.empty((B, H, nseg - 1, S), dtype=torch.float32, device=x.device)
     run_kernel(
         _angle_sums_kernel, (B * H, triton.cdiv(S, sp), nseg - 1), x, dt, sums, L, H, seg,
-        S=S, SP=sp, BL=step, RATE=rate, FIRST=0 if rate else 1,
-        num_warps=opts["num_warps"],
+        S=S, SP=sp, BL=step, RATE=rate, num_warps=opts["num_warps"],
     )  # fmt: skip
     return sums
 
@@ -882,8 +880,8 @@ def compile_kernels(
         }
         out[name] = triton.compile(src, target=target, options=opts)
     sp = min(triton.next_power_of_2(S), pairs)
-    ac = dict(S=S, SP=sp, BL=KNOBS["angle_step"], VARLEN=False, STAGES=KNOBS["angle_stages"])
-    ac["SEGMENTED"] = segmented
+    ac = dict(S=S, SP=sp, BL=KNOBS["angle_step"], VARLEN=False, STAGES=KNOBS["angle_stages"],
+              SEGMENTED=segmented)  # fmt: skip
     afwd = {"ang_ptr": "*fp32", "dt_ptr": "*fp32", "a0_ptr": "*fp32", "cu_ptr": "*i32",
             "sums_ptr": "*fp32", "th_ptr": "*fp32", "L": "i32", "H": "i32",
             "SEG": "i32"}  # fmt: skip
@@ -897,7 +895,7 @@ def compile_kernels(
         ("angle_bwd", _angle_bwd_kernel, abwd, {**ac, "ATOMIC": sp < S}),
     ]
     if segmented:
-        sc = dict(S=S, SP=sp, BL=KNOBS["angle_step"], RATE=True, FIRST=0)
+        sc = dict(S=S, SP=sp, BL=KNOBS["angle_step"], RATE=True)
         angle_launches.append(("angle_sums", _angle_sums_kernel, asums, sc))
     for name, fn, sig, c in angle_launches:
         sig = {**sig, **{k: "constexpr" for k in c}}
