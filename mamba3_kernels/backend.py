@@ -85,10 +85,11 @@ class Backend:
 
     def scan_for_backward(
         self, problem: Problem, inputs: ScanInputs, configs: dict[str, Any] | None = None
-    ) -> tuple[torch.Tensor, Mamba3State | None, torch.Tensor | None]:
+    ) -> tuple[torch.Tensor, Mamba3State | None, Any]:
         """Forward scan of a call whose backward will run: scan's out and final state, plus a
         residual that this backend's scan_backward can reuse instead of recomputing it (a
-        tensor of the backend's own meaning, or None; here: None)."""
+        tensor, saved with the op's inputs, or any object, kept with the autograd node, of
+        the backend's own meaning; or None; here: None)."""
         out, state = self.scan(problem, inputs, configs)
         return out, state, None
 
@@ -99,7 +100,7 @@ class Backend:
         grad_out: torch.Tensor,
         grad_state: Mamba3State | None,
         configs: dict[str, Any] | None = None,
-        residual: torch.Tensor | None = None,
+        residual: Any = None,
     ) -> dict[str, torch.Tensor | None]:
         """Gradients of the inputs (names of ScanInputs fields; initial_state as
         'initial_state.angle' etc.). Only called when has_backward is True. residual: what

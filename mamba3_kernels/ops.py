@@ -6,6 +6,8 @@ final state, the four state outputs are empty tensors. No ``from __future__ impo
 here: torch.library reads the real annotations.
 """
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -163,11 +165,13 @@ def run_scan(
 
 def run_scan_for_backward(
     problem: Problem, inputs: ScanInputs, backend: str
-) -> tuple[tuple[Tensor, Tensor, Tensor, Tensor, Tensor], Tensor | None, str]:
+) -> tuple[tuple[Tensor, Tensor, Tensor, Tensor, Tensor], Any, str]:
     """run_scan for a call whose backward will run: its five outputs, the backend's residual
     for its backward (Backend.scan_for_backward; None when it keeps nothing) and the backend's
     name (a residual only means something to the backend that made it)."""
     chosen, configs = plan(problem, backend, "scan_fwd")
+    # (a backend may run its backward's kernels in this forward: their tuned configs too)
+    configs = {**plan(problem, backend, "scan_bwd")[1], **configs}
     out, state, residual = chosen.scan_for_backward(problem, inputs, configs)
     return _owned_outputs(inputs, out, state), residual, chosen.name
 
@@ -318,7 +322,7 @@ def run_scan_bwd(
     """The body of mamba3::scan_bwd (same arguments and result). Called directly from the
     scan's autograd backward outside torch.compile: there, unlike inside an op's kernel, plain
     autograd records, which costs a backend's recompute far less host time than functorch.
-    residual: (backend name, tensor) from run_scan_for_backward, or None; passed on to the
+    residual: (backend name, residual) from run_scan_for_backward, or None; passed on to the
     backward's backend when it is the one that made it."""
     args = (
         q,
@@ -410,10 +414,12 @@ def _backward(ctx, grad_out, grad_angle, grad_ssm, grad_k, grad_v):
     return (*result, None, None, None, None, None)
 
 
-def _residual(ctx, saved) -> tuple[str, Tensor] | None:
+def _residual(ctx, saved) -> tuple[str, Any] | None:
     """The forward backend's residual (_EagerScan), or None."""
     name = getattr(ctx, "residual_backend", None)
-    return None if name is None else (name, saved[19])
+    if name is None:
+        return None
+    return (name, saved[19] if len(saved) > 19 else ctx.residual_object)
 
 
 scan_op.register_autograd(_backward, setup_context=_setup_context)
@@ -439,11 +445,17 @@ class _EagerScan(torch.autograd.Function):
         if residual is None:
             _setup_context(ctx, inputs[1:], output)
             return
-        # The backend's residual for its own backward, saved after the op's inputs (the
-        # Triton backend's: the core's y, which its backward then does not recompute).
-        ctx.save_for_backward(*inputs[1:20], residual)
+        # The backend's residual for its own backward: a tensor is saved after the op's inputs
+        # (the Triton backend's core output y, which its backward then does not recompute);
+        # any other object (the Triton backend's recorded autograd graph of the forward) is
+        # kept on ctx, freed with it.
+        if isinstance(residual, Tensor):
+            ctx.save_for_backward(*inputs[1:20], residual)
+            ctx.mark_non_differentiable(residual)
+        else:
+            ctx.save_for_backward(*inputs[1:20])
+            ctx.residual_object = residual
         ctx.flags = inputs[20:]
-        ctx.mark_non_differentiable(residual)
         ctx.residual_backend = name
         # No zero-filled gradient for the residual (the size of y: a fill of R times v's
         # bytes per backward); the outputs' gradients are then zero-filled here when absent.

@@ -56,6 +56,8 @@ def test_gate_matches_autograd(rank, gate):
     out = mg.mimo_gate(*leaves, torch.bfloat16)
     assert out.dtype == torch.bfloat16 and out.shape == (B, L, H, P)
     assert rel_err(out, want_out) < 1e-2  # (rounded to bf16)
+    with torch.no_grad():  # the forward pass (gate_fwd) in fp32: one rounding at the end
+        assert rel_err(mg.mimo_gate(*leaves, torch.float32), want_out) < 1e-5
     out.backward(dout)
     for name, leaf, ref in zip(("y", "z", "mimo_z", "mimo_o"), leaves, want, strict=True):
         if leaf is None:
@@ -112,6 +114,8 @@ def test_gate_op_schema_and_fake():
         (dout, y.to(torch.bfloat16), z, None, mo),
     ):
         torch.library.opcheck(torch.ops.mamba3_triton.mimo_gate_bwd.default, args, test_utils=utils)
+        torch.library.opcheck(torch.ops.mamba3_triton.mimo_gate_fwd.default,
+                              (*args[1:], "bfloat16"), test_utils=utils)  # fmt: skip
     torch.library.opcheck(torch.ops.mamba3_triton.mimo_vmix_bwd.default, (y, z, mo),
                           test_utils=utils)  # fmt: skip
     for v in (z, z.to(torch.bfloat16)):  # (vr fp32, and in v's 16-bit dtype)
@@ -139,6 +143,16 @@ _SM90 = textwrap.dedent(
         if mo:  # the per-head weight sums
             assert "red.global" in ptx or "atom.global" in ptx
         print("ok", R)
+    fn = mg._gate_fwd_kernel
+    for R, z, mz, mo in ((4, True, True, True), (1, True, False, False)):
+        c = dict(R=R, P=64, BT=max(1, mg._ROWS // R), STEPS=4, HAS_Z=z, HAS_MZ=mz, HAS_MO=mo)
+        sig = {a: "constexpr" if a in c else ("i32" if a in ("T", "H") else "*fp32")
+               for a in fn.arg_names}
+        sig.update(y_ptr="*bf16", z_ptr="*bf16", out_ptr="*bf16")
+        k = triton.compile(triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=c),
+                           target=GPUTarget("cuda", 90, 64), options={"num_warps": 4})
+        assert "st.global" in k.asm["ptx"]
+        print("ok fwd", R)
     fn = mg._vmix_bwd_kernel
     c = dict(R=4, P=64, BT=4, STEPS=16)
     sig = {a: "constexpr" if a in c else ("i32" if a in ("T", "H") else "*fp32")
@@ -162,7 +176,7 @@ _SM90 = textwrap.dedent(
 
 def test_gate_kernel_compiles_for_sm90_without_gpu():
     out = run_compiled(_SM90)
-    assert out.count("ok") == 6
+    assert out.count("ok") == 8
 
 
 @cpu_interpreted

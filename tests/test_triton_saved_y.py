@@ -99,6 +99,7 @@ def test_backward_reads_the_saved_y(rank, final, cu, with_z, monkeypatch):
                         lambda *a, **k: calls.append(1) or core_fwd(*a, **k))  # fmt: skip
     backend = registered_backends()["triton"]
     assert isinstance(backend, TritonBackend) and backend.save_y_for_backward
+    monkeypatch.setattr(backend, "training_forward", "fused")  # (the path that keeps y)
     saved = _grads(inputs, "triton", final, rotary)
     assert calls == []  # y came from the forward
     monkeypatch.setattr(backend, "save_y_for_backward", False)
@@ -116,6 +117,7 @@ def test_no_y_kept_when_the_backward_does_not_read_it(monkeypatch):
     inputs = _inputs(1, seed=3)._replace(z=None)
     problem = describe(inputs, False, "interleaved", False, None)
     backend = registered_backends()["triton"]
+    monkeypatch.setattr(backend, "training_forward", "fused")
     out, state, y = backend.scan_for_backward(problem, inputs)
     assert y is None and state is None
     assert rel_err(out, reference_scan(cast_inputs(inputs, torch.float64), "interleaved")[0]) < 1e-4

@@ -33,6 +33,12 @@ class TritonBackend(Backend):
     # reads it (z gate, mimo_o), so the backward skips recomputing it: more activation memory
     # (R times v's size) for less time. False: the backward recomputes y.
     save_y_for_backward = True
+    # How a training forward runs. "fused": the fused kernels (chunk_fwd), the backward then
+    # recomputing its prep (angles, rotated q/k, weights); "core": the backward's own graph,
+    # recorded by autograd (chunk_bwd.record_forward), which keeps those for the backward (more
+    # activation memory: the rotated q/k and the angles); "auto": "core" where it measured
+    # faster (chunk_bwd.records_forward).
+    training_forward = "auto"
 
     def __init__(self) -> None:
         super().__init__(name="triton", priority=20, kernels=[], has_backward=True)
@@ -95,12 +101,20 @@ class TritonBackend(Backend):
         return self._chunk_fwd.chunk_fwd(problem, inputs, cfg)
 
     def scan_for_backward(self, problem: Problem, inputs: ScanInputs, configs=None):
-        """Prefill forward of a training call: (out, final state or None, the core's y or
-        None), y kept when save_y_for_backward is set and the backward's epilogue reads it
-        (chunk_fwd.chunk_fwd_saving_y, core_prep.epilogue_reads_y)."""
+        """Prefill forward of a training call: (out, final state or None, residual), the
+        residual either the recorded graph of the backward's own computation (training_forward,
+        chunk_bwd.record_forward) or the core's y, kept when save_y_for_backward is set and the
+        backward's epilogue reads it (chunk_fwd.chunk_fwd_saving_y), or None."""
         self._load()
         from .core_prep import epilogue_reads_y
 
+        mode = self.training_forward
+        if mode not in ("auto", "fused", "core"):
+            raise ValueError(f"training_forward {mode!r}: expected 'auto', 'fused' or 'core'")
+        records = mode == "core" or (mode == "auto" and self._chunk_bwd.records_forward(problem))
+        if records and problem.seqlen > 0:
+            cfg = self._config(self._chunk_bwd.SPEC, problem, configs)
+            return self._chunk_bwd.record_forward(problem, inputs, cfg)
         cfg = self._config(self._chunk_fwd.SPEC, problem, configs)
         keep = self.save_y_for_backward and epilogue_reads_y(problem, inputs)
         return self._chunk_fwd.chunk_fwd_saving_y(problem, inputs, cfg, keep)
@@ -110,8 +124,13 @@ class TritonBackend(Backend):
         residual=None,
     ):  # fmt: skip
         """Gradients of every input (see chunk_bwd.chunk_bwd): keys are ScanInputs field names and
-        'initial_state.<field>'. residual: the y of scan_for_backward, or None."""
+        'initial_state.<field>'. residual: what scan_for_backward returned, or None."""
         self._load()
+        if isinstance(residual, self._chunk_bwd.RecordedForward):
+            grads = residual.backward(inputs, grad_out, grad_state)
+            if grads is not None:
+                return grads
+            residual = None  # (its graph was used by an earlier backward: recompute)
         cfg = self._config(self._chunk_bwd.SPEC, problem, configs)
         return self._chunk_bwd.chunk_bwd(problem, inputs, grad_out, grad_state, cfg, y=residual)
 

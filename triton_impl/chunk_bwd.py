@@ -23,7 +23,10 @@ from mamba3_kernels.state import Mamba3State
 
 from . import parallel_compile
 
-__all__ = ["SPEC", "ChunkBwdConfig", "chunk_bwd", "default_config", "search_space", "constraint"]
+__all__ = [
+    "SPEC", "ChunkBwdConfig", "RecordedForward", "chunk_bwd", "record_forward", "records_forward",
+    "default_config", "search_space", "constraint",
+]  # fmt: skip
 
 _MIN_DOT = 16
 # Column splits of the core backward allowed here: on an H100 (bf16, N=128, P=64, 64-row chunks,
@@ -208,10 +211,18 @@ def _compile_ahead(problem, inputs, grad_out, grad_state, config, y) -> None:
     kernels are specialised on: the call's description without its lengths, which enter the
     kernels as integers specialised on being 1 or a multiple of 16 (a kind that compiles nothing
     new costs one extra host pass, once)."""
-    ids = (id(problem), id(config), y is None)
+    kind = ("backward", grad_out.dtype, grad_state is not None, _autograd_records(), y is None)
+    if _first_of_kind(problem, inputs, config, kind):
+        _dry_run(lambda: _chunk_bwd(problem, inputs, grad_out, grad_state, config, y))
+
+
+def _first_of_kind(problem, inputs, config, kind: tuple) -> bool:
+    """Whether this (problem, config, kind) is the first of its compile kind (see
+    _compile_ahead) and a dry run can compile it ahead."""
+    ids = (id(problem), id(config), kind)
     seen = _SEEN.get(ids)
     if seen is not None and seen[0] is problem and seen[1] is config:
-        return
+        return False
     if len(_SEEN) >= 256:
         _SEEN.clear()
     _SEEN[ids] = (problem, config)
@@ -220,20 +231,23 @@ def _compile_ahead(problem, inputs, grad_out, grad_state, config, y) -> None:
         or torch.compiler.is_compiling()
         or torch.cuda.is_current_stream_capturing()  # the dry run's PyTorch ops would be captured
     ):
-        return
+        return False
     B, L = problem.batch, problem.seqlen
     lengths = tuple((x == 1, x % 16 == 0) for x in (L, B * L, problem.nseq))
-    key = (dataclasses.replace(problem, batch=0, seqlen=0, nseq=0), lengths, config,
-           grad_out.dtype, grad_state is not None, _autograd_records(),
-           _segmented(problem, config, inputs.v.device), y is None)  # fmt: skip
+    key = (dataclasses.replace(problem, batch=0, seqlen=0, nseq=0), lengths, config, kind,
+           _segmented(problem, config, inputs.v.device))  # fmt: skip
     if key in _COMPILED_AHEAD:
-        return
+        return False
     _COMPILED_AHEAD.add(key)
+    return True
+
+
+def _dry_run(run) -> None:
     try:
         with parallel_compile.compile_only():
-            _chunk_bwd(problem, inputs, grad_out, grad_state, config, y)
+            run()
     except Exception as e:  # the real run compiles each kernel at its launch
-        warnings.warn(f"chunk_bwd: compiling the kernels ahead failed ({e})", stacklevel=3)
+        warnings.warn(f"chunk_bwd: compiling the kernels ahead failed ({e})", stacklevel=4)
 
 
 def _segmented(problem: Problem, config: ChunkBwdConfig, device: torch.device) -> tuple:
@@ -250,7 +264,10 @@ def _segmented(problem: Problem, config: ChunkBwdConfig, device: torch.device) -
     return (bwd < L, fwd < L)
 
 
-def _chunk_bwd(problem, inputs, grad_out, grad_state, config, y=None) -> dict:
+def _scan_graph(problem, inputs, config, values: bool, state: bool, y=None):
+    """The scan as a function of its floating inputs (core_prep.scan_via_core), for autograd:
+    (present, forward), present the (key, tensor) pairs it differentiates against, forward
+    their function returning (out[, angle, ssm, k, v])."""
     from .core_prep import scan_via_core
 
     present = [(n, t) for n, t in _flat(inputs) if t is not None and t.is_floating_point()]
@@ -260,30 +277,113 @@ def _chunk_bwd(problem, inputs, grad_out, grad_state, config, y=None) -> dict:
     sd = torch.float64 if inputs.q.dtype == torch.float64 else torch.float32
 
     def forward(*tensors):
-        # only the vjp is used: values=False lets it skip recomputing the core's output
-        out, st = scan_via_core(problem, _rebuild(inputs, keys, tensors), meta, values=False,
-                                state=grad_state is not None, y_saved=y)  # fmt: skip
-        if grad_state is None:
+        out, st = scan_via_core(problem, _rebuild(inputs, keys, tensors), meta, values=values,
+                                state=state, y_saved=y)  # fmt: skip
+        if not state:
             return (out,)
         return (out, st.angle.to(sd), st.ssm.to(sd), st.k.to(inputs.q.dtype),
                 st.v.to(inputs.v.dtype))  # fmt: skip
 
+    return present, forward
+
+
+def _chunk_bwd(problem, inputs, grad_out, grad_state, config, y=None) -> dict:
+    # only the vjp is used: values=False lets it skip recomputing the core's output
+    present, forward = _scan_graph(problem, inputs, config, False, grad_state is not None, y)
     cot = (grad_out,) if grad_state is None else (grad_out, *grad_state)
     if _autograd_records():
         # plain autograd: far less host time per call than a functorch vjp (ms at H=64)
         with torch.enable_grad():
             leaves = [t.detach().requires_grad_() for _, t in present]
-            pairs = [(o, c) for o, c in zip(forward(*leaves), cot, strict=True) if o.requires_grad]
-            vjps = torch.autograd.grad(
-                [o for o, _ in pairs], leaves, [c for _, c in pairs], allow_unused=True
-            )
+            vjps = _grad(forward(*leaves), leaves, cot)
     else:
         _, vjp_fn = torch.func.vjp(forward, *(t for _, t in present))
         vjps = vjp_fn(cot)
+    return _named_grads(inputs, present, vjps)
+
+
+def _grad(outputs, leaves, cot):
+    """torch.autograd.grad of the outputs that require it, with their cotangents."""
+    pairs = [(o, c) for o, c in zip(outputs, cot, strict=True) if o.requires_grad]
+    return torch.autograd.grad(
+        [o for o, _ in pairs], leaves, [c for _, c in pairs], allow_unused=True
+    )
+
+
+def _named_grads(inputs, present, vjps) -> dict:
     grads: dict = {n: None for n, _ in _flat(inputs)}
     for (n, t), g in zip(present, vjps, strict=True):
         grads[n] = None if g is None else g.to(t.dtype)
     return grads
+
+
+class RecordedForward:
+    """A training forward's autograd graph (record_forward), which the backward then runs
+    instead of recomputing its prep (angles, rotated q/k, weights) and the core's output.
+    Used once: backward() drops the graph, and a second backward of a retained outer graph
+    recomputes (chunk_bwd without it)."""
+
+    def __init__(self, present, leaves, outputs) -> None:
+        self.present, self.leaves, self.outputs = present, leaves, outputs
+
+    def backward(self, inputs: ScanInputs, grad_out, grad_state) -> dict | None:
+        """Gradients as chunk_bwd returns them, or None once the graph was used."""
+        if self.outputs is None:
+            return None
+        cot = (grad_out,) if grad_state is None else (grad_out, *grad_state)
+        with torch.enable_grad():
+            vjps = _grad(self.outputs, self.leaves, cot)
+        present = self.present
+        self.present = self.leaves = self.outputs = None  # (frees the graph's saved tensors)
+        return _named_grads(inputs, present, vjps)
+
+
+def records_forward(problem: Problem) -> bool:
+    """Whether a training forward of ``problem`` runs as record_forward rather than as the fused
+    forward plus a recomputing backward: fixed-length calls, where it was measured faster
+    (H200, bf16, H=64, N=128, P=64, SISO and MIMO R=4, with and without z: fwd+bwd -7 to
+    -12 %, bench/NOTES.md). Varlen calls, not measured, keep the fused forward."""
+    return not problem.varlen and problem.seqlen > 0
+
+
+def record_forward(
+    problem: Problem, inputs: ScanInputs, config: ChunkBwdConfig
+) -> tuple[torch.Tensor, Mamba3State | None, RecordedForward]:
+    """A training forward through the backward's own graph: the scan as prep -> rotary ->
+    core forward -> epilogue (core_prep.scan_via_core) with autograd recording, so that its
+    backward reuses what the forward made (theta, the rotated q/k, the weights) rather than
+    recomputing them. Returns (out, final state or None, the recorded graph).
+
+    Against the fused forward (chunk_fwd) plus a recomputing backward this writes the rotated
+    q and k once more and keeps them until the backward: activation memory of about twice
+    q's and k's per-head size, plus theta (B, L, H, S) fp32. Measured where it is the default
+    (TritonBackend.training_forward): bench/NOTES.md."""
+    if inputs.v.is_cuda and _first_of_kind(problem, inputs, config, ("recorded",)):
+        _dry_run(lambda: _dry_record(problem, inputs, config))
+    return _record(problem, inputs, config)
+
+
+def _dry_record(problem, inputs, config) -> None:
+    """record_forward and its backward on uninitialised cotangents, inside compile_only: the
+    forward's and the backward's kernels compile side by side."""
+    out, state, recorded = _record(problem, inputs, config)
+    grad_state = None if state is None else Mamba3State(*(torch.empty_like(t) for t in state))
+    recorded.backward(inputs, torch.empty_like(out), grad_state)
+
+
+def _record(problem, inputs, config) -> tuple:
+    present, forward = _scan_graph(problem, inputs, config, True, problem.return_final_state)
+    with torch.enable_grad():
+        leaves = [t.detach().requires_grad_() for _, t in present]
+        outputs = forward(*leaves)
+    # out may view the core's y, which no node of the graph keeps (the core's backward never
+    # reads it, and the gate, which does, writes a fresh out); the small final state is copied
+    # (theta's last row, which the graph keeps, would be a view)
+    out = outputs[0].detach()
+    state = None
+    if problem.return_final_state:
+        state = Mamba3State(*(t.detach().clone() for t in outputs[1:]))
+    return out, state, RecordedForward(present, leaves, outputs)
 
 
 def _autograd_records() -> bool:

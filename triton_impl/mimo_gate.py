@@ -24,7 +24,7 @@ from mamba3_kernels.eager_calls import apply_positional, eager_custom_op
 from .core_scan import operand_dtype
 from .parallel_compile import run_kernel
 
-__all__ = ["gated", "mimo_gate", "mimo_v_mix", "vmix_fwd"]
+__all__ = ["gated", "gate_fwd", "mimo_gate", "mimo_v_mix", "vmix_fwd"]
 
 _ROWS = 16  # rank rows (tokens x R) per step: 72 registers at R=4, P=64 (no spills)
 # Tokens per program: each program adds its (R, P) weight-gradient sums atomically once, so this
@@ -164,6 +164,82 @@ def _gate_bwd_fake(dout, y, z, mz, mo):
             e((H, R, P), dtype=f32) if mo is not None else e(0))  # fmt: skip
 
 
+@triton.jit
+def _gate_fwd_kernel(
+    y_ptr, z_ptr, mz_ptr, mo_ptr, out_ptr, T, H,
+    R: tl.constexpr, P: tl.constexpr, BT: tl.constexpr, STEPS: tl.constexpr,
+    HAS_Z: tl.constexpr, HAS_MZ: tl.constexpr, HAS_MO: tl.constexpr,
+):  # fmt: skip
+    """Grid (cdiv(T, BT * STEPS) * H,), heads fastest (see _gate_bwd_kernel). y (T, R, H, P)
+    fp32 or 16-bit; z (T, H, P); mimo_z, mimo_o (H, R, P) fp32; out (T, H, P) in its own
+    dtype: out_t = sum_r mo_r y_{t,r} silu(z_t mz_r), in fp32 and rounded once."""
+    h = tl.program_id(0) % H
+    blk = tl.program_id(0) // H
+    rows = tl.arange(0, BT * R)
+    r = rows % R
+    pp = tl.arange(0, P)[None, :]
+    w_off = (h * R + r)[:, None] * P + pp
+    if HAS_MO:
+        mo = tl.load(mo_ptr + w_off)
+    if HAS_MZ:
+        mz = tl.load(mz_ptr + w_off)
+    for step in range(STEPS):
+        t0 = (blk * STEPS + step) * BT
+        t = (t0 + rows // R).to(tl.int64)
+        valid = (t < T)[:, None]
+        y = tl.load(y_ptr + ((t * R + r) * H + h)[:, None] * P + pp, mask=valid, other=0.0)
+        yg = y.to(tl.float32)
+        if HAS_Z:
+            # (each token's z row is read by its R rank rows: cache hits after the first)
+            zr = tl.load(z_ptr + (t * H + h)[:, None] * P + pp, mask=valid, other=0.0)
+            zr = zr.to(tl.float32)
+            if HAS_MZ:
+                zr = zr * mz
+            yg = yg * zr * tl.sigmoid(zr)
+        if HAS_MO:
+            yg = yg * mo
+        out = tl.sum(tl.reshape(yg, (BT, R, P)), axis=1)
+        tt = (t0 + tl.arange(0, BT)).to(tl.int64)
+        o_off = (tt * H + h)[:, None] * P + tl.arange(0, P)[None, :]
+        tl.store(out_ptr + o_off, out.to(out_ptr.dtype.element_ty), mask=(tt < T)[:, None])
+
+
+def gate_fwd(y: Tensor, z: Tensor | None, mz: Tensor | None, mo: Tensor | None,
+             out_dtype: torch.dtype) -> Tensor:  # fmt: skip
+    """out (B, L, H, P) in ``out_dtype`` = sum_r mo_r * y_r * silu(z * mz_r) in one pass (shapes
+    as gate_bwd; fp32 arithmetic, one rounding)."""
+    B, L, R, H, P = y.shape
+    if mo is None and R != 1:
+        raise ValueError(f"the gate without mimo_o needs one rank, not {R}")
+    out = torch.empty((B, L, H, P), dtype=out_dtype, device=y.device)
+    T = B * L
+    if T == 0:
+        return out
+    bt, steps = _token_blocks(R)
+    has_mz = z is not None and mz is not None
+    run_kernel(
+        _gate_fwd_kernel, (triton.cdiv(T, bt * steps) * H,), y,
+        z if z is not None else y, mz if has_mz else y, mo if mo is not None else y, out, T, H,
+        R=R, P=P, BT=bt, STEPS=steps, HAS_Z=z is not None, HAS_MZ=has_mz,
+        HAS_MO=mo is not None, num_warps=4,
+    )  # fmt: skip
+    return out
+
+
+@eager_custom_op("mamba3_triton::mimo_gate_fwd")
+def _gate_fwd_op(
+    y: Tensor, z: Tensor | None, mz: Tensor | None, mo: Tensor | None, out_dtype: str
+) -> Tensor:
+    z = z.contiguous() if z is not None else None
+    return gate_fwd(y.contiguous(), z, mz, mo, getattr(torch, out_dtype))
+
+
+@_gate_fwd_op.register_fake
+def _gate_fwd_fake(y, z, mz, mo, out_dtype):
+    B, L, R, H, P = y.shape
+    return y.new_empty((B, L, H, P), dtype=getattr(torch, out_dtype))
+
+
 def gated(y: Tensor, z: Tensor | None, mz: Tensor | None) -> Tensor:
     """y (B, L, R, H, P) times silu(z * mz_r) (z (B, L, H, P), mz (H, R, P) or None), in
     PyTorch; y itself without z."""
@@ -175,19 +251,13 @@ def gated(y: Tensor, z: Tensor | None, mz: Tensor | None) -> Tensor:
     return y * F.silu(zr)
 
 
-def _gate_forward(y: Tensor, z: Tensor | None, mz: Tensor | None, mo: Tensor | None) -> Tensor:
-    """out (B, L, H, P) fp32 in PyTorch (see the module docstring)."""
-    y = gated(y, z, mz)
-    return (y * mo.transpose(0, 1)).sum(2) if mo is not None else y.squeeze(2)
-
-
 class _MimoGate(torch.autograd.Function):
     """The epilogue as one autograd node (setup_context style for functorch)."""
 
     @staticmethod
     def forward(y, z, mz, mo, need_value, out_dtype):
         if need_value:
-            return _gate_forward(y, z, mz, mo).to(out_dtype)
+            return _gate_fwd_op(y, z, mz, mo, str(out_dtype).replace("torch.", ""))
         # Value not wanted (a vjp-only caller): zero-strided zeros, no passes over y.
         B, L, R, H, P = y.shape
         return torch.zeros(1, dtype=out_dtype, device=y.device).expand(B, L, H, P)

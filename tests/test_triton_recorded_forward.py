@@ -1,0 +1,199 @@
+"""Training forwards recorded through the backward's own graph (chunk_bwd.record_forward, the
+Triton backend's training_forward="core"): outputs and gradients against the float64 reference
+and against the fused forward's path, the backward recomputing nothing the forward made, and a
+second backward of a retained graph (CPU under TRITON_INTERPRET=1; the model-shape check is a
+GPU test)."""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from mamba3_kernels.triton_impl import chunk_bwd as cb  # noqa: E402
+from mamba3_kernels.triton_impl import core_rotary  # noqa: E402
+
+import mamba3_kernels  # noqa: E402
+from mamba3_kernels.backend import registered_backends  # noqa: E402
+from mamba3_kernels.state import Mamba3State  # noqa: E402
+from mamba3_kernels.testing import cast_inputs, random_inputs, rel_err  # noqa: E402
+from mamba3_kernels.validate import describe  # noqa: E402
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+cpu_interpreted = pytest.mark.skipif(not INTERPRET, reason="needs TRITON_INTERPRET=1 (CPU)")
+
+
+def _inputs(rank, seed, *, z=True, init=True, cu=None, **sizes):
+    g = torch.Generator().manual_seed(seed)
+    shape = dict(batch=2 if cu is None else 1, seqlen=40, nheads=2, d_state=16, headdim=16)
+    shape.update(sizes)
+    return random_inputs(**shape, rank=rank, with_z=z, with_initial_state=init, cu_seqlens=cu,
+                         generator=g)  # fmt: skip
+
+
+def _call(inputs, backend, final, rotary, cot_seed=99, backward_twice=False):
+    """Out, final state and the gradients of every input of a loss on both (a second backward
+    of the retained graph too, with backward_twice)."""
+    leaves = [t.detach().clone().requires_grad_()
+              for t in (*inputs[:14], *(inputs.initial_state or ())) if t is not None]  # fmt: skip
+    it = iter(leaves)
+    fields = [None if t is None else next(it) for t in inputs[:14]]
+    state = Mamba3State(*(next(it) for _ in range(4))) if inputs.initial_state else None
+    res = mamba3_kernels.scan(*fields, initial_state=state, return_final_state=final,
+                              cu_seqlens=inputs.cu_seqlens, rotary=rotary,
+                              backend=backend)  # fmt: skip
+    out, st = res if final else (res, None)
+    g = torch.Generator().manual_seed(cot_seed)
+    loss = (out * torch.randn(out.shape, generator=g).to(out.dtype)).sum()
+    if st is not None:
+        loss = loss + st.ssm.sum() + st.k.square().sum() + st.v.sum() + st.angle.sin().sum()
+    grads = torch.autograd.grad(loss, leaves, retain_graph=backward_twice)
+    if backward_twice:
+        again = torch.autograd.grad(loss, leaves)
+        return out, st, grads, again
+    return out, st, grads
+
+
+def _mode(monkeypatch, mode):
+    monkeypatch.setattr(registered_backends()["triton"], "training_forward", mode)
+
+
+@cpu_interpreted
+@pytest.mark.parametrize(
+    "rank,final,z,init", [(1, True, True, True), (1, False, False, False), (2, False, True, True),
+                          (4, True, False, True)],
+)  # fmt: skip
+def test_recorded_forward_matches_reference_and_fused(rank, final, z, init, monkeypatch):
+    """Out, final state and every gradient: recorded (core) against the float64 reference, and
+    against the fused forward's path, which computes the same function."""
+    inputs = _inputs(rank, 20 + rank, z=z, init=init)
+    rotary = "halves" if rank > 1 else "interleaved"
+    _mode(monkeypatch, "core")
+    out, st, grads = _call(inputs, "triton", final, rotary)
+    _mode(monkeypatch, "fused")
+    f_out, f_st, f_grads = _call(inputs, "triton", final, rotary)
+    w_out, w_st, w_grads = _call(cast_inputs(inputs, torch.float64), "reference", final, rotary)
+    assert out.dtype == inputs.v.dtype and out.shape == w_out.shape
+    assert rel_err(out, w_out) < 1e-4 and rel_err(out, f_out) < 1e-4
+    if final:
+        for name, a, b, w in zip(Mamba3State._fields, st, f_st, w_st, strict=True):
+            assert a.dtype == b.dtype and a.shape == b.shape, name
+            if name == "angle":  # (the kernels keep it reduced modulo 2 pi)
+                a, w = torch.stack((a.cos(), a.sin())), torch.stack((w.cos(), w.sin()))
+            assert rel_err(a, w) < 1e-4, (name, rel_err(a, w))
+    assert len(grads) == len(f_grads) == len(w_grads)
+    for i, (a, b, w) in enumerate(zip(grads, f_grads, w_grads, strict=True)):
+        assert a.dtype == b.dtype, i
+        assert rel_err(a, w) < 1e-4, (i, rel_err(a, w))
+        assert rel_err(a, b) < 1e-4, (i, rel_err(a, b))
+
+
+@cpu_interpreted
+def test_recorded_backward_recomputes_nothing(monkeypatch):
+    """One rotary forward and one angle scan per training call, both in the forward (the fused
+    path's backward runs them again); the backward launches no core forward."""
+    inputs = _inputs(1, 5)
+    counts = {"rot": 0, "angle": 0, "core_fwd": 0}
+
+    def counting(name, fn):
+        return lambda *a, **k: counts.__setitem__(name, counts[name] + 1) or fn(*a, **k)
+
+    monkeypatch.setattr(core_rotary, "_rotary_fwd_op",
+                        counting("rot", core_rotary._rotary_fwd_op))  # fmt: skip
+    monkeypatch.setattr(core_rotary, "_angle_fwd_op",
+                        counting("angle", core_rotary._angle_fwd_op))  # fmt: skip
+    monkeypatch.setattr(core_rotary, "_core_fwd_op",
+                        counting("core_fwd", core_rotary._core_fwd_op))  # fmt: skip
+    _mode(monkeypatch, "core")
+    leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in inputs[:14]]
+    out = mamba3_kernels.scan(*leaves, rotary="interleaved", backend="triton")
+    assert counts == {"rot": 1, "angle": 1, "core_fwd": 1}
+    out.sum().backward()
+    assert counts == {"rot": 1, "angle": 1, "core_fwd": 1}
+    assert all(t.grad is not None for t in leaves if t is not None)
+
+
+@cpu_interpreted
+def test_second_backward_of_a_retained_graph(monkeypatch):
+    """The recorded graph serves one backward; a second one (retain_graph) recomputes and gives
+    the same gradients."""
+    inputs = _inputs(2, 8)
+    _mode(monkeypatch, "core")
+    _, _, first, second = _call(inputs, "triton", True, "halves", backward_twice=True)
+    for a, b in zip(first, second, strict=True):
+        assert rel_err(a, b) < 1e-5
+
+
+@cpu_interpreted
+def test_loss_on_the_final_state_only(monkeypatch):
+    """Absent output gradient (zero-filled), recorded path: the reference's gradients."""
+    inputs = _inputs(1, 9)
+    got = []
+    for backend, x in (("triton", inputs), ("reference", cast_inputs(inputs, torch.float64))):
+        _mode(monkeypatch, "core")
+        leaves = [t.detach().clone().requires_grad_() for t in (*x[:14], *x.initial_state)
+                  if t is not None]  # fmt: skip
+        it = iter(leaves)
+        fields = [None if t is None else next(it) for t in x[:14]]
+        state = Mamba3State(*(next(it) for _ in range(4)))
+        _, st = mamba3_kernels.scan(*fields, initial_state=state, return_final_state=True,
+                                    rotary="interleaved", backend=backend)  # fmt: skip
+        got.append(torch.autograd.grad(st.ssm.sum() + st.k.square().sum(), leaves,
+                                       allow_unused=True))  # fmt: skip
+    for a, b in zip(*got, strict=True):
+        if b is None or not b.any():
+            assert a is None or not a.any()
+        else:
+            assert rel_err(a, b) < 1e-4
+
+
+def test_which_calls_record():
+    """ "auto" records fixed-length calls; varlen (not measured) and empty calls run fused; an
+    unknown mode is an error naming the choices."""
+    fixed = describe(_inputs(1, 1), False, "interleaved", False, None)
+    varlen = describe(_inputs(1, 1, cu=[0, 9, 40]), False, "interleaved", False, None)
+    empty = describe(_inputs(1, 1, seqlen=0), False, "interleaved", False, None)
+    assert cb.records_forward(fixed)
+    assert not cb.records_forward(varlen) and not cb.records_forward(empty)
+
+
+@cpu_interpreted
+def test_unknown_training_forward_is_an_error(monkeypatch):
+    inputs = _inputs(1, 2)
+    _mode(monkeypatch, "fast")
+    leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in inputs[:14]]
+    with pytest.raises(ValueError, match="'auto', 'fused' or 'core'"):
+        mamba3_kernels.scan(*leaves, rotary="interleaved", backend="triton")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rank", [1, 4])
+def test_recorded_forward_on_gpu(rank, monkeypatch):
+    """Model shape (B=2, L=4096, H=32, N=128, P=64, S=32), bf16: the recorded path's out and
+    gradients against the fused path's (the same function, different roundings) and the fp32
+    reference's out."""
+    sizes = dict(batch=2, seqlen=4096, nheads=32, d_state=128, headdim=64, n_angles=32)
+    inputs = cast_inputs(_inputs(rank, 3, **sizes), torch.bfloat16, "cuda")
+    rotary = "halves" if rank > 1 else "interleaved"
+    results = {}
+    for mode in ("core", "fused"):
+        _mode(monkeypatch, mode)
+        results[mode] = _call(inputs, "triton", True, rotary)
+    (out, st, grads), (f_out, f_st, f_grads) = results["core"], results["fused"]
+    ref = cast_inputs(inputs, torch.float32)
+    w_out, _ = mamba3_kernels.scan(
+        *ref[:14],
+        initial_state=ref.initial_state,
+        return_final_state=True,
+        rotary=rotary,
+        backend="reference",
+    )
+    assert rel_err(out, w_out) < 2e-2 and rel_err(out, f_out) < 2e-2
+    for name, a, b in zip(Mamba3State._fields, st, f_st, strict=True):
+        if name == "angle":  # (reduced modulo 2 pi: compare the rotations)
+            a, b = torch.stack((a.cos(), a.sin())), torch.stack((b.cos(), b.sin()))
+        assert rel_err(a, b) < 2e-2, name
+    for i, (a, b) in enumerate(zip(grads, f_grads, strict=True)):
+        assert rel_err(a, b) < 2e-2, (i, rel_err(a, b))
