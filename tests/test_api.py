@@ -178,10 +178,20 @@ def test_eager_no_grad_path_matches_op_and_owns_outputs():
     assert all(torch.equal(p, q) for p, q in zip(sa, sb, strict=True))
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton"])
-def test_eager_autograd_path_skips_op_dispatch_and_matches_op(backend):
+@pytest.mark.parametrize(
+    "backend,training_forward", [("reference", None), ("triton", "fused"), ("triton", "auto")]
+)
+def test_eager_autograd_path_skips_op_dispatch_and_matches_op(backend, training_forward,
+                                                               monkeypatch):  # fmt: skip
     # Eager calls that autograd records run the op's autograd without its dispatch
-    # (ops.scan_autograd): the same values and gradients as the op, with a final state.
+    # (ops.scan_autograd): the same values and gradients as the op, with a final state. (The
+    # Triton backend's default training forward records the backward's own graph, another
+    # algorithm than the op's fused forward: equal to rounding, not to the bit.)
+    if training_forward is not None:
+        from mamba3_kernels.backend import registered_backends
+
+        monkeypatch.setattr(registered_backends()["triton"], "training_forward", training_forward)
+    exact = training_forward != "auto"
     x = random_inputs(batch=2, seqlen=9, nheads=2, d_state=32, headdim=16,
                       with_initial_state=True, dtype=torch.float32)  # fmt: skip
 
@@ -197,7 +207,8 @@ def test_eager_autograd_path_skips_op_dispatch_and_matches_op(backend):
     assert not any(ev.key == "mamba3::scan" for ev in prof.key_averages())
     fb, sb = leaves()
     out_b, *fin_b = torch.ops.mamba3.scan(*fb, *sb, None, True, "interleaved", 0, backend)
-    torch.testing.assert_close(out_a, out_b, rtol=0, atol=0)
+    tol = 0 if exact else 1e-5
+    torch.testing.assert_close(out_a, out_b, rtol=tol, atol=tol)
     weight = torch.randn_like(out_a)
     wssm = torch.randn_like(fin_a.ssm)
     la = (out_a * weight).sum() + (fin_a.ssm * wssm).sum()
@@ -205,4 +216,4 @@ def test_eager_autograd_path_skips_op_dispatch_and_matches_op(backend):
     ga = torch.autograd.grad(la, [t for t in fa if t is not None] + sa)
     gb = torch.autograd.grad(lb, [t for t in fb if t is not None] + sb)
     for p, q in zip(ga, gb, strict=True):
-        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(p, q, rtol=1e-6 if exact else 1e-4, atol=1e-6 if exact else 1e-4)

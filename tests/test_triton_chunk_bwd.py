@@ -246,7 +246,8 @@ def test_core_ops_schema_and_fakes(with_D, vr_dtype, split_n):
     utils = ("test_schema", "test_faketensor")
     fwd = (qr, kr, vr, adt, w, gam, None, None, 8, "float32", 4, 1, 1, D)
     torch.library.opcheck(torch.ops.mamba3_triton.core_fwd.default, fwd, test_utils=utils)
-    y, _ = torch.ops.mamba3_triton.core_fwd(*fwd)
+    y, _, kept = torch.ops.mamba3_triton.core_fwd(*fwd)
+    assert kept.shape == (0,)  # (no segment states kept unless asked for)
     assert y.dtype == vr_dtype  # (16-bit vr: a 16-bit y; fp32 otherwise)
     bwd = (vr, None, qr, kr, vr, adt, w, gam, None, None, 8, "float32", 4, 1, 1, split_n, D)
     torch.library.opcheck(torch.ops.mamba3_triton.core_bwd.default, bwd, test_utils=utils)
@@ -484,7 +485,12 @@ def test_no_kernel_reads_uninitialised_memory(rank, final, cu, monkeypatch):
 @cpu_interpreted
 def test_compiled_backward_matches_eager(monkeypatch):
     """Under torch.compile the backward runs inside the mamba3::scan_bwd op (functorch vjp);
-    eagerly it runs from the scan's autograd backward (plain autograd). Same gradients."""
+    eagerly, with the fused training forward, it runs from the scan's autograd backward (plain
+    autograd). Same gradients (and the default recorded training forward's, to rounding)."""
+    from mamba3_kernels.backend import registered_backends
+
+    backend = registered_backends()["triton"]
+    monkeypatch.setattr(backend, "training_forward", "fused")
     paths = []
     probe = cb._autograd_records
     monkeypatch.setattr(cb, "_autograd_records", lambda: paths.append(probe()) or paths[-1])
@@ -500,6 +506,9 @@ def test_compiled_backward_matches_eager(monkeypatch):
     assert len(got) == len(eager) == 15
     for a, b in zip(got, eager, strict=True):
         assert rel_err(a, b) < 1e-6
+    monkeypatch.setattr(backend, "training_forward", "auto")
+    for a, b in zip(_grads_through_api(inputs, "triton", True), got, strict=True):
+        assert rel_err(a, b) < 1e-4
 
 
 def test_default_configs_are_valid():

@@ -175,7 +175,9 @@ def test_recorded_forward_on_gpu(rank, monkeypatch):
     gradients against the fused path's (the same function, different roundings) and the fp32
     reference's out."""
     sizes = dict(batch=2, seqlen=4096, nheads=32, d_state=128, headdim=64, n_angles=32)
-    inputs = cast_inputs(_inputs(rank, 3, **sizes), torch.bfloat16, "cuda")
+    g = torch.Generator().manual_seed(3)
+    inputs = random_inputs(**sizes, rank=rank, dtype=torch.bfloat16, device="cuda",
+                           with_initial_state=True, generator=g)  # fmt: skip
     rotary = "halves" if rank > 1 else "interleaved"
     results = {}
     for mode in ("core", "fused"):
@@ -197,3 +199,39 @@ def test_recorded_forward_on_gpu(rank, monkeypatch):
         assert rel_err(a, b) < 2e-2, name
     for i, (a, b) in enumerate(zip(grads, f_grads, strict=True)):
         assert rel_err(a, b) < 2e-2, (i, rel_err(a, b))
+
+
+@cpu_interpreted
+@pytest.mark.parametrize("rank", [1, 2])
+def test_backward_reuses_the_forward_segment_states(rank, monkeypatch):
+    """With segments (given here: the CPU picks none), the recorded forward walks the backward's
+    segments, keeps their entering states, and the backward computes only its state gradients'
+    (one reverse contribution sweep): gradients as the recomputing backward's."""
+    from mamba3_kernels.triton_impl import core_segments
+
+    inputs = _inputs(rank, 30 + rank, seqlen=80)  # (three segments, the last one partial)
+    rotary = "halves" if rank > 1 else "interleaved"
+    problem = describe(inputs, False, rotary, True, None)
+    config = cb.ChunkBwdConfig(chunk_size=16 // rank, num_warps=4, segment=32,
+                               fwd_chunk_size=32 // rank)  # fmt: skip
+    firsts = []
+    real = core_segments.segment_states
+    monkeypatch.setattr(core_segments, "segment_states",
+                        lambda *a, **k: firsts.append(a[-1] if len(a) > 14 else k.get("s_in"))
+                        or real(*a, **k))  # fmt: skip
+    out, state, recorded = cb.record_forward(problem, inputs, config)
+    assert len(firsts) == 1 and firsts[0] is None  # the forward's states (both from zero)
+    g = torch.Generator().manual_seed(1)
+    grad_out = torch.randn(out.shape, generator=g)
+    grad_state = Mamba3State(*(torch.randn(t.shape, generator=g) for t in state))
+    got = recorded.backward(inputs, grad_out, grad_state)
+    assert len(firsts) == 2 and firsts[1] is not None  # the backward reused them
+    want = cb.chunk_bwd(problem, inputs, grad_out, grad_state, config)
+    # (its recompute of y, which z reads, shares its states with its backward the same way)
+    assert len(firsts) == 4 and firsts[2] is None and firsts[3] is not None
+    assert got.keys() == want.keys()
+    for key, a in got.items():
+        b = want[key]
+        assert (a is None) == (b is None), key
+        if a is not None:
+            assert rel_err(a, b) < 1e-5, (key, rel_err(a, b))

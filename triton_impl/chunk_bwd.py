@@ -358,6 +358,9 @@ def record_forward(
     q and k once more and keeps them until the backward: activation memory of about twice
     q's and k's per-head size, plus theta (B, L, H, S) fp32. Measured where it is the default
     (TritonBackend.training_forward): bench/NOTES.md."""
+    reason = constraint(problem, config, None)
+    if reason is not None:
+        raise ValueError(f"chunk_bwd config {config}: {reason}")
     if inputs.v.is_cuda and _first_of_kind(problem, inputs, config, ("recorded",)):
         _dry_run(lambda: _dry_record(problem, inputs, config))
     return _record(problem, inputs, config)

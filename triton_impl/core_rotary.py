@@ -758,9 +758,14 @@ class _RotCore(torch.autograd.Function):
                 dot_dtype, nw, ns, nseq, split_n, segment, fwd_chunk):  # fmt: skip
         op_dtype = dot_dtype if dot_dtype in ("bfloat16", "float16") else "float32"
         qr, kr = _rotary_fwd_op(q, k, qb, kb, theta, halves, op_dtype, True)
+        states = qr.new_empty((0,), dtype=torch.float32)  # (segment states kept for backward)
         if need_y:
-            y, sf = _core_fwd_op(qr, kr, vr, adt, w, gam, _pair_major(s0, halves), cu, fwd_chunk,
-                                 dot_dtype, nw, ns, nseq, D, segment)  # fmt: skip
+            state_seg = _shared_segment(qr.shape, cu, nseq, split_n, chunk, nw, segment,
+                                        fwd_chunk, qr.device)  # fmt: skip
+            y, sf, states = _core_fwd_op(
+                qr, kr, vr, adt, w, gam, _pair_major(s0, halves), cu, fwd_chunk, dot_dtype, nw,
+                ns, nseq, D, segment, chunk if state_seg else 0, state_seg,
+            )  # fmt: skip
             sf = _pair_major(sf, halves, back=True)
         else:
             # Values not wanted (see rot_core_scan): zero-strided zeros, no launch, no memory.
@@ -770,12 +775,12 @@ class _RotCore(torch.autograd.Function):
             zero = torch.zeros(1, dtype=torch.float32, device=q.device)
             y = zero.to(vr.dtype).expand(B, L, R, H, vr.shape[-1])
             sf = zero.expand(nseq, H, vr.shape[-1], N)
-        return y, sf, qr, kr
+        return y, sf, qr, kr, states
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(*inputs[:12], output[2], output[3])
-        ctx.mark_non_differentiable(output[2], output[3])
+        ctx.save_for_backward(*inputs[:12], *output[2:5])
+        ctx.mark_non_differentiable(*output[2:5])
         # Unused outputs get None, not zero-filled gradients: qr/kr's would be two per-head
         # (B, L, R, H, N) fills per backward, and a zero dS_final is no final-state gradient.
         ctx.set_materialize_grads(False)
@@ -783,8 +788,8 @@ class _RotCore(torch.autograd.Function):
         ctx.flags = inputs[14:-1]  # (the backward's; the forward chunk is the recompute's)
 
     @staticmethod
-    def backward(ctx, dy, dsf, _dqr, _dkr):
-        q, k, qb, kb, theta, vr, adt, w, gam, s0, D, cu, qr, kr = ctx.saved_tensors
+    def backward(ctx, dy, dsf, _dqr, _dkr, _states):
+        q, k, qb, kb, theta, vr, adt, w, gam, s0, D, cu, qr, kr, states = ctx.saved_tensors
         if dy is None:
             dy = torch.zeros(vr.shape, dtype=operand_dtype(vr.dtype), device=vr.device)
         *flags, segment = ctx.flags
@@ -795,6 +800,7 @@ class _RotCore(torch.autograd.Function):
         dqr, dkr, dv, dadt, dw, dg, ds0, dD, dth_core = _core_bwd_op(
             dy.contiguous(), _pair_major(dsf, hv), qr, kr, vr, adt, w, gam, _pair_major(s0, hv),
             cu, *flags, D=D, segment=segment, n_angles=n_angles, halves=True,
+            s_in=states if states.numel() else None,
         )  # fmt: skip
         ds0 = _pair_major(ds0, hv, back=True)
         xr_dtype = str(qr.dtype).replace("torch.", "")
@@ -806,6 +812,20 @@ class _RotCore(torch.autograd.Function):
                 dadt.to(adt.dtype), dw.to(w.dtype), dg.to(gam.dtype),
                 ds0 if s0 is not None else None, dD if D is not None else None,
                 *([None] * 11))  # fmt: skip
+
+
+def _shared_segment(shape, cu, nseq: int, split_n: int, chunk: int, num_warps: int,
+                    segment: int, fwd_chunk: int, device) -> int:  # fmt: skip
+    """Tokens per segment of the core backward for this call when the core forward can walk the
+    same segments and keep their entering states for it (core_scan.core_fwd's states): a
+    segmented (B, L) call whose backward segments are whole forward chunks; else 0."""
+    from .core_segments import bwd_segment_len
+
+    L, H = shape[1], shape[3]
+    if cu is not None or L == 0:
+        return 0
+    seg = bwd_segment_len(L, nseq, H, split_n, chunk, num_warps, segment, device)
+    return seg if seg < L and seg % fwd_chunk == 0 else 0
 
 
 def rot_core_scan(
@@ -831,7 +851,7 @@ def rot_core_scan(
         name = "float32"
     args = [x.contiguous() if x is not None else None
             for x in (q, k, qb, kb, theta, vr, adt, w, gam, s0, D)]  # fmt: skip
-    y, sf, _, _ = apply_positional(_RotCore, *args, cu_seqlens, halves, need_y, chunk, name,
+    y, sf, *_ = apply_positional(_RotCore, *args, cu_seqlens, halves, need_y, chunk, name,
                                    num_warps, num_stages, nseq, split_n, segment,
                                    fwd_chunk)  # fmt: skip
     return y, sf

@@ -532,13 +532,20 @@ def _consts(R: int, N: int, P: int, chunk: int, varlen: bool, dot_dtype: torch.d
     )
 
 
-def core_fwd(qr, kr, vr, adt, w, gam, s0, cu_seqlens, meta, D=None):
+def core_fwd(qr, kr, vr, adt, w, gam, s0, cu_seqlens, meta, D=None, states=None):
     """Core forward. qr, kr (B, L, R, H, N), vr (B, L, R, H, P) (fp32 or the dot dtype);
     adt, w, gam (B, H, L) fp32; s0 (nseq, H, P, N) fp32 or None; cu_seqlens (nseq+1,) int32 or
     None; D (H,) fp32 or None (the skip: y += D[h] vr). meta = (chunk, dot_dtype, num_warps,
     num_stages, nseq[, segment]) (segment: tokens per segment of the walks, 0 chosen for the
     device, core_segments.segment_len; ignored with cu_seqlens). Returns y (B, L, R, H, P) in
-    operand_dtype(vr.dtype) and S_final (nseq, H, P, N) fp32."""
+    operand_dtype(vr.dtype) and S_final (nseq, H, P, N) fp32.
+
+    states = (chunk, segment), for a forward whose backward will read its segment states: the
+    walks take that many tokens per segment (the backward's, core_segments.bwd_segment_len),
+    and the states entering the segments are computed on chunks of that many tokens (the
+    backward's), which makes them the ones the backward would compute itself (the same rounded
+    operands: see the module docstring). They are then a third result, (nseq, H, nseg, P, N)
+    fp32, or an empty (0,) tensor when the call has no segments (varlen, or one segment)."""
     from .core_segments import fwd_segment_len, segment_states  # (it imports this module)
 
     chunk, dot_dtype, num_warps, num_stages, nseq = meta[:5]
@@ -551,18 +558,24 @@ def core_fwd(qr, kr, vr, adt, w, gam, s0, cu_seqlens, meta, D=None):
     # each at 16K tokens)
     y = torch.empty((B, L, R, H, P), dtype=operand_dtype(vr.dtype), device=qr.device)
     sf = torch.empty((nseq, H, P, N), dtype=torch.float32, device=qr.device)
+    kept = qr.new_empty((0,), dtype=torch.float32)
+    result = (y, sf) if states is None else (y, sf, kept)
     if L == 0:
         sf.copy_(s0 if s0 is not None else torch.zeros_like(sf))
-        return y, sf
+        return result
     dummy = adt
     consts = _consts(R, N, P, chunk, cu_seqlens is not None, dot_dtype)
-    seg = L
-    if cu_seqlens is None:
+    seg, state_consts = L, consts
+    if cu_seqlens is None and states is not None:
+        seg = states[1]
+        state_consts = _consts(R, N, P, states[0], False, dot_dtype)
+    elif cu_seqlens is None:
         seg = fwd_segment_len(L, nseq, H, chunk, num_warps, segment, qr.device)
     s_in, nseg = dummy, 1
     if seg < L:
-        s_in, _, nseg = segment_states(qr, kr, vr, adt, w, gam, s0, None, None, consts, nseq,
-                                       seg, num_warps, 1)  # fmt: skip
+        s_in, _, nseg = segment_states(qr, kr, vr, adt, w, gam, s0, None, None, state_consts,
+                                       nseq, seg, num_warps, 1)  # fmt: skip
+        result = (y, sf) if states is None else (y, sf, s_in)
     run_kernel(
         _core_fwd_kernel, (nseq * H * nseg,), qr, kr, vr, adt, w, gam,
         s0 if s0 is not None else dummy,
@@ -572,10 +585,11 @@ def core_fwd(qr, kr, vr, adt, w, gam, s0, cu_seqlens, meta, D=None):
         HAS_S0=s0 is not None, HAS_SF=True, HAS_D=D is not None, SEGMENTED=nseg > 1,
         **consts, num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
-    return y, sf
+    return result
 
 
-def core_bwd(qr, kr, vr, adt, w, gam, s0, cu_seqlens, meta, dy, dsf, D=None, rotary=None):
+def core_bwd(qr, kr, vr, adt, w, gam, s0, cu_seqlens, meta, dy, dsf, D=None, rotary=None,
+             s_in=None):  # fmt: skip
     """Core backward: gradients of (qr, kr, vr, adt, w, gam, s0, D) given dy (B, L, R, H, P)
     (fp32 or 16-bit) and dsf (nseq, H, P, N) or None. All gradients fp32 but vr's, which is in
     vr's dtype when split_n = 1 (stored once, no fp32 copy to cast; with the column split its
@@ -588,7 +602,8 @@ def core_bwd(qr, kr, vr, adt, w, gam, s0, cu_seqlens, meta, dy, dsf, D=None, rot
     programs per sweep and head, each owning N / split_n state columns (their partial sums over
     N are added atomically, so the result's rounding may differ from run to run); segment:
     tokens per segment of the sweeps (0: chosen for the device, core_segments.segment_len;
-    ignored with cu_seqlens)."""
+    ignored with cu_seqlens). s_in: the segment states the core forward kept for this backward
+    (core_fwd's states, on this call's chunk and segments), or None (or empty: computed here)."""
     from .core_segments import bwd_segment_len, segment_states  # (it imports this module)
 
     chunk, dot_dtype, num_warps, num_stages, nseq = meta[:5]
@@ -626,11 +641,15 @@ def core_bwd(qr, kr, vr, adt, w, gam, s0, cu_seqlens, meta, dy, dsf, D=None, rot
         seg = L
         if cu_seqlens is None:
             seg = bwd_segment_len(L, nseq, H, split_n, chunk, num_warps, segment, dev)
-        s_in = ds_out = dummy
+        ds_out = dummy
         nseg = 1
         if seg < L:
+            nseg = -(-L // seg)
+            kept = s_in if s_in is not None and s_in.dim() == 5 and s_in.shape[2] == nseg else None
             s_in, ds_out, nseg = segment_states(qr, kr, vr, adt, w, gam, s0, dsf, dy, consts,
-                                                nseq, seg, num_warps, split_n)  # fmt: skip
+                                                nseq, seg, num_warps, split_n, kept)  # fmt: skip
+        else:
+            s_in = dummy
         run_kernel(
             _core_bwd_kernel, (nseq * H * nseg, 2, split_n), qr, kr, vr, adt, w, gam,
             s0 if s0 is not None else dummy,
@@ -709,19 +728,29 @@ def _core_fwd_op(
     nseq: int,
     D: Tensor | None = None,
     segment: int = 0,
-) -> tuple[Tensor, Tensor]:
+    state_chunk: int = 0,
+    state_segment: int = 0,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """core_fwd: (y, S_final, the segment states kept for the backward), the last an empty
+    tensor unless state_chunk > 0 (core_fwd's states=(state_chunk, state_segment))."""
     meta = (chunk, _DTYPES[dot_dtype], num_warps, num_stages, nseq, segment)
-    return core_fwd(qr, kr, vr, adt, w, gam, s0, cu_seqlens, meta, D)
+    if state_chunk > 0:
+        return core_fwd(qr, kr, vr, adt, w, gam, s0, cu_seqlens, meta, D,
+                        states=(state_chunk, state_segment))  # fmt: skip
+    y, sf = core_fwd(qr, kr, vr, adt, w, gam, s0, cu_seqlens, meta, D)
+    return y, sf, qr.new_empty((0,), dtype=torch.float32)
 
 
 @_core_fwd_op.register_fake
 def _core_fwd_fake(qr, kr, vr, adt, w, gam, s0, cu_seqlens, chunk, dot_dtype, nw, ns, nseq,
-                   D=None, segment=0):  # fmt: skip
+                   D=None, segment=0, state_chunk=0, state_segment=0):  # fmt: skip
     B, L, R, H, N = qr.shape
     P = vr.shape[-1]
     f32 = torch.float32
     y = qr.new_empty((B, L, R, H, P), dtype=operand_dtype(vr.dtype))
-    return y, qr.new_empty((nseq, H, P, N), dtype=f32)
+    kept = cu_seqlens is None and state_chunk > 0 and 0 < state_segment < L
+    states = (nseq, H, -(-L // state_segment), P, N) if kept else (0,)
+    return y, qr.new_empty((nseq, H, P, N), dtype=f32), qr.new_empty(states, dtype=f32)
 
 
 @eager_custom_op("mamba3_triton::core_bwd")
@@ -746,17 +775,19 @@ def _core_bwd_op(
     segment: int = 0,
     n_angles: int = 0,
     halves: bool = False,
+    s_in: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """core_bwd; n_angles > 0 passes rotary=(n_angles, halves) (d theta in the kernel)."""
+    """core_bwd; n_angles > 0 passes rotary=(n_angles, halves) (d theta in the kernel); s_in:
+    the segment states the core forward kept (core_bwd's s_in)."""
     meta = (chunk, _DTYPES[dot_dtype], num_warps, num_stages, nseq, split_n, segment)
     rotary = (n_angles, halves) if n_angles > 0 else None
-    return core_bwd(qr, kr, vr, adt, w, gam, s0, cu_seqlens, meta, dy, dsf, D, rotary)
+    return core_bwd(qr, kr, vr, adt, w, gam, s0, cu_seqlens, meta, dy, dsf, D, rotary, s_in)
 
 
 @_core_bwd_op.register_fake
 def _core_bwd_fake(dy, dsf, qr, kr, vr, adt, w, gam, s0, cu_seqlens, chunk, dot_dtype, num_warps,
-                   num_stages, nseq, split_n=1, D=None, segment=0, n_angles=0,
-                   halves=False):  # fmt: skip
+                   num_stages, nseq, split_n=1, D=None, segment=0, n_angles=0, halves=False,
+                   s_in=None):  # fmt: skip
     B, L, R, H, N = qr.shape
     P = vr.shape[-1]
     f32 = torch.float32
@@ -776,8 +807,9 @@ class _CoreScan(torch.autograd.Function):
 
     @staticmethod
     def forward(qr, kr, vr, adt, w, gam, s0, cu_seqlens, chunk, dot_dtype, nw, ns, nseq):
-        return _core_fwd_op(qr, kr, vr, adt, w, gam, s0, cu_seqlens, chunk, dot_dtype, nw, ns,
-                            nseq)  # fmt: skip
+        y, sf, _ = _core_fwd_op(qr, kr, vr, adt, w, gam, s0, cu_seqlens, chunk, dot_dtype, nw,
+                                ns, nseq)  # fmt: skip
+        return y, sf
 
     @staticmethod
     def setup_context(ctx, inputs, output):

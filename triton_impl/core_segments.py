@@ -95,15 +95,16 @@ def _contrib_kernel(
     L, H, NSEG, SEG,
     N: tl.constexpr, P: tl.constexpr, R: tl.constexpr, C: tl.constexpr,
     DOTK: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, NS: tl.constexpr,
-    FAST: tl.constexpr,
+    FAST: tl.constexpr, FIRST: tl.constexpr,
 ):  # fmt: skip
-    """Grid (nseq * H * NSEG, 2, NS): axis 1 picks the state (0) or the state gradient (1),
-    axis 2 a block of N / NS state columns. Writes the segment's contribution started from zero
-    into fwd / rev (nseq, H, NSEG, P, N) fp32 and (first column block) its summed log-decay into
-    dec (nseq, H, NSEG): from the forward sweep but for the last segment, which has no forward
-    contribution (nothing follows it), from its reverse sweep."""
+    """Grid (nseq * H * NSEG, 2 - FIRST, NS): axis 1 + FIRST picks the state (0) or the state
+    gradient (1), axis 2 a block of N / NS state columns. Writes the segment's contribution
+    started from zero into fwd / rev (nseq, H, NSEG, P, N) fp32 and (first column block) its
+    summed log-decay into dec (nseq, H, NSEG): from the forward sweep but for the last
+    segment, which has no forward contribution (nothing follows it), from its reverse sweep
+    (with FIRST = 1, no forward sweep, every segment's from its reverse sweep)."""
     pid = tl.program_id(0)
-    sweep = tl.program_id(1)
+    sweep = tl.program_id(1) + FIRST
     NB: tl.constexpr = N // NS
     n0 = tl.program_id(2) * NB
     seg = pid % NSEG
@@ -148,7 +149,9 @@ def _contrib_kernel(
             decay += c_last
         tl.store(rev_ptr + off, x)
         if n0 == 0:
-            if seg == NSEG - 1:
+            # (without the forward sweep, FIRST = 1, every segment's decay but the unused
+            # first one's, which the reverse pass does not read)
+            if seg == NSEG - 1 or FIRST == 1:
                 tl.store(dec_ptr + sh.to(tl.int64) * NSEG + seg, decay)
 
 
@@ -156,12 +159,14 @@ def _contrib_kernel(
 def _pass_kernel(
     fwd_ptr, rev_ptr, dec_ptr, s0_ptr, dsf_ptr, NSEG,
     PN: tl.constexpr, BLOCK: tl.constexpr, HAS_S0: tl.constexpr, HAS_DSF: tl.constexpr,
+    FIRST: tl.constexpr,
 ):  # fmt: skip
-    """Grid (nseq * H, 2, PN / BLOCK): in place, fwd's contributions become the state entering
-    each segment (from s0) and rev's the state gradient at each segment's end (from dS_final):
-    S_in[s + 1] = exp(dec[s]) S_in[s] + fwd[s], dS_out[s - 1] = exp(dec[s]) dS_out[s] + rev[s]."""
+    """Grid (nseq * H, 2 - FIRST, PN / BLOCK) (axis 1 + FIRST: the sweep): in place, fwd's
+    contributions become the state entering each segment (from s0) and rev's the state
+    gradient at each segment's end (from dS_final): S_in[s + 1] = exp(dec[s]) S_in[s] + fwd[s],
+    dS_out[s - 1] = exp(dec[s]) dS_out[s] + rev[s]."""
     sh = tl.program_id(0).to(tl.int64)
-    sweep = tl.program_id(1)
+    sweep = tl.program_id(1) + FIRST
     idx = tl.program_id(2) * BLOCK + tl.arange(0, BLOCK)
     base = sh * NSEG * PN + idx
     # (the last segment's fwd and the first segment's rev contributions are not computed)
@@ -190,32 +195,38 @@ def _pass_kernel(
 
 def segment_states(
     qr, kr, vr, adt, w, gam, s0, dsf, dy, consts: dict, nseq: int, seg: int, num_warps: int,
-    split_n: int,
+    split_n: int, s_in: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, int]:  # fmt: skip
     """(S_in, dS_out, nseg): the state entering each segment of ``seg`` tokens and the state
     gradient at each segment's end, both (nseq, H, nseg, P, N) fp32, for a (B, L) call of the
     core backward (operands as core_scan.core_bwd takes them; consts: its kernels' constants).
-    dy None (the core forward): S_in only, dS_out None."""
+    dy None (the core forward): S_in only, dS_out None. s_in: the S_in of an earlier call on
+    the same operands, chunk and segments (the core forward's, core_scan.core_fwd's
+    state_chunk): only dS_out is computed, and s_in returned."""
     B, L, R, H, N = qr.shape
     P = vr.shape[-1]
     nseg = -(-L // seg)
+    first = 1 if s_in is not None else 0  # the first sweep to run (0: the states, 1: dS)
     sweeps = 1 if dy is None else 2
     dev = qr.device
     f32 = torch.float32
-    fwd = torch.empty((nseq, H, nseg, P, N), dtype=f32, device=dev)
+    fwd = s_in if s_in is not None else torch.empty((nseq, H, nseg, P, N), dtype=f32, device=dev)
     rev = torch.empty_like(fwd) if sweeps == 2 else None
     dec = torch.empty((nseq, H, nseg), dtype=f32, device=dev)
     dummy = dec
     c = {k: consts[k] for k in ("N", "P", "R", "C", "DOTK", "DOT_PREC", "UPCAST", "FAST")}
+    # (with s_in only the reverse sweeps run: each segment's decay then comes from its own)
     run_kernel(
-        _contrib_kernel, (nseq * H * nseg, sweeps, split_n), qr, kr, vr, adt, w, gam,
+        _contrib_kernel, (nseq * H * nseg, sweeps - first, split_n), qr, kr, vr, adt, w, gam,
         dy if dy is not None else dummy, fwd, rev if rev is not None else dummy, dec, L, H,
-        nseg, seg, **c, NS=split_n, num_warps=num_warps, num_stages=_CONTRIB_STAGES,
+        nseg, seg, **c, NS=split_n, FIRST=first, num_warps=num_warps,
+        num_stages=_CONTRIB_STAGES,
     )  # fmt: skip
     block = min(P * N, 1024)
     run_kernel(
-        _pass_kernel, (nseq * H, sweeps, P * N // block), fwd, rev if rev is not None else dummy,
-        dec, s0 if s0 is not None else dummy, dsf if dsf is not None else dummy, nseg,
-        PN=P * N, BLOCK=block, HAS_S0=s0 is not None, HAS_DSF=dsf is not None, num_warps=4,
+        _pass_kernel, (nseq * H, sweeps - first, P * N // block), fwd,
+        rev if rev is not None else dummy, dec, s0 if s0 is not None else dummy,
+        dsf if dsf is not None else dummy, nseg, PN=P * N, BLOCK=block, HAS_S0=s0 is not None,
+        HAS_DSF=dsf is not None, FIRST=first, num_warps=4,
     )  # fmt: skip
     return fwd, rev, nseg
