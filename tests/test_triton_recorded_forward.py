@@ -46,7 +46,7 @@ def _call(inputs, backend, final, rotary, cot_seed=99, backward_twice=False):
                               backend=backend)  # fmt: skip
     out, st = res if final else (res, None)
     g = torch.Generator().manual_seed(cot_seed)
-    loss = (out * torch.randn(out.shape, generator=g).to(out.dtype)).sum()
+    loss = (out * torch.randn(out.shape, generator=g).to(out.device, out.dtype)).sum()
     if st is not None:
         loss = loss + st.ssm.sum() + st.k.square().sum() + st.v.sum() + st.angle.sin().sum()
     grads = torch.autograd.grad(loss, leaves, retain_graph=backward_twice)

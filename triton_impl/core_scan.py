@@ -896,8 +896,12 @@ def compile_kernels(
     if segmented:
         shared = {k: v for k, v in consts.items() if k not in ("VARLEN", "HAS_D")}
         pass_c = dict(PN=P * N, BLOCK=min(P * N, 1024), HAS_S0=True, HAS_DSF=True)
-        kernels += [("segment_contrib", _contrib_kernel, dict(shared, NS=split_n)),
-                    ("segment_pass", _pass_kernel, pass_c)]  # fmt: skip
+        # (FIRST=1: the reverse sweeps only, for a backward given the forward's states)
+        kernels += [("segment_contrib", _contrib_kernel, dict(shared, NS=split_n, FIRST=0)),
+                    ("segment_contrib_reverse", _contrib_kernel,
+                     dict(shared, NS=split_n, FIRST=1)),
+                    ("segment_pass", _pass_kernel, dict(pass_c, FIRST=0)),
+                    ("segment_pass_reverse", _pass_kernel, dict(pass_c, FIRST=1))]  # fmt: skip
     for name, fn, c in kernels:
         sig = {}
         for arg in fn.arg_names:
