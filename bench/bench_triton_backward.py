@@ -88,11 +88,19 @@ def bench_one(
     )  # fmt: skip
 
 
-def profile(batch: int, seqlen: int, rank: int, top: int = 18, with_z: bool = False) -> list:
-    """Per-kernel CUDA time (ms) of one forward+backward."""
-    _, fwdbwd, leaves = make_call(batch, seqlen, rank, with_z)
+def profile(
+    batch: int, seqlen: int, rank: int, top: int = 18, with_z: bool = False,
+    forward_only: bool = False,
+) -> list:  # fmt: skip
+    """Per-kernel CUDA time (ms) of one forward+backward (forward_only: of one inference
+    forward)."""
+    fwd, fwdbwd, leaves = make_call(batch, seqlen, rank, with_z)
 
     def fresh_fwdbwd():
+        if forward_only:
+            with torch.no_grad():
+                fwd()
+            return
         # as do_bench's grad_to_none: no accumulation into .grad (an add kernel per leaf)
         for t in leaves:
             t.grad = None
@@ -191,6 +199,10 @@ def main() -> None:
         help="waves of programs the automatic segment lengths aim at (core_segments._WAVES)",
     )  # fmt: skip
     ap.add_argument(
+        "--inference-forward", nargs="+", default=[None], choices=["auto", "fused", "core"],
+        help="TritonBackend.inference_forward settings to time in turn (default: its own)",
+    )  # fmt: skip
+    ap.add_argument(
         "--sweep", action="store_true",
         help="time the core backward per config at the first shape, then use the fastest one",
     )  # fmt: skip
@@ -227,9 +239,14 @@ def main() -> None:
     defaults, default_waves = dict(cr.KNOBS), cs._WAVES
     base_default = cb.SPEC.default
     rows, prof = [], {}
+    from mamba3_kernels.backend import registered_backends
+
+    backend = registered_backends()["triton"]
+    default_inference = backend.inference_forward
     combos = itertools.product(args.variants, args.segments or [None], args.waves or [None],
-                               args.configs or [""])  # fmt: skip
-    for variant, segment, waves, config in combos:
+                               args.configs or [""], args.inference_forward)  # fmt: skip
+    for variant, segment, waves, config, inference in combos:
+        backend.inference_forward = inference or default_inference
         cr.KNOBS.clear()
         cr.KNOBS.update(defaults, **parse_knobs(variant))
         cs._WAVES = default_waves if waves is None else waves
@@ -242,13 +259,15 @@ def main() -> None:
         # (the default itself when nothing changes: the backend memoises configs by identity)
         object.__setattr__(cb.SPEC, "default", with_changes if changes else base_default)
         print(f"== rotary/angle settings: {cr.KNOBS}; core-backward changes: {changes}, "
-              f"segment waves: {cs._WAVES}")  # fmt: skip
+              f"segment waves: {cs._WAVES}; inference forward: "
+              f"{backend.inference_forward}")  # fmt: skip
         for case in args.cases:
             for s in args.shapes:
                 b, l_ = (int(x) for x in s.split("x"))
                 rows.append(dict(bench_one(b, l_, case, gbps, tflops, args.z),
                                  knobs=dict(cr.KNOBS), segment=segment, waves=cs._WAVES,
-                                 bwd_changes=changes))  # fmt: skip
+                                 bwd_changes=changes,
+                                 inference_forward=backend.inference_forward))  # fmt: skip
                 r = rows[-1]
                 print(f"{case:6s} B={b:2d} L={l_:6d}  fwd {r['fwd_ms']:.3f} ms  fwd+bwd "
                       f"{r['fwdbwd_ms']:.3f} ms  (bwd {r['bwd_ms']:.3f})  floor "
@@ -257,11 +276,14 @@ def main() -> None:
             for case in args.cases:
                 b, l_ = (int(x) for x in args.shapes[min(1, len(args.shapes) - 1)].split("x"))
                 key = (f"{case}_{b}x{l_}_{variant or 'default'}_seg{segment}_w{waves}"
-                       f"_{config or 'cfg'}")  # fmt: skip
-                prof[key] = profile(b, l_, CASES[case], with_z=args.z)
-                print(f"-- kernels of one fwd+bwd, {case} B={b} L={l_}")
-                for r in prof[key]:
-                    print(f"  {r['ms']:8.3f} ms  x{r['calls']:<3d} {r['name']}")
+                       f"_{config or 'cfg'}_{backend.inference_forward}")  # fmt: skip
+                for fwd_only in (False, True):
+                    name = key + ("_fwd" if fwd_only else "")
+                    prof[name] = profile(b, l_, CASES[case], with_z=args.z, forward_only=fwd_only)
+                    what = "inference fwd" if fwd_only else "fwd+bwd"
+                    print(f"-- kernels of one {what}, {case} B={b} L={l_}")
+                    for r in prof[name]:
+                        print(f"  {r['ms']:8.3f} ms  x{r['calls']:<3d} {r['name']}")
     result = dict(
         device=torch.cuda.get_device_name(), date=datetime.date.today().isoformat(),
         torch=torch.__version__, triton=triton.__version__, copy_gbps=gbps,

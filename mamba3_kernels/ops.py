@@ -160,7 +160,7 @@ def run_scan(
     """
     chosen, configs = plan(problem, backend, "scan_fwd")
     out, state = chosen.scan(problem, inputs, configs)
-    return _owned_outputs(inputs, out, state)
+    return owned_outputs(inputs, out, state)
 
 
 def run_scan_for_backward(
@@ -173,7 +173,7 @@ def run_scan_for_backward(
     # (a backend may run its backward's kernels in this forward: their tuned configs too)
     configs = {**plan(problem, backend, "scan_bwd")[1], **configs}
     out, state, residual = chosen.scan_for_backward(problem, inputs, configs)
-    return _owned_outputs(inputs, out, state), residual, chosen.name
+    return owned_outputs(inputs, out, state), residual, chosen.name
 
 
 def scan_eager(
@@ -183,18 +183,18 @@ def scan_eager(
     state), the state None without problem.return_final_state (no empty placeholders).
 
     Shapes as run_scan's. A backend whose ``scan_outputs_owned`` is True promises what
-    _owned_outputs would otherwise ensure (fresh contiguous allocations, not views, in the op's
+    owned_outputs would otherwise ensure (fresh contiguous allocations, not views, in the op's
     dtypes), so its outputs are returned as they are.
     """
     chosen, configs = plan(problem, backend, "scan_fwd")
     out, state = chosen.scan(problem, inputs, configs)
     if getattr(chosen, "scan_outputs_owned", False):
         return out, state
-    out, *final = _owned_outputs(inputs, out, state)
+    out, *final = owned_outputs(inputs, out, state)
     return out, (Mamba3State(*final) if problem.return_final_state else None)
 
 
-def _owned_outputs(
+def owned_outputs(
     inputs: ScanInputs, out: Tensor, state: Mamba3State | None
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """A backend's scan results as the op returns them (see run_scan)."""

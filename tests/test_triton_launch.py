@@ -262,7 +262,7 @@ def test_triton_scan_outputs_need_no_ownership_copy(rec, rank, seqlen):
         backend, configs = mamba3_kernels.dispatch.plan(problem, "triton", "scan_fwd")
         assert backend.scan_outputs_owned
         out, state = backend.scan(problem, inputs, configs)
-        owned = ops._owned_outputs(inputs, out, state)
+        owned = ops.owned_outputs(inputs, out, state)
         # (An empty output is copied there: its null address matches an empty input's.)
         assert all(a is b or b.numel() == 0 for a, b in zip(owned, (out, *state), strict=True))
         assert all(t.numel() for t in state)

@@ -24,6 +24,12 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def _checked_mode(name: str, mode: str) -> str:
+    if mode not in ("auto", "fused", "core"):
+        raise ValueError(f"{name} {mode!r}: expected 'auto', 'fused' or 'core'")
+    return mode
+
+
 class TritonBackend(Backend):
     # scan() returns fresh allocations of its own: out in v's dtype, the final state's angle and
     # ssm in fp32, k and v in the inputs' dtype, each contiguous and not a view (chunk_fwd), so
@@ -39,6 +45,11 @@ class TritonBackend(Backend):
     # activation memory: the rotated q/k and the angles); "auto": "core" where it measured
     # faster (chunk_bwd.records_forward).
     training_forward = "auto"
+    # How an inference forward (no autograd) runs. "fused": the fused kernels (chunk_fwd); "core":
+    # prep -> rotary -> core forward -> epilogue, the training forward's graph without autograd
+    # (chunk_bwd.core_forward); "auto": "core" where it measured faster
+    # (chunk_bwd.core_forward_wins).
+    inference_forward = "auto"
 
     def __init__(self) -> None:
         super().__init__(name="triton", priority=20, kernels=[], has_backward=True)
@@ -95,8 +106,14 @@ class TritonBackend(Backend):
         return cfg if cfg is not None else spec.default(problem)
 
     def scan(self, problem: Problem, inputs: ScanInputs, configs=None):
-        """Prefill forward (chunk_fwd.chunk_fwd): (out, final state or None)."""
+        """Prefill forward (chunk_fwd.chunk_fwd, or chunk_bwd.core_forward: see
+        inference_forward): (out, final state or None)."""
         self._load()
+        mode = _checked_mode("inference_forward", self.inference_forward)
+        if mode != "fused" and problem.seqlen > 0:
+            cfg = self._config(self._chunk_bwd.SPEC, problem, configs)
+            if mode == "core" or self._chunk_bwd.core_forward_wins(problem, cfg):
+                return self._chunk_bwd.core_forward(problem, inputs, cfg)
         cfg = self._config(self._chunk_fwd.SPEC, problem, configs)
         return self._chunk_fwd.chunk_fwd(problem, inputs, cfg)
 
@@ -108,9 +125,7 @@ class TritonBackend(Backend):
         self._load()
         from .core_prep import epilogue_reads_y
 
-        mode = self.training_forward
-        if mode not in ("auto", "fused", "core"):
-            raise ValueError(f"training_forward {mode!r}: expected 'auto', 'fused' or 'core'")
+        mode = _checked_mode("training_forward", self.training_forward)
         records = mode == "core" or (mode == "auto" and self._chunk_bwd.records_forward(problem))
         if records and problem.seqlen > 0:
             cfg = self._config(self._chunk_bwd.SPEC, problem, configs)

@@ -11,6 +11,7 @@ kernel (torch.compile), below the autograd dispatch keys, only functorch records
 from __future__ import annotations
 
 import dataclasses
+import functools
 import warnings
 from dataclasses import dataclass
 
@@ -25,7 +26,7 @@ from . import parallel_compile
 
 __all__ = [
     "SPEC", "ChunkBwdConfig", "RecordedForward", "chunk_bwd", "record_forward", "records_forward",
-    "default_config", "search_space", "constraint",
+    "core_forward", "core_forward_wins", "default_config", "search_space", "constraint",
 ]  # fmt: skip
 
 _MIN_DOT = 16
@@ -272,8 +273,7 @@ def _scan_graph(problem, inputs, config, values: bool, state: bool, y=None):
 
     present = [(n, t) for n, t in _flat(inputs) if t is not None and t.is_floating_point()]
     keys = [n for n, _ in present]
-    meta = (_chunk(problem, config), problem.dtype, config.num_warps, config.num_stages,
-            config.split_n, config.segment, _fwd_chunk(problem, config))  # fmt: skip
+    meta = _core_meta(problem, config)
     sd = torch.float64 if inputs.q.dtype == torch.float64 else torch.float32
 
     def forward(*tensors):
@@ -285,6 +285,12 @@ def _scan_graph(problem, inputs, config, values: bool, state: bool, y=None):
                 st.v.to(inputs.v.dtype))  # fmt: skip
 
     return present, forward
+
+
+def _core_meta(problem: Problem, config: ChunkBwdConfig) -> tuple:
+    """The core's settings as core_prep.scan_via_core takes them (its meta)."""
+    return (_chunk(problem, config), problem.dtype, config.num_warps, config.num_stages,
+            config.split_n, config.segment, _fwd_chunk(problem, config))  # fmt: skip
 
 
 def _chunk_bwd(problem, inputs, grad_out, grad_state, config, y=None) -> dict:
@@ -387,6 +393,72 @@ def _record(problem, inputs, config) -> tuple:
     if problem.return_final_state:
         state = Mamba3State(*(t.detach().clone() for t in outputs[1:]))
     return out, state, RecordedForward(present, leaves, outputs)
+
+
+def core_forward_wins(problem: Problem, config: ChunkBwdConfig) -> bool:
+    """Whether an inference forward of ``problem`` runs as core_forward rather than as the fused
+    forward (chunk_fwd) (TritonBackend.inference_forward = "auto"): where it measured faster
+    (H200, bf16, H=64, N=128, P=64, with and without z): MIMO R=4 with 16K tokens (3.84 ->
+    3.32 ms at (1, 16384), 3.68 -> 3.17 at (8, 2048)), and SISO on long sequences too few to
+    fill the GPU, which the fused forward cuts into segments ((1, 16384): 1.09 -> 1.05 ms).
+    Not where the fused forward walks whole sequences (SISO (8, 2048): 0.77 against 0.97 ms)
+    nor on short calls, where the core path's dozen more launches cost host time (SISO
+    (1, 2048): 0.16 against 0.67 ms, MIMO R=4 0.49 against 0.64). Varlen calls (not measured)
+    stay fused."""
+    if problem.varlen or problem.seqlen == 0 or constraint(problem, config, None) is not None:
+        return False
+    if problem.mimo:
+        return problem.batch * problem.seqlen >= 8192
+    from .chunk_fwd import default_config as fused_config
+
+    return problem.seqlen >= 8192 and fused_config(problem).split != 0
+
+
+def core_forward(
+    problem: Problem, inputs: ScanInputs, config: ChunkBwdConfig
+) -> tuple[torch.Tensor, Mamba3State | None]:
+    """An inference forward through the training forward's graph without autograd: prep ->
+    rotary (the rotated per-head q/k written once) -> core forward -> epilogue
+    (core_prep.scan_via_core). inputs: ScanInputs in scan shapes (SPEC.md). Returns (out,
+    final state or None) as chunk_fwd does: fresh contiguous tensors, out in v's dtype, the
+    state's angle and ssm fp32, its k and v in the inputs' dtypes."""
+    from mamba3_kernels.ops import owned_outputs
+
+    reason = constraint(problem, config, None)
+    if reason is not None:
+        raise ValueError(f"chunk_bwd config {config}: {reason}")
+    config = _inference_config(problem, config, inputs.v.device)
+    if inputs.v.is_cuda and _first_of_kind(problem, inputs, config, ("core_forward",)):
+        _dry_run(lambda: _core_forward(problem, inputs, config))
+    out, state = _core_forward(problem, inputs, config)
+    # out may be a view of the core's y (SISO without z: its rank axis squeezed), which nothing
+    # else holds: detached, it is not copied (the state's views of theta and v are)
+    out, *final = owned_outputs(inputs, out.detach(), state)
+    return out, (Mamba3State(*final) if state is not None else None)
+
+
+@functools.lru_cache(maxsize=256)
+def _inference_config(problem: Problem, config: ChunkBwdConfig, device) -> ChunkBwdConfig:
+    """config with its automatic segments (segment=0) chosen for an inference forward
+    (core_segments.inference_segment_len), rounded up to whole forward chunks; the same object
+    for the same call (memoised: _first_of_kind keys on identity)."""
+    from .core_segments import inference_segment_len
+
+    if config.segment > 0 or problem.varlen:
+        return config
+    seg = inference_segment_len(problem.seqlen, problem.nseq, problem.nheads, problem.rank,
+                                device)  # fmt: skip
+    chunk = _fwd_chunk(problem, config)
+    # (>= L: a whole-sequence walk; a given segment > 0 is never 0 again)
+    return dataclasses.replace(config, segment=max(-(-seg // chunk) * chunk, 1))
+
+
+def _core_forward(problem, inputs, config) -> tuple:
+    from .core_prep import scan_via_core
+
+    with torch.no_grad():
+        return scan_via_core(problem, inputs, _core_meta(problem, config), values=True,
+                             state=problem.return_final_state)  # fmt: skip
 
 
 def _autograd_records() -> bool:

@@ -27,7 +27,9 @@ import triton.language as tl
 from .core_scan import _dstate_step, _load_chunk, _seq_bounds, _state_step
 from .parallel_compile import run_kernel
 
-__all__ = ["bwd_segment_len", "fwd_segment_len", "segment_len", "segment_states"]
+__all__ = [
+    "bwd_segment_len", "fwd_segment_len", "inference_segment_len", "segment_len", "segment_states",
+]  # fmt: skip
 
 # The core backward's threads hold 255 registers (bench/NOTES.md), so a multiprocessor's 64K
 # registers hold 8 warps of it: two programs of 4 warps or one of 8. _WAVES such waves of
@@ -59,6 +61,23 @@ def fwd_segment_len(
 ) -> int:
     """segment_len of the core forward (one program per sequence and head)."""
     return segment_len(seqlen, nseq * H, chunk, num_warps, segment, device)
+
+
+def inference_segment_len(seqlen: int, nseq: int, H: int, rank: int, device) -> int:
+    """Tokens per segment of an inference forward through the core (no backward shares its
+    segments): the longest of L, L/2, L/4, ... (down to _MIN_SEGMENT) whose walks make about two
+    programs per multiprocessor for SISO, four for MIMO (a MIMO walk holds R rows per token and
+    waits on more of them), 1/16 short of that allowed. On an H200 (bf16, H=64, N=128, P=64):
+    SISO (1, 16384) 4096 tokens 0.93 ms against 0.98 at 2048; MIMO R=4 (1, 16384) 2048 tokens
+    3.31 ms against 3.56 at 4096, (8, 2048) whole sequences 2.96 against 3.18 at 1024
+    (bench/NOTES.md). A result >= seqlen means no segments."""
+    if device.type != "cuda":
+        return seqlen
+    want = (2 if rank == 1 else 4) * _multiprocessors(device) * 15 // 16
+    nseg = 1
+    while nseq * H * nseg < want and seqlen // (2 * nseg) >= _MIN_SEGMENT:
+        nseg *= 2
+    return -(-seqlen // nseg)
 
 
 def bwd_segment_len(
