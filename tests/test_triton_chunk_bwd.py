@@ -560,13 +560,24 @@ _CORE_SM90 = textwrap.dedent(
             for k in (plain, dth)]
     assert adds[1] > adds[0], adds
     print("ok dtheta")
+    # the inference forward's kernels that rotate the raw q, k as they load them (MIMO halves
+    # with segments: the rotating segment-state kernel too; SISO interleaved)
+    for rank, halves, segmented in ((4, True, True), (1, False, False)):
+        kernels = cs.compile_kernels(rank, 128, 64, 64 // rank, segmented=segmented,
+                                     rotating=(32, halves))  # fmt: skip
+        names = ["core_fwd_rotating"] + ["segment_contrib_rotating"] * segmented
+        for name in names:
+            ptx = kernels[name].asm["ptx"]
+            assert ".target sm_90" in ptx and "sin.approx" in ptx and "cos.approx" in ptx
+            assert "wgmma" in ptx or "mma.sync" in ptx
+            print("ok", name, rank)
     """
 )
 
 
 def test_core_kernels_compile_for_sm90_without_gpu():
     out = run_compiled(_CORE_SM90)
-    assert out.count("ok") == 13
+    assert out.count("ok") == 16
 
 
 _DEFAULTS_SM90 = textwrap.dedent(

@@ -14,7 +14,8 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from mamba3_kernels.triton_impl import chunk_bwd as cb  # noqa: E402
-from mamba3_kernels.triton_impl import chunk_fwd  # noqa: E402
+from mamba3_kernels.triton_impl import chunk_fwd, core_rotary  # noqa: E402
+from mamba3_kernels.triton_impl.core_scan import core_fwd  # noqa: E402
 
 import mamba3_kernels  # noqa: E402
 from mamba3_kernels.backend import registered_backends  # noqa: E402
@@ -56,9 +57,12 @@ def _same_rotations(name, a, b):
     "rank,final,z,init", [(1, True, True, True), (1, False, False, False), (2, True, True, False),
                           (4, True, False, True)],
 )  # fmt: skip
-def test_core_forward_matches_reference_and_fused(rank, final, z, init, monkeypatch):
+@pytest.mark.parametrize("rotate_in_core", [True, False])
+def test_core_forward_matches_reference_and_fused(rank, final, z, init, rotate_in_core,
+                                                  monkeypatch):  # fmt: skip
     inputs = _inputs(rank, 40 + rank, z=z, init=init)
     rotary = "halves" if rank > 1 else "interleaved"
+    monkeypatch.setitem(core_rotary.KNOBS, "rotate_in_core", rotate_in_core)
     _mode(monkeypatch, "core")
     out, st = _scan(inputs, "triton", rotary, final)
     _mode(monkeypatch, "fused")
@@ -82,6 +86,40 @@ def test_core_forward_in_bf16():
     assert out.dtype == torch.bfloat16 and rel_err(out, w_out) < 2e-2
     for name, a, w in zip(Mamba3State._fields, st, w_st, strict=True):
         assert rel_err(*_same_rotations(name, a, w)) < 2e-2, name
+
+
+@cpu_interpreted
+@pytest.mark.parametrize(
+    "batch,seqlen,rank,groups,heads,halves,segment,cu_seqlens",
+    [(2, 37, 4, 1, 2, True, 16, None), (2, 37, 2, 2, 4, False, 16, None),
+     (1, 40, 1, 1, 2, False, 0, [0, 13, 40]), (1, 40, 4, 1, 2, True, 0, [0, 13, 40])],
+)  # fmt: skip
+def test_rotating_core_matches_the_rotated_operands(batch, seqlen, rank, groups, heads, halves,
+                                                    segment, cu_seqlens):  # fmt: skip
+    """core_fwd given the raw q, k with rot = (biases, theta, layout) gives bit for bit what it
+    gives on rotary_fwd's rotated per-head q, k: both layouts, GQA, MIMO ranks, segments (their
+    entering states from the rotating segment kernel too) and varlen."""
+    g = torch.Generator().manual_seed(seqlen + rank)
+    n, p, s = 16, 16, 4
+
+    def rand(*shape, scale=1.0):
+        return torch.randn(*shape, generator=g) * scale
+
+    q, k = (rand(batch, seqlen, rank, groups, n).bfloat16() for _ in range(2))
+    qb, kb = rand(rank, heads, n), rand(rank, heads, n)
+    theta = torch.rand(batch, seqlen, heads, s, generator=g) * 6.28
+    vr = rand(batch, seqlen, rank, heads, p)
+    coef = (batch, heads, seqlen) if cu_seqlens is None else (heads, seqlen)
+    adt = -torch.rand(*coef, generator=g) * 0.3
+    w, gam = torch.rand(*coef, generator=g) * 0.2, torch.rand(*coef, generator=g) * 0.2
+    cu = None if cu_seqlens is None else torch.tensor(cu_seqlens, dtype=torch.int32)
+    nseq = batch if cu is None else len(cu_seqlens) - 1
+    s0 = rand(nseq, heads, p, n)
+    meta = (16, torch.bfloat16, 4, 1, nseq, segment)
+    qr, kr = core_rotary.rotary_fwd(q, k, qb, kb, theta, halves, torch.bfloat16)
+    want_y, want_sf = core_fwd(qr, kr, vr, adt, w, gam, s0, cu, meta)
+    y, sf = core_fwd(q, k, vr, adt, w, gam, s0, cu, meta, rot=(qb, kb, theta, halves))
+    assert want_y.abs().max() > 1 and torch.equal(y, want_y) and torch.equal(sf, want_sf)
 
 
 def _problem(inputs, rotary):
@@ -162,15 +200,20 @@ def test_core_forward_on_gpu(rank, monkeypatch):
     rotary = "halves" if rank > 1 else "interleaved"
     results = {}
     with torch.no_grad():
-        for mode in ("core", "fused"):
+        for mode, rotating in (("core", True), ("core", False), ("fused", False)):
+            monkeypatch.setitem(core_rotary.KNOBS, "rotate_in_core", rotating)
             _mode(monkeypatch, mode)
-            results[mode] = _scan(inputs, "triton", rotary)
+            results[mode, rotating] = _scan(inputs, "triton", rotary)
         w_out, w_st = _scan(cast_inputs(inputs, torch.float32), "reference", rotary)
-    (out, st), (f_out, f_st) = results["core"], results["fused"]
-    assert rel_err(out, w_out) < 2e-2 and rel_err(out, f_out) < 2e-2
-    for name, a, b, w in zip(Mamba3State._fields, st, f_st, w_st, strict=True):
-        assert rel_err(*_same_rotations(name, a, b)) < 2e-2, name
-        assert rel_err(*_same_rotations(name, a, w)) < 2e-2, name
+    f_out, f_st = results["fused", False]
+    for rotating in (True, False):
+        out, st = results["core", rotating]
+        assert rel_err(out, w_out) < 2e-2 and rel_err(out, f_out) < 2e-2
+        for name, a, b, w in zip(Mamba3State._fields, st, f_st, w_st, strict=True):
+            assert rel_err(*_same_rotations(name, a, b)) < 2e-2, name
+            assert rel_err(*_same_rotations(name, a, w)) < 2e-2, name
+    # (the same rounded operands either way: only the order of the fp32 sums can differ)
+    assert rel_err(results["core", True][0], results["core", False][0]) < 1e-3
 
 
 @pytest.mark.parametrize(

@@ -455,10 +455,12 @@ def _inference_config(problem: Problem, config: ChunkBwdConfig, device) -> Chunk
 
 def _core_forward(problem, inputs, config) -> tuple:
     from .core_prep import scan_via_core
+    from .core_rotary import KNOBS
 
     with torch.no_grad():
         return scan_via_core(problem, inputs, _core_meta(problem, config), values=True,
-                             state=problem.return_final_state)  # fmt: skip
+                             state=problem.return_final_state,
+                             rotate_in_core=bool(KNOBS["rotate_in_core"]))  # fmt: skip
 
 
 def _autograd_records() -> bool:

@@ -29,7 +29,7 @@ from triton.language.extra import libdevice
 
 from mamba3_kernels.eager_calls import apply_positional, eager_custom_op
 
-from .core_scan import _core_bwd_op, _core_fwd_op, _interp, _seq_bounds, operand_dtype
+from .core_scan import _core_bwd_op, _core_fwd_op, _interp, _seq_bounds, core_fwd, operand_dtype
 from .core_segments import _multiprocessors
 from .fwd_tiles import _load_rot, _store_rot
 from .parallel_compile import run_kernel
@@ -82,6 +82,9 @@ KNOBS = {
     "angle_programs": 16,
     "heads_first": False, "bwd_heads": 0, "rot_tokens": 16, "rot_warps": 2, "rot_bwd_maxnreg": 128,
     "dtheta_in_core": True, "rot_bwd_stages": 2,
+    # an inference forward through the core rotates q, k in its kernels (core_scan.core_fwd's
+    # rot) instead of writing the rotated per-head q/k in a pass of their own
+    "rotate_in_core": False,
 }  # fmt: skip
 
 
@@ -829,8 +832,9 @@ def _shared_segment(shape, cu, nseq: int, split_n: int, chunk: int, num_warps: i
 
 
 def rot_core_scan(
-    q, k, qb, kb, theta, vr, adt, w, gam, s0, cu_seqlens, halves, meta, need_y=True, D=None
-):
+    q, k, qb, kb, theta, vr, adt, w, gam, s0, cu_seqlens, halves, meta, need_y=True, D=None,
+    rotate_in_core=False,
+):  # fmt: skip
     """Differentiable rotary prep + core: (y (B, L, R, H, P) in core_scan.operand_dtype(vr.dtype),
     S_final (nseq, H, P, N) fp32).
 
@@ -841,7 +845,9 @@ def rot_core_scan(
     skip y += D[h] vr, inside the core forward and backward. need_y=False skips the core's
     forward: y (in vr's dtype then) and S_final are zeros (not their values) while the backward
     stays exact, which is all a caller that only takes the vector-Jacobian product and whose
-    epilogue backward never reads y needs."""
+    epilogue backward never reads y needs. rotate_in_core (an inference forward, no autograd):
+    the core kernels rotate q and k as they load them (core_scan.core_fwd's rot): the rotated
+    per-head q/k are never written."""
     chunk, dot_dtype, num_warps, num_stages, nseq = meta[:5]
     split_n = meta[5] if len(meta) > 5 else 1
     segment = meta[6] if len(meta) > 6 else 0
@@ -851,6 +857,11 @@ def rot_core_scan(
         name = "float32"
     args = [x.contiguous() if x is not None else None
             for x in (q, k, qb, kb, theta, vr, adt, w, gam, s0, D)]  # fmt: skip
+    if rotate_in_core:
+        q, k, qb, kb, theta, vr, adt, w, gam, s0, D = args
+        return core_fwd(q, k, vr, adt, w, gam, s0, cu_seqlens,
+                        (fwd_chunk, _DTYPES[name], num_warps, num_stages, nseq, segment), D,
+                        rot=(qb, kb, theta, halves))  # fmt: skip
     y, sf, *_ = apply_positional(_RotCore, *args, cu_seqlens, halves, need_y, chunk, name,
                                    num_warps, num_stages, nseq, split_n, segment,
                                    fwd_chunk)  # fmt: skip
