@@ -592,6 +592,12 @@ def _consts(R: int, N: int, P: int, chunk: int, varlen: bool, dot_dtype: torch.d
     )
 
 
+# pipeline stages of the forward kernel that rotates raw q, k (core_fwd's rot): it also stages
+# each q, k tile's partner columns, so two stages of 64-row chunks (the default config) ask
+# 235-245 KB of shared memory, over sm_90's 227 KB (H200, N=128, P=64, R = 1 and 4)
+ROTATING_STAGES = 1
+
+
 def core_fwd(qr, kr, vr, adt, w, gam, s0, cu_seqlens, meta, D=None, states=None, rot=None):
     """Core forward. qr, kr (B, L, R, H, N), vr (B, L, R, H, P) (fp32 or the dot dtype);
     adt, w, gam (B, H, L) fp32; s0 (nseq, H, P, N) fp32 or None; cu_seqlens (nseq+1,) int32 or
@@ -636,6 +642,8 @@ def core_fwd(qr, kr, vr, adt, w, gam, s0, cu_seqlens, meta, D=None, states=None,
         state_consts = _consts(R, N, P, states[0], False, dot_dtype)
     elif cu_seqlens is None:
         seg = fwd_segment_len(L, nseq, H, chunk, num_warps, segment, qr.device)
+    if rot is not None:
+        num_stages = ROTATING_STAGES
     s_in, nseg = dummy, 1
     if seg < L:
         s_in, _, nseg = segment_states(qr, kr, vr, adt, w, gam, s0, None, None, state_consts,
@@ -1009,6 +1017,7 @@ def compile_kernels(
         if c.get("ROT"):
             sig.update(qr_ptr=io, kr_ptr=io)  # (the raw q, k)
         src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=c)
-        opts = {"num_warps": num_warps, "num_stages": num_stages}
+        stages = ROTATING_STAGES if c.get("ROT") else num_stages  # (as core_fwd launches it)
+        opts = {"num_warps": num_warps, "num_stages": stages}
         out[name] = triton.compile(src, target=target, options=opts)
     return out
