@@ -83,7 +83,9 @@ KNOBS = {
     "heads_first": False, "bwd_heads": 0, "rot_tokens": 16, "rot_warps": 2, "rot_bwd_maxnreg": 128,
     "dtheta_in_core": True, "rot_bwd_stages": 2,
     # an inference forward through the core rotates q, k in its kernels (core_scan.core_fwd's
-    # rot) instead of writing the rotated per-head q/k in a pass of their own
+    # rot) instead of writing the rotated per-head q/k in a pass of their own; off: on the H200
+    # it measured 4-7x slower in the core kernels than the pass it removes (SISO (1, 16384)
+    # 0.93 -> 4.05 ms, MIMO R=4 (8, 2048) 2.97 -> 4.46; bench/NOTES.md)
     "rotate_in_core": False,
 }  # fmt: skip
 
