@@ -571,9 +571,10 @@ _CORE_SM90 = textwrap.dedent(
             ptx = kernels[name].asm["ptx"]
             assert ".target sm_90" in ptx and "sin.approx" in ptx and "cos.approx" in ptx
             assert "wgmma" in ptx or "mma.sync" in ptx
-            # (with the default config's warps and chunks the rotating core forward must fit an
-            # sm_90 block's shared memory; two stages did not under the GPU host's Triton,
-            # 235-245 KB, though this Triton lays them out in ~205 KB: core_scan.ROTATING_STAGES)
+            # (with the default config's warps and chunks the rotating kernels must fit an sm_90
+            # block's shared memory; the core forward's two stages did not under the GPU host's
+            # Triton, 235-243 KiB, though this Triton lays them out in ~203 KiB:
+            # core_scan.ROTATING_STAGES)
             assert kernels[name].metadata.shared <= 232448, (name, kernels[name].metadata.shared)
             print("ok", name, rank)
     """

@@ -594,7 +594,7 @@ def _consts(R: int, N: int, P: int, chunk: int, varlen: bool, dot_dtype: torch.d
 
 # pipeline stages of the forward kernel that rotates raw q, k (core_fwd's rot): it also stages
 # each q, k tile's partner columns, so two stages of 64-row chunks (the default config) ask
-# 235-245 KB of shared memory, over sm_90's 227 KB (H200, N=128, P=64, R = 1 and 4)
+# 235-243 KiB of shared memory, over sm_90's 227 KiB (H200, N=128, P=64, R = 1 and 4)
 ROTATING_STAGES = 1
 
 
@@ -1017,7 +1017,8 @@ def compile_kernels(
         if c.get("ROT"):
             sig.update(qr_ptr=io, kr_ptr=io)  # (the raw q, k)
         src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=c)
-        stages = ROTATING_STAGES if c.get("ROT") else num_stages  # (as core_fwd launches it)
+        # (the rotating core forward on the stages core_fwd launches it with)
+        stages = ROTATING_STAGES if name == "core_fwd_rotating" else num_stages
         opts = {"num_warps": num_warps, "num_stages": stages}
         out[name] = triton.compile(src, target=target, options=opts)
     return out
