@@ -33,7 +33,7 @@ def scan(
     chunk_size: int | None = None,
     backend: str = "auto",
 ) -> torch.Tensor | tuple[torch.Tensor, Mamba3State]:
-    """The Mamba-3 scan over a sequence (SPEC.md).
+    """The Mamba-3 scan over a sequence (docs/spec.md).
 
     Shapes: q, k (B, L, G, N) SISO or (B, L, R, G, N) MIMO; v, z (B, L, H, P); adt, dt, trap
     (B, H, L); q_bias, k_bias (H, N) or (H, R, N); angles (B, L, H, S); D (H,); mimo_v, mimo_z,

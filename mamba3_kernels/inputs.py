@@ -12,7 +12,7 @@ from .state import Mamba3State
 class ScanInputs(NamedTuple):
     """The tensors of a ``scan`` (or, with the L axis absent, a ``step``) call, as validated.
 
-    Shapes (SPEC.md): q, k (B, L, G, N) or (B, L, R, G, N); v, z (B, L, H, P);
+    Shapes (docs/spec.md): q, k (B, L, G, N) or (B, L, R, G, N); v, z (B, L, H, P);
     adt, dt, trap (B, H, L); q_bias, k_bias (H, N) or (H, R, N); angles (B, L, H, S);
     D (H,); mimo_v, mimo_z, mimo_o (H, R, P); cu_seqlens (nseq + 1,) int32.
     For a step: q, k (B, G, N) or (B, R, G, N); v, z (B, H, P); adt, dt, trap (B, H);

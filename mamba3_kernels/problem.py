@@ -18,7 +18,7 @@ ROTARY_LAYOUTS = ("interleaved", "halves")
 class Problem:
     """Sizes and flags of one validated ``scan`` or ``step`` call.
 
-    Sizes follow SPEC.md: B batch (1 with cu_seqlens), L length (1 for a step), H value heads,
+    Sizes follow docs/spec.md: B batch (1 with cu_seqlens), L length (1 for a step), H value heads,
     G q/k groups, R MIMO rank (1 for SISO), N state size, P value head dim, S rotary angles.
     ``nseq`` is the number of sequences (B, or len(cu_seqlens) - 1 when varlen).
     """

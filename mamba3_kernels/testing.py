@@ -32,7 +32,7 @@ def random_inputs(
     step: bool = False,
     generator: torch.Generator | None = None,
 ) -> ScanInputs:
-    """Fresh random inputs in the value ranges of SPEC.md (never zeros).
+    """Fresh random inputs in the value ranges of docs/spec.md (never zeros).
 
     ``mimo`` defaults to ``rank > 1``; a MIMO call with rank 1 is allowed (``mimo=True``).
     ``step=True`` drops the L axis (decode-step shapes); ``seqlen`` is then ignored.

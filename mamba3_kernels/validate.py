@@ -463,7 +463,9 @@ def validate_scan(
     rotary=None,
     chunk_size=None,
 ) -> tuple[Problem, ScanInputs]:
-    """Check a ``scan`` call (shapes per SPEC.md) and describe it. Raises TypeError/ValueError."""
+    """Check a ``scan`` call (shapes per docs/spec.md) and describe it.
+
+    Raises TypeError/ValueError."""
     tensors = (q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, z, mimo_v, mimo_z, mimo_o)
     return _validate(
         False, tensors, initial_state, return_final_state, cu_seqlens, rotary, chunk_size

@@ -27,7 +27,7 @@ def state_err(a: Mamba3State, b: Mamba3State) -> float:
 
 
 # ---------------------------------------------------------------------------------------------
-# An independent, deliberately naive transcription of SPEC.md (scalar loops over b, h, t, r),
+# An independent, deliberately naive transcription of docs/spec.md (scalar loops over b, h, t, r),
 # sharing no code with the reference, so that a mistake in the shared preparation (rotary pairs,
 # biases, group expansion, rank weights) cannot hide behind the two forms agreeing.
 

@@ -183,7 +183,7 @@ def chunk_bwd(
 ) -> dict[str, torch.Tensor | None]:
     """Gradients of every floating input of the scan.
 
-    inputs: ScanInputs in scan shapes (SPEC.md). grad_out: the output's shape and dtype.
+    inputs: ScanInputs in scan shapes (docs/spec.md). grad_out: the output's shape and dtype.
     grad_state: Mamba3State of cotangents for the final state (angle, ssm fp32; k, v in the
     inputs' dtypes), or None when the call returned no final state. y: the core's output as the
     forward kept it (chunk_fwd.chunk_fwd_saving_y), or None to recompute it where needed.
@@ -419,7 +419,7 @@ def core_forward(
 ) -> tuple[torch.Tensor, Mamba3State | None]:
     """An inference forward through the training forward's graph without autograd: prep ->
     rotary (the rotated per-head q/k written once) -> core forward -> epilogue
-    (core_prep.scan_via_core). inputs: ScanInputs in scan shapes (SPEC.md). Returns (out,
+    (core_prep.scan_via_core). inputs: ScanInputs in scan shapes (docs/spec.md). Returns (out,
     final state or None) as chunk_fwd does: fresh contiguous tensors, out in v's dtype, the
     state's angle and ssm fp32, its k and v in the inputs' dtypes."""
     from mamba3_kernels.ops import owned_outputs

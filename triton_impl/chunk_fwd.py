@@ -811,7 +811,7 @@ def chunk_fwd_saving_y(
 ) -> tuple[torch.Tensor, Mamba3State | None, torch.Tensor | None]:
     """Run the chunked forward scan, keeping the core's output for a backward.
 
-    inputs: ScanInputs in scan shapes (SPEC.md): q, k (B, L, G, N) or (B, L, R, G, N);
+    inputs: ScanInputs in scan shapes (docs/spec.md): q, k (B, L, G, N) or (B, L, R, G, N);
         v, z (B, L, H, P); adt, dt, trap (B, H, L); angles (B, L, H, S); ...
     Returns out ((B, L, H, P), or (B, L, R, H, P) for MIMO without mimo_o) in v's dtype, and the
     final state (angle (nseq, H, S) fp32 reduced modulo 2*pi, ssm (nseq, H, P, N) fp32,

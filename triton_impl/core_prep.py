@@ -108,7 +108,7 @@ def scan_via_core(
     y_saved: torch.Tensor | None = None,
     rotate_in_core: bool = False,
 ) -> tuple[torch.Tensor, Mamba3State | None]:
-    """The scan (SPEC.md) as differentiable prep -> Triton core -> epilogue.
+    """The scan (docs/spec.md) as differentiable prep -> Triton core -> epilogue.
 
     inputs: ScanInputs in scan shapes. meta: (chunk, dot_dtype, num_warps, num_stages[, split_n[,
     segment[, fwd_chunk]]]) for the core (see core_rotary.rot_core_scan). Returns out

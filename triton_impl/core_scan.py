@@ -132,7 +132,7 @@ def _load_chunk(
 @triton.jit
 def _pair_of(nn, N: tl.constexpr, HALVES: tl.constexpr):
     """For columns nn of an N-vector: the rotary pair each is in, its partner column, and
-    whether it is the pair's first member a (SPEC.md's Rot: a' = a cos - b sin, b' = a sin +
+    whether it is the pair's first member a (docs/spec.md's Rot: a' = a cos - b sin, b' = a sin +
     b cos)."""
     if HALVES:
         return nn % (N // 2), (nn + N // 2) % N, nn < N // 2

@@ -1,7 +1,7 @@
 """The MIMO rank mixing around the core, each with a one-pass Triton backward: the epilogue (z
 gate and mimo_o rank sum) and the prologue (v's rank weights).
 
-Per token t, head h, rank r (SPEC.md): vr_{t,r} = v_t * mimo_v_r into the core;
+Per token t, head h, rank r (docs/spec.md): vr_{t,r} = v_t * mimo_v_r into the core;
 zr = z_t * mimo_z_r (z_t without mimo_z), yg = y_{t,r} * silu(zr), out_t = sum_r mimo_o_r * yg
 out of it. Through PyTorch autograd their backward is about fourteen elementwise passes and
 seven reductions over (B, L, R, H, P) fp32 tensors (counted with a dispatch mode: ~320 bf16

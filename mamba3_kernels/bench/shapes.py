@@ -13,7 +13,7 @@ OPS = ("fwd", "fwdbwd", "decode")
 
 @dataclass(frozen=True)
 class Shape:
-    """Sizes of one benchmarked call (SPEC.md symbols).
+    """Sizes of one benchmarked call (docs/spec.md symbols).
 
     batch B, seqlen L (ignored for decode), nheads H, ngroups G, rank R (1: SISO), d_state N,
     headdim P, n_angles S; dtype of q/k/v/z; which optional inputs are present.

@@ -97,7 +97,7 @@ class _GatedRMSNorm(nn.Module):
 
 @dataclass
 class _Projected:
-    """The scan's inputs for one call, in SPEC.md shapes (with the L axis)."""
+    """The scan's inputs for one call, in docs/spec.md shapes (with the L axis)."""
 
     q: torch.Tensor  # SISO (B, L, G, N); MIMO (B, L, R, G, N)
     k: torch.Tensor
@@ -189,7 +189,7 @@ class Mamba3(nn.Module):
         self.is_mimo = bool(is_mimo)
         self.mimo_rank = mimo_rank if self.is_mimo else 1
         self.is_outproj_norm = is_outproj_norm
-        # The SISO layer rotates adjacent pairs, the MIMO layer pairs the two halves (SPEC.md).
+        # The SISO layer rotates adjacent pairs, the MIMO layer pairs the two halves (docs/spec.md).
         self.rotary = "halves" if self.is_mimo else "interleaved"
         self.chunk_size = chunk_size
         self.backend = backend

@@ -1,8 +1,9 @@
 """Pure-PyTorch reference of the Mamba-3 scan (any device, float64 capable, differentiable).
 
-``reference_scan`` evaluates SPEC.md either as the literal step recurrence (``chunk_size=None``)
-or in the chunked matrix form; ``reference_step`` is one decode step. Both compute in float64
-when the inputs are float64, else in float32, and go through plain autograd.
+``reference_scan`` evaluates docs/spec.md either as the literal step recurrence
+(``chunk_size=None``) or in the chunked matrix form; ``reference_step`` is one decode step.
+Both compute in float64 when the inputs are float64, else in float32, and go through plain
+autograd.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ def _slice_sequence(inputs: ScanInputs, start: int, end: int, i: int) -> ScanInp
 def reference_scan(
     inputs: ScanInputs, rotary: str | None = None, chunk_size: int | None = None
 ) -> tuple[torch.Tensor, Mamba3State]:
-    """The Mamba-3 scan of SPEC.md.
+    """The Mamba-3 scan of docs/spec.md.
 
     inputs: ScanInputs in scan shapes (q, k (B, L, G, N) SISO or (B, L, R, G, N) MIMO, ...).
     rotary: "interleaved" or "halves" (None: interleaved for SISO, halves for MIMO).

@@ -1,4 +1,4 @@
-"""The chunked matrix form of SPEC.md: masked matrix products within a chunk, state between.
+"""The chunked matrix form of docs/spec.md: masked matrix products within a chunk, state between.
 
 Within a chunk, input s reaches output t >= s with weight exp(c_t - c_s) * w_s, where c is the
 cumulative log-decay inside the chunk and w_s = gamma_s + dt_{s+1} (1 - lam_{s+1}) folds the

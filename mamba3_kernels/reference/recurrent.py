@@ -1,4 +1,4 @@
-"""The step recurrence of SPEC.md, one token at a time (the literal definition)."""
+"""The step recurrence of docs/spec.md, one token at a time (the literal definition)."""
 
 from __future__ import annotations
 
