@@ -9,7 +9,19 @@ Kernels are known only through their declared search spaces (``KernelSpec`` in
 from .buckets import Bucket, default_buckets, layer_from_model, parse_shape
 from .measure import Rejected, Runner, tolerance
 from .space import Space, Target, find_targets
-from .study import StudyResult, open_storage, summarize, tune_target
+
+# The studies need optuna (the [tune] extra): they load on first use, so that the command line
+# answers --help, and says in one line what to install, where optuna is missing.
+_STUDY_NAMES = ("StudyResult", "open_storage", "summarize", "tune_target")
+
+
+def __getattr__(name: str):
+    if name in _STUDY_NAMES:
+        from . import study
+
+        return getattr(study, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "Bucket",

@@ -21,6 +21,8 @@ import sys
 import time
 from pathlib import Path
 
+NEEDS_OPTUNA = 'mamba3_kernels.autotune needs optuna: pip install "mamba3-kernels[tune]"'
+
 
 def load_plugin(spec: str) -> None:
     """Import ``module`` or ``module:function`` and call the function (a backend registering
@@ -124,6 +126,11 @@ def _buckets(args, dtype):
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    try:
+        import optuna
+    except ImportError:
+        print(NEEDS_OPTUNA, file=sys.stderr)
+        return 2
     import torch
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -134,8 +141,6 @@ def main(argv: list[str] | None = None) -> int:
         # Triton kernels run on CPU tensors only under the interpreter; set it before any kernel
         # module is loaded (they are loaded lazily by their backends).
         os.environ.setdefault("TRITON_INTERPRET", "1")
-
-    import optuna
 
     import mamba3_kernels  # noqa: F401  (registers the built-in backends)
     from mamba3_kernels import tuned_configs

@@ -112,8 +112,24 @@ def _shrink(item: shapes.Item) -> shapes.Item:
     )
 
 
+# The optional package behind --plots, and the extra that installs it.
+PLOTS_NEED = 'mamba3_kernels.bench --plots needs matplotlib: pip install "mamba3-kernels[bench]"'
+
+
+def _has_matplotlib() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.plots and not _has_matplotlib():
+        # Before any timing: a long run should not end without the plots it was asked for.
+        print(PLOTS_NEED, file=sys.stderr)
+        return 2
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     backends = _backends(args, device)
     peer_names = (
