@@ -3,7 +3,7 @@ exactly what Triton's own launch path gives it (tensors as their addresses), and
 what Triton specialises on (an integer becoming 1 or losing its divisibility by 16, an unaligned
 pointer, another dtype or compile-time argument) goes back through Triton's launcher.
 
-Without a GPU: Triton's JIT compiles for sm_90 through the stand-in driver (bench/jit_standin.py)
+Without a GPU: Triton's JIT compiles for sm_90 through the stand-in driver (tools/jit_standin.py)
 in a subprocess, and the compiled kernels' launcher is replaced by a recorder.
 """
 
@@ -16,7 +16,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-_BENCH = str(Path(__file__).resolve().parents[1] / "bench")
+_BENCH = str(Path(__file__).resolve().parents[1] / "tools")
 _SCRIPT = f"BENCH = {_BENCH!r}\n" + textwrap.dedent(
     """
     import sys
@@ -115,13 +115,13 @@ def test_direct_launch_matches_tritons_launcher(tmp_path):
 
 
 def test_backward_launches_all_go_direct(tmp_path):
-    """bench/host_time_bwd_jit.py (the backward through Triton's JIT with a no-op launcher):
+    """tools/host_time_bwd_jit.py (the backward through Triton's JIT with a no-op launcher):
     every kernel the backward launches is keyed for the direct path after its first launch, so
     no call site leaves Triton's binder in the loop; the script writes its JSON."""
     root = Path(__file__).resolve().parents[1]
     out = tmp_path / "bwd.json"
     env = {**os.environ, "TRITON_CACHE_DIR": str(tmp_path / "cache")}
-    cmd = [sys.executable, str(root / "bench" / "host_time_bwd_jit.py"), "--repeats", "1",
+    cmd = [sys.executable, str(root / "tools" / "host_time_bwd_jit.py"), "--repeats", "1",
            "--calls", "2", "--ab", "--json", str(out)]  # fmt: skip
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=root, env=env)
     assert res.returncode == 0, res.stderr[-3000:]

@@ -166,7 +166,7 @@ def test_eager_triton_backward_dispatches_no_custom_op(monkeypatch):
 def test_training_host_time_script_runs_both_modes(tmp_path):
     root = Path(__file__).resolve().parents[1]
     out = tmp_path / "host.json"
-    cmd = [sys.executable, str(root / "bench" / "host_time_train.py"), "--repeats", "1",
+    cmd = [sys.executable, str(root / "tools" / "host_time_train.py"), "--repeats", "1",
            "--calls", "2", "--ab", "--json", str(out)]  # fmt: skip
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=root)
     assert res.returncode == 0, res.stderr[-2000:]

@@ -2,7 +2,7 @@
 JIT (``warmup``) with the specializations of the real launches.
 
 Without a GPU, Triton's JIT runs with a stand-in driver that reports an sm_90 target
-(bench/jit_standin.py: the JIT only asks it for the target, device and stream when it
+(tools/jit_standin.py: the JIT only asks it for the target, device and stream when it
 compiles; nothing is launched), in a
 subprocess with the interpreter off and a fresh kernel cache: the forward's launch plan and one
 dry run of the backward compile their kernels, on more than one thread, and a second pass
@@ -23,7 +23,7 @@ from mamba3_kernels.triton_impl import parallel_compile as pc
 
 from mamba3_kernels.testing import run_compiled
 
-_BENCH = str(Path(__file__).resolve().parents[1] / "bench")
+_BENCH = str(Path(__file__).resolve().parents[1] / "tools")
 _SCRIPT = f"BENCH = {_BENCH!r}\n" + textwrap.dedent(
     """
     import dataclasses
@@ -140,7 +140,7 @@ def test_serial_compile_switch(monkeypatch):
 def test_first_call_compile_script_runs(tmp_path):
     root = Path(__file__).resolve().parents[1]
     out = tmp_path / "fc.json"
-    cmd = [sys.executable, str(root / "bench" / "first_call_compile.py"), "--shape",
+    cmd = [sys.executable, str(root / "tools" / "first_call_compile.py"), "--shape",
            "1,64,2,64,32", "--json", str(out)]  # fmt: skip
     env = {**os.environ, "TRITON_INTERPRET": "0"}
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=root, env=env)

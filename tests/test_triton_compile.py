@@ -131,12 +131,12 @@ def test_chunk_fwd_defaults_fit_shared_memory():
 
 
 def test_kernel_resources_report(tmp_path):
-    """bench/kernel_resources.py (registers, stack, instructions of the sm_90 builds, read by
+    """tools/kernel_resources.py (registers, stack, instructions of the sm_90 builds, read by
     Triton's cuobjdump) runs without a GPU and reports every kernel of a split=1 SISO call."""
     import json
     from pathlib import Path
 
-    script = Path(__file__).resolve().parents[1] / "bench" / "kernel_resources.py"
+    script = Path(__file__).resolve().parents[1] / "tools" / "kernel_resources.py"
     out = tmp_path / "res.json"
     res = subprocess.run(
         [sys.executable, str(script), "--cases", "siso_1x2048", "--json", str(out)],

@@ -222,11 +222,11 @@ def test_v_mix_rounds_once_on_gpu():
 
 
 def test_glue_traffic_script_runs(tmp_path):
-    """bench/glue_traffic.py (the op and traffic count behind the gate passes' numbers) runs
+    """tools/glue_traffic.py (the op and traffic count behind the gate passes' numbers) runs
     and writes its JSON."""
     root = Path(__file__).resolve().parents[1]
     out = tmp_path / "glue.json"
-    cmd = [sys.executable, str(root / "bench" / "glue_traffic.py"), "--rank", "4", "--z",
+    cmd = [sys.executable, str(root / "tools" / "glue_traffic.py"), "--rank", "4", "--z",
            "--json", str(out)]  # fmt: skip
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=root)
     assert res.returncode == 0, res.stderr[-2000:]

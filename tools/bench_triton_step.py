@@ -14,7 +14,7 @@ For each case and batch: a correctness check against the float64 reference, then
 and the floor: the fp32 state read and written once at the measured copy rate. ``--sweep``
 times every valid config of the kernel's search space by graph replay.
 
-    python bench/bench_triton_step.py --batches 1 16 128 --json results.json [--sweep]
+    python tools/bench_triton_step.py --batches 1 16 128 --json results.json [--sweep]
 """
 
 from __future__ import annotations
@@ -177,22 +177,25 @@ def one(case: str, batch: int, sweep: bool, gbps: float) -> dict:
     res["graph_rot_ms"], res["rotated_states"] = graph_rotated_ms(problem, inputs, cfg)
     res["achieved_gbps"] = ssm_bytes / res["graph_rot_ms"] / 1e6
     res["host_us"] = host_us(run)
-    # The state cache hints (every mode; a module switch, which plans keep: they are rebuilt
-    # around each switch) and the config's state prefetch flipped, each timed with the rest as
-    # default: (name, value, cache-hint mode, config).
-    stream = tstep.STREAM_STATE[0]
+    # The state cache hints (every mode, where the kernel has the switch; a module switch, which
+    # plans keep: they are rebuilt around each switch) and the config's state prefetch flipped,
+    # each timed with the rest as default: (name, value, cache-hint mode, config).
+    hints = getattr(tstep, "STREAM_STATE", None)
+    stream = hints[0] if hints else 0
     flipped = dataclasses.replace(cfg, prefetch=1 - cfg.prefetch)
-    variants = [("stream_state", m, m, cfg) for m in (1, 2, 3)]
+    variants = [("stream_state", m, m, cfg) for m in (1, 2, 3)] if hints else []
     variants.append(("prefetch", flipped.prefetch, stream, flipped))
     res["stream_state"], res["prefetch"] = stream, cfg.prefetch
     for name, value, mode, c in variants:
-        tstep.STREAM_STATE[0] = mode
+        if hints:
+            hints[0] = mode
         tstep._PLANS.clear()
         alt = {"value": value, "graph_rot_ms": graph_rotated_ms(problem, inputs, c)[0]}
         alt["graph_ms"] = graph_ms(lambda c=c: run(c))[0]
         alt["kernel_ms"] = triton.testing.do_bench(lambda c=c: run(c), return_mode="median")
         res.setdefault("variants", []).append({"switch": name, **alt})
-        tstep.STREAM_STATE[0] = stream
+        if hints:
+            hints[0] = stream
         tstep._PLANS.clear()
     try:
         import mamba3_kernels

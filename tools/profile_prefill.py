@@ -1,6 +1,6 @@
 """Per-kernel GPU time of one prefill forward call (torch.profiler), for one case and config.
 
-python bench/profile_prefill.py --case siso_1x16384 --config 64,64,4,1,0,1,1
+python tools/profile_prefill.py --case siso_1x16384 --config 64,64,4,1,0,1,1
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ do_bench median of one launch for the default config and for a few candidate con
 the memory floor (every input read once, the output written once, at the measured copy rate)
 and the tensor-core FLOP count of the chunked form.
 
-    python bench/bench_triton_prefill.py --json results.json [--sweep] [--cases siso_1x2048 ...]
+    python tools/bench_triton_prefill.py --json results.json [--sweep] [--cases siso_1x2048 ...]
 """
 
 from __future__ import annotations

@@ -8,11 +8,11 @@ returning the final state), and everything Python does for them runs: validation
 memo), dispatch, config lookup, the launch plan, the allocations and the launch-argument
 assembly up to the compiled kernels' launcher (three launches per call at these lengths: the
 chunk-parallel forward). What is stubbed, and why (a CUDA call takes other branches than CPU
-tensors would): see bench/host_stubs.py, shared with host_time_step.py; here the CPU allocator
+tensors would): see tools/host_stubs.py, shared with host_time_step.py; here the CPU allocator
 is also told to keep freed blocks, as the CUDA caching allocator does (the MIMO (8, 2048) call's
 buffers are hundreds of MB, which glibc would otherwise map and unmap on every call).
 
-    TRITON_INTERPRET=1 python bench/host_time_scan.py [--calls 500] [--repeats 7]
+    TRITON_INTERPRET=1 python tools/host_time_scan.py [--calls 500] [--repeats 7]
         [--cases siso-1x2048,...] [--json OUT.json] [--profile CASE]
 """
 
@@ -153,7 +153,7 @@ def main() -> None:
     cache_cpu_allocations()
     install_stubs()
     results = {
-        "what": "host us per call, best of repeats; launch stubbed (see bench/host_stubs.py)",
+        "what": "host us per call, best of repeats; launch stubbed (see tools/host_stubs.py)",
         "shape": {**SHAPE, "dtype": "bfloat16", "D": True, "z": True},
         "cases": {
             c: dict(zip(("batch", "seqlen", "rank", "state"), CASES[c], strict=True)) for c in cases

@@ -8,7 +8,7 @@ and the floor of forward+backward (mamba3_kernels.bench.floor: bytes at the meas
 matmul FLOPs at the measured bf16 matmul rate). ``--profile`` prints the per-kernel CUDA time of
 one forward+backward at the first shape (what the time is spent on).
 
-    python bench/bench_triton_backward.py --shapes 1x2048 1x16384 8x2048 --json out.json
+    python tools/bench_triton_backward.py --shapes 1x2048 1x16384 8x2048 --json out.json
 """
 
 from __future__ import annotations

@@ -1,11 +1,11 @@
-"""Warp stall samples per source line, from bench/ncu_kernels.sh's archive.
+"""Warp stall samples per source line, from tools/ncu_kernels.sh's archive.
 
 ncu's source page gives samples per SASS instruction; the cubin's line table (nvdisasm -g)
 gives each instruction's source line. Both list a kernel's instructions in address order, so
 they are joined by position (checked by opcode). Prints, per kernel, the lines with the most
 samples: share of samples, instructions executed, the main stall reasons.
 
-    python bench/ncu_lines.py OUT.tgz [--kernel NAME] [--top 40] [--inner] [--nvdisasm PATH]
+    python tools/ncu_lines.py OUT.tgz [--kernel NAME] [--top 40] [--inner] [--nvdisasm PATH]
 """
 
 from __future__ import annotations

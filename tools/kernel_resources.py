@@ -2,12 +2,12 @@
 their sm_90 builds: no GPU needed (Triton compiles ahead of time; its bundled cuobjdump reads
 the cubins).
 
-The forward kernels are latency-bound at 255 registers (bench/NOTES.md): a change that takes
+The forward kernels are latency-bound at 255 registers (docs/performance.md): a change that takes
 registers, stack (spills) or instructions off a kernel is a candidate for the GPU, and this is
 how to count that before spending device time. Counts come from the CPU machine's Triton,
 which may differ from the GPU machine's.
 
-    python bench/kernel_resources.py [--cases siso_8x2048 mimo4_8x2048] [--json OUT.json]
+    python tools/kernel_resources.py [--cases siso_8x2048 mimo4_8x2048] [--json OUT.json]
 """
 
 from __future__ import annotations

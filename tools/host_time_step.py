@@ -5,9 +5,9 @@ The call is made with CPU tensors of the decode shape (SISO, bf16, batch 16, H=6
 N=128, S=32, G=1, with D and z, state updated in place), and everything Python does for it runs:
 validation (and its memo), dispatch, config lookup, the launch plan and the launch-argument
 assembly up to the compiled kernel's launcher. What is stubbed, and why (a CUDA call takes other
-branches than CPU tensors would): see bench/host_stubs.py, shared with host_time_scan.py.
+branches than CPU tensors would): see tools/host_stubs.py, shared with host_time_scan.py.
 
-    TRITON_INTERPRET=1 python bench/host_time_step.py [--calls 2000] [--repeats 7]
+    TRITON_INTERPRET=1 python tools/host_time_step.py [--calls 2000] [--repeats 7]
         [--json OUT.json] [--profile]
 """
 
@@ -112,7 +112,7 @@ def main() -> None:
         ("    triton_impl.step.step (launcher)", launcher),
     ]
     results = {
-        "what": "host us per call, best of repeats; launch stubbed (see bench/host_time_step.py)",
+        "what": "host us per call, best of repeats; launch stubbed (see tools/host_stubs.py)",
         "shape": {**SHAPE, "batch": a.batch, "dtype": "bfloat16", "D": True, "z": True},
         **run_info(a.calls, a.repeats),
     }

@@ -1,8 +1,8 @@
-# Sourced by bench/ncu_kernels.sh and bench/ncu_backward.sh: their ncu sections, and
+# Sourced by tools/ncu_kernels.sh and tools/ncu_backward.sh: their ncu sections, and
 #   ncu_archive WORK NAME OUT.tgz
 # exports the report WORK/NAME.ncu-rep as NAME_details.csv (every section's metrics) and
 # NAME_sass.csv (the source page: per-instruction samples and counts), copies the cubins of the
-# Triton cache WORK/cache (their line tables map the samples to source lines, bench/ncu_lines.py)
+# Triton cache WORK/cache (their line tables map the samples to source lines, tools/ncu_lines.py)
 # and packs them with the log NAME_ncu.log into OUT.tgz.
 # The sections both profiles collect (SourceCounters: the per-instruction samples).
 NCU_SECTIONS=(--section SpeedOfLight --section Occupancy --section LaunchStats

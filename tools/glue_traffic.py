@@ -5,7 +5,7 @@ tensor inputs and outputs. On a GPU each of those ops is a launch and a pass ove
 traffic, in units of one bf16 (B, L, H, P) tensor, scales to a model shape (134 MB at
 (1, 16384), H=64, P=64) as a bound on what the glue around the kernels costs.
 
-    python bench/glue_traffic.py [--rank 4] [--z] [--top 12] [--json OUT.json]
+    python tools/glue_traffic.py [--rank 4] [--z] [--top 12] [--json OUT.json]
 """
 
 from __future__ import annotations

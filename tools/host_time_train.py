@@ -14,7 +14,7 @@ With ``--ab`` each measurement alternates with one where mamba3_kernels.eager_ca
 are off (every autograd Function through ``Function.apply``, every kernel op through torch's
 dispatcher), in the same process.
 
-    python bench/host_time_train.py [--repeats 12] [--calls 40] [--ab] [--json OUT.json]
+    python tools/host_time_train.py [--repeats 12] [--calls 40] [--ab] [--json OUT.json]
 """
 
 from __future__ import annotations

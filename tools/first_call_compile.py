@@ -4,10 +4,10 @@
 On a CUDA machine the child process times its first SISO fwd+bwd call through
 ``mamba3_kernels.scan(..., backend="triton")`` (compiles plus one run), then the same call again
 (the run alone). Without a GPU it compiles for sm_90 through Triton's JIT with a stand-in driver
-(bench/jit_standin.py): the forward's launch plan (``compile_launches``) and one dry run of the
+(tools/jit_standin.py): the forward's launch plan (``compile_launches``) and one dry run of the
 backward (``compile_only``), serially or side by side; nothing is run.
 
-    python bench/first_call_compile.py [--shape B,L,H,N,P] [--repeats 1] [--json OUT.json]
+    python tools/first_call_compile.py [--shape B,L,H,N,P] [--repeats 1] [--json OUT.json]
 """
 
 from __future__ import annotations

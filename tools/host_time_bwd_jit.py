@@ -1,12 +1,12 @@
 """Host time of the Triton backward (``chunk_bwd``) through Triton's real JIT launch path, on a
 machine without a GPU: the kernels compile for sm_90 through a stand-in driver
-(bench/jit_standin.py) and their launcher is replaced by a no-op, so everything Python, PyTorch
+(tools/jit_standin.py) and their launcher is replaced by a no-op, so everything Python, PyTorch
 (on small CPU tensors) and Triton's launch path do per call is timed, the GPU's work is not.
 
 With ``--ab`` each measurement alternates with one where direct_launch is off (every launch
 through ``kernel[grid](...)``: Triton's argument binder), in the same process.
 
-    python bench/host_time_bwd_jit.py [--repeats 7] [--calls 50] [--ab] [--json OUT.json]
+    python tools/host_time_bwd_jit.py [--repeats 7] [--calls 50] [--ab] [--json OUT.json]
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Run a few forward+backward calls of one benchmark case, for a profiler to attach to
-(bench/ncu_backward.sh profiles one of their kernels under Nsight Compute).
+(tools/ncu_backward.sh profiles one of their kernels under Nsight Compute).
 
-python bench/profile_backward.py --batch 1 --seqlen 16384 --rank 1 [--z] [--calls 4]
+python tools/profile_backward.py --batch 1 --seqlen 16384 --rank 1 [--z] [--calls 4]
 """
 
 from __future__ import annotations
