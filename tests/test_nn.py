@@ -384,6 +384,78 @@ def test_bad_inputs_raise():
         layer(randn(2, 4, D_MODEL), inference_params=SimpleNamespace(key_value_memory_dict={}))
 
 
+def test_input_dtype_mismatch_names_the_fix():
+    layer = make_layer(1, 0.5, dtype=torch.float32)
+    cache = layer.allocate_inference_cache(2)
+    x = randn(2, 4, D_MODEL, dtype=torch.bfloat16)
+    match = r"hidden_states has dtype bfloat16 but the layer's weights are float32.*\.to\("
+    with pytest.raises(TypeError, match=match):
+        layer(x)
+    with pytest.raises(TypeError, match=match):
+        layer.step(x[:, :1], cache)
+    with pytest.raises(TypeError, match=r"Mamba3\.step: hidden_states has dtype float64"):
+        layer.step(randn(2, D_MODEL, dtype=F64), cache)
+    assert cache.seqlen_offset == 0  # nothing ran
+
+
+def test_input_dtype_mismatch_allowed_under_autocast():
+    """Autocast picks the projections' dtype itself: a bf16 input to an fp32 layer is its case."""
+    layer = make_layer(1, 0.5, dtype=torch.float32)
+    x = randn(2, 4, D_MODEL, dtype=torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.shape == (2, 4, D_MODEL)
+
+
+def test_input_rank_and_width_errors():
+    layer = make_layer(1, 0.5)
+    cache = layer.allocate_inference_cache(2)
+    with pytest.raises(ValueError, match=r"Mamba3\.forward: .*\(batch, seqlen, d_model\), got"):
+        layer(randn(2, 4, 1, D_MODEL))
+    with pytest.raises(ValueError, match=r"\(batch, 1, d_model\) or \(batch, d_model\)"):
+        layer.step(randn(2, 1, 1, D_MODEL), cache)
+    with pytest.raises(ValueError, match=r"last dim is 31, expected d_model=32"):
+        layer.step(randn(2, D_MODEL - 1), cache)
+    with pytest.raises(TypeError, match=r"hidden_states must be a tensor, got list"):
+        layer([[0.0] * D_MODEL])
+
+
+def test_input_on_another_device_raises():
+    layer = make_layer(1, 0.5)
+    with pytest.raises(ValueError, match=r"is on meta but the layer's weights are on cpu"):
+        layer(torch.empty(2, 4, D_MODEL, dtype=F64, device="meta"))
+
+
+def test_step_without_a_cache_says_how_to_make_one():
+    layer = make_layer(1, 0.5)
+    x = randn(2, 1, D_MODEL)
+    for bad, got in ((None, "None"), (layer.allocate_inference_cache(2).state, "Mamba3State")):
+        with pytest.raises(TypeError, match=rf"allocate_inference_cache\(batch_size\), got {got}"):
+            layer.step(x, bad)
+    with pytest.raises(TypeError, match=r"Mamba3Cache"):
+        layer.step(x)
+    with pytest.raises(TypeError, match=r"Mamba3\.forward: cache must be a Mamba3Cache"):
+        layer(randn(2, 4, D_MODEL), cache={"state": None})
+
+
+def test_cache_of_wrong_size_raises():
+    layer = make_layer(1, 0.5)
+    small = layer.allocate_inference_cache(1)
+    with pytest.raises(ValueError, match=r"cache holds 1 sequences, the input has 2.*\(2\)"):
+        layer.step(randn(2, 1, D_MODEL), small)
+    with pytest.raises(ValueError, match=r"cache holds 1 sequences, the input has 3"):
+        layer(randn(1, 6, D_MODEL), cu_seqlens=torch.tensor([0, 2, 4, 6], dtype=torch.int32),
+              cache=small)  # fmt: skip
+    other = make_layer(2, 1.0).allocate_inference_cache(2)  # MIMO, S = N/2: other shapes
+    with pytest.raises(ValueError, match=r"does not fit this layer"):
+        layer.step(randn(2, 1, D_MODEL), other)
+    with pytest.raises(ValueError, match=r"does not fit this layer"):
+        layer(randn(2, 4, D_MODEL), cache=other)
+    ranked = make_layer(2, 0.5).allocate_inference_cache(2)  # only the rank differs
+    with pytest.raises(ValueError, match=r"rank 1\)"):
+        layer.step(randn(2, 1, D_MODEL), ranked)
+
+
 @pytest.mark.parametrize(
     "kwargs,match",
     [

@@ -27,6 +27,10 @@ from ..state import Mamba3State
 _ROPE_FRACTIONS = (0.5, 1.0)
 
 
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
 @dataclass
 class Mamba3Cache:
     """Inference cache of one :class:`Mamba3` layer.
@@ -228,18 +232,63 @@ class Mamba3(nn.Module):
 
     # ------------------------------------------------------------------ helpers
 
-    def _check_hidden(self, hidden_states: torch.Tensor, what: str) -> None:
+    def _check_hidden(self, hidden_states: torch.Tensor, what: str, layout: str) -> None:
+        """The input's type, rank, width, dtype and device, each with its own message (instead of
+        a matmul error deep inside the projection). ``layout``: the accepted shapes, in words."""
         if not isinstance(hidden_states, torch.Tensor):
-            raise TypeError(f"{what}: hidden_states must be a tensor, got {type(hidden_states)}")
+            raise TypeError(
+                f"{what}: hidden_states must be a tensor, got {type(hidden_states).__name__}"
+            )
         if hidden_states.dim() != 3:
             raise ValueError(
-                f"{what}: hidden_states must be (batch, seqlen, d_model), "
-                f"got shape {tuple(hidden_states.shape)}"
+                f"{what}: hidden_states must be {layout}, got shape {tuple(hidden_states.shape)}"
             )
         if hidden_states.shape[-1] != self.d_model:
             raise ValueError(
                 f"{what}: hidden_states last dim is {hidden_states.shape[-1]}, "
                 f"expected d_model={self.d_model}"
+            )
+        weight = self.in_proj.weight
+        if hidden_states.dtype != weight.dtype and not torch.is_autocast_enabled(
+            hidden_states.device.type
+        ):  # under autocast the projections choose their own dtype
+            x_dt, w_dt = _dtype_name(hidden_states.dtype), _dtype_name(weight.dtype)
+            raise TypeError(
+                f"{what}: hidden_states has dtype {x_dt} but the layer's weights are {w_dt}; "
+                f"cast the input (hidden_states.to(torch.{w_dt})) or the layer "
+                f"(layer.to(torch.{x_dt}))"
+            )
+        if hidden_states.device != weight.device:
+            raise ValueError(
+                f"{what}: hidden_states is on {hidden_states.device} but the layer's weights are "
+                f"on {weight.device}; move one of them (hidden_states.to(\"{weight.device}\"))"
+            )
+
+    def _check_cache(self, cache: Any, nseq: int, what: str) -> None:
+        """A cache of this layer's shapes for ``nseq`` sequences."""
+        if not isinstance(cache, Mamba3Cache):
+            got = "None" if cache is None else type(cache).__name__
+            raise TypeError(
+                f"{what}: cache must be a Mamba3Cache from "
+                f"layer.allocate_inference_cache(batch_size), got {got}"
+            )
+        if cache.batch_size != nseq:
+            raise ValueError(
+                f"{what}: cache holds {cache.batch_size} sequences, the input has {nseq} "
+                f"(allocate_inference_cache({nseq}) makes a fitting one)"
+            )
+        ssm, angle, k = cache.state.ssm, cache.state.angle, cache.state.k
+        expected = (self.nheads, self.headdim, self.d_state)
+        if (
+            tuple(ssm.shape[1:]) != expected
+            or angle.shape[-1] != self.num_rope_angles
+            or k.shape[1] != self.mimo_rank
+        ):
+            raise ValueError(
+                f"{what}: the cache's state (ssm {tuple(ssm.shape)}, angle {tuple(angle.shape)}, "
+                f"k {tuple(k.shape)}) does not fit this layer (ssm (B, "
+                f"{', '.join(map(str, expected))}), {self.num_rope_angles} angles, rank "
+                f"{self.mimo_rank}): it comes from another layer's allocate_inference_cache"
             )
 
     def _param(self, p: torch.Tensor, pdt: torch.dtype) -> torch.Tensor:
@@ -378,7 +427,7 @@ class Mamba3(nn.Module):
         Returns:
             (B, L, d_model), in hidden_states' dtype.
         """
-        self._check_hidden(hidden_states, "Mamba3.forward")
+        self._check_hidden(hidden_states, "Mamba3.forward", "(batch, seqlen, d_model)")
         batch, seqlen, _ = hidden_states.shape
         if cu_seqlens is not None and batch != 1:
             raise ValueError(f"Mamba3.forward: cu_seqlens needs batch 1, got batch {batch}")
@@ -389,10 +438,8 @@ class Mamba3(nn.Module):
             cache = self._cache_from_params(inference_params, nseq, hidden_states.dtype)
             if cache.seqlen_offset > 0 and seqlen == 1 and cu_seqlens is None:
                 return self.step(hidden_states, cache)
-        if cache is not None and cache.batch_size != nseq:
-            raise ValueError(
-                f"Mamba3.forward: cache holds {cache.batch_size} sequences, the input has {nseq}"
-            )
+        if cache is not None:
+            self._check_cache(cache, nseq, "Mamba3.forward")
 
         p = self._project(hidden_states)
         pdt = p.dt.dtype
@@ -428,25 +475,23 @@ class Mamba3(nn.Module):
         y = y.reshape(batch, seqlen, self.d_inner)
         return self.out_proj(y.to(hidden_states.dtype))
 
-    def step(self, hidden_states: torch.Tensor, cache: Mamba3Cache) -> torch.Tensor:
+    def step(self, hidden_states: torch.Tensor, cache: Mamba3Cache | None = None) -> torch.Tensor:
         """One decode step for every cached sequence, updating ``cache`` in place.
 
         Args:
             hidden_states: (B, 1, d_model) or (B, d_model), B = cache.batch_size.
-            cache: from :meth:`allocate_inference_cache`, usually filled by a prefill.
+            cache: from :meth:`allocate_inference_cache`, usually filled by a prefill
+                (required: the default None only makes its absence a clear error).
         Returns:
             (B, 1, d_model).
         """
         if isinstance(hidden_states, torch.Tensor) and hidden_states.dim() == 2:
             hidden_states = hidden_states[:, None]
-        self._check_hidden(hidden_states, "Mamba3.step")
+        self._check_hidden(hidden_states, "Mamba3.step", "(batch, 1, d_model) or (batch, d_model)")
         batch, seqlen, _ = hidden_states.shape
         if seqlen != 1:
             raise ValueError(f"Mamba3.step: takes one token per sequence, got seqlen {seqlen}")
-        if cache.batch_size != batch:
-            raise ValueError(
-                f"Mamba3.step: cache holds {cache.batch_size} sequences, the input has {batch}"
-            )
+        self._check_cache(cache, batch, "Mamba3.step")
 
         p = self._project(hidden_states)
         y, new_state = mamba3_kernels.step(
