@@ -61,7 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", action="append", help="only this backend (repeatable)")
     p.add_argument("--kernel", action="append", help="only this kernel name (repeatable)")
     p.add_argument(
-        "--mode", action="append", choices=("scan_fwd", "scan_bwd", "step"), help="only this mode"
+        "--mode", action="append", choices=("inference", "training", "decode"),
+        help="only this call path (an inference forward, a training forward+backward, a decode "
+        "step)"
     )
     p.add_argument("--n-trials", type=int, default=40, help="trial budget per study (default 40)")
     p.add_argument(
@@ -110,6 +112,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--dry-run", action="store_true", help="list what would be tuned and exit")
     return p
+
+
+def _backend_records(targets, device: str) -> list[dict]:
+    """Per (bucket, mode) of the tuned targets: every backend that could serve it timed with
+    its tuned configs, and the fastest recorded (``backend="auto"`` follows the record)."""
+    from .measure import time_backends
+
+    records, seen = [], set()
+    for t in targets:
+        key = (t.bucket_key, t.mode)
+        if key in seen:
+            continue
+        seen.add(key)
+        times = time_backends(t.bucket, t.mode, device)
+        if times:
+            fastest = min(times, key=times.get)
+            records.append({"mode": t.mode, "bucket": t.bucket_key, "backend": fastest,
+                            "times_ms": {k: round(v, 6) for k, v in times.items()}})  # fmt: skip
+            print(f"fastest for {t.mode} {t.bucket_key}: {fastest} "
+                  + ", ".join(f"{k} {v:.4g} ms" for k, v in sorted(times.items())))
+    return records
 
 
 def _buckets(args, dtype):
@@ -188,6 +211,11 @@ def main(argv: list[str] | None = None) -> int:
     storage = open_storage(args.storage, config_dir / "studies" / f"{slug}.db")
     results = []
     t0 = time.time()
+    out_dirs = [Path(args.out_dir) if args.out_dir else config_dir]
+    if args.ship:
+        out_dirs.append(tuned_configs.SHIPPED_DIR)
+    versions = tuned_configs.current_versions()
+    paths: list[Path] = []
     for target in targets:
         res = tune_target(
             target,
@@ -202,11 +230,11 @@ def main(argv: list[str] | None = None) -> int:
             search=args.search,
         )
         results.append(res)
-    versions = tuned_configs.current_versions()
-    out_dirs = [Path(args.out_dir) if args.out_dir else config_dir]
-    if args.ship:
-        out_dirs.append(tuned_configs.SHIPPED_DIR)
-    paths = write_configs(results, gpu, capability, out_dirs, versions)
+        # Written at once: the next family's study of the same mode times with this config.
+        paths = write_configs([res], gpu, capability, out_dirs, versions) or paths
+    choices = _backend_records(targets, device)
+    if choices:
+        paths = write_configs([], gpu, capability, out_dirs, versions, choices=choices) or paths
 
     print()
     print(table(results))

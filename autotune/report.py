@@ -6,6 +6,7 @@ import warnings
 from pathlib import Path
 
 from mamba3_kernels import tuned_configs
+from mamba3_kernels.dispatch import clear_caches
 
 from .study import StudyResult
 
@@ -18,26 +19,32 @@ def write_configs(
     capability,
     out_dirs: list[Path],
     versions: dict | None = None,
+    choices: list[dict] | None = None,
 ) -> list[Path]:
-    """Merge the entries of ``results`` into ``<dir>/<gpu-slug>.json`` for each dir."""
+    """Merge the entries of ``results`` (and the backend records ``choices``) into
+    ``<dir>/<gpu-slug>.json`` for each dir."""
     entries = [r.entry for r in results if r.entry is not None]
-    if not entries:
+    if not entries and not choices:
         return []
     paths = []
     for d in out_dirs:
         path = Path(d) / f"{tuned_configs.gpu_slug(gpu)}.json"
-        paths.append(tuned_configs.write_config_file(path, gpu, capability, entries, versions))
+        paths.append(tuned_configs.write_config_file(path, gpu, capability, entries, versions,
+                                                     choices=choices))  # fmt: skip
+    # Later studies (and dispatch in this process) see what was written.
     tuned_configs.reload()
+    clear_caches()
     return paths
 
 
 def table(results: list[StudyResult]) -> str:
     """A plain-text table: kernel, bucket, default ms, tuned ms, speed-up, trials, rejected."""
-    head = ("backend/kernel", "bucket", "default ms", "tuned ms", "speed-up", "trials", "rejected")
+    head = ("backend/kernel/mode", "bucket", "default ms", "tuned ms", "speed-up", "trials",
+            "rejected")  # fmt: skip
     rows = [head]
     for r in results:
         e = r.entry
-        name = f"{r.target.backend.name}/{r.target.kernel.name}"
+        name = _name(r)
         if e is None:
             rows.append((name, r.target.bucket_key, "-", "-", "-", "-", r.note))
             continue
@@ -57,7 +64,21 @@ def table(results: list[StudyResult]) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    why = rejections(results)
+    return "\n".join(lines + (["", "rejected trials, why (count x reason):", *why] if why else []))
+
+
+def _name(r: StudyResult) -> str:
+    return f"{r.target.backend.name}/{r.target.kernel.name}/{r.target.mode}"
+
+
+def rejections(results: list[StudyResult]) -> list[str]:
+    """One line per study and rejection reason: the study, the count, the reason."""
+    lines = []
+    for r in results:
+        for reason, n in ((r.entry or {}).get("rejected_why") or {}).items():
+            lines.append(f"  {_name(r)} {r.target.bucket_key}: {n} x {reason}")
+    return lines
 
 
 def markdown_table(results: list[StudyResult]) -> str:
@@ -68,7 +89,7 @@ def markdown_table(results: list[StudyResult]) -> str:
     ]
     for r in results:
         e = r.entry
-        name = f"{r.target.backend.name}/{r.target.kernel.name}"
+        name = _name(r)
         if e is None:
             out.append(f"| {name} | {r.target.bucket_key} | - | - | - | - | {r.note} |")
             continue

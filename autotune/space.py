@@ -17,13 +17,13 @@ from .buckets import Bucket
 
 _PRIMITIVE = (bool, int, float, str, type(None))
 
-# Which kernel modes a bucket kind exercises.
-KIND_MODES = {"scan": ("scan_fwd", "scan_bwd"), "step": ("step",)}
+# Which call paths (modes) a bucket kind exercises.
+KIND_MODES = {"scan": ("inference", "training"), "step": ("decode",)}
 
 
 def all_kernels(backend: Backend) -> list[KernelSpec]:
-    """The backend's kernels (the Triton backend loads its kernel modules lazily)."""
-    return list(getattr(backend, "all_kernels", lambda: backend.kernels)())
+    """The backend's kernel families (a backend may load its kernel modules lazily)."""
+    return list(backend.all_kernels())
 
 
 @dataclass
@@ -73,19 +73,22 @@ class Space:
 
 @dataclass
 class Target:
-    """One study: a kernel of a backend at a bucket."""
+    """One study: a kernel family of a backend, on one call path (mode), at a bucket. It is
+    timed through the mode's entry point (``Backend.scan``, ``scan_for_backward`` plus
+    ``scan_backward``, or ``step``), with the other families' configs as dispatch hands them."""
 
     backend: Backend
     kernel: KernelSpec
     bucket: Bucket
     problem: Problem
+    mode: str
 
     @property
     def bucket_key(self) -> str:
         return self.problem.bucket_key()
 
     def study_name(self, gpu_slug: str) -> str:
-        return f"{gpu_slug}/{self.backend.name}/{self.kernel.name}/{self.bucket_key}"
+        return f"{gpu_slug}/{self.backend.name}/{self.kernel.name}/{self.mode}/{self.bucket_key}"
 
     def default_config(self, problem: Problem | None = None) -> Any:
         return self.kernel.default(problem or self.problem)
@@ -133,19 +136,20 @@ def find_targets(
         for bucket in buckets:
             problem = bucket.problem(device_type)
             unsupported = backend.unsupported_reason(problem)
-            for spec in specs:
-                if kernels is not None and spec.name not in kernels:
+            for mode in KIND_MODES[bucket.kind]:
+                if modes is not None and mode not in modes:
                     continue
-                if spec.mode not in KIND_MODES[bucket.kind]:
+                if mode == "training" and not backend.has_backward:
                     continue
-                if modes is not None and spec.mode not in modes:
-                    continue
-                if spec.mode == "scan_bwd" and not backend.has_backward:
-                    continue
-                if unsupported is not None:
-                    skipped.append(f"{name}/{spec.name} {bucket.describe()}: {unsupported}")
-                    continue
-                if not spec.applies(problem):
-                    continue
-                targets.append(Target(backend, spec, bucket, problem))
+                # The family that leads the mode first (its config picks the path the others
+                # serve: chunk_fwd's for an inference forward); the others then time with it.
+                for spec in sorted(specs, key=lambda k: k.modes[0] != mode):
+                    if kernels is not None and spec.name not in kernels:
+                        continue
+                    if mode not in spec.modes or not spec.applies(problem):
+                        continue
+                    if unsupported is not None:
+                        skipped.append(f"{name}/{spec.name} {bucket.describe()}: {unsupported}")
+                        continue
+                    targets.append(Target(backend, spec, bucket, problem, mode))
     return targets, skipped

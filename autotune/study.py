@@ -346,6 +346,17 @@ def _progress(enabled: bool, total: int, name: str, initial: int):
     return tqdm(total=total, initial=min(initial, total), desc=name, unit="trial", leave=True)
 
 
+def rejection_reasons(trials: Sequence[FrozenTrial], top: int = 5) -> dict[str, int]:
+    """The commonest reasons among rejected ``trials`` (constraint, error or wrong result, the
+    numbers in a message kept), with their counts: at most ``top``, the most frequent first."""
+    counts: dict[str, int] = {}
+    for t in trials:
+        reason = str(t.user_attrs.get(A_REJECTED, ""))[:160]
+        counts[reason] = counts.get(reason, 0) + 1
+    ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:top]
+    return dict(ranked)
+
+
 def summarize(target: Target, study: optuna.Study, space: Space | None = None) -> StudyResult:
     """The config-file entry of a study: best config, its time, the default's time, counts."""
     space = space or target.space()
@@ -365,19 +376,24 @@ def summarize(target: Target, study: optuna.Study, space: Space | None = None) -
                 note = f"default config rejected: {src.user_attrs[A_REJECTED]}"
     best = _best_value(study)
     if best is None:
-        return StudyResult(target, study, None, note or "no config passed the check")
+        why = "; ".join(f"{n} x {r}" for r, n in rejection_reasons(rejected).items())
+        return StudyResult(target, study, None,
+                           note or f"no config passed the check ({why or 'none evaluated'})")
     params = space.decode(study.best_trial.params)
     config = target.make_config(params)
     config_dict = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config)
     entry = {
         "backend": target.backend.name,
         "kernel": target.kernel.name,
+        "mode": target.mode,
+        "kernel_version": target.kernel.version,
         "bucket": target.bucket_key,
         "config": config_dict,
         "tuned_ms": round(best, 6),
         "default_ms": round(default_ms, 6) if default_ms is not None else None,
         "trials": len(evaluated),
         "rejected": len(rejected),
+        "rejected_why": rejection_reasons(rejected),
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
     }
     return StudyResult(target, study, entry, note)

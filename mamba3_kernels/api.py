@@ -122,6 +122,6 @@ def step(
     if torch.compiler.is_compiling():
         out = torch.ops.mamba3.step(*inputs[:9], *state, *inputs[9:14], problem.rotary, backend)
     else:  # eager: skip the op's Python dispatch, which costs tens of microseconds per call
-        chosen, configs = plan(problem, backend, "step")  # run_step's body
+        chosen, configs = plan(problem, backend, "decode")  # run_step's body
         out = chosen.step(problem, inputs, state, configs)
     return out, state

@@ -19,31 +19,44 @@ from .inputs import ScanInputs
 from .problem import Problem
 from .state import Mamba3State
 
-# Which call a kernel serves.
-MODES = ("scan_fwd", "scan_bwd", "step")
+# The call paths a kernel family can serve: an inference forward (``scan`` without autograd), a
+# training call (the forward that a backward will follow, and that backward: tuned and timed as
+# one), a decode step (``step``). Dispatch hands each path the configs of every family it uses.
+MODES = ("inference", "training", "decode")
 
 
 @dataclass(frozen=True)
 class KernelSpec:
     """One tunable kernel of a backend.
 
-    name:          unique within the backend, e.g. "siso_chunk_fwd".
-    mode:          one of MODES: the call it serves.
-    config_cls:    a frozen dataclass of the tunable parameters.
+    name:          unique within the backend, e.g. "chunk_fwd".
+    modes:         the MODES whose calls run this family (its tuned configs are kept per mode:
+                   one family may be tuned differently for inference and for training).
+    config_cls:    a frozen dataclass of the tunable parameters: every choice the family makes,
+                   the algorithm included, is a field of it.
     applies:       problem -> bool, whether this kernel runs for that problem.
     default:       problem -> config, the heuristic used when nothing is tuned.
     space:         problem -> {param: [candidate values]}, the search space.
     constraint:    (problem, config, device_props) -> reason the config is invalid, or None.
                    device_props is a dict (``device_properties()``) or None off-GPU.
+    version:       the meaning of the config's fields; bump it when a field changes meaning (or a
+                   tuned value would no longer be right): tuned entries of another version are
+                   reported and skipped, whatever toolchain wrote them.
     """
 
     name: str
-    mode: str
+    modes: tuple[str, ...]
     config_cls: type
     applies: Callable[[Problem], bool]
     default: Callable[[Problem], Any]
     space: Callable[[Problem], dict[str, list]]
     constraint: Callable[[Problem, Any, dict | None], str | None] = lambda p, c, d: None
+    version: int = 1
+
+    def __post_init__(self) -> None:
+        bad = [m for m in self.modes if m not in MODES]
+        if not self.modes or bad:
+            raise ValueError(f"KernelSpec {self.name!r}: modes {self.modes} must be among {MODES}")
 
     def make_config(self, params: dict) -> Any:
         """Build a config from a dict, ignoring unknown keys (config files may be older)."""
@@ -117,12 +130,30 @@ class Backend:
         """One decode step: updates ``state`` in place and returns out (B, H, P) or (B, R, H, P)."""
         raise NotImplementedError(f"backend {self.name!r} has no step")
 
+    def all_kernels(self) -> list[KernelSpec]:
+        """Every kernel family of this backend (a backend may load its kernel modules lazily)."""
+        return self.kernels
+
     def kernels_for(self, problem: Problem, mode: str) -> list[KernelSpec]:
-        return [k for k in self.kernels if k.mode == mode and k.applies(problem)]
+        """The families a ``mode`` call of ``problem`` runs."""
+        return [k for k in self.all_kernels() if mode in k.modes and k.applies(problem)]
 
 
 _REGISTRY: dict[str, Backend] = {}
 BACKEND_NAMES = ("reference", "triton", "tilelang", "cute")
+# Called after the registry changes (the dispatcher drops its memoized choices).
+_LISTENERS: list[Callable[[], None]] = []
+
+
+def on_registry_change(fn: Callable[[], None]) -> None:
+    """Call ``fn`` whenever a backend is registered or removed."""
+    if fn not in _LISTENERS:
+        _LISTENERS.append(fn)
+
+
+def _changed() -> None:
+    for fn in _LISTENERS:
+        fn()
 
 
 def register_backend(backend: Backend) -> Backend:
@@ -130,18 +161,15 @@ def register_backend(backend: Backend) -> Backend:
     if backend.name in _REGISTRY and _REGISTRY[backend.name] is not backend:
         raise ValueError(f"backend {backend.name!r} is already registered")
     _REGISTRY[backend.name] = backend
-    from .dispatch import clear_caches  # memoized choices may now be stale
-
-    clear_caches()
+    _changed()
     return backend
 
 
 def unregister_backend(name: str) -> Backend | None:
     """Remove a backend (tests, plugins); returns it, or None when it was not registered."""
-    from .dispatch import clear_caches
-
-    clear_caches()
-    return _REGISTRY.pop(name, None)
+    removed = _REGISTRY.pop(name, None)
+    _changed()
+    return removed
 
 
 def is_registered(backend: Backend) -> bool:

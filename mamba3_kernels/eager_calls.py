@@ -3,7 +3,7 @@
 Both are needed where torch.compile and functorch transforms (vmap, grad, vjp) reach the
 backend: Functions in the ``setup_context`` style, kernels wrapped as custom ops so that a trace
 sees them as opaque calls. In plain eager calls each costs Python work that does nothing there
-(bench/NOTES.md, "Training-call host time"):
+(docs/performance.md, "Training-call host time"):
 
 * ``Function.apply`` binds its arguments against ``inspect.signature(forward)`` on every call of
   a setup_context Function, to fill in defaults. With every argument given positionally to a

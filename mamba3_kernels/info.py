@@ -6,6 +6,7 @@ import platform
 
 import torch
 
+from . import tuned_configs
 from .backend import registered_backends
 from .dispatch import choose_backend, why_not
 from .testing import random_inputs
@@ -17,7 +18,8 @@ def info(inputs=None, rotary: str | None = None, step: bool = False) -> dict:
     also say which backends support that call and which one "auto" picks.
 
     Returns {"versions": {...}, "backends": {name: {"available", "reason", "priority"}},
-    and with inputs "call": {name: reason or None}, "auto": name}.
+    "tuned_files": [tuned_configs.file_reports' dicts], and with inputs "call": {name: reason or
+    None}, "auto": name}.
     """
     versions = {"python": platform.python_version(), "torch": torch.__version__}
     for mod in ("triton", "tilelang", "cutlass", "optuna"):
@@ -34,6 +36,8 @@ def info(inputs=None, rotary: str | None = None, step: bool = False) -> dict:
             "reason": reason,
             "priority": b.priority,
         }
+    device = versions["cuda_device"]
+    result["tuned_files"] = tuned_configs.file_reports(device, _kernel_families())
     if inputs is not None:
         if step:
             problem, _ = validate_step(*inputs[:9], inputs.initial_state, *inputs[9:14], rotary)
@@ -45,6 +49,18 @@ def info(inputs=None, rotary: str | None = None, step: bool = False) -> dict:
     return result
 
 
+def _kernel_families() -> dict:
+    """(backend, family name) -> KernelSpec of every registered backend whose kernels load."""
+    families = {}
+    for name, b in registered_backends().items():
+        try:
+            specs = b.all_kernels()
+        except Exception:  # a backend whose kernels cannot load has no families to match
+            continue
+        families.update({(name, k.name): k for k in specs})
+    return families
+
+
 def print_info() -> None:
     """Print ``info()`` as a table, with auto's pick for example SISO/MIMO calls on this device."""
     data = info()
@@ -52,6 +68,13 @@ def print_info() -> None:
     print(f"{'backend':<10} {'available':<9} reason")
     for name, row in data["backends"].items():
         print(f"{name:<10} {'yes' if row['available'] else 'no':<9} {row['reason'] or ''}")
+    print("tuned config files:" if data["tuned_files"] else "tuned config files: none found")
+    for f in data["tuned_files"]:
+        where = "shipped" if f["shipped"] else "user"
+        state = "used" if f["used"] else f"skipped ({f['reason']})"
+        print(f"  {f['path']} [{where}]: {f.get('gpu')}, {f['entries']} entries, {state}")
+        for line in f["skipped"]:
+            print(f"    skipped entry {line}")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     examples = {

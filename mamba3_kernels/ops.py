@@ -158,7 +158,7 @@ def run_scan(
     Returns out and the final state's angle, ssm, k, v (empty tensors without a final state),
     each owning its memory.
     """
-    chosen, configs = plan(problem, backend, "scan_fwd")
+    chosen, configs = plan(problem, backend, "inference")
     out, state = chosen.scan(problem, inputs, configs)
     return owned_outputs(inputs, out, state)
 
@@ -169,9 +169,7 @@ def run_scan_for_backward(
     """run_scan for a call whose backward will run: its five outputs, the backend's residual
     for its backward (Backend.scan_for_backward; None when it keeps nothing) and the backend's
     name (a residual only means something to the backend that made it)."""
-    chosen, configs = plan(problem, backend, "scan_fwd")
-    # (a backend may run its backward's kernels in this forward: their tuned configs too)
-    configs = {**plan(problem, backend, "scan_bwd")[1], **configs}
+    chosen, configs = plan(problem, backend, "training")
     out, state, residual = chosen.scan_for_backward(problem, inputs, configs)
     return owned_outputs(inputs, out, state), residual, chosen.name
 
@@ -186,7 +184,7 @@ def scan_eager(
     owned_outputs would otherwise ensure (fresh contiguous allocations, not views, in the op's
     dtypes), so its outputs are returned as they are.
     """
-    chosen, configs = plan(problem, backend, "scan_fwd")
+    chosen, configs = plan(problem, backend, "inference")
     out, state = chosen.scan(problem, inputs, configs)
     if getattr(chosen, "scan_outputs_owned", False):
         return out, state
@@ -348,7 +346,7 @@ def run_scan_bwd(
     problem = describe(
         inputs, False, rotary, return_final_state, chunk_size if chunk_size > 0 else None
     )
-    chosen, configs = plan(problem, backend, "scan_bwd")
+    chosen, configs = plan(problem, backend, "training")
     grad_state = Mamba3State(grad_angle, grad_ssm, grad_k, grad_v) if return_final_state else None
     if chosen.has_backward:
         kept = residual[1] if residual is not None and residual[0] == chosen.name else None
@@ -430,7 +428,7 @@ class _EagerScan(torch.autograd.Function):
     op's forward body (run_scan) on the already validated inputs, the op's saved inputs and its
     backward (_backward), without the op's dispatch. The op's registered autograd re-binds its
     23 arguments against the schema on every call (torch's ``fill_defaults``: ~0.3 ms of host
-    time per training call on this project's CPU machine, bench/NOTES.md)."""
+    time per training call on this project's CPU machine, docs/performance.md)."""
 
     @staticmethod
     def forward(problem, *args):  # args: the op's arguments (backend last)
@@ -522,7 +520,7 @@ def step_op(
 
 def run_step(problem: Problem, inputs: ScanInputs, state: Mamba3State, backend: str) -> Tensor:
     """Dispatch one validated decode step (the eager path calls this directly)."""
-    chosen, configs = plan(problem, backend, "step")
+    chosen, configs = plan(problem, backend, "decode")
     return chosen.step(problem, inputs, state, configs)
 
 

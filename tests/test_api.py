@@ -182,15 +182,13 @@ def test_eager_no_grad_path_matches_op_and_owns_outputs():
     "backend,training_forward", [("reference", None), ("triton", "fused"), ("triton", "auto")]
 )
 def test_eager_autograd_path_skips_op_dispatch_and_matches_op(backend, training_forward,
-                                                               monkeypatch):  # fmt: skip
+                                                               pin_config):  # fmt: skip
     # Eager calls that autograd records run the op's autograd without its dispatch
     # (ops.scan_autograd): the same values and gradients as the op, with a final state. (The
     # Triton backend's default training forward records the backward's own graph, another
     # algorithm than the op's fused forward: equal to rounding, not to the bit.)
-    if training_forward is not None:
-        from mamba3_kernels.backend import registered_backends
-
-        monkeypatch.setattr(registered_backends()["triton"], "training_forward", training_forward)
+    if training_forward == "fused":
+        pin_config("triton", "chunk_bwd", record_forward=0)
     exact = training_forward != "auto"
     x = random_inputs(batch=2, seqlen=9, nheads=2, d_state=32, headdim=16,
                       with_initial_state=True, dtype=torch.float32)  # fmt: skip

@@ -9,6 +9,7 @@ interpreter at tiny shapes.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -60,7 +61,7 @@ class FakeBackend(Backend):
     def __init__(self) -> None:
         spec = KernelSpec(
             name="fake_chunk",
-            mode="scan_fwd",
+            modes=("inference",),
             config_cls=FakeConfig,
             applies=lambda p: not p.decode,
             default=lambda p: FakeConfig(),
@@ -174,7 +175,9 @@ def test_grid_study_rejects_wrong_configs_and_writes_a_file_the_store_reads(tmp_
     assert entry["config"]["flavor"] == "right" and entry["config"]["chunk_size"] <= 16
     assert entry["trials"] == 18 and entry["rejected"] == 14
     assert entry["default_ms"] is not None and entry["tuned_ms"] <= entry["default_ms"]
-    assert "fake_tune/fake_chunk" in table([res])
+    assert "fake_tune/fake_chunk/inference" in table([res])
+    assert "rejected trials, why" in table([res]) and "boom" in table([res])
+    assert sum(entry["rejected_why"].values()) == 14
 
     # The file lands in the user config dir and the store serves it.
     (path,) = write_configs([res], "cpu", None, [config_dir])
@@ -182,20 +185,20 @@ def test_grid_study_rejects_wrong_configs_and_writes_a_file_the_store_reads(tmp_
     assert data["gpu"] == "cpu" and data["versions"]["torch"] == torch.__version__
     assert data["entries"][0]["bucket"] == TINY.problem("cpu").bucket_key()
     spec = target.kernel
-    cfg = tuned_configs.lookup(FAKE, spec, TINY.problem("cpu"), "cpu")
+    cfg = tuned_configs.lookup(FAKE, spec, TINY.problem("cpu"), "inference", "cpu")
     assert cfg == FakeConfig(**entry["config"])
     # Nearest bucket: same kernel and head dims, other batch and length.
     other = Bucket("scan", 4, 64, 2, 1, 16, 8, 4, 1, torch.float32).problem("cpu")
-    assert tuned_configs.lookup(FAKE, spec, other, "cpu") == cfg
+    assert tuned_configs.lookup(FAKE, spec, other, "inference", "cpu") == cfg
     # Nothing for another dtype, another head size or another GPU: the heuristic applies.
     bf16 = Bucket("scan", 1, 16, 2, 1, 16, 8, 4, 1, torch.bfloat16).problem("cpu")
-    assert tuned_configs.lookup(FAKE, spec, bf16, "cpu") is None
+    assert tuned_configs.lookup(FAKE, spec, bf16, "inference", "cpu") is None
     wide = Bucket("scan", 1, 16, 4, 1, 16, 8, 4, 1, torch.float32).problem("cpu")
-    assert tuned_configs.lookup(FAKE, spec, wide, "cpu") is None
-    assert tuned_configs.lookup(FAKE, spec, TINY.problem("cpu"), "NVIDIA H100") is None
+    assert tuned_configs.lookup(FAKE, spec, wide, "inference", "cpu") is None
+    assert tuned_configs.lookup(FAKE, spec, TINY.problem("cpu"), "inference", "NVIDIA H100") is None
     # The nearest config is not used where the kernel's constraint rules it out (chunk > L).
     short = Bucket("scan", 1, 4, 2, 1, 16, 8, 4, 1, torch.float32).problem("cpu")
-    assert tuned_configs.lookup(FAKE, spec, short, "cpu") is None
+    assert tuned_configs.lookup(FAKE, spec, short, "inference", "cpu") is None
 
 
 def test_journal_storage_and_a_finished_study_costs_nothing(tmp_path):
@@ -288,32 +291,81 @@ def test_tpe_study_for_a_large_space_spends_its_budget_on_distinct_configs(tmp_p
     assert res.entry["config"]["flavor"] == "right"
 
 
-def test_stale_config_file_is_reported_and_ignored(config_dir):
+def _fake_entry(spec, problem, **extra):
+    return {
+        "backend": FAKE, "kernel": spec.name, "mode": "inference", "bucket": problem.bucket_key(),
+        "config": {"chunk_size": 8, "flavor": "right", "unroll": 2}, "tuned_ms": 1.0,
+        "default_ms": 2.0, "trials": 1, "rejected": 0, **extra,
+    }  # fmt: skip
+
+
+def test_files_of_another_toolchain_are_used(config_dir):
+    """The toolchain versions are recorded, not checked: an entry tuned under other torch and
+    Triton versions serves this process."""
     problem = TINY.problem("cpu")
     spec = registered_backends()[FAKE].kernels[0]
-    entry = {
-        "backend": FAKE,
-        "kernel": spec.name,
-        "bucket": problem.bucket_key(),
-        "config": {"chunk_size": 8, "flavor": "right", "unroll": 2},
-        "tuned_ms": 1.0,
-        "default_ms": 2.0,
-        "trials": 1,
-        "rejected": 0,
-    }
     old = {"torch": "1.13.0", "triton": "2.0.0", "mamba3_kernels": "0.0.1"}
-    tuned_configs.write_config_file(config_dir / "cpu.json", "cpu", None, [entry], versions=old)
+    path = tuned_configs.write_config_file(config_dir / "cpu.json", "cpu", None,
+                                           [_fake_entry(spec, problem)], versions=old)  # fmt: skip
+    assert json.loads(path.read_text())["versions"] == old
+    tuned_configs.reload()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = tuned_configs.lookup(FAKE, spec, problem, "inference", "cpu")
+        assert got == FakeConfig(8, "right", 2)
+    # Kept per mode: nothing for another call path of the same family.
+    assert tuned_configs.lookup(FAKE, spec, problem, "training", "cpu") is None
+
+
+def test_entry_of_another_kernel_version_is_reported_and_skipped(config_dir):
+    problem = TINY.problem("cpu")
+    spec = registered_backends()[FAKE].kernels[0]
+    newer = dataclasses.replace(spec, version=3)
+    tuned_configs.write_config_file(config_dir / "cpu.json", "cpu", None,
+                                    [_fake_entry(spec, problem, kernel_version=2)])  # fmt: skip
     tuned_configs.reload()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        assert tuned_configs.lookup(FAKE, spec, problem, "cpu") is None
-        assert tuned_configs.lookup(FAKE, spec, problem, "cpu") is None
-    stale = [w for w in caught if "stale" in str(w.message)]
-    assert len(stale) == 1 and "torch 1.13.0" in str(stale[0].message)
-    # The same entry under this toolchain is used (and memoized).
-    tuned_configs.write_config_file(config_dir / "cpu.json", "cpu", None, [entry], merge=False)
+        assert tuned_configs.lookup(FAKE, newer, problem, "inference", "cpu") is None
+        assert tuned_configs.lookup(FAKE, newer, problem, "inference", "cpu") is None
+    said = [str(w.message) for w in caught if "version 2" in str(w.message)]
+    assert len(said) == 1 and "version 3" in said[0]
+    (report,) = [r for r in tuned_configs.file_reports("cpu", {(FAKE, spec.name): newer})
+                 if r["path"].endswith("cpu.json") and not r["shipped"]]  # fmt: skip
+    assert not report["used"] and "another kernel version" in report["reason"]
+    assert len(report["skipped"]) == 1 and "kernel version 2" in report["skipped"][0]
+    # The same entry at the kernel's version is used.
     tuned_configs.reload()
-    assert tuned_configs.lookup(FAKE, spec, problem, "cpu") == FakeConfig(8, "right", 2)
+    same = dataclasses.replace(spec, version=2)
+    got = tuned_configs.lookup(FAKE, same, problem, "inference", "cpu")
+    assert got == FakeConfig(8, "right", 2)
+
+
+def test_shipped_files_load_under_any_toolchain(monkeypatch):
+    """The shipped files are read whatever torch and Triton run here; each entry matches a
+    family of the Triton backend at its version, and ``info`` lists every file."""
+    from mamba3_kernels.info import info
+
+    other = {"torch": "9.9", "triton": "9.9"}
+    monkeypatch.setattr(tuned_configs, "current_versions", lambda: other)
+    tuned_configs.reload()
+    triton_backend = registered_backends()["triton"]
+    families = {("triton", k.name): k for k in triton_backend.all_kernels()}
+    shipped = [r for r in tuned_configs.file_reports("NVIDIA H200", families) if r["shipped"]]
+    assert {Path(r["path"]).name for r in shipped} >= {"nvidia-h200.json",
+                                                       "nvidia-h100-80gb-hbm3.json"}  # fmt: skip
+    for r in shipped:
+        assert r["entries"] > 0 and r["skipped"] == [], r
+    (h200,) = [r for r in shipped if r["gpu"] == "NVIDIA H200"]
+    assert h200["used"] and h200["reason"] is None
+    assert all(not r["used"] and "this device is NVIDIA H200" in r["reason"]
+               for r in shipped if r is not h200)  # fmt: skip
+    listed = info()["tuned_files"]
+    assert {r["path"] for r in shipped} <= {r["path"] for r in listed}
+    bucket = Bucket("step", 16, 1, 64, 1, 128, 64, 32, 1, torch.bfloat16).problem("cuda")
+    step = families[("triton", "step")]
+    assert tuned_configs.lookup("triton", step, bucket, "decode", "NVIDIA H200") is not None
+    tuned_configs.reload()
 
 
 def test_model_config_gives_the_layer_buckets():
@@ -346,14 +398,20 @@ def test_cli_tunes_the_triton_kernels_under_the_interpreter(tmp_path):
     shapes = ["--shape", "1,32,2,1,16,16,4,1", "--step", "2,2,1,16,8,4,1", "--dtype", "fp32"]
     dry = _cli(["--backend", "triton", *shapes, "--dry-run"], env)
     assert dry.returncode == 0, dry.stderr
-    assert "triton/chunk_fwd/scan-B1-L32" in dry.stdout and "triton/step/step-B2" in dry.stdout
+    assert "triton/chunk_fwd/inference/scan-B1-L32" in dry.stdout
+    assert "triton/chunk_bwd/training/scan-B1-L32" in dry.stdout
+    assert "triton/step/decode/step-B2" in dry.stdout
 
     run = _cli(["--backend", "triton", *shapes, "--n-trials", "3", "--no-progress"], env)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "speed-up" in run.stdout
     data = json.loads((tmp_path / "cpu.json").read_text())
-    entries = {e["kernel"]: e for e in data["entries"]}
-    assert set(entries) >= {"chunk_fwd", "step"}
+    wanted = (("chunk_fwd", "inference"), ("step", "decode"))
+    entries = {e["kernel"]: e for e in data["entries"] if (e["kernel"], e["mode"]) in wanted}
+    assert set(entries) == {"chunk_fwd", "step"}
+    modes = {(e["kernel"], e["mode"]) for e in data["entries"]}
+    assert modes >= {("chunk_fwd", "inference"), ("chunk_bwd", "training"), ("step", "decode")}
+    assert all(e["kernel_version"] >= 1 for e in data["entries"])
     assert list((tmp_path / "plots" / "cpu").glob("*-history.png"))
 
     # The store hands the tuned configs to the real kernel specs.
@@ -366,8 +424,8 @@ def test_cli_tunes_the_triton_kernels_under_the_interpreter(tmp_path):
             Bucket("scan", 1, 32, 2, 1, 16, 16, 4, 1, torch.float32),
             Bucket("step", 2, 1, 2, 1, 16, 8, 4, 1, torch.float32),
         ):
-            name = "chunk_fwd" if b.kind == "scan" else "step"
-            cfg = tuned_configs.lookup("triton", specs[name], b.problem("cpu"), "cpu")
+            name, mode = ("chunk_fwd", "inference") if b.kind == "scan" else ("step", "decode")
+            cfg = tuned_configs.lookup("triton", specs[name], b.problem("cpu"), mode, "cpu")
             assert cfg is not None and cfg == specs[name].make_config(entries[name]["config"])
     finally:
         del os.environ["MAMBA3_KERNELS_CONFIG_DIR"]
@@ -382,7 +440,7 @@ def test_dispatcher_uses_a_tuned_config_on_the_gpu(config_dir):
     backend = registered_backends()["triton"]
     bucket = Bucket("step", 16, 1, 64, 1, 128, 64, 32, 1, torch.bfloat16)
     problem, _ = bucket.inputs("cuda")
-    (spec,) = [s for s in backend.all_kernels() if s.mode == "step" and s.applies(problem)]
+    (spec,) = backend.kernels_for(problem, "decode")
     # A config other than the heuristic's that the kernel accepts on this GPU.
     props = device_properties()
     default = spec.default(problem)
@@ -396,6 +454,7 @@ def test_dispatcher_uses_a_tuned_config_on_the_gpu(config_dir):
     entry = {
         "backend": "triton",
         "kernel": spec.name,
+        "mode": "decode",
         "bucket": problem.bucket_key(),
         "config": cfg.__dict__,
         "tuned_ms": 0.01,
@@ -408,7 +467,7 @@ def test_dispatcher_uses_a_tuned_config_on_the_gpu(config_dir):
     )
     tuned_configs.reload()
     dispatch.clear_caches()
-    assert dispatch.kernel_configs(backend, problem, "step") == {spec.name: cfg}
+    assert dispatch.kernel_configs(backend, problem, "decode") == {spec.name: cfg}
     dispatch.clear_caches()
 
 
@@ -437,7 +496,7 @@ class _StickyBackend(Backend):
     def __init__(self) -> None:
         spec = KernelSpec(
             name="sticky",
-            mode="scan_fwd",
+            modes=("inference",),
             config_cls=FakeConfig,
             applies=lambda p: True,
             default=lambda p: FakeConfig(chunk_size=8),

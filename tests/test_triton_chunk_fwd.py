@@ -363,7 +363,7 @@ def test_config_space_and_constraints():
                             assert reason is None or isinstance(reason, str)
                             valid += reason is None
             assert valid > 0
-    assert cf.SPEC.name == "chunk_fwd" and cf.SPEC.mode == "scan_fwd"
+    assert cf.SPEC.name == "chunk_fwd" and cf.SPEC.modes == ("inference", "training")
     bad = cf.ChunkFwdConfig(chunk_size=24)
     assert cf.constraint(problem, bad, None) is not None
     # The L2 prefetch: up to 4 chunks ahead; GPU builds get it, the interpreter's never (its
@@ -376,7 +376,7 @@ def test_config_space_and_constraints():
 
 
 def test_siso_default_split_rule():
-    """SISO fixed-length defaults (the H200's measurements, bench/NOTES.md): segments of
+    """SISO fixed-length defaults (the H200's measurements, docs/performance.md): segments of
     4096..512 tokens aiming at ~2 programs per multiprocessor; whole-sequence walks on the same
     tiles where sequences x heads make ~2 per multiprocessor already or a sequence is one
     segment; varlen keeps the sequential walk's own tiles."""

@@ -14,11 +14,9 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from mamba3_kernels.triton_impl import chunk_bwd as cb  # noqa: E402
-from mamba3_kernels.triton_impl import chunk_fwd, core_rotary  # noqa: E402
-from mamba3_kernels.triton_impl.core_scan import core_fwd  # noqa: E402
+from mamba3_kernels.triton_impl import chunk_fwd  # noqa: E402
 
 import mamba3_kernels  # noqa: E402
-from mamba3_kernels.backend import registered_backends  # noqa: E402
 from mamba3_kernels.state import Mamba3State  # noqa: E402
 from mamba3_kernels.testing import cast_inputs, random_inputs, rel_err  # noqa: E402
 from mamba3_kernels.validate import describe  # noqa: E402
@@ -42,8 +40,11 @@ def _scan(inputs, backend, rotary, final=True):
     return res if final else (res, None)
 
 
-def _mode(monkeypatch, mode):
-    monkeypatch.setattr(registered_backends()["triton"], "inference_forward", mode)
+def _mode(pin_config, mode):
+    """The inference forward's path: chunk_fwd's config field ("core" or "fused"; "auto": the
+    heuristic's)."""
+    if mode != "auto":
+        pin_config("triton", "chunk_fwd", path=mode)
 
 
 def _same_rotations(name, a, b):
@@ -57,15 +58,12 @@ def _same_rotations(name, a, b):
     "rank,final,z,init", [(1, True, True, True), (1, False, False, False), (2, True, True, False),
                           (4, True, False, True)],
 )  # fmt: skip
-@pytest.mark.parametrize("rotate_in_core", [True, False])
-def test_core_forward_matches_reference_and_fused(rank, final, z, init, rotate_in_core,
-                                                  monkeypatch):  # fmt: skip
+def test_core_forward_matches_reference_and_fused(rank, final, z, init, pin_config):
     inputs = _inputs(rank, 40 + rank, z=z, init=init)
     rotary = "halves" if rank > 1 else "interleaved"
-    monkeypatch.setitem(core_rotary.KNOBS, "rotate_in_core", rotate_in_core)
-    _mode(monkeypatch, "core")
+    _mode(pin_config, "core")
     out, st = _scan(inputs, "triton", rotary, final)
-    _mode(monkeypatch, "fused")
+    _mode(pin_config, "fused")
     f_out, f_st = _scan(inputs, "triton", rotary, final)
     w_out, w_st = _scan(cast_inputs(inputs, torch.float64), "reference", rotary, final)
     assert out.dtype == f_out.dtype == inputs.v.dtype and out.shape == w_out.shape
@@ -86,40 +84,6 @@ def test_core_forward_in_bf16():
     assert out.dtype == torch.bfloat16 and rel_err(out, w_out) < 2e-2
     for name, a, w in zip(Mamba3State._fields, st, w_st, strict=True):
         assert rel_err(*_same_rotations(name, a, w)) < 2e-2, name
-
-
-@cpu_interpreted
-@pytest.mark.parametrize(
-    "batch,seqlen,rank,groups,heads,halves,segment,cu_seqlens",
-    [(2, 37, 4, 1, 2, True, 16, None), (2, 37, 2, 2, 4, False, 16, None),
-     (1, 40, 1, 1, 2, False, 0, [0, 13, 40]), (1, 40, 4, 1, 2, True, 0, [0, 13, 40])],
-)  # fmt: skip
-def test_rotating_core_matches_the_rotated_operands(batch, seqlen, rank, groups, heads, halves,
-                                                    segment, cu_seqlens):  # fmt: skip
-    """core_fwd given the raw q, k with rot = (biases, theta, layout) gives bit for bit what it
-    gives on rotary_fwd's rotated per-head q, k: both layouts, GQA, MIMO ranks, segments (their
-    entering states from the rotating segment kernel too) and varlen."""
-    g = torch.Generator().manual_seed(seqlen + rank)
-    n, p, s = 16, 16, 4
-
-    def rand(*shape, scale=1.0):
-        return torch.randn(*shape, generator=g) * scale
-
-    q, k = (rand(batch, seqlen, rank, groups, n).bfloat16() for _ in range(2))
-    qb, kb = rand(rank, heads, n), rand(rank, heads, n)
-    theta = torch.rand(batch, seqlen, heads, s, generator=g) * 6.28
-    vr = rand(batch, seqlen, rank, heads, p)
-    coef = (batch, heads, seqlen) if cu_seqlens is None else (heads, seqlen)
-    adt = -torch.rand(*coef, generator=g) * 0.3
-    w, gam = torch.rand(*coef, generator=g) * 0.2, torch.rand(*coef, generator=g) * 0.2
-    cu = None if cu_seqlens is None else torch.tensor(cu_seqlens, dtype=torch.int32)
-    nseq = batch if cu is None else len(cu_seqlens) - 1
-    s0 = rand(nseq, heads, p, n)
-    meta = (16, torch.bfloat16, 4, 1, nseq, segment)
-    qr, kr = core_rotary.rotary_fwd(q, k, qb, kb, theta, halves, torch.bfloat16)
-    want_y, want_sf = core_fwd(qr, kr, vr, adt, w, gam, s0, cu, meta)
-    y, sf = core_fwd(q, k, vr, adt, w, gam, s0, cu, meta, rot=(qb, kb, theta, halves))
-    assert want_y.abs().max() > 1 and torch.equal(y, want_y) and torch.equal(sf, want_sf)
 
 
 def _problem(inputs, rotary):
@@ -147,14 +111,15 @@ def test_core_forward_outputs_own_their_memory():
      (4, 1, 16384, True), (4, 8, 2048, True), (4, 1, 2048, False)],
 )  # fmt: skip
 def test_auto_rule(rank, batch, seqlen, wins):
-    """core_forward_wins: MIMO calls of >= 8K tokens; SISO sequences of >= 8K tokens too few
-    for the fused forward's whole-sequence walks (64 sequences x 64 heads fill the GPU)."""
+    """chunk_fwd's heuristic path: "core" for MIMO calls of >= 8K tokens; SISO sequences of
+    >= 8K tokens too few for the fused forward's whole-sequence walks (64 sequences x 64 heads
+    fill the GPU)."""
     rotary = "halves" if rank > 1 else "interleaved"
     inputs = _inputs(rank, 1, nheads=64, d_state=128, headdim=64, n_angles=32, batch=1,
                      seqlen=1, dtype=torch.bfloat16)  # fmt: skip
     problem = dataclasses.replace(_problem(inputs, rotary), batch=batch, seqlen=seqlen,
                                   nseq=batch)  # fmt: skip
-    assert cb.core_forward_wins(problem, cb.default_config(problem)) == wins
+    assert (chunk_fwd.default_config(problem).path == "core") == wins
 
 
 @cpu_interpreted
@@ -164,35 +129,34 @@ def test_auto_stays_fused_for_varlen_and_configs_the_core_cannot_run():
     small = _inputs(4, 5, headdim=8)  # (P = 8: the core's dots need >= 16)
     for inputs in (varlen, small):
         problem = dataclasses.replace(_problem(inputs, "halves"), seqlen=16384)
-        assert not cb.core_forward_wins(problem, cb.default_config(problem))
+        assert chunk_fwd.default_config(problem).path == "fused"
 
 
 @cpu_interpreted
 @pytest.mark.parametrize("wins", [True, False])
-def test_auto_follows_the_rule(wins, monkeypatch):
+def test_path_field_picks_the_forward(wins, monkeypatch, pin_config):
     calls = []
     real_core, real_fused = cb.core_forward, chunk_fwd.chunk_fwd
     monkeypatch.setattr(cb, "core_forward", lambda *a: calls.append("core") or real_core(*a))
     monkeypatch.setattr(chunk_fwd, "chunk_fwd", lambda *a: calls.append("fused") or real_fused(*a))
-    monkeypatch.setattr(cb, "core_forward_wins", lambda problem, config: wins)
-    _mode(monkeypatch, "auto")
+    _mode(pin_config, "core" if wins else "fused")
     _scan(_inputs(2, 2), "triton", "halves")
     assert calls == (["core"] if wins else ["fused"])
 
 
 @cpu_interpreted
-def test_explicit_core_fails_loudly_and_unknown_modes_are_errors(monkeypatch):
-    _mode(monkeypatch, "core")
+def test_explicit_core_fails_loudly_and_unknown_paths_are_errors(pin_config):
+    _mode(pin_config, "core")
     with pytest.raises(ValueError, match="headdim P=8"):
         _scan(_inputs(1, 6, headdim=8), "triton", "interleaved")
-    _mode(monkeypatch, "fast")
-    with pytest.raises(ValueError, match="'auto', 'fused' or 'core'"):
-        _scan(_inputs(1, 6), "triton", "interleaved")
+    problem = _problem(_inputs(1, 6), "interleaved")
+    fast = dataclasses.replace(chunk_fwd.default_config(problem), path="fast")
+    assert "path 'fast' not 'fused' or 'core'" in chunk_fwd.constraint(problem, fast, None)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("rank", [1, 4])
-def test_core_forward_on_gpu(rank, monkeypatch):
+def test_core_forward_on_gpu(rank, monkeypatch, pin_config):
     """Model shape (B=2, L=4096, H=32, N=128, P=64, S=32), bf16, with z and an initial state: the
     core path's out and final state against the fused path's and the fp32 reference's."""
     sizes = dict(batch=2, seqlen=4096, nheads=32, d_state=128, headdim=64, n_angles=32)
@@ -200,20 +164,16 @@ def test_core_forward_on_gpu(rank, monkeypatch):
     rotary = "halves" if rank > 1 else "interleaved"
     results = {}
     with torch.no_grad():
-        for mode, rotating in (("core", True), ("core", False), ("fused", False)):
-            monkeypatch.setitem(core_rotary.KNOBS, "rotate_in_core", rotating)
-            _mode(monkeypatch, mode)
-            results[mode, rotating] = _scan(inputs, "triton", rotary)
+        for mode in ("core", "fused"):
+            _mode(pin_config, mode)
+            results[mode] = _scan(inputs, "triton", rotary)
         w_out, w_st = _scan(cast_inputs(inputs, torch.float32), "reference", rotary)
-    f_out, f_st = results["fused", False]
-    for rotating in (True, False):
-        out, st = results["core", rotating]
-        assert rel_err(out, w_out) < 2e-2 and rel_err(out, f_out) < 2e-2
-        for name, a, b, w in zip(Mamba3State._fields, st, f_st, w_st, strict=True):
-            assert rel_err(*_same_rotations(name, a, b)) < 2e-2, name
-            assert rel_err(*_same_rotations(name, a, w)) < 2e-2, name
-    # (the same rounded operands either way: only the order of the fp32 sums can differ)
-    assert rel_err(results["core", True][0], results["core", False][0]) < 1e-3
+    f_out, f_st = results["fused"]
+    out, st = results["core"]
+    assert rel_err(out, w_out) < 2e-2 and rel_err(out, f_out) < 2e-2
+    for name, a, b, w in zip(Mamba3State._fields, st, f_st, w_st, strict=True):
+        assert rel_err(*_same_rotations(name, a, b)) < 2e-2, name
+        assert rel_err(*_same_rotations(name, a, w)) < 2e-2, name
 
 
 @pytest.mark.parametrize(

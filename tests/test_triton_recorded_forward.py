@@ -16,7 +16,6 @@ from mamba3_kernels.triton_impl import chunk_bwd as cb  # noqa: E402
 from mamba3_kernels.triton_impl import core_rotary  # noqa: E402
 
 import mamba3_kernels  # noqa: E402
-from mamba3_kernels.backend import registered_backends  # noqa: E402
 from mamba3_kernels.state import Mamba3State  # noqa: E402
 from mamba3_kernels.testing import cast_inputs, random_inputs, rel_err  # noqa: E402
 from mamba3_kernels.validate import describe  # noqa: E402
@@ -56,8 +55,11 @@ def _call(inputs, backend, final, rotary, cot_seed=99, backward_twice=False):
     return out, st, grads
 
 
-def _mode(monkeypatch, mode):
-    monkeypatch.setattr(registered_backends()["triton"], "training_forward", mode)
+def _mode(pin_config, mode):
+    """The training forward's path: "core" records the backward's graph, "fused" does not,
+    "auto" is the heuristic's choice."""
+    if mode != "auto":
+        pin_config("triton", "chunk_bwd", record_forward=int(mode == "core"))
 
 
 @cpu_interpreted
@@ -65,14 +67,14 @@ def _mode(monkeypatch, mode):
     "rank,final,z,init", [(1, True, True, True), (1, False, False, False), (2, False, True, True),
                           (4, True, False, True)],
 )  # fmt: skip
-def test_recorded_forward_matches_reference_and_fused(rank, final, z, init, monkeypatch):
+def test_recorded_forward_matches_reference_and_fused(rank, final, z, init, pin_config):
     """Out, final state and every gradient: recorded (core) against the float64 reference, and
     against the fused forward's path, which computes the same function."""
     inputs = _inputs(rank, 20 + rank, z=z, init=init)
     rotary = "halves" if rank > 1 else "interleaved"
-    _mode(monkeypatch, "core")
+    _mode(pin_config, "core")
     out, st, grads = _call(inputs, "triton", final, rotary)
-    _mode(monkeypatch, "fused")
+    _mode(pin_config, "fused")
     f_out, f_st, f_grads = _call(inputs, "triton", final, rotary)
     w_out, w_st, w_grads = _call(cast_inputs(inputs, torch.float64), "reference", final, rotary)
     assert out.dtype == inputs.v.dtype and out.shape == w_out.shape
@@ -91,7 +93,7 @@ def test_recorded_forward_matches_reference_and_fused(rank, final, z, init, monk
 
 
 @cpu_interpreted
-def test_recorded_backward_recomputes_nothing(monkeypatch):
+def test_recorded_backward_recomputes_nothing(monkeypatch, pin_config):
     """One rotary forward and one angle scan per training call, both in the forward (the fused
     path's backward runs them again); the backward launches no core forward."""
     inputs = _inputs(1, 5)
@@ -106,7 +108,7 @@ def test_recorded_backward_recomputes_nothing(monkeypatch):
                         counting("angle", core_rotary._angle_fwd_op))  # fmt: skip
     monkeypatch.setattr(core_rotary, "_core_fwd_op",
                         counting("core_fwd", core_rotary._core_fwd_op))  # fmt: skip
-    _mode(monkeypatch, "core")
+    _mode(pin_config, "core")
     leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in inputs[:14]]
     out = mamba3_kernels.scan(*leaves, rotary="interleaved", backend="triton")
     assert counts == {"rot": 1, "angle": 1, "core_fwd": 1}
@@ -116,23 +118,23 @@ def test_recorded_backward_recomputes_nothing(monkeypatch):
 
 
 @cpu_interpreted
-def test_second_backward_of_a_retained_graph(monkeypatch):
+def test_second_backward_of_a_retained_graph(monkeypatch, pin_config):
     """The recorded graph serves one backward; a second one (retain_graph) recomputes and gives
     the same gradients."""
     inputs = _inputs(2, 8)
-    _mode(monkeypatch, "core")
+    _mode(pin_config, "core")
     _, _, first, second = _call(inputs, "triton", True, "halves", backward_twice=True)
     for a, b in zip(first, second, strict=True):
         assert rel_err(a, b) < 1e-5
 
 
 @cpu_interpreted
-def test_loss_on_the_final_state_only(monkeypatch):
+def test_loss_on_the_final_state_only(monkeypatch, pin_config):
     """Absent output gradient (zero-filled), recorded path: the reference's gradients."""
     inputs = _inputs(1, 9)
     got = []
     for backend, x in (("triton", inputs), ("reference", cast_inputs(inputs, torch.float64))):
-        _mode(monkeypatch, "core")
+        _mode(pin_config, "core")
         leaves = [t.detach().clone().requires_grad_() for t in (*x[:14], *x.initial_state)
                   if t is not None]  # fmt: skip
         it = iter(leaves)
@@ -150,27 +152,32 @@ def test_loss_on_the_final_state_only(monkeypatch):
 
 
 def test_which_calls_record():
-    """ "auto" records fixed-length calls; varlen (not measured) and empty calls run fused; an
-    unknown mode is an error naming the choices."""
+    """The heuristic records fixed-length calls; varlen (not measured) and empty calls run
+    fused."""
     fixed = describe(_inputs(1, 1), False, "interleaved", False, None)
     varlen = describe(_inputs(1, 1, cu=[0, 9, 40]), False, "interleaved", False, None)
     empty = describe(_inputs(1, 1, seqlen=0), False, "interleaved", False, None)
-    assert cb.records_forward(fixed)
-    assert not cb.records_forward(varlen) and not cb.records_forward(empty)
+    assert cb.default_config(fixed).record_forward == 1
+    assert cb.default_config(varlen).record_forward == 0
+    assert cb.default_config(empty).record_forward == 0
 
 
 @cpu_interpreted
-def test_unknown_training_forward_is_an_error(monkeypatch):
+def test_bad_training_forward_config_is_an_error(pin_config):
+    """A record_forward other than 0 or 1 is refused by the family's constraint, naming it; an
+    unknown field is refused when pinned."""
     inputs = _inputs(1, 2)
-    _mode(monkeypatch, "fast")
+    pin_config("triton", "chunk_bwd", record_forward=2)
     leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in inputs[:14]]
-    with pytest.raises(ValueError, match="'auto', 'fused' or 'core'"):
+    with pytest.raises(ValueError, match="record_forward and save_y are 0 or 1"):
         mamba3_kernels.scan(*leaves, rotary="interleaved", backend="triton")
+    with pytest.raises(TypeError, match="no config field"):
+        pin_config("triton", "chunk_bwd", training_forward="core")
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("rank", [1, 4])
-def test_recorded_forward_on_gpu(rank, monkeypatch):
+def test_recorded_forward_on_gpu(rank, monkeypatch, pin_config):
     """Model shape (B=2, L=4096, H=32, N=128, P=64, S=32), bf16: the recorded path's out and
     gradients against the fused path's (the same function, different roundings) and the fp32
     reference's out."""
@@ -181,7 +188,7 @@ def test_recorded_forward_on_gpu(rank, monkeypatch):
     rotary = "halves" if rank > 1 else "interleaved"
     results = {}
     for mode in ("core", "fused"):
-        _mode(monkeypatch, mode)
+        _mode(pin_config, mode)
         results[mode] = _call(inputs, "triton", True, rotary)
     (out, st, grads), (f_out, f_st, f_grads) = results["core"], results["fused"]
     ref = cast_inputs(inputs, torch.float32)

@@ -2,6 +2,7 @@
 against the float64 reference, and the backward that reads it instead of recomputing it
 against the reference's gradients (CPU under TRITON_INTERPRET=1)."""
 
+import dataclasses
 import os
 
 import pytest
@@ -10,6 +11,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from mamba3_kernels.triton_impl import chunk_bwd as cb  # noqa: E402
 from mamba3_kernels.triton_impl import chunk_fwd as cf  # noqa: E402
 from mamba3_kernels.triton_impl import core_rotary  # noqa: E402
 from mamba3_kernels.triton_impl.backend import TritonBackend  # noqa: E402
@@ -86,7 +88,7 @@ def _grads(inputs, backend, final, rotary):
     [(1, True, None, True), (1, False, [0, 9, 40], True), (2, False, None, False),
      (4, True, None, True)],
 )  # fmt: skip
-def test_backward_reads_the_saved_y(rank, final, cu, with_z, monkeypatch):
+def test_backward_reads_the_saved_y(rank, final, cu, with_z, monkeypatch, pin_config):
     """With z or mimo_o the training forward keeps y and the backward runs no core forward;
     its gradients are the reference's, and those of the recomputing backward."""
     inputs = _inputs(rank, cu, seed=10 + rank)
@@ -98,11 +100,13 @@ def test_backward_reads_the_saved_y(rank, final, cu, with_z, monkeypatch):
     monkeypatch.setattr(core_rotary, "_core_fwd_op",
                         lambda *a, **k: calls.append(1) or core_fwd(*a, **k))  # fmt: skip
     backend = registered_backends()["triton"]
-    assert isinstance(backend, TritonBackend) and backend.save_y_for_backward
-    monkeypatch.setattr(backend, "training_forward", "fused")  # (the path that keeps y)
+    assert isinstance(backend, TritonBackend)
+    problem = describe(inputs, False, rotary, final, None)
+    assert cb.default_config(problem).save_y == 1
+    pin_config("triton", "chunk_bwd", record_forward=0)  # (the path that keeps y)
     saved = _grads(inputs, "triton", final, rotary)
     assert calls == []  # y came from the forward
-    monkeypatch.setattr(backend, "save_y_for_backward", False)
+    pin_config("triton", "chunk_bwd", save_y=0)
     recomputed = _grads(inputs, "triton", final, rotary)
     assert calls == [1]  # the backward recomputed y
     want = _grads(cast_inputs(inputs, torch.float64), "reference", final, rotary)
@@ -112,13 +116,13 @@ def test_backward_reads_the_saved_y(rank, final, cu, with_z, monkeypatch):
         assert rel_err(a, b) < 1e-5
 
 
-def test_no_y_kept_when_the_backward_does_not_read_it(monkeypatch):
+def test_no_y_kept_when_the_backward_does_not_read_it():
     """SISO without z: the epilogue's backward never reads y, so nothing is kept (no memory)."""
     inputs = _inputs(1, seed=3)._replace(z=None)
     problem = describe(inputs, False, "interleaved", False, None)
     backend = registered_backends()["triton"]
-    monkeypatch.setattr(backend, "training_forward", "fused")
-    out, state, y = backend.scan_for_backward(problem, inputs)
+    fused = {"chunk_bwd": dataclasses.replace(cb.default_config(problem), record_forward=0)}
+    out, state, y = backend.scan_for_backward(problem, inputs, fused)
     assert y is None and state is None
     assert rel_err(out, reference_scan(cast_inputs(inputs, torch.float64), "interleaved")[0]) < 1e-4
 

@@ -24,32 +24,11 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _checked_mode(name: str, mode: str) -> str:
-    if mode not in ("auto", "fused", "core"):
-        raise ValueError(f"{name} {mode!r}: expected 'auto', 'fused' or 'core'")
-    return mode
-
-
 class TritonBackend(Backend):
     # scan() returns fresh allocations of its own: out in v's dtype, the final state's angle and
     # ssm in fp32, k and v in the inputs' dtype, each contiguous and not a view (chunk_fwd), so
     # the eager path need not copy them (ops.scan_eager).
     scan_outputs_owned = True
-    # Training forwards keep the core's output y (B, L, R, H, P) in v's dtype when the backward
-    # reads it (z gate, mimo_o), so the backward skips recomputing it: more activation memory
-    # (R times v's size) for less time. False: the backward recomputes y.
-    save_y_for_backward = True
-    # How a training forward runs. "fused": the fused kernels (chunk_fwd), the backward then
-    # recomputing its prep (angles, rotated q/k, weights); "core": the backward's own graph,
-    # recorded by autograd (chunk_bwd.record_forward), which keeps those for the backward (more
-    # activation memory: the rotated q/k and the angles); "auto": "core" where it measured
-    # faster (chunk_bwd.records_forward).
-    training_forward = "auto"
-    # How an inference forward (no autograd) runs. "fused": the fused kernels (chunk_fwd); "core":
-    # prep -> rotary -> core forward -> epilogue, the training forward's graph without autograd
-    # (chunk_bwd.core_forward); "auto": "core" where it measured faster
-    # (chunk_bwd.core_forward_wins).
-    inference_forward = "auto"
 
     def __init__(self) -> None:
         super().__init__(name="triton", priority=20, kernels=[], has_backward=True)
@@ -90,7 +69,7 @@ class TritonBackend(Backend):
             return f"rank R={problem.rank} not in (1, 2, 4, 8)"
         # The kernel's own constraints on its default config (tile divisibility and the like).
         self._load()
-        mode = "step" if problem.decode else "scan_fwd"
+        mode = "decode" if problem.decode else "inference"
         props = device_properties() if problem.device_type == "cuda" else None
         for spec in self.kernels_for(problem, mode):
             reason = spec.constraint(problem, spec.default(problem), props)
@@ -106,32 +85,30 @@ class TritonBackend(Backend):
         return cfg if cfg is not None else spec.default(problem)
 
     def scan(self, problem: Problem, inputs: ScanInputs, configs=None):
-        """Prefill forward (chunk_fwd.chunk_fwd, or chunk_bwd.core_forward: see
-        inference_forward): (out, final state or None)."""
+        """Prefill forward without autograd: (out, final state or None), through the fused
+        kernels (chunk_fwd.chunk_fwd) or, where chunk_fwd's config says path="core", through
+        the core family's graph on its own config (chunk_bwd.core_forward)."""
         self._load()
-        mode = _checked_mode("inference_forward", self.inference_forward)
-        if mode != "fused" and problem.seqlen > 0:
-            cfg = self._config(self._chunk_bwd.SPEC, problem, configs)
-            if mode == "core" or self._chunk_bwd.core_forward_wins(problem, cfg):
-                return self._chunk_bwd.core_forward(problem, inputs, cfg)
         cfg = self._config(self._chunk_fwd.SPEC, problem, configs)
+        if cfg.path == "core" and problem.seqlen > 0 and not problem.varlen:
+            core = self._config(self._chunk_bwd.SPEC, problem, configs)
+            return self._chunk_bwd.core_forward(problem, inputs, core)
         return self._chunk_fwd.chunk_fwd(problem, inputs, cfg)
 
     def scan_for_backward(self, problem: Problem, inputs: ScanInputs, configs=None):
-        """Prefill forward of a training call: (out, final state or None, residual), the
-        residual either the recorded graph of the backward's own computation (training_forward,
-        chunk_bwd.record_forward) or the core's y, kept when save_y_for_backward is set and the
-        backward's epilogue reads it (chunk_fwd.chunk_fwd_saving_y), or None."""
+        """Prefill forward of a training call: (out, final state or None, residual). The core
+        family's config picks the path: record_forward=1 records the backward's own graph
+        (chunk_bwd.record_forward, the residual); else the fused forward, keeping the core's y
+        as the residual where save_y is set and the backward's epilogue reads it
+        (chunk_fwd.chunk_fwd_saving_y), or None."""
         self._load()
         from .core_prep import epilogue_reads_y
 
-        mode = _checked_mode("training_forward", self.training_forward)
-        records = mode == "core" or (mode == "auto" and self._chunk_bwd.records_forward(problem))
-        if records and problem.seqlen > 0:
-            cfg = self._config(self._chunk_bwd.SPEC, problem, configs)
-            return self._chunk_bwd.record_forward(problem, inputs, cfg)
+        core = self._config(self._chunk_bwd.SPEC, problem, configs)
+        if core.record_forward and problem.seqlen > 0 and not problem.varlen:
+            return self._chunk_bwd.record_forward(problem, inputs, core)
         cfg = self._config(self._chunk_fwd.SPEC, problem, configs)
-        keep = self.save_y_for_backward and epilogue_reads_y(problem, inputs)
+        keep = bool(core.save_y) and epilogue_reads_y(problem, inputs)
         return self._chunk_fwd.chunk_fwd_saving_y(problem, inputs, cfg, keep)
 
     def scan_backward(

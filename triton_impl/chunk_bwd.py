@@ -25,13 +25,13 @@ from mamba3_kernels.state import Mamba3State
 from . import parallel_compile
 
 __all__ = [
-    "SPEC", "ChunkBwdConfig", "RecordedForward", "chunk_bwd", "record_forward", "records_forward",
-    "core_forward", "core_forward_wins", "default_config", "search_space", "constraint",
+    "SPEC", "ChunkBwdConfig", "RecordedForward", "chunk_bwd", "record_forward", "core_forward",
+    "default_config", "search_space", "constraint",
 ]  # fmt: skip
 
 _MIN_DOT = 16
 # Column splits of the core backward allowed here: on an H100 (bf16, N=128, P=64, 64-row chunks,
-# 4 warps) split_n=4 hit an illegal memory access that is not understood yet (bench/NOTES.md),
+# 4 warps) split_n=4 hit an illegal memory access that is not understood yet (docs/performance.md),
 # and was slower than 1 and 2 wherever it ran; only the verified values are offered.
 _SPLIT_N = (1, 2)
 _INPUT_NAMES = ScanInputs._fields[:14]  # q .. mimo_o
@@ -53,6 +53,14 @@ class ChunkBwdConfig:
         and call (enough programs to fill the GPU); ignored for varlen calls.
     fwd_chunk_size: tokens per chunk of that forward recompute (0: chunk_size); its best chunk
         is longer than the backward's (no reverse sweep's tiles share its registers).
+    record_forward: how a training call's forward runs. 1: through this family's graph with
+        autograd recording (record_forward), so the backward reuses the rotated q/k, the angles
+        and the core's segment states instead of recomputing them (more activation memory:
+        about twice q's and k's per-head bytes, plus the angles (B, L, H, S) fp32); 0: the fused
+        forward (chunk_fwd), the backward then recomputing its prep. Fixed-length calls only.
+    save_y: with record_forward=0, whether the fused forward keeps the core's output y (R times
+        v's bytes) where the backward's epilogue reads it (z gate, mimo_o), so the backward
+        need not recompute it (1), or not (0: less memory, more time).
     """
 
     chunk_size: int = 64
@@ -61,6 +69,8 @@ class ChunkBwdConfig:
     split_n: int = 1
     segment: int = 0
     fwd_chunk_size: int = 0
+    record_forward: int = 1
+    save_y: int = 1
 
 
 def _pow2(x: int) -> bool:
@@ -84,7 +94,8 @@ def default_config(problem: Problem) -> ChunkBwdConfig:
     backward, H200, bf16, N=128, P=64, the best of rows 16/32/64 x warps 4/8 x split 1/2: SISO
     (1, 16384) 2.81 ms (3.38 with the split on 4 warps, the earlier default), MIMO R=4 (8, 2048)
     9.34 ms (12.41 on 8 warps, the earlier default); the recompute there 2.43 -> 2.01 ms on 64
-    rows (SISO (1, 16384) 0.90 -> 0.80). 2 stages: fwd+bwd -4 % SISO, -1 % MIMO. bench/NOTES.md.
+    rows (SISO (1, 16384) 0.90 -> 0.80). 2 stages: fwd+bwd -4 % SISO, -1 % MIMO.
+    docs/performance.md.
     """
     chunk = max(1, 32 // problem.rank)
     fwd_chunk = max(1, 64 // problem.rank)
@@ -93,8 +104,11 @@ def default_config(problem: Problem) -> ChunkBwdConfig:
     warps = 4
     # the largest heads (N * P = 256 * 128) keep the state within 128 registers per thread
     split_n = 1 if problem.d_state * problem.headdim <= 128 * 32 * warps else 2
+    # Training forwards record the backward's graph where that measured faster: fixed-length
+    # calls (varlen calls, not measured, keep the fused forward).
+    record = int(not problem.varlen and problem.seqlen > 0)
     return ChunkBwdConfig(chunk_size=chunk, num_warps=warps, num_stages=2, split_n=split_n,
-                          fwd_chunk_size=fwd_chunk)  # fmt: skip
+                          fwd_chunk_size=fwd_chunk, record_forward=record)  # fmt: skip
 
 
 def search_space(problem: Problem) -> dict[str, list]:
@@ -106,6 +120,7 @@ def search_space(problem: Problem) -> dict[str, list]:
         "split_n": [s for s in _SPLIT_N if problem.d_state // s >= _MIN_DOT],
         "segment": [0, 1024, 2048, 4096, 1 << 30],
         "fwd_chunk_size": [c for c in (8, 16, 32, 64, 128) if 16 <= c * problem.rank <= 128],
+        "record_forward": [0, 1],
     }
 
 
@@ -132,6 +147,8 @@ def constraint(problem: Problem, config: ChunkBwdConfig, device_props: dict | No
                 f"blocks of >= {_MIN_DOT}")  # fmt: skip
     if config.segment < 0:
         return f"segment {config.segment} < 0"
+    if config.record_forward not in (0, 1) or config.save_y not in (0, 1):
+        return "record_forward and save_y are 0 or 1"
     # The fp32 state (or its gradient) lives in registers.
     state_regs = problem.headdim * problem.d_state // (32 * config.num_warps * sn)
     if state_regs > 128:
@@ -344,14 +361,6 @@ class RecordedForward:
         return _named_grads(inputs, present, vjps)
 
 
-def records_forward(problem: Problem) -> bool:
-    """Whether a training forward of ``problem`` runs as record_forward rather than as the fused
-    forward plus a recomputing backward: fixed-length calls, where it was measured faster
-    (H200, bf16, H=64, N=128, P=64, SISO and MIMO R=4, with and without z: fwd+bwd -7 to
-    -12 %, bench/NOTES.md). Varlen calls, not measured, keep the fused forward."""
-    return not problem.varlen and problem.seqlen > 0
-
-
 def record_forward(
     problem: Problem, inputs: ScanInputs, config: ChunkBwdConfig
 ) -> tuple[torch.Tensor, Mamba3State | None, RecordedForward]:
@@ -362,8 +371,7 @@ def record_forward(
 
     Against the fused forward (chunk_fwd) plus a recomputing backward this writes the rotated
     q and k once more and keeps them until the backward: activation memory of about twice
-    q's and k's per-head size, plus theta (B, L, H, S) fp32. Measured where it is the default
-    (TritonBackend.training_forward): bench/NOTES.md."""
+    q's and k's per-head size, plus theta (B, L, H, S) fp32 (ChunkBwdConfig.record_forward)."""
     reason = constraint(problem, config, None)
     if reason is not None:
         raise ValueError(f"chunk_bwd config {config}: {reason}")
@@ -393,25 +401,6 @@ def _record(problem, inputs, config) -> tuple:
     if problem.return_final_state:
         state = Mamba3State(*(t.detach().clone() for t in outputs[1:]))
     return out, state, RecordedForward(present, leaves, outputs)
-
-
-def core_forward_wins(problem: Problem, config: ChunkBwdConfig) -> bool:
-    """Whether an inference forward of ``problem`` runs as core_forward rather than as the fused
-    forward (chunk_fwd) (TritonBackend.inference_forward = "auto"): where it measured faster
-    (H200, bf16, H=64, N=128, P=64, with and without z): MIMO R=4 with 16K tokens (3.84 ->
-    3.32 ms at (1, 16384), 3.68 -> 3.17 at (8, 2048)), and SISO on long sequences too few to
-    fill the GPU, which the fused forward cuts into segments ((1, 16384): 1.09 -> 1.05 ms).
-    Not where the fused forward walks whole sequences (SISO (8, 2048): 0.77 against 0.97 ms)
-    nor on short calls, where the core path's dozen more launches cost host time (SISO
-    (1, 2048): 0.16 against 0.67 ms, MIMO R=4 0.49 against 0.64). Varlen calls (not measured)
-    stay fused."""
-    if problem.varlen or problem.seqlen == 0 or constraint(problem, config, None) is not None:
-        return False
-    if problem.mimo:
-        return problem.batch * problem.seqlen >= 8192
-    from .chunk_fwd import default_config as fused_config
-
-    return problem.seqlen >= 8192 and fused_config(problem).split != 0
 
 
 def core_forward(
@@ -455,12 +444,10 @@ def _inference_config(problem: Problem, config: ChunkBwdConfig, device) -> Chunk
 
 def _core_forward(problem, inputs, config) -> tuple:
     from .core_prep import scan_via_core
-    from .core_rotary import KNOBS
 
     with torch.no_grad():
         return scan_via_core(problem, inputs, _core_meta(problem, config), values=True,
-                             state=problem.return_final_state,
-                             rotate_in_core=bool(KNOBS["rotate_in_core"]))  # fmt: skip
+                             state=problem.return_final_state)  # fmt: skip
 
 
 def _autograd_records() -> bool:
@@ -473,7 +460,8 @@ def _autograd_records() -> bool:
 
 SPEC = KernelSpec(
     name="chunk_bwd",
-    mode="scan_bwd",
+    modes=("training", "inference"),
+    version=2,  # 2: record_forward and save_y (the training forward's path) are fields
     config_cls=ChunkBwdConfig,
     applies=_applies,
     default=default_config,

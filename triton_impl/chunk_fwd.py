@@ -88,6 +88,12 @@ _MIN_DOT = 16  # smallest tile side tl.dot accepts on GPU
 class ChunkFwdConfig:
     """Tunable parameters of the chunked forward kernel.
 
+    path:       how the forward runs: "fused", this family's kernels (the fields below); "core",
+                the core family's graph without autograd (prep -> rotary pass -> core forward
+                -> epilogue, chunk_bwd.core_forward, on the core family's config), which wins
+                where the fused kernels' per-chunk elementwise work dominates (long MIMO
+                calls, long SISO sequences too few to fill the GPU). Only inference forwards
+                take "core"; a training forward's path is the core family's record_forward.
     chunk_size: tokens per chunk (C); a MIMO chunk holds C*R rows. problem.chunk_size overrides it.
     block_p:    value-dim columns per program (P is split into P / block_p programs).
     num_warps, num_stages: Triton launch parameters (num_stages pipelines the chunk loop's loads).
@@ -107,7 +113,7 @@ class ChunkFwdConfig:
                 loops of the walk and the segment-state kernel ask L2 for (0: none; see
                 l2_prefetch.py). Changes no value; the interpreter ignores it. Off by default:
                 on an H200 one chunk ahead was within 2 % of none for whole walks and the
-                block-parallel MIMO forward, and 15 % slower for split=1 (bench/NOTES.md).
+                block-parallel MIMO forward, and 15 % slower for split=1 (docs/performance.md).
     """
 
     chunk_size: int = 64
@@ -119,6 +125,7 @@ class ChunkFwdConfig:
     split: int = 0
     segment: int = 0
     prefetch: int = 0
+    path: str = "fused"
 
 
 def _next_pow2(x: int) -> int:
@@ -132,8 +139,15 @@ def _chunk(problem: Problem, config: ChunkFwdConfig) -> int:
 @memo_by_identity  # a dict hit for the validation memo's Problem, on every prefill call
 @functools.lru_cache(maxsize=256)
 def default_config(problem: Problem) -> ChunkFwdConfig:
-    """Heuristic config (memoized: it runs on every prefill call), from the H100 sweeps
-    (bench/NOTES.md: "Triton prefill forward", its "v2" and "v3" subsections).
+    """Heuristic config (memoized: it runs on every prefill call): the fused kernels' tiles
+    (_fused_heuristic) and the path (_core_wins)."""
+    fused = _fused_heuristic(problem)
+    return dataclasses.replace(fused, path="core" if _core_wins(problem, fused.split) else "fused")
+
+
+def _fused_heuristic(problem: Problem) -> ChunkFwdConfig:
+    """The fused kernels' heuristic config, from the H100 sweeps
+    (docs/performance.md: "Triton prefill forward", its "v2" and "v3" subsections).
 
     Fixed-length batches longer than 256 tokens: the chunk-parallel variant (split=1) with
     whole-P tiles on 4 warps; SISO chunks of 32 tokens, 2 stages, in the longest segments of
@@ -146,7 +160,7 @@ def default_config(problem: Problem) -> ChunkFwdConfig:
     and trig on all pairs (split_rot 0 measured faster there); many MIMO programs 64 rows, whole
     P, 8 warps.
     N = 256 or fp32 inputs halve the rows (register pressure).
-    MIMO R=4 in 16-bit with N <= 128, P >= 64 (where it was measured: H200, bench/NOTES.md
+    MIMO R=4 in 16-bit with N <= 128, P >= 64 (where it was measured: H200, docs/performance.md
     "Block-parallel forward"): the block-parallel variant (split=2), 16-token blocks of 64 rows,
     two per segment, whole 64-wide P tiles on 4 warps.
     """
@@ -182,7 +196,7 @@ def default_config(problem: Problem) -> ChunkFwdConfig:
     # The fp32 state tile in registers (see constraint()): at most 96 registers per thread.
     while block_p > 16 and block_p * problem.d_state // (32 * warps) > 96:
         block_p //= 2
-    # Fit the shared-memory estimate (close to the compiler's figure, bench/NOTES.md) under an
+    # Fit the shared-memory estimate (close to the compiler's figure, docs/performance.md) under an
     # sm_90 block's limit: fewer pipeline stages first, then shorter chunks.
     while _smem_estimate(problem, max(1, rows // problem.rank), block_p, stages) > _SMEM_SM90:
         if stages > 1:
@@ -199,7 +213,7 @@ def default_config(problem: Problem) -> ChunkFwdConfig:
     if split:
         # Segments of 128 tokens for MIMO; SISO: the longest of 4096/2048/1024/512/256 (less
         # state traffic) that still gives ~2 programs per multiprocessor (H200: (1, 2048) 512
-        # tokens 0.164 ms, 256 0.176; (1, 16384) 4096 1.147, 1024 1.175; bench/NOTES.md).
+        # tokens 0.164 ms, 256 0.176; (1, 16384) 4096 1.147, 1024 1.175; docs/performance.md).
         segment = 128
         if problem.rank == 1:
             segment = 256
@@ -216,6 +230,24 @@ def default_config(problem: Problem) -> ChunkFwdConfig:
         chunk_size=chunk, block_p=block_p, num_warps=warps, num_stages=stages, split_rot=rot,
         split=int(split), segment=segment,
     )  # fmt: skip
+
+
+def _core_wins(problem: Problem, split: bool) -> bool:
+    """Whether the heuristic runs an inference forward through the core family (path="core"):
+    MIMO calls of >= 8K tokens, and SISO sequences of >= 8K tokens that the fused forward cuts
+    into segments (too few to fill the GPU by themselves). Not where the fused forward walks
+    whole sequences, nor on short calls (the core path's dozen more launches cost host time),
+    nor varlen calls (not measured). docs/performance.md has the measurements."""
+    from .chunk_bwd import constraint as core_constraint
+    from .chunk_bwd import default_config as core_default
+
+    if problem.varlen or problem.seqlen == 0 or problem.decode:
+        return False
+    if core_constraint(problem, core_default(problem), None) is not None:
+        return False
+    if problem.mimo:
+        return problem.batch * problem.seqlen >= 8192
+    return problem.seqlen >= 8192 and bool(split)
 
 
 def with_split(problem: Problem, config: ChunkFwdConfig, split: int) -> ChunkFwdConfig:
@@ -240,10 +272,11 @@ def search_space(problem: Problem) -> dict[str, list]:
     }
     if not problem.varlen and problem.seqlen > 256:
         # Only the chunk-parallel variants (segment walk 1, block-parallel 2): they beat the
-        # sequential walk at every fixed-length shape measured (bench/NOTES.md, v3), and a
+        # sequential walk at every fixed-length shape measured (docs/performance.md, v3), and a
         # split=0 point would make every segment value but 0 an invalid combination.
         space["split"] = [1, 2]
         space["segment"] = [0, 128, 256, 512, 1024]
+        space["path"] = ["fused", "core"]
     return space
 
 
@@ -291,6 +324,10 @@ def constraint(problem: Problem, config: ChunkFwdConfig, device_props: dict | No
         return f"segment {config.segment} is not a multiple of chunk_size {chunk}"
     if config.prefetch not in range(5):
         return f"prefetch {config.prefetch} not in 0..4 chunks ahead"
+    if config.path not in ("fused", "core"):
+        return f"path {config.path!r} not 'fused' or 'core'"
+    if config.path == "core" and (problem.varlen or problem.seqlen == 0):
+        return "path 'core' runs fixed-length calls only"
     if config.split_rot not in (0, 1):
         return f"split_rot {config.split_rot} not 0 or 1"
     if config.maxnreg and not 64 <= config.maxnreg <= 255:
@@ -300,7 +337,7 @@ def constraint(problem: Problem, config: ChunkFwdConfig, device_props: dict | No
         # Seen with Triton 3.6 on an H100 (MIMO R=4, 64 rows, block_p 32, 4 warps): the
         # scores x V product reads shared memory out of range (compute-sanitizer), an illegal
         # address at run time; on an H200 the block kernel (split=2) hit it at block_p 32 too.
-        # Its block_p 64 build ran clean under compute-sanitizer (bench/NOTES.md).
+        # Its block_p 64 build ran clean under compute-sanitizer (docs/performance.md).
         return "MIMO with >= 64 rows on 4 warps miscompiles (Triton 3.6, out-of-range shared)"
     # The fp32 state lives in registers: keep it within about 96 registers per thread.
     state_regs = config.block_p * problem.d_state // (32 * config.num_warps)
@@ -890,7 +927,8 @@ def chunk_fwd_saving_y(
 
 SPEC = KernelSpec(
     name="chunk_fwd",
-    mode="scan_fwd",
+    modes=("inference", "training"),
+    version=2,  # 2: the path field (fused or core); version-1 entries predate it
     config_cls=ChunkFwdConfig,
     applies=_applies,
     default=default_config,

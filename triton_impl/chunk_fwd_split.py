@@ -315,7 +315,7 @@ def segment_buffers(
     nseg = _cdiv(L, consts["T"])
     f32 = torch.float32
     # With frames (split=2) dS is stored like F, in state_dtype: the pass adds it in fp32, and
-    # halving its bytes took 5-6 % off the MIMO forward (bench/NOTES.md).
+    # halving its bytes took 5-6 % off the MIMO forward (docs/performance.md).
     ds_dtype = state_dtype if frames else f32
     buffers = {
         "ds": ((B * H, nseg, P, N), ds_dtype),

@@ -54,7 +54,7 @@ _TWO_PI = tl.constexpr(6.283185307179586)
 #   a further -0.8 ms, 256-token steps on 8 warps -0.4 ms. H200: whole 128-byte rows (32 pairs)
 #   on 64-token steps, segmented to 16 programs per multiprocessor, then one warp per program
 #   (each thread scans its own column in registers, no shared-memory rounds): the angle kernels
-#   at SISO (1, 16384) 0.38 -> 0.41 -> 0.285 ms, at (8, 2048) 0.53 -> 0.37; bench/NOTES.md)
+#   at SISO (1, 16384) 0.38 -> 0.41 -> 0.285 ms, at (8, 2048) 0.53 -> 0.37; docs/performance.md)
 #   heads_first: the rotary passes' programs run head-major (neighbouring programs touch
 #                neighbouring rows of the per-head tensors) rather than token-major;
 #   bwd_heads:   heads per rotary-backward program (0: the whole group); fewer heads mean more
@@ -64,8 +64,8 @@ _TWO_PI = tl.constexpr(6.283185307179586)
 #                registers and a 1.9 KB stack in the backward, and 4 tokens took the rotary
 #                backward at SISO (1, 16384) on the H100 from 4.65 to 1.46 ms); rot_warps: their
 #                warps (2: fwd+bwd 9.59 -> 9.37 ms there). The pair tiles then took the two
-#                passes to 0.92 and 0.28 ms (bench/NOTES.md). On an H200, 8 tokens per program
-#                and 512-token angle steps: fwd+bwd 6.55 -> 6.21 ms (bench/NOTES.md); with
+#                passes to 0.92 and 0.28 ms (docs/performance.md). On an H200, 8 tokens per program
+#                and 512-token angle steps: fwd+bwd 6.55 -> 6.21 ms (docs/performance.md); with
 #                d theta from the core (the backward reads 16-bit rows, no q, k), 16 tokens:
 #                SISO (1, 16384) 4.91 -> 4.85 ms, MIMO R=4 (8, 2048) 17.08 -> 16.64;
 #   dtheta_in_core: the core backward forms d theta (per pair: g_b x_a - g_a x_b from dqr, dkr
@@ -74,7 +74,7 @@ _TWO_PI = tl.constexpr(6.283185307179586)
 #   rot_bwd_maxnreg: register cap of the rotary backward (0: none). Uncapped it takes all 255
 #                on 2 warps (four programs per multiprocessor); at 128 it spills ~350 B of stack
 #                but eight programs share a multiprocessor: H200, rotary backward SISO 0.68 ->
-#                0.58 ms, MIMO R=4 3.06 -> 2.74 (192 and 96 were slower; bench/NOTES.md);
+#                0.58 ms, MIMO R=4 3.06 -> 2.74 (192 and 96 were slower; docs/performance.md);
 #   rot_bwd_stages: software-pipelining depth of the rotary backward's loop over heads (1: none;
 #                2 prefetches the next head's 16-bit gradient rows while this one unrotates).
 KNOBS = {
@@ -85,7 +85,7 @@ KNOBS = {
     # an inference forward through the core rotates q, k in its kernels (core_scan.core_fwd's
     # rot) instead of writing the rotated per-head q/k in a pass of their own; off: on the H200
     # it measured 4-7x slower in the core kernels than the pass it removes (SISO (1, 16384)
-    # 0.93 -> 4.05 ms, MIMO R=4 (8, 2048) 2.97 -> 4.46; bench/NOTES.md)
+    # 0.93 -> 4.05 ms, MIMO R=4 (8, 2048) 2.97 -> 4.46; docs/performance.md)
     "rotate_in_core": False,
 }  # fmt: skip
 
@@ -255,7 +255,7 @@ def _rot_bwd_kernel(
     q, k, their rotation nor dth is touched here. PAIR_MAJOR: dqr, dkr in pair-member column
     order (rotary_fwd's). The four bias column sums of a head share one reduction (its
     cross-warp exchange and barrier: a third of this kernel's stalls when they were four,
-    bench/NOTES.md)."""
+    docs/performance.md)."""
     NH: tl.constexpr = N // 2
     pid_t, rgb = _grid_ids(HEADS_FIRST)
     HG = H // G
@@ -756,7 +756,7 @@ class _RotCore(torch.autograd.Function):
     column order (_pair_major): the dot products over N do not depend on the order, and its
     backward then holds both members of each rotary pair in contiguous columns (its d theta
     needs them side by side; interleaved pairs read as strided columns made it 3x slower on
-    an H200, bench/NOTES.md)."""
+    an H200, docs/performance.md)."""
 
     @staticmethod
     def forward(q, k, qb, kb, theta, vr, adt, w, gam, s0, D, cu, halves, need_y, chunk,

@@ -38,13 +38,13 @@ __all__ = [
     "bwd_segment_len", "fwd_segment_len", "inference_segment_len", "segment_len", "segment_states",
 ]  # fmt: skip
 
-# The core backward's threads hold 255 registers (bench/NOTES.md), so a multiprocessor's 64K
+# The core backward's threads hold 255 registers (docs/performance.md), so a multiprocessor's 64K
 # registers hold 8 warps of it: two programs of 4 warps or one of 8. _WAVES such waves of
 # programs keep every multiprocessor busy to the end (the sweeps' lengths differ, so a single
 # wave leaves the multiprocessors of the shorter forward sweeps idle for the rest). Two waves
 # beat four and eight with the 4-warp, unsplit default (fwd+bwd on an H200: SISO (1, 16384)
 # 5.48 / 5.39 / 5.67 ms at 4 / 2 / 8, (8, 2048) 5.45 / 5.22 / 5.63; MIMO R=4 likewise;
-# bench/NOTES.md): more segments cost more contribution and pass work than they recover.
+# docs/performance.md): more segments cost more contribution and pass work than they recover.
 _WARPS_PER_SM = 8
 _WAVES = 2
 # Software pipelining of the contribution kernel's chunk loop (its loads are most of its time)
@@ -77,7 +77,7 @@ def inference_segment_len(seqlen: int, nseq: int, H: int, rank: int, device) -> 
     waits on more of them), 1/16 short of that allowed. On an H200 (bf16, H=64, N=128, P=64):
     SISO (1, 16384) 4096 tokens 0.93 ms against 0.98 at 2048; MIMO R=4 (1, 16384) 2048 tokens
     3.31 ms against 3.56 at 4096, (8, 2048) whole sequences 2.96 against 3.18 at 1024
-    (bench/NOTES.md). A result >= seqlen means no segments."""
+    (docs/performance.md). A result >= seqlen means no segments."""
     if device.type != "cuda":
         return seqlen
     want = (2 if rank == 1 else 4) * _multiprocessors(device) * 15 // 16

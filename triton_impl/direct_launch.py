@@ -1,7 +1,7 @@
 """Kernel launches that skip Triton's argument binder after the first one (the backward's).
 
 ``kernel[grid](*args, **kwargs)`` binds every argument and works out its specialisation on each
-call (tens of microseconds for the backward's 20-30 argument kernels, bench/NOTES.md); a
+call (tens of microseconds for the backward's 20-30 argument kernels, docs/performance.md); a
 training call makes eight such launches. Here a launch is keyed by what Triton specialises a
 compiled kernel on, worked out in a few tuple entries per argument, and every launch after the
 first of its key hands that compiled kernel raw addresses through Triton's launcher directly (as

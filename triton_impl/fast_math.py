@@ -3,7 +3,7 @@
 ``tl.exp`` already evaluates ``ex2.approx`` of ``x * log2(e)``, plus instructions that keep
 results in the denormal range; ``tl.sigmoid`` is ``1 / (1 + exp(-x))`` with an IEEE-rounded
 reciprocal (a Newton step and range checks on top of the hardware reciprocal). In the chunked
-forward the sigmoid alone was 14-22 % of all instructions executed (bench/NOTES.md, "Fast exp
+forward the sigmoid alone was 14-22 % of all instructions executed (docs/performance.md, "Fast exp
 and sigmoid"). With FAST, exp flushes denormal results to zero (a decay below 1e-38 is zero to
 every consumer here) and sigmoid divides with the approximate division (2 ulp): both keep the
 error of fp32 exp (tests/test_triton_fast_math.py). Without FAST (the interpreter has no

@@ -2,12 +2,12 @@
 
 The chunk loops of the forward kernels are one dependent chain per program with ~2 programs per
 multiprocessor: a load that misses L2 stalls its warp for the whole DRAM latency, since no other
-warp has work to cover it (bench/NOTES.md: the v, angle and coefficient loads were the
+warp has work to cover it (docs/performance.md: the v, angle and coefficient loads were the
 kernels' long-scoreboard stalls). Holding the next chunk's tiles in registers would cost the
 registers these kernels already spill; a prefetch holds nothing: it asks L2 for the lines of a
 later chunk and returns at once, so that chunk's loads hit L2. The interpreter has no inline
 assembly: its kernels are compiled with the prefetch switched off (it changes no value).
-Measured on an H200 it did not pay where tried (bench/NOTES.md, "L2 prefetch"): it stays a
+Measured on an H200 it did not pay where tried (docs/performance.md, "L2 prefetch"): it stays a
 tunable of the forward (ChunkFwdConfig.prefetch), off by default.
 """
 

@@ -5,7 +5,8 @@ Per token t, head h, rank r (docs/spec.md): vr_{t,r} = v_t * mimo_v_r into the c
 zr = z_t * mimo_z_r (z_t without mimo_z), yg = y_{t,r} * silu(zr), out_t = sum_r mimo_o_r * yg
 out of it. Through PyTorch autograd their backward is about fourteen elementwise passes and
 seven reductions over (B, L, R, H, P) fp32 tensors (counted with a dispatch mode: ~320 bf16
-(B, L, H, P) tensors of traffic at R=4 with z, ~43 GB at (1, 16384), H=64, P=64; bench/NOTES.md).
+(B, L, H, P) tensors of traffic at R=4 with z, ~43 GB at (1, 16384), H=64, P=64;
+docs/performance.md).
 ``_gate_bwd_kernel`` reads dout, y and z once and writes dy and dz once; ``_vmix_bwd_kernel``
 reads dvr and v once and writes dv once; both sum their weights' gradients per program.
 ``_vmix_fwd_kernel`` forms vr itself in one pass (read v, write vr in its 16-bit dtype).
@@ -29,7 +30,7 @@ __all__ = ["gated", "gate_fwd", "mimo_gate", "mimo_v_mix", "vmix_fwd"]
 _ROWS = 16  # rank rows (tokens x R) per step: 72 registers at R=4, P=64 (no spills)
 # Tokens per program: each program adds its (R, P) weight-gradient sums atomically once, so this
 # sets the number of atomic adds (at 64 tokens, serialised adds on the same few cache lines were
-# 80 % of the kernels' time on an H200; bench/NOTES.md).
+# 80 % of the kernels' time on an H200; docs/performance.md).
 _TOKENS = 256
 
 
@@ -413,7 +414,7 @@ class _MimoVMix(torch.autograd.Function):
         # One Triton pass: the product in fp32 rounded once (bit for bit the fp32 product then a
         # cast), written in the (B, L, R, H, P) order the core reads. On an H200 at MIMO R=4
         # (8, 2048), PyTorch's fp32 product and cast took 0.78 + 0.26 ms, its broadcast product
-        # into a bf16 out= 1.2 ms (bench/NOTES.md); and a product against a transposed view of
+        # into a bf16 out= 1.2 ms (docs/performance.md); and a product against a transposed view of
         # the weights once came out in (B, L, H, R, P) order, which the core copied whole.
         return _vmix_fwd_op(v, mv)
 

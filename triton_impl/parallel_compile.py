@@ -4,7 +4,7 @@ A call's kernels are compiled by Triton on their first launch, one after the oth
 forward's three kernels, the backward's six. Triton's compile pipeline releases the GIL (MLIR
 passes, LLVM, ptxas), and ``triton.AsyncCompileMode`` runs ``warmup`` compiles on an executor, so
 a first call can compile them side by side and wait for the slowest rather than the sum
-(bench/NOTES.md, "First calls compile in parallel": the sm_90 builds of the SISO backward's six
+(docs/performance.md, "First calls compile in parallel": the sm_90 builds of the SISO backward's six
 kernels took 6-8 s one after the other and 5-6 s side by side on a 2-core machine; more cores
 leave the slowest kernel as the bound). Everything here only ever compiles
 earlier what the launches would compile anyway; a failure leaves the kernel to its launch, which

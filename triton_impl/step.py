@@ -39,7 +39,7 @@ class StepConfig:
     split_p:    programs per (batch, head), each owning P / split_p rows of its state.
     prefetch:   1: request each state tile one step ahead (the first before the prologue); 0:
                 when it is needed. Faster with 1 on an H100, with 0 on an H200 at batch 16-128
-                (bench/NOTES.md, "Decode: the state prefetch"): a per-GPU choice for the tuner.
+                (docs/performance.md, "Decode: the state prefetch"): a per-GPU choice for the tuner.
     """
 
     block_p: int = 32
@@ -338,9 +338,9 @@ _CONST_NAMES = (
 )  # fmt: skip
 
 # Cache hints on the state's loads and stores (modes in _state_tile). Off: on an H100 evict_first
-# moved the step by about 1 % either way (SISO slower, MIMO faster; bench/NOTES.md). A list so a
-# benchmark can switch it; launch plans made before a switch keep their setting (clear _PLANS
-# after switching).
+# moved the step by about 1 % either way (SISO slower, MIMO faster; docs/performance.md).
+# A list so a benchmark can switch it; launch plans made before a switch keep their setting
+# (clear _PLANS after switching).
 STREAM_STATE = [0]
 
 
