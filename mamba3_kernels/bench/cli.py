@@ -152,13 +152,13 @@ def main(argv: list[str] | None = None) -> int:
     rates = timing.measure_rates(device, quick=args.quick)
     print(f"measured: copy {rates['copy_gbps']:.0f} GB/s, {rates['matmul_dtype']} matmul "
           f"{rates['matmul_tflops']:.3g} TFLOP/s", flush=True)  # fmt: skip
+    # One table: each shape's rows as soon as they (and their ratios to the peers) are known.
+    print(report.table_head(), flush=True)
     rows = []
     for item in items:
-        rows += runner.run_item(
-            item, device, backends, peer_names, rates, log=lambda s: print(s, flush=True)
-        )
-    print()
-    print(report.table(rows))
+        item_rows = runner.run_item(item, device, backends, peer_names, rates)
+        print("\n".join(report.table_lines(item_rows)), flush=True)
+        rows += item_rows
     title = f"{env['gpu'] or 'CPU'}, H={dims['nheads']} N={dims['d_state']} P={dims['headdim']}"
     if args.json:
         report.write_json(args.json, env, rates, {**vars(args), "dims": dims}, rows, peer_status)

@@ -37,13 +37,24 @@ def _fmt(x, spec: str) -> str:
 
 
 def table(rows: list[dict]) -> str:
-    """One line per row; decode rows show eager, back-to-back loop and graph-replay times."""
+    """One line per row under the header; decode rows show eager, back-to-back loop and
+    graph-replay times."""
+    return "\n".join([table_head(), *table_lines(rows)])
+
+
+def table_head() -> str:
+    """The table's header and rule (printed once; table_lines then streams the rows)."""
     head = (
         f"{'op':<7} {'impl':<14} {'variant':<9} {'B':>4} {'L':>6} {'ms':>9} {'loop ms':>9} "
         f"{'graph ms':>9} {'GB/s':>8} {'TFLOP/s':>8} {'floor ms':>9} {'of floor':>8}  "
         f"vs peers / target"
     )
-    lines = [head, "-" * len(head)]
+    return head + "\n" + "-" * len(head)
+
+
+def table_lines(rows: list[dict]) -> list[str]:
+    """The table's line of each row."""
+    lines = []
     for r in rows:
         base = f"{r['op']:<7} {r['impl']:<14} {r['variant']:<9} {r['B']:>4} {r['L']:>6} "
         if r["status"] != "ok":
@@ -68,7 +79,7 @@ def table(rows: list[dict]) -> str:
             + f"{_fmt(r.get('floor_frac_best'), '8.0%'):>8}  "
             + "; ".join(notes)
         )
-    return "\n".join(lines)
+    return lines
 
 
 def write_json(

@@ -202,7 +202,6 @@ def run_item(
     backends: list[str],
     peers: list[str],
     rates: dict,
-    log: Callable[[str], None] | None = None,
 ) -> list[dict]:
     """Rows of every backend and peer on one item."""
     rows = []
@@ -223,8 +222,6 @@ def run_item(
                 row.update(status="error", reason=f"{type(e).__name__}: {e}")
         rows.append(_finish(row, rates))
         _cleanup(device)
-        if log:
-            log(_progress(rows[-1]))
     for pname in peers:
         peer = PEERS[pname]
         row = _base_row(item, pname, "peer", peer.nbytes(item.op, s), peer.flops(item.op, s))
@@ -240,8 +237,6 @@ def run_item(
             row.update(status="error", reason=f"{type(e).__name__}: {e}")
         rows.append(_finish(row, rates))
         _cleanup(device)
-        if log:
-            log(_progress(rows[-1]))
     add_speedups(rows)
     return rows
 
@@ -260,17 +255,6 @@ def add_speedups(rows: list[dict]) -> None:
             == (r["op"], r["B"], r["L"], r["H"], r["N"], r["P"])
             and (p["impl"] != "mamba3-public" or p["R"] == r["R"])
         }
-
-
-def _progress(row: dict) -> str:
-    head = f"{row['op']:<7} {row['impl']:<14} {row['variant']:<9} B={row['B']:<4} L={row['L']:<6}"
-    if row["status"] != "ok":
-        return f"{head} {row['status']}: {row['reason']}"
-    extra = ""
-    if row["op"] == "decode":
-        g = row.get("ms_graph")
-        extra = f" loop {row['ms_loop']:.4f} ms, graph {g:.4f} ms" if g else ""
-    return f"{head} {row['ms']:.4f} ms{extra} (floor {row['floor_ms']:.4f} ms)"
 
 
 def _cleanup(device: torch.device) -> None:
