@@ -369,7 +369,7 @@ _SM90_COMPILE = textwrap.dedent(
         consts = dict(H=H, G=G, R=R, N=N, P=P, S=S, BLOCK_P=min(32, P // split), SPLIT=split,
                       INTERLEAVED=not mimo,
                       HAS_D=True, HAS_Z=True, HAS_MV=mimo, HAS_MZ=mimo, HAS_MO=mimo,
-                      KEEP_RANKS=False, STREAM=1 if split == 1 else 2, PREFETCH=split > 1)
+                      KEEP_RANKS=False, PREFETCH=split > 1)
         io = "*bf16"
         ptrs = dict(q_ptr=io, k_ptr=io, v_ptr=io, z_ptr=io, sk_ptr=io, sv_ptr=io, out_ptr=io,
                     cnt_ptr="*i32")
@@ -395,14 +395,10 @@ _SM90_COMPILE = textwrap.dedent(
         ptx, cubin = ck.asm["ptx"], ck.asm["cubin"]
         assert ".target sm_90" in ptx, ptx[:400]
         assert len(cubin) > 1000
-        # The fp32 state tile moves in 16-byte accesses with the streaming hints (evict_first,
-        # or L2-only loads and streaming stores); the barrier guarding the state is there.
-        if split == 1:
-            assert "ld.global.L1::evict_first.L2::cache_hint.v4.b32" in ptx
-            assert "st.global.L1::evict_first.L2::cache_hint.v4.b32" in ptx
-        else:
-            assert "ld.global.cg.v4.b32" in ptx or "ld.global.cg.v4.f32" in ptx, split
-            assert "st.global.cs.v4.b32" in ptx or "st.global.cs.v4.f32" in ptx, split
+        # The fp32 state tile moves in 16-byte accesses; the barrier guarding the state is there.
+        lines = ptx.splitlines()
+        for op in ("ld.global", "st.global"):
+            assert any(op in line and ".v4." in line for line in lines), (op, split)
         assert "bar.sync" in ptx
         # split heads take their ticket with an acquire-release atomic
         assert ("acq_rel.add" in ptx) == (split > 1), split

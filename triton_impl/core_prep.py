@@ -106,7 +106,6 @@ def scan_via_core(
     values: bool = True,
     state: bool = True,
     y_saved: torch.Tensor | None = None,
-    rotate_in_core: bool = False,
 ) -> tuple[torch.Tensor, Mamba3State | None]:
     """The scan (docs/spec.md) as differentiable prep -> Triton core -> epilogue.
 
@@ -120,8 +119,6 @@ def scan_via_core(
     backward without a final-state gradient would record for nothing).
     y_saved: the core's y (B, L, R, H, P) as the forward computed it (chunk_fwd_saving_y), used
     in place of the core's forward, which is then skipped (the core's backward still runs).
-    rotate_in_core: the core rotates q, k as it loads them (core_rotary.rot_core_scan; an
-    inference forward's choice: not differentiable).
     """
     f32 = torch.float32
     q, k, v = inputs.q, inputs.k, inputs.v
@@ -181,7 +178,7 @@ def scan_via_core(
     y, sf = rot_core_scan(q, k, qb, kb, theta, vr, inputs.adt.float(), w, gam, s0,
                           inputs.cu_seqlens, problem.rotary == "halves",
                           (meta[0], dot_dtype, meta[2], meta[3], nseq, *meta[4:7]),
-                          need_y, D, rotate_in_core)  # fmt: skip
+                          need_y, D)  # fmt: skip
     if y_saved is not None:
         y = apply_positional(_SavedY, y, y_saved)
 

@@ -29,7 +29,7 @@ from triton.language.extra import libdevice
 
 from mamba3_kernels.eager_calls import apply_positional, eager_custom_op
 
-from .core_scan import _core_bwd_op, _core_fwd_op, _interp, _seq_bounds, core_fwd, operand_dtype
+from .core_scan import _core_bwd_op, _core_fwd_op, _interp, _seq_bounds, operand_dtype
 from .core_segments import _multiprocessors
 from .fwd_tiles import _load_rot, _store_rot
 from .parallel_compile import run_kernel
@@ -55,8 +55,6 @@ _TWO_PI = tl.constexpr(6.283185307179586)
 #   on 64-token steps, segmented to 16 programs per multiprocessor, then one warp per program
 #   (each thread scans its own column in registers, no shared-memory rounds): the angle kernels
 #   at SISO (1, 16384) 0.38 -> 0.41 -> 0.285 ms, at (8, 2048) 0.53 -> 0.37; docs/performance.md)
-#   heads_first: the rotary passes' programs run head-major (neighbouring programs touch
-#                neighbouring rows of the per-head tensors) rather than token-major;
 #   bwd_heads:   heads per rotary-backward program (0: the whole group); fewer heads mean more
 #                programs, whose dq/dk partial sums over heads are then added atomically;
 #   rot_tokens:  tokens per rotary program (its (tokens, N/2) fp32 pair tiles live in
@@ -68,9 +66,6 @@ _TWO_PI = tl.constexpr(6.283185307179586)
 #                and 512-token angle steps: fwd+bwd 6.55 -> 6.21 ms (docs/performance.md); with
 #                d theta from the core (the backward reads 16-bit rows, no q, k), 16 tokens:
 #                SISO (1, 16384) 4.91 -> 4.85 ms, MIMO R=4 (8, 2048) 17.08 -> 16.64;
-#   dtheta_in_core: the core backward forms d theta (per pair: g_b x_a - g_a x_b from dqr, dkr
-#                and the rotated operands it holds) and stores dqr, dkr in 16 bits; the rotary
-#                backward then only unrotates (no fp32 dqr, dkr through memory, no q, k reload);
 #   rot_bwd_maxnreg: register cap of the rotary backward (0: none). Uncapped it takes all 255
 #                on 2 warps (four programs per multiprocessor); at 128 it spills ~350 B of stack
 #                but eight programs share a multiprocessor: H200, rotary backward SISO 0.68 ->
@@ -80,13 +75,8 @@ _TWO_PI = tl.constexpr(6.283185307179586)
 KNOBS = {
     "fast_trig": True, "angle_step": 64, "angle_warps": 1, "angle_pairs": 32, "angle_stages": 1,
     "angle_programs": 16,
-    "heads_first": False, "bwd_heads": 0, "rot_tokens": 16, "rot_warps": 2, "rot_bwd_maxnreg": 128,
-    "dtheta_in_core": True, "rot_bwd_stages": 2,
-    # an inference forward through the core rotates q, k in its kernels (core_scan.core_fwd's
-    # rot) instead of writing the rotated per-head q/k in a pass of their own; off: on the H200
-    # it measured 4-7x slower in the core kernels than the pass it removes (SISO (1, 16384)
-    # 0.93 -> 4.05 ms, MIMO R=4 (8, 2048) 2.97 -> 4.46; docs/performance.md)
-    "rotate_in_core": False,
+    "bwd_heads": 0, "rot_tokens": 16, "rot_warps": 2, "rot_bwd_maxnreg": 128,
+    "rot_bwd_stages": 2,
 }  # fmt: skip
 
 
@@ -100,15 +90,6 @@ def _cos_sin(th, FAST: tl.constexpr):
         return libdevice.fast_cosf(red), libdevice.fast_sinf(red)
     else:
         return tl.cos(th), tl.sin(th)
-
-
-@triton.jit
-def _grid_ids(HEADS_FIRST: tl.constexpr):
-    """(token block, head index) of this program in a token-major or head-major grid."""
-    if HEADS_FIRST:
-        return tl.program_id(1), tl.program_id(0)
-    else:
-        return tl.program_id(0), tl.program_id(1)
 
 
 @triton.jit
@@ -151,15 +132,15 @@ def _add_pairs(ptr, row_off, a, b, rmask, NH: tl.constexpr, HALVES: tl.constexpr
 def _rot_fwd_kernel(
     q_ptr, k_ptr, qb_ptr, kb_ptr, th_ptr, qr_ptr, kr_ptr, T, H, G,
     N: tl.constexpr, S: tl.constexpr, R: tl.constexpr, BT: tl.constexpr, HALVES: tl.constexpr,
-    FAST: tl.constexpr, HEADS_FIRST: tl.constexpr, PAIR_MAJOR: tl.constexpr,
+    FAST: tl.constexpr, PAIR_MAJOR: tl.constexpr,
 ):  # fmt: skip
-    """qr, kr (T, R, H, N) = Rot(theta) (q, k (T, R, G, N) + bias (R, H, N)); grid (T/BT, R*H),
-    or (R*H, T/BT) with HEADS_FIRST. Works on (BT, N/2) tiles of pair members: every value is
+    """qr, kr (T, R, H, N) = Rot(theta) (q, k (T, R, G, N) + bias (R, H, N)); grid (T/BT, R*H).
+    Works on (BT, N/2) tiles of pair members: every value is
     loaded once (no partner gather) and the trig is evaluated per pair. PAIR_MAJOR: qr, kr
     columns in pair-member order (all first members, then all second members: the halves
     layout) whatever q's layout (see _RotCore)."""
     NH: tl.constexpr = N // 2
-    pid_t, rh = _grid_ids(HEADS_FIRST)
+    pid_t, rh = tl.program_id(0), tl.program_id(1)
     r = rh // H
     h = rh % H
     g = h // (H // G)
@@ -244,20 +225,19 @@ def _rot_bwd_kernel(
     dqr_ptr, dkr_ptr, q_ptr, k_ptr, qb_ptr, kb_ptr, th_ptr,
     dq_ptr, dk_ptr, dqb_ptr, dkb_ptr, dth_ptr, T, H, G,
     N: tl.constexpr, S: tl.constexpr, R: tl.constexpr, BT: tl.constexpr, HALVES: tl.constexpr,
-    XR: tl.constexpr, FAST: tl.constexpr, HEADS_FIRST: tl.constexpr, HB: tl.constexpr,
+    XR: tl.constexpr, FAST: tl.constexpr, HB: tl.constexpr,
     ATOMIC: tl.constexpr, GIVEN: tl.constexpr, PAIR_MAJOR: tl.constexpr, STAGES: tl.constexpr,
 ):  # fmt: skip
-    """Gradients of the rotary prep; grid (T/BT, R*H/HB) (or transposed, HEADS_FIRST), each
-    program loops over HB heads of one group. dqr, dkr (T, R, H, N) (fp32, or with GIVEN any
-    float) -> dq, dk (T, R, G, N) fp32 (ATOMIC: zero-initialised, the programs of a group add
-    their partial sums); dqb, dkb (T/BT, R, H, N) partial sums over the block's tokens; dth
-    (R, T, H, S) fp32. GIVEN: the core backward formed d theta (core_scan's DTH), so neither
-    q, k, their rotation nor dth is touched here. PAIR_MAJOR: dqr, dkr in pair-member column
-    order (rotary_fwd's). The four bias column sums of a head share one reduction (its
-    cross-warp exchange and barrier: a third of this kernel's stalls when they were four,
-    docs/performance.md)."""
+    """Gradients of the rotary prep; grid (T/BT, R*H/HB), each program loops over HB heads of
+    one group. dqr, dkr (T, R, H, N) (fp32, or with GIVEN any float) -> dq, dk (T, R, G, N)
+    fp32 (ATOMIC: zero-initialised, the programs of a group add their partial sums); dqb, dkb
+    (T/BT, R, H, N) partial sums over the block's tokens; dth (R, T, H, S) fp32. GIVEN: the
+    core backward formed d theta (core_scan's DTH), so neither q, k, their rotation nor dth is
+    touched here. PAIR_MAJOR: dqr, dkr in pair-member column order (rotary_fwd's). The four
+    bias column sums of a head share one reduction (its cross-warp exchange and barrier: a
+    third of this kernel's stalls when they were four, docs/performance.md)."""
     NH: tl.constexpr = N // 2
-    pid_t, rgb = _grid_ids(HEADS_FIRST)
+    pid_t, rgb = tl.program_id(0), tl.program_id(1)
     HG = H // G
     nhb = HG // HB
     r = rgb // (G * nhb)
@@ -470,13 +450,11 @@ def rotary_fwd(q, k, qb, kb, theta, halves: bool, out_dtype: torch.dtype, pair_m
     kr = torch.empty_like(qr)
     T = B * L
     if T > 0:
-        first = KNOBS["heads_first"]
         bt = KNOBS["rot_tokens"]
-        grid = (triton.cdiv(T, bt), R * H)
         run_kernel(
-            _rot_fwd_kernel, grid[::-1] if first else grid,
+            _rot_fwd_kernel, (triton.cdiv(T, bt), R * H),
             q, k, qb, kb, theta, qr, kr, T, H, G, N=N, S=S, R=R, BT=bt, HALVES=halves,
-            FAST=_fast_trig(), HEADS_FIRST=first, PAIR_MAJOR=pair_major,
+            FAST=_fast_trig(), PAIR_MAJOR=pair_major,
             num_warps=KNOBS["rot_warps"],
         )  # fmt: skip
     return qr, kr
@@ -510,14 +488,12 @@ def rotary_bwd(dqr, dkr, q, k, qb, kb, theta, halves: bool, xr_dtype=torch.float
     pk = torch.empty_like(pq)
     dth = torch.empty((0,) if dtheta_given else (R, B, L, H, S), dtype=f32, device=dev)
     if T > 0:
-        first = KNOBS["heads_first"]
-        grid = (nblk, R * H // hb)
         run_kernel(
-            _rot_bwd_kernel, grid[::-1] if first else grid,
+            _rot_bwd_kernel, (nblk, R * H // hb),
             dqr, dkr, q, k, qb, kb, theta, dq, dk, pq, pk, dth if not dtheta_given else dq,
             T, H, G,
             N=N, S=S, R=R, BT=bt, HALVES=halves, XR=_XR[xr_dtype], FAST=_fast_trig(),
-            HEADS_FIRST=first, HB=hb, ATOMIC=hb < HG, GIVEN=dtheta_given,
+            HB=hb, ATOMIC=hb < HG, GIVEN=dtheta_given,
             PAIR_MAJOR=pair_major, STAGES=KNOBS["rot_bwd_stages"],
             num_warps=KNOBS["rot_warps"],
             **_cap("rot_bwd_maxnreg"),
@@ -798,8 +774,9 @@ class _RotCore(torch.autograd.Function):
         if dy is None:
             dy = torch.zeros(vr.shape, dtype=operand_dtype(vr.dtype), device=vr.device)
         *flags, segment = ctx.flags
-        # d theta inside the core backward (whole rows of pairs in one program: no column split)
-        in_core = KNOBS["dtheta_in_core"] and flags[-1] == 1 and theta.shape[-1] > 0
+        # d theta inside the core backward (whole rows of pairs in one program: no column split;
+        # with it, and without angles, the rotary backward forms it)
+        in_core = flags[-1] == 1 and theta.shape[-1] > 0
         n_angles = theta.shape[-1] if in_core else 0
         hv = ctx.halves
         dqr, dkr, dv, dadt, dw, dg, ds0, dD, dth_core = _core_bwd_op(
@@ -835,7 +812,6 @@ def _shared_segment(shape, cu, nseq: int, split_n: int, chunk: int, num_warps: i
 
 def rot_core_scan(
     q, k, qb, kb, theta, vr, adt, w, gam, s0, cu_seqlens, halves, meta, need_y=True, D=None,
-    rotate_in_core=False,
 ):  # fmt: skip
     """Differentiable rotary prep + core: (y (B, L, R, H, P) in core_scan.operand_dtype(vr.dtype),
     S_final (nseq, H, P, N) fp32).
@@ -847,9 +823,7 @@ def rot_core_scan(
     skip y += D[h] vr, inside the core forward and backward. need_y=False skips the core's
     forward: y (in vr's dtype then) and S_final are zeros (not their values) while the backward
     stays exact, which is all a caller that only takes the vector-Jacobian product and whose
-    epilogue backward never reads y needs. rotate_in_core (an inference forward, no autograd):
-    the core kernels rotate q and k as they load them (core_scan.core_fwd's rot): the rotated
-    per-head q/k are never written."""
+    epilogue backward never reads y needs."""
     chunk, dot_dtype, num_warps, num_stages, nseq = meta[:5]
     split_n = meta[5] if len(meta) > 5 else 1
     segment = meta[6] if len(meta) > 6 else 0
@@ -859,11 +833,6 @@ def rot_core_scan(
         name = "float32"
     args = [x.contiguous() if x is not None else None
             for x in (q, k, qb, kb, theta, vr, adt, w, gam, s0, D)]  # fmt: skip
-    if rotate_in_core:
-        q, k, qb, kb, theta, vr, adt, w, gam, s0, D = args
-        return core_fwd(q, k, vr, adt, w, gam, s0, cu_seqlens,
-                        (fwd_chunk, _DTYPES[name], num_warps, num_stages, nseq, segment), D,
-                        rot=(qb, kb, theta, halves))  # fmt: skip
     y, sf, *_ = apply_positional(_RotCore, *args, cu_seqlens, halves, need_y, chunk, name,
                                    num_warps, num_stages, nseq, split_n, segment,
                                    fwd_chunk)  # fmt: skip
@@ -872,13 +841,13 @@ def rot_core_scan(
 
 def compile_kernels(
     R: int, N: int, S: int, halves: bool, dtype: str = "bf16", target=None, fast: bool = True,
-    pairs: int = 32, heads_first: bool = True, bwd_heads: int = 4, atomic: bool = True,
+    pairs: int = 32, bwd_heads: int = 4, atomic: bool = True,
     tokens: int = 32, given: bool = False, pair_major: bool = True, segmented: bool = True,
 ):  # fmt: skip
     """Compile the rotary and angle-scan forward and backward kernels ahead of time (no GPU
     needed) for ``target`` (default sm_90); fast: hardware trig in the rotary kernels; pairs:
-    angle pairs per angle-scan program; heads_first, bwd_heads, atomic: the rotary grids' order,
-    heads per backward program and whether those add into dq/dk; tokens: tokens per rotary
+    angle pairs per angle-scan program; bwd_heads, atomic: heads per rotary-backward program
+    and whether those add into dq/dk; tokens: tokens per rotary
     program; given: the backward whose d theta the core backward formed (it takes 16-bit dqr,
     dkr and leaves d theta alone); pair_major: qr, kr (and their gradients) in the core's
     pair-member column order, as the backward's recompute runs them; segmented: the angle scans
@@ -887,8 +856,7 @@ def compile_kernels(
     from triton.backends.compiler import GPUTarget
 
     target = target or GPUTarget("cuda", 90, 64)
-    consts = dict(N=N, S=S, R=R, BT=tokens, HALVES=halves, FAST=fast, HEADS_FIRST=heads_first,
-                  PAIR_MAJOR=pair_major)  # fmt: skip
+    consts = dict(N=N, S=S, R=R, BT=tokens, HALVES=halves, FAST=fast, PAIR_MAJOR=pair_major)
     ints = dict(T="i32", H="i32", G="i32")
     fwd = {"q_ptr": f"*{dtype}", "k_ptr": f"*{dtype}", "qb_ptr": "*fp32", "kb_ptr": "*fp32",
            "th_ptr": "*fp32", "qr_ptr": f"*{dtype}", "kr_ptr": f"*{dtype}"}  # fmt: skip

@@ -46,7 +46,6 @@ from torch import Tensor
 from mamba3_kernels.eager_calls import apply_positional, eager_custom_op
 
 from .fast_math import _exp
-from .fwd_tiles import _cos_sin, _rows_of_tokens
 from .parallel_compile import run_kernel
 
 __all__ = ["core_scan", "core_fwd", "core_bwd", "operand_dtype"]
@@ -101,13 +100,10 @@ def _load_chunk(
     qr_ptr, kr_ptr, vr_ptr, adt_ptr, w_ptr, g_ptr, bos, seqlen, coef_base, c0, h, H,
     N: tl.constexpr, P: tl.constexpr, R: tl.constexpr, C: tl.constexpr,
     DOTK: tl.constexpr, UPCAST: tl.constexpr, n0=0, NB: tl.constexpr = None,
-    qb_ptr=None, kb_ptr=None, th_ptr=None, G=1, S: tl.constexpr = 0,
-    HALVES: tl.constexpr = False, FAST: tl.constexpr = False, ROT: tl.constexpr = False,
 ):  # fmt: skip
     """Rows of one chunk: per-row cumulative log-decay c, c_last, w, gamma, and the operands
     qr, kr (CR, NB) (columns n0 .. n0 + NB of N; all N when NB is None), vr (CR, P) rounded to
-    the dot dtype, plus row validity and offsets. ROT: qr_ptr, kr_ptr hold the raw q, k
-    (B, L, R, G, N), rotated here (_rotated_cols, from their biases and theta)."""
+    the dot dtype, plus row validity and offsets."""
     c, c_last, w, gm, valid, row, t_loc = _chunk_rows(
         adt_ptr, w_ptr, g_ptr, bos, seqlen, coef_base, c0, h, H, R, C
     )
@@ -115,64 +111,10 @@ def _load_chunk(
         nn = tl.arange(0, N)
     else:
         nn = n0 + tl.arange(0, NB)
-    if ROT:
-        cos, sin, src, rank = _chunk_trig(th_ptr, bos, c0, seqlen, h, H, G, nn, N, S, R, C,
-                                          HALVES, FAST)  # fmt: skip
-        q = _rotated_cols(qr_ptr, qb_ptr, src, rank, valid, h, H, nn, cos, sin, N, HALVES,
-                          DOTK, UPCAST)  # fmt: skip
-        k = _rotated_cols(kr_ptr, kb_ptr, src, rank, valid, h, H, nn, cos, sin, N, HALVES,
-                          DOTK, UPCAST)  # fmt: skip
-    else:
-        q = _load_cols(qr_ptr, row, valid, nn, N, DOTK, UPCAST)
-        k = _load_cols(kr_ptr, row, valid, nn, N, DOTK, UPCAST)
+    q = _load_cols(qr_ptr, row, valid, nn, N, DOTK, UPCAST)
+    k = _load_cols(kr_ptr, row, valid, nn, N, DOTK, UPCAST)
     v = _load_cols(vr_ptr, row, valid, tl.arange(0, P), P, DOTK, UPCAST)
     return c, c_last, w, gm, q, k, v, valid, row, t_loc
-
-
-@triton.jit
-def _pair_of(nn, N: tl.constexpr, HALVES: tl.constexpr):
-    """For columns nn of an N-vector: the rotary pair each is in, its partner column, and
-    whether it is the pair's first member a (docs/spec.md's Rot: a' = a cos - b sin, b' = a sin +
-    b cos)."""
-    if HALVES:
-        return nn % (N // 2), (nn + N // 2) % N, nn < N // 2
-    else:
-        return nn // 2, nn ^ 1, nn % 2 == 0
-
-
-@triton.jit
-def _chunk_trig(th_ptr, bos, c0, seqlen, h, H, G, nn, N: tl.constexpr, S: tl.constexpr,
-                R: tl.constexpr, C: tl.constexpr, HALVES: tl.constexpr,
-                FAST: tl.constexpr):  # fmt: skip
-    """cos, sin (C*R, NB) of one chunk's rows for columns nn, from theta (B, L, H, S) fp32 (1, 0
-    for columns in no pair j < S; computed per token, repeated for its rank rows), and each
-    row's offset in the raw (B, L, R, G, N) q, k (src, in rows of N) and rank."""
-    t = c0 + tl.arange(0, C)
-    pair, _partner, _first = _pair_of(nn, N, HALVES)
-    live = pair < S
-    th = tl.load(th_ptr + ((bos + t) * H + h)[:, None] * S + pair[None, :],
-                 mask=(t < seqlen)[:, None] & live[None, :], other=0.0)  # fmt: skip
-    cos, sin = _cos_sin(th, live[None, :], FAST)
-    rows = tl.arange(0, C * R)
-    rank = rows % R
-    src = ((bos + c0 + rows // R) * R + rank) * G + h // (H // G)
-    return _rows_of_tokens(cos, R), _rows_of_tokens(sin, R), src, rank
-
-
-@triton.jit
-def _rotated_cols(x_ptr, b_ptr, src, rank, valid, h, H, nn, cos, sin, N: tl.constexpr,
-                  HALVES: tl.constexpr, DOTK: tl.constexpr, UPCAST: tl.constexpr):  # fmt: skip
-    """Rot(theta)(x + bias) in columns nn for a chunk's rows, rounded to the dot dtype: x the
-    raw (B, L, R, G, N) q or k (rows at src), bias b (R, H, N) fp32; each column's partner in
-    its pair is loaded alongside (the same cache lines)."""
-    _pair, partner, first = _pair_of(nn, N, HALVES)
-    m = valid[:, None]
-    b_row = (rank * H + h)[:, None] * N
-    x = tl.load(x_ptr + src[:, None] * N + nn[None, :], mask=m, other=0.0).to(tl.float32)
-    x += tl.load(b_ptr + b_row + nn[None, :])
-    xp = tl.load(x_ptr + src[:, None] * N + partner[None, :], mask=m, other=0.0).to(tl.float32)
-    xp += tl.load(b_ptr + b_row + partner[None, :])
-    return _rnd(x * cos + tl.where(first[None, :], -sin, sin) * xp, DOTK, UPCAST)
 
 
 @triton.jit
@@ -252,18 +194,16 @@ def _dstate_step(ds, q, dy, c, c_last, DOTK: tl.constexpr, DOT_PREC: tl.constexp
 @triton.jit
 def _core_fwd_kernel(
     qr_ptr, kr_ptr, vr_ptr, adt_ptr, w_ptr, g_ptr, s0_ptr, cu_ptr, D_ptr, y_ptr, sf_ptr,
-    sin_ptr, qb_ptr, kb_ptr, th_ptr, G, L, H, NSEG, SEG,
+    sin_ptr, L, H, NSEG, SEG,
     N: tl.constexpr, P: tl.constexpr, R: tl.constexpr, C: tl.constexpr,
     VARLEN: tl.constexpr, HAS_S0: tl.constexpr, HAS_SF: tl.constexpr, HAS_D: tl.constexpr,
     DOTK: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, FAST: tl.constexpr,
-    SEGMENTED: tl.constexpr, ROT: tl.constexpr = False, S: tl.constexpr = 0,
-    HALVES: tl.constexpr = False,
+    SEGMENTED: tl.constexpr,
 ):  # fmt: skip
     """y (B, L, R, H, P) in y_ptr's dtype (with HAS_D: plus the skip D[h] vr) and S_final
     (nseq, H, P, N) fp32; one program per (seq, head), or with SEGMENTED per (seq, head,
     segment of SEG tokens), each starting from its segment's entering state (sin_ptr,
-    (nseq, H, NSEG, P, N) fp32 from core_segments; the last segment writes S_final). ROT: q, k
-    rotated here (see _load_chunk; qb_ptr, kb_ptr, th_ptr, G, S, HALVES are unused without)."""
+    (nseq, H, NSEG, P, N) fp32 from core_segments; the last segment writes S_final)."""
     pid = tl.program_id(0)
     seg = 0
     if SEGMENTED:
@@ -293,7 +233,7 @@ def _core_fwd_kernel(
     for c0 in range(lo, hi, C):
         c, c_last, w, gm, q, k, v, valid, row, _t = _load_chunk(
             qr_ptr, kr_ptr, vr_ptr, adt_ptr, w_ptr, g_ptr, bos, seqlen, coef_base, c0, h, H,
-            N, P, R, C, DOTK, UPCAST, 0, None, qb_ptr, kb_ptr, th_ptr, G, S, HALVES, FAST, ROT,
+            N, P, R, C, DOTK, UPCAST,
         )  # fmt: skip
         a = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
         dec = _exp(tl.minimum(c[:, None] - c[None, :], 0.0), FAST)
@@ -592,13 +532,7 @@ def _consts(R: int, N: int, P: int, chunk: int, varlen: bool, dot_dtype: torch.d
     )
 
 
-# pipeline stages of the forward kernel that rotates raw q, k (core_fwd's rot): it also stages
-# each q, k tile's partner columns, so two stages of 64-row chunks (the default config) ask
-# 235-243 KiB of shared memory, over sm_90's 227 KiB (H200, N=128, P=64, R = 1 and 4)
-ROTATING_STAGES = 1
-
-
-def core_fwd(qr, kr, vr, adt, w, gam, s0, cu_seqlens, meta, D=None, states=None, rot=None):
+def core_fwd(qr, kr, vr, adt, w, gam, s0, cu_seqlens, meta, D=None, states=None):
     """Core forward. qr, kr (B, L, R, H, N), vr (B, L, R, H, P) (fp32 or the dot dtype);
     adt, w, gam (B, H, L) fp32; s0 (nseq, H, P, N) fp32 or None; cu_seqlens (nseq+1,) int32 or
     None; D (H,) fp32 or None (the skip: y += D[h] vr). meta = (chunk, dot_dtype, num_warps,
@@ -611,18 +545,13 @@ def core_fwd(qr, kr, vr, adt, w, gam, s0, cu_seqlens, meta, D=None, states=None,
     and the states entering the segments are computed on chunks of that many tokens (the
     backward's), which makes them the ones the backward would compute itself (the same rounded
     operands: see the module docstring). They are then a third result, (nseq, H, nseg, P, N)
-    fp32, or an empty (0,) tensor when the call has no segments (varlen, or one segment).
-
-    rot = (qb, kb, theta, halves): qr, kr are then the raw q, k (B, L, R, G, N), which the
-    kernels bias and rotate as they load them (qb, kb (R, H, N) fp32, theta (B, L, H, S) fp32;
-    rotary_fwd's function, in q's own column order: s0 and S_final too), so the rotated
-    per-head q, k are never written (an inference forward's choice: a backward reads them)."""
+    fp32, or an empty (0,) tensor when the call has no segments (varlen, or one segment)."""
     from .core_segments import fwd_segment_len, segment_states  # (it imports this module)
 
     chunk, dot_dtype, num_warps, num_stages, nseq = meta[:5]
     segment = meta[5] if len(meta) > 5 else 0
-    B, L, R, _, N = qr.shape
-    H, P = vr.shape[3], vr.shape[-1]
+    B, L, R, H, N = qr.shape
+    P = vr.shape[-1]
     # y only feeds the epilogue (z gate, mimo_o rank sum) and comes back through it as dy, which
     # every core backward product rounds to the dot dtype anyway: in 16 bits it halves the
     # bytes of y, of the gate backward's dy and of the two sweeps' dy reads (MIMO R=4: ~1 GB
@@ -642,39 +571,21 @@ def core_fwd(qr, kr, vr, adt, w, gam, s0, cu_seqlens, meta, D=None, states=None,
         state_consts = _consts(R, N, P, states[0], False, dot_dtype)
     elif cu_seqlens is None:
         seg = fwd_segment_len(L, nseq, H, chunk, num_warps, segment, qr.device)
-    if rot is not None:
-        num_stages = ROTATING_STAGES
     s_in, nseg = dummy, 1
     if seg < L:
         s_in, _, nseg = segment_states(qr, kr, vr, adt, w, gam, s0, None, None, state_consts,
-                                       nseq, seg, num_warps, 1, rot=rot)  # fmt: skip
+                                       nseq, seg, num_warps, 1)  # fmt: skip
         result = (y, sf) if states is None else (y, sf, s_in)
     run_kernel(
         _core_fwd_kernel, (nseq * H * nseg,), qr, kr, vr, adt, w, gam,
         s0 if s0 is not None else dummy,
         cu_seqlens if cu_seqlens is not None else dummy,
         D if D is not None else dummy,
-        y, sf, s_in, *rotation_args(rot, qr, dummy), L, H, nseg, seg,
+        y, sf, s_in, L, H, nseg, seg,
         HAS_S0=s0 is not None, HAS_SF=True, HAS_D=D is not None, SEGMENTED=nseg > 1,
-        **rotation_consts(rot), **consts, num_warps=num_warps, num_stages=num_stages,
+        **consts, num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     return result
-
-
-def rotation_args(rot, q: Tensor, dummy: Tensor) -> tuple:
-    """(qb_ptr, kb_ptr, th_ptr, G) of the kernels that can rotate their operands (core_fwd's
-    rot; dummies without)."""
-    if rot is None:
-        return dummy, dummy, dummy, 1
-    qb, kb, theta, _halves = rot
-    return qb, kb, theta, q.shape[3]
-
-
-def rotation_consts(rot) -> dict:
-    """ROT, S, HALVES of those kernels."""
-    if rot is None:
-        return dict(ROT=False, S=0, HALVES=False)
-    return dict(ROT=True, S=rot[2].shape[-1], HALVES=bool(rot[3]))
 
 
 def core_bwd(qr, kr, vr, adt, w, gam, s0, cu_seqlens, meta, dy, dsf, D=None, rotary=None,
@@ -947,7 +858,6 @@ def compile_kernels(
     segmented: bool = False,
     fwd_chunk: int = 0,
     dtheta: tuple[int, bool] | None = None,
-    rotating: tuple[int, bool] | None = None,
 ) -> dict:
     """Compile the core's forward and backward kernels ahead of time (no GPU needed) for
     ``target`` (a ``triton.backends.compiler.GPUTarget``; default sm_90), as a launch with an
@@ -956,8 +866,7 @@ def compile_kernels(
     rank-weighted v alike; with ``segmented``: the
     backward's segment kernels, core_segments, and its segmented sweeps; fwd_chunk: the
     forward kernel's chunk, 0: ``chunk``; dtheta: (S, halves), the backward that also gives
-    the rotary backward's d theta, with dq, dk in the dot dtype; rotating: (S, halves), also
-    the forward that rotates raw q, k itself, core_fwd's rot). Returns {name: compiled}."""
+    the rotary backward's d theta, with dq, dk in the dot dtype). Returns {name: compiled}."""
     from triton.backends.compiler import GPUTarget
 
     from .core_segments import _contrib_kernel, _pass_kernel
@@ -979,27 +888,15 @@ def compile_kernels(
     # (name, kernel, its constexprs)
     kernels = [
         ("core_fwd", _core_fwd_kernel,
-         dict(consts, C=fwd_chunk or chunk, HAS_S0=True, HAS_SF=True, SEGMENTED=segmented,
-              ROT=False, S=0, HALVES=False)),
+         dict(consts, C=fwd_chunk or chunk, HAS_S0=True, HAS_SF=True, SEGMENTED=segmented)),
         ("core_bwd", _core_bwd_kernel,
          dict(consts, HAS_S0=True, HAS_DSF=True, NS=split_n, SEGMENTED=segmented,
               DTH=dtheta is not None, S=S, HALVES=halves)),
     ]  # fmt: skip
-    if rotating is not None:
-        # (an inference forward's: q, k raw in the dot dtype, rotated in the kernel)
-        kernels.append(("core_fwd_rotating", _core_fwd_kernel,
-                        dict(consts, C=fwd_chunk or chunk, HAS_S0=True, HAS_SF=True,
-                             SEGMENTED=segmented, ROT=True, S=rotating[0],
-                             HALVES=rotating[1])))  # fmt: skip
     if segmented:
         shared = {k: v for k, v in consts.items() if k not in ("VARLEN", "HAS_D")}
         pass_c = dict(PN=P * N, BLOCK=min(P * N, 1024), HAS_S0=True, HAS_DSF=True)
         # (FIRST=1: the reverse sweeps only, for a backward given the forward's states)
-        if rotating is not None:
-            kernels.append(("segment_contrib_rotating", _contrib_kernel,
-                            dict(shared, C=fwd_chunk or chunk, NS=1, FIRST=0, ROT=True,
-                                 S=rotating[0], HALVES=rotating[1])))  # fmt: skip
-        shared.update(ROT=False, S=0, HALVES=False)
         kernels += [("segment_contrib", _contrib_kernel, dict(shared, NS=split_n, FIRST=0)),
                     ("segment_contrib_reverse", _contrib_kernel,
                      dict(shared, NS=split_n, FIRST=1)),
@@ -1010,15 +907,11 @@ def compile_kernels(
         for arg in fn.arg_names:
             if arg in c:
                 sig[arg] = "constexpr"
-            elif arg in ("L", "H", "G", "NSEG", "SEG"):
+            elif arg in ("L", "H", "NSEG", "SEG"):
                 sig[arg] = "i32"
             else:
                 sig[arg] = types.get(arg, "*fp32")
-        if c.get("ROT"):
-            sig.update(qr_ptr=io, kr_ptr=io)  # (the raw q, k)
         src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=c)
-        # (the rotating core forward on the stages core_fwd launches it with)
-        stages = ROTATING_STAGES if name == "core_fwd_rotating" else num_stages
-        opts = {"num_warps": num_warps, "num_stages": stages}
+        opts = {"num_warps": num_warps, "num_stages": num_stages}
         out[name] = triton.compile(src, target=target, options=opts)
     return out

@@ -24,14 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .core_scan import (
-    _dstate_step,
-    _load_chunk,
-    _seq_bounds,
-    _state_step,
-    rotation_args,
-    rotation_consts,
-)  # fmt: skip
+from .core_scan import _dstate_step, _load_chunk, _seq_bounds, _state_step
 from .parallel_compile import run_kernel
 
 __all__ = [
@@ -118,19 +111,17 @@ def segment_len(
 @triton.jit
 def _contrib_kernel(
     qr_ptr, kr_ptr, vr_ptr, adt_ptr, w_ptr, g_ptr, dy_ptr, fwd_ptr, rev_ptr, dec_ptr,
-    qb_ptr, kb_ptr, th_ptr, G, L, H, NSEG, SEG,
+    L, H, NSEG, SEG,
     N: tl.constexpr, P: tl.constexpr, R: tl.constexpr, C: tl.constexpr,
     DOTK: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, NS: tl.constexpr,
-    FAST: tl.constexpr, FIRST: tl.constexpr, ROT: tl.constexpr, S: tl.constexpr,
-    HALVES: tl.constexpr,
+    FAST: tl.constexpr, FIRST: tl.constexpr,
 ):  # fmt: skip
     """Grid (nseq * H * NSEG, 2 - FIRST, NS): axis 1 + FIRST picks the state (0) or the state
     gradient (1), axis 2 a block of N / NS state columns. Writes the segment's contribution
     started from zero into fwd / rev (nseq, H, NSEG, P, N) fp32 and (first column block) its
     summed log-decay into dec (nseq, H, NSEG): from the forward sweep but for the last
     segment, which has no forward contribution (nothing follows it), from its reverse sweep
-    (with FIRST = 1, no forward sweep, every segment's from its reverse sweep). ROT (forward
-    sweep only): k rotated as it is loaded (core_scan.core_fwd's rot)."""
+    (with FIRST = 1, no forward sweep, every segment's from its reverse sweep)."""
     pid = tl.program_id(0)
     sweep = tl.program_id(1) + FIRST
     NB: tl.constexpr = N // NS
@@ -155,8 +146,7 @@ def _contrib_kernel(
         for c0 in range(lo, hi, C):
             c, c_last, w, _g, _q, k, v, _m, _r, _t = _load_chunk(
                 qr_ptr, kr_ptr, vr_ptr, adt_ptr, w_ptr, g_ptr, bos, seqlen, coef_base, c0, h, H,
-                N, P, R, C, DOTK, UPCAST, n0, NB, qb_ptr, kb_ptr, th_ptr, G, S, HALVES, FAST,
-                ROT,
+                N, P, R, C, DOTK, UPCAST, n0, NB,
             )  # fmt: skip
             x = _state_step(x, k, v, c, c_last, w, DOTK, DOT_PREC, UPCAST, FAST)
             decay += c_last
@@ -224,17 +214,16 @@ def _pass_kernel(
 
 def segment_states(
     qr, kr, vr, adt, w, gam, s0, dsf, dy, consts: dict, nseq: int, seg: int, num_warps: int,
-    split_n: int, s_in: torch.Tensor | None = None, rot=None,
+    split_n: int, s_in: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, int]:  # fmt: skip
     """(S_in, dS_out, nseg): the state entering each segment of ``seg`` tokens and the state
     gradient at each segment's end, both (nseq, H, nseg, P, N) fp32, for a (B, L) call of the
     core backward (operands as core_scan.core_bwd takes them; consts: its kernels' constants).
     dy None (the core forward): S_in only, dS_out None. s_in: the S_in of an earlier call on
     the same operands, chunk and segments (the core forward's, core_scan.core_fwd's
-    state_chunk): only dS_out is computed, and s_in returned. rot: core_fwd's (qr, kr are then
-    the raw q, k; the states alone)."""
-    B, L, R, _, N = qr.shape
-    H, P = vr.shape[3], vr.shape[-1]
+    state_chunk): only dS_out is computed, and s_in returned."""
+    B, L, R, H, N = qr.shape
+    P = vr.shape[-1]
     nseg = -(-L // seg)
     first = 1 if s_in is not None else 0  # the first sweep to run (0: the states, 1: dS)
     sweeps = 1 if dy is None else 2
@@ -249,8 +238,7 @@ def segment_states(
     run_kernel(
         _contrib_kernel, (nseq * H * nseg, sweeps - first, split_n), qr, kr, vr, adt, w, gam,
         dy if dy is not None else dummy, fwd, rev if rev is not None else dummy, dec,
-        *rotation_args(rot, qr, dummy), L, H, nseg, seg, **c, **rotation_consts(rot),
-        NS=split_n, FIRST=first, num_warps=num_warps,
+        L, H, nseg, seg, **c, NS=split_n, FIRST=first, num_warps=num_warps,
         num_stages=_CONTRIB_STAGES,
     )  # fmt: skip
     block = min(P * N, 1024)

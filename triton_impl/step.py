@@ -152,8 +152,7 @@ def _step_kernel(
     H: tl.constexpr, G: tl.constexpr, R: tl.constexpr, N: tl.constexpr, P: tl.constexpr,
     S: tl.constexpr, BLOCK_P: tl.constexpr, SPLIT: tl.constexpr, INTERLEAVED: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_MV: tl.constexpr, HAS_MZ: tl.constexpr,
-    HAS_MO: tl.constexpr, KEEP_RANKS: tl.constexpr, STREAM: tl.constexpr,
-    PREFETCH: tl.constexpr,
+    HAS_MO: tl.constexpr, KEEP_RANKS: tl.constexpr, PREFETCH: tl.constexpr,
 ):  # fmt: skip
     # Layouts: the per-step tensors have packed inner axes and a free batch stride (s_*_b); the
     # state, out and the per-head parameters are contiguous, so their offsets follow from the sizes.
@@ -180,7 +179,7 @@ def _step_kernel(
     if PREFETCH:
         # The first state tile is requested before anything else, so that its DRAM latency
         # overlaps the prologue's dependent loads and trig instead of following them.
-        nxt = _state_tile(ss_head + tile, True, STREAM)
+        nxt = tl.load(ss_head + tile)
 
     dt = tl.load(dt_ptr + b * s_dt_b + h).to(tl.float32)
     adt = tl.load(adt_ptr + b * s_adt_b + h).to(tl.float32)
@@ -213,9 +212,9 @@ def _step_kernel(
         ss_ptrs = ss_head + p0 * N + tile
         if PREFETCH:  # this tile was requested one iteration (or the prologue) ahead
             acc = nxt * alpha
-            nxt = _state_tile(ss_ptrs + BLOCK_P * N, p0 + BLOCK_P < PP, STREAM)
+            nxt = tl.load(ss_ptrs + BLOCK_P * N, mask=p0 + BLOCK_P < PP, other=0.0)
         else:
-            acc = _state_tile(ss_ptrs, True, STREAM) * alpha
+            acc = tl.load(ss_ptrs) * alpha
         v_old = tl.load(sv_base + offs_p).to(tl.float32)
         v_new = tl.load(v_base + offs_p).to(tl.float32)
 
@@ -233,7 +232,7 @@ def _step_kernel(
                 w_prev = beta * v_old
                 w_cur = gamma * v_new
             acc += w_prev[:, None] * k_prev[None, :] + w_cur[:, None] * k_cur[None, :]
-        _store_state_tile(ss_ptrs, acc, STREAM)
+        tl.store(ss_ptrs, acc)
 
         # y_r = Hs q_r + D vr, gated by silu(zr), mixed over ranks by mimo_o.
         if HAS_Z:
@@ -287,31 +286,6 @@ def _step_kernel(
 
 
 @triton.jit
-def _state_tile(ptrs, live, STREAM: tl.constexpr):
-    """One fp32 state tile (zeros where ``live`` is False). The state streams through once, so
-    cache hints may keep it from displacing the small, reused per-head tensors in L2. STREAM
-    (constexpr, so the variants can be timed): 0 none, 1 evict_first on loads and stores,
-    2 loads cached in L2 only (.cg) and streaming stores (.cs), 3 streaming stores only."""
-    if STREAM == 1:
-        return tl.load(ptrs, mask=live, other=0.0, eviction_policy="evict_first")
-    elif STREAM == 2:
-        return tl.load(ptrs, mask=live, other=0.0, cache_modifier=".cg")
-    else:
-        return tl.load(ptrs, mask=live, other=0.0)
-
-
-@triton.jit
-def _store_state_tile(ptrs, x, STREAM: tl.constexpr):
-    """Store a state tile with the hint of STREAM (see _state_tile)."""
-    if STREAM == 1:
-        tl.store(ptrs, x, eviction_policy="evict_first")
-    elif STREAM >= 2:
-        tl.store(ptrs, x, cache_modifier=".cs")
-    else:
-        tl.store(ptrs, x)
-
-
-@triton.jit
 def _store_shared_state(
     sa_ptr, sk_ptr, k_base, kb_base, sk_base, bh, j, rot, first, theta, offs_n, partner, cos,
     sin_signed, G: tl.constexpr, H: tl.constexpr, N: tl.constexpr, R: tl.constexpr,
@@ -334,14 +308,8 @@ def output_shape(problem: Problem) -> tuple[int, ...]:
 
 _CONST_NAMES = (
     "H", "G", "R", "N", "P", "S", "BLOCK_P", "SPLIT", "INTERLEAVED",
-    "HAS_D", "HAS_Z", "HAS_MV", "HAS_MZ", "HAS_MO", "KEEP_RANKS", "STREAM", "PREFETCH",
+    "HAS_D", "HAS_Z", "HAS_MV", "HAS_MZ", "HAS_MO", "KEEP_RANKS", "PREFETCH",
 )  # fmt: skip
-
-# Cache hints on the state's loads and stores (modes in _state_tile). Off: on an H100 evict_first
-# moved the step by about 1 % either way (SISO slower, MIMO faster; docs/performance.md).
-# A list so a benchmark can switch it; launch plans made before a switch keep their setting
-# (clear _PLANS after switching).
-STREAM_STATE = [0]
 
 
 def _packed_inner(t: torch.Tensor) -> bool:
@@ -373,7 +341,7 @@ class _Plan:
             problem.nheads, problem.ngroups, problem.rank, problem.d_state, problem.headdim,
             problem.n_angles, config.block_p, config.split_p, problem.rotary == "interleaved",
             d is not None, z is not None, mv is not None, mz is not None, mo is not None,
-            problem.mimo and mo is None, STREAM_STATE[0], bool(config.prefetch),
+            problem.mimo and mo is None, bool(config.prefetch),
         )  # fmt: skip
         self.grid = (problem.nheads, problem.batch, config.split_p)
         self.out_shape = output_shape(problem)
