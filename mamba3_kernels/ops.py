@@ -91,11 +91,6 @@ def _state_dtype(q: Tensor) -> torch.dtype:
     return torch.float64 if q.dtype == torch.float64 else torch.float32
 
 
-def _out_shape(problem: Problem) -> tuple[int, ...]:
-    B, L, H, P, R = problem.batch, problem.seqlen, problem.nheads, problem.headdim, problem.rank
-    return (B, L, R, H, P) if problem.mimo and not problem.has_mimo_o else (B, L, H, P)
-
-
 @torch.library.custom_op("mamba3::scan", mutates_args=())
 def scan_op(
     q: Tensor,

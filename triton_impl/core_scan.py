@@ -1,4 +1,4 @@
-"""The core of the chunked scan in Triton, forward and backward, as a differentiable function.
+"""The core of the chunked scan in Triton: its forward and backward kernels, as custom ops.
 
 The core is chunked linear attention with a scalar per-token decay, folded trapezoid weights and
 a diagonal correction, plus a matrix state in and out. Per (sequence, head), over rows i, j (a
@@ -43,12 +43,12 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from mamba3_kernels.eager_calls import apply_positional, eager_custom_op
+from mamba3_kernels.eager_calls import eager_custom_op
 
 from .fast_math import _exp
 from .parallel_compile import run_kernel
 
-__all__ = ["core_scan", "core_fwd", "core_bwd", "operand_dtype"]
+__all__ = ["core_fwd", "core_bwd", "operand_dtype"]
 
 _MIN_DOT = 16
 
@@ -707,7 +707,7 @@ def _segment_reverse_cumsum(dc, sfdot, cu_seqlens, nseq):
 
 # The core as custom ops: functorch transforms (torch.func.vjp, used by the backward because it
 # runs inside another op's kernel) unwrap their tensors before an op's kernel runs, which a Triton
-# launch needs (it reads raw storage). The ops carry their own autograd formula.
+# launch needs (it reads raw storage). Their autograd node is core_rotary's _RotCore.
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -799,48 +799,6 @@ def _core_bwd_fake(dy, dsf, qr, kr, vr, adt, w, gam, s0, cu_seqlens, chunk, dot_
             e(adt.shape, dtype=f32), e(adt.shape, dtype=f32), e(adt.shape, dtype=f32),
             e((nseq, H, P, N), dtype=f32), e((H if D is not None else 0,), dtype=f32),
             e(dth_shape, dtype=f32))  # fmt: skip
-
-
-class _CoreScan(torch.autograd.Function):
-    """Autograd of the core (setup_context style, which functorch transforms require); forward
-    and backward call the ops above."""
-
-    @staticmethod
-    def forward(qr, kr, vr, adt, w, gam, s0, cu_seqlens, chunk, dot_dtype, nw, ns, nseq):
-        y, sf, _ = _core_fwd_op(qr, kr, vr, adt, w, gam, s0, cu_seqlens, chunk, dot_dtype, nw,
-                                ns, nseq)  # fmt: skip
-        return y, sf
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(*inputs[:8])
-        ctx.flags = inputs[8:]
-
-    @staticmethod
-    def backward(ctx, dy, dsf):
-        qr, kr, vr, adt, w, gam, s0, cu_seqlens = ctx.saved_tensors
-        dq, dk, dv, dadt, dw, dg, ds0, *_ = _core_bwd_op(
-            dy.contiguous(), dsf, qr, kr, vr, adt, w, gam, s0, cu_seqlens, *ctx.flags
-        )
-        return (dq.to(qr.dtype), dk.to(kr.dtype), dv.to(vr.dtype), dadt.to(adt.dtype),
-                dw.to(w.dtype), dg.to(gam.dtype), ds0 if s0 is not None else None,
-                None, None, None, None, None, None)  # fmt: skip
-
-
-def core_scan(qr, kr, vr, adt, w, gam, s0, cu_seqlens, meta):
-    """Differentiable core: (y (B, L, R, H, P) in operand_dtype(vr.dtype), S_final (nseq, H, P, N)
-    fp32).
-
-    qr, kr (B, L, R, H, N); vr (B, L, R, H, P); adt, w, gam (B, H, L); s0 (nseq, H, P, N) or
-    None; cu_seqlens (nseq + 1,) int32 or None; meta = (chunk, dot_dtype, num_warps, num_stages,
-    nseq). Inputs are made contiguous here."""
-    qr, kr, vr = qr.contiguous(), kr.contiguous(), vr.contiguous()
-    adt, w, gam = adt.contiguous(), w.contiguous(), gam.contiguous()
-    s0 = s0.contiguous() if s0 is not None else None
-    chunk, dot_dtype, num_warps, num_stages, nseq = meta
-    name = str(dot_dtype).replace("torch.", "")
-    return apply_positional(_CoreScan, qr, kr, vr, adt, w, gam, s0, cu_seqlens, chunk, name,
-                            num_warps, num_stages, nseq)  # fmt: skip
 
 
 def compile_kernels(
