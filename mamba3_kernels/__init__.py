@@ -18,14 +18,15 @@ from . import ops  # noqa: E402, F401  (registers torch.ops.mamba3.*)
 from .api import scan, step
 from .backend import register_backend, registered_backends
 from .info import info
-from .placeholders import CUTE, TILELANG
+from .placeholders import CUTE
 from .reference import ReferenceBackend
 from .state import Mamba3State
+from .tilelang_impl import TileLangBackend
 from .triton_impl import TritonBackend
 
 register_backend(ReferenceBackend())
 register_backend(TritonBackend())
-register_backend(TILELANG)
+register_backend(TileLangBackend())
 register_backend(CUTE)
 
 __all__ = ["Mamba3State", "info", "register_backend", "registered_backends", "scan", "step"]

@@ -16,5 +16,4 @@ class PlannedBackend(Backend):
         return f"not implemented in this release ({self.plan})"
 
 
-TILELANG = PlannedBackend("tilelang", "planned: MIMO prefill with explicit shared-memory tiles")
 CUTE = PlannedBackend("cute", "planned: Hopper decode step in CuTe DSL, JIT or AOT")
