@@ -49,7 +49,7 @@ from .chunk_fwd_blocks import block_launch
 from .chunk_fwd_blocks import compile_kernel as compile_block_kernel
 from .chunk_fwd_split import compile_kernels as compile_split_kernels
 from .chunk_fwd_split import segment_buffers, segment_launches
-from .core_scan import _seq_bounds
+from .core_tiles import _seq_bounds
 from .fast_math import _exp
 from .fwd_tiles import (
     _TWO_PI,

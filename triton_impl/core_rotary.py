@@ -29,8 +29,9 @@ from triton.language.extra import libdevice
 
 from mamba3_kernels.eager_calls import apply_positional, eager_custom_op
 
-from .core_scan import _core_bwd_op, _core_fwd_op, _interp, _seq_bounds, operand_dtype
-from .core_segments import _multiprocessors
+from .core_scan import _core_bwd_op, _core_fwd_op, operand_dtype
+from .core_segments import _multiprocessors, bwd_segment_len
+from .core_tiles import _interp, _seq_bounds
 from .fwd_tiles import _load_rot, _store_rot
 from .parallel_compile import run_kernel
 
@@ -801,8 +802,6 @@ def _shared_segment(shape, cu, nseq: int, split_n: int, chunk: int, num_warps: i
     """Tokens per segment of the core backward for this call when the core forward can walk the
     same segments and keep their entering states for it (core_scan.core_fwd's states): a
     segmented (B, L) call whose backward segments are whole forward chunks; else 0."""
-    from .core_segments import bwd_segment_len
-
     L, H = shape[1], shape[3]
     if cu is not None or L == 0:
         return 0

@@ -36,8 +36,6 @@ the sequence instead of cancelling (bf16 d adt 10x less accurate at 4096 tokens)
 backward's dtheta (whose reverse sum gives the angle part of d dt) relies on the same property.
 """
 
-import os
-
 import torch
 import triton
 import triton.language as tl
@@ -45,27 +43,30 @@ from torch import Tensor
 
 from mamba3_kernels.eager_calls import eager_custom_op
 
+from .core_segments import (
+    _contrib_kernel,
+    _pass_kernel,
+    bwd_segment_len,
+    fwd_segment_len,
+    segment_states,
+)
+from .core_tiles import (
+    _chunk_rows,
+    _exact_v,
+    _interp,
+    _load_chunk,
+    _load_cols,
+    _rnd,
+    _seq_bounds,
+    _state_step,
+    _step,
+)
 from .fast_math import _exp
 from .parallel_compile import run_kernel
 
 __all__ = ["core_fwd", "core_bwd", "operand_dtype"]
 
 _MIN_DOT = 16
-
-
-@triton.jit
-def _rnd(x, DOTK: tl.constexpr, UPCAST: tl.constexpr):
-    """A dot operand: rounded to the dot dtype (0 fp32, 1 bf16, 2 fp16); under the interpreter
-    (whose 16-bit dots are unreliable) rounded and then kept in fp32."""
-    if DOTK == 1:
-        y = x.to(tl.bfloat16)
-    elif DOTK == 2:
-        y = x.to(tl.float16)
-    else:
-        y = x.to(tl.float32)
-    if UPCAST:
-        y = y.to(tl.float32)
-    return y
 
 
 @triton.jit
@@ -78,117 +79,6 @@ def _dot_split(a, x, acc, DOTK: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl
         lo = _rnd(x - hi.to(tl.float32), DOTK, UPCAST)
         acc = tl.dot(a, lo, acc, input_precision=DOT_PREC)
     return acc
-
-
-@triton.jit
-def _seq_bounds(cu_ptr, seq, h, L, H, VARLEN: tl.constexpr):
-    """(bos, seqlen, coef_base): first token of the sequence in the flat token axis, its length,
-    and the offset of (sequence, head) in the (B, H, L) coefficient tensors."""
-    if VARLEN:
-        bos = tl.load(cu_ptr + seq).to(tl.int64)
-        seqlen = (tl.load(cu_ptr + seq + 1) - tl.load(cu_ptr + seq)).to(tl.int32)
-        coef_base = h.to(tl.int64) * L + bos
-    else:
-        bos = seq.to(tl.int64) * L
-        seqlen = L + 0 * seq  # a tensor in both modes (the interpreter passes L as an int)
-        coef_base = (seq.to(tl.int64) * H + h) * L
-    return bos, seqlen, coef_base
-
-
-@triton.jit
-def _load_chunk(
-    qr_ptr, kr_ptr, vr_ptr, adt_ptr, w_ptr, g_ptr, bos, seqlen, coef_base, c0, h, H,
-    N: tl.constexpr, P: tl.constexpr, R: tl.constexpr, C: tl.constexpr,
-    DOTK: tl.constexpr, UPCAST: tl.constexpr, n0=0, NB: tl.constexpr = None,
-):  # fmt: skip
-    """Rows of one chunk: per-row cumulative log-decay c, c_last, w, gamma, and the operands
-    qr, kr (CR, NB) (columns n0 .. n0 + NB of N; all N when NB is None), vr (CR, P) rounded to
-    the dot dtype, plus row validity and offsets."""
-    c, c_last, w, gm, valid, row, t_loc = _chunk_rows(
-        adt_ptr, w_ptr, g_ptr, bos, seqlen, coef_base, c0, h, H, R, C
-    )
-    if NB is None:
-        nn = tl.arange(0, N)
-    else:
-        nn = n0 + tl.arange(0, NB)
-    q = _load_cols(qr_ptr, row, valid, nn, N, DOTK, UPCAST)
-    k = _load_cols(kr_ptr, row, valid, nn, N, DOTK, UPCAST)
-    v = _load_cols(vr_ptr, row, valid, tl.arange(0, P), P, DOTK, UPCAST)
-    return c, c_last, w, gm, q, k, v, valid, row, t_loc
-
-
-@triton.jit
-def _chunk_rows(adt_ptr, w_ptr, g_ptr, bos, seqlen, coef_base, c0, h, H,
-                R: tl.constexpr, C: tl.constexpr):  # fmt: skip
-    """Per-row coefficients of one chunk: cumulative log-decay c, c_last, w, gamma, row validity,
-    row offsets in the (B, L, R, H, X) tensors and each row's token in the chunk."""
-    CR: tl.constexpr = C * R
-    rows = tl.arange(0, CR)
-    t_loc = rows // R
-    first = (rows % R) == 0
-    t = c0 + t_loc
-    valid = t < seqlen
-    # Only the first row of a token carries its log-decay, so the row cumsum is the token cumsum.
-    a = tl.load(adt_ptr + coef_base + t, mask=valid & first, other=0.0).to(tl.float32)
-    c = tl.cumsum(a, axis=0)
-    c_last = tl.sum(a, axis=0)
-    w = tl.load(w_ptr + coef_base + t, mask=valid, other=0.0).to(tl.float32)
-    gm = tl.load(g_ptr + coef_base + t, mask=valid, other=0.0).to(tl.float32)
-    # row offset in the (B, L, R, H, X) tensors: ((bos + t) * R + r) * H + h
-    row = ((bos + c0) * R + rows) * H + h
-    return c, c_last, w, gm, valid, row, t_loc
-
-
-@triton.jit
-def _load_cols(x_ptr, row, valid, cols, X: tl.constexpr, DOTK: tl.constexpr,
-               UPCAST: tl.constexpr):  # fmt: skip
-    """Columns ``cols`` of a chunk's rows of X values, rounded to the dot dtype."""
-    x = tl.load(x_ptr + row[:, None] * X + cols[None, :], mask=valid[:, None], other=0.0)
-    return _rnd(x.to(tl.float32), DOTK, UPCAST)
-
-
-@triton.jit
-def _exact_v(vr_ptr, row, valid, v, P: tl.constexpr, DOTK: tl.constexpr):
-    """vr of a chunk's rows in fp32 as given (for the D skip): the dot operand v itself when
-    rounding to the dot dtype left it unchanged (vr already in that dtype, or fp32 dots), else
-    reloaded."""
-    if DOTK == 0:
-        exact = True
-    elif DOTK == 1:
-        exact = vr_ptr.dtype.element_ty == tl.bfloat16
-    else:
-        exact = vr_ptr.dtype.element_ty == tl.float16
-    if exact:
-        return v.to(tl.float32)
-    else:
-        pp = tl.arange(0, P)
-        x = tl.load(vr_ptr + row[:, None] * P + pp[None, :], mask=valid[:, None], other=0.0)
-        return x.to(tl.float32)
-
-
-@triton.jit
-def _state_step(st, k, v, c, c_last, w, DOTK: tl.constexpr, DOT_PREC: tl.constexpr,
-                UPCAST: tl.constexpr, FAST: tl.constexpr):  # fmt: skip
-    """The state at a chunk's end from the state at its start: st exp(c_last) + vw^T k, with
-    vw = v exp(c_last - c) w rounded to the dot dtype (the row-side operand the backward's two
-    sweeps must share: see the module docstring)."""
-    vw = _rnd(v.to(tl.float32) * (_exp(c_last - c, FAST) * w)[:, None], DOTK, UPCAST)
-    return _step(st, vw, k, c_last, DOT_PREC, FAST)
-
-
-@triton.jit
-def _step(x, rows_op, cols_op, c_last, DOT_PREC: tl.constexpr, FAST: tl.constexpr):
-    """x exp(c_last) + rows_op^T cols_op: a state (or state gradient) over one chunk."""
-    return tl.dot(tl.trans(rows_op), cols_op, x * _exp(c_last, FAST), input_precision=DOT_PREC)
-
-
-@triton.jit
-def _dstate_step(ds, q, dy, c, c_last, DOTK: tl.constexpr, DOT_PREC: tl.constexpr,
-                 UPCAST: tl.constexpr, FAST: tl.constexpr):  # fmt: skip
-    """The state gradient at a chunk's start from the one at its end: ds exp(c_last) + dyc^T q,
-    with dyc = dy exp(c) rounded to the dot dtype (dy fp32)."""
-    dyc = _rnd(dy * _exp(c, FAST)[:, None], DOTK, UPCAST)
-    return _step(ds, dyc, q, c_last, DOT_PREC, FAST)
 
 
 @triton.jit
@@ -512,10 +402,6 @@ def _core_bwd_kernel(
 _DOTK = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.float64: 0}
 
 
-def _interp() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def _consts(R: int, N: int, P: int, chunk: int, varlen: bool, dot_dtype: torch.dtype) -> dict:
     interp = _interp()
     fp32 = dot_dtype in (torch.float32, torch.float64)
@@ -546,8 +432,6 @@ def core_fwd(qr, kr, vr, adt, w, gam, s0, cu_seqlens, meta, D=None, states=None)
     backward's), which makes them the ones the backward would compute itself (the same rounded
     operands: see the module docstring). They are then a third result, (nseq, H, nseg, P, N)
     fp32, or an empty (0,) tensor when the call has no segments (varlen, or one segment)."""
-    from .core_segments import fwd_segment_len, segment_states  # (it imports this module)
-
     chunk, dot_dtype, num_warps, num_stages, nseq = meta[:5]
     segment = meta[5] if len(meta) > 5 else 0
     B, L, R, H, N = qr.shape
@@ -604,8 +488,6 @@ def core_bwd(qr, kr, vr, adt, w, gam, s0, cu_seqlens, meta, dy, dsf, D=None, rot
     tokens per segment of the sweeps (0: chosen for the device, core_segments.segment_len;
     ignored with cu_seqlens). s_in: the segment states the core forward kept for this backward
     (core_fwd's states, on this call's chunk and segments), or None (or empty: computed here)."""
-    from .core_segments import bwd_segment_len, segment_states  # (it imports this module)
-
     chunk, dot_dtype, num_warps, num_stages, nseq = meta[:5]
     split_n = meta[5] if len(meta) > 5 else 1
     segment = meta[6] if len(meta) > 6 else 0
@@ -826,8 +708,6 @@ def compile_kernels(
     forward kernel's chunk, 0: ``chunk``; dtheta: (S, halves), the backward that also gives
     the rotary backward's d theta, with dq, dk in the dot dtype). Returns {name: compiled}."""
     from triton.backends.compiler import GPUTarget
-
-    from .core_segments import _contrib_kernel, _pass_kernel
 
     target = target or GPUTarget("cuda", 90, 64)
     prec = "ieee" if dot_dtype == torch.float32 else "tf32"

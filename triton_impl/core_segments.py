@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .core_scan import _dstate_step, _load_chunk, _seq_bounds, _state_step
+from .core_tiles import _dstate_step, _load_chunk, _seq_bounds, _state_step
 from .parallel_compile import run_kernel
 
 __all__ = [
