@@ -2,6 +2,7 @@
 
 import functools
 import importlib.util
+import os
 from typing import Any
 
 import torch
@@ -23,9 +24,13 @@ def _import_error() -> str | None:
     if importlib.util.find_spec("tilelang") is None:
         return f"tilelang is not installed ({INSTALL_HINT})"
     try:
-        import tilelang  # noqa: F401
+        import tilelang.env
     except Exception as exc:  # a broken install (e.g. a mismatched apache-tvm-ffi)
         return f"tilelang does not import ({type(exc).__name__}: {exc}; {INSTALL_HINT})"
+    # TileLang builds each kernel with nvcc on first use (then loads it from its disk cache).
+    home = getattr(tilelang.env, "CUDA_HOME", None)
+    if not home or not os.path.isfile(os.path.join(home, "bin", "nvcc")):
+        return "tilelang found no CUDA toolkit to build its kernels (nvcc; set CUDA_HOME)"
     return None
 
 
