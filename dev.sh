@@ -17,8 +17,10 @@ setup() {
     if ! "$PY" -c "import torch" 2>/dev/null; then
         "$PY" -m pip install -q "torch==2.13.0"
     fi
-    if ! "$PY" -c "import mamba3_kernels, triton, optuna, pytest, hypothesis" 2>/dev/null; then
-        "$PY" -m pip install -q -e ".[triton,tune,dev]"
+    if ! "$PY" -c "import mamba3_kernels, triton, optuna, pytest, hypothesis, tilelang" 2>/dev/null
+    then
+        # tilelang: its kernels lower and compile for sm_90a here too (no GPU needed)
+        "$PY" -m pip install -q -e ".[triton,tune,dev,tilelang]"
     fi
 }
 
