@@ -10,6 +10,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from mamba3_kernels.triton_impl import launch as tlaunch  # noqa: E402
 from mamba3_kernels.triton_impl import step as tstep  # noqa: E402
 
 from mamba3_kernels.inputs import ScanInputs  # noqa: E402
@@ -276,8 +277,10 @@ class _Recorder:
         self.generic, self.direct = [], []
         self.function, self.packed_metadata = "function", "packed"
 
-    def launch_generic(self, plan, grid, tensors, strides):
-        self.generic.append((grid, [t.data_ptr() for t in tensors], strides, plan.consts))
+    def launch_generic(self, kernel, grid, args, consts, options):
+        assert kernel is tstep._step_kernel
+        ptrs = [t.data_ptr() for t in args[:20]]
+        self.generic.append((grid, ptrs, tuple(args[20:]), tuple(consts.values())))
         return self
 
     def run(self, *args):
@@ -295,9 +298,9 @@ def test_direct_launch_hands_the_kernel_the_general_paths_arguments(monkeypatch,
     current stream; a misaligned pointer goes back to the launcher."""
     rec = _Recorder()
     monkeypatch.setattr(tstep, "_PLANS", {})
-    monkeypatch.setattr(tstep, "_DIRECT_LAUNCH", [True])
-    monkeypatch.setattr(tstep, "_launch_generic", rec.launch_generic)
-    monkeypatch.setattr(tstep, "_current_stream", lambda index: 7)
+    monkeypatch.setattr(tlaunch, "_ENABLED", [True])
+    monkeypatch.setattr(tlaunch, "_launch_generic", rec.launch_generic)
+    monkeypatch.setattr(tlaunch, "_current_stream", lambda index: 7)
     g = torch.Generator().manual_seed(5)
     inputs = random_inputs(
         batch=3, nheads=4, d_state=32, headdim=16, rank=2 if mimo else 1, mimo=mimo,
@@ -311,7 +314,7 @@ def test_direct_launch_hands_the_kernel_the_general_paths_arguments(monkeypatch,
     (plan,) = tstep._PLANS.values()
     plan.on_gpu = True  # from here on, the branches a CUDA call takes
     tstep.step(problem, inputs, state, config, out=out)  # Triton's launcher, then kept
-    assert len(rec.generic) == 2 and plan.compiled is not None and not rec.direct
+    assert len(rec.generic) == 2 and plan.launch.compiled is not None and not rec.direct
     grid, ptrs, strides, consts = rec.generic[-1]
     assert tstep.step(problem, inputs, state, config, out=out) is out
     (args,) = rec.direct

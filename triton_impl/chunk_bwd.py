@@ -22,7 +22,7 @@ from mamba3_kernels.inputs import ScanInputs
 from mamba3_kernels.problem import Problem
 from mamba3_kernels.state import Mamba3State
 
-from . import parallel_compile
+from . import launch
 
 __all__ = [
     "SPEC", "ChunkBwdConfig", "RecordedForward", "chunk_bwd", "record_forward", "core_forward",
@@ -224,7 +224,7 @@ _SEEN: dict[tuple[int, int], tuple] = {}
 
 
 def _compile_ahead(problem, inputs, grad_out, grad_state, config, y) -> None:
-    """The first backward of its kind in this process: one dry run (parallel_compile) compiles
+    """The first backward of its kind in this process: one dry run (launch.compile_only) compiles
     its six kernels side by side before the real run launches them. The kind holds what the
     kernels are specialised on: the call's description without its lengths, which enter the
     kernels as integers specialised on being 1 or a multiple of 16 (a kind that compiles nothing
@@ -245,7 +245,7 @@ def _first_of_kind(problem, inputs, config, kind: tuple) -> bool:
         _SEEN.clear()
     _SEEN[ids] = (problem, config)
     if (
-        not parallel_compile.available()
+        not launch.available()
         or torch.compiler.is_compiling()
         or torch.cuda.is_current_stream_capturing()  # the dry run's PyTorch ops would be captured
     ):
@@ -262,7 +262,7 @@ def _first_of_kind(problem, inputs, config, kind: tuple) -> bool:
 
 def _dry_run(run) -> None:
     try:
-        with parallel_compile.compile_only():
+        with launch.compile_only():
             run()
     except Exception as e:  # the real run compiles each kernel at its launch
         warnings.warn(f"chunk_bwd: compiling the kernels ahead failed ({e})", stacklevel=4)

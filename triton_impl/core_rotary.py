@@ -33,7 +33,7 @@ from .core_scan import _core_bwd_op, _core_fwd_op, operand_dtype
 from .core_segments import _multiprocessors, bwd_segment_len
 from .core_tiles import _interp, _seq_bounds
 from .fwd_tiles import _load_rot, _store_rot
-from .parallel_compile import run_kernel
+from .launch import run_kernel
 
 __all__ = ["rotary_fwd", "rotary_bwd", "rot_core_scan", "angle_scan"]
 

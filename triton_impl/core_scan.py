@@ -62,7 +62,7 @@ from .core_tiles import (
     _step,
 )
 from .fast_math import _exp
-from .parallel_compile import run_kernel
+from .launch import run_kernel
 
 __all__ = ["core_fwd", "core_bwd", "operand_dtype"]
 

@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from .core_tiles import _dstate_step, _load_chunk, _seq_bounds, _state_step
-from .parallel_compile import run_kernel
+from .launch import run_kernel
 
 __all__ = [
     "bwd_segment_len", "fwd_segment_len", "inference_segment_len", "segment_len", "segment_states",

@@ -23,7 +23,7 @@ from torch import Tensor
 from mamba3_kernels.eager_calls import apply_positional, eager_custom_op
 
 from .core_scan import operand_dtype
-from .parallel_compile import run_kernel
+from .launch import run_kernel
 
 __all__ = ["gated", "gate_fwd", "mimo_gate", "mimo_v_mix", "vmix_fwd"]
 

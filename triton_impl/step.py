@@ -13,7 +13,6 @@ modulo split_p, and one step's programs all draw before the next step's (stream 
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from functools import reduce
 from operator import or_
@@ -21,12 +20,13 @@ from operator import or_
 import torch
 import triton
 import triton.language as tl
-from triton import knobs
 
 from mamba3_kernels.backend import KernelSpec
 from mamba3_kernels.inputs import ScanInputs
 from mamba3_kernels.problem import Problem, memo_by_identity
 from mamba3_kernels.state import Mamba3State
+
+from .launch import Launch, launch_all
 
 
 @dataclass(frozen=True)
@@ -323,27 +323,26 @@ def _packed_inner(t: torch.Tensor) -> bool:
 
 
 class _Plan:
-    """What a call signature needs per launch, worked out once: the constants, grid, whether
-    inputs must be copied to a packed layout, the batch strides, and the compiled kernel."""
+    """What a call signature needs per launch, worked out once: whether inputs must be copied to
+    a packed layout, the batch strides, and the kernel's Launch (grid, constants, the compiled
+    kernel once known)."""
 
     __slots__ = (
-        "keep", "config", "consts", "grid", "out_shape", "device_index", "repack", "slow",
-        "strides", "tail", "on_gpu", "split", "compiled",
+        "keep", "out_shape", "device_index", "repack", "slow", "strides", "on_gpu", "split",
+        "launch",
     )  # fmt: skip
 
     def __init__(self, problem, config, step_tensors: tuple, params: tuple, out) -> None:
         # The plan's key holds problem and config by id: keep them alive so the ids stay theirs.
         self.keep = (problem, config)
-        self.config = config
         z = step_tensors[3]
         d, mv, mz, mo = params[2:]
-        self.consts = (
+        consts = (
             problem.nheads, problem.ngroups, problem.rank, problem.d_state, problem.headdim,
             problem.n_angles, config.block_p, config.split_p, problem.rotary == "interleaved",
             d is not None, z is not None, mv is not None, mz is not None, mo is not None,
             problem.mimo and mo is None, bool(config.prefetch),
         )  # fmt: skip
-        self.grid = (problem.nheads, problem.batch, config.split_p)
         self.out_shape = output_shape(problem)
         v = step_tensors[2]
         self.device_index = v.get_device()
@@ -353,8 +352,6 @@ class _Plan:
             0 if t is None else (t[0].numel() if rp else t.stride(0))
             for t, rp in zip(step_tensors, self.repack, strict=True)
         )
-        # The launcher's arguments after the pointers, in the kernel's order.
-        self.tail = (*self.strides, *self.consts)
         # Anything to copy (inputs, parameters, a strided out): the general path of step().
         self.slow = (
             True in self.repack
@@ -363,8 +360,13 @@ class _Plan:
         )
         self.on_gpu = v.device.type == "cuda"
         self.split = config.split_p
-        # (kernel, run, function, packed metadata) after the first launch, on the GPU only.
-        self.compiled = None
+        # The kernel's 20 pointers in its order (the call's table), the batch strides, then the
+        # constants; its compiled kernel is kept after the first GPU launch.
+        self.launch = Launch(
+            _step_kernel, (problem.nheads, problem.batch, config.split_p), range(20),
+            self.strides, dict(zip(_CONST_NAMES, consts, strict=True)),
+            {"num_warps": config.num_warps, "num_stages": config.num_stages},
+        )  # fmt: skip
 
 
 # Plans by call signature. Problem and config enter by identity: the validation memo and the
@@ -373,23 +375,6 @@ class _Plan:
 # assumptions and Triton's specialisation depend on (strides, dtypes, contiguity, device).
 _PLANS: dict[tuple, _Plan] = {}
 _PLANS_MAX = 256
-_DIRECT_LAUNCH = [True]
-# The raw handle of a device's current CUDA stream (absent from CPU builds of torch, where only
-# the interpreter launches; a module-level name, so a CPU benchmark of the host path can stub it).
-_current_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
-
-
-def _hooks() -> tuple:
-    """Triton's launch enter and exit hooks, None where there is nothing to call. Newer Tritons
-    keep a HookChain there even when no hook is installed; handing the launcher an empty chain
-    would cost a launch-metadata build (and two calls into the chain) on every launch for nothing.
-    """
-    enter, leave = knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook
-    if enter is not None and not getattr(enter, "calls", True):
-        enter = None
-    if leave is not None and not getattr(leave, "calls", True):
-        leave = None
-    return enter, leave
 
 
 # Per-head ticket counters of split steps, by (device, stream, split_p): steps on one stream run
@@ -413,41 +398,6 @@ def _tickets(device: torch.device, heads: int, split: int) -> torch.Tensor:
         t = torch.zeros(max(triton.next_power_of_2(heads), 4096), dtype=torch.int32, device=device)
         _TICKETS[key] = t
     return t
-
-
-def _launch_generic(plan: _Plan, grid, tensors: list, strides: tuple):
-    config = plan.config
-    return _step_kernel[grid](
-        *tensors, *strides, **dict(zip(_CONST_NAMES, plan.consts, strict=True)),
-        num_warps=config.num_warps, num_stages=config.num_stages,
-    )  # fmt: skip
-
-
-def _launch(plan: _Plan, tensors: list) -> None:
-    """Launch on the GPU: the compiled kernel directly once known, Triton's launcher before."""
-    grid = plan.grid
-    ptrs = [t.data_ptr() for t in tensors]
-    misaligned = reduce(or_, ptrs) & 15
-    # The compiled kernel assumes 16-byte aligned pointers; others go through Triton's binder.
-    if plan.compiled is not None and not misaligned:
-        kernel, run, function, packed = plan.compiled
-        stream = _current_stream(plan.device_index)
-        # Raw addresses, not tensors: Triton's launcher asks the driver about every tensor
-        # argument it is given (a driver call per pointer), plain integers it passes through.
-        args = (*ptrs, *plan.strides, *plan.consts)
-        enter, leave = _hooks()
-        try:
-            meta = None if enter is None else kernel.launch_metadata(grid, stream, *args)
-            run(grid[0], grid[1], grid[2], stream, function, packed, meta, enter, leave, *args)
-            return
-        except (TypeError, AttributeError) as e:  # a Triton whose launcher differs: go generic
-            _DIRECT_LAUNCH[0] = False
-            plan.compiled = None
-            warnings.warn(f"direct launch unavailable ({e}); using Triton's launcher", stacklevel=3)
-    kernel = _launch_generic(plan, grid, tensors, plan.strides)
-    if _DIRECT_LAUNCH[0] and not misaligned:
-        run = kernel.run  # initialises the module handles, then .function is set
-        plan.compiled = (kernel, run, kernel.function, kernel.packed_metadata)
 
 
 def _plan_key(problem, config, q, k, v, adt, dt, trap, qb, kb, ang, d, z, mv, mz, mo, sa, ss,
@@ -511,8 +461,8 @@ def step(
         if len(_PLANS) >= _PLANS_MAX:
             _PLANS.clear()
         _PLANS[key] = plan
-    compiled = plan.compiled
-    if compiled is not None and not plan.slow:
+    ln = plan.launch
+    if ln.compiled is not None and not plan.slow:
         # The hot path (a GPU call of a known signature, nothing to copy): raw addresses straight
         # to the compiled kernel. Absent optional tensors: v's address stands in (never read: the
         # kernel's flags skip them), as in the general path below.
@@ -529,23 +479,8 @@ def step(
                                                 plan.split).data_ptr(),
         )  # fmt: skip
         # The compiled kernel assumes 16-byte aligned pointers; others go through the binder.
-        if not reduce(or_, ptrs) & 15:
-            kernel, run, function, packed = compiled
-            stream = _current_stream(plan.device_index)
-            grid = plan.grid
-            enter, leave = _hooks()
-            try:
-                meta = None if enter is None else kernel.launch_metadata(grid, stream, *ptrs,
-                                                                          *plan.tail)  # fmt: skip
-                run(grid[0], grid[1], grid[2], stream, function, packed, meta, enter, leave,
-                    *ptrs, *plan.tail)  # fmt: skip
-                return out
-            except (TypeError, AttributeError) as e:  # a Triton whose launcher differs
-                _DIRECT_LAUNCH[0] = False
-                plan.compiled = None
-                warnings.warn(
-                    f"direct launch unavailable ({e}); using Triton's launcher", stacklevel=2
-                )
+        if not reduce(or_, ptrs) & 15 and ln.run_direct((*ptrs, *ln.tail), plan.device_index):
+            return out
     target = None
     if plan.slow:  # copies into the layouts the kernel assumes
         q, k, v, z, adt, dt, trap, ang = (
@@ -567,9 +502,9 @@ def step(
                                                config.split_p),
     ]  # fmt: skip
     if plan.on_gpu:
-        _launch(plan, tensors)
-    else:  # the interpreter (CPU tensors): the plain launch
-        _launch_generic(plan, plan.grid, tensors, plan.strides)
+        launch_all((ln,), [t.data_ptr() for t in tensors], lambda: tensors, plan.device_index)
+    else:  # the interpreter (CPU tensors): Triton's launcher
+        ln.generic(tensors)
     if target is not None:
         target.copy_(out)
         return target
