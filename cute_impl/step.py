@@ -185,3 +185,12 @@ POINTER_ARGS = (
 STRIDE_ARGS = ("q", "k", "v", "z", "adt", "dt", "trap", "angles")
 # Pointers whose element type is the call's dtype; every other one is fp32.
 DTYPE_POINTERS = frozenset({"q", "k", "v", "z", "state_k", "state_v", "out"})
+DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+
+
+def pointer_align(name: str, dtype: str) -> int:
+    """The alignment (bytes) the kernel assumes of a pointer: 16 for the state matrix (its
+    tiles move as 16-byte vectors), the element's size for every other one."""
+    if name == "state_ssm":
+        return 16
+    return DTYPE_BYTES[dtype] if name in DTYPE_POINTERS else 4

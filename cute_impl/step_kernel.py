@@ -11,7 +11,15 @@ import cutlass
 import cutlass.cute as cute
 from cutlass.cute.runtime import make_ptr
 
-from .step import DTYPE_POINTERS, POINTER_ARGS, STRIDE_ARGS, StepConfig, Variant, check_config
+from .step import (
+    DTYPE_POINTERS,
+    POINTER_ARGS,
+    STRIDE_ARGS,
+    StepConfig,
+    Variant,
+    check_config,
+    pointer_align,
+)
 
 
 def build_kernel(variant: Variant, config: StepConfig):
@@ -241,7 +249,7 @@ def compile_variant(variant: Variant, config: StepConfig, options: str | None = 
     host, dtype = build_kernel(variant, config)
     ptrs = [
         make_ptr(dtype if name in DTYPE_POINTERS else cutlass.Float32, 256,
-                 cute.AddressSpace.gmem, assumed_align=16)
+                 cute.AddressSpace.gmem, assumed_align=pointer_align(name, variant.dtype))
         for name in POINTER_ARGS
     ]  # fmt: skip
     ints = [cutlass.Int32(1)] * (1 + len(STRIDE_ARGS))

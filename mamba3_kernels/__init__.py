@@ -17,8 +17,8 @@ if _os.path.isfile(_os.path.join(_root, "triton_impl", "__init__.py")):
 from . import ops  # noqa: E402, F401  (registers torch.ops.mamba3.*)
 from .api import scan, step
 from .backend import register_backend, registered_backends
+from .cute_impl import CuteBackend
 from .info import info
-from .placeholders import CUTE
 from .reference import ReferenceBackend
 from .state import Mamba3State
 from .tilelang_impl import TileLangBackend
@@ -27,7 +27,7 @@ from .triton_impl import TritonBackend
 register_backend(ReferenceBackend())
 register_backend(TritonBackend())
 register_backend(TileLangBackend())
-register_backend(CUTE)
+register_backend(CuteBackend())
 
 __all__ = ["Mamba3State", "info", "register_backend", "registered_backends", "scan", "step"]
 __version__ = "0.1.0"

@@ -15,5 +15,3 @@ class PlannedBackend(Backend):
     def unavailable_reason(self) -> str | None:
         return f"not implemented in this release ({self.plan})"
 
-
-CUTE = PlannedBackend("cute", "planned: Hopper decode step in CuTe DSL, JIT or AOT")
