@@ -411,8 +411,6 @@ def core_forward(
     (core_prep.scan_via_core). inputs: ScanInputs in scan shapes (docs/spec.md). Returns (out,
     final state or None) as chunk_fwd does: fresh contiguous tensors, out in v's dtype, the
     state's angle and ssm fp32, its k and v in the inputs' dtypes."""
-    from mamba3_kernels.ops import owned_outputs
-
     reason = constraint(problem, config, None)
     if reason is not None:
         raise ValueError(f"chunk_bwd config {config}: {reason}")
@@ -422,8 +420,29 @@ def core_forward(
     out, state = _core_forward(problem, inputs, config)
     # out may be a view of the core's y (SISO without z: its rank axis squeezed), which nothing
     # else holds: detached, it is not copied (the state's views of theta and v are)
-    out, *final = owned_outputs(inputs, out.detach(), state)
-    return out, (Mamba3State(*final) if state is not None else None)
+    return _owned(inputs, out.detach(), state)
+
+
+def _owned(inputs: ScanInputs, out, state) -> tuple[torch.Tensor, Mamba3State | None]:
+    """out and the final state in chunk_fwd's dtypes (out, the state's k and v in the inputs',
+    its angle and ssm fp32, fp64 for fp64 inputs), each contiguous and owning its memory:
+    copied where it views other memory or shares an input's (the final angle and v are slices
+    of theta and of v; an op's outputs must not alias its inputs)."""
+    init = inputs.initial_state
+    taken = {t.untyped_storage().data_ptr() for t in (*inputs[:14], *(init or ()))
+             if t is not None}  # fmt: skip
+
+    def own(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        t = t.to(dtype).contiguous()
+        shared = t._is_view() or t.storage_offset() or t.untyped_storage().data_ptr() in taken
+        return t.clone() if shared else t
+
+    out = own(out, inputs.v.dtype)
+    if state is None:
+        return out, None
+    sd = torch.float64 if inputs.q.dtype == torch.float64 else torch.float32
+    return out, Mamba3State(own(state.angle, sd), own(state.ssm, sd), own(state.k, inputs.k.dtype),
+                            own(state.v, inputs.v.dtype))  # fmt: skip
 
 
 @functools.lru_cache(maxsize=256)

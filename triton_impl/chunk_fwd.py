@@ -32,7 +32,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import os
 from dataclasses import dataclass
 
 import torch
@@ -43,7 +42,6 @@ from mamba3_kernels.backend import KernelSpec
 from mamba3_kernels.inputs import ScanInputs
 from mamba3_kernels.problem import Problem, memo_by_identity
 from mamba3_kernels.state import Mamba3State
-from mamba3_kernels.validate import env_flag
 
 from .chunk_fwd_blocks import block_launch
 from .chunk_fwd_blocks import compile_kernel as compile_block_kernel
@@ -67,7 +65,7 @@ from .fwd_tiles import (
     _store_lohi,
     _v_rows,
 )
-from .launch import Launch, launch_all, launch_generic
+from .launch import Launch, interpreting, launch_all, launch_generic
 from .launch import cdiv as _cdiv
 
 __all__ = [
@@ -303,7 +301,7 @@ def constraint(problem: Problem, config: ChunkFwdConfig, device_props: dict | No
     if config.block_p < 1 or config.block_p & (config.block_p - 1):
         return f"block_p {config.block_p} is not a power of two"
     # Compiled dots need every side >= 16; the interpreter has no such limit (CI's small shapes).
-    min_dot = 1 if os.environ.get("TRITON_INTERPRET", "0") == "1" else _MIN_DOT
+    min_dot = 1 if interpreting() else _MIN_DOT
     if rows < min_dot or rows > 256:
         return f"chunk_size*R = {rows} rows outside [{min_dot}, 256]"
     if config.block_p < min_dot:
@@ -657,7 +655,7 @@ def _checked_constexprs(
 ):
     """The kernel's compile-time arguments after the config's constraint check, memoized per call
     signature (both are pure functions of it; this runs on every prefill call)."""
-    interp = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    interp = interpreting()
     key = (problem, config, has_mv, has_mz, save_y, interp)
     consts = _CONSTS.get(key)
     if consts is None:
@@ -778,7 +776,6 @@ class _Plan:
 # every call would cost more than the lookup.
 _PLANS: dict[tuple, _Plan] = {}
 _PLANS_MAX = 256
-_ENV_INTERPRET = env_flag("TRITON_INTERPRET")
 
 
 def _layout(t: torch.Tensor | None):
@@ -794,7 +791,7 @@ def _plan(problem: Problem, inputs: ScanInputs, config: ChunkFwdConfig, save_y: 
     those but the switch: every tensor's shape, dtype and device, the per-token tensors' strides
     and the other tensors' contiguity are its signature's. Other callers key on them in full.
     """
-    interp = _ENV_INTERPRET()
+    interp = interpreting()
     if getattr(inputs, "validated_problem", None) is problem:
         key = (id(problem), id(config), interp, save_y)
     else:

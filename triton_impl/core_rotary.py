@@ -31,9 +31,9 @@ from mamba3_kernels.eager_calls import apply_positional, eager_custom_op
 
 from .core_scan import _core_bwd_op, _core_fwd_op, operand_dtype
 from .core_segments import _multiprocessors, bwd_segment_len
-from .core_tiles import _interp, _seq_bounds
+from .core_tiles import _seq_bounds
 from .fwd_tiles import _load_rot, _store_rot
-from .launch import run_kernel
+from .launch import interpreting, run_kernel
 
 __all__ = ["rotary_fwd", "rotary_bwd", "rot_core_scan", "angle_scan"]
 
@@ -438,7 +438,7 @@ def _angle_bwd_kernel(
 
 
 def _fast_trig() -> bool:
-    return KNOBS["fast_trig"] and not _interp()
+    return KNOBS["fast_trig"] and not interpreting()
 
 
 def rotary_fwd(q, k, qb, kb, theta, halves: bool, out_dtype: torch.dtype, pair_major=False):

@@ -53,7 +53,6 @@ from .core_segments import (
 from .core_tiles import (
     _chunk_rows,
     _exact_v,
-    _interp,
     _load_chunk,
     _load_cols,
     _rnd,
@@ -62,7 +61,7 @@ from .core_tiles import (
     _step,
 )
 from .fast_math import _exp
-from .launch import run_kernel
+from .launch import interpreting, run_kernel
 
 __all__ = ["core_fwd", "core_bwd", "operand_dtype"]
 
@@ -403,7 +402,7 @@ _DOTK = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.float64: 0
 
 
 def _consts(R: int, N: int, P: int, chunk: int, varlen: bool, dot_dtype: torch.dtype) -> dict:
-    interp = _interp()
+    interp = interpreting()
     fp32 = dot_dtype in (torch.float32, torch.float64)
     return dict(
         N=N,

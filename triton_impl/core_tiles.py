@@ -8,17 +8,10 @@ operands the backward's two sweeps and the segment states must share (see core_s
 docstring).
 """
 
-import os
-
 import triton
 import triton.language as tl
 
 from .fast_math import _exp
-
-
-def _interp() -> bool:
-    """Whether Triton's interpreter runs the kernels (TRITON_INTERPRET=1)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @triton.jit

@@ -54,8 +54,8 @@ import triton
 from triton import knobs
 
 __all__ = [
-    "ENV_SERIAL", "Launch", "available", "cdiv", "compile_launches", "compile_only", "launch_all",
-    "launch_generic", "run_kernel",
+    "ENV_SERIAL", "Launch", "available", "cdiv", "compile_launches", "compile_only",
+    "interpreting", "launch_all", "launch_generic", "run_kernel",
 ]  # fmt: skip
 
 _ENABLED = [True]  # direct launches; switched off for good if this Triton's launcher differs
@@ -67,6 +67,25 @@ _current_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
 def cdiv(a: int, b: int) -> int:
     """Ceiling division on the host (triton.cdiv is a JIT function: slow to call from Python)."""
     return -(-a // b)
+
+
+# os.environ's own mapping and the encoded name and value: a dict lookup per interpreting() call
+# (os.environ.get encodes the name and decodes the value on every call).
+try:
+    _ENVIRON = os.environ._data
+    _INTERPRET_KEY = os.environ.encodekey("TRITON_INTERPRET")
+    _ONE = os.environ.encodevalue("1")
+except AttributeError:  # (an os.environ without them)
+    _ENVIRON = None
+
+
+def interpreting() -> bool:
+    """Whether Triton's interpreter runs the kernels (TRITON_INTERPRET=1), read on every call:
+    the launch plans key on it, and the kernels' constants follow it (the interpreter has no
+    16-bit dots or hardware math)."""
+    if _ENVIRON is not None:
+        return _ENVIRON.get(_INTERPRET_KEY) == _ONE
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 # --------------------------------------------------------------------------------------------
@@ -307,11 +326,7 @@ def available() -> bool:
     """Whether kernels compile side by side here: a Triton with AsyncCompileMode, not its
     interpreter, and not switched off (``MAMBA3_KERNELS_SERIAL_COMPILE=1``: every kernel at its
     launch, as Triton does by itself; for comparing, or for reading one compile error at a time)."""
-    return (
-        _ASYNC is not None
-        and os.environ.get("TRITON_INTERPRET", "0") != "1"
-        and os.environ.get(ENV_SERIAL, "0") != "1"
-    )
+    return _ASYNC is not None and not interpreting() and os.environ.get(ENV_SERIAL, "0") != "1"
 
 
 @contextlib.contextmanager
