@@ -17,10 +17,16 @@ setup() {
     if ! "$PY" -c "import torch" 2>/dev/null; then
         "$PY" -m pip install -q "torch==2.13.0"
     fi
-    if ! "$PY" -c "import mamba3_kernels, triton, optuna, pytest, hypothesis, tilelang" 2>/dev/null
+    if ! "$PY" -c "import mamba3_kernels, triton, optuna, pytest, hypothesis, tilelang, cutlass" \
+            2>/dev/null; then
+        # tilelang and the CuTe DSL: their kernels lower, compile and export for sm_90a here too
+        # (no GPU needed)
+        "$PY" -m pip install -q -e ".[triton,tune,dev,tilelang,cute]"
+    fi
+    # CMake builds the native decode library from the exported CuTe kernels
+    if ! command -v cmake >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null
     then
-        # tilelang: its kernels lower and compile for sm_90a here too (no GPU needed)
-        "$PY" -m pip install -q -e ".[triton,tune,dev,tilelang]"
+        apt-get update -qq && apt-get install -y -qq cmake >/dev/null
     fi
 }
 

@@ -101,6 +101,10 @@ class CuteBackend(Backend):
             return {"path": "native", "detail": f"{self._library.path} ({n} kernels)"}
         return {"path": None, "detail": self._path_reason}
 
+    def detail(self) -> str | None:
+        info = self.path_info()
+        return None if info["path"] is None else f"{info['path']}: {info['detail']}"
+
     def unavailable_reason(self) -> str | None:
         self._resolve()
         if self._path is None:

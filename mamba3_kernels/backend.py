@@ -85,6 +85,11 @@ class Backend:
         """Why this backend cannot run this call, or None when it can."""
         return None
 
+    def detail(self) -> str | None:
+        """How this backend serves here when it is available (a build path, versions), for
+        ``info``; None when there is nothing to say."""
+        return None
+
     def auto_eligible(self, problem: Problem) -> bool:
         """Whether backend="auto" may pick this backend for ``problem`` (an explicit choice may
         still use it, e.g. Triton's interpreter on CPU tensors, which is for tests only)."""

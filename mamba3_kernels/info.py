@@ -35,6 +35,7 @@ def info(inputs=None, rotary: str | None = None, step: bool = False) -> dict:
             "available": reason is None,
             "reason": reason,
             "priority": b.priority,
+            "detail": b.detail() if reason is None else None,
         }
     device = versions["cuda_device"]
     result["tuned_files"] = tuned_configs.file_reports(device, _kernel_families())
@@ -67,7 +68,8 @@ def print_info() -> None:
     print("versions: " + ", ".join(f"{k}={v}" for k, v in data["versions"].items()))
     print(f"{'backend':<10} {'available':<9} reason")
     for name, row in data["backends"].items():
-        print(f"{name:<10} {'yes' if row['available'] else 'no':<9} {row['reason'] or ''}")
+        say = row["reason"] or row["detail"] or ""
+        print(f"{name:<10} {'yes' if row['available'] else 'no':<9} {say}")
     print("tuned config files:" if data["tuned_files"] else "tuned config files: none found")
     for f in data["tuned_files"]:
         where = "shipped" if f["shipped"] else "user"
