@@ -118,7 +118,7 @@ def constraint(problem: Problem, config: StepConfig, device_props: dict | None) 
 
 SPEC = KernelSpec(
     name="step",
-    mode="step",
+    modes=("decode",),
     config_cls=StepConfig,
     applies=_applies,
     default=default_config,
