@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import glob
+import importlib.util
 import json
 import os
 import shutil
@@ -143,7 +144,13 @@ def load_variants(path: str) -> list[Variant]:
 
 
 def export(out_dir: str, arch: str, variants=DEFAULT_SET, log=print) -> dict:
-    """Compile and export ``variants`` for ``arch`` into ``out_dir``; returns the manifest."""
+    """Compile and export ``variants`` for ``arch`` into ``out_dir``; returns the manifest.
+
+    The DSL reads CUTE_DSL_ARCH when it loads: a process that loaded it for another target
+    would build for that one, so that is an error here."""
+    if "cutlass" in sys.modules and os.environ.get("CUTE_DSL_ARCH") != arch:
+        raise RuntimeError(f"the CuTe DSL was loaded before CUTE_DSL_ARCH was set to {arch}: "
+                           "export in a fresh process")  # fmt: skip
     os.environ["CUTE_DSL_ARCH"] = arch
     from .step_kernel import compile_variant  # the DSL loads here, after CUTE_DSL_ARCH is set
 
@@ -206,9 +213,7 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         print(path)
         return 0
-    try:
-        import cutlass  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("cutlass") is None:  # (not imported: see export())
         print("nvidia-cutlass-dsl is not installed (pip install 'mamba3-kernels[cute]')",
               file=sys.stderr)  # fmt: skip
         return 2

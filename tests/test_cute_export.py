@@ -5,6 +5,7 @@ import importlib.util
 import json
 import os
 import shutil
+import struct
 import subprocess
 import sys
 
@@ -97,6 +98,20 @@ def built(tmp_path_factory):
     return build
 
 
+def _cubin_sms(path) -> list[int]:
+    """The SM version of every CUDA ELF image embedded in an object file (EM_CUDA = 190; the
+    version sits in the low byte of e_flags, or the next one in newer images)."""
+    data = path.read_bytes()
+    sms, i = [], data.find(b"\x7fELF", 1)
+    while i > 0:
+        machine = struct.unpack_from("<H", data, i + 18)[0]
+        if machine == 190:
+            flags = struct.unpack_from("<I", data, i + 48)[0]
+            sms.append(flags & 0xFF if flags & 0xFF >= 50 else (flags >> 8) & 0xFF)
+        i = data.find(b"\x7fELF", i + 4)
+    return sms
+
+
 @needs_dsl
 @needs_tools
 def test_export_writes_every_variant(built):
@@ -107,6 +122,7 @@ def test_export_writes_every_variant(built):
     for entry in manifest["variants"]:
         name = entry["name"]
         assert (kernels / f"{name}.o").stat().st_size > 0
+        assert _cubin_sms(kernels / f"{name}.o") == [90], name  # (not the DSL's default arch)
         header = (kernels / f"{name}.h").read_text()
         assert f"cute_dsl_{name}_wrapper" in header
     assert (kernels / "libcuda_dialect_runtime_static.a").is_file()
