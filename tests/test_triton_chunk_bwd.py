@@ -313,6 +313,7 @@ def test_rotary_kernels_match_torch(rank, G, H, N, S, layout, bwd_heads, monkeyp
     programs over whole groups or 1-2 heads (dq/dk added atomically); ranks 1, 2 and 4."""
     from mamba3_kernels.triton_impl import core_prep as cp
     from mamba3_kernels.triton_impl import core_rotary as cr
+    from mamba3_kernels.triton_impl import rot_core
 
     monkeypatch.setitem(cr.KNOBS, "bwd_heads", bwd_heads)
     g = torch.Generator().manual_seed(rank * 100 + G * 10 + S)
@@ -342,7 +343,7 @@ def test_rotary_kernels_match_torch(rank, G, H, N, S, layout, bwd_heads, monkeyp
 
     # The core's column order (pair members first and second: pair_major) gives the same
     # values in permuted columns, and the backward reads its gradients in that order.
-    pm = cr._pair_major
+    pm = rot_core._pair_major
     qp, kp = cr.rotary_fwd(q, k, qb, kb, theta, halves, torch.float32, pair_major=True)
     assert torch.equal(qp, pm(qr, halves)) and torch.equal(kp, pm(kr, halves))
     assert torch.equal(pm(qp, halves, back=True), qr)
@@ -364,6 +365,7 @@ def test_angle_scan_matches_torch(cu, init, pairs, programs, monkeypatch):
     modulo 2 pi."""
     import math
 
+    from mamba3_kernels.triton_impl import angle_scan as ang_scan
     from mamba3_kernels.triton_impl import core_rotary as cr
 
     monkeypatch.setitem(cr.KNOBS, "angle_pairs", pairs)
@@ -377,9 +379,9 @@ def test_angle_scan_matches_torch(cu, init, pairs, programs, monkeypatch):
     dt = torch.rand(B, H, L, generator=g) * 0.5 + 0.01
     a0 = torch.rand(nseq, H, S, generator=g) * 20 if init else None
     cu_t = None if cu is None else torch.tensor(cu, dtype=torch.int32)
-    nseg, seg = cr._angle_segments(nseq, H, S, L, cu is not None, ang.device)
+    nseg, seg = ang_scan._angle_segments(nseq, H, S, L, cu is not None, ang.device)
     assert (nseg, seg) == ((3, 64) if programs and cu is None else (1, L))
-    theta = cr.angle_fwd(ang, dt, a0, cu_t, nseq)
+    theta = ang_scan.angle_fwd(ang, dt, a0, cu_t, nseq)
 
     leaves = [t.double().requires_grad_() for t in (ang, dt) + ((a0,) if init else ())]
     inc = math.pi * torch.tanh(leaves[0]) * leaves[1].transpose(1, 2)[..., None]
@@ -400,7 +402,7 @@ def test_angle_scan_matches_torch(cu, init, pairs, programs, monkeypatch):
         empty, empty_like = torch.empty, torch.empty_like
         mp.setattr(torch, "empty", lambda *a, **k: empty(*a, **k).fill_(float("nan")))
         mp.setattr(torch, "empty_like", lambda *a, **k: empty_like(*a, **k).fill_(float("nan")))
-        got = cr.angle_bwd(gth, ang, dt, cu_t, nseq)
+        got = ang_scan.angle_bwd(gth, ang, dt, cu_t, nseq)
     for name, a, b in zip(("angles", "dt", "angle0"), got, ref, strict=False):
         assert rel_err(a, b) < 1e-5, (name, rel_err(a, b))
 
@@ -587,7 +589,7 @@ def test_default_backward_configs_compile_for_sm90_without_gpu():
 
 _ROTARY_SM90 = textwrap.dedent(
     """
-    from mamba3_kernels.triton_impl import core_rotary as cr
+    from mamba3_kernels.triton_impl import angle_scan, core_rotary as cr
 
     # accurate trig, whole-head angle programs, rotary backward programs storing dq/dk;
     # hardware trig, 8-pair angle programs, backward programs adding partial dq/dk atomically
@@ -595,10 +597,10 @@ _ROTARY_SM90 = textwrap.dedent(
     for rank, halves, fast in ((1, False, False), (4, True, True), (1, False, True),
                                (4, True, False)):  # fmt: skip
         pairs, heads = (8, 4) if fast else (32, 16)
-        for name, k in cr.compile_kernels(rank, 128, 32, halves, fast=fast, pairs=pairs,
-                                          bwd_heads=heads, atomic=fast,
-                                          tokens=4, given=fast,
-                                          segmented=fast).items():  # fmt: skip
+        kernels = {**cr.compile_kernels(rank, 128, 32, halves, fast=fast, bwd_heads=heads,
+                                        atomic=fast, tokens=4, given=fast),
+                   **angle_scan.compile_kernels(32, pairs=pairs, segmented=fast)}  # fmt: skip
+        for name, k in kernels.items():
             assert ".target sm_90" in k.asm["ptx"]
             # the backward under its register cap (the knob's default), the others without
             capped = f".maxnreg {cr.KNOBS['rot_bwd_maxnreg']}" in k.asm["ptx"]

@@ -12,8 +12,8 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from mamba3_kernels.triton_impl import angle_scan, rot_core  # noqa: E402
 from mamba3_kernels.triton_impl import chunk_bwd as cb  # noqa: E402
-from mamba3_kernels.triton_impl import core_rotary  # noqa: E402
 
 import mamba3_kernels  # noqa: E402
 from mamba3_kernels.state import Mamba3State  # noqa: E402
@@ -102,12 +102,12 @@ def test_recorded_backward_recomputes_nothing(monkeypatch, pin_config):
     def counting(name, fn):
         return lambda *a, **k: counts.__setitem__(name, counts[name] + 1) or fn(*a, **k)
 
-    monkeypatch.setattr(core_rotary, "_rotary_fwd_op",
-                        counting("rot", core_rotary._rotary_fwd_op))  # fmt: skip
-    monkeypatch.setattr(core_rotary, "_angle_fwd_op",
-                        counting("angle", core_rotary._angle_fwd_op))  # fmt: skip
-    monkeypatch.setattr(core_rotary, "_core_fwd_op",
-                        counting("core_fwd", core_rotary._core_fwd_op))  # fmt: skip
+    monkeypatch.setattr(rot_core, "_rotary_fwd_op",
+                        counting("rot", rot_core._rotary_fwd_op))  # fmt: skip
+    monkeypatch.setattr(angle_scan, "_angle_fwd_op",
+                        counting("angle", angle_scan._angle_fwd_op))  # fmt: skip
+    monkeypatch.setattr(rot_core, "_core_fwd_op",
+                        counting("core_fwd", rot_core._core_fwd_op))  # fmt: skip
     _mode(pin_config, "core")
     leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in inputs[:14]]
     out = mamba3_kernels.scan(*leaves, rotary="interleaved", backend="triton")
@@ -214,7 +214,7 @@ def test_backward_reuses_the_forward_segment_states(rank, monkeypatch):
     """With segments (given here: the CPU picks none), the recorded forward walks the backward's
     segments, keeps their entering states, and the backward computes only its state gradients'
     (one reverse contribution sweep): gradients as the recomputing backward's."""
-    from mamba3_kernels.triton_impl import core_segments
+    from mamba3_kernels.triton_impl import core_scan
 
     inputs = _inputs(rank, 30 + rank, seqlen=80)  # (three segments, the last one partial)
     rotary = "halves" if rank > 1 else "interleaved"
@@ -222,8 +222,8 @@ def test_backward_reuses_the_forward_segment_states(rank, monkeypatch):
     config = cb.ChunkBwdConfig(chunk_size=16 // rank, num_warps=4, segment=32,
                                fwd_chunk_size=32 // rank)  # fmt: skip
     firsts = []
-    real = core_segments.segment_states
-    monkeypatch.setattr(core_segments, "segment_states",
+    real = core_scan.segment_states  # (core_segments', as core_scan's launches call it)
+    monkeypatch.setattr(core_scan, "segment_states",
                         lambda *a, **k: firsts.append(a[-1] if len(a) > 14 else k.get("s_in"))
                         or real(*a, **k))  # fmt: skip
     out, state, recorded = cb.record_forward(problem, inputs, config)

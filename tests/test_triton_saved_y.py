@@ -13,7 +13,7 @@ if not torch.cuda.is_available():
 
 from mamba3_kernels.triton_impl import chunk_bwd as cb  # noqa: E402
 from mamba3_kernels.triton_impl import chunk_fwd as cf  # noqa: E402
-from mamba3_kernels.triton_impl import core_rotary  # noqa: E402
+from mamba3_kernels.triton_impl import rot_core  # noqa: E402
 from mamba3_kernels.triton_impl.backend import TritonBackend  # noqa: E402
 
 import mamba3_kernels  # noqa: E402
@@ -96,8 +96,8 @@ def test_backward_reads_the_saved_y(rank, final, cu, with_z, monkeypatch, pin_co
         inputs = inputs._replace(z=None, mimo_z=None)
     rotary = "halves" if rank > 1 else "interleaved"
     calls = []
-    core_fwd = core_rotary._core_fwd_op
-    monkeypatch.setattr(core_rotary, "_core_fwd_op",
+    core_fwd = rot_core._core_fwd_op
+    monkeypatch.setattr(rot_core, "_core_fwd_op",
                         lambda *a, **k: calls.append(1) or core_fwd(*a, **k))  # fmt: skip
     backend = registered_backends()["triton"]
     assert isinstance(backend, TritonBackend)

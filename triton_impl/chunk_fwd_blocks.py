@@ -14,7 +14,7 @@ computes
 where Qr~, Kr~ are q, k rotated by the angle since the segment start and c is the log-decay
 since the segment start. Every block of every segment runs at once (grid axis 0), each
 program's dots have C*R rows, and the state is only ever read, as a dot operand in v's dtype,
-so the fp32 state never lives in registers (the chunk walk of chunk_fwd spills there, most of all
+so the fp32 state never lives in registers (chunk_fwd_kernel's walk spills there, most of all
 for MIMO, whose chunks hold R rows per token and so few tokens). The price is quadratic work
 inside a segment (block b reads b earlier key blocks): T / C is the knob between that and the
 state traffic of shorter segments.
@@ -226,7 +226,7 @@ _KERNEL_CONSTS = ("P", "N", "S", "SA", "R", "C", "T", "BP", "HALVES", "HAS_D", "
 
 
 def kernel_constexprs(consts: dict) -> dict:
-    """The block kernel's compile-time arguments out of chunk_fwd._constexprs."""
+    """The block kernel's compile-time arguments out of chunk_fwd_kernel._constexprs."""
     return {n: consts[n] for n in _KERNEL_CONSTS}
 
 
@@ -238,7 +238,7 @@ def block_launch(
     the frames th (B*H, L, S), cs, gm, wt (B*H, L) of
     chunk_fwd_split.segment_launches(frames=True).
 
-    consts: chunk_fwd._constexprs (C tokens per block, T per segment); launch:
+    consts: chunk_fwd_kernel._constexprs (C tokens per block, T per segment); launch:
     num_warps/num_stages; slot: the index of each argument in the call's argument table
     (chunk_fwd._TABLE names; absent tensors' entries hold a stand-in that is never read)."""
     L, H, G = problem.seqlen, problem.nheads, problem.ngroups

@@ -2,8 +2,8 @@
 chunk_fwd; fixed-length batches only): the sequence is cut into segments of T tokens (a multiple
 of the chunk C) and only a cheap elementwise pass runs across segments.
 
-The fused kernel (chunk_fwd) walks each (sequence, head) through all its chunks with the state in
-registers: one dependent chain per program, so short batches leave most of the GPU idle and
+The walk kernel (chunk_fwd_kernel) walks each (sequence, head) through all its chunks with the
+state in registers: one dependent chain per program, so short batches leave most of the GPU idle and
 every chunk pays the chain's latency. Here:
 
 1. segment_state (grid: segment x (sequence, head) x P-block): each segment's own contribution
@@ -12,7 +12,7 @@ every chunk pays the chain's latency. Here:
    segment* only.
 2. state_pass (grid: (sequence, head) x P-block): F_{s+1} = (exp(c_s) F_s + dS_s) Rot(Phi_s),
    writing F_s, the state entering segment s (fp32), for every segment, and the final state.
-3. the fused kernel in segment mode (grid axis 2: segment): each segment walked from F_s with
+3. the walk kernel in segment mode (grid axis 2: segment): each segment walked from F_s with
    angles counted from the segment start.
 
 Why segment-local angles suffice: with Theta_s the absolute angle before segment s and phi_t
@@ -307,9 +307,9 @@ def segment_buffers(
     """The scratch buffers of steps 1 and 2, by name: (shape, dtype) of ds (B*H, nseg, P, N)
     (fp32; with frames in ``state_dtype``), fst (B*H, nseg, P, N) in ``state_dtype`` (the
     state entering every segment, in its rotary frame), clast (B*H, nseg) and phi
-    (B*H, nseg, S) fp32; with ``frames`` also th
-    (B*H, L, S) and cs, gm, wt (B*H, L) fp32: each token's angle and log-decay since its
-    segment's start, gamma and w. consts: chunk_fwd._constexprs (T tokens per segment)."""
+    (B*H, nseg, S) fp32; with ``frames`` also th (B*H, L, S) and cs, gm, wt (B*H, L) fp32: each
+    token's angle and log-decay since its segment's start, gamma and w. consts:
+    chunk_fwd_kernel._constexprs (T tokens per segment)."""
     B, L, H = problem.batch, problem.seqlen, problem.nheads
     P, N, S = problem.headdim, problem.d_state, problem.n_angles
     nseg = _cdiv(L, consts["T"])
@@ -337,10 +337,11 @@ def segment_launches(
     """Steps 1 and 2 as two launches: the segment-state kernel, then the state pass, which
     writes fst (segment_buffers) and, with problem.return_final_state, the final state.
 
-    consts: chunk_fwd._constexprs (C, T, ...); launch: num_warps/num_stages of the segment-state
-    kernel; slot: the index of each argument in the call's argument table (chunk_fwd._TABLE
-    names: the inputs, a0..v0 and a1..v1 for the initial and final state, the buffers of
-    segment_buffers; absent tensors' entries hold a stand-in that is never read).
+    consts: chunk_fwd_kernel._constexprs (C, T, ...); launch: num_warps/num_stages of the
+    segment-state kernel; slot: the index of each argument in the call's argument table
+    (chunk_fwd._TABLE names: the inputs, a0..v0 and a1..v1 for the initial and final state,
+    the buffers of segment_buffers; absent tensors' entries hold a stand-in that is never
+    read).
     """
     L, H, G = problem.seqlen, problem.nheads, problem.ngroups
     P = problem.headdim
@@ -404,10 +405,10 @@ def compile_kernels(
     problem: Problem, consts: dict, options: dict, target, frames: bool = False
 ) -> dict:
     """Compile the segment-state and state-pass kernels ahead of time (no GPU needed) for
-    ``target`` (a triton ``GPUTarget``). consts: chunk_fwd._constexprs(problem, config,
-    interp=False); options: num_warps/num_stages; frames: as segment_launches (the split=2 forward,
-    whose segment states are stored in the I/O dtype). Returns {name: compiled kernel}; each
-    one's ``asm`` holds ptx/cubin."""
+    ``target`` (a triton ``GPUTarget``). consts: chunk_fwd_kernel._constexprs(problem,
+    config, interp=False); options: num_warps/num_stages; frames: as segment_launches (the
+    split=2 forward, whose segment states are stored in the I/O dtype). Returns {name: compiled
+    kernel}; each one's ``asm`` holds ptx/cubin."""
     io_ptrs = _IO_PTRS | ({"fst_ptr", "ds_ptr"} if frames else set())
     launches = {
         _segment_state_kernel: ({**consts, "FRAMES": frames}, options),

@@ -3,13 +3,13 @@
 ``scan_via_core`` evaluates the whole scan as prep -> core -> epilogue, every piece differentiable
 (the core through its own Triton backward), so the backward of the scan is one vector-Jacobian
 product of this function:
-  * prep: cumulative angles theta (B, L, H, S) (core_rotary.angle_scan, Triton); rank-weighted
+  * prep: cumulative angles theta (B, L, H, S) (angle_scan.angle_scan, Triton); rank-weighted
     v (B, L, R, H, P); folded trapezoid weights w_t = gamma_t + mu_{t+1} (mu_t = dt_t (1 - lam_t),
     zero past the end of a sequence) and the diagonal weight gamma_t (B, H, L); the initial
     state's previous-input term folded into the initial matrix state
     S0 = ssm0 + mu_first sum_r vr0_r kr0_r^T;
   * bias + rotary + group->head expansion of q, k fused with the core in one autograd node
-    (core_rotary.rot_core_scan: Triton kernels forward and backward, so the per-head rotated
+    (rot_core.rot_core_scan: Triton kernels forward and backward, so the per-head rotated
     q/k never pass through PyTorch elementwise ops or autograd); core: see core_scan;
   * epilogue: silu(z) gate, mimo_o rank sum; the final state (angle, ssm, k, v) (the D skip
     is the core's: core_scan);
@@ -26,8 +26,9 @@ from mamba3_kernels.inputs import ScanInputs
 from mamba3_kernels.problem import Problem
 from mamba3_kernels.state import Mamba3State
 
-from .core_rotary import angle_scan, rot_core_scan
+from .angle_scan import angle_scan
 from .mimo_gate import gated, mimo_gate, mimo_v_mix
+from .rot_core import rot_core_scan
 
 __all__ = ["scan_via_core", "rotate", "epilogue_reads_y"]
 
@@ -110,7 +111,7 @@ def scan_via_core(
     """The scan (docs/spec.md) as differentiable prep -> Triton core -> epilogue.
 
     inputs: ScanInputs in scan shapes. meta: (chunk, dot_dtype, num_warps, num_stages[, split_n[,
-    segment[, fwd_chunk]]]) for the core (see core_rotary.rot_core_scan). Returns out
+    segment[, fwd_chunk]]]) for the core (see rot_core.rot_core_scan). Returns out
     (B, L, H, P) or (B, L, R, H, P) in v's dtype and the final state (angle, ssm fp32; k, v in
     the inputs' dtypes), per sequence when varlen.
     values=False (for a caller that only takes the vjp): the output and final ssm values may be

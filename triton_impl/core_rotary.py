@@ -1,8 +1,10 @@
-"""Bias + rotary + group->head expansion of q and k in Triton, and its hand-written backward.
+"""Bias + rotary + group->head expansion of q and k in Triton, and its hand-written backward;
+KNOBS, the launch choices of these passes and of the angle scans (angle_scan.py).
 
-Fused with the core (``rot_core_scan``) so that the per-head rotated q/k exist only as the core's
-dot operands (in the dot dtype) and their fp32 gradients only between the core's backward and
-the rotary backward: no PyTorch elementwise pass and no autograd ever touches a per-head tensor.
+Fused with the core (rot_core.rot_core_scan) so that the per-head rotated q/k exist only as the
+core's dot operands (in the dot dtype) and their fp32 gradients only between the core's
+backward and the rotary backward: no PyTorch elementwise pass and no autograd ever touches a
+per-head tensor.
 
 The kernels work on pair members: pair j has columns (a, b) = (j, N/2 + j) (halves) or
 (2j, 2j + 1) (interleaved), every row is loaded once as two (tokens, N/2) tiles, and pairs
@@ -27,18 +29,14 @@ import triton.language as tl
 from torch import Tensor
 from triton.language.extra import libdevice
 
-from mamba3_kernels.eager_calls import apply_positional, eager_custom_op
+from mamba3_kernels.eager_calls import eager_custom_op
 
-from .core_scan import _core_bwd_op, _core_fwd_op, operand_dtype
-from .core_segments import _multiprocessors, bwd_segment_len
-from .core_tiles import _seq_bounds
-from .fwd_tiles import _load_rot, _store_rot
+from .core_segments import _multiprocessors
+from .fwd_tiles import _TWO_PI, _load_rot, _store_rot
 from .launch import interpreting, run_kernel
 
-__all__ = ["rotary_fwd", "rotary_bwd", "rot_core_scan", "angle_scan"]
+__all__ = ["KNOBS", "rotary_fwd", "rotary_bwd"]
 
-_PI = tl.constexpr(3.141592653589793)
-_TWO_PI = tl.constexpr(6.283185307179586)
 
 # Launch choices of these passes, kept switchable so that a benchmark can time the variants on
 # one warm machine (bench/bench_triton_backward.py --variants):
@@ -286,152 +284,6 @@ def _rot_bwd_kernel(
         _store_rot(dk_ptr, src, ka, kb, m2, NH, NH, HALVES)
 
 
-@triton.jit
-def _angle_rate(ang, dt):
-    """d theta / d token: pi tanh(angles) dt (tanh through the sigmoid)."""
-    return (2.0 * tl.sigmoid(2.0 * ang) - 1.0) * _PI * dt[:, None]
-
-
-@triton.jit
-def _wrap(theta):
-    """theta reduced to [0, 2 pi)."""
-    return theta - tl.floor(theta / _TWO_PI) * _TWO_PI
-
-
-@triton.jit
-def _angle_segment(pid_seg, seqlen, SEG):
-    """(first token, end) of this program's segment of the sequence (SEG tokens each)."""
-    lo = pid_seg * SEG
-    return lo, tl.minimum(lo + SEG, seqlen)
-
-
-@triton.jit
-def _angle_sums_kernel(
-    x_ptr, dt_ptr, sums_ptr, L, H, SEG,
-    S: tl.constexpr, SP: tl.constexpr, BL: tl.constexpr, RATE: tl.constexpr,
-):  # fmt: skip
-    """Per segment of SEG tokens of a (sequence, head): the sum over its tokens of the angle rate
-    pi tanh(angles) dt, reduced modulo 2 pi (RATE: the forward's carries), or of x itself (the
-    backward's, x = d theta) -> sums (B, H, NSEG - 1, S) fp32. Grid (B H, S / SP, NSEG - 1):
-    the forward needs the carries of all but the last segment (RATE: segments 0 .. NSEG - 2),
-    the backward of all but the first (segments 1 .. NSEG - 1)."""
-    pid = tl.program_id(0)
-    seq = pid // H
-    h = pid % H
-    bos, seqlen, coef_base = _seq_bounds(x_ptr, seq, h, L, H, False)
-    g = tl.program_id(2) + (0 if RATE else 1)
-    lo, hi = _angle_segment(g, seqlen, SEG)
-    jj = tl.program_id(1) * SP + tl.arange(0, SP)
-    js = jj < S
-    acc = tl.zeros((SP,), dtype=tl.float32)
-    for c0 in range(lo, hi, BL):
-        t = c0 + tl.arange(0, BL)
-        valid = t < hi
-        off = ((bos + t) * H + h)[:, None] * S + jj[None, :]
-        x = tl.load(x_ptr + off, mask=valid[:, None] & js[None, :], other=0.0)
-        if RATE:
-            dt = tl.load(dt_ptr + coef_base + t, mask=valid, other=0.0)
-            acc = _wrap(acc + tl.sum(_angle_rate(x, dt), axis=0))
-        else:
-            acc += tl.sum(x, axis=0)
-    row = (seq.to(tl.int64) * H + h) * tl.num_programs(2) + tl.program_id(2)
-    tl.store(sums_ptr + row * S + jj, acc, mask=js)
-
-
-@triton.jit
-def _angle_fwd_kernel(
-    ang_ptr, dt_ptr, a0_ptr, cu_ptr, sums_ptr, th_ptr, L, H, SEG,
-    S: tl.constexpr, SP: tl.constexpr, BL: tl.constexpr, VARLEN: tl.constexpr,
-    HAS_A0: tl.constexpr, SEGMENTED: tl.constexpr, STAGES: tl.constexpr,
-):  # fmt: skip
-    """theta (B, L, H, S) fp32 = angle0 + cumsum over the sequence of pi tanh(angles) dt, reduced
-    modulo 2 pi (the running angle is kept in [0, 2 pi), as the fused forward does);
-    grid (sequences * H, S / SP, NSEG): one program per (sequence, head, block of SP pairs,
-    segment of SEG tokens). SEGMENTED: a segment starts from the carries of the segments before
-    it (sums_ptr (B, H, NSEG - 1, S), _angle_sums_kernel); else one segment per sequence."""
-    pid = tl.program_id(0)
-    seq = pid // H
-    h = pid % H
-    bos, seqlen, coef_base = _seq_bounds(cu_ptr, seq, h, L, H, VARLEN)
-    jj = tl.program_id(1) * SP + tl.arange(0, SP)  # this program's angle pairs
-    js = jj < S
-    if HAS_A0:
-        theta = tl.load(a0_ptr + (seq.to(tl.int64) * H + h) * S + jj, mask=js, other=0.0)
-    else:
-        theta = tl.zeros((SP,), dtype=tl.float32)
-    if SEGMENTED:
-        g = tl.program_id(2)
-        lo, hi = _angle_segment(g, seqlen, SEG)
-        carries = sums_ptr + (seq.to(tl.int64) * H + h) * (tl.num_programs(2) - 1) * S + jj
-        for gi in range(0, g):
-            theta += tl.load(carries + gi * S, mask=js, other=0.0)
-    else:
-        lo, hi = 0, seqlen
-    theta = _wrap(theta)
-    for c0 in tl.range(lo, hi, BL, num_stages=STAGES):
-        t = c0 + tl.arange(0, BL)
-        valid = t < hi
-        m2 = valid[:, None] & js[None, :]
-        off = ((bos + t) * H + h)[:, None] * S + jj[None, :]
-        ang = tl.load(ang_ptr + off, mask=m2, other=0.0)
-        dt = tl.load(dt_ptr + coef_base + t, mask=valid, other=0.0)
-        rate = _angle_rate(ang, dt)
-        tl.store(th_ptr + off, _wrap(theta[None, :] + tl.cumsum(rate, axis=0)), mask=m2)
-        theta = _wrap(theta + tl.sum(rate, axis=0))
-
-
-@triton.jit
-def _angle_bwd_kernel(
-    gth_ptr, ang_ptr, dt_ptr, cu_ptr, sums_ptr, dang_ptr, ddt_ptr, da0_ptr, L, H, SEG,
-    S: tl.constexpr, SP: tl.constexpr, BL: tl.constexpr, VARLEN: tl.constexpr,
-    ATOMIC: tl.constexpr, SEGMENTED: tl.constexpr, STAGES: tl.constexpr,
-):  # fmt: skip
-    """Backward of the angle scan: with G_t = sum_{s >= t} dtheta_s (reverse cumsum within the
-    sequence), d angles_t = G_t pi (1 - tanh^2) dt_t, d dt_t = pi sum_j G_t tanh_t,
-    d angle0 = G at the first token. Walks its segment's chunks from the end, starting from the
-    sums of d theta over the segments after it (SEGMENTED: sums_ptr (B, H, NSEG - 1, S) holds
-    segments 1 .. NSEG - 1); grid as the forward's."""
-    pid = tl.program_id(0)
-    seq = pid // H
-    h = pid % H
-    bos, seqlen, coef_base = _seq_bounds(cu_ptr, seq, h, L, H, VARLEN)
-    jj = tl.program_id(1) * SP + tl.arange(0, SP)  # this program's angle pairs
-    js = jj < S
-    carry = tl.zeros((SP,), dtype=tl.float32)  # sum of dtheta after the current chunk
-    if SEGMENTED:
-        g = tl.program_id(2)
-        lo, hi = _angle_segment(g, seqlen, SEG)
-        nseg = tl.num_programs(2)
-        later = sums_ptr + (seq.to(tl.int64) * H + h) * (nseg - 1) * S + jj
-        for gi in range(g + 1, nseg):
-            carry += tl.load(later + (gi - 1) * S, mask=js, other=0.0)
-    else:
-        g = 0
-        lo, hi = 0, seqlen
-    nch = (hi - lo + BL - 1) // BL
-    for i in tl.range(0, nch, num_stages=STAGES):
-        c0 = lo + (nch - 1 - i) * BL
-        t = c0 + tl.arange(0, BL)
-        valid = t < hi
-        m2 = valid[:, None] & js[None, :]
-        off = ((bos + t) * H + h)[:, None] * S + jj[None, :]
-        g_th = tl.load(gth_ptr + off, mask=m2, other=0.0)
-        tot = tl.sum(g_th, axis=0)
-        rc = carry[None, :] + tot[None, :] - tl.cumsum(g_th, axis=0) + g_th
-        carry = carry + tot
-        ang = tl.load(ang_ptr + off, mask=m2, other=0.0)
-        dt = tl.load(dt_ptr + coef_base + t, mask=valid, other=0.0)
-        th = 2.0 * tl.sigmoid(2.0 * ang) - 1.0
-        tl.store(dang_ptr + off, rc * ((1.0 - th * th) * _PI) * dt[:, None], mask=m2)
-        ddt = tl.sum(rc * th, axis=1) * _PI
-        if ATOMIC:  # the pair blocks of one (sequence, head) share d dt (zero-initialised)
-            tl.atomic_add(ddt_ptr + coef_base + t, ddt, mask=valid, sem="relaxed")
-        else:
-            tl.store(ddt_ptr + coef_base + t, ddt, mask=valid)
-    if g == 0:
-        tl.store(da0_ptr + (seq.to(tl.int64) * H + h) * S + jj, carry, mask=js)
-
-
 # --------------------------------------------------------------------------------------------
 # Launchers
 # --------------------------------------------------------------------------------------------
@@ -530,90 +382,8 @@ def _cap(knob: str) -> dict:
     return {"maxnreg": cap} if cap else {}
 
 
-def _angle_launch(S: int) -> tuple[int, int, dict]:
-    """(pairs per program, tokens per step, launch options: warps and pipelining depth) of the
-    angle scans, from KNOBS."""
-    sp = min(triton.next_power_of_2(S), triton.next_power_of_2(KNOBS["angle_pairs"]))
-    return sp, KNOBS["angle_step"], {"num_warps": KNOBS["angle_warps"],
-                                     "STAGES": KNOBS["angle_stages"]}  # fmt: skip
-
-
-def _angle_segments(nseq: int, H: int, S: int, L: int, varlen: bool, device) -> tuple[int, int]:
-    """(segments per sequence, tokens per segment) of the angle scans: a (sequence, head, pair
-    block)'s walk over L tokens is cut into segments (whole steps each) until the programs
-    reach KNOBS["angle_programs"] per multiprocessor (0: never; varlen: never, its sequences'
-    lengths are on the device)."""
-    sp, step, _ = _angle_launch(S)
-    per_sm = KNOBS["angle_programs"]
-    if varlen or per_sm == 0 or L <= step:
-        return 1, L
-    sms = _multiprocessors(device) if device.type == "cuda" else 1
-    blocks = nseq * H * triton.cdiv(S, sp)
-    nseg = min(triton.cdiv(per_sm * sms, blocks), triton.cdiv(L, step))
-    seg = triton.cdiv(triton.cdiv(L, max(nseg, 1)), step) * step
-    return triton.cdiv(L, seg), seg
-
-
-def _angle_sums(x, dt, nseg: int, seg: int, rate: bool) -> Tensor:
-    """Per-segment sums of the angle rates (rate: segments 0 .. nseg - 2, the forward's carries)
-    or of x = d theta (segments 1 .. nseg - 1, the backward's): (B, H, nseg - 1, S) fp32."""
-    B, L, H, S = x.shape
-    sp, step, opts = _angle_launch(S)
-    sums = torch.empty((B, H, nseg - 1, S), dtype=torch.float32, device=x.device)
-    run_kernel(
-        _angle_sums_kernel, (B * H, triton.cdiv(S, sp), nseg - 1), x, dt, sums, L, H, seg,
-        S=S, SP=sp, BL=step, RATE=rate, num_warps=opts["num_warps"],
-    )  # fmt: skip
-    return sums
-
-
-def angle_fwd(angles, dt, angle0, cu_seqlens, nseq: int):
-    """angles (B, L, H, S) fp32, dt (B, H, L) fp32, angle0 (nseq, H, S) fp32 or None,
-    cu_seqlens (nseq + 1,) int32 or None. Returns theta (B, L, H, S) fp32 in [0, 2 pi)."""
-    B, L, H, S = angles.shape
-    theta = torch.empty_like(angles)
-    if L > 0 and S > 0:
-        sp, step, opts = _angle_launch(S)
-        nseg, seg = _angle_segments(nseq, H, S, L, cu_seqlens is not None, angles.device)
-        sums = _angle_sums(angles, dt, nseg, seg, rate=True) if nseg > 1 else dt
-        run_kernel(
-            _angle_fwd_kernel, (nseq * H, triton.cdiv(S, sp), nseg),
-            angles, dt, angle0 if angle0 is not None else dt,
-            cu_seqlens if cu_seqlens is not None else dt, sums, theta, L, H, seg,
-            S=S, SP=sp, BL=step, VARLEN=cu_seqlens is not None,
-            HAS_A0=angle0 is not None, SEGMENTED=nseg > 1, **opts,
-        )  # fmt: skip
-    return theta
-
-
-def angle_bwd(gtheta, angles, dt, cu_seqlens, nseq: int):
-    """Backward of angle_fwd: (d angles (B, L, H, S), d dt (B, H, L), d angle0 (nseq, H, S)),
-    all fp32."""
-    B, L, H, S = angles.shape
-    f32, dev = torch.float32, angles.device
-    if L == 0 or S == 0:
-        return torch.zeros_like(angles), torch.zeros_like(dt), torch.zeros((nseq, H, S), dtype=f32,
-                                                                           device=dev)  # fmt: skip
-    sp, step, opts = _angle_launch(S)
-    atomic = sp < S
-    nseg, seg = _angle_segments(nseq, H, S, L, cu_seqlens is not None, dev)
-    sums = _angle_sums(gtheta, dt, nseg, seg, rate=False) if nseg > 1 else dt
-    # The kernel writes every element of d angles and d angle0 (each token belongs to one
-    # sequence: cu_seqlens ends at L; d angle0 from each sequence's first segment), and of
-    # d dt unless several pair blocks add into it.
-    dang = torch.empty_like(angles)
-    ddt = torch.zeros_like(dt) if atomic else torch.empty_like(dt)
-    da0 = torch.empty((nseq, H, S), dtype=f32, device=dev)
-    run_kernel(
-        _angle_bwd_kernel, (nseq * H, triton.cdiv(S, sp), nseg),
-        gtheta, angles, dt, cu_seqlens if cu_seqlens is not None else dt, sums, dang, ddt, da0,
-        L, H, seg, S=S, SP=sp, BL=step, VARLEN=cu_seqlens is not None, ATOMIC=atomic,
-        SEGMENTED=nseg > 1, **opts,
-    )  # fmt: skip
-    return dang, ddt, da0
-
-
-# Custom ops (functorch unwraps tensors before an op's kernel runs; see core_scan).
+# Custom ops (functorch unwraps tensors before an op's kernel runs; see core_scan). Their autograd
+# node is rot_core's _RotCore.
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -657,201 +427,17 @@ def _rotary_bwd_fake(dqr, dkr, q, k, qb, kb, theta, halves, xr_dtype, dtheta_giv
     )
 
 
-@eager_custom_op("mamba3_triton::angle_fwd")
-def _angle_fwd_op(
-    angles: Tensor, dt: Tensor, angle0: Tensor | None, cu_seqlens: Tensor | None, nseq: int
-) -> Tensor:
-    return angle_fwd(angles, dt, angle0, cu_seqlens, nseq)
-
-
-@_angle_fwd_op.register_fake
-def _angle_fwd_fake(angles, dt, angle0, cu_seqlens, nseq):
-    return torch.empty_like(angles)
-
-
-@eager_custom_op("mamba3_triton::angle_bwd")
-def _angle_bwd_op(
-    gtheta: Tensor, angles: Tensor, dt: Tensor, cu_seqlens: Tensor | None, nseq: int
-) -> tuple[Tensor, Tensor, Tensor]:
-    return angle_bwd(gtheta.contiguous(), angles, dt, cu_seqlens, nseq)
-
-
-@_angle_bwd_op.register_fake
-def _angle_bwd_fake(gtheta, angles, dt, cu_seqlens, nseq):
-    H, S = angles.shape[2], angles.shape[3]
-    return torch.empty_like(angles), torch.empty_like(dt), angles.new_empty((nseq, H, S))
-
-
-class _AngleScan(torch.autograd.Function):
-    """theta = angle0 + cumsum(pi tanh(angles) dt) mod 2 pi, with its hand-written backward (the
-    modulo is a constant shift: its gradient is the identity)."""
-
-    @staticmethod
-    def forward(angles, dt, angle0, cu_seqlens, nseq):
-        return _angle_fwd_op(angles, dt, angle0, cu_seqlens, nseq)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        angles, dt, angle0, cu_seqlens, nseq = inputs
-        ctx.save_for_backward(angles, dt, cu_seqlens)
-        ctx.nseq = nseq
-        ctx.has_a0 = angle0 is not None
-
-    @staticmethod
-    def backward(ctx, gtheta):
-        angles, dt, cu_seqlens = ctx.saved_tensors
-        dang, ddt, da0 = _angle_bwd_op(gtheta, angles, dt, cu_seqlens, ctx.nseq)
-        return dang, ddt, da0 if ctx.has_a0 else None, None, None
-
-
-def angle_scan(angles, dt, angle0, cu_seqlens, nseq: int):
-    """Differentiable cumulative angles: angles (B, L, H, S), dt (B, H, L), angle0 (nseq, H, S)
-    or None -> theta (B, L, H, S) fp32 in [0, 2 pi), per sequence when cu_seqlens is given."""
-    angles = angles.float().contiguous()
-    dt = dt.float().contiguous()
-    angle0 = angle0.float().contiguous() if angle0 is not None else None
-    return apply_positional(_AngleScan, angles, dt, angle0, cu_seqlens, nseq)
-
-
-def _pair_major(x: Tensor | None, halves: bool, back: bool = False) -> Tensor | None:
-    """A state-shaped (..., N) tensor between q's column layout and the core's pair-member
-    order (rotary_fwd's pair_major: for the interleaved layout, the even columns then the odd
-    ones; the halves layout is that order already); back: the other way."""
-    if x is None or halves:
-        return x
-    n = x.shape[-1]
-    if back:
-        return torch.stack((x[..., : n // 2], x[..., n // 2 :]), dim=-1).flatten(-2)
-    return torch.cat((x[..., 0::2], x[..., 1::2]), dim=-1)
-
-
-class _RotCore(torch.autograd.Function):
-    """rotary prep + core as one autograd node (setup_context style for functorch). Outputs
-    y, S_final and the rotated operands (non-differentiable; saved for the core's backward).
-
-    The core sees every N-wide tensor (qr, kr, the states and their gradients) in pair-member
-    column order (_pair_major): the dot products over N do not depend on the order, and its
-    backward then holds both members of each rotary pair in contiguous columns (its d theta
-    needs them side by side; interleaved pairs read as strided columns made it 3x slower on
-    an H200, docs/performance.md)."""
-
-    @staticmethod
-    def forward(q, k, qb, kb, theta, vr, adt, w, gam, s0, D, cu, halves, need_y, chunk,
-                dot_dtype, nw, ns, nseq, split_n, segment, fwd_chunk):  # fmt: skip
-        op_dtype = dot_dtype if dot_dtype in ("bfloat16", "float16") else "float32"
-        qr, kr = _rotary_fwd_op(q, k, qb, kb, theta, halves, op_dtype, True)
-        states = qr.new_empty((0,), dtype=torch.float32)  # (segment states kept for backward)
-        if need_y:
-            state_seg = _shared_segment(qr.shape, cu, nseq, split_n, chunk, nw, segment,
-                                        fwd_chunk, qr.device)  # fmt: skip
-            y, sf, states = _core_fwd_op(
-                qr, kr, vr, adt, w, gam, _pair_major(s0, halves), cu, fwd_chunk, dot_dtype, nw,
-                ns, nseq, D, segment, chunk if state_seg else 0, state_seg,
-            )  # fmt: skip
-            sf = _pair_major(sf, halves, back=True)
-        else:
-            # Values not wanted (see rot_core_scan): zero-strided zeros, no launch, no memory.
-            # y in vr's dtype: the output's cast is then a no-op, and y's gradient reaches the
-            # core's backward in the output's dtype (no fp32 copy of it).
-            B, L, R, H, N = qr.shape
-            zero = torch.zeros(1, dtype=torch.float32, device=q.device)
-            y = zero.to(vr.dtype).expand(B, L, R, H, vr.shape[-1])
-            sf = zero.expand(nseq, H, vr.shape[-1], N)
-        return y, sf, qr, kr, states
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(*inputs[:12], *output[2:5])
-        ctx.mark_non_differentiable(*output[2:5])
-        # Unused outputs get None, not zero-filled gradients: qr/kr's would be two per-head
-        # (B, L, R, H, N) fills per backward, and a zero dS_final is no final-state gradient.
-        ctx.set_materialize_grads(False)
-        ctx.halves = inputs[12]
-        ctx.flags = inputs[14:-1]  # (the backward's; the forward chunk is the recompute's)
-
-    @staticmethod
-    def backward(ctx, dy, dsf, _dqr, _dkr, _states):
-        q, k, qb, kb, theta, vr, adt, w, gam, s0, D, cu, qr, kr, states = ctx.saved_tensors
-        if dy is None:
-            dy = torch.zeros(vr.shape, dtype=operand_dtype(vr.dtype), device=vr.device)
-        *flags, segment = ctx.flags
-        # d theta inside the core backward (whole rows of pairs in one program: no column split;
-        # with it, and without angles, the rotary backward forms it)
-        in_core = flags[-1] == 1 and theta.shape[-1] > 0
-        n_angles = theta.shape[-1] if in_core else 0
-        hv = ctx.halves
-        dqr, dkr, dv, dadt, dw, dg, ds0, dD, dth_core = _core_bwd_op(
-            dy.contiguous(), _pair_major(dsf, hv), qr, kr, vr, adt, w, gam, _pair_major(s0, hv),
-            cu, *flags, D=D, segment=segment, n_angles=n_angles, halves=True,
-            s_in=states if states.numel() else None,
-        )  # fmt: skip
-        ds0 = _pair_major(ds0, hv, back=True)
-        xr_dtype = str(qr.dtype).replace("torch.", "")
-        dq, dk, dqb, dkb, dth = _rotary_bwd_op(dqr, dkr, q, k, qb, kb, theta, hv, xr_dtype,
-                                               in_core, True)  # fmt: skip
-        if in_core:
-            dth = dth_core
-        return (dq.to(q.dtype), dk.to(k.dtype), dqb, dkb, dth, dv.to(vr.dtype),
-                dadt.to(adt.dtype), dw.to(w.dtype), dg.to(gam.dtype),
-                ds0 if s0 is not None else None, dD if D is not None else None,
-                *([None] * 11))  # fmt: skip
-
-
-def _shared_segment(shape, cu, nseq: int, split_n: int, chunk: int, num_warps: int,
-                    segment: int, fwd_chunk: int, device) -> int:  # fmt: skip
-    """Tokens per segment of the core backward for this call when the core forward can walk the
-    same segments and keep their entering states for it (core_scan.core_fwd's states): a
-    segmented (B, L) call whose backward segments are whole forward chunks; else 0."""
-    L, H = shape[1], shape[3]
-    if cu is not None or L == 0:
-        return 0
-    seg = bwd_segment_len(L, nseq, H, split_n, chunk, num_warps, segment, device)
-    return seg if seg < L and seg % fwd_chunk == 0 else 0
-
-
-def rot_core_scan(
-    q, k, qb, kb, theta, vr, adt, w, gam, s0, cu_seqlens, halves, meta, need_y=True, D=None,
-):  # fmt: skip
-    """Differentiable rotary prep + core: (y (B, L, R, H, P) in core_scan.operand_dtype(vr.dtype),
-    S_final (nseq, H, P, N) fp32).
-
-    q, k (B, L, R, G, N) raw (unbiased, unrotated); qb, kb (R, H, N) fp32; theta (B, L, H, S)
-    fp32 cumulative angles; the rest as core_scan. meta = (chunk, dot_dtype, num_warps,
-    num_stages, nseq[, split_n[, segment[, fwd_chunk]]]) (see core_scan.core_bwd; fwd_chunk: the
-    forward's chunk, 0 or absent: chunk); D (H,) fp32 or None: the
-    skip y += D[h] vr, inside the core forward and backward. need_y=False skips the core's
-    forward: y (in vr's dtype then) and S_final are zeros (not their values) while the backward
-    stays exact, which is all a caller that only takes the vector-Jacobian product and whose
-    epilogue backward never reads y needs."""
-    chunk, dot_dtype, num_warps, num_stages, nseq = meta[:5]
-    split_n = meta[5] if len(meta) > 5 else 1
-    segment = meta[6] if len(meta) > 6 else 0
-    fwd_chunk = (meta[7] if len(meta) > 7 else 0) or chunk
-    name = str(dot_dtype).replace("torch.", "")
-    if name == "float64":
-        name = "float32"
-    args = [x.contiguous() if x is not None else None
-            for x in (q, k, qb, kb, theta, vr, adt, w, gam, s0, D)]  # fmt: skip
-    y, sf, *_ = apply_positional(_RotCore, *args, cu_seqlens, halves, need_y, chunk, name,
-                                   num_warps, num_stages, nseq, split_n, segment,
-                                   fwd_chunk)  # fmt: skip
-    return y, sf
-
-
 def compile_kernels(
     R: int, N: int, S: int, halves: bool, dtype: str = "bf16", target=None, fast: bool = True,
-    pairs: int = 32, bwd_heads: int = 4, atomic: bool = True,
-    tokens: int = 32, given: bool = False, pair_major: bool = True, segmented: bool = True,
+    bwd_heads: int = 4, atomic: bool = True, tokens: int = 32, given: bool = False,
+    pair_major: bool = True,
 ):  # fmt: skip
-    """Compile the rotary and angle-scan forward and backward kernels ahead of time (no GPU
-    needed) for ``target`` (default sm_90); fast: hardware trig in the rotary kernels; pairs:
-    angle pairs per angle-scan program; bwd_heads, atomic: heads per rotary-backward program
-    and whether those add into dq/dk; tokens: tokens per rotary
-    program; given: the backward whose d theta the core backward formed (it takes 16-bit dqr,
-    dkr and leaves d theta alone); pair_major: qr, kr (and their gradients) in the core's
-    pair-member column order, as the backward's recompute runs them; segmented: the angle scans
-    walk segments of the sequence from carries (_angle_segments; their sums kernel is then also
-    built). Returns {name: compiled}."""
+    """Compile the rotary forward and backward kernels ahead of time (no GPU needed) for
+    ``target`` (default sm_90); fast: hardware trig; bwd_heads, atomic: heads per backward
+    program and whether those add into dq/dk; tokens: tokens per program; given: the backward
+    whose d theta the core backward formed (it takes 16-bit dqr, dkr and leaves d theta alone);
+    pair_major: qr, kr (and their gradients) in the core's pair-member column order, as the
+    backward's recompute runs them. Returns {name: compiled}."""
     from triton.backends.compiler import GPUTarget
 
     target = target or GPUTarget("cuda", 90, 64)
@@ -879,26 +465,4 @@ def compile_kernels(
             **(_cap("rot_bwd_maxnreg") if fn is bwd_fn else {}),
         }
         out[name] = triton.compile(src, target=target, options=opts)
-    sp = min(triton.next_power_of_2(S), pairs)
-    ac = dict(S=S, SP=sp, BL=KNOBS["angle_step"], VARLEN=False, STAGES=KNOBS["angle_stages"],
-              SEGMENTED=segmented)  # fmt: skip
-    afwd = {"ang_ptr": "*fp32", "dt_ptr": "*fp32", "a0_ptr": "*fp32", "cu_ptr": "*i32",
-            "sums_ptr": "*fp32", "th_ptr": "*fp32", "L": "i32", "H": "i32",
-            "SEG": "i32"}  # fmt: skip
-    abwd = {"gth_ptr": "*fp32", "ang_ptr": "*fp32", "dt_ptr": "*fp32", "cu_ptr": "*i32",
-            "sums_ptr": "*fp32", "dang_ptr": "*fp32", "ddt_ptr": "*fp32", "da0_ptr": "*fp32",
-            "L": "i32", "H": "i32", "SEG": "i32"}  # fmt: skip
-    asums = {"x_ptr": "*fp32", "dt_ptr": "*fp32", "sums_ptr": "*fp32", "L": "i32", "H": "i32",
-             "SEG": "i32"}  # fmt: skip
-    angle_launches = [
-        ("angle_fwd", _angle_fwd_kernel, afwd, {**ac, "HAS_A0": True}),
-        ("angle_bwd", _angle_bwd_kernel, abwd, {**ac, "ATOMIC": sp < S}),
-    ]
-    if segmented:
-        sc = dict(S=S, SP=sp, BL=KNOBS["angle_step"], RATE=True)
-        angle_launches.append(("angle_sums", _angle_sums_kernel, asums, sc))
-    for name, fn, sig, c in angle_launches:
-        sig = {**sig, **{k: "constexpr" for k in c}}
-        src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=c)
-        out[name] = triton.compile(src, target=target, options={"num_warps": KNOBS["angle_warps"]})
     return out

@@ -1,6 +1,6 @@
-"""Triton building blocks of the core's kernels (core_scan's forward and backward, core_segments'
-segment-state kernels), in a module of their own so that those modules import them one way:
-core_scan -> core_segments -> core_tiles.
+"""Triton building blocks of the core's kernels (core_scan's forward, core_bwd_kernel's backward,
+core_segments' segment-state kernels), in a module of their own so that those modules import
+them one way: core_scan -> core_bwd_kernel, core_segments -> core_tiles.
 
 They read one chunk of a (sequence, head)'s rows (coefficients and the dot operands rounded to
 the dot dtype) and step a state, or a state gradient, over it: the chunk steps whose rounded

@@ -1,4 +1,5 @@
-"""Triton building blocks shared by the chunked forward kernels (chunk_fwd, chunk_fwd_split).
+"""Triton building blocks shared by the chunked forward kernels (chunk_fwd_kernel, chunk_fwd_split,
+chunk_fwd_blocks; the rotary pass, core_rotary, takes their pair loads and stores).
 
 Tiles of q, k and the state are kept as two (rows, N/2) halves lo, hi: the two members of each
 rotary pair. When only the first N/4 pairs can rotate (S <= N/4), their members are zipped
