@@ -347,7 +347,7 @@ def test_config_space_and_constraints():
             assert cf.constraint(problem, default, None) is None, (problem, default)
             space = cf.search_space(problem)
             keys = {"chunk_size", "block_p", "num_warps", "num_stages", "prefetch"}
-            split_keys = {"split", "segment"}
+            split_keys = {"split", "segment", "path"}
             assert set(space) == (keys | split_keys if seqlen > 256 else keys)
             # (SISO whose sequences make one segment each walks them whole: see below)
             assert bool(default.split) == (seqlen > 256 and (rank > 1 or default.segment < seqlen))

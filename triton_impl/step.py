@@ -192,6 +192,8 @@ def _step_kernel(
     th_old = tl.load(sa_ptr + bh * S + j, mask=rot, other=0.0)
     rate = tl.load(ang_ptr + b * s_a_b + h * S + j, mask=rot, other=0.0)
     theta = th_old + 3.141592653589793 * _tanh(rate) * dt
+    # kept in [0, 2 pi): a stored angle that grew step after step would lose fp32 precision
+    theta = theta - tl.floor(theta * 0.15915494309189535) * 6.283185307179586
     cos = tl.cos(theta)
     sin_signed = tl.where(first, -tl.sin(theta), tl.sin(theta))
 

@@ -12,12 +12,52 @@ zero (there is no next step), so the last carried state is the true Hs_L.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 
 from ..inputs import ScanInputs
 from ..state import Mamba3State
-from .common import epilogue, final_state, prepare
+from .common import Prepared, epilogue, final_state, prepare
+
+# Per-token log-decays are floored here before their running sum: exp of anything below it is
+# zero in fp32 and fp64 alike, so no product changes, and the sum cannot overflow.
+MIN_LOG_DECAY = -1e4
+
+
+def _poisoned(p: Prepared) -> torch.Tensor | None:
+    """(B, L, H) True from the first token of a (sequence, head) whose per-token inputs are not
+    all finite, or None when every token is. The recurrence is causal: such a token may reach
+    only its own and later outputs, so the chunked form runs on the clean tokens and marks
+    those outputs NaN afterwards (multiplying a masked-out inf by zero would reach back)."""
+    per_token = [p.qr.isfinite().all(-1).all(2), p.kr.isfinite().all(-1).all(2),
+                 p.vr.isfinite().all(-1).all(2), p.adt.isfinite(), p.dt.isfinite(),
+                 p.lam.isfinite(), p.theta.isfinite().all(-1)]  # fmt: skip
+    if p.zr is not None:
+        per_token.append(p.zr.isfinite().all(-1).all(2))
+    bad = ~torch.stack(per_token).all(0)
+    if not bad.any():
+        return None
+    return bad.cummax(dim=1).values
+
+
+def _cleaned(p: Prepared, poisoned: torch.Tensor) -> Prepared:
+    """``p`` with every per-token quantity of the poisoned tokens zeroed (their outputs are
+    overwritten; earlier ones never read them)."""
+
+    def zero(x, expand):
+        return None if x is None else x.masked_fill(expand(poisoned), 0)
+
+    rank_axis = lambda m: m[:, :, None, :, None]  # noqa: E731  (B, L, R, H, X)
+    last_axis = lambda m: m[..., None]  # noqa: E731  (B, L, H, S)
+    return dataclasses.replace(
+        p, qr=zero(p.qr, rank_axis), kr=zero(p.kr, rank_axis), vr=zero(p.vr, rank_axis),
+        zr=zero(p.zr, rank_axis), adt=zero(p.adt, lambda m: m), dt=zero(p.dt, lambda m: m),
+        lam=zero(p.lam, lambda m: m), alpha=zero(p.alpha, lambda m: m),
+        beta=zero(p.beta, lambda m: m), gamma=zero(p.gamma, lambda m: m),
+        theta=zero(p.theta, last_axis),
+    )  # fmt: skip
 
 
 def _pad_chunks(x: torch.Tensor, nchunks: int, chunk: int) -> torch.Tensor:
@@ -41,6 +81,9 @@ def chunked_scan(
     seqlen = p.seqlen
     if seqlen == 0:
         return epilogue(p, p.vr.new_zeros(p.vr.shape)), final_state(p, inputs, p.ssm0)
+    poisoned = _poisoned(p)
+    if poisoned is not None:
+        p = _cleaned(p, poisoned)
 
     # folded trapezoid weight: f_s = dt_{s+1} (1 - lam_{s+1}), zero past the sequence end
     nxt = p.dt * (1 - p.lam)  # (B, L, H)
@@ -52,7 +95,8 @@ def chunked_scan(
     # Padded steps have adt = 0 and w = 0: they neither decay nor add to the state.
     qr, kr, vr = (_pad_chunks(x, nc, chunk) for x in (p.qr, p.kr, p.vr))  # (B, nc, C, R, H, X)
     adt, w, fold = (_pad_chunks(x, nc, chunk) for x in (p.adt, w, fold))  # (B, nc, C, H)
-    c = torch.cumsum(adt, dim=2)  # inclusive cumulative log-decay inside each chunk
+    # inclusive cumulative log-decay inside each chunk
+    c = torch.cumsum(adt.clamp(min=MIN_LOG_DECAY), dim=2)
 
     # decay[b, j, h, t, s] = exp(c_t - c_s) for s <= t, from differences (never a ratio)
     ct = c.permute(0, 1, 3, 2)  # (B, nc, H, C)
@@ -82,4 +126,13 @@ def chunked_scan(
     y = y + torch.exp(c)[:, :, :, None, :, None] * torch.einsum("bjhpn,bjtrhn->bjtrhp", h_in, qr)
 
     y = y.flatten(1, 2)[:, :seqlen]
-    return epilogue(p, y), final_state(p, inputs, h)
+    out, state = epilogue(p, y), final_state(p, inputs, h)
+    if poisoned is not None:
+        nan = float("nan")
+        mask = poisoned[..., None] if out.dim() == 4 else poisoned[:, :, None, :, None]
+        out = out.masked_fill(mask, nan)
+        last = poisoned[:, -1]  # (B, H)
+        state = Mamba3State(state.angle.masked_fill(last[..., None], nan),
+                            state.ssm.masked_fill(last[..., None, None], nan),
+                            state.k.masked_fill(last[:, None, :, None], nan), state.v)  # fmt: skip
+    return out, state

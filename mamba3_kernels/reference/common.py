@@ -147,8 +147,11 @@ def prepare(inputs: ScanInputs, rotary: str) -> Prepared:
         theta0 = state.angle.to(cd)
     else:
         theta0 = torch.zeros(bsz, nheads, nangles, dtype=cd, device=v.device)
-    inc = math.pi * torch.tanh(inputs.angles.to(cd)) * dt.unsqueeze(-1)  # (B, L, H, S)
-    theta = theta0.unsqueeze(1) + torch.cumsum(inc, dim=1)
+    # The angles are summed in float64 and kept modulo 2 pi: the rotation stays accurate at any
+    # length, and a stored angle state never grows (decode continues from it step after step).
+    inc = math.pi * torch.tanh(inputs.angles.double()) * dt.double().unsqueeze(-1)  # (B,L,H,S)
+    theta = theta0.double().unsqueeze(1) + torch.cumsum(inc, dim=1)
+    theta = torch.remainder(theta, 2 * math.pi).to(cd)
 
     rot = theta.unsqueeze(2)  # broadcast over the rank axis
     qr = rotate(q + q_bias, rot, rotary)
