@@ -6,7 +6,8 @@ import torch
 
 from .dispatch import plan
 from .inputs import ScanInputs
-from .ops import scan_autograd, scan_eager
+from .ops import scan_args, scan_autograd, scan_eager, step_args
+from .schema import grad_tensors
 from .state import Mamba3State
 from .validate import _validate
 
@@ -49,17 +50,8 @@ def scan(
     problem, inputs = _validate(
         False, tensors, initial_state, return_final_state, cu_seqlens, rotary, chunk_size
     )
-    state = inputs.initial_state
     if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
-        out, *final = torch.ops.mamba3.scan(
-            *inputs[:14],
-            *(state if state is not None else (None,) * 4),
-            inputs.cu_seqlens,
-            problem.return_final_state,
-            problem.rotary,
-            chunk_size or 0,
-            backend,
-        )
+        out, *final = torch.ops.mamba3.scan(*scan_args(problem, inputs, backend))
     elif _needs_grad(inputs):
         # Eager with autograd: the op's autograd without its dispatch (ops.scan_autograd).
         out, *final = scan_autograd(problem, inputs, backend)
@@ -75,9 +67,7 @@ def _needs_grad(inputs: ScanInputs) -> bool:
     """Whether autograd must record this call (grad mode on and some input requires grad)."""
     if not torch.is_grad_enabled():
         return False
-    state = inputs.initial_state
-    tensors = (*inputs[:14], *(state if state is not None else ()))
-    return any(t is not None and t.requires_grad for t in tensors)
+    return any(t is not None and t.requires_grad for t in grad_tensors(inputs))
 
 
 def step(
@@ -120,7 +110,7 @@ def step(
     problem, inputs = _validate(True, tensors, state, True, None, rotary, None)
     state = inputs.initial_state
     if torch.compiler.is_compiling():
-        out = torch.ops.mamba3.step(*inputs[:9], *state, *inputs[9:14], problem.rotary, backend)
+        out = torch.ops.mamba3.step(*step_args(problem, inputs, backend))
     else:  # eager: skip the op's Python dispatch, which costs tens of microseconds per call
         chosen, configs = plan(problem, backend, "decode")  # run_step's body
         out = chosen.step(problem, inputs, state, configs)

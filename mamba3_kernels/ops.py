@@ -1,10 +1,13 @@
 """The registered ops: ``torch.ops.mamba3.scan`` (with autograd) and ``torch.ops.mamba3.step``.
 
 Ops take flat tensors (a state is four tensors; absent optionals are None) so torch.library can
-describe them. They re-derive the Problem from shapes, pick the backend and run it. Without a
-final state, the four state outputs are empty tensors. No ``from __future__ import annotations``
-here: torch.library reads the real annotations.
+describe them. Their arguments are declared once, in schema.py (SCAN, SCAN_BWD, STEP): each op is
+registered with the schema string made there, and its body, fake and autograd read its
+arguments through it. They re-derive the Problem from shapes, pick the backend and run it.
+Without a final state, the four state outputs are empty tensors.
 """
+
+from __future__ import annotations
 
 from typing import Any
 
@@ -15,134 +18,48 @@ from .dispatch import plan
 from .eager_calls import apply_positional
 from .inputs import ScanInputs
 from .problem import Problem
+from .schema import SCAN, SCAN_BWD, SCAN_OUTPUTS, STEP
 from .state import Mamba3State
 from .validate import describe
 
 # Names of the differentiable inputs of mamba3::scan, in op-argument order.
-GRAD_INPUTS = (
-    "q",
-    "k",
-    "v",
-    "adt",
-    "dt",
-    "trap",
-    "q_bias",
-    "k_bias",
-    "angles",
-    "D",
-    "z",
-    "mimo_v",
-    "mimo_z",
-    "mimo_o",
-    "angle0",
-    "ssm0",
-    "k0",
-    "v0",
-)
+GRAD_INPUTS = SCAN.grad_names
 # The same inputs as Backend.scan_backward names them (ScanInputs fields, initial_state.<field>).
-BACKEND_GRAD_KEYS = GRAD_INPUTS[:14] + tuple(
-    f"initial_state.{f}" for f in ("angle", "ssm", "k", "v")
-)
+BACKEND_GRAD_KEYS = SCAN.grad_fields
+_N = SCAN.n_tensors  # mamba3::scan's tensor arguments come first, its options after them
+_N_OUT = len(SCAN_OUTPUTS)
+_BACKEND = SCAN.names.index("backend")
 
 
-def _inputs(
-    q,
-    k,
-    v,
-    adt,
-    dt,
-    trap,
-    q_bias,
-    k_bias,
-    angles,
-    D,
-    z,
-    mimo_v,
-    mimo_z,
-    mimo_o,
-    angle0,
-    ssm0,
-    k0,
-    v0,
-    cu_seqlens,
-) -> ScanInputs:
-    state = None if angle0 is None else Mamba3State(angle0, ssm0, k0, v0)
-    return ScanInputs(
-        q,
-        k,
-        v,
-        adt,
-        dt,
-        trap,
-        q_bias,
-        k_bias,
-        angles,
-        D,
-        z,
-        mimo_v,
-        mimo_z,
-        mimo_o,
-        state,
-        cu_seqlens,
-    )
+def scan_args(problem: Problem, inputs: ScanInputs, backend: str) -> tuple:
+    """mamba3::scan's arguments for a validated call (options in SCAN.options order)."""
+    rfs, chunk_size = problem.return_final_state, problem.chunk_size or 0
+    return SCAN.call_args(inputs, rfs, problem.rotary, chunk_size, backend)
+
+
+def step_args(problem: Problem, inputs: ScanInputs, backend: str) -> tuple:
+    """mamba3::step's arguments for a validated call (``inputs.initial_state``: the state to
+    update; options in STEP.options order)."""
+    return STEP.call_args(inputs, problem.rotary, backend)
 
 
 def _state_dtype(q: Tensor) -> torch.dtype:
     return torch.float64 if q.dtype == torch.float64 else torch.float32
 
 
-@torch.library.custom_op("mamba3::scan", mutates_args=())
-def scan_op(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    adt: Tensor,
-    dt: Tensor,
-    trap: Tensor,
-    q_bias: Tensor,
-    k_bias: Tensor,
-    angles: Tensor,
-    D: Tensor | None,
-    z: Tensor | None,
-    mimo_v: Tensor | None,
-    mimo_z: Tensor | None,
-    mimo_o: Tensor | None,
-    angle0: Tensor | None,
-    ssm0: Tensor | None,
-    k0: Tensor | None,
-    v0: Tensor | None,
-    cu_seqlens: Tensor | None,
-    return_final_state: bool,
-    rotary: str,
-    chunk_size: int,
-    backend: str,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Forward scan on validated inputs; chunk_size <= 0 means the backend's choice."""
-    inputs = _inputs(
-        q,
-        k,
-        v,
-        adt,
-        dt,
-        trap,
-        q_bias,
-        k_bias,
-        angles,
-        D,
-        z,
-        mimo_v,
-        mimo_z,
-        mimo_o,
-        angle0,
-        ssm0,
-        k0,
-        v0,
-        cu_seqlens,
-    )
-    problem = describe(
-        inputs, False, rotary, return_final_state, chunk_size if chunk_size > 0 else None
-    )
-    return run_scan(problem, inputs, backend)
+def _scan_problem(inputs: ScanInputs, a: Any) -> Problem:
+    """The Problem of mamba3::scan's arguments ``a`` (SCAN.bind), their ScanInputs ``inputs``."""
+    chunk_size = a.chunk_size if a.chunk_size > 0 else None
+    return describe(inputs, False, a.rotary, a.return_final_state, chunk_size)
+
+
+@torch.library.custom_op(SCAN.name, mutates_args=SCAN.mutated, schema=SCAN.schema)
+def scan_op(*args: Any) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Forward scan on validated inputs (arguments: schema.SCAN); chunk_size <= 0 means the
+    backend's choice."""
+    inputs = SCAN.inputs(args)
+    a = SCAN.bind(args)
+    return run_scan(_scan_problem(inputs, a), inputs, a.backend)
 
 
 def run_scan(
@@ -222,41 +139,19 @@ def _owned(t: Tensor, dtype: torch.dtype, taken: set[int]) -> Tensor:
 
 
 @scan_op.register_fake
-def _scan_fake(
-    q,
-    k,
-    v,
-    adt,
-    dt,
-    trap,
-    q_bias,
-    k_bias,
-    angles,
-    D,
-    z,
-    mimo_v,
-    mimo_z,
-    mimo_o,
-    angle0,
-    ssm0,
-    k0,
-    v0,
-    cu_seqlens,
-    return_final_state,
-    rotary,
-    chunk_size,
-    backend,
-):
+def _scan_fake(*args):
+    a = SCAN.bind(args)
+    q, v = a.q, a.v
     mimo = q.dim() == 5
     B, L, H, P = v.shape
     R = q.shape[2] if mimo else 1
-    N, S = q.shape[-1], angles.shape[-1]
-    out_shape = (B, L, R, H, P) if mimo and mimo_o is None else (B, L, H, P)
+    N, S = q.shape[-1], a.angles.shape[-1]
+    out_shape = (B, L, R, H, P) if mimo and a.mimo_o is None else (B, L, H, P)
     out = v.new_empty(out_shape)
-    if not return_final_state:
+    if not a.return_final_state:
         empty = q.new_empty((0,))
         return out, empty, q.new_empty((0,)), q.new_empty((0,)), q.new_empty((0,))
-    nseq = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    nseq = B if a.cu_seqlens is None else a.cu_seqlens.shape[0] - 1
     sd = _state_dtype(q)
     return (
         out,
@@ -267,82 +162,27 @@ def _scan_fake(
     )
 
 
-@torch.library.custom_op("mamba3::scan_bwd", mutates_args=())
-def scan_bwd_op(
-    grad_out: Tensor,
-    grad_angle: Tensor,
-    grad_ssm: Tensor,
-    grad_k: Tensor,
-    grad_v: Tensor,
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    adt: Tensor,
-    dt: Tensor,
-    trap: Tensor,
-    q_bias: Tensor,
-    k_bias: Tensor,
-    angles: Tensor,
-    D: Tensor | None,
-    z: Tensor | None,
-    mimo_v: Tensor | None,
-    mimo_z: Tensor | None,
-    mimo_o: Tensor | None,
-    angle0: Tensor | None,
-    ssm0: Tensor | None,
-    k0: Tensor | None,
-    v0: Tensor | None,
-    cu_seqlens: Tensor | None,
-    return_final_state: bool,
-    rotary: str,
-    chunk_size: int,
-    backend: str,
-) -> list[Tensor]:
+@torch.library.custom_op(SCAN_BWD.name, mutates_args=SCAN_BWD.mutated, schema=SCAN_BWD.schema)
+def scan_bwd_op(*args: Any) -> list[Tensor]:
     """Gradients of mamba3::scan's inputs, in GRAD_INPUTS order (an empty tensor for an absent
-    input). Backends without their own backward go through the differentiable reference."""
-    return run_scan_bwd(
-        grad_out, grad_angle, grad_ssm, grad_k, grad_v, q, k, v, adt, dt, trap, q_bias, k_bias,
-        angles, D, z, mimo_v, mimo_z, mimo_o, angle0, ssm0, k0, v0, cu_seqlens,
-        return_final_state, rotary, chunk_size, backend,
-    )  # fmt: skip
+    input); arguments: schema.SCAN_BWD (the gradients of the scan's results, then the scan's
+    arguments). Backends without their own backward go through the differentiable reference."""
+    return run_scan_bwd(args)
 
 
-def run_scan_bwd(
-    grad_out, grad_angle, grad_ssm, grad_k, grad_v, q, k, v, adt, dt, trap, q_bias, k_bias,
-    angles, D, z, mimo_v, mimo_z, mimo_o, angle0, ssm0, k0, v0, cu_seqlens,
-    return_final_state, rotary, chunk_size, backend, residual=None,
-) -> list[Tensor]:  # fmt: skip
-    """The body of mamba3::scan_bwd (same arguments and result). Called directly from the
-    scan's autograd backward outside torch.compile: there, unlike inside an op's kernel, plain
-    autograd records, which costs a backend's recompute far less host time than functorch.
+def run_scan_bwd(args: tuple, residual: tuple[str, Any] | None = None) -> list[Tensor]:
+    """The body of mamba3::scan_bwd (``args``: its arguments; same result). Called directly from
+    the scan's autograd backward outside torch.compile: there, unlike inside an op's kernel,
+    plain autograd records, which costs a backend's recompute far less host time than functorch.
     residual: (backend name, residual) from run_scan_for_backward, or None; passed on to the
     backward's backend when it is the one that made it."""
-    args = (
-        q,
-        k,
-        v,
-        adt,
-        dt,
-        trap,
-        q_bias,
-        k_bias,
-        angles,
-        D,
-        z,
-        mimo_v,
-        mimo_z,
-        mimo_o,
-        angle0,
-        ssm0,
-        k0,
-        v0,
-    )
-    inputs = _inputs(*args, cu_seqlens)
-    problem = describe(
-        inputs, False, rotary, return_final_state, chunk_size if chunk_size > 0 else None
-    )
-    chosen, configs = plan(problem, backend, "training")
-    grad_state = Mamba3State(grad_angle, grad_ssm, grad_k, grad_v) if return_final_state else None
+    grad_out, *grad_final = args[:_N_OUT]
+    fwd = args[_N_OUT:]  # mamba3::scan's arguments
+    inputs = SCAN.inputs(fwd)
+    a = SCAN.bind(fwd)
+    problem = _scan_problem(inputs, a)
+    chosen, configs = plan(problem, a.backend, "training")
+    grad_state = Mamba3State(*grad_final) if a.return_final_state else None
     if chosen.has_backward:
         kept = residual[1] if residual is not None and residual[0] == chosen.name else None
         if kept is None:
@@ -350,9 +190,10 @@ def run_scan_bwd(
         else:
             grads = chosen.scan_backward(problem, inputs, grad_out, grad_state, configs, kept)
         return [
-            _or_empty(grads.get(key), a, q) for key, a in zip(BACKEND_GRAD_KEYS, args, strict=True)
+            _or_empty(grads.get(key), fwd[i], a.q)
+            for key, i in zip(BACKEND_GRAD_KEYS, SCAN.grad_index, strict=True)
         ]
-    return _reference_backward(problem, args, cu_seqlens, grad_out, grad_state)
+    return _reference_backward(problem, fwd, grad_out, grad_state)
 
 
 def _or_empty(g: Tensor | None, a: Tensor | None, like: Tensor) -> Tensor:
@@ -361,50 +202,49 @@ def _or_empty(g: Tensor | None, a: Tensor | None, like: Tensor) -> Tensor:
     return torch.zeros_like(a) if g is None else g
 
 
-def _reference_backward(problem, args, cu_seqlens, grad_out, grad_state) -> list[Tensor]:
+def _reference_backward(problem, fwd, grad_out, grad_state) -> list[Tensor]:
     # torch.func.vjp, not torch.autograd.grad: inside the op's kernel (torch.compile) plain
     # autograd records nothing, while functorch's transform works there and in eager calls.
     from .reference import reference_scan
 
-    present = [i for i, a in enumerate(args) if a is not None and a.is_floating_point()]
+    present = [i for i in SCAN.grad_index if fwd[i] is not None and fwd[i].is_floating_point()]
 
     def forward(*tensors):
-        full = list(args)
+        full = list(fwd)
         for i, t in zip(present, tensors, strict=True):
             full[i] = t
         out, state = reference_scan(
-            _inputs(*full, cu_seqlens), problem.rotary, chunk_size=problem.chunk_size or 64
+            SCAN.inputs(full), problem.rotary, chunk_size=problem.chunk_size or 64
         )
         return (out, *state) if grad_state is not None else (out,)
 
-    _, vjp = torch.func.vjp(forward, *(args[i] for i in present))
+    _, vjp = torch.func.vjp(forward, *(fwd[i] for i in present))
     cotangents = (grad_out, *grad_state) if grad_state is not None else (grad_out,)
     grads = dict(zip(present, vjp(cotangents), strict=True))
-    return [_or_empty(grads.get(i), a, args[0]) for i, a in enumerate(args)]
+    return [_or_empty(grads.get(i), fwd[i], fwd[0]) for i in SCAN.grad_index]
 
 
 @scan_bwd_op.register_fake
-def _scan_bwd_fake(grad_out, grad_angle, grad_ssm, grad_k, grad_v, *rest):
-    args = rest[:18]
-    return [a.new_empty(a.shape) if a is not None else rest[0].new_empty((0,)) for a in args]
+def _scan_bwd_fake(*args):
+    fwd = args[_N_OUT:]
+    return [t.new_empty(t.shape) if t is not None else fwd[0].new_empty((0,))
+            for t in SCAN.grad_args(fwd)]  # fmt: skip
 
 
 def _setup_context(ctx, inputs, output):
-    ctx.save_for_backward(*inputs[:19])
-    ctx.flags = inputs[19:]
+    ctx.save_for_backward(*inputs[:_N])
+    ctx.flags = inputs[_N:]
 
 
-def _backward(ctx, grad_out, grad_angle, grad_ssm, grad_k, grad_v):
+def _backward(ctx, *grads):
     saved = ctx.saved_tensors
+    fwd = saved[:_N]
     # torch.compile traces the op; eager calls run its body directly (see run_scan_bwd)
     if torch.compiler.is_compiling():
-        grads = torch.ops.mamba3.scan_bwd(grad_out, grad_angle, grad_ssm, grad_k, grad_v,
-                                          *saved, *ctx.flags)  # fmt: skip
+        result = torch.ops.mamba3.scan_bwd(*grads, *fwd, *ctx.flags)
     else:
-        grads = run_scan_bwd(grad_out, grad_angle, grad_ssm, grad_k, grad_v, *saved[:19],
-                             *ctx.flags, _residual(ctx, saved))  # fmt: skip
-    result = [g if a is not None else None for g, a in zip(grads, saved[:18], strict=True)]
-    return (*result, None, None, None, None, None)
+        result = run_scan_bwd((*grads, *fwd, *ctx.flags), _residual(ctx, saved))
+    return SCAN.per_argument(result, fwd)
 
 
 def _residual(ctx, saved) -> tuple[str, Any] | None:
@@ -412,7 +252,7 @@ def _residual(ctx, saved) -> tuple[str, Any] | None:
     name = getattr(ctx, "residual_backend", None)
     if name is None:
         return None
-    return (name, saved[19] if len(saved) > 19 else ctx.residual_object)
+    return (name, saved[_N] if len(saved) > _N else ctx.residual_object)
 
 
 scan_op.register_autograd(_backward, setup_context=_setup_context)
@@ -426,15 +266,15 @@ class _EagerScan(torch.autograd.Function):
     time per training call on this project's CPU machine, docs/performance.md)."""
 
     @staticmethod
-    def forward(problem, *args):  # args: the op's arguments (backend last)
-        outputs, residual, name = run_scan_for_backward(problem, _inputs(*args[:19]), args[-1])
+    def forward(problem, *args):  # args: the op's arguments
+        outputs, residual, name = run_scan_for_backward(problem, SCAN.inputs(args), args[_BACKEND])
         if residual is None:
             return (*outputs, None, None)
         return (*outputs, residual, name)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        residual, name = output[5], output[6]
+        residual, name = output[_N_OUT], output[_N_OUT + 1]
         if residual is None:
             _setup_context(ctx, inputs[1:], output)
             return
@@ -443,21 +283,21 @@ class _EagerScan(torch.autograd.Function):
         # any other object (the Triton backend's recorded autograd graph of the forward) is
         # kept on ctx, freed with it.
         if isinstance(residual, Tensor):
-            ctx.save_for_backward(*inputs[1:20], residual)
+            ctx.save_for_backward(*inputs[1 : 1 + _N], residual)
             ctx.mark_non_differentiable(residual)
         else:
-            ctx.save_for_backward(*inputs[1:20])
+            ctx.save_for_backward(*inputs[1 : 1 + _N])
             ctx.residual_object = residual
-        ctx.flags = inputs[20:]
+        ctx.flags = inputs[1 + _N :]
         ctx.residual_backend = name
         # No zero-filled gradient for the residual (the size of y: a fill of R times v's
         # bytes per backward); the outputs' gradients are then zero-filled here when absent.
         ctx.set_materialize_grads(False)
-        ctx.outputs = [(t.shape, t.dtype, t.device) for t in output[:5]]
+        ctx.outputs = [(t.shape, t.dtype, t.device) for t in output[:_N_OUT]]
 
     @staticmethod
     def backward(ctx, *grads):
-        grads = grads[:5]
+        grads = grads[:_N_OUT]
         if getattr(ctx, "outputs", None) is not None:
             grads = [
                 g if g is not None else torch.zeros(shape, dtype=dtype, device=device)
@@ -472,45 +312,17 @@ def scan_autograd(
     """What ``torch.ops.mamba3.scan`` returns, for a validated eager call that autograd records
     (outside torch.compile and functorch transforms, which need the op): out and the final
     state's angle, ssm, k, v (empty tensors without a final state)."""
-    state = inputs.initial_state
-    return apply_positional(
-        _EagerScan, problem, *inputs[:14], *(state if state is not None else (None,) * 4),
-        inputs.cu_seqlens, problem.return_final_state, problem.rotary,
-        problem.chunk_size or 0, backend,
-    )[:5]  # fmt: skip
+    return apply_positional(_EagerScan, problem, *scan_args(problem, inputs, backend))[:_N_OUT]
 
 
-@torch.library.custom_op(
-    "mamba3::step", mutates_args=("angle_state", "ssm_state", "k_state", "v_state")
-)
-def step_op(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    adt: Tensor,
-    dt: Tensor,
-    trap: Tensor,
-    q_bias: Tensor,
-    k_bias: Tensor,
-    angles: Tensor,
-    angle_state: Tensor,
-    ssm_state: Tensor,
-    k_state: Tensor,
-    v_state: Tensor,
-    D: Tensor | None,
-    z: Tensor | None,
-    mimo_v: Tensor | None,
-    mimo_z: Tensor | None,
-    mimo_o: Tensor | None,
-    rotary: str,
-    backend: str,
-) -> Tensor:
-    """One decode step on validated inputs; updates the four state tensors in place."""
-    state = Mamba3State(angle_state, ssm_state, k_state, v_state)
-    inputs = ScanInputs(
-        q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, z, mimo_v, mimo_z, mimo_o, state, None
-    )
-    return run_step(describe(inputs, True, rotary, True, None), inputs, state, backend)
+@torch.library.custom_op(STEP.name, mutates_args=STEP.mutated, schema=STEP.schema)
+def step_op(*args: Any) -> Tensor:
+    """One decode step on validated inputs (arguments: schema.STEP); updates the four state
+    tensors in place."""
+    inputs = STEP.inputs(args)
+    a = STEP.bind(args)
+    problem = describe(inputs, True, a.rotary, True, None)
+    return run_step(problem, inputs, inputs.initial_state, a.backend)
 
 
 def run_step(problem: Problem, inputs: ScanInputs, state: Mamba3State, backend: str) -> Tensor:
@@ -520,29 +332,10 @@ def run_step(problem: Problem, inputs: ScanInputs, state: Mamba3State, backend: 
 
 
 @step_op.register_fake
-def _step_fake(
-    q,
-    k,
-    v,
-    adt,
-    dt,
-    trap,
-    q_bias,
-    k_bias,
-    angles,
-    angle_state,
-    ssm_state,
-    k_state,
-    v_state,
-    D,
-    z,
-    mimo_v,
-    mimo_z,
-    mimo_o,
-    rotary,
-    backend,
-):
+def _step_fake(*args):
+    a = STEP.bind(args)
+    q, v = a.q, a.v
     mimo = q.dim() == 4
     B, H, P = v.shape
-    shape = (B, q.shape[1], H, P) if mimo and mimo_o is None else (B, H, P)
+    shape = (B, q.shape[1], H, P) if mimo and a.mimo_o is None else (B, H, P)
     return v.new_empty(shape)

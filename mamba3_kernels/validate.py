@@ -278,7 +278,7 @@ def _validate(
             inputs = _tuple_new(ValidatedInputs, (*tensors, state, None))
             inputs.validated_problem = problem
             return problem, inputs
-    problem, inputs = _check_and_describe(step, *tensors, state, return_final_state, cu_seqlens,
+    problem, inputs = _check_and_describe(step, tensors, state, return_final_state, cu_seqlens,
                                           rotary, chunk_size)  # fmt: skip
     if key is not None:
         if len(_VALIDATED) >= _VALIDATED_MAX:
@@ -296,26 +296,16 @@ _tuple_new = tuple.__new__
 
 def _check_and_describe(
     step: bool,
-    q,
-    k,
-    v,
-    adt,
-    dt,
-    trap,
-    q_bias,
-    k_bias,
-    angles,
-    D,
-    z,
-    mimo_v,
-    mimo_z,
-    mimo_o,
+    tensors: tuple,
     state,
     return_final_state,
     cu_seqlens,
     rotary,
     chunk_size,
 ) -> tuple[Problem, ScanInputs]:
+    """The full checks; ``tensors``: q .. mimo_o (ScanInputs order), returned unchanged in the
+    ScanInputs."""
+    q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, z, mimo_v, mimo_z, mimo_o = tensors
     # With the L axis absent (a step), the same checks run on shapes with L = 1 inserted.
     q = _tensor("q", q)
     siso_dims, mimo_dims = (3, 4) if step else (4, 5)
@@ -420,24 +410,7 @@ def _check_and_describe(
         state = _check_state(state_name, state, nseq, H, P, N, S, R, device, need_contiguous=step)
     if _check_values_enabled(device.type):
         _check_values(adt, dt)
-    inputs = ScanInputs(
-        q,
-        k,
-        v,
-        adt,
-        dt,
-        trap,
-        q_bias,
-        k_bias,
-        angles,
-        D,
-        z,
-        mimo_v,
-        mimo_z,
-        mimo_o,
-        state,
-        cu_seqlens,
-    )
+    inputs = ScanInputs(*tensors, state, cu_seqlens)  # the checks return each tensor as given
     problem = describe(inputs, step, rotary, return_final_state, chunk_size)
     return problem, inputs
 

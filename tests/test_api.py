@@ -215,3 +215,62 @@ def test_eager_autograd_path_skips_op_dispatch_and_matches_op(backend, training_
     gb = torch.autograd.grad(lb, [t for t in fb if t is not None] + sb)
     for p, q in zip(ga, gb, strict=True):
         torch.testing.assert_close(p, q, rtol=1e-6 if exact else 1e-4, atol=1e-6 if exact else 1e-4)
+
+
+def test_registered_op_schemas_are_the_schema_modules():
+    # Each op's schema as torch sees it lists exactly schema.py's arguments: names, order,
+    # types, optionality, in-place updates; and the results.
+    from mamba3_kernels import schema
+
+    for op in (schema.SCAN, schema.SCAN_BWD, schema.STEP):
+        registered = getattr(torch.ops.mamba3, op.name.split("::")[1]).default._schema
+        assert str(registered) == op.name + op.schema
+        got = []
+        for a in registered.arguments:
+            optional = isinstance(a.type, torch.OptionalType)
+            kind = str(a.type.getElementType() if optional else a.type)
+            got.append((a.name, kind, optional, bool(a.alias_info and a.alias_info.is_write)))
+        want = [(a.name, a.type.replace("SymInt", "int"), a.optional, a.mutable) for a in op.args]
+        assert got == want
+    assert schema.SCAN_BWD.names[len(schema.SCAN_OUTPUTS) :] == schema.SCAN.names
+    from mamba3_kernels.ops import BACKEND_GRAD_KEYS, GRAD_INPUTS
+
+    assert GRAD_INPUTS == schema.SCAN.names[:18] and BACKEND_GRAD_KEYS[14] == "initial_state.angle"
+
+
+def test_public_signatures_follow_the_schema():
+    # The public calls (and validate_*) name their tensors as the ops do, in the same order.
+    import inspect
+
+    from mamba3_kernels import schema, validate
+
+    fields = schema.TENSOR_FIELDS
+    for fn in (m.scan, validate.validate_scan):
+        params = list(inspect.signature(fn).parameters)
+        assert tuple(params[: len(fields)]) == fields and params[len(fields)] == "initial_state"
+    for fn in (m.step, validate.validate_step):
+        params = list(inspect.signature(fn).parameters)
+        assert tuple(params[:9] + params[10:15]) == fields and params[9] == "state"
+
+
+def test_op_arguments_round_trip_through_scan_inputs():
+    from mamba3_kernels import ops, schema, validate
+
+    x = random_inputs(batch=1, seqlen=3, nheads=2, d_state=8, headdim=4, with_initial_state=True)
+    problem, inputs = validate.validate_scan(*x[:14], x.initial_state, True, chunk_size=2)
+    args = ops.scan_args(problem, inputs, "reference")
+    assert len(args) == len(schema.SCAN.args) and args[-4:] == (True, "interleaved", 2, "reference")
+    back = schema.SCAN.inputs(args)
+    assert all(a is b for a, b in zip(back[:14], inputs[:14], strict=True))
+    assert all(a is b for a, b in zip(back.initial_state, inputs.initial_state, strict=True))
+    assert schema.SCAN.inputs(ops.scan_args(problem, inputs._replace(initial_state=None),
+                                            "auto")).initial_state is None  # fmt: skip
+    s = random_inputs(batch=2, nheads=2, d_state=8, headdim=4, step=True)
+    sp, sin = validate.validate_step(*s[:9], s.initial_state, *s[9:14])
+    sargs = ops.step_args(sp, sin, "auto")
+    assert sargs[9:13] == tuple(sin.initial_state) and sargs[-2:] == ("interleaved", "auto")
+    assert tuple(schema.STEP.inputs(sargs)) == tuple(sin)
+    assert schema.SCAN.options == ("return_final_state", "rotary", "chunk_size", "backend")
+    assert schema.STEP.options == ("rotary", "backend")
+    with pytest.raises(TypeError, match="got 1 options"):
+        schema.STEP.call_args(sin, "auto")
