@@ -307,7 +307,7 @@ def test_bf16_decay_and_angle_gradients_over_many_chunks(rank, L):
      (1, 2, 4, 16, 8, "interleaved"), (2, 1, 4, 16, 4, "halves"), (4, 1, 2, 32, 8, "halves")],
 )  # fmt: skip
 @pytest.mark.parametrize("bwd_heads", [0, 1, 2])
-def test_rotary_kernels_match_torch(rank, G, H, N, S, layout, bwd_heads, monkeypatch):
+def test_rotary_kernels_match_torch(rank, G, H, N, S, layout, bwd_heads):
     """The fused bias + rotary + GQA kernels and their hand-written backward vs PyTorch autograd
     of the same prep in float64 (37 tokens per sequence: a partial last token block); backward
     programs over whole groups or 1-2 heads (dq/dk added atomically); ranks 1, 2 and 4."""
@@ -315,7 +315,7 @@ def test_rotary_kernels_match_torch(rank, G, H, N, S, layout, bwd_heads, monkeyp
     from mamba3_kernels.triton_impl import core_rotary as cr
     from mamba3_kernels.triton_impl import rot_core
 
-    monkeypatch.setitem(cr.KNOBS, "bwd_heads", bwd_heads)
+    cfg = cr.RotaryConfig(bwd_heads=bwd_heads)
     g = torch.Generator().manual_seed(rank * 100 + G * 10 + S)
     B, L = 2, 37
     q = torch.randn(B, L, rank, G, N, generator=g)
@@ -336,7 +336,7 @@ def test_rotary_kernels_match_torch(rank, G, H, N, S, layout, bwd_heads, monkeyp
     want = torch.autograd.grad(
         (want_q * dqr.double()).sum() + (want_k * dkr.double()).sum(), leaves
     )
-    got = cr.rotary_bwd(dqr, dkr, q, k, qb, kb, theta, halves)
+    got = cr.rotary_bwd(dqr, dkr, q, k, qb, kb, theta, halves, cfg=cfg)
     for name, a, b in zip(("dq", "dk", "dqb", "dkb", "dtheta"), got, want, strict=True):
         assert a.shape == b.shape, name
         assert rel_err(a, b) < 1e-5, (name, rel_err(a, b))
@@ -348,7 +348,7 @@ def test_rotary_kernels_match_torch(rank, G, H, N, S, layout, bwd_heads, monkeyp
     assert torch.equal(qp, pm(qr, halves)) and torch.equal(kp, pm(kr, halves))
     assert torch.equal(pm(qp, halves, back=True), qr)
     back = cr.rotary_bwd(pm(dqr, halves), pm(dkr, halves), q, k, qb, kb, theta, halves,
-                         pair_major=True)  # fmt: skip
+                         pair_major=True, cfg=cfg)  # fmt: skip
     for name, a, b in zip(("dq", "dk", "dqb", "dkb", "dtheta"), back, got, strict=True):
         assert rel_err(a, b) < 1e-6, name
 
@@ -368,9 +368,7 @@ def test_angle_scan_matches_torch(cu, init, pairs, programs, monkeypatch):
     from mamba3_kernels.triton_impl import angle_scan as ang_scan
     from mamba3_kernels.triton_impl import core_rotary as cr
 
-    monkeypatch.setitem(cr.KNOBS, "angle_pairs", pairs)
-    monkeypatch.setitem(cr.KNOBS, "angle_step", 64)
-    monkeypatch.setitem(cr.KNOBS, "angle_programs", programs)
+    cfg = cr.RotaryConfig(angle_pairs=pairs, angle_step=64, angle_programs=programs)
 
     g = torch.Generator().manual_seed(3 + init)
     B, L, H, S = (2, 150, 3, 5) if cu is None else (1, 200, 3, 5)
@@ -379,9 +377,9 @@ def test_angle_scan_matches_torch(cu, init, pairs, programs, monkeypatch):
     dt = torch.rand(B, H, L, generator=g) * 0.5 + 0.01
     a0 = torch.rand(nseq, H, S, generator=g) * 20 if init else None
     cu_t = None if cu is None else torch.tensor(cu, dtype=torch.int32)
-    nseg, seg = ang_scan._angle_segments(nseq, H, S, L, cu is not None, ang.device)
+    nseg, seg = ang_scan._angle_segments(nseq, H, S, L, cu is not None, ang.device, cfg)
     assert (nseg, seg) == ((3, 64) if programs and cu is None else (1, L))
-    theta = ang_scan.angle_fwd(ang, dt, a0, cu_t, nseq)
+    theta = ang_scan.angle_fwd(ang, dt, a0, cu_t, nseq, cfg)
 
     leaves = [t.double().requires_grad_() for t in (ang, dt) + ((a0,) if init else ())]
     inc = math.pi * torch.tanh(leaves[0]) * leaves[1].transpose(1, 2)[..., None]
@@ -402,7 +400,7 @@ def test_angle_scan_matches_torch(cu, init, pairs, programs, monkeypatch):
         empty, empty_like = torch.empty, torch.empty_like
         mp.setattr(torch, "empty", lambda *a, **k: empty(*a, **k).fill_(float("nan")))
         mp.setattr(torch, "empty_like", lambda *a, **k: empty_like(*a, **k).fill_(float("nan")))
-        got = ang_scan.angle_bwd(gth, ang, dt, cu_t, nseq)
+        got = ang_scan.angle_bwd(gth, ang, dt, cu_t, nseq, cfg)
     for name, a, b in zip(("angles", "dt", "angle0"), got, ref, strict=False):
         assert rel_err(a, b) < 1e-5, (name, rel_err(a, b))
 
@@ -603,7 +601,7 @@ _ROTARY_SM90 = textwrap.dedent(
         for name, k in kernels.items():
             assert ".target sm_90" in k.asm["ptx"]
             # the backward under its register cap (the knob's default), the others without
-            capped = f".maxnreg {cr.KNOBS['rot_bwd_maxnreg']}" in k.asm["ptx"]
+            capped = f".maxnreg {cr.RotaryConfig().rot_bwd_maxnreg}" in k.asm["ptx"]
             assert capped == (name == "rotary_bwd"), name
             print("ok", name, rank)
     """
@@ -664,9 +662,10 @@ def test_rotary_backward_tokens_follow_the_programs(monkeypatch):
 
     monkeypatch.setitem(cs._SMS, 0, 132)
     gpu = torch.device("cuda", 0)
-    assert cr.KNOBS["rot_tokens"] == 16
-    assert cr._bwd_tokens(16384, 1, gpu) == 16  # SISO (1, 16384): 1024 programs
-    assert cr._bwd_tokens(2048, 4, gpu) == 16  # MIMO R=4 (1, 2048): 512
-    assert cr._bwd_tokens(2048, 1, gpu) == 8  # SISO (1, 2048): 128 at 16 tokens
-    assert cr._bwd_tokens(100, 1, gpu) == 8  # never below 8
-    assert cr._bwd_tokens(2048, 1, torch.device("cpu")) == 16
+    bt = cr.RotaryConfig().rot_tokens
+    assert bt == 16
+    assert cr._bwd_tokens(16384, 1, gpu, bt) == 16  # SISO (1, 16384): 1024 programs
+    assert cr._bwd_tokens(2048, 4, gpu, bt) == 16  # MIMO R=4 (1, 2048): 512
+    assert cr._bwd_tokens(2048, 1, gpu, bt) == 8  # SISO (1, 2048): 128 at 16 tokens
+    assert cr._bwd_tokens(100, 1, gpu, bt) == 8  # never below 8
+    assert cr._bwd_tokens(2048, 1, torch.device("cpu"), bt) == 16

@@ -79,11 +79,15 @@ def _write(store, entries):
     dispatch.clear_caches()
 
 
-def _spy(monkeypatch, module, name, seen, index):
+def _spy(monkeypatch, module, name, seen, index, rotary_index=None):
+    """Record the config argument (and the rotary family's, where the entry point takes one)
+    of each call of ``module.name``."""
     real = getattr(module, name)
 
     def spy(*args, **kwargs):
         seen.setdefault(name, []).append(args[index])
+        if rotary_index is not None:
+            seen.setdefault(f"{name}.rotary", []).append(args[rotary_index])
         return real(*args, **kwargs)
 
     monkeypatch.setattr(module, name, spy)
@@ -98,11 +102,13 @@ def test_inference_forward_gets_every_family_it_runs(store, monkeypatch, path):
     fams = _families()
     fwd = _other_config(fams["chunk_fwd"], problem, path=path)
     core = _other_config(fams["chunk_bwd"], problem)
+    rot = _other_config(fams["rotary"], problem)
     _write(store, [(fams["chunk_fwd"], "inference", problem, fwd),
-                   (fams["chunk_bwd"], "inference", problem, core)])  # fmt: skip
+                   (fams["chunk_bwd"], "inference", problem, core),
+                   (fams["rotary"], "inference", problem, rot)])  # fmt: skip
     seen: dict = {}
     _spy(monkeypatch, chunk_fwd, "chunk_fwd", seen, 2)
-    _spy(monkeypatch, chunk_bwd, "core_forward", seen, 2)
+    _spy(monkeypatch, chunk_bwd, "core_forward", seen, 2, rotary_index=3)
     with torch.no_grad():
         mamba3_kernels.scan(*inputs[:14], initial_state=inputs.initial_state, rotary=ROTARY,
                             backend="triton")  # fmt: skip
@@ -113,6 +119,7 @@ def test_inference_forward_gets_every_family_it_runs(store, monkeypatch, path):
         (got,) = seen["core_forward"]
         assert "chunk_fwd" not in seen
         assert dataclasses.replace(got, segment=core.segment) == core
+        assert seen["core_forward.rotary"] == [rot]
 
 
 @pytest.mark.parametrize("record", [1, 0])
@@ -127,22 +134,25 @@ def test_training_call_gets_the_training_configs(store, monkeypatch, record):
     # inference entries that must not leak into the training call
     infer = _other_config(fams["chunk_bwd"], problem, record_forward=1 - record,
                           chunk_size=core.chunk_size * 2)  # fmt: skip
+    rot = _other_config(fams["rotary"], problem)
     _write(store, [(fams["chunk_bwd"], "training", problem, core),
                    (fams["chunk_fwd"], "training", problem, fwd),
+                   (fams["rotary"], "training", problem, rot),
                    (fams["chunk_bwd"], "inference", problem, infer)])  # fmt: skip
     seen: dict = {}
-    _spy(monkeypatch, chunk_bwd, "record_forward", seen, 2)
+    _spy(monkeypatch, chunk_bwd, "record_forward", seen, 2, rotary_index=3)
     _spy(monkeypatch, chunk_fwd, "chunk_fwd_saving_y", seen, 2)
-    _spy(monkeypatch, chunk_bwd, "chunk_bwd", seen, 4)
+    _spy(monkeypatch, chunk_bwd, "chunk_bwd", seen, 4, rotary_index=6)
     leaves = [t.detach().clone().requires_grad_() if t is not None and t.is_floating_point()
               else t for t in inputs[:14]]  # fmt: skip
     state = Mamba3State(*(t.detach().clone() for t in inputs.initial_state))
     out = mamba3_kernels.scan(*leaves, initial_state=state, rotary=ROTARY, backend="triton")
     out.float().square().sum().backward()
-    if record:
-        assert seen == {"record_forward": [core]}  # (its backward runs the recorded graph)
+    if record:  # (its backward runs the recorded graph)
+        assert seen == {"record_forward": [core], "record_forward.rotary": [rot]}
     else:
-        assert seen == {"chunk_fwd_saving_y": [fwd], "chunk_bwd": [core]}
+        assert seen == {"chunk_fwd_saving_y": [fwd], "chunk_bwd": [core],
+                        "chunk_bwd.rotary": [rot]}  # fmt: skip
 
 
 def test_decode_step_gets_the_decode_config(store, monkeypatch):

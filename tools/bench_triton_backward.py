@@ -14,7 +14,6 @@ one forward+backward at the first shape (what the time is spent on).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
 import itertools
 import json
@@ -181,8 +180,8 @@ def main() -> None:
     ap.add_argument("--z", action="store_true", help="inputs with the z gate")
     ap.add_argument(
         "--variants", nargs="+", default=[""],
-        help="rotary/angle pass settings to time in turn, each 'key=value,...' over "
-        "core_rotary.KNOBS (e.g. fast_trig=1,angle_pairs=8); '' = the defaults",
+        help="rotary/angle pass settings to time in turn, each 'field=value,...' over "
+        "core_rotary.RotaryConfig (e.g. fast_trig=1,angle_pairs=8); '' = the defaults",
     )  # fmt: skip
     ap.add_argument(
         "--segments", nargs="+", type=int, default=None,
@@ -195,12 +194,8 @@ def main() -> None:
         "ChunkBwdConfig (e.g. num_stages=1,fwd_chunk_size=32); 'default' = the default config",
     )  # fmt: skip
     ap.add_argument(
-        "--waves", nargs="+", type=int, default=None,
-        help="waves of programs the automatic segment lengths aim at (core_segments._WAVES)",
-    )  # fmt: skip
-    ap.add_argument(
-        "--inference-forward", nargs="+", default=[None], choices=["auto", "fused", "core"],
-        help="TritonBackend.inference_forward settings to time in turn (default: its own)",
+        "--inference-forward", nargs="+", default=[None], choices=["fused", "core"],
+        help="ChunkFwdConfig.path values to time in turn (default: the heuristic's)",
     )  # fmt: skip
     ap.add_argument(
         "--sweep", action="store_true",
@@ -210,7 +205,6 @@ def main() -> None:
     gbps, tflops = copy_gbps(), matmul_tflops()
     sweep, chosen = [], {}
     if args.sweep:
-        from mamba3_kernels.triton_impl import chunk_bwd as cb
 
         b, l_ = (int(x) for x in args.shapes[min(1, len(args.shapes) - 1)].split("x"))
         for case in args.cases:
@@ -221,53 +215,38 @@ def main() -> None:
             if ok:
                 best = min(ok, key=lambda r: r["core_bwd_ms"])
                 chosen[rank] = (max(best["rows"] // rank, 1), best["num_warps"], best["split_n"])
-        default = cb.default_config
-
-        def tuned(problem, _default=default):
-            if problem.rank in chosen:
-                c, wp, sn = chosen[problem.rank]
-                return cb.ChunkBwdConfig(chunk_size=c, num_warps=wp, num_stages=1, split_n=sn)
-            return _default(problem)
-
-        # the backend reads the spec's default heuristic
-        object.__setattr__(cb.SPEC, "default", tuned)
         print("chosen backward configs (rank: chunk, warps, split_n):", chosen)
-    from mamba3_kernels.triton_impl import chunk_bwd as cb
-    from mamba3_kernels.triton_impl import core_rotary as cr
-    from mamba3_kernels.triton_impl import core_segments as cs
+    from mamba3_kernels import dispatch
 
-    defaults, default_waves = dict(cr.KNOBS), cs._WAVES
-    base_default = cb.SPEC.default
     rows, prof = [], {}
-    from mamba3_kernels.backend import registered_backends
-
-    backend = registered_backends()["triton"]
-    default_inference = backend.inference_forward
-    combos = itertools.product(args.variants, args.segments or [None], args.waves or [None],
-                               args.configs or [""], args.inference_forward)  # fmt: skip
-    for variant, segment, waves, config, inference in combos:
-        backend.inference_forward = inference or default_inference
-        cr.KNOBS.clear()
-        cr.KNOBS.update(defaults, **parse_knobs(variant))
-        cs._WAVES = default_waves if waves is None else waves
+    combos = itertools.product(args.variants, args.segments or [None], args.configs or [""],
+                               args.inference_forward)  # fmt: skip
+    for variant, segment, config, inference in combos:
+        # every setting is a config field: pinned over the heuristic for this combination
+        for family in ("rotary", "chunk_bwd", "chunk_fwd"):
+            dispatch.unpin("triton", family)
+        knobs = parse_knobs(variant)
         changes = {} if segment is None else {"segment": segment}
         changes.update(parse_knobs(config))
-
-        def with_changes(problem, _changes=changes):
-            return dataclasses.replace(base_default(problem), **_changes)
-
-        # (the default itself when nothing changes: the backend memoises configs by identity)
-        object.__setattr__(cb.SPEC, "default", with_changes if changes else base_default)
-        print(f"== rotary/angle settings: {cr.KNOBS}; core-backward changes: {changes}, "
-              f"segment waves: {cs._WAVES}; inference forward: "
-              f"{backend.inference_forward}")  # fmt: skip
+        if knobs:
+            dispatch.pin("triton", "rotary", **knobs)
+        if inference:
+            dispatch.pin("triton", "chunk_fwd", path=inference)
+        print(f"== rotary settings: {knobs}; core-backward changes: {changes}; inference "
+              f"path: {inference or 'heuristic'}")  # fmt: skip
         for case in args.cases:
+            dispatch.unpin("triton", "chunk_bwd")
+            swept = {}
+            if CASES[case] in chosen:
+                c, wp, sn = chosen[CASES[case]]
+                swept = dict(chunk_size=c, num_warps=wp, num_stages=1, split_n=sn)
+            if swept or changes:
+                dispatch.pin("triton", "chunk_bwd", **{**swept, **changes})
             for s in args.shapes:
                 b, l_ = (int(x) for x in s.split("x"))
                 rows.append(dict(bench_one(b, l_, case, gbps, tflops, args.z),
-                                 knobs=dict(cr.KNOBS), segment=segment, waves=cs._WAVES,
-                                 bwd_changes=changes,
-                                 inference_forward=backend.inference_forward))  # fmt: skip
+                                 knobs=knobs, segment=segment, bwd_changes=changes,
+                                 inference_forward=inference))  # fmt: skip
                 r = rows[-1]
                 print(f"{case:6s} B={b:2d} L={l_:6d}  fwd {r['fwd_ms']:.3f} ms  fwd+bwd "
                       f"{r['fwdbwd_ms']:.3f} ms  (bwd {r['bwd_ms']:.3f})  floor "
@@ -275,8 +254,8 @@ def main() -> None:
         if args.profile:
             for case in args.cases:
                 b, l_ = (int(x) for x in args.shapes[min(1, len(args.shapes) - 1)].split("x"))
-                key = (f"{case}_{b}x{l_}_{variant or 'default'}_seg{segment}_w{waves}"
-                       f"_{config or 'cfg'}_{backend.inference_forward}")  # fmt: skip
+                key = (f"{case}_{b}x{l_}_{variant or 'default'}_seg{segment}"
+                       f"_{config or 'cfg'}_{inference or 'heuristic'}")  # fmt: skip
                 for fwd_only in (False, True):
                     name = key + ("_fwd" if fwd_only else "")
                     prof[name] = profile(b, l_, CASES[case], with_z=args.z, forward_only=fwd_only)

@@ -17,9 +17,9 @@
 # config file itself lands in WORK: copy it to mamba3_kernels/configs/ to ship it).
 # Environment: *_S per-part time limits; GPU_WORKERS (pytest-xdist workers, default 6);
 # STEP_SWEEP=--sweep (every decode config); TRIALS (tuner trials per bucket, default 10);
-# for ab: BWD_CASES ("siso mimo4"), BWD_SHAPES, BWD_Z=1, BWD_VARIANTS (core_rotary.KNOBS
+# for ab: BWD_CASES ("siso mimo4"), BWD_SHAPES, BWD_Z=1, BWD_VARIANTS (core_rotary.RotaryConfig
 # settings), BWD_CONFIGS ("default num_stages=1": ChunkBwdConfig changes), BWD_SEGMENTS,
-# BWD_WAVES, BWD_SWEEP=--sweep (core-backward configs).
+# BWD_SWEEP=--sweep (core-backward configs).
 # Optuna (for tune) may come from an unpacked site folder: SITE_TARBALL names its archive.
 set -uo pipefail
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
@@ -86,7 +86,7 @@ case "$mode" in
         timeout "${BWD_S:-300}" python tools/bench_triton_backward.py \
             --cases ${BWD_CASES:-siso} --shapes ${BWD_SHAPES:-8x2048 1x16384} --profile \
             ${BWD_SWEEP:-} ${BWD_Z:+--z} ${BWD_SEGMENTS:+--segments $BWD_SEGMENTS} \
-            ${BWD_WAVES:+--waves $BWD_WAVES} ${BWD_CONFIGS:+--configs $BWD_CONFIGS} \
+            ${BWD_CONFIGS:+--configs $BWD_CONFIGS} \
             ${BWD_VARIANTS:+--variants $BWD_VARIANTS} --json "$WORK/triton_backward_ab.json" \
             2>&1 | grep -v "^  *0\.[01][0-9][0-9] ms"
         ;;

@@ -3,7 +3,7 @@ modulo 2 pi along each sequence, with its hand-written backward, and their autog
 (angle_scan, core_prep's prep).
 
 One program walks one (sequence, head, block of angle pairs) in steps of tokens; with
-KNOBS["angle_programs"] (core_rotary) the walk is cut into segments, each starting from the sums
+RotaryConfig.angle_programs (core_rotary) the walk is cut into segments, each starting from the sums
 of the segments before it (a sums pass first), until there are that many programs per
 multiprocessor. The backward walks the same segments from the end: with G_t the reverse
 cumulative sum of d theta within the sequence, d angles_t = G_t pi (1 - tanh^2) dt_t,
@@ -19,7 +19,7 @@ from torch import Tensor
 
 from mamba3_kernels.eager_calls import apply_positional, eager_custom_op
 
-from .core_rotary import KNOBS
+from .core_rotary import RotaryConfig
 from .core_segments import _multiprocessors
 from .core_tiles import _seq_bounds
 from .fwd_tiles import _PI, _TWO_PI
@@ -174,21 +174,21 @@ def _angle_bwd_kernel(
         tl.store(da0_ptr + (seq.to(tl.int64) * H + h) * S + jj, carry, mask=js)
 
 
-def _angle_launch(S: int) -> tuple[int, int, dict]:
+def _angle_launch(S: int, cfg: RotaryConfig) -> tuple[int, int, dict]:
     """(pairs per program, tokens per step, launch options: warps and pipelining depth) of the
-    angle scans, from KNOBS."""
-    sp = min(triton.next_power_of_2(S), triton.next_power_of_2(KNOBS["angle_pairs"]))
-    return sp, KNOBS["angle_step"], {"num_warps": KNOBS["angle_warps"],
-                                     "STAGES": KNOBS["angle_stages"]}  # fmt: skip
+    angle scans, from the config."""
+    sp = min(triton.next_power_of_2(S), triton.next_power_of_2(cfg.angle_pairs))
+    return sp, cfg.angle_step, {"num_warps": cfg.angle_warps, "STAGES": cfg.angle_stages}
 
 
-def _angle_segments(nseq: int, H: int, S: int, L: int, varlen: bool, device) -> tuple[int, int]:
+def _angle_segments(nseq: int, H: int, S: int, L: int, varlen: bool, device,
+                    cfg: RotaryConfig) -> tuple[int, int]:  # fmt: skip
     """(segments per sequence, tokens per segment) of the angle scans: a (sequence, head, pair
     block)'s walk over L tokens is cut into segments (whole steps each) until the programs
-    reach KNOBS["angle_programs"] per multiprocessor (0: never; varlen: never, its sequences'
+    reach cfg.angle_programs per multiprocessor (0: never; varlen: never, its sequences'
     lengths are on the device)."""
-    sp, step, _ = _angle_launch(S)
-    per_sm = KNOBS["angle_programs"]
+    sp, step, _ = _angle_launch(S, cfg)
+    per_sm = cfg.angle_programs
     if varlen or per_sm == 0 or L <= step:
         return 1, L
     sms = _multiprocessors(device) if device.type == "cuda" else 1
@@ -198,11 +198,11 @@ def _angle_segments(nseq: int, H: int, S: int, L: int, varlen: bool, device) -> 
     return triton.cdiv(L, seg), seg
 
 
-def _angle_sums(x, dt, nseg: int, seg: int, rate: bool) -> Tensor:
+def _angle_sums(x, dt, nseg: int, seg: int, rate: bool, cfg: RotaryConfig) -> Tensor:
     """Per-segment sums of the angle rates (rate: segments 0 .. nseg - 2, the forward's carries)
     or of x = d theta (segments 1 .. nseg - 1, the backward's): (B, H, nseg - 1, S) fp32."""
     B, L, H, S = x.shape
-    sp, step, opts = _angle_launch(S)
+    sp, step, opts = _angle_launch(S, cfg)
     sums = torch.empty((B, H, nseg - 1, S), dtype=torch.float32, device=x.device)
     run_kernel(
         _angle_sums_kernel, (B * H, triton.cdiv(S, sp), nseg - 1), x, dt, sums, L, H, seg,
@@ -211,15 +211,15 @@ def _angle_sums(x, dt, nseg: int, seg: int, rate: bool) -> Tensor:
     return sums
 
 
-def angle_fwd(angles, dt, angle0, cu_seqlens, nseq: int):
+def angle_fwd(angles, dt, angle0, cu_seqlens, nseq: int, cfg: RotaryConfig = RotaryConfig()):
     """angles (B, L, H, S) fp32, dt (B, H, L) fp32, angle0 (nseq, H, S) fp32 or None,
     cu_seqlens (nseq + 1,) int32 or None. Returns theta (B, L, H, S) fp32 in [0, 2 pi)."""
     B, L, H, S = angles.shape
     theta = torch.empty_like(angles)
     if L > 0 and S > 0:
-        sp, step, opts = _angle_launch(S)
-        nseg, seg = _angle_segments(nseq, H, S, L, cu_seqlens is not None, angles.device)
-        sums = _angle_sums(angles, dt, nseg, seg, rate=True) if nseg > 1 else dt
+        sp, step, opts = _angle_launch(S, cfg)
+        nseg, seg = _angle_segments(nseq, H, S, L, cu_seqlens is not None, angles.device, cfg)
+        sums = _angle_sums(angles, dt, nseg, seg, True, cfg) if nseg > 1 else dt
         run_kernel(
             _angle_fwd_kernel, (nseq * H, triton.cdiv(S, sp), nseg),
             angles, dt, angle0 if angle0 is not None else dt,
@@ -230,7 +230,7 @@ def angle_fwd(angles, dt, angle0, cu_seqlens, nseq: int):
     return theta
 
 
-def angle_bwd(gtheta, angles, dt, cu_seqlens, nseq: int):
+def angle_bwd(gtheta, angles, dt, cu_seqlens, nseq: int, cfg: RotaryConfig = RotaryConfig()):
     """Backward of angle_fwd: (d angles (B, L, H, S), d dt (B, H, L), d angle0 (nseq, H, S)),
     all fp32."""
     B, L, H, S = angles.shape
@@ -238,10 +238,10 @@ def angle_bwd(gtheta, angles, dt, cu_seqlens, nseq: int):
     if L == 0 or S == 0:
         return torch.zeros_like(angles), torch.zeros_like(dt), torch.zeros((nseq, H, S), dtype=f32,
                                                                            device=dev)  # fmt: skip
-    sp, step, opts = _angle_launch(S)
+    sp, step, opts = _angle_launch(S, cfg)
     atomic = sp < S
-    nseg, seg = _angle_segments(nseq, H, S, L, cu_seqlens is not None, dev)
-    sums = _angle_sums(gtheta, dt, nseg, seg, rate=False) if nseg > 1 else dt
+    nseg, seg = _angle_segments(nseq, H, S, L, cu_seqlens is not None, dev, cfg)
+    sums = _angle_sums(gtheta, dt, nseg, seg, False, cfg) if nseg > 1 else dt
     # The kernel writes every element of d angles and d angle0 (each token belongs to one
     # sequence: cu_seqlens ends at L; d angle0 from each sequence's first segment), and of
     # d dt unless several pair blocks add into it.
@@ -259,25 +259,27 @@ def angle_bwd(gtheta, angles, dt, cu_seqlens, nseq: int):
 
 @eager_custom_op("mamba3_triton::angle_fwd")
 def _angle_fwd_op(
-    angles: Tensor, dt: Tensor, angle0: Tensor | None, cu_seqlens: Tensor | None, nseq: int
+    angles: Tensor, dt: Tensor, angle0: Tensor | None, cu_seqlens: Tensor | None, nseq: int,
+    knobs: list[int] | None = None,
 ) -> Tensor:
-    return angle_fwd(angles, dt, angle0, cu_seqlens, nseq)
+    return angle_fwd(angles, dt, angle0, cu_seqlens, nseq, RotaryConfig.of(knobs))
 
 
 @_angle_fwd_op.register_fake
-def _angle_fwd_fake(angles, dt, angle0, cu_seqlens, nseq):
+def _angle_fwd_fake(angles, dt, angle0, cu_seqlens, nseq, knobs=None):
     return torch.empty_like(angles)
 
 
 @eager_custom_op("mamba3_triton::angle_bwd")
 def _angle_bwd_op(
-    gtheta: Tensor, angles: Tensor, dt: Tensor, cu_seqlens: Tensor | None, nseq: int
+    gtheta: Tensor, angles: Tensor, dt: Tensor, cu_seqlens: Tensor | None, nseq: int,
+    knobs: list[int] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    return angle_bwd(gtheta.contiguous(), angles, dt, cu_seqlens, nseq)
+    return angle_bwd(gtheta.contiguous(), angles, dt, cu_seqlens, nseq, RotaryConfig.of(knobs))
 
 
 @_angle_bwd_op.register_fake
-def _angle_bwd_fake(gtheta, angles, dt, cu_seqlens, nseq):
+def _angle_bwd_fake(gtheta, angles, dt, cu_seqlens, nseq, knobs=None):
     H, S = angles.shape[2], angles.shape[3]
     return torch.empty_like(angles), torch.empty_like(dt), angles.new_empty((nseq, H, S))
 
@@ -287,33 +289,34 @@ class _AngleScan(torch.autograd.Function):
     modulo is a constant shift: its gradient is the identity)."""
 
     @staticmethod
-    def forward(angles, dt, angle0, cu_seqlens, nseq):
-        return _angle_fwd_op(angles, dt, angle0, cu_seqlens, nseq)
+    def forward(angles, dt, angle0, cu_seqlens, nseq, knobs):
+        return _angle_fwd_op(angles, dt, angle0, cu_seqlens, nseq, knobs)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        angles, dt, angle0, cu_seqlens, nseq = inputs
+        angles, dt, angle0, cu_seqlens, nseq, knobs = inputs
         ctx.save_for_backward(angles, dt, cu_seqlens)
-        ctx.nseq = nseq
+        ctx.nseq, ctx.knobs = nseq, knobs
         ctx.has_a0 = angle0 is not None
 
     @staticmethod
     def backward(ctx, gtheta):
         angles, dt, cu_seqlens = ctx.saved_tensors
-        dang, ddt, da0 = _angle_bwd_op(gtheta, angles, dt, cu_seqlens, ctx.nseq)
-        return dang, ddt, da0 if ctx.has_a0 else None, None, None
+        dang, ddt, da0 = _angle_bwd_op(gtheta, angles, dt, cu_seqlens, ctx.nseq, ctx.knobs)
+        return dang, ddt, da0 if ctx.has_a0 else None, None, None, None
 
 
-def angle_scan(angles, dt, angle0, cu_seqlens, nseq: int):
+def angle_scan(angles, dt, angle0, cu_seqlens, nseq: int, cfg: RotaryConfig = RotaryConfig()):
     """Differentiable cumulative angles: angles (B, L, H, S), dt (B, H, L), angle0 (nseq, H, S)
     or None -> theta (B, L, H, S) fp32 in [0, 2 pi), per sequence when cu_seqlens is given."""
     angles = angles.float().contiguous()
     dt = dt.float().contiguous()
     angle0 = angle0.float().contiguous() if angle0 is not None else None
-    return apply_positional(_AngleScan, angles, dt, angle0, cu_seqlens, nseq)
+    return apply_positional(_AngleScan, angles, dt, angle0, cu_seqlens, nseq, cfg.knobs())
 
 
-def compile_kernels(S: int, target=None, pairs: int = 32, segmented: bool = True) -> dict:
+def compile_kernels(S: int, target=None, pairs: int = 32, segmented: bool = True,
+                    cfg: RotaryConfig = RotaryConfig()) -> dict:  # fmt: skip
     """Compile the angle scan's forward and backward kernels ahead of time (no GPU needed) for
     ``target`` (default sm_90); pairs: angle pairs per program; segmented: the walks over
     segments of the sequence from carries (_angle_segments; their sums kernel is then also
@@ -323,7 +326,7 @@ def compile_kernels(S: int, target=None, pairs: int = 32, segmented: bool = True
     target = target or GPUTarget("cuda", 90, 64)
     out = {}
     sp = min(triton.next_power_of_2(S), pairs)
-    ac = dict(S=S, SP=sp, BL=KNOBS["angle_step"], VARLEN=False, STAGES=KNOBS["angle_stages"],
+    ac = dict(S=S, SP=sp, BL=cfg.angle_step, VARLEN=False, STAGES=cfg.angle_stages,
               SEGMENTED=segmented)  # fmt: skip
     afwd = {"ang_ptr": "*fp32", "dt_ptr": "*fp32", "a0_ptr": "*fp32", "cu_ptr": "*i32",
             "sums_ptr": "*fp32", "th_ptr": "*fp32", "L": "i32", "H": "i32",
@@ -338,10 +341,10 @@ def compile_kernels(S: int, target=None, pairs: int = 32, segmented: bool = True
         ("angle_bwd", _angle_bwd_kernel, abwd, {**ac, "ATOMIC": sp < S}),
     ]
     if segmented:
-        sc = dict(S=S, SP=sp, BL=KNOBS["angle_step"], RATE=True)
+        sc = dict(S=S, SP=sp, BL=cfg.angle_step, RATE=True)
         angle_launches.append(("angle_sums", _angle_sums_kernel, asums, sc))
     for name, fn, sig, c in angle_launches:
         sig = {**sig, **{k: "constexpr" for k in c}}
         src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=c)
-        out[name] = triton.compile(src, target=target, options={"num_warps": KNOBS["angle_warps"]})
+        out[name] = triton.compile(src, target=target, options={"num_warps": cfg.angle_warps})
     return out

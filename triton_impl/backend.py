@@ -38,10 +38,11 @@ class TritonBackend(Backend):
     def _load(self) -> None:
         if self._loaded:
             return
-        from . import chunk_bwd, chunk_fwd, step
+        from . import chunk_bwd, chunk_fwd, core_rotary, step
 
         self._chunk_fwd, self._step, self._chunk_bwd = chunk_fwd, step, chunk_bwd
-        self.kernels = [chunk_fwd.SPEC, step.SPEC, chunk_bwd.SPEC]
+        self._rotary = core_rotary
+        self.kernels = [chunk_fwd.SPEC, step.SPEC, chunk_bwd.SPEC, core_rotary.SPEC]
         self._loaded = True
 
     def all_kernels(self) -> list[KernelSpec]:
@@ -92,7 +93,8 @@ class TritonBackend(Backend):
         cfg = self._config(self._chunk_fwd.SPEC, problem, configs)
         if cfg.path == "core" and problem.seqlen > 0 and not problem.varlen:
             core = self._config(self._chunk_bwd.SPEC, problem, configs)
-            return self._chunk_bwd.core_forward(problem, inputs, core)
+            rot = self._config(self._rotary.SPEC, problem, configs)
+            return self._chunk_bwd.core_forward(problem, inputs, core, rot)
         return self._chunk_fwd.chunk_fwd(problem, inputs, cfg)
 
     def scan_for_backward(self, problem: Problem, inputs: ScanInputs, configs=None):
@@ -106,7 +108,8 @@ class TritonBackend(Backend):
 
         core = self._config(self._chunk_bwd.SPEC, problem, configs)
         if core.record_forward and problem.seqlen > 0 and not problem.varlen:
-            return self._chunk_bwd.record_forward(problem, inputs, core)
+            rot = self._config(self._rotary.SPEC, problem, configs)
+            return self._chunk_bwd.record_forward(problem, inputs, core, rot)
         cfg = self._config(self._chunk_fwd.SPEC, problem, configs)
         keep = bool(core.save_y) and epilogue_reads_y(problem, inputs)
         return self._chunk_fwd.chunk_fwd_saving_y(problem, inputs, cfg, keep)
@@ -124,7 +127,9 @@ class TritonBackend(Backend):
                 return grads
             residual = None  # (its graph was used by an earlier backward: recompute)
         cfg = self._config(self._chunk_bwd.SPEC, problem, configs)
-        return self._chunk_bwd.chunk_bwd(problem, inputs, grad_out, grad_state, cfg, y=residual)
+        rot = self._config(self._rotary.SPEC, problem, configs)
+        return self._chunk_bwd.chunk_bwd(problem, inputs, grad_out, grad_state, cfg, residual,
+                                         rot)  # fmt: skip
 
     def step(self, problem: Problem, inputs: ScanInputs, state: Mamba3State, configs=None):
         self._load()

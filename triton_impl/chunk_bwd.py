@@ -23,6 +23,7 @@ from mamba3_kernels.problem import Problem
 from mamba3_kernels.state import Mamba3State
 
 from . import launch
+from .core_rotary import RotaryConfig
 
 __all__ = [
     "SPEC", "ChunkBwdConfig", "RecordedForward", "chunk_bwd", "record_forward", "core_forward",
@@ -197,8 +198,9 @@ def chunk_bwd(
     grad_state: Mamba3State | None,
     config: ChunkBwdConfig,
     y: torch.Tensor | None = None,
+    rotary: RotaryConfig = RotaryConfig(),
 ) -> dict[str, torch.Tensor | None]:
-    """Gradients of every floating input of the scan.
+    """Gradients of every floating input of the scan (rotary: the rotary family's config).
 
     inputs: ScanInputs in scan shapes (docs/spec.md). grad_out: the output's shape and dtype.
     grad_state: Mamba3State of cotangents for the final state (angle, ssm fp32; k, v in the
@@ -213,8 +215,8 @@ def chunk_bwd(
     if problem.seqlen == 0:
         return _empty_backward(inputs, grad_state)
     if inputs.v.is_cuda:
-        _compile_ahead(problem, inputs, grad_out, grad_state, config, y)
-    return _chunk_bwd(problem, inputs, grad_out, grad_state, config, y)
+        _compile_ahead(problem, inputs, grad_out, grad_state, config, y, rotary)
+    return _chunk_bwd(problem, inputs, grad_out, grad_state, config, y, rotary)
 
 
 # Backward call kinds whose kernels were compiled ahead (see _compile_ahead), and the (problem,
@@ -223,15 +225,16 @@ _COMPILED_AHEAD: set = set()
 _SEEN: dict[tuple[int, int], tuple] = {}
 
 
-def _compile_ahead(problem, inputs, grad_out, grad_state, config, y) -> None:
+def _compile_ahead(problem, inputs, grad_out, grad_state, config, y, rotary) -> None:
     """The first backward of its kind in this process: one dry run (launch.compile_only) compiles
     its six kernels side by side before the real run launches them. The kind holds what the
     kernels are specialised on: the call's description without its lengths, which enter the
     kernels as integers specialised on being 1 or a multiple of 16 (a kind that compiles nothing
     new costs one extra host pass, once)."""
-    kind = ("backward", grad_out.dtype, grad_state is not None, _autograd_records(), y is None)
+    kind = ("backward", grad_out.dtype, grad_state is not None, _autograd_records(), y is None,
+            rotary)  # fmt: skip
     if _first_of_kind(problem, inputs, config, kind):
-        _dry_run(lambda: _chunk_bwd(problem, inputs, grad_out, grad_state, config, y))
+        _dry_run(lambda: _chunk_bwd(problem, inputs, grad_out, grad_state, config, y, rotary))
 
 
 def _first_of_kind(problem, inputs, config, kind: tuple) -> bool:
@@ -282,7 +285,8 @@ def _segmented(problem: Problem, config: ChunkBwdConfig, device: torch.device) -
     return (bwd < L, fwd < L)
 
 
-def _scan_graph(problem, inputs, config, values: bool, state: bool, y=None):
+def _scan_graph(problem, inputs, config, values: bool, state: bool, y=None,
+                rotary: RotaryConfig = RotaryConfig()):  # fmt: skip
     """The scan as a function of its floating inputs (core_prep.scan_via_core), for autograd:
     (present, forward), present the (key, tensor) pairs it differentiates against, forward
     their function returning (out[, angle, ssm, k, v])."""
@@ -295,7 +299,7 @@ def _scan_graph(problem, inputs, config, values: bool, state: bool, y=None):
 
     def forward(*tensors):
         out, st = scan_via_core(problem, _rebuild(inputs, keys, tensors), meta, values=values,
-                                state=state, y_saved=y)  # fmt: skip
+                                state=state, y_saved=y, rotary=rotary)  # fmt: skip
         if not state:
             return (out,)
         return (out, st.angle.to(sd), st.ssm.to(sd), st.k.to(inputs.q.dtype),
@@ -310,9 +314,11 @@ def _core_meta(problem: Problem, config: ChunkBwdConfig) -> tuple:
             config.split_n, config.segment, _fwd_chunk(problem, config))  # fmt: skip
 
 
-def _chunk_bwd(problem, inputs, grad_out, grad_state, config, y=None) -> dict:
+def _chunk_bwd(problem, inputs, grad_out, grad_state, config, y=None,
+               rotary: RotaryConfig = RotaryConfig()) -> dict:  # fmt: skip
     # only the vjp is used: values=False lets it skip recomputing the core's output
-    present, forward = _scan_graph(problem, inputs, config, False, grad_state is not None, y)
+    present, forward = _scan_graph(problem, inputs, config, False, grad_state is not None, y,
+                                   rotary)  # fmt: skip
     cot = (grad_out,) if grad_state is None else (grad_out, *grad_state)
     if _autograd_records():
         # plain autograd: far less host time per call than a functorch vjp (ms at H=64)
@@ -362,8 +368,9 @@ class RecordedForward:
 
 
 def record_forward(
-    problem: Problem, inputs: ScanInputs, config: ChunkBwdConfig
-) -> tuple[torch.Tensor, Mamba3State | None, RecordedForward]:
+    problem: Problem, inputs: ScanInputs, config: ChunkBwdConfig,
+    rotary: RotaryConfig = RotaryConfig(),
+) -> tuple[torch.Tensor, Mamba3State | None, RecordedForward]:  # fmt: skip
     """A training forward through the backward's own graph: the scan as prep -> rotary ->
     core forward -> epilogue (core_prep.scan_via_core) with autograd recording, so that its
     backward reuses what the forward made (theta, the rotated q/k, the weights) rather than
@@ -375,21 +382,22 @@ def record_forward(
     reason = constraint(problem, config, None)
     if reason is not None:
         raise ValueError(f"chunk_bwd config {config}: {reason}")
-    if inputs.v.is_cuda and _first_of_kind(problem, inputs, config, ("recorded",)):
-        _dry_run(lambda: _dry_record(problem, inputs, config))
-    return _record(problem, inputs, config)
+    if inputs.v.is_cuda and _first_of_kind(problem, inputs, config, ("recorded", rotary)):
+        _dry_run(lambda: _dry_record(problem, inputs, config, rotary))
+    return _record(problem, inputs, config, rotary)
 
 
-def _dry_record(problem, inputs, config) -> None:
+def _dry_record(problem, inputs, config, rotary) -> None:
     """record_forward and its backward on uninitialised cotangents, inside compile_only: the
     forward's and the backward's kernels compile side by side."""
-    out, state, recorded = _record(problem, inputs, config)
+    out, state, recorded = _record(problem, inputs, config, rotary)
     grad_state = None if state is None else Mamba3State(*(torch.empty_like(t) for t in state))
     recorded.backward(inputs, torch.empty_like(out), grad_state)
 
 
-def _record(problem, inputs, config) -> tuple:
-    present, forward = _scan_graph(problem, inputs, config, True, problem.return_final_state)
+def _record(problem, inputs, config, rotary) -> tuple:
+    present, forward = _scan_graph(problem, inputs, config, True, problem.return_final_state,
+                                   rotary=rotary)  # fmt: skip
     with torch.enable_grad():
         leaves = [t.detach().requires_grad_() for _, t in present]
         outputs = forward(*leaves)
@@ -404,8 +412,9 @@ def _record(problem, inputs, config) -> tuple:
 
 
 def core_forward(
-    problem: Problem, inputs: ScanInputs, config: ChunkBwdConfig
-) -> tuple[torch.Tensor, Mamba3State | None]:
+    problem: Problem, inputs: ScanInputs, config: ChunkBwdConfig,
+    rotary: RotaryConfig = RotaryConfig(),
+) -> tuple[torch.Tensor, Mamba3State | None]:  # fmt: skip
     """An inference forward through the training forward's graph without autograd: prep ->
     rotary (the rotated per-head q/k written once) -> core forward -> epilogue
     (core_prep.scan_via_core). inputs: ScanInputs in scan shapes (docs/spec.md). Returns (out,
@@ -415,9 +424,9 @@ def core_forward(
     if reason is not None:
         raise ValueError(f"chunk_bwd config {config}: {reason}")
     config = _inference_config(problem, config, inputs.v.device)
-    if inputs.v.is_cuda and _first_of_kind(problem, inputs, config, ("core_forward",)):
-        _dry_run(lambda: _core_forward(problem, inputs, config))
-    out, state = _core_forward(problem, inputs, config)
+    if inputs.v.is_cuda and _first_of_kind(problem, inputs, config, ("core_forward", rotary)):
+        _dry_run(lambda: _core_forward(problem, inputs, config, rotary))
+    out, state = _core_forward(problem, inputs, config, rotary)
     # out may be a view of the core's y (SISO without z: its rank axis squeezed), which nothing
     # else holds: detached, it is not copied (the state's views of theta and v are)
     return _owned(inputs, out.detach(), state)
@@ -461,12 +470,12 @@ def _inference_config(problem: Problem, config: ChunkBwdConfig, device) -> Chunk
     return dataclasses.replace(config, segment=max(-(-seg // chunk) * chunk, 1))
 
 
-def _core_forward(problem, inputs, config) -> tuple:
+def _core_forward(problem, inputs, config, rotary) -> tuple:
     from .core_prep import scan_via_core
 
     with torch.no_grad():
         return scan_via_core(problem, inputs, _core_meta(problem, config), values=True,
-                             state=problem.return_final_state)  # fmt: skip
+                             state=problem.return_final_state, rotary=rotary)  # fmt: skip
 
 
 def _autograd_records() -> bool:

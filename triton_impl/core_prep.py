@@ -27,6 +27,7 @@ from mamba3_kernels.problem import Problem
 from mamba3_kernels.state import Mamba3State
 
 from .angle_scan import angle_scan
+from .core_rotary import RotaryConfig
 from .mimo_gate import gated, mimo_gate, mimo_v_mix
 from .rot_core import rot_core_scan
 
@@ -107,6 +108,7 @@ def scan_via_core(
     values: bool = True,
     state: bool = True,
     y_saved: torch.Tensor | None = None,
+    rotary: RotaryConfig = RotaryConfig(),
 ) -> tuple[torch.Tensor, Mamba3State | None]:
     """The scan (docs/spec.md) as differentiable prep -> Triton core -> epilogue.
 
@@ -120,6 +122,7 @@ def scan_via_core(
     backward without a final-state gradient would record for nothing).
     y_saved: the core's y (B, L, R, H, P) as the forward computed it (chunk_fwd_saving_y), used
     in place of the core's forward, which is then skipped (the core's backward still runs).
+    rotary: the launch config of the rotary passes and angle scans (core_rotary.RotaryConfig).
     """
     f32 = torch.float32
     q, k, v = inputs.q, inputs.k, inputs.v
@@ -143,7 +146,7 @@ def scan_via_core(
     init = inputs.initial_state
     # (B, L, H, S) fp32 in [0, 2 pi): a Triton scan along L with a hand-written backward
     theta = angle_scan(inputs.angles, dt, None if init is None else init.angle,
-                       inputs.cu_seqlens, nseq)  # fmt: skip
+                       inputs.cu_seqlens, nseq, rotary)  # fmt: skip
     if mimo:
         qb, kb = inputs.q_bias.float().transpose(0, 1), inputs.k_bias.float().transpose(0, 1)
     else:
@@ -179,7 +182,7 @@ def scan_via_core(
     y, sf = rot_core_scan(q, k, qb, kb, theta, vr, inputs.adt.float(), w, gam, s0,
                           inputs.cu_seqlens, problem.rotary == "halves",
                           (meta[0], dot_dtype, meta[2], meta[3], nseq, *meta[4:7]),
-                          need_y, D)  # fmt: skip
+                          need_y, D, rotary)  # fmt: skip
     if y_saved is not None:
         y = apply_positional(_SavedY, y, y_saved)
 

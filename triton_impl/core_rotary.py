@@ -1,5 +1,6 @@
 """Bias + rotary + group->head expansion of q and k in Triton, and its hand-written backward;
-KNOBS, the launch choices of these passes and of the angle scans (angle_scan.py).
+RotaryConfig, the launch choices of these passes and of the angle scans (angle_scan.py): the
+"rotary" kernel family of the backend, tuned with the core family it serves.
 
 Fused with the core (rot_core.rot_core_scan) so that the per-head rotated q/k exist only as the
 core's dot operands (in the dot dtype) and their fp32 gradients only between the core's
@@ -21,7 +22,9 @@ sums over tokens, reduced in PyTorch; dtheta is written per (rank, token, head, 
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -29,54 +32,113 @@ import triton.language as tl
 from torch import Tensor
 from triton.language.extra import libdevice
 
+from mamba3_kernels.backend import KernelSpec
 from mamba3_kernels.eager_calls import eager_custom_op
+from mamba3_kernels.problem import Problem
 
 from .core_segments import _multiprocessors
 from .fwd_tiles import _TWO_PI, _load_rot, _store_rot
 from .launch import interpreting, run_kernel
 
-__all__ = ["KNOBS", "rotary_fwd", "rotary_bwd"]
+__all__ = ["SPEC", "RotaryConfig", "rotary_fwd", "rotary_bwd"]
 
 
-# Launch choices of these passes, kept switchable so that a benchmark can time the variants on
-# one warm machine (bench/bench_triton_backward.py --variants):
-#   fast_trig:   hardware cos/sin after range reduction (GPU only; the interpreter keeps the
-#                accurate functions) instead of the accurate library functions;
-#   angle_step:  tokens per step of the angle scans; angle_warps: their warps;
-#   angle_pairs: angle pairs per program of the angle scans (fewer: more programs in flight);
-#   angle_programs: the angle scans' walks over a sequence are cut into segments (each then
-#                starting from the sums of the segments before it, a separate pass) until there
-#                are this many programs per multiprocessor (0: one walk per sequence);
-#   angle_stages: software-pipelining depth of the angle scans' walks (1: none; 2 keeps the next
-#                step's loads in flight during this one's cumulative sum: no gain measured);
-#   (H100, SISO (1, 16384) fwd+bwd: hardware trig 17.3 -> 15.6 ms, 8 pairs per angle program
-#   a further -0.8 ms, 256-token steps on 8 warps -0.4 ms. H200: whole 128-byte rows (32 pairs)
-#   on 64-token steps, segmented to 16 programs per multiprocessor, then one warp per program
-#   (each thread scans its own column in registers, no shared-memory rounds): the angle kernels
-#   at SISO (1, 16384) 0.38 -> 0.41 -> 0.285 ms, at (8, 2048) 0.53 -> 0.37; docs/performance.md)
-#   bwd_heads:   heads per rotary-backward program (0: the whole group); fewer heads mean more
-#                programs, whose dq/dk partial sums over heads are then added atomically;
-#   rot_tokens:  tokens per rotary program (its (tokens, N/2) fp32 pair tiles live in
-#                registers; in the earlier per-column kernels 32 tokens on 4 warps spilled, 255
-#                registers and a 1.9 KB stack in the backward, and 4 tokens took the rotary
-#                backward at SISO (1, 16384) on the H100 from 4.65 to 1.46 ms); rot_warps: their
-#                warps (2: fwd+bwd 9.59 -> 9.37 ms there). The pair tiles then took the two
-#                passes to 0.92 and 0.28 ms (docs/performance.md). On an H200, 8 tokens per program
-#                and 512-token angle steps: fwd+bwd 6.55 -> 6.21 ms (docs/performance.md); with
-#                d theta from the core (the backward reads 16-bit rows, no q, k), 16 tokens:
-#                SISO (1, 16384) 4.91 -> 4.85 ms, MIMO R=4 (8, 2048) 17.08 -> 16.64;
-#   rot_bwd_maxnreg: register cap of the rotary backward (0: none). Uncapped it takes all 255
-#                on 2 warps (four programs per multiprocessor); at 128 it spills ~350 B of stack
-#                but eight programs share a multiprocessor: H200, rotary backward SISO 0.68 ->
-#                0.58 ms, MIMO R=4 3.06 -> 2.74 (192 and 96 were slower; docs/performance.md);
-#   rot_bwd_stages: software-pipelining depth of the rotary backward's loop over heads (1: none;
-#                2 prefetches the next head's 16-bit gradient rows while this one unrotates).
-KNOBS = {
-    "fast_trig": True, "angle_step": 64, "angle_warps": 1, "angle_pairs": 32, "angle_stages": 1,
-    "angle_programs": 16,
-    "bwd_heads": 0, "rot_tokens": 16, "rot_warps": 2, "rot_bwd_maxnreg": 128,
-    "rot_bwd_stages": 2,
-}  # fmt: skip
+@dataclass(frozen=True)
+class RotaryConfig:
+    """Launch choices of the rotary passes (this file) and of the angle scans (angle_scan.py):
+    the core family's prep, which inference forwards through the core, training forwards and
+    backwards run (docs/performance.md has the measurements behind each default).
+
+    fast_trig:      1: hardware cos/sin after range reduction (GPU builds; the interpreter keeps
+                    the accurate functions); 0: the accurate library functions.
+    angle_step:     tokens per step of the angle scans; angle_warps: their warps per program.
+    angle_pairs:    angle pairs per angle-scan program (fewer: more programs in flight).
+    angle_stages:   software-pipelining depth of the angle scans' walks (1: none).
+    angle_programs: the angle scans' walks over a sequence are cut into segments (each then
+                    starting from the sums of the segments before it, a separate pass) until
+                    there are this many programs per multiprocessor (0: one walk per sequence).
+    bwd_heads:      heads per rotary-backward program (0: the whole group); fewer heads mean
+                    more programs, whose dq/dk partial sums over heads are added atomically.
+    rot_tokens:     tokens per rotary program (its (tokens, N/2) fp32 pair tiles live in
+                    registers); rot_warps: their warps.
+    rot_bwd_maxnreg: register cap of the rotary backward (0: none): capped, more programs share
+                    a multiprocessor at the price of a small spill.
+    rot_bwd_stages: software-pipelining depth of the rotary backward's loop over heads (2
+                    prefetches the next head's gradient rows while this one unrotates).
+    """
+
+    fast_trig: int = 1
+    angle_step: int = 64
+    angle_warps: int = 1
+    angle_pairs: int = 32
+    angle_stages: int = 1
+    angle_programs: int = 16
+    bwd_heads: int = 0
+    rot_tokens: int = 16
+    rot_warps: int = 2
+    rot_bwd_maxnreg: int = 128
+    rot_bwd_stages: int = 2
+
+    def knobs(self) -> list[int]:
+        """The fields as the custom ops take them (an int list, in field order)."""
+        return [int(getattr(self, f.name)) for f in dataclasses.fields(self)]
+
+    @classmethod
+    def of(cls, knobs: list[int] | None) -> RotaryConfig:
+        """The config of ``knobs()`` (None: the defaults)."""
+        return _DEFAULT if not knobs else cls(*knobs)
+
+
+_DEFAULT = RotaryConfig()
+
+
+def default_config(problem: Problem) -> RotaryConfig:
+    """The measured defaults (one setting for every call: docs/performance.md)."""
+    return _DEFAULT
+
+
+def search_space(problem: Problem) -> dict[str, list]:
+    """Candidate values per parameter (constraint() removes invalid combinations)."""
+    return {
+        "angle_step": [32, 64, 128, 256],
+        "angle_warps": [1, 2, 4],
+        "angle_pairs": [8, 16, 32],
+        "angle_programs": [0, 8, 16, 32],
+        "bwd_heads": [0, 1, 2, 4],
+        "rot_tokens": [8, 16, 32],
+        "rot_warps": [2, 4],
+        "rot_bwd_maxnreg": [0, 128, 192],
+        "rot_bwd_stages": [1, 2],
+    }
+
+
+def constraint(problem: Problem, config: RotaryConfig, device_props: dict | None) -> str | None:
+    """Why ``config`` cannot run ``problem``, or None."""
+    pow2 = ("angle_step", "angle_warps", "angle_pairs", "rot_tokens", "rot_warps")
+    for name in pow2:
+        v = getattr(config, name)
+        if v < 1 or v & (v - 1):
+            return f"{name} {v} is not a power of two"
+    if config.fast_trig not in (0, 1):
+        return f"fast_trig {config.fast_trig} not 0 or 1"
+    if config.angle_stages < 1 or config.rot_bwd_stages < 1:
+        return "angle_stages and rot_bwd_stages are >= 1"
+    if config.angle_programs < 0 or config.bwd_heads < 0:
+        return "angle_programs and bwd_heads are >= 0"
+    if config.rot_bwd_maxnreg and not 64 <= config.rot_bwd_maxnreg <= 255:
+        return f"rot_bwd_maxnreg {config.rot_bwd_maxnreg} outside [64, 255]"
+    return None
+
+
+SPEC = KernelSpec(
+    name="rotary",
+    modes=("training", "inference"),
+    config_cls=RotaryConfig,
+    applies=lambda problem: not problem.decode,
+    default=default_config,
+    space=search_space,
+    constraint=constraint,
+)
 
 
 @triton.jit
@@ -289,11 +351,12 @@ def _rot_bwd_kernel(
 # --------------------------------------------------------------------------------------------
 
 
-def _fast_trig() -> bool:
-    return KNOBS["fast_trig"] and not interpreting()
+def _fast_trig(cfg: RotaryConfig) -> bool:
+    return bool(cfg.fast_trig) and not interpreting()
 
 
-def rotary_fwd(q, k, qb, kb, theta, halves: bool, out_dtype: torch.dtype, pair_major=False):
+def rotary_fwd(q, k, qb, kb, theta, halves: bool, out_dtype: torch.dtype, pair_major=False,
+               cfg: RotaryConfig = _DEFAULT):  # fmt: skip
     """q, k (B, L, R, G, N) any float; qb, kb (R, H, N) fp32; theta (B, L, H, S) fp32.
     Returns qr, kr (B, L, R, H, N) in out_dtype; with pair_major their columns in pair-member
     order (the halves layout) whatever q's layout."""
@@ -303,12 +366,12 @@ def rotary_fwd(q, k, qb, kb, theta, halves: bool, out_dtype: torch.dtype, pair_m
     kr = torch.empty_like(qr)
     T = B * L
     if T > 0:
-        bt = KNOBS["rot_tokens"]
+        bt = cfg.rot_tokens
         run_kernel(
             _rot_fwd_kernel, (triton.cdiv(T, bt), R * H),
             q, k, qb, kb, theta, qr, kr, T, H, G, N=N, S=S, R=R, BT=bt, HALVES=halves,
-            FAST=_fast_trig(), PAIR_MAJOR=pair_major,
-            num_warps=KNOBS["rot_warps"],
+            FAST=_fast_trig(cfg), PAIR_MAJOR=pair_major,
+            num_warps=cfg.rot_warps,
         )  # fmt: skip
     return qr, kr
 
@@ -317,7 +380,7 @@ _XR = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
 def rotary_bwd(dqr, dkr, q, k, qb, kb, theta, halves: bool, xr_dtype=torch.float32,
-               dtheta_given=False, pair_major=False):  # fmt: skip
+               dtheta_given=False, pair_major=False, cfg: RotaryConfig = _DEFAULT):  # fmt: skip
     """Backward of rotary_fwd: dqr, dkr (B, L, R, H, N) fp32 -> dq, dk (B, L, R, G, N) fp32,
     dqb, dkb (R, H, N) fp32, dtheta (B, L, H, S) fp32. xr_dtype: the out_dtype rotary_fwd gave
     the core (dtheta reads the rotated values rounded to it). dtheta_given: the core backward
@@ -330,11 +393,11 @@ def rotary_bwd(dqr, dkr, q, k, qb, kb, theta, halves: bool, xr_dtype=torch.float
     f32 = torch.float32
     dev = q.device
     HG = H // G
-    hb = math.gcd(KNOBS["bwd_heads"] or HG, HG)  # heads per program, a divisor of HG
+    hb = math.gcd(cfg.bwd_heads or HG, HG)  # heads per program, a divisor of HG
     alloc = torch.zeros if hb < HG else torch.empty
     dq = alloc((B, L, R, G, N), dtype=f32, device=dev)
     dk = alloc((B, L, R, G, N), dtype=f32, device=dev)
-    bt = _bwd_tokens(T, R * H // hb, dev)
+    bt = _bwd_tokens(T, R * H // hb, dev, cfg.rot_tokens)
     nblk = triton.cdiv(T, bt)
     # per-block bias partial sums: every (block, rank, head) row is written (masked tokens add 0)
     pq = torch.empty((nblk, R, H, N), dtype=f32, device=dev)
@@ -345,11 +408,11 @@ def rotary_bwd(dqr, dkr, q, k, qb, kb, theta, halves: bool, xr_dtype=torch.float
             _rot_bwd_kernel, (nblk, R * H // hb),
             dqr, dkr, q, k, qb, kb, theta, dq, dk, pq, pk, dth if not dtheta_given else dq,
             T, H, G,
-            N=N, S=S, R=R, BT=bt, HALVES=halves, XR=_XR[xr_dtype], FAST=_fast_trig(),
+            N=N, S=S, R=R, BT=bt, HALVES=halves, XR=_XR[xr_dtype], FAST=_fast_trig(cfg),
             HB=hb, ATOMIC=hb < HG, GIVEN=dtheta_given,
-            PAIR_MAJOR=pair_major, STAGES=KNOBS["rot_bwd_stages"],
-            num_warps=KNOBS["rot_warps"],
-            **_cap("rot_bwd_maxnreg"),
+            PAIR_MAJOR=pair_major, STAGES=cfg.rot_bwd_stages,
+            num_warps=cfg.rot_warps,
+            **_cap(cfg.rot_bwd_maxnreg),
         )  # fmt: skip
     else:
         dth.zero_()
@@ -360,14 +423,14 @@ def rotary_bwd(dqr, dkr, q, k, qb, kb, theta, halves: bool, xr_dtype=torch.float
     return dq, dk, pq.sum(0), pk.sum(0), dth.sum(0) if R > 1 else dth[0]
 
 
-def _bwd_tokens(T: int, groups: int, device: torch.device) -> int:
-    """Tokens per rotary-backward program: KNOBS["rot_tokens"], halved (to 8 at least, the
-    previous default) while the T / tokens x groups programs would not give three per
+def _bwd_tokens(T: int, groups: int, device: torch.device, tokens: int) -> int:
+    """Tokens per rotary-backward program: ``tokens`` (RotaryConfig.rot_tokens), halved (to 8
+    at least, the previous default) while the T / tokens x groups programs would not give three per
     multiprocessor. Each program walks its heads one after another, so with few programs the
     pass takes as long as a whole wave
     (H200, SISO (1, 2048) at 16 tokens: 128 programs, fwd+bwd 2.39 -> 2.93 ms; MIMO R=4
     (1, 2048), 512 programs, gained from 16 tokens)."""
-    bt = KNOBS["rot_tokens"]
+    bt = tokens
     if device.type != "cuda":
         return bt
     want = 3 * _multiprocessors(device)
@@ -376,9 +439,8 @@ def _bwd_tokens(T: int, groups: int, device: torch.device) -> int:
     return bt
 
 
-def _cap(knob: str) -> dict:
-    """A register cap knob as a launch option (none when it is 0)."""
-    cap = KNOBS[knob]
+def _cap(cap: int) -> dict:
+    """A register cap as a launch option (none when it is 0)."""
     return {"maxnreg": cap} if cap else {}
 
 
@@ -390,13 +452,14 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 @eager_custom_op("mamba3_triton::rotary_fwd")
 def _rotary_fwd_op(
     q: Tensor, k: Tensor, qb: Tensor, kb: Tensor, theta: Tensor, halves: bool, out_dtype: str,
-    pair_major: bool = False,
+    pair_major: bool = False, knobs: list[int] | None = None,
 ) -> tuple[Tensor, Tensor]:  # fmt: skip
-    return rotary_fwd(q, k, qb, kb, theta, halves, _DTYPES[out_dtype], pair_major)
+    return rotary_fwd(q, k, qb, kb, theta, halves, _DTYPES[out_dtype], pair_major,
+                      RotaryConfig.of(knobs))  # fmt: skip
 
 
 @_rotary_fwd_op.register_fake
-def _rotary_fwd_fake(q, k, qb, kb, theta, halves, out_dtype, pair_major=False):
+def _rotary_fwd_fake(q, k, qb, kb, theta, halves, out_dtype, pair_major=False, knobs=None):
     B, L, R, G, N = q.shape
     shape = (B, L, R, qb.shape[1], N)
     return q.new_empty(shape, dtype=_DTYPES[out_dtype]), q.new_empty(
@@ -408,14 +471,16 @@ def _rotary_fwd_fake(q, k, qb, kb, theta, halves, out_dtype, pair_major=False):
 def _rotary_bwd_op(
     dqr: Tensor, dkr: Tensor, q: Tensor, k: Tensor, qb: Tensor, kb: Tensor, theta: Tensor,
     halves: bool, xr_dtype: str, dtheta_given: bool = False, pair_major: bool = False,
+    knobs: list[int] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
     return rotary_bwd(dqr.contiguous(), dkr.contiguous(), q, k, qb, kb, theta, halves,
-                      _DTYPES[xr_dtype], dtheta_given, pair_major)  # fmt: skip
+                      _DTYPES[xr_dtype], dtheta_given, pair_major,
+                      RotaryConfig.of(knobs))  # fmt: skip
 
 
 @_rotary_bwd_op.register_fake
 def _rotary_bwd_fake(dqr, dkr, q, k, qb, kb, theta, halves, xr_dtype, dtheta_given=False,
-                     pair_major=False):  # fmt: skip
+                     pair_major=False, knobs=None):  # fmt: skip
     f32 = torch.float32
     e = q.new_empty
     return (
@@ -430,7 +495,7 @@ def _rotary_bwd_fake(dqr, dkr, q, k, qb, kb, theta, halves, xr_dtype, dtheta_giv
 def compile_kernels(
     R: int, N: int, S: int, halves: bool, dtype: str = "bf16", target=None, fast: bool = True,
     bwd_heads: int = 4, atomic: bool = True, tokens: int = 32, given: bool = False,
-    pair_major: bool = True,
+    pair_major: bool = True, cfg: RotaryConfig = _DEFAULT,
 ):  # fmt: skip
     """Compile the rotary forward and backward kernels ahead of time (no GPU needed) for
     ``target`` (default sm_90); fast: hardware trig; bwd_heads, atomic: heads per backward
@@ -455,14 +520,14 @@ def compile_kernels(
     xr = {"bf16": 1, "fp16": 2}.get(dtype, 0)
     fwd_fn, bwd_fn = _rot_fwd_kernel, _rot_bwd_kernel
     bwd_c = {**consts, "XR": xr, "HB": bwd_heads, "ATOMIC": atomic, "GIVEN": given,
-             "STAGES": KNOBS["rot_bwd_stages"]}  # fmt: skip
+             "STAGES": cfg.rot_bwd_stages}  # fmt: skip
     launches = (("rotary_fwd", fwd_fn, fwd, consts), ("rotary_bwd", bwd_fn, bwd, bwd_c))
     for name, fn, sig, c in launches:
         sig = {**sig, **ints, **{k: "constexpr" for k in c}}
         src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=c)
         opts = {
-            "num_warps": KNOBS["rot_warps"],
-            **(_cap("rot_bwd_maxnreg") if fn is bwd_fn else {}),
+            "num_warps": cfg.rot_warps,
+            **(_cap(cfg.rot_bwd_maxnreg) if fn is bwd_fn else {}),
         }
         out[name] = triton.compile(src, target=target, options=opts)
     return out

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from mamba3_kernels.eager_calls import apply_positional
 
-from .core_rotary import _rotary_bwd_op, _rotary_fwd_op
+from .core_rotary import RotaryConfig, _rotary_bwd_op, _rotary_fwd_op
 from .core_scan import _core_bwd_op, _core_fwd_op, operand_dtype
 from .core_segments import bwd_segment_len
 
@@ -43,9 +43,9 @@ class _RotCore(torch.autograd.Function):
 
     @staticmethod
     def forward(q, k, qb, kb, theta, vr, adt, w, gam, s0, D, cu, halves, need_y, chunk,
-                dot_dtype, nw, ns, nseq, split_n, segment, fwd_chunk):  # fmt: skip
+                dot_dtype, nw, ns, nseq, split_n, segment, fwd_chunk, knobs):  # fmt: skip
         op_dtype = dot_dtype if dot_dtype in ("bfloat16", "float16") else "float32"
-        qr, kr = _rotary_fwd_op(q, k, qb, kb, theta, halves, op_dtype, True)
+        qr, kr = _rotary_fwd_op(q, k, qb, kb, theta, halves, op_dtype, True, knobs)
         states = qr.new_empty((0,), dtype=torch.float32)  # (segment states kept for backward)
         if need_y:
             state_seg = _shared_segment(qr.shape, cu, nseq, split_n, chunk, nw, segment,
@@ -73,7 +73,8 @@ class _RotCore(torch.autograd.Function):
         # (B, L, R, H, N) fills per backward, and a zero dS_final is no final-state gradient.
         ctx.set_materialize_grads(False)
         ctx.halves = inputs[12]
-        ctx.flags = inputs[14:-1]  # (the backward's; the forward chunk is the recompute's)
+        ctx.flags = inputs[14:-2]  # (the backward's; the forward chunk is the recompute's)
+        ctx.knobs = inputs[-1]
 
     @staticmethod
     def backward(ctx, dy, dsf, _dqr, _dkr, _states):
@@ -94,13 +95,13 @@ class _RotCore(torch.autograd.Function):
         ds0 = _pair_major(ds0, hv, back=True)
         xr_dtype = str(qr.dtype).replace("torch.", "")
         dq, dk, dqb, dkb, dth = _rotary_bwd_op(dqr, dkr, q, k, qb, kb, theta, hv, xr_dtype,
-                                               in_core, True)  # fmt: skip
+                                               in_core, True, ctx.knobs)  # fmt: skip
         if in_core:
             dth = dth_core
         return (dq.to(q.dtype), dk.to(k.dtype), dqb, dkb, dth, dv.to(vr.dtype),
                 dadt.to(adt.dtype), dw.to(w.dtype), dg.to(gam.dtype),
                 ds0 if s0 is not None else None, dD if D is not None else None,
-                *([None] * 11))  # fmt: skip
+                *([None] * 12))  # fmt: skip
 
 
 def _shared_segment(shape, cu, nseq: int, split_n: int, chunk: int, num_warps: int,
@@ -117,6 +118,7 @@ def _shared_segment(shape, cu, nseq: int, split_n: int, chunk: int, num_warps: i
 
 def rot_core_scan(
     q, k, qb, kb, theta, vr, adt, w, gam, s0, cu_seqlens, halves, meta, need_y=True, D=None,
+    rotary: RotaryConfig = RotaryConfig(),
 ):  # fmt: skip
     """Differentiable rotary prep + core: (y (B, L, R, H, P) in core_scan.operand_dtype(vr.dtype),
     S_final (nseq, H, P, N) fp32).
@@ -128,7 +130,7 @@ def rot_core_scan(
     skip y += D[h] vr, inside the core forward and backward. need_y=False skips the core's
     forward: y (in vr's dtype then) and S_final are zeros (not their values) while the backward
     stays exact, which is all a caller that only takes the vector-Jacobian product and whose
-    epilogue backward never reads y needs."""
+    epilogue backward never reads y needs. rotary: the rotary passes' launch config."""
     chunk, dot_dtype, num_warps, num_stages, nseq = meta[:5]
     split_n = meta[5] if len(meta) > 5 else 1
     segment = meta[6] if len(meta) > 6 else 0
@@ -140,5 +142,5 @@ def rot_core_scan(
             for x in (q, k, qb, kb, theta, vr, adt, w, gam, s0, D)]  # fmt: skip
     y, sf, *_ = apply_positional(_RotCore, *args, cu_seqlens, halves, need_y, chunk, name,
                                    num_warps, num_stages, nseq, split_n, segment,
-                                   fwd_chunk)  # fmt: skip
+                                   fwd_chunk, rotary.knobs())  # fmt: skip
     return y, sf
