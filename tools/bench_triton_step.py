@@ -9,8 +9,7 @@ For each case and batch: a correctness check against the float64 reference, then
   graph_hot_ms per-step time of a graph of consecutive steps on the same state (L2-warm),
   host_us      host time per launcher call (the GPU kept busy, so calls only enqueue),
   api_host_us  the same through ``mamba3_kernels.step``,
-  variants     kernel, graph and rotated-graph times with each state cache-hint mode and
-               with the state prefetch flipped,
+  variants     kernel, graph and rotated-graph times with the state prefetch flipped,
 and the floor: the fp32 state read and written once at the measured copy rate. ``--sweep``
 times every valid config of the kernel's search space by graph replay.
 
@@ -28,6 +27,7 @@ import time
 import torch
 import triton
 import triton.testing
+from mamba3_kernels.triton_impl import launch as tlaunch
 from mamba3_kernels.triton_impl import step as tstep
 
 from mamba3_kernels.problem import Problem
@@ -177,26 +177,14 @@ def one(case: str, batch: int, sweep: bool, gbps: float) -> dict:
     res["graph_rot_ms"], res["rotated_states"] = graph_rotated_ms(problem, inputs, cfg)
     res["achieved_gbps"] = ssm_bytes / res["graph_rot_ms"] / 1e6
     res["host_us"] = host_us(run)
-    # The state cache hints (every mode, where the kernel has the switch; a module switch, which
-    # plans keep: they are rebuilt around each switch) and the config's state prefetch flipped,
-    # each timed with the rest as default: (name, value, cache-hint mode, config).
-    hints = getattr(tstep, "STREAM_STATE", None)
-    stream = hints[0] if hints else 0
+    # The config's state prefetch flipped, timed with the rest as default.
     flipped = dataclasses.replace(cfg, prefetch=1 - cfg.prefetch)
-    variants = [("stream_state", m, m, cfg) for m in (1, 2, 3)] if hints else []
-    variants.append(("prefetch", flipped.prefetch, stream, flipped))
-    res["stream_state"], res["prefetch"] = stream, cfg.prefetch
-    for name, value, mode, c in variants:
-        if hints:
-            hints[0] = mode
-        tstep._PLANS.clear()
-        alt = {"value": value, "graph_rot_ms": graph_rotated_ms(problem, inputs, c)[0]}
-        alt["graph_ms"] = graph_ms(lambda c=c: run(c))[0]
-        alt["kernel_ms"] = triton.testing.do_bench(lambda c=c: run(c), return_mode="median")
-        res.setdefault("variants", []).append({"switch": name, **alt})
-        if hints:
-            hints[0] = stream
-        tstep._PLANS.clear()
+    res["prefetch"] = cfg.prefetch
+    alt = {"switch": "prefetch", "value": flipped.prefetch}
+    alt["graph_rot_ms"] = graph_rotated_ms(problem, inputs, flipped)[0]
+    alt["graph_ms"] = graph_ms(lambda: run(flipped))[0]
+    alt["kernel_ms"] = triton.testing.do_bench(lambda: run(flipped), return_mode="median")
+    res["variants"] = [alt]
     try:
         import mamba3_kernels
 
@@ -248,14 +236,14 @@ def main() -> None:
         for b in args.batches:
             r = one(case, b, args.sweep, gbps)
             results["runs"].append(r)
-            results["direct_launch"] = tstep._DIRECT_LAUNCH[0]
+            results["direct_launch"] = tlaunch._ENABLED[0]
             if args.json:
                 with open(args.json, "w") as f:
                     json.dump(results, f, indent=1)
     print(f"{results['device']}  copy {gbps:.0f} GB/s  direct launch {results['direct_launch']}")
     print("times in us; floor = fp32 state read + written once at the copy rate")
     hdr = "case        B  correct floor kernel graph g_rot g_hot  loop  api_loop  host api_host"
-    hdr += "  kernel/g_rot per variant (hint 1-3, prefetch flipped)  best_sweep"
+    hdr += "  kernel/g_rot per variant (prefetch flipped)  best_sweep"
     print(hdr)
     for r in results["runs"]:
         best = r["sweep"][0] if r.get("sweep") else None

@@ -38,7 +38,7 @@ def child(shape: tuple[int, ...], serial: bool) -> dict:
         jit_standin.install()
     from mamba3_kernels.triton_impl import chunk_bwd as cb
     from mamba3_kernels.triton_impl import chunk_fwd as cf
-    from mamba3_kernels.triton_impl import parallel_compile as pc
+    from mamba3_kernels.triton_impl import launch as tlaunch
 
     import mamba3_kernels
     from mamba3_kernels import validate
@@ -64,14 +64,14 @@ def child(shape: tuple[int, ...], serial: bool) -> dict:
     out = inputs.v.new_empty(plan.out_shape)
     ws = inputs.v.new_empty((plan.ws_bytes,), dtype=torch.uint8) if plan.ws_bytes else None
     table = cf._tensor_table(plan, tuple(inputs[:14]), None, None, out, None, ws, None)
-    # Both modes through parallel_compile (one worker: one kernel after the other).
-    os.environ[pc.ENV_SERIAL] = "0"
+    # Both modes through launch.py's side-by-side compiles (one worker: one kernel after the other).
+    os.environ[tlaunch.ENV_SERIAL] = "0"
     workers = 1 if serial else None
     t0 = time.perf_counter()
-    pc.compile_launches(plan.launches, table, workers)
+    tlaunch.compile_launches(plan.launches, table, workers)
     fwd_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    with pc.compile_only(workers or 8):
+    with tlaunch.compile_only(workers or 8):
         cb._chunk_bwd(problem, inputs, torch.randn_like(out), None, cb.default_config(problem))
     return {"fwd_s": fwd_s, "bwd_s": time.perf_counter() - t0}
 

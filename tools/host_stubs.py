@@ -9,14 +9,14 @@ What is stubbed, and why (a CUDA call takes these branches; CPU tensors would ta
 
 * the launcher itself: the compiled kernel's ``run`` (Triton's C launcher, which would hand the
   pointers to the driver) is ``itertools.chain``, a C call that takes any arguments and does
-  nothing with them; the first launch through Triton's binder (``step._launch_generic``,
-  ``launch._launch_generic``) is replaced by one that returns a fake compiled kernel carrying
-  that ``run``. Not counted: the C launcher's own argument parsing and the driver's launch (a
-  few us per launch on the GPU hosts).
+  nothing with them; the first launch through Triton's binder (``launch._launch_generic``,
+  which every launch plan's first launch goes through) is replaced by one that returns a fake
+  compiled kernel carrying that ``run``. Not counted: the C launcher's own argument parsing and
+  the driver's launch (a few us per launch on the GPU hosts).
 * the launch plans' ``on_gpu`` flag is set (``force_gpu_plans``), so that calls take the
   direct-launch branch a CUDA call takes rather than the interpreter's (the scripts check that
   the timed call reaches it); ``torch._C._cuda_getCurrentRawStream`` (absent from CPU torch;
-  ``step._current_stream``, ``launch._current_stream``) returns 0.
+  ``launch._current_stream``) returns 0.
 * the value-range check decision (``validate._check_values_enabled``) is asked about a CUDA
   device, so that it takes the GPU branch (off unless ``MAMBA3_KERNELS_CHECK_VALUES=1``), with
   ``torch.cuda.is_current_stream_capturing`` returning False. CPU calls would check the values
@@ -73,13 +73,9 @@ class FakeCompiled:
 def install_stubs() -> None:
     """Patch the launches and the CUDA-only queries as described in the module docstring."""
     fake = FakeCompiled()
-    tstep._launch_generic = lambda *args, **kwargs: fake
     tlaunch._launch_generic = lambda *args, **kwargs: fake
     torch._C._cuda_getCurrentRawStream = lambda index: 0
-    # Where the modules hold their own reference to it.
-    for module in (tstep, tlaunch):
-        if hasattr(module, "_current_stream"):
-            module._current_stream = torch._C._cuda_getCurrentRawStream
+    tlaunch._current_stream = torch._C._cuda_getCurrentRawStream  # its own reference to it
     torch.cuda.is_current_stream_capturing = lambda: False
     cuda = torch.device("cuda", 0)
     enabled = validate._check_values_enabled

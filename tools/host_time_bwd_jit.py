@@ -3,8 +3,9 @@ machine without a GPU: the kernels compile for sm_90 through a stand-in driver
 (tools/jit_standin.py) and their launcher is replaced by a no-op, so everything Python, PyTorch
 (on small CPU tensors) and Triton's launch path do per call is timed, the GPU's work is not.
 
-With ``--ab`` each measurement alternates with one where direct_launch is off (every launch
-through ``kernel[grid](...)``: Triton's argument binder), in the same process.
+With ``--ab`` each measurement alternates with one where the direct launches are off
+(``launch._ENABLED``: every launch through ``kernel[grid](...)``, Triton's argument binder), in
+the same process.
 
     python tools/host_time_bwd_jit.py [--repeats 7] [--calls 50] [--ab] [--json OUT.json]
 """
@@ -46,13 +47,13 @@ def main() -> None:
     CompiledKernel.run = property(lambda self: _no_launch)
     CompiledKernel.function = None
     from mamba3_kernels.triton_impl import chunk_bwd as cb
-    from mamba3_kernels.triton_impl import direct_launch as dl
+    from mamba3_kernels.triton_impl import launch as tlaunch
 
     from mamba3_kernels import validate
     from mamba3_kernels.testing import random_inputs
 
-    dl._direct = lambda args: dl._ENABLED[0] and isinstance(args[0], torch.Tensor)
-    dl._current_stream = lambda device: 0
+    tlaunch._direct = lambda args: tlaunch._ENABLED[0] and isinstance(args[0], torch.Tensor)
+    tlaunch._current_stream = lambda device: 0
     g = torch.Generator().manual_seed(0)
     x = random_inputs(**SIZES, rank=1, dtype=torch.bfloat16, with_D=True, with_z=False,
                       with_mimo_o=True, generator=g)  # fmt: skip
@@ -69,18 +70,18 @@ def main() -> None:
     compile_s = time.perf_counter() - t0
     per_call = LAUNCHES[0]
     backward()
-    direct = len(dl._CACHE)  # launches keyed for the direct path (all of them, normally)
+    direct = len(tlaunch._CACHE)  # launches keyed for the direct path (all of them, normally)
     modes = (True, False) if a.ab else (True,)
     times: dict[bool, list[float]] = {on: [] for on in modes}
     for _ in range(a.repeats):
         for on in modes:
-            dl._ENABLED[0] = on
+            tlaunch._ENABLED[0] = on
             backward()
             t0 = time.perf_counter()
             for _ in range(a.calls):
                 backward()
             times[on].append((time.perf_counter() - t0) / a.calls * 1e6)
-    dl._ENABLED[0] = True
+    tlaunch._ENABLED[0] = True
 
     out = run_info(a.calls, a.repeats)
     out.update(what="host us per chunk_bwd call through Triton's JIT (launcher a no-op)",

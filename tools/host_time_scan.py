@@ -106,7 +106,7 @@ def time_case(name: str, calls: int, repeats: int, profile: bool) -> dict[str, f
 
         vargs = (*x[:9], x.D, x.z, x.mimo_v, x.mimo_z, x.mimo_o, x.initial_state, state)
         problem, inputs = validate.validate_scan(*vargs)
-        backend, configs = dispatch.plan(problem, "triton", "scan_fwd")
+        backend, configs = dispatch.plan(problem, "triton", "inference")
         config = configs.get(cf.SPEC.name) or cf.SPEC.default(problem)
 
         def validation():

@@ -76,14 +76,16 @@ def main() -> None:
         force_gpu_plans()
     # The timed calls take the direct-launch branch (the compiled kernel's stubbed run).
     seen = []
-    compiled = {id(p): p.compiled for p in tstep._PLANS.values()}
+    compiled = {id(p): p.launch.compiled for p in tstep._PLANS.values()}
     for p in tstep._PLANS.values():
-        if p.compiled is not None:
-            kernel, _, function, packed = p.compiled
-            p.compiled = (kernel, lambda *args: seen.append(len(args)), function, packed)
-    out, new_state = api()
-    for p in tstep._PLANS.values():
-        p.compiled = compiled[id(p)]
+        if p.launch.compiled is not None:
+            _, function, packed, kernel = p.launch.compiled
+            p.launch.compiled = (lambda *args: seen.append(len(args)), function, packed, kernel)
+    try:
+        out, new_state = api()
+    finally:
+        for p in tstep._PLANS.values():
+            p.launch.compiled = compiled[id(p)]
     assert seen, "the call did not reach the direct launch"
     assert all(a is b for a, b in zip(new_state, state, strict=True))
     assert out.shape == (a.batch, SHAPE["nheads"], SHAPE["headdim"])
@@ -99,7 +101,7 @@ def main() -> None:
     def dispatch_and_launch():
         return ops.run_step(problem, inputs, inputs.initial_state, "triton")
 
-    backend, configs = mamba3_kernels.dispatch.plan(problem, "triton", "step")
+    backend, configs = mamba3_kernels.dispatch.plan(problem, "triton", "decode")
     cfg = configs.get("step") or tstep.SPEC.default(problem)
 
     def launcher():

@@ -1,6 +1,7 @@
 """A stand-in for Triton's GPU driver on a machine without one: Triton's JIT can then compile
 (``warmup``) kernels for sm_90 with the specializations real launches would get, as long as
-nothing is launched. Used by tools/first_call_compile.py and tests/test_parallel_compile.py."""
+nothing is launched. Used by tools/first_call_compile.py, tools/host_time_bwd_jit.py and
+tests/test_triton_launch.py."""
 
 from __future__ import annotations
 
