@@ -121,6 +121,8 @@ def build_kernel(variant: Variant, config: StepConfig):
             sn = f32(0.0)
             if j < S:
                 theta = sa_g[j] + f32(PI) * cute.math.tanh(ang_g[j].to(f32)) * dt
+                # stored in [0, 2 pi): an angle that grew step after step would lose fp32 bits
+                theta = theta - cute.math.floor(theta * f32(0.5 / PI)) * f32(2.0 * PI)
                 cs = cute.math.cos(theta)
                 sn = cute.math.sin(theta)
                 if first:

@@ -200,10 +200,11 @@ def _m3_make(op: str, s: Shape, device: torch.device, seed: int):
     )
     if s.mimo:
         fn_mimo, _ = _import(*_M3_MIMO)
+        trap = x.trap.to(s.dtype)  # (the public MIMO kernel takes it in the activations' dtype)
 
         def fwd():
             return fn_mimo(
-                x.q, x.k, x.v, x.adt, x.dt, x.trap, x.q_bias, x.k_bias,
+                x.q, x.k, x.v, x.adt, x.dt, trap, x.q_bias, x.k_bias,
                 x.mimo_v, x.mimo_z, x.mimo_o, x.angles, x.D, x.z,
                 chunk_size=max(64 // s.rank, 8), rotary_dim_divisor=s.d_state // s.n_angles,
                 dtype=s.dtype,
