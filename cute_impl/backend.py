@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from mamba3_kernels.backend import Backend, KernelSpec
+from mamba3_kernels.backend import Backend, KernelSpec, packed_inner, size_reason
 from mamba3_kernels.inputs import ScanInputs
 from mamba3_kernels.problem import Problem
 from mamba3_kernels.state import Mamba3State
@@ -37,16 +37,6 @@ def _dsl_installed() -> bool:
         )
     except (ImportError, ValueError):
         return False
-
-
-def _packed_inner(t: torch.Tensor) -> bool:
-    """Whether every axis after the first is laid out contiguously (size-1 axes ignored)."""
-    expected = 1
-    for size, stride in zip(reversed(t.shape[1:]), reversed(t.stride()[1:]), strict=True):
-        if size != 1 and stride != expected:
-            return False
-        expected *= size
-    return True
 
 
 class CuteBackend(Backend):
@@ -124,12 +114,9 @@ class CuteBackend(Backend):
             return f"tensors on {problem.device_type}; cute needs CUDA"
         if problem.dtype not in _DTYPES:
             return f"dtype {problem.dtype} (cute runs bf16, fp16, fp32)"
-        if problem.d_state not in SUPPORTED_N:
-            return f"d_state N={problem.d_state} not in {SUPPORTED_N}"
-        if problem.headdim not in SUPPORTED_P:
-            return f"headdim P={problem.headdim} not in {SUPPORTED_P}"
-        if problem.rank not in SUPPORTED_R:
-            return f"rank R={problem.rank} not in {SUPPORTED_R}"
+        reason = size_reason(problem, SUPPORTED_N, SUPPORTED_P, SUPPORTED_R)
+        if reason is not None:
+            return reason
         reason = _step.constraint(problem, _step.default_config(problem), None)
         if reason is not None:
             return f"step: {reason}"
@@ -185,10 +172,10 @@ class CuteBackend(Backend):
             raise ValueError("state.ssm: the cute step needs a 16-byte aligned state matrix")
         # Per-step tensors: packed inner axes (else copied); coefficients and parameters fp32.
         q, k, v, z = (
-            t if t is None or _packed_inner(t) else t.contiguous() for t in (q, k, v, z)
+            t if t is None or packed_inner(t) else t.contiguous() for t in (q, k, v, z)
         )
         adt, dt, trap, ang = (
-            t.float() if t.dtype != torch.float32 else (t if _packed_inner(t) else t.contiguous())
+            t.float() if t.dtype != torch.float32 else (t if packed_inner(t) else t.contiguous())
             for t in (adt, dt, trap, ang)
         )
         qb, kb, d, mv, mz, mo = (

@@ -144,6 +144,29 @@ class Backend:
         return [k for k in self.all_kernels() if mode in k.modes and k.applies(problem)]
 
 
+def size_reason(problem: Problem, ns: tuple[int, ...], ps: tuple[int, ...],
+                rs: tuple[int, ...]) -> str | None:  # fmt: skip
+    """Why a backend whose kernels are built for d_state in ``ns``, headdim in ``ps`` and rank
+    in ``rs`` cannot run ``problem`` (naming the size), or None."""
+    for label, value, allowed in (("d_state N", problem.d_state, ns),
+                                  ("headdim P", problem.headdim, ps),
+                                  ("rank R", problem.rank, rs)):  # fmt: skip
+        if value not in allowed:
+            return f"{label}={value} not in {allowed}"
+    return None
+
+
+def packed_inner(t: torch.Tensor) -> bool:
+    """Whether every axis of ``t`` after the first is laid out contiguously (size-1 axes
+    ignored): a kernel taking one batch stride can read it as it is."""
+    expected = 1
+    for size, stride in zip(reversed(t.shape[1:]), reversed(t.stride()[1:]), strict=True):
+        if size != 1 and stride != expected:
+            return False
+        expected *= size
+    return True
+
+
 _REGISTRY: dict[str, Backend] = {}
 BACKEND_NAMES = ("reference", "triton", "tilelang", "cute")
 # Called after the registry changes (the dispatcher drops its memoized choices).

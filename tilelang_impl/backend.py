@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from mamba3_kernels.backend import Backend, KernelSpec, device_properties
+from mamba3_kernels.backend import Backend, KernelSpec, device_properties, size_reason
 from mamba3_kernels.inputs import ScanInputs
 from mamba3_kernels.problem import Problem
 
@@ -76,12 +76,9 @@ class TileLangBackend(Backend):
             return f"tensors on {problem.device_type}; tilelang needs CUDA"
         if problem.dtype not in SUPPORTED_DTYPES:
             return f"dtype {problem.dtype} (tilelang runs bf16 and fp16)"
-        if problem.d_state not in SUPPORTED_N:
-            return f"d_state N={problem.d_state} not in {SUPPORTED_N}"
-        if problem.headdim not in SUPPORTED_P:
-            return f"headdim P={problem.headdim} not in {SUPPORTED_P}"
-        if problem.rank not in SUPPORTED_R:
-            return f"rank R={problem.rank} not in {SUPPORTED_R}"
+        reason = size_reason(problem, SUPPORTED_N, SUPPORTED_P, SUPPORTED_R)
+        if reason is not None:
+            return reason
         major, _ = torch.cuda.get_device_capability()
         if major < 9:
             return f"compute capability {major}.x; the tilelang kernels target sm_90 (Hopper)"

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from mamba3_kernels.backend import Backend, KernelSpec, device_properties
+from mamba3_kernels.backend import Backend, KernelSpec, device_properties, size_reason
 from mamba3_kernels.inputs import ScanInputs
 from mamba3_kernels.problem import Problem
 from mamba3_kernels.state import Mamba3State
@@ -62,12 +62,9 @@ class TritonBackend(Backend):
         if problem.dtype not in (torch.float16, torch.bfloat16, torch.float32):
             return f"dtype {problem.dtype} (triton runs fp16, bf16, fp32)"
         ns, ps = (INTERPRET_N, INTERPRET_P) if interpreting() else (SUPPORTED_N, SUPPORTED_P)
-        if problem.d_state not in ns:
-            return f"d_state N={problem.d_state} not in {ns}"
-        if problem.headdim not in ps:
-            return f"headdim P={problem.headdim} not in {ps}"
-        if problem.rank not in (1, 2, 4, 8):
-            return f"rank R={problem.rank} not in (1, 2, 4, 8)"
+        reason = size_reason(problem, ns, ps, (1, 2, 4, 8))
+        if reason is not None:
+            return reason
         # The kernel's own constraints on its default config (tile divisibility and the like).
         self._load()
         mode = "decode" if problem.decode else "inference"

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from mamba3_kernels.backend import KernelSpec
+from mamba3_kernels.backend import KernelSpec, packed_inner
 from mamba3_kernels.inputs import ScanInputs
 from mamba3_kernels.problem import Problem, memo_by_identity
 from mamba3_kernels.state import Mamba3State
@@ -314,16 +314,6 @@ _CONST_NAMES = (
 )  # fmt: skip
 
 
-def _packed_inner(t: torch.Tensor) -> bool:
-    """Whether every axis after the first is laid out contiguously (size-1 axes ignored)."""
-    expected = 1
-    for size, stride in zip(reversed(t.shape[1:]), reversed(t.stride()[1:]), strict=True):
-        if size != 1 and stride != expected:
-            return False
-        expected *= size
-    return True
-
-
 class _Plan:
     """What a call signature needs per launch, worked out once: whether inputs must be copied to
     a packed layout, the batch strides, and the kernel's Launch (grid, constants, the compiled
@@ -349,7 +339,7 @@ class _Plan:
         v = step_tensors[2]
         self.device_index = v.get_device()
         # A per-step tensor whose inner axes are not packed (rare: a strided slice) is copied.
-        self.repack = tuple(t is not None and not _packed_inner(t) for t in step_tensors)
+        self.repack = tuple(t is not None and not packed_inner(t) for t in step_tensors)
         self.strides = tuple(
             0 if t is None else (t[0].numel() if rp else t.stride(0))
             for t, rp in zip(step_tensors, self.repack, strict=True)
