@@ -90,13 +90,11 @@ def _fwd_chunk(problem: Problem, config: ChunkBwdConfig) -> int:
 
 def default_config(problem: Problem) -> ChunkBwdConfig:
     """32 rows per chunk on 4 warps, 2 pipeline stages, one program per sweep (no column
-    split), segments chosen per call; the forward recompute on 64-row chunks. With segments
-    (segment=0) neither 8 warps nor the column split's extra programs pay any more: core
-    backward, H200, bf16, N=128, P=64, the best of rows 16/32/64 x warps 4/8 x split 1/2: SISO
-    (1, 16384) 2.81 ms (3.38 with the split on 4 warps, the earlier default), MIMO R=4 (8, 2048)
-    9.34 ms (12.41 on 8 warps, the earlier default); the recompute there 2.43 -> 2.01 ms on 64
-    rows (SISO (1, 16384) 0.90 -> 0.80). 2 stages: fwd+bwd -4 % SISO, -1 % MIMO.
-    docs/performance.md.
+    split), segments chosen per call; the forward recompute on 64-row chunks. Once the sweeps
+    are cut into segments (segment=0) the GPU is full, so neither 8 warps nor the column split's
+    extra programs pay for their cost; the recompute, with no reverse sweep sharing its
+    registers, takes longer chunks; two stages overlap the chunk loads (measurements:
+    docs/performance.md, "The core backward").
     """
     chunk = max(1, 32 // problem.rank)
     fwd_chunk = max(1, 64 // problem.rank)

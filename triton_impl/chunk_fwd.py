@@ -73,9 +73,9 @@ class ChunkFwdConfig:
                 segment's earlier chunks as keys (split=2).
     prefetch:   chunks ahead whose streamed inputs (coefficients, angles, v, z) the chunk
                 loops of the walk and the segment-state kernel ask L2 for (0: none; see
-                l2_prefetch.py). Changes no value; the interpreter ignores it. Off by default:
-                on an H200 one chunk ahead was within 2 % of none for whole walks and the
-                block-parallel MIMO forward, and 15 % slower for split=1 (docs/performance.md).
+                l2_prefetch.py). Changes no value; the interpreter ignores it. Off by default
+                (it measured within the spread or slower; docs/performance.md): a choice left
+                to the tuner per GPU.
     """
 
     chunk_size: int = 64
@@ -104,8 +104,8 @@ def default_config(problem: Problem) -> ChunkFwdConfig:
 
 
 def _fused_heuristic(problem: Problem) -> ChunkFwdConfig:
-    """The fused kernels' heuristic config, from the H100 sweeps
-    (docs/performance.md: "Triton prefill forward", its "v2" and "v3" subsections).
+    """The fused kernels' heuristic config, from sweeps of the tile space (docs/performance.md,
+    "SISO prefill forward" and "MIMO prefill forward").
 
     Fixed-length batches longer than 256 tokens: the chunk-parallel variant (split=1) with
     whole-P tiles on 4 warps; SISO chunks of 32 tokens, 2 stages, in the longest segments of
@@ -118,9 +118,9 @@ def _fused_heuristic(problem: Problem) -> ChunkFwdConfig:
     and trig on all pairs (split_rot 0 measured faster there); many MIMO programs 64 rows, whole
     P, 8 warps.
     N = 256 or fp32 inputs halve the rows (register pressure).
-    MIMO R=4 in 16-bit with N <= 128, P >= 64 (where it was measured: H200, docs/performance.md
-    "Block-parallel forward"): the block-parallel variant (split=2), 16-token blocks of 64 rows,
-    two per segment, whole 64-wide P tiles on 4 warps.
+    MIMO R=4 in 16-bit with N <= 128, P >= 64 (where it was measured): the block-parallel
+    variant (split=2), 16-token blocks of 64 rows, two per segment, whole 64-wide P tiles on 4
+    warps.
     """
     p2 = _next_pow2(problem.headdim)
     pairs = problem.nseq * problem.nheads
@@ -128,8 +128,8 @@ def _fused_heuristic(problem: Problem) -> ChunkFwdConfig:
     # (a call of one segment gains nothing from the extra launches)
     split = not problem.varlen and problem.seqlen > 256
     # SISO whose whole-sequence walks (64-wide P tiles) already make ~2 programs per
-    # multiprocessor: those walks, on the split variant's tiles (H200, (8, 2048): 0.81 ms
-    # against 1.19 split into 1024-token segments and 1.16 into one segment per sequence).
+    # multiprocessor: those walks, on the split variant's tiles (segments would only add
+    # state traffic and launches there).
     whole_walks = (split and problem.rank == 1 and problem.chunk_size is None
                    and pairs * -(-problem.headdim // 64) >= 2 * 132)  # fmt: skip
     if (split and problem.rank == 4 and problem.chunk_size is None and problem.d_state <= 128
@@ -170,8 +170,7 @@ def _fused_heuristic(problem: Problem) -> ChunkFwdConfig:
     segment = 0
     if split:
         # Segments of 128 tokens for MIMO; SISO: the longest of 4096/2048/1024/512/256 (less
-        # state traffic) that still gives ~2 programs per multiprocessor (H200: (1, 2048) 512
-        # tokens 0.164 ms, 256 0.176; (1, 16384) 4096 1.147, 1024 1.175; docs/performance.md).
+        # state traffic) that still gives ~2 programs per multiprocessor.
         segment = 128
         if problem.rank == 1:
             segment = 256

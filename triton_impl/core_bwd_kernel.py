@@ -130,8 +130,8 @@ def _core_bwd_kernel(
 
     HAS_D (the forward's skip y += D[h] vr): the reverse sweep's first column block adds
     D[h] dy to dv; the forward sweep sums dy . vr per row over its chunks and adds the total to
-    dD[h] atomically (every sequence adds to it). Measured on an H200: this split keeps the
-    kernel's time; both terms in the reverse sweep made it 9-21 % slower (docs/performance.md).
+    dD[h] atomically (every sequence adds to it): both terms in the reverse sweep measured
+    slower (docs/performance.md).
 
     SEGMENTED (grid axis 0 then holds nseq * H * NSEG programs): each program walks one segment
     of SEG tokens (a multiple of C), its sweep starting from the segment's entering state

@@ -425,11 +425,9 @@ def rotary_bwd(dqr, dkr, q, k, qb, kb, theta, halves: bool, xr_dtype=torch.float
 
 def _bwd_tokens(T: int, groups: int, device: torch.device, tokens: int) -> int:
     """Tokens per rotary-backward program: ``tokens`` (RotaryConfig.rot_tokens), halved (to 8
-    at least, the previous default) while the T / tokens x groups programs would not give three per
-    multiprocessor. Each program walks its heads one after another, so with few programs the
-    pass takes as long as a whole wave
-    (H200, SISO (1, 2048) at 16 tokens: 128 programs, fwd+bwd 2.39 -> 2.93 ms; MIMO R=4
-    (1, 2048), 512 programs, gained from 16 tokens)."""
+    at least) while the T / tokens x groups programs would not give three per multiprocessor.
+    Each program walks its heads one after another, so with few programs the pass takes as
+    long as a whole wave; with many, longer token blocks win (docs/performance.md)."""
     bt = tokens
     if device.type != "cuda":
         return bt

@@ -35,9 +35,9 @@ __all__ = [
 # registers hold 8 warps of it: two programs of 4 warps or one of 8. _WAVES such waves of
 # programs keep every multiprocessor busy to the end (the sweeps' lengths differ, so a single
 # wave leaves the multiprocessors of the shorter forward sweeps idle for the rest). Two waves
-# beat four and eight with the 4-warp, unsplit default (fwd+bwd on an H200: SISO (1, 16384)
-# 5.48 / 5.39 / 5.67 ms at 4 / 2 / 8, (8, 2048) 5.45 / 5.22 / 5.63; MIMO R=4 likewise;
-# docs/performance.md): more segments cost more contribution and pass work than they recover.
+# beat four and eight with the 4-warp, unsplit default (docs/performance.md): more segments
+# cost more contribution and pass work than they recover. (The segment length itself is the
+# config's ChunkBwdConfig.segment; these only shape its automatic choice.)
 _WARPS_PER_SM = 8
 _WAVES = 2
 # Software pipelining of the contribution kernel's chunk loop (its loads are most of its time)
@@ -67,10 +67,9 @@ def inference_segment_len(seqlen: int, nseq: int, H: int, rank: int, device) -> 
     """Tokens per segment of an inference forward through the core (no backward shares its
     segments): the longest of L, L/2, L/4, ... (down to _MIN_SEGMENT) whose walks make about two
     programs per multiprocessor for SISO, four for MIMO (a MIMO walk holds R rows per token and
-    waits on more of them), 1/16 short of that allowed. On an H200 (bf16, H=64, N=128, P=64):
-    SISO (1, 16384) 4096 tokens 0.93 ms against 0.98 at 2048; MIMO R=4 (1, 16384) 2048 tokens
-    3.31 ms against 3.56 at 4096, (8, 2048) whole sequences 2.96 against 3.18 at 1024
-    (docs/performance.md). A result >= seqlen means no segments."""
+    waits on more of them), 1/16 short of that allowed: fewer segments carry less state
+    traffic, and fewer programs than that leave multiprocessors idle (docs/performance.md).
+    A result >= seqlen means no segments."""
     if device.type != "cuda":
         return seqlen
     want = (2 if rank == 1 else 4) * _multiprocessors(device) * 15 // 16

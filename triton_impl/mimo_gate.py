@@ -29,8 +29,8 @@ __all__ = ["gated", "gate_fwd", "mimo_gate", "mimo_v_mix", "vmix_fwd"]
 
 _ROWS = 16  # rank rows (tokens x R) per step: 72 registers at R=4, P=64 (no spills)
 # Tokens per program: each program adds its (R, P) weight-gradient sums atomically once, so this
-# sets the number of atomic adds (at 64 tokens, serialised adds on the same few cache lines were
-# 80 % of the kernels' time on an H200; docs/performance.md).
+# sets the number of atomic adds (with short blocks, serialised adds on the same few cache lines
+# dominated the kernels' time; docs/performance.md).
 _TOKENS = 256
 
 
@@ -412,10 +412,10 @@ class _MimoVMix(torch.autograd.Function):
     @staticmethod
     def forward(v, mv):
         # One Triton pass: the product in fp32 rounded once (bit for bit the fp32 product then a
-        # cast), written in the (B, L, R, H, P) order the core reads. On an H200 at MIMO R=4
-        # (8, 2048), PyTorch's fp32 product and cast took 0.78 + 0.26 ms, its broadcast product
-        # into a bf16 out= 1.2 ms (docs/performance.md); and a product against a transposed view of
-        # the weights once came out in (B, L, H, R, P) order, which the core copied whole.
+        # cast), written in the (B, L, R, H, P) order the core reads: PyTorch's fp32 product
+        # and cast take two passes over R times v's bytes (docs/performance.md); and a product
+        # against a transposed view of the weights once came out in (B, L, H, R, P) order,
+        # which the core copied whole.
         return _vmix_fwd_op(v, mv)
 
     @staticmethod

@@ -38,8 +38,8 @@ class _RotCore(torch.autograd.Function):
     The core sees every N-wide tensor (qr, kr, the states and their gradients) in pair-member
     column order (_pair_major): the dot products over N do not depend on the order, and its
     backward then holds both members of each rotary pair in contiguous columns (its d theta
-    needs them side by side; interleaved pairs read as strided columns made it 3x slower on
-    an H200, docs/performance.md)."""
+    needs them side by side; interleaved pairs read as strided columns measured far slower,
+    docs/performance.md)."""
 
     @staticmethod
     def forward(q, k, qb, kb, theta, vr, adt, w, gam, s0, D, cu, halves, need_y, chunk,

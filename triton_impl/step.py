@@ -38,8 +38,8 @@ class StepConfig:
     num_stages: software-pipelining depth of the loop over P tiles.
     split_p:    programs per (batch, head), each owning P / split_p rows of its state.
     prefetch:   1: request each state tile one step ahead (the first before the prologue); 0:
-                when it is needed. Faster with 1 on an H100, with 0 on an H200 at batch 16-128
-                (docs/performance.md, "Decode: the state prefetch"): a per-GPU choice for the tuner.
+                when it is needed. Which is faster depends on the GPU and the batch
+                (docs/performance.md, "Decode step"): a per-GPU choice for the tuner.
     """
 
     block_p: int = 32
