@@ -131,8 +131,12 @@ def _check_cu_seqlens(cu: torch.Tensor, batch: int, seqlen: int) -> torch.Tensor
         raise ValueError(
             f"cu_seqlens: expected batch size 1 when packing sequences, got B = {batch}"
         )
+    # (contiguous: a kernel reads the offsets through a plain pointer, so a strided view would be
+    # read wrong)
     if torch.compiler.is_compiling():
-        return cu.to(torch.int32)
+        return cu.to(torch.int32).contiguous()
+    if cu.is_meta:
+        raise ValueError("cu_seqlens: on the meta device; the offsets must hold values")
     vals = cu.tolist()
     if vals[0] != 0:
         raise ValueError(f"cu_seqlens: expected to start at 0, got {vals[0]}")
@@ -140,7 +144,7 @@ def _check_cu_seqlens(cu: torch.Tensor, batch: int, seqlen: int) -> torch.Tensor
         raise ValueError(f"cu_seqlens: expected non-decreasing offsets, got {vals}")
     if vals[-1] != seqlen:
         raise ValueError(f"cu_seqlens: expected to end at L = {seqlen}, got {vals[-1]}")
-    return cu.to(torch.int32)
+    return cu.to(torch.int32).contiguous()
 
 
 def _check_state(

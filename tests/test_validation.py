@@ -298,3 +298,31 @@ def test_scan_memo_revalidates_changed_properties_and_keys_one_problem():
     other, oin = check(x._replace(q=wide[..., ::2]), state._replace(ssm=odd))
     assert other == problem and other is not problem and oin.validated_problem is other
     assert check()[0] is problem
+
+
+def test_strided_int32_cu_seqlens_are_read_by_value():
+    """A strided int32 view of the offsets gives the same result as its contiguous copy on every
+    backend that runs here (the kernels read offsets through a plain pointer)."""
+    import os
+
+    from mamba3_kernels.testing import rel_err
+
+    g = torch.Generator().manual_seed(8)
+    x = random_inputs(batch=1, seqlen=12, nheads=2, d_state=16, headdim=8, generator=g)
+    strided = torch.tensor([0, 9, 5, 9, 12, 9], dtype=torch.int32)[::2]
+    assert not strided.is_contiguous() and strided.tolist() == [0, 5, 12]
+    dense = strided.contiguous()
+    backends = ["reference"]
+    if os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available():
+        backends.append("triton")
+    for backend in backends:
+        want = m.scan(*x[:14], cu_seqlens=dense, backend=backend)
+        got = m.scan(*x[:14], cu_seqlens=strided, backend=backend)
+        assert rel_err(got, want) == 0, backend
+
+
+def test_meta_cu_seqlens_is_a_clear_error():
+    x = random_inputs(batch=1, seqlen=12, nheads=2, d_state=16, headdim=8)
+    cu = torch.tensor([0, 5, 12], dtype=torch.int32, device="meta")
+    with pytest.raises(ValueError, match="cu_seqlens: on the meta device"):
+        m.scan(*x[:14], cu_seqlens=cu)

@@ -69,7 +69,11 @@ class TritonBackend(Backend):
         self._load()
         mode = "decode" if problem.decode else "inference"
         props = device_properties() if problem.device_type == "cuda" else None
+        # (the family that leads the mode: an inference forward whose heuristic path is "fused"
+        # runs no core kernel, so the core's tile limits must not refuse it)
         for spec in self.kernels_for(problem, mode):
+            if spec.modes[0] != mode:
+                continue
             reason = spec.constraint(problem, spec.default(problem), props)
             if reason is not None:
                 return f"{spec.name}: {reason}"
