@@ -71,8 +71,6 @@ class _Store:
 _store: _Store | None = None
 _memo: dict[tuple, Any] = {}
 _warned: set[str] = set()
-# (gpu, backend, kernel, mode, bucket) -> why the entry was skipped (version mismatch)
-_skipped: dict[tuple[str, str, str, str, str], str] = {}
 
 
 def user_config_dir() -> Path:
@@ -198,7 +196,6 @@ def reload() -> None:
     _store = None
     _memo.clear()
     _warned.clear()
-    _skipped.clear()
     _props_cache.clear()
 
 
@@ -255,7 +252,6 @@ def lookup_entry(
             if have != kernel.version:
                 why = (f"tuned for {backend}/{kernel.name} version {have}, the kernel is at "
                        f"version {kernel.version}")  # fmt: skip
-                _skipped[(device, backend, kernel.name, mode, entry["bucket"])] = why
                 _warn_once(f"version/{device}/{backend}/{kernel.name}/{entry['bucket']}",
                            f"mamba3_kernels: skipping a tuned config of bucket {entry['bucket']} "
                            f"on {device}: {why}; re-run `python -m mamba3_kernels.autotune`.")
