@@ -20,7 +20,7 @@ from .inputs import ScanInputs
 from .problem import Problem
 from .schema import SCAN, SCAN_BWD, SCAN_OUTPUTS, STEP
 from .state import Mamba3State
-from .validate import describe
+from .validate import check_op_inputs, describe
 
 # Names of the differentiable inputs of mamba3::scan, in op-argument order.
 GRAD_INPUTS = SCAN.grad_names
@@ -57,9 +57,17 @@ def _scan_problem(inputs: ScanInputs, a: Any) -> Problem:
 def scan_op(*args: Any) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Forward scan on validated inputs (arguments: schema.SCAN); chunk_size <= 0 means the
     backend's choice."""
-    inputs = SCAN.inputs(args)
     a = SCAN.bind(args)
-    return run_scan(_scan_problem(inputs, a), inputs, a.backend)
+    problem, inputs = _checked_scan(SCAN.inputs(args), a)
+    return run_scan(problem, inputs, a.backend)
+
+
+def _checked_scan(inputs: ScanInputs, a: Any, fake: bool = False) -> tuple[Problem, ScanInputs]:
+    """validate_scan's checks on mamba3::scan's arguments ``a`` (a direct op call skips the
+    API's validation; the fake impl runs the same shape checks, so torch.compile raises the same
+    errors)."""
+    chunk_size = a.chunk_size if a.chunk_size > 0 else None
+    return check_op_inputs(False, inputs, a.rotary, a.return_final_state, chunk_size, fake)
 
 
 def run_scan(
@@ -141,6 +149,7 @@ def _owned(t: Tensor, dtype: torch.dtype, taken: set[int]) -> Tensor:
 @scan_op.register_fake
 def _scan_fake(*args):
     a = SCAN.bind(args)
+    _checked_scan(SCAN.inputs(args), a, fake=True)
     q, v = a.q, a.v
     mimo = q.dim() == 5
     B, L, H, P = v.shape
@@ -319,9 +328,8 @@ def scan_autograd(
 def step_op(*args: Any) -> Tensor:
     """One decode step on validated inputs (arguments: schema.STEP); updates the four state
     tensors in place."""
-    inputs = STEP.inputs(args)
     a = STEP.bind(args)
-    problem = describe(inputs, True, a.rotary, True, None)
+    problem, inputs = check_op_inputs(True, STEP.inputs(args), a.rotary, True, None)
     return run_step(problem, inputs, inputs.initial_state, a.backend)
 
 
@@ -334,6 +342,7 @@ def run_step(problem: Problem, inputs: ScanInputs, state: Mamba3State, backend: 
 @step_op.register_fake
 def _step_fake(*args):
     a = STEP.bind(args)
+    check_op_inputs(True, STEP.inputs(args), a.rotary, True, None, fake=True)
     q, v = a.q, a.v
     mimo = q.dim() == 4
     B, H, P = v.shape

@@ -117,7 +117,9 @@ def _check_values(adt: torch.Tensor, dt: torch.Tensor) -> None:
         raise ValueError("dt: expected finite values, got inf")
 
 
-def _check_cu_seqlens(cu: torch.Tensor, batch: int, seqlen: int) -> torch.Tensor:
+def _check_cu_seqlens(
+    cu: torch.Tensor, batch: int, seqlen: int, values: bool | None = None
+) -> torch.Tensor:
     if cu.dim() != 1 or cu.numel() < 2:
         raise ValueError(
             "cu_seqlens: expected a 1-D tensor of nseq + 1 >= 2 offsets, "
@@ -133,7 +135,9 @@ def _check_cu_seqlens(cu: torch.Tensor, batch: int, seqlen: int) -> torch.Tensor
         )
     # (contiguous: a kernel reads the offsets through a plain pointer, so a strided view would be
     # read wrong)
-    if torch.compiler.is_compiling():
+    if values is None:
+        values = not torch.compiler.is_compiling()
+    if not values:
         return cu.to(torch.int32).contiguous()
     if cu.is_meta:
         raise ValueError("cu_seqlens: on the meta device; the offsets must hold values")
@@ -259,8 +263,10 @@ def _validate(
     cu_seqlens,
     rotary,
     chunk_size,
+    values: bool | None = None,
 ) -> tuple[Problem, ScanInputs]:
-    """Memoized front of ``_check_and_describe``; ``tensors``: q .. mimo_o (ScanInputs order)."""
+    """Memoized front of ``_check_and_describe``; ``tensors``: q .. mimo_o (ScanInputs order).
+    ``values``: run the value checks (adt, dt, cu_seqlens offsets); None: the default rule."""
     key = None
     if cu_seqlens is None and not torch.compiler.is_compiling():
         options = (rotary, bool(return_final_state), chunk_size, type(chunk_size))
@@ -274,7 +280,7 @@ def _validate(
             if problem is not None:
                 _LAST_HIT[0] = (key, problem)
         if problem is not None:
-            if _check_values_enabled(problem.device_type):
+            if values if values is not None else _check_values_enabled(problem.device_type):
                 _check_values(tensors[3], tensors[4])
             if state is not None and type(state) is not Mamba3State:
                 state = Mamba3State(*state)
@@ -283,7 +289,7 @@ def _validate(
             inputs.validated_problem = problem
             return problem, inputs
     problem, inputs = _check_and_describe(step, tensors, state, return_final_state, cu_seqlens,
-                                          rotary, chunk_size)  # fmt: skip
+                                          rotary, chunk_size, values)  # fmt: skip
     if key is not None:
         if len(_VALIDATED) >= _VALIDATED_MAX:
             _VALIDATED.clear()
@@ -306,9 +312,10 @@ def _check_and_describe(
     cu_seqlens,
     rotary,
     chunk_size,
+    values: bool | None = None,
 ) -> tuple[Problem, ScanInputs]:
-    """The full checks; ``tensors``: q .. mimo_o (ScanInputs order), returned unchanged in the
-    ScanInputs."""
+    """The full checks (``values``: as _validate's); ``tensors``: q .. mimo_o (ScanInputs
+    order), returned unchanged in the ScanInputs."""
     q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, z, mimo_v, mimo_z, mimo_o = tensors
     # With the L axis absent (a step), the same checks run on shapes with L = 1 inserted.
     q = _tensor("q", q)
@@ -402,7 +409,7 @@ def _check_and_describe(
         raise ValueError(f"chunk_size: expected a positive int or None, got {chunk_size!r}")
     nseq = B
     if cu_seqlens is not None:
-        cu_seqlens = _check_cu_seqlens(_tensor("cu_seqlens", cu_seqlens), B, L)
+        cu_seqlens = _check_cu_seqlens(_tensor("cu_seqlens", cu_seqlens), B, L, values)
         _device("cu_seqlens", cu_seqlens, device)
         nseq = cu_seqlens.shape[0] - 1
     state_name = "state" if step else "initial_state"
@@ -412,7 +419,7 @@ def _check_and_describe(
                 "state: expected a Mamba3State, got None (Mamba3State.zeros allocates one)"
             )
         state = _check_state(state_name, state, nseq, H, P, N, S, R, device, need_contiguous=step)
-    if _check_values_enabled(device.type):
+    if values if values is not None else _check_values_enabled(device.type):
         _check_values(adt, dt)
     inputs = ScanInputs(*tensors, state, cu_seqlens)  # the checks return each tensor as given
     problem = describe(inputs, step, rotary, return_final_state, chunk_size)
@@ -471,6 +478,28 @@ def validate_step(
     state to update."""
     tensors = (q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, z, mimo_v, mimo_z, mimo_o)
     return _validate(True, tensors, state, True, None, rotary, None)
+
+
+def check_op_inputs(
+    step: bool,
+    inputs: ScanInputs,
+    rotary: str | None,
+    return_final_state: bool,
+    chunk_size: int | None,
+    fake: bool = False,
+) -> tuple[Problem, ScanInputs]:
+    """The checks of validate_scan / validate_step, for the registered ops' bodies and fake
+    impls: a direct ``torch.ops.mamba3.scan`` call (or one torch.compile traced) gets the same
+    errors as ``mamba3_kernels.scan`` instead of a crash or a wrong-shaped result.
+
+    Shape checks always run. Value checks (adt <= 0, dt > 0, cu_seqlens offsets) need the
+    values: never in a fake impl (``fake``), else where they cost no device sync (CPU) or when
+    the environment opts in (see _check_values_enabled). Returns the Problem and the inputs
+    (cu_seqlens as contiguous int32)."""
+    values = False if fake else _check_values_enabled(inputs.q.device.type)
+    tensors = tuple(inputs[: len(inputs) - 2])
+    return _validate(step, tensors, inputs.initial_state, return_final_state, inputs.cu_seqlens,
+                     rotary, chunk_size, values)  # fmt: skip
 
 
 def describe(

@@ -1,0 +1,60 @@
+"""Reliability (issue 26): bad inputs fail with a clear error on every path into the ops (the
+API, the raw registered ops, torch.compile), and non-finite values stay causal."""
+
+import pytest
+import torch
+
+import mamba3_kernels as m
+from mamba3_kernels.schema import SCAN
+from mamba3_kernels.testing import random_inputs
+
+
+def _packed(cu: list[int], seqlen: int = 12):
+    """Inputs of a packed batch of ``seqlen`` tokens whose cu_seqlens is ``cu`` (maybe wrong)."""
+    x = random_inputs(cu_seqlens=[0, 5, seqlen], nheads=2, d_state=8, headdim=4,
+                      with_initial_state=True)  # fmt: skip
+    return x._replace(cu_seqlens=torch.tensor(cu, dtype=torch.int32))
+
+
+def _raw_scan(x, backend: str = "reference"):
+    return torch.ops.mamba3.scan(*SCAN.call_args(x, True, "interleaved", 0, backend))
+
+
+@pytest.mark.parametrize("cu", [[0, 5, 40], [0, 5, 10], [0, 7, 5, 12]])
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_raw_op_rejects_bad_cu_seqlens(cu, backend):
+    with pytest.raises(ValueError, match="cu_seqlens: expected"):
+        _raw_scan(_packed(cu), backend)
+
+
+def test_compiled_scan_rejects_bad_cu_seqlens():
+    x = _packed([0, 5, 40])
+
+    def prefill(x):
+        return m.scan(*x[:14], initial_state=x.initial_state, return_final_state=True,
+                      cu_seqlens=x.cu_seqlens)  # fmt: skip
+
+    with pytest.raises(Exception, match="cu_seqlens: expected to end at L = 12, got 40"):
+        torch.compile(prefill)(x)
+
+
+def test_raw_op_rejects_positive_adt_and_wrong_k():
+    x = _packed([0, 5, 12])
+    with pytest.raises(ValueError, match="adt: expected A\\*dt <= 0"):
+        _raw_scan(x._replace(adt=x.adt.abs() + 0.1))
+    with pytest.raises(ValueError, match="k: expected shape"):
+        _raw_scan(x._replace(k=x.k[..., :4]))
+
+
+def test_fake_impl_checks_shapes():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    x = _packed([0, 5, 12])
+    with FakeTensorMode() as mode:
+        fake = type(x)(*(mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in x))
+        fake = fake._replace(initial_state=type(x.initial_state)(
+            *(mode.from_tensor(t) for t in x.initial_state)))  # fmt: skip
+        with pytest.raises(ValueError, match="k: expected shape"):
+            _raw_scan(fake._replace(k=fake.k[..., :4]))
+        out = _raw_scan(fake)[0]
+    assert out.shape == (1, 12, 2, 4)
