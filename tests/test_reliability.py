@@ -58,3 +58,32 @@ def test_fake_impl_checks_shapes():
             _raw_scan(fake._replace(k=fake.k[..., :4]))
         out = _raw_scan(fake)[0]
     assert out.shape == (1, 12, 2, 4)
+
+
+def _step_inputs(batch: int = 2):
+    return random_inputs(batch=batch, nheads=2, d_state=16, headdim=8, step=True)
+
+
+@pytest.mark.parametrize("rank", [1, 2])
+def test_triton_step_batch_zero(rank):
+    s = random_inputs(batch=0, nheads=2, d_state=16, headdim=8, rank=rank, step=True,
+                      with_mimo_o=False)  # fmt: skip
+    outs = [m.step(*s[:9], s.initial_state, *s[9:14], backend=b, inplace=False)[0]
+            for b in ("reference", "triton")]  # fmt: skip
+    assert outs[0].shape == outs[1].shape and outs[1].numel() == 0
+
+
+@pytest.mark.parametrize("which", ["q", "state.ssm"])
+def test_triton_step_rejects_grad(which):
+    s = _step_inputs()
+    if which == "q":
+        s = s._replace(q=s.q.clone().requires_grad_())
+    else:
+        s = s._replace(initial_state=s.initial_state._replace(
+            ssm=s.initial_state.ssm.clone().requires_grad_()))  # fmt: skip
+    with pytest.raises(RuntimeError, match=f"{which}: requires grad.*not differentiable"):
+        m.step(*s[:9], s.initial_state, *s[9:11], backend="triton", inplace=False)
+    with torch.no_grad():  # fine without grad mode
+        m.step(*s[:9], s.initial_state, *s[9:11], backend="triton", inplace=False)
+    out, _ = m.step(*s[:9], s.initial_state, *s[9:11], backend="reference", inplace=False)
+    assert out.requires_grad  # the reference's step stays differentiable

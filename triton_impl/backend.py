@@ -133,6 +133,31 @@ class TritonBackend(Backend):
                                          rot)  # fmt: skip
 
     def step(self, problem: Problem, inputs: ScanInputs, state: Mamba3State, configs=None):
+        """One decode step (triton_impl/step.py); ``state`` updated in place. B = 0 returns an
+        empty out (state unchanged) without a launch. Not differentiable: with grad mode on, an
+        input or state tensor that requires grad is a clear error (the kernel would silently
+        detach it and write into a grad-requiring state)."""
+        if torch.is_grad_enabled():
+            _reject_grad(inputs, state)
+        if problem.batch == 0:
+            v = inputs.v
+            mimo_out = problem.mimo and not problem.has_mimo_o
+            shape = (0, problem.rank, *v.shape[1:]) if mimo_out else tuple(v.shape)
+            return v.new_empty(shape)
         self._load()
         cfg = self._config(self._step.SPEC, problem, configs)
         return self._step.step(problem, inputs, state, cfg)
+
+
+def _reject_grad(inputs: ScanInputs, state: Mamba3State) -> None:
+    """RuntimeError naming the first input or state tensor that requires grad (step has no backward
+    on this backend)."""
+    named = zip(ScanInputs._fields[:14], inputs[:14], strict=True)
+    for name, t in (*named, *(("state." + f, t) for f, t in zip(Mamba3State._fields, state,
+                                                                 strict=True))):  # fmt: skip
+        if t is not None and t.requires_grad:
+            raise RuntimeError(
+                f"{name}: requires grad, but the Triton backend's step is not differentiable; "
+                "run it under torch.no_grad() / torch.inference_mode(), detach the inputs, or "
+                "use backend='reference' (differentiable)"
+            )
