@@ -189,7 +189,34 @@ def _check_state(
             raise TypeError(
                 f"{name}.{field}: expected dtype float32, got {getattr(state, field).dtype}"
             )
+    if need_contiguous:
+        _check_no_alias(name, state)
     return state
+
+
+def _check_no_alias(name: str, state: Mamba3State) -> None:
+    """ValueError when two fields of a state updated in place share memory (views of one
+    buffer): the kernels would write one field over another. ``state``: contiguous tensors, so
+    each spans [data_ptr, data_ptr + nbytes). Skipped for tensors without memory (fake, meta)."""
+    if torch.compiler.is_compiling():
+        return
+    try:  # (plain loops: this runs on every decode step, ~1 us)
+        spans = [(t.data_ptr(), t.nbytes) for t in state]
+    except RuntimeError:  # a FakeTensor has no data pointer
+        return
+    for i in range(4):
+        start, size = spans[i]
+        for j in range(i):
+            other, other_size = spans[j]
+            if size and other_size and start < other + other_size and other < start + size:
+                if state[i].is_meta:
+                    return
+                first, second = Mamba3State._fields[j], Mamba3State._fields[i]
+                raise ValueError(
+                    f"{name}.{second}: shares memory with {name}.{first} (views of one "
+                    "buffer); each state field is updated in place and needs its own storage "
+                    "(Mamba3State.zeros allocates one, or .clone() the fields)"
+                )
 
 
 # Calls already validated, by signature (shapes, dtypes, devices and layouts of every tensor, and
@@ -284,6 +311,8 @@ def _validate(
                 _check_values(tensors[3], tensors[4])
             if state is not None and type(state) is not Mamba3State:
                 state = Mamba3State(*state)
+            if step:  # (the signature holds layouts, not addresses)
+                _check_no_alias("state", state)
             # tuple.__new__: the named tuple's own constructor is a Python function (~0.6 us).
             inputs = _tuple_new(ValidatedInputs, (*tensors, state, None))
             inputs.validated_problem = problem

@@ -87,3 +87,17 @@ def test_triton_step_rejects_grad(which):
         m.step(*s[:9], s.initial_state, *s[9:11], backend="triton", inplace=False)
     out, _ = m.step(*s[:9], s.initial_state, *s[9:11], backend="reference", inplace=False)
     assert out.requires_grad  # the reference's step stays differentiable
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_step_rejects_aliased_state(backend):
+    s = _step_inputs()
+    st = s.initial_state
+    for _ in range(2):  # the second call hits the validation memo
+        m.step(*s[:9], st, *s[9:11], backend=backend)
+    buf = torch.zeros(st.v.numel() + st.k.numel())
+    aliased = st._replace(v=buf[: st.v.numel()].view(st.v.shape),
+                          k=buf[2:2 + st.k.numel()].view(st.k.shape))  # fmt: skip
+    for _ in range(2):
+        with pytest.raises(ValueError, match="state.k: shares memory with state.v"):
+            m.step(*s[:9], aliased, *s[9:11], backend=backend)
