@@ -333,6 +333,12 @@ def _validate(
 _tuple_new = tuple.__new__
 
 
+_NO_L_AXIS = (
+    "; step takes no L axis: per-token tensors q, k (B, G, N) or (B, R, G, N), v (B, H, P), "
+    "adt (B, H) (drop the axis: x[:, 0], or call scan for L tokens)"
+)
+
+
 def _check_and_describe(
     step: bool,
     tensors: tuple,
@@ -353,9 +359,16 @@ def _check_and_describe(
         layout = "(B, G, N) or (B, R, G, N)" if step else "(B, L, G, N) or (B, L, R, G, N)"
         raise ValueError(
             f"q: expected {siso_dims} or {mimo_dims} dims {layout}, got shape {_fmt(q.shape)}"
+            + (_NO_L_AXIS if step and q.dim() > mimo_dims else "")
         )
     _float("q", q)
     mimo = q.dim() == mimo_dims
+    if step and mimo and (mimo_v is None or getattr(q_bias, "dim", lambda: 3)() == 2):
+        # A 4-D q without MIMO's mimo_v / (H, R, N) biases: a SISO token with an L = 1 axis.
+        raise ValueError(
+            f"q: got shape {_fmt(q.shape)} for a SISO step (no mimo_v, q_bias (H, N))"
+            + _NO_L_AXIS
+        )
     device = q.device
     if mimo:
         B, *rest = q.shape
@@ -371,6 +384,7 @@ def _check_and_describe(
     if v.dim() != len(lead) + 2:
         raise ValueError(
             f"v: expected shape {'(B, H, P)' if step else '(B, L, H, P)'}, got {_fmt(v.shape)}"
+            + (_NO_L_AXIS if step and v.dim() == 4 else "")
         )
     H, P = v.shape[-2], v.shape[-1]
     _shape("v", v, lead + (H, P), "(batch and length of q)")

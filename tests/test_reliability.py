@@ -101,3 +101,10 @@ def test_step_rejects_aliased_state(backend):
     for _ in range(2):
         with pytest.raises(ValueError, match=r"state\.[kv]: shares memory with state\.[kv]"):
             m.step(*s[:9], aliased, *s[9:11], backend=backend)
+
+
+@pytest.mark.parametrize("rank", [1, 2])
+def test_step_with_l_axis_says_so(rank):
+    s = random_inputs(batch=2, nheads=2, d_state=16, headdim=8, rank=rank, step=True)
+    with pytest.raises(ValueError, match="^q: .*step takes no L axis"):
+        m.step(s.q[:, None], s.k[:, None], *s[2:9], s.initial_state, *s[9:14])
