@@ -267,6 +267,13 @@ def _residual(ctx, saved) -> tuple[str, Any] | None:
 scan_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+_NO_DOUBLE_BACKWARD = (
+    "mamba3_kernels.scan: double backward is not supported (backward with create_graph=True, "
+    "for a gradient of the scan's gradient): its backward is not differentiable; run the "
+    "backward without create_graph, or detach the scan's inputs from the part that needs it"
+)
+
+
 class _EagerScan(torch.autograd.Function):
     """mamba3::scan's autograd for eager calls (no torch.compile, no functorch transform): the
     op's forward body (run_scan) on the already validated inputs, the op's saved inputs and its
@@ -306,6 +313,14 @@ class _EagerScan(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
+        if torch.is_grad_enabled():
+            # create_graph=True: the backends' backwards are not differentiable, and returning
+            # gradients without a graph would make a gradient of them silently zero or unused.
+            raise RuntimeError(_NO_DOUBLE_BACKWARD)
+        return _EagerScan._backward(ctx, *grads)
+
+    @staticmethod
+    def _backward(ctx, *grads):
         grads = grads[:_N_OUT]
         if getattr(ctx, "outputs", None) is not None:
             grads = [

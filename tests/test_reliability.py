@@ -108,3 +108,14 @@ def test_step_with_l_axis_says_so(rank):
     s = random_inputs(batch=2, nheads=2, d_state=16, headdim=8, rank=rank, step=True)
     with pytest.raises(ValueError, match="^q: .*step takes no L axis"):
         m.step(s.q[:, None], s.k[:, None], *s[2:9], s.initial_state, *s[9:14])
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_double_backward_is_a_clear_error(backend):
+    x = random_inputs(batch=1, seqlen=8, nheads=2, d_state=16, headdim=16)
+    q = x.q.clone().requires_grad_()
+    out = m.scan(q, *x[1:11], backend=backend)
+    with pytest.raises(RuntimeError, match="double backward is not supported"):
+        torch.autograd.grad(out.sum(), q, create_graph=True)
+    (g,) = torch.autograd.grad(m.scan(q, *x[1:11], backend=backend).sum(), q)
+    assert torch.isfinite(g).all() and g.abs().sum() > 0  # a single backward still works
