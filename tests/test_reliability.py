@@ -119,3 +119,18 @@ def test_double_backward_is_a_clear_error(backend):
         torch.autograd.grad(out.sum(), q, create_graph=True)
     (g,) = torch.autograd.grad(m.scan(q, *x[1:11], backend=backend).sum(), q)
     assert torch.isfinite(g).all() and g.abs().sum() > 0  # a single backward still works
+
+
+@pytest.mark.parametrize("record_forward", [0, 1])
+@pytest.mark.parametrize(("headdim", "chunk_size"), [(8, None), (16, 4)])
+def test_triton_training_forward_checks_backward_support(
+    pin_config, record_forward, headdim, chunk_size
+):
+    pin_config("triton", "chunk_bwd", record_forward=record_forward)
+    x = random_inputs(batch=1, seqlen=8, nheads=2, d_state=16, headdim=headdim)
+    q = x.q.clone().requires_grad_()
+    with pytest.raises(ValueError, match="cannot run the backward of this call"):
+        m.scan(q, *x[1:11], backend="triton", chunk_size=chunk_size)
+    with torch.no_grad():  # the forward alone runs
+        out = m.scan(q, *x[1:11], backend="triton", chunk_size=chunk_size)
+    assert torch.isfinite(out).all()

@@ -108,6 +108,15 @@ class TritonBackend(Backend):
         from .core_prep import epilogue_reads_y
 
         core = self._config(self._chunk_bwd.SPEC, problem, configs)
+        # The backward's limits, checked before the forward runs (a forward it could run would
+        # otherwise fail only at backward time, after the whole forward pass).
+        reason = self._chunk_bwd.constraint(problem, core, None)
+        if reason is not None:
+            raise ValueError(
+                f"backend: 'triton' cannot run the backward of this call ({reason}; an input "
+                "requires grad); run the forward under torch.no_grad(), change the size or "
+                "chunk_size named, or use backend='reference'"
+            )
         if core.record_forward and problem.seqlen > 0 and not problem.varlen:
             rot = self._config(self._rotary.SPEC, problem, configs)
             return self._chunk_bwd.record_forward(problem, inputs, core, rot)
