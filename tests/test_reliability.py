@@ -1,8 +1,12 @@
 """Reliability (issue 26): bad inputs fail with a clear error on every path into the ops (the
 API, the raw registered ops, torch.compile), and non-finite values stay causal."""
 
+import math
+
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import mamba3_kernels as m
 from mamba3_kernels.schema import SCAN
@@ -134,3 +138,48 @@ def test_triton_training_forward_checks_backward_support(
     with torch.no_grad():  # the forward alone runs
         out = m.scan(q, *x[1:11], backend="triton", chunk_size=chunk_size)
     assert torch.isfinite(out).all()
+
+
+def test_nn_mamba3_rejects_other_input_dtype():
+    from mamba3_kernels.nn import Mamba3
+
+    layer = Mamba3(32, d_state=16, headdim=8, backend="reference")
+    with pytest.raises(TypeError, match="hidden_states has dtype float64 but the layer's weights"):
+        layer(torch.randn(1, 4, 32, dtype=torch.float64))
+
+
+# Non-finite values at one token reach only that token's and later outputs. Triton: k and the
+# per-token parameters are masked with a select; a non-finite v still reaches the earlier rows
+# of its chunk (the intra-chunk product scores @ v multiplies it by the masked zeros).
+_TRITON_CAUSAL_FIELDS = ("q", "k", "trap", "angles", "z")
+
+
+def _poison_token(x, field: str, t: int, value: float):
+    a = getattr(x, field).clone()
+    if field in ("adt", "dt", "trap"):  # (B, H, L)
+        a[0, :, t] = value
+    else:  # (B, L, ...)
+        a[0, t] = value
+    return x._replace(**{field: a})
+
+
+@settings(max_examples=12, deadline=None)
+@given(field=st.sampled_from(_TRITON_CAUSAL_FIELDS), t=st.integers(1, 15),
+       value=st.sampled_from([math.inf, -math.inf, math.nan]), rank=st.sampled_from([1, 2]),
+       backend=st.sampled_from(["reference", "triton"]))  # fmt: skip
+def test_bad_token_spares_earlier_outputs(field, t, value, rank, backend):
+    clean = random_inputs(batch=1, seqlen=16, nheads=2, d_state=16, headdim=16, rank=rank,
+                          generator=torch.Generator().manual_seed(t))  # fmt: skip
+    want = m.scan(*clean[:14], backend=backend, chunk_size=16)
+    got = m.scan(*_poison_token(clean, field, t, value)[:14], backend=backend, chunk_size=16)
+    assert torch.isfinite(got[0, :t]).all()
+    assert torch.allclose(got[0, :t], want[0, :t], rtol=1e-5, atol=1e-6)
+
+
+def test_triton_nan_at_last_token_keeps_chunk_finite():
+    clean = random_inputs(batch=1, seqlen=16, nheads=2, d_state=16, headdim=16,
+                          generator=torch.Generator().manual_seed(0))  # fmt: skip
+    want = m.scan(*clean[:14], backend="triton")
+    got = m.scan(*_poison_token(clean, "k", 15, math.nan)[:14], backend="triton")
+    assert torch.isfinite(got[0, :15]).all() and not torch.isfinite(got[0, 15]).all()
+    assert torch.allclose(got[0, :15], want[0, :15], rtol=1e-5, atol=1e-6)

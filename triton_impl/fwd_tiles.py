@@ -370,12 +370,16 @@ def _intra_scores(
     q_lo, q_hi, k_lo, k_hi, t, c, w, gamma, DOT_PREC: tl.constexpr, FAST: tl.constexpr
 ):
     """Masked intra-chunk scores (rows, rows): (Qr Kr^T) * M with M[i, j] = exp(c_i - c_j) w_j
-    for t_i > t_j, gamma_j on the same token, 0 above (t: (rows,) token of each row)."""
+    for t_i > t_j, gamma_j on the same token, 0 above (t: (rows,) token of each row).
+
+    Entries above the diagonal are set to 0 with a select, not multiplied by 0: a NaN or Inf
+    in a later token's k would otherwise give NaN scores (0 * NaN) for earlier rows."""
     scores = _qk_scores(q_lo, q_hi, k_lo, k_hi, DOT_PREC)
     causal = t[:, None] > t[None, :]
+    same = t[:, None] == t[None, :]
     dec = _exp(tl.minimum(c[:, None] - c[None, :], 0.0), FAST)
-    m = tl.where(causal, dec * w[None, :], tl.where(t[:, None] == t[None, :], gamma[None, :], 0.0))
-    return scores * m
+    m = tl.where(causal, dec * w[None, :], tl.where(same, gamma[None, :], 0.0))
+    return tl.where(causal | same, scores * m, 0.0)
 
 
 @triton.jit
