@@ -23,10 +23,11 @@ cpu_interpreted = pytest.mark.skipif(not INTERPRET, reason="needs TRITON_INTERPR
 
 
 def make_case(batch=3, slots=5, H=2, P=16, N=16, rank=1, dtype=torch.float32,
-              state_dtype=torch.float32, device="cpu", seed=0):  # fmt: skip
+              state_dtype=torch.float32, device="cpu", seed=0, with_mimo_o=True):  # fmt: skip
     """Step inputs of ``batch`` rows and a random pool of ``slots`` states."""
     g = torch.Generator().manual_seed(seed)
-    kw = dict(nheads=H, d_state=N, headdim=P, rank=rank, dtype=dtype, step=True, generator=g)
+    kw = dict(nheads=H, d_state=N, headdim=P, rank=rank, dtype=dtype, step=True, generator=g,
+              with_mimo_o=with_mimo_o)  # fmt: skip
     x = random_inputs(batch=batch, **kw)
     pool = random_inputs(batch=slots, with_initial_state=True, **kw).initial_state
     pool = pool._replace(ssm=pool.ssm.to(state_dtype))
@@ -77,11 +78,21 @@ def test_reference_pool_step(index_dtype, rank):
 
 @cpu_interpreted
 @pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
-@pytest.mark.parametrize("rank", [1, 2])
-def test_triton_pool_step(index_dtype, rank):
-    x, pool = make_case(rank=rank)
+@pytest.mark.parametrize("rank, mimo_o", [(1, True), (2, True), (2, False)])
+def test_triton_pool_step(index_dtype, rank, mimo_o):
+    """(rank 2 without mimo_o: out keeps its rank axis, padding rows zero in every rank)"""
+    x, pool = make_case(rank=rank, with_mimo_o=mimo_o)
     idx = torch.tensor([4, -1, 1], dtype=index_dtype)
     check_pool_step(x, pool, idx, "triton", 1e-4)
+
+
+@cpu_interpreted
+def test_triton_pool_step_split_heads(pin_config):
+    """Two programs per head (the ticket that orders the shared state's writes), on a pool."""
+    pin_config("triton", "step", block_p=8, num_warps=1, num_stages=1, split_p=2)
+    x, pool = make_case(rank=2, with_mimo_o=False)
+    check_pool_step(x, pool, torch.tensor([0, 4, -1]), "triton", 1e-4)
+    check_pool_step(x, pool, torch.tensor([-1, 2, 4]), "triton", 1e-4)
 
 
 @cpu_interpreted
