@@ -16,7 +16,13 @@ from typing import Any
 
 import torch
 
-from mamba3_kernels.backend import Backend, KernelSpec, packed_inner, size_reason
+from mamba3_kernels.backend import (
+    Backend,
+    KernelSpec,
+    packed_inner,
+    size_reason,
+    wide_state_reason,
+)
 from mamba3_kernels.inputs import ScanInputs
 from mamba3_kernels.problem import Problem
 from mamba3_kernels.state import Mamba3State
@@ -112,6 +118,11 @@ class CuteBackend(Backend):
             return "prefill (scan) is not in this version of the cute backend: decode steps only"
         if problem.device_type != "cuda":
             return f"tensors on {problem.device_type}; cute needs CUDA"
+        if problem.pooled:
+            return "state_indices (a state pool) is not supported by the cute step"
+        reason = wide_state_reason(problem)
+        if reason is not None:
+            return reason
         if problem.dtype not in _DTYPES:
             return f"dtype {problem.dtype} (cute runs bf16, fp16, fp32)"
         reason = size_reason(problem, SUPPORTED_N, SUPPORTED_P, SUPPORTED_R)

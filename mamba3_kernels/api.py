@@ -89,13 +89,21 @@ def step(
     rotary: str | None = None,
     inplace: bool = True,
     backend: str = "auto",
+    state_indices: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, Mamba3State]:
     """One decode step from ``state``: the recurrence for L = 1.
 
     Shapes: q, k (B, G, N) or (B, R, G, N); v, z (B, H, P); adt, dt, trap (B, H); angles (B, H, S);
     state a Mamba3State (angle (B, H, S) fp32, ssm (B, H, P, N) fp32, k (B, R, H, N), v (B, H, P);
-    contiguous when ``inplace``). Returns (out (B, H, P) or (B, R, H, P), state): with
-    ``inplace`` the given state is updated and returned, else a new one (contiguous copies).
+    contiguous when ``inplace``); ssm may be bf16 / fp16 (computed in fp32, stored rounded).
+    Returns (out (B, H, P) or (B, R, H, P), state): with ``inplace`` the given state is updated
+    and returned, else a new one (contiguous copies).
+
+    ``state_indices`` (B,) int32/int64: ``state`` is then a pool of slots (leading axis any
+    size, not B) and row b reads and updates slot ``state_indices[b]`` in place, so a server
+    keeps one pool and batches whichever sequences are live; a negative index is a padding row
+    (nothing read or written, out zero). Slots must be distinct and < the pool size (checked
+    on CPU, and on GPU under MAMBA3_KERNELS_CHECK_VALUES=1).
     """
     if not inplace:
         # The copies are ours: contiguous, whatever the given state's layout.
@@ -107,11 +115,16 @@ def step(
     # validate_step's body, called directly: each Python call level of this many arguments costs
     # ~0.5 us, and a decode step's host time is the budget here.
     tensors = (q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, z, mimo_v, mimo_z, mimo_o)
-    problem, inputs = _validate(True, tensors, state, True, None, rotary, None)
+    problem, inputs = _validate(
+        True, tensors, state, True, None, rotary, None, state_indices=state_indices
+    )
     state = inputs.initial_state
     if torch.compiler.is_compiling():
-        out = torch.ops.mamba3.step(*step_args(problem, inputs, backend))
+        out = torch.ops.mamba3.step(*step_args(problem, inputs, backend, state_indices))
     else:  # eager: skip the op's Python dispatch, which costs tens of microseconds per call
         chosen, configs = plan(problem, backend, "decode")  # run_step's body
-        out = chosen.step(problem, inputs, state, configs)
+        if state_indices is None:
+            out = chosen.step(problem, inputs, state, configs)
+        else:
+            out = chosen.step(problem, inputs, state, configs, state_indices=state_indices)
     return out, state

@@ -131,8 +131,12 @@ class Backend:
         inputs: ScanInputs,
         state: Mamba3State,
         configs: dict[str, Any] | None = None,
+        state_indices: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """One decode step: updates ``state`` in place and returns out (B, H, P) or (B, R, H, P)."""
+        """One decode step: updates ``state`` in place and returns out (B, H, P) or (B, R, H, P).
+        With ``state_indices`` (B,) (problem.pooled), ``state`` is a pool of slots and row b uses
+        slot state_indices[b] (negative: a padding row, out zero); only passed to a backend whose
+        unsupported_reason accepts pooled problems."""
         raise NotImplementedError(f"backend {self.name!r} has no step")
 
     def all_kernels(self) -> list[KernelSpec]:
@@ -153,6 +157,14 @@ def size_reason(problem: Problem, ns: tuple[int, ...], ps: tuple[int, ...],
                                   ("rank R", problem.rank, rs)):  # fmt: skip
         if value not in allowed:
             return f"{label}={value} not in {allowed}"
+    return None
+
+
+def wide_state_reason(problem: Problem) -> str | None:
+    """Why a backend that keeps its state in fp32 (or fp64) cannot run ``problem``: a 16-bit
+    ssm state; or None."""
+    if problem.state_dtype in (torch.bfloat16, torch.float16):
+        return f"ssm state in {str(problem.state_dtype).replace('torch.', '')} (needs fp32)"
     return None
 
 

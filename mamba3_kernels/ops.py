@@ -37,10 +37,12 @@ def scan_args(problem: Problem, inputs: ScanInputs, backend: str) -> tuple:
     return SCAN.call_args(inputs, rfs, problem.rotary, chunk_size, backend)
 
 
-def step_args(problem: Problem, inputs: ScanInputs, backend: str) -> tuple:
+def step_args(
+    problem: Problem, inputs: ScanInputs, backend: str, state_indices: Tensor | None = None
+) -> tuple:
     """mamba3::step's arguments for a validated call (``inputs.initial_state``: the state to
-    update; options in STEP.options order)."""
-    return STEP.call_args(inputs, problem.rotary, backend)
+    update, a pool with ``state_indices`` (B,); options in STEP.options order)."""
+    return STEP.call_args(inputs, state_indices, problem.rotary, backend)
 
 
 def _state_dtype(q: Tensor) -> torch.dtype:
@@ -344,20 +346,33 @@ def step_op(*args: Any) -> Tensor:
     """One decode step on validated inputs (arguments: schema.STEP); updates the four state
     tensors in place."""
     a = STEP.bind(args)
-    problem, inputs = check_op_inputs(True, STEP.inputs(args), a.rotary, True, None)
-    return run_step(problem, inputs, inputs.initial_state, a.backend)
+    problem, inputs = check_op_inputs(
+        True, STEP.inputs(args), a.rotary, True, None, state_indices=a.state_indices
+    )
+    return run_step(problem, inputs, inputs.initial_state, a.backend, a.state_indices)
 
 
-def run_step(problem: Problem, inputs: ScanInputs, state: Mamba3State, backend: str) -> Tensor:
-    """Dispatch one validated decode step (the eager path calls this directly)."""
+def run_step(
+    problem: Problem,
+    inputs: ScanInputs,
+    state: Mamba3State,
+    backend: str,
+    state_indices: Tensor | None = None,
+) -> Tensor:
+    """Dispatch one validated decode step (the eager path calls this directly); with
+    ``state_indices`` (B,) ``state`` is a pool of slots (only backends that support it get it)."""
     chosen, configs = plan(problem, backend, "decode")
-    return chosen.step(problem, inputs, state, configs)
+    if state_indices is None:
+        return chosen.step(problem, inputs, state, configs)
+    return chosen.step(problem, inputs, state, configs, state_indices=state_indices)
 
 
 @step_op.register_fake
 def _step_fake(*args):
     a = STEP.bind(args)
-    check_op_inputs(True, STEP.inputs(args), a.rotary, True, None, fake=True)
+    check_op_inputs(
+        True, STEP.inputs(args), a.rotary, True, None, fake=True, state_indices=a.state_indices
+    )
     q, v = a.q, a.v
     mimo = q.dim() == 4
     B, H, P = v.shape

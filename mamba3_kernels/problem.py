@@ -21,6 +21,9 @@ class Problem:
     Sizes follow docs/spec.md: B batch (1 with cu_seqlens), L length (1 for a step), H value heads,
     G q/k groups, R MIMO rank (1 for SISO), N state size, P value head dim, S rotary angles.
     ``nseq`` is the number of sequences (B, or len(cu_seqlens) - 1 when varlen).
+    ``pooled``: a step whose state is a pool of slots addressed by ``state_indices`` (B,);
+    ``state_dtype``: the dtype of the given state's ssm tensor (None without a state), which a
+    backend may not support in 16 bits.
     """
 
     batch: int
@@ -44,6 +47,8 @@ class Problem:
     varlen: bool
     decode: bool = False
     chunk_size: int | None = None
+    pooled: bool = False
+    state_dtype: torch.dtype | None = None
 
     @property
     def heads_per_group(self) -> int:

@@ -29,7 +29,8 @@ class Arg:
     optional: None is allowed ("Tensor?").
     grad:     differentiable: mamba3::scan's backward returns a gradient for it.
     field:    where it sits in ScanInputs: a field name or "initial_state.<Mamba3State field>";
-              None for an option or a gradient.
+              None for an option, a gradient, or a tensor outside ScanInputs (an "extra": the
+              step's state_indices), which comes after the op's ScanInputs tensors.
     mutable:  the op updates it in place (an alias annotation in the schema).
     """
 
@@ -61,7 +62,8 @@ class OpSchema:
 
     ``schema``: the torch.library schema string; ``names``: the argument names; ``mutated``:
     the names of the arguments updated in place; ``n_tensors``: the number of leading tensor
-    arguments (the options follow them); ``grad_index``: the positions of the differentiable
+    arguments (the options follow them), the last ``n_extra`` of them outside ScanInputs;
+    ``grad_index``: the positions of the differentiable
     arguments, ``grad_names`` and ``grad_fields`` their names and ScanInputs places;
     ``bind(args)``: the op's arguments as a named tuple (``bind(args).rotary``).
     """
@@ -86,8 +88,13 @@ class OpSchema:
         self._state = itemgetter(*(at[f] for f in STATE_FIELDS))
         self._cu = at.get("cu_seqlens")
         # The op's tensor arguments as positions in FLAT_FIELDS (None: they are FLAT_FIELDS;
-        # False: some are not in ScanInputs, so call_args cannot make them).
+        # False: some are not in ScanInputs, so call_args cannot make them); the extras, after
+        # them, are given to call_args.
         own = [a.field for a in args[: self.n_tensors]]
+        self.n_extra = 0
+        while own and own[-1] is None:
+            own.pop()
+            self.n_extra += 1
         if own == list(FLAT_FIELDS):
             self._pick = None
         else:
@@ -104,14 +111,15 @@ class OpSchema:
 
     def call_args(self, inputs: ScanInputs, *options) -> tuple:
         """The op's arguments: its tensors from ``inputs`` (each state argument None without an
-        initial state), then ``options``: the values of all of ``self.options``, in that order
-        (positional: this is on the eager training path, where keywords cost host time).
-        Plain Python, no itemgetter: torch.compile traces it in the public calls."""
+        initial state), then ``options``: the extra tensors (``n_extra``, not in ScanInputs)
+        and the values of all of ``self.options``, in that order (positional: this is on the
+        eager training path, where keywords cost host time). Plain Python, no itemgetter:
+        torch.compile traces it in the public calls."""
         pick = self._pick
-        if pick is False or len(options) != len(self.options):
+        if pick is False or len(options) != self.n_extra + len(self.options):
             raise TypeError(
-                f"{self.name}: call_args takes op tensors from ScanInputs and the options "
-                f"{self.options}, got {len(options)} options"
+                f"{self.name}: call_args takes op tensors from ScanInputs, {self.n_extra} extra "
+                f"tensors and the options {self.options}, got {len(options)} values"
             )
         state = inputs[_STATE_AT]
         if pick is None:  # one tuple built, on the eager training path
@@ -183,6 +191,8 @@ STEP = OpSchema(
         *_tensors(_REQUIRED),
         *_state("{}_state", mutable=True),
         *_tensors(_OPTIONAL, optional=True),
+        # (B,) int32/int64: the pool slot of each batch row (negative: padding), or None
+        Arg("state_indices", optional=True),
         Arg("rotary", "str"),
         Arg("backend", "str"),
     ),

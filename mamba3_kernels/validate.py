@@ -10,12 +10,18 @@ import os
 from collections.abc import Callable
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensor
 
 from .inputs import ScanInputs
 from .problem import ROTARY_LAYOUTS, Problem
 from .state import Mamba3State
 
 INPUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
+# The ssm state may be stored in 16 bits (a decode pool's memory); the angle may not (it
+# accumulates over the whole sequence).
+SSM_DTYPES = INPUT_DTYPES
+ANGLE_DTYPES = (torch.float32, torch.float64)
+INDEX_DTYPES = (torch.int32, torch.int64)
 
 
 def _fmt(shape) -> str:
@@ -162,12 +168,23 @@ def _check_state(
     R: int,
     device: torch.device,
     need_contiguous: bool,
+    pooled: bool = False,
 ) -> Mamba3State:
+    """The state's checks; ``pooled``: its leading axis is a pool of slots (any size >= 1, read
+    off state.ssm) rather than ``nseq``."""
     if not isinstance(state, tuple) or len(state) != 4:
         raise TypeError(
             f"{name}: expected a Mamba3State(angle, ssm, k, v), got {type(state).__name__}"
         )
     state = Mamba3State(*state)
+    if pooled:
+        ssm = _tensor(f"{name}.ssm", state.ssm)
+        if ssm.dim() != 4 or ssm.shape[0] < 1:
+            raise ValueError(
+                f"{name}.ssm: expected a pool of shape (slots, H, P, N) = (slots, {H}, {P}, {N}) "
+                f"with slots >= 1, got {_fmt(ssm.shape)}"
+            )
+        nseq = ssm.shape[0]
     expected = {
         "angle": (nseq, H, S),
         "ssm": (nseq, H, P, N),
@@ -184,11 +201,9 @@ def _check_state(
                 f"{name}.{field}: expected a contiguous tensor (it is updated in place), "
                 f"got strides {tuple(t.stride())}"
             )
-    for field in ("angle", "ssm"):
-        if getattr(state, field).dtype not in (torch.float32, torch.float64):
-            raise TypeError(
-                f"{name}.{field}: expected dtype float32, got {getattr(state, field).dtype}"
-            )
+    if state.angle.dtype not in ANGLE_DTYPES:  # (the angle stays wide: see ANGLE_DTYPES)
+        raise TypeError(f"{name}.angle: expected dtype float32, got {state.angle.dtype}")
+    _float(f"{name}.ssm", state.ssm, SSM_DTYPES)
     if need_contiguous:
         _check_no_alias(name, state)
     return state
@@ -198,7 +213,7 @@ def _check_no_alias(name: str, state: Mamba3State) -> None:
     """ValueError when two fields of a state updated in place share memory (views of one
     buffer): the kernels would write one field over another. ``state``: contiguous tensors, so
     each spans [data_ptr, data_ptr + nbytes). Skipped for tensors without memory (fake, meta)."""
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or isinstance(state.ssm, FakeTensor):
         return
     try:  # (plain loops: this runs on every decode step, ~1 us)
         spans = [(t.data_ptr(), t.nbytes) for t in state]
@@ -217,6 +232,37 @@ def _check_no_alias(name: str, state: Mamba3State) -> None:
                     "buffer); each state field is updated in place and needs its own storage "
                     "(Mamba3State.zeros allocates one, or .clone() the fields)"
                 )
+
+
+def _check_indices(idx: torch.Tensor, batch: int, device: torch.device) -> None:
+    """state_indices' shape, dtype, device and layout (the kernel reads it as a plain array)."""
+    _shape("state_indices", idx, (batch,), "(one slot per batch row of q)")
+    if idx.dtype not in INDEX_DTYPES:
+        raise TypeError(
+            "state_indices: expected dtype int32 or int64, "
+            f"got {str(idx.dtype).replace('torch.', '')}"
+        )
+    _device("state_indices", idx, device)
+    if not idx.is_contiguous():
+        raise ValueError(
+            f"state_indices: expected a contiguous tensor, got strides {tuple(idx.stride())}"
+        )
+
+
+def _check_index_values(idx: torch.Tensor, slots: int) -> None:
+    """Each index < slots, and no slot named twice (two rows updating one slot in place would
+    race); negative indices are padding rows. Reads the values on the host (a sync on GPU)."""
+    if idx.is_meta:
+        return
+    vals = [i for i in idx.tolist() if i >= 0]
+    if vals and max(vals) >= slots:
+        raise ValueError(
+            f"state_indices: expected indices < {slots} (the pool's slots), got {max(vals)}"
+        )
+    if len(set(vals)) != len(vals):
+        seen: set[int] = set()
+        dup = next(i for i in vals if i in seen or seen.add(i))
+        raise ValueError(f"state_indices: expected distinct slots, got slot {dup} twice")
 
 
 # Calls already validated, by signature (shapes, dtypes, devices and layouts of every tensor, and
@@ -240,7 +286,7 @@ class ValidatedInputs(ScanInputs):
     Copies made by ``_replace`` do not carry the attribute."""
 
 
-def _signature(step, tensors, state, options) -> tuple | None:
+def _signature(step, tensors, state, options, indices=None) -> tuple | None:
     """The call's metadata, or None when an argument is not a tensor (full checks then).
 
     Shape, dtype and device of every tensor (None where absent); the strides of the per-step
@@ -272,6 +318,8 @@ def _signature(step, tensors, state, options) -> tuple | None:
         if not isinstance(state, tuple):  # the checks require a Mamba3State (a tuple)
             return None
         sa, ss, sk, sv = state
+        if indices is not None:
+            sig += (indices.shape, indices.dtype, indices.device, indices.is_contiguous())
         return sig + (
             sa.shape, sa.is_contiguous(), sa.dtype, sa.device,
             ss.shape, ss.is_contiguous(), ss.dtype, ss.device,
@@ -291,13 +339,17 @@ def _validate(
     rotary,
     chunk_size,
     values: bool | None = None,
+    state_indices=None,
 ) -> tuple[Problem, ScanInputs]:
     """Memoized front of ``_check_and_describe``; ``tensors``: q .. mimo_o (ScanInputs order).
-    ``values``: run the value checks (adt, dt, cu_seqlens offsets); None: the default rule."""
+    ``values``: run the value checks (adt, dt, cu_seqlens offsets); None: the default rule.
+    ``state_indices`` (B,): the slot of each batch row when the state is a pool (steps only);
+    its values are checked on every call (never memoized)."""
     key = None
     if cu_seqlens is None and not torch.compiler.is_compiling():
-        options = (rotary, bool(return_final_state), chunk_size, type(chunk_size))
-        key = _signature(step, tensors, state, options)
+        options = (rotary, bool(return_final_state), chunk_size, type(chunk_size),
+                   state_indices is None)  # fmt: skip
+        key = _signature(step, tensors, state, options, state_indices)
         last_key, problem = _LAST_HIT[0]
         if key is None or key != last_key:
             try:
@@ -309,6 +361,8 @@ def _validate(
         if problem is not None:
             if values if values is not None else _check_values_enabled(problem.device_type):
                 _check_values(tensors[3], tensors[4])
+                if state_indices is not None:
+                    _check_index_values(state_indices, state[1].shape[0])
             if state is not None and type(state) is not Mamba3State:
                 state = Mamba3State(*state)
             if step:  # (the signature holds layouts, not addresses)
@@ -318,7 +372,7 @@ def _validate(
             inputs.validated_problem = problem
             return problem, inputs
     problem, inputs = _check_and_describe(step, tensors, state, return_final_state, cu_seqlens,
-                                          rotary, chunk_size, values)  # fmt: skip
+                                          rotary, chunk_size, values, state_indices)  # fmt: skip
     if key is not None:
         if len(_VALIDATED) >= _VALIDATED_MAX:
             _VALIDATED.clear()
@@ -348,6 +402,7 @@ def _check_and_describe(
     rotary,
     chunk_size,
     values: bool | None = None,
+    state_indices=None,
 ) -> tuple[Problem, ScanInputs]:
     """The full checks (``values``: as _validate's); ``tensors``: q .. mimo_o (ScanInputs
     order), returned unchanged in the ScanInputs."""
@@ -456,16 +511,22 @@ def _check_and_describe(
         _device("cu_seqlens", cu_seqlens, device)
         nseq = cu_seqlens.shape[0] - 1
     state_name = "state" if step else "initial_state"
-    if state is not None or step:
-        if state is None:
-            raise TypeError(
-                "state: expected a Mamba3State, got None (Mamba3State.zeros allocates one)"
-            )
-        state = _check_state(state_name, state, nseq, H, P, N, S, R, device, need_contiguous=step)
+    if state is None and step:
+        raise TypeError("state: expected a Mamba3State, got None (Mamba3State.zeros allocates one)")
+    pooled = state_indices is not None
+    if pooled:
+        if not step:
+            raise ValueError("state_indices: only for step (a decode pool), got it for a scan")
+        _check_indices(_tensor("state_indices", state_indices), B, device)
+    if state is not None:
+        state = _check_state(state_name, state, nseq, H, P, N, S, R, device, need_contiguous=step,
+                             pooled=pooled)  # fmt: skip
     if values if values is not None else _check_values_enabled(device.type):
         _check_values(adt, dt)
+        if pooled:
+            _check_index_values(state_indices, state.ssm.shape[0])
     inputs = ScanInputs(*tensors, state, cu_seqlens)  # the checks return each tensor as given
-    problem = describe(inputs, step, rotary, return_final_state, chunk_size)
+    problem = describe(inputs, step, rotary, return_final_state, chunk_size, pooled)
     return problem, inputs
 
 
@@ -516,11 +577,14 @@ def validate_step(
     mimo_z=None,
     mimo_o=None,
     rotary=None,
+    state_indices=None,
 ) -> tuple[Problem, ScanInputs]:
     """Check a ``step`` call (the L axis absent) and describe it. ``inputs.initial_state`` is the
-    state to update."""
+    state to update (a pool of slots with ``state_indices`` (B,))."""
     tensors = (q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, z, mimo_v, mimo_z, mimo_o)
-    return _validate(True, tensors, state, True, None, rotary, None)
+    return _validate(
+        True, tensors, state, True, None, rotary, None, state_indices=state_indices
+    )
 
 
 def check_op_inputs(
@@ -530,6 +594,7 @@ def check_op_inputs(
     return_final_state: bool,
     chunk_size: int | None,
     fake: bool = False,
+    state_indices: torch.Tensor | None = None,
 ) -> tuple[Problem, ScanInputs]:
     """The checks of validate_scan / validate_step, for the registered ops' bodies and fake
     impls: a direct ``torch.ops.mamba3.scan`` call (or one torch.compile traced) gets the same
@@ -538,11 +603,11 @@ def check_op_inputs(
     Shape checks always run. Value checks (adt <= 0, dt > 0, cu_seqlens offsets) need the
     values: never in a fake impl (``fake``), else where they cost no device sync (CPU) or when
     the environment opts in (see _check_values_enabled). Returns the Problem and the inputs
-    (cu_seqlens as contiguous int32)."""
+    (cu_seqlens as contiguous int32). ``state_indices``: a step's pool slots, as validate_step's."""
     values = False if fake else _check_values_enabled(inputs.q.device.type)
     tensors = tuple(inputs[: len(inputs) - 2])
     return _validate(step, tensors, inputs.initial_state, return_final_state, inputs.cu_seqlens,
-                     rotary, chunk_size, values)  # fmt: skip
+                     rotary, chunk_size, values, state_indices)  # fmt: skip
 
 
 def describe(
@@ -551,14 +616,17 @@ def describe(
     rotary: str | None,
     return_final_state: bool,
     chunk_size: int | None,
+    pooled: bool = False,
 ) -> Problem:
-    """The Problem of already-checked inputs, read off their shapes (no checks, no host sync)."""
+    """The Problem of already-checked inputs, read off their shapes (no checks, no host sync);
+    ``pooled``: the state is a pool addressed by state_indices."""
     q, v = inputs.q, inputs.v
     mimo = q.dim() == (4 if step else 5)
     B, H, P = q.shape[0], v.shape[-2], v.shape[-1]
     L = 1 if step else q.shape[1]
     R = q.shape[-3] if mimo else 1
     cu = inputs.cu_seqlens
+    state = inputs.initial_state
     return Problem(
         batch=B,
         seqlen=L,
@@ -581,4 +649,6 @@ def describe(
         varlen=cu is not None,
         decode=step,
         chunk_size=chunk_size,
+        pooled=pooled,
+        state_dtype=None if state is None else state.ssm.dtype,
     )

@@ -111,7 +111,7 @@ def test_opcheck(rank):
     args = (*x[:14], *x.initial_state, None, True, _layout(rank), 4, "reference")
     torch.library.opcheck(torch.ops.mamba3.scan.default, args)
     s = random_inputs(batch=2, nheads=2, d_state=8, headdim=4, rank=rank, step=True)
-    step_args = (*s[:9], *s.initial_state, *s[9:14], _layout(rank), "reference")
+    step_args = (*s[:9], *s.initial_state, *s[9:14], None, _layout(rank), "reference")
     torch.library.opcheck(torch.ops.mamba3.step.default, step_args)
 
 
@@ -272,5 +272,5 @@ def test_op_arguments_round_trip_through_scan_inputs():
     assert tuple(schema.STEP.inputs(sargs)) == tuple(sin)
     assert schema.SCAN.options == ("return_final_state", "rotary", "chunk_size", "backend")
     assert schema.STEP.options == ("rotary", "backend")
-    with pytest.raises(TypeError, match="got 1 options"):
+    with pytest.raises(TypeError, match="got 1 values"):
         schema.STEP.call_args(sin, "auto")

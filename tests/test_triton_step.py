@@ -283,8 +283,8 @@ class _Recorder:
 
     def launch_generic(self, kernel, grid, args, consts, options):
         assert kernel is tstep._step_kernel
-        ptrs = [t.data_ptr() for t in args[:20]]
-        self.generic.append((grid, ptrs, tuple(args[20:]), tuple(consts.values())))
+        ptrs = [t.data_ptr() for t in args[:21]]
+        self.generic.append((grid, ptrs, tuple(args[21:]), tuple(consts.values())))
         return self
 
     def run(self, *args):
@@ -371,15 +371,16 @@ _SM90_COMPILE = textwrap.dedent(
     from mamba3_kernels.triton_impl import step as tstep
 
     B, H, G, N, P, S = 16, 64, 1, 128, 64, 32
-    for R, mimo, split in ((1, False, 1), (4, True, 4)):
+    # (the second also a state pool: the slot load and the padding rows' early return)
+    for R, mimo, split, pooled in ((1, False, 1, False), (4, True, 4, True)):
         kern = tstep._step_kernel
         consts = dict(H=H, G=G, R=R, N=N, P=P, S=S, BLOCK_P=min(32, P // split), SPLIT=split,
                       INTERLEAVED=not mimo,
                       HAS_D=True, HAS_Z=True, HAS_MV=mimo, HAS_MZ=mimo, HAS_MO=mimo,
-                      KEEP_RANKS=False, PREFETCH=split > 1)
+                      KEEP_RANKS=False, PREFETCH=split > 1, POOLED=pooled)
         io = "*bf16"
         ptrs = dict(q_ptr=io, k_ptr=io, v_ptr=io, z_ptr=io, sk_ptr=io, sv_ptr=io, out_ptr=io,
-                    cnt_ptr="*i32")
+                    cnt_ptr="*i32", idx_ptr="*i32")
         # Runtime integers: the batch strides of q, k, v, z, adt, dt, trap, angles.
         strides = [R * G * N] * 2 + [H * P] * 2 + [H] * 3 + [H * S]
         names = [n for n in kern.arg_names if n.startswith("s_")]

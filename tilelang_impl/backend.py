@@ -7,7 +7,13 @@ from typing import Any
 
 import torch
 
-from mamba3_kernels.backend import Backend, KernelSpec, device_properties, size_reason
+from mamba3_kernels.backend import (
+    Backend,
+    KernelSpec,
+    device_properties,
+    size_reason,
+    wide_state_reason,
+)
 from mamba3_kernels.inputs import ScanInputs
 from mamba3_kernels.problem import Problem
 
@@ -72,6 +78,9 @@ class TileLangBackend(Backend):
             return "decode steps are not implemented in the tilelang backend yet"
         if problem.varlen:
             return "cu_seqlens (varlen) is not implemented in the tilelang backend yet"
+        reason = wide_state_reason(problem)
+        if reason is not None:
+            return reason
         if problem.device_type != "cuda":
             return f"tensors on {problem.device_type}; tilelang needs CUDA"
         if problem.dtype not in SUPPORTED_DTYPES:

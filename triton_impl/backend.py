@@ -8,7 +8,13 @@ from typing import Any
 
 import torch
 
-from mamba3_kernels.backend import Backend, KernelSpec, device_properties, size_reason
+from mamba3_kernels.backend import (
+    Backend,
+    KernelSpec,
+    device_properties,
+    size_reason,
+    wide_state_reason,
+)
 from mamba3_kernels.inputs import ScanInputs
 from mamba3_kernels.problem import Problem
 from mamba3_kernels.state import Mamba3State
@@ -61,6 +67,8 @@ class TritonBackend(Backend):
             return f"tensors on {problem.device_type}; triton needs CUDA (or TRITON_INTERPRET=1)"
         if problem.dtype not in (torch.float16, torch.bfloat16, torch.float32):
             return f"dtype {problem.dtype} (triton runs fp16, bf16, fp32)"
+        if not problem.decode and wide_state_reason(problem) is not None:
+            return f"{wide_state_reason(problem)}: 16-bit states are read by triton's step only"
         ns, ps = (INTERPRET_N, INTERPRET_P) if interpreting() else (SUPPORTED_N, SUPPORTED_P)
         reason = size_reason(problem, ns, ps, (1, 2, 4, 8))
         if reason is not None:
@@ -141,11 +149,13 @@ class TritonBackend(Backend):
         return self._chunk_bwd.chunk_bwd(problem, inputs, grad_out, grad_state, cfg, residual,
                                          rot)  # fmt: skip
 
-    def step(self, problem: Problem, inputs: ScanInputs, state: Mamba3State, configs=None):
-        """One decode step (triton_impl/step.py); ``state`` updated in place. B = 0 returns an
-        empty out (state unchanged) without a launch. Not differentiable: with grad mode on, an
-        input or state tensor that requires grad is a clear error (the kernel would silently
-        detach it and write into a grad-requiring state)."""
+    def step(self, problem: Problem, inputs: ScanInputs, state: Mamba3State, configs=None,
+             state_indices: torch.Tensor | None = None):  # fmt: skip
+        """One decode step (triton_impl/step.py); ``state`` updated in place (a pool of slots
+        with ``state_indices`` (B,): the kernel addresses the slots directly, no gather or
+        scatter). B = 0 returns an empty out (state unchanged) without a launch. Not
+        differentiable: with grad mode on, an input or state tensor that requires grad is a clear
+        error (the kernel would silently detach it and write into a grad-requiring state)."""
         if torch.is_grad_enabled():
             _reject_grad(inputs, state)
         if problem.batch == 0:
@@ -155,7 +165,7 @@ class TritonBackend(Backend):
             return v.new_empty(shape)
         self._load()
         cfg = self._config(self._step.SPEC, problem, configs)
-        return self._step.step(problem, inputs, state, cfg)
+        return self._step.step(problem, inputs, state, cfg, state_indices=state_indices)
 
 
 def _reject_grad(inputs: ScanInputs, state: Mamba3State) -> None:

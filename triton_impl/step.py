@@ -9,6 +9,12 @@ them have read: with one program per head a CTA barrier settles it; with several
 takes a ticket from a per-head counter after its reads (release/acquire), and the one that
 draws the last ticket of the step writes them. The counter is never reset: tickets are taken
 modulo split_p, and one step's programs all draw before the next step's (stream order).
+
+A state pool (POOLED, ``state_indices``): each program loads its batch row's slot and offsets
+the state pointers by it, so the pool is read and written where it lies (no gather or scatter
+copies); a padding row (negative slot) writes a zero output and returns. The ssm state may be
+bf16 or fp16: loaded in its dtype, accumulated in fp32, stored rounded to its dtype (the output
+reads the fp32 accumulator, as the reference does).
 """
 
 from __future__ import annotations
@@ -147,12 +153,13 @@ def _rot_load(x_base, b_base, offs_n, partner, cos, sin_signed):
 def _step_kernel(
     q_ptr, k_ptr, v_ptr, z_ptr, adt_ptr, dt_ptr, trap_ptr, qb_ptr, kb_ptr, ang_ptr,
     d_ptr, mv_ptr, mz_ptr, mo_ptr,
-    sa_ptr, ss_ptr, sk_ptr, sv_ptr, out_ptr, cnt_ptr,
+    sa_ptr, ss_ptr, sk_ptr, sv_ptr, out_ptr, cnt_ptr, idx_ptr,
     s_q_b, s_k_b, s_v_b, s_z_b, s_adt_b, s_dt_b, s_tr_b, s_a_b,
     H: tl.constexpr, G: tl.constexpr, R: tl.constexpr, N: tl.constexpr, P: tl.constexpr,
     S: tl.constexpr, BLOCK_P: tl.constexpr, SPLIT: tl.constexpr, INTERLEAVED: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_MV: tl.constexpr, HAS_MZ: tl.constexpr,
     HAS_MO: tl.constexpr, KEEP_RANKS: tl.constexpr, PREFETCH: tl.constexpr,
+    POOLED: tl.constexpr,
 ):  # fmt: skip
     # Layouts: the per-step tensors have packed inner axes and a free batch stride (s_*_b); the
     # state, out and the per-head parameters are contiguous, so their offsets follow from the sizes.
@@ -161,7 +168,20 @@ def _step_kernel(
     PP: tl.constexpr = P // SPLIT  # rows of this program
     p_lo = tl.program_id(2) * PP
     g = h // (H // G)
-    bh = b * H + h
+    bh = b * H + h  # this row's (batch, head): out and the tickets
+    slot = b  # the state's row: the batch row, or its slot in a pool
+    if POOLED:
+        slot = tl.load(idx_ptr + b).to(tl.int64)
+    if slot < 0:  # a padding row: zero output, the pool untouched
+        offs_pad = p_lo + tl.arange(0, PP)
+        zero = tl.zeros([PP], dtype=out_ptr.dtype.element_ty)
+        if KEEP_RANKS:
+            for r in tl.static_range(R):
+                tl.store(out_ptr + ((b * R + r) * H + h) * P + offs_pad, zero)
+        else:
+            tl.store(out_ptr + bh * P + offs_pad, zero)
+        return
+    sbh = slot * H + h
 
     # Rotary pairing of each coordinate n: its angle index j, its partner, which side it is.
     offs_n = tl.arange(0, N)
@@ -175,7 +195,7 @@ def _step_kernel(
         partner = tl.where(first, offs_n + N // 2, offs_n - N // 2)
     rot = j < S
     tile = tl.arange(0, BLOCK_P)[:, None] * N + offs_n[None, :]
-    ss_head = ss_ptr + (bh * P + p_lo) * N  # this program's first state row
+    ss_head = ss_ptr + (sbh * P + p_lo) * N  # this program's first state row
     if PREFETCH:
         # The first state tile is requested before anything else, so that its DRAM latency
         # overlaps the prologue's dependent loads and trig instead of following them.
@@ -189,7 +209,7 @@ def _step_kernel(
     gamma = lam * dt
 
     # theta_t = theta_{t-1} + pi tanh(angles) dt, gathered per coordinate (0 where unrotated).
-    th_old = tl.load(sa_ptr + bh * S + j, mask=rot, other=0.0)
+    th_old = tl.load(sa_ptr + sbh * S + j, mask=rot, other=0.0)
     rate = tl.load(ang_ptr + b * s_a_b + h * S + j, mask=rot, other=0.0)
     theta = th_old + 3.141592653589793 * _tanh(rate) * dt
     # kept in [0, 2 pi): a stored angle that grew step after step would lose fp32 precision
@@ -204,19 +224,19 @@ def _step_kernel(
     k_base = k_ptr + b * s_k_b + g * N
     qb_base = qb_ptr + h * (R * N)
     kb_base = kb_ptr + h * (R * N)
-    sk_base = sk_ptr + (b * R * H + h) * N  # state k (B, R, H, N): rank r at + r * H * N
+    sk_base = sk_ptr + (slot * R * H + h) * N  # state k (B, R, H, N): rank r at + r * H * N
     v_base = v_ptr + b * s_v_b + h * P
-    sv_base = sv_ptr + bh * P
+    sv_base = sv_ptr + sbh * P
     par_base = h * (R * P)  # offset of head h in mimo_v / mimo_z / mimo_o, (H, R, P)
 
     for p0 in range(0, PP, BLOCK_P):
         offs_p = p_lo + p0 + tl.arange(0, BLOCK_P)
         ss_ptrs = ss_head + p0 * N + tile
         if PREFETCH:  # this tile was requested one iteration (or the prologue) ahead
-            acc = nxt * alpha
+            acc = nxt.to(tl.float32) * alpha
             nxt = tl.load(ss_ptrs + BLOCK_P * N, mask=p0 + BLOCK_P < PP, other=0.0)
         else:
-            acc = tl.load(ss_ptrs) * alpha
+            acc = tl.load(ss_ptrs).to(tl.float32) * alpha
         v_old = tl.load(sv_base + offs_p).to(tl.float32)
         v_new = tl.load(v_base + offs_p).to(tl.float32)
 
@@ -234,7 +254,7 @@ def _step_kernel(
                 w_prev = beta * v_old
                 w_cur = gamma * v_new
             acc += w_prev[:, None] * k_prev[None, :] + w_cur[:, None] * k_cur[None, :]
-        tl.store(ss_ptrs, acc)
+        tl.store(ss_ptrs, acc.to(ss_ptr.dtype.element_ty))
 
         # y_r = Hs q_r + D vr, gated by silu(zr), mixed over ranks by mimo_o.
         if HAS_Z:
@@ -270,7 +290,7 @@ def _step_kernel(
     tl.debug_barrier()
     if SPLIT == 1:
         _store_shared_state(
-            sa_ptr, sk_ptr, k_base, kb_base, sk_base, bh, j, rot, first, theta, offs_n, partner,
+            sa_ptr, sk_ptr, k_base, kb_base, sk_base, sbh, j, rot, first, theta, offs_n, partner,
             cos, sin_signed, G, H, N, R, S,
         )  # fmt: skip
     else:
@@ -279,7 +299,7 @@ def _step_kernel(
         ticket = tl.atomic_add(cnt_ptr + bh, 1, sem="acq_rel")
         if (ticket & (SPLIT - 1)) == SPLIT - 1:
             _store_shared_state(
-                sa_ptr, sk_ptr, k_base, kb_base, sk_base, bh, j, rot, first, theta, offs_n,
+                sa_ptr, sk_ptr, k_base, kb_base, sk_base, sbh, j, rot, first, theta, offs_n,
                 partner, cos, sin_signed, G, H, N, R, S,
             )  # fmt: skip
     offs_pp = p_lo + tl.arange(0, PP)
@@ -310,7 +330,7 @@ def output_shape(problem: Problem) -> tuple[int, ...]:
 
 _CONST_NAMES = (
     "H", "G", "R", "N", "P", "S", "BLOCK_P", "SPLIT", "INTERLEAVED",
-    "HAS_D", "HAS_Z", "HAS_MV", "HAS_MZ", "HAS_MO", "KEEP_RANKS", "PREFETCH",
+    "HAS_D", "HAS_Z", "HAS_MV", "HAS_MZ", "HAS_MO", "KEEP_RANKS", "PREFETCH", "POOLED",
 )  # fmt: skip
 
 
@@ -333,7 +353,7 @@ class _Plan:
             problem.nheads, problem.ngroups, problem.rank, problem.d_state, problem.headdim,
             problem.n_angles, config.block_p, config.split_p, problem.rotary == "interleaved",
             d is not None, z is not None, mv is not None, mz is not None, mo is not None,
-            problem.mimo and mo is None, bool(config.prefetch),
+            problem.mimo and mo is None, bool(config.prefetch), problem.pooled,
         )  # fmt: skip
         self.out_shape = output_shape(problem)
         v = step_tensors[2]
@@ -352,10 +372,10 @@ class _Plan:
         )
         self.on_gpu = v.device.type == "cuda"
         self.split = config.split_p
-        # The kernel's 20 pointers in its order (the call's table), the batch strides, then the
+        # The kernel's 21 pointers in its order (the call's table), the batch strides, then the
         # constants; its compiled kernel is kept after the first GPU launch.
         self.launch = Launch(
-            _step_kernel, (problem.nheads, problem.batch, config.split_p), range(20),
+            _step_kernel, (problem.nheads, problem.batch, config.split_p), range(21),
             self.strides, dict(zip(_CONST_NAMES, consts, strict=True)),
             {"num_warps": config.num_warps, "num_stages": config.num_stages},
         )  # fmt: skip
@@ -393,7 +413,7 @@ def _tickets(device: torch.device, heads: int, split: int) -> torch.Tensor:
 
 
 def _plan_key(problem, config, q, k, v, adt, dt, trap, qb, kb, ang, d, z, mv, mz, mo, sa, ss,
-              sk, sv, out) -> tuple:  # fmt: skip
+              sk, sv, out, idx) -> tuple:  # fmt: skip
     """Everything a plan depends on, for inputs that did not come from the validation memo.
 
     Spelled out (no loops or helper calls: a decode step's host time is mostly attribute reads
@@ -413,6 +433,7 @@ def _plan_key(problem, config, q, k, v, adt, dt, trap, qb, kb, ang, d, z, mv, mz
         sa.dtype, ss.dtype, sk.dtype, sv.dtype,
         sa.is_contiguous() and ss.is_contiguous() and sk.is_contiguous() and sv.is_contiguous(),
         None if out is None else (out.dtype, out.is_contiguous()),
+        None if idx is None else idx.dtype,
     )  # fmt: skip
 
 
@@ -422,17 +443,21 @@ def step(
     state: Mamba3State,
     config: StepConfig,
     out: torch.Tensor | None = None,
+    state_indices: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One decode step in one kernel launch; ``state`` is updated in place.
 
     Shapes: q, k (B, G, N) or (B, R, G, N); v, z (B, H, P); adt, dt, trap (B, H);
     angles (B, H, S); q_bias, k_bias (H, N) or (H, R, N); D (H,); mimo_* (H, R, P);
-    state (contiguous): angle (B, H, S) fp32, ssm (B, H, P, N) fp32, k (B, R, H, N), v (B, H, P).
+    state (contiguous): angle (B, H, S) fp32, ssm (B, H, P, N) fp32 / bf16 / fp16,
+    k (B, R, H, N), v (B, H, P); with ``state_indices`` (B,) int32 / int64 (problem.pooled) the
+    state's leading axis is a pool of slots instead of B, addressed by the kernel in place.
     Returns out (B, H, P), or (B, R, H, P) for MIMO without mimo_o, in v's dtype (written
     into ``out`` when given: no allocation then, so the call can be captured in a CUDA graph).
     """
     q, k, v, adt, dt, trap, qb, kb, ang, d, z, mv, mz, mo = inputs[:14]
     sa, ss, sk, sv = state
+    idx = state_indices
     if out is None and getattr(inputs, "validated_problem", None) is problem:
         # From the validation memo, whose Problem stands for one signature: every tensor's shape,
         # dtype and device, the per-step tensors' strides, the contiguity of the parameters and
@@ -441,7 +466,7 @@ def step(
         key = (id(problem), id(config))
     else:
         key = _plan_key(problem, config, q, k, v, adt, dt, trap, qb, kb, ang, d, z, mv, mz, mo,
-                        sa, ss, sk, sv, out)  # fmt: skip
+                        sa, ss, sk, sv, out, idx)  # fmt: skip
     plan = _PLANS.get(key)
     if plan is None:
         for name, t in zip(Mamba3State._fields, state, strict=True):
@@ -469,6 +494,7 @@ def step(
             sa.data_ptr(), ss.data_ptr(), sk.data_ptr(), sv.data_ptr(), out.data_ptr(),
             pv if plan.split == 1 else _tickets(v.device, problem.batch * problem.nheads,
                                                 plan.split).data_ptr(),
+            pv if idx is None else idx.data_ptr(),
         )  # fmt: skip
         # The compiled kernel assumes 16-byte aligned pointers; others go through the binder.
         if not reduce(or_, ptrs) & 15 and ln.run_direct((*ptrs, *ln.tail), plan.device_index):
@@ -492,6 +518,7 @@ def step(
         v if mv is None else mv, v if mz is None else mz, v if mo is None else mo, *state, out,
         v if config.split_p == 1 else _tickets(v.device, problem.batch * problem.nheads,
                                                config.split_p),
+        v if idx is None else idx,
     ]  # fmt: skip
     if plan.on_gpu:
         launch_all((ln,), [t.data_ptr() for t in tensors], lambda: tensors, plan.device_index)

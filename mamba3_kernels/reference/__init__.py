@@ -20,7 +20,7 @@ from .chunked import chunked_scan
 from .common import default_rotary
 from .recurrent import recurrent_scan
 
-__all__ = ["ReferenceBackend", "reference_scan", "reference_step"]
+__all__ = ["ReferenceBackend", "pooled_step", "reference_scan", "reference_step"]
 
 
 def _one_call(inputs: ScanInputs, rotary: str, chunk_size: int | None):
@@ -103,8 +103,32 @@ class ReferenceBackend(Backend):
         inputs: ScanInputs,
         state: Mamba3State,
         configs: dict[str, Any] | None = None,
+        state_indices: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        out, new_state = reference_step(inputs, state, problem.rotary)
-        for dst, src in zip(state, new_state, strict=True):
-            dst.copy_(src)
-        return out
+        """The step in fp32 (fp64), the state stored back in its own dtypes (a 16-bit ssm state
+        rounded); with ``state_indices`` (B,) ``state`` is a pool: gather, step, scatter."""
+        if state_indices is None:
+            out, new_state = reference_step(inputs, state, problem.rotary)
+            for dst, src in zip(state, new_state, strict=True):
+                dst.copy_(src)
+            return out
+        return pooled_step(inputs, state, state_indices, problem.rotary)
+
+
+def pooled_step(
+    inputs: ScanInputs, pool: Mamba3State, state_indices: torch.Tensor, rotary: str | None = None
+) -> torch.Tensor:
+    """One decode step of batch rows on slots ``state_indices`` (B,) of ``pool`` (slots, ...),
+    updated in place; a negative index is a padding row (its slot is not read, nothing is
+    written, its out is zero). The definition the kernels' direct addressing is tested against.
+    Returns out ((B, H, P) or (B, R, H, P))."""
+    idx = state_indices.long()
+    live = idx >= 0
+    gathered = Mamba3State(*(t.index_select(0, idx.clamp(min=0)) for t in pool))
+    out, new_state = reference_step(inputs, gathered, rotary)
+    out = torch.where(live.view(-1, *([1] * (out.dim() - 1))), out, out.new_zeros(()))
+    rows = live.nonzero().squeeze(1)
+    slots = idx.index_select(0, rows)
+    for dst, src in zip(pool, new_state, strict=True):
+        dst.index_copy_(0, slots, src.index_select(0, rows).to(dst.dtype))
+    return out
