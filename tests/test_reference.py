@@ -502,3 +502,24 @@ def test_unknown_rotary_rejected():
     inp = random_inputs(seqlen=3, generator=gen(22))
     with pytest.raises(ValueError, match="rotary"):
         reference_scan(inp, "spiral")
+
+
+def test_long_decode_keeps_fp32_angles_exact():
+    """20k fp32 steps turning ~pi rad each (~6e4 rad in all): the stored angle stays in
+    [0, 2 pi), so its drift from float64 is the sum of per-step roundings in [0, 2 pi) (~3e-4
+    rad), not an unreduced angle's (one rounding near 6e4 rad is up to 2e-3 rad, every step)."""
+    inp = random_inputs(batch=1, nheads=1, d_state=4, headdim=2, n_angles=2, step=True,
+                        with_initial_state=True, dtype=F64, generator=gen(41))  # fmt: skip
+    inp = inp._replace(dt=torch.ones_like(inp.dt), angles=torch.full_like(inp.angles, 10.0))
+    inp32 = cast_inputs(inp, torch.float32)
+    s64, s32 = inp.initial_state, Mamba3State(*(t.float() for t in inp.initial_state))
+    turned = 0.0
+    for _ in range(20_000):
+        o64, s64 = reference_step(inp, s64)
+        o32, s32 = reference_step(inp32, s32)
+        turned += math.pi * math.tanh(10.0)
+    assert turned > 6e4
+    assert 0 <= s32.angle.min() and s32.angle.max() < 2 * math.pi
+    assert rel_err(o32.double(), o64) < 1e-5
+    drift = torch.remainder(s32.angle.double() - s64.angle + math.pi, 2 * math.pi) - math.pi
+    assert drift.abs().max() < 1e-3  # (compared modulo 2 pi: either may have just wrapped)
