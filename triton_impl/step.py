@@ -170,17 +170,17 @@ def _step_kernel(
     g = h // (H // G)
     bh = b * H + h  # this row's (batch, head): out and the tickets
     slot = b  # the state's row: the batch row, or its slot in a pool
-    if POOLED:
+    if POOLED:  # (compiled out otherwise: a contiguous step has no padding rows)
         slot = tl.load(idx_ptr + b).to(tl.int64)
-    if slot < 0:  # a padding row: zero output, the pool untouched
-        offs_pad = p_lo + tl.arange(0, PP)
-        zero = tl.zeros([PP], dtype=out_ptr.dtype.element_ty)
-        if KEEP_RANKS:
-            for r in tl.static_range(R):
-                tl.store(out_ptr + ((b * R + r) * H + h) * P + offs_pad, zero)
-        else:
-            tl.store(out_ptr + bh * P + offs_pad, zero)
-        return
+        if slot < 0:  # a padding row: zero output, the pool untouched
+            offs_pad = p_lo + tl.arange(0, PP)
+            zero = tl.zeros([PP], dtype=out_ptr.dtype.element_ty)
+            if KEEP_RANKS:
+                for r in tl.static_range(R):
+                    tl.store(out_ptr + ((b * R + r) * H + h) * P + offs_pad, zero)
+            else:
+                tl.store(out_ptr + bh * P + offs_pad, zero)
+            return
     sbh = slot * H + h
 
     # Rotary pairing of each coordinate n: its angle index j, its partner, which side it is.
