@@ -67,8 +67,9 @@ class TritonBackend(Backend):
             return f"tensors on {problem.device_type}; triton needs CUDA (or TRITON_INTERPRET=1)"
         if problem.dtype not in (torch.float16, torch.bfloat16, torch.float32):
             return f"dtype {problem.dtype} (triton runs fp16, bf16, fp32)"
-        if not problem.decode and wide_state_reason(problem) is not None:
-            return f"{wide_state_reason(problem)}: 16-bit states are read by triton's step only"
+        wide = None if problem.decode else wide_state_reason(problem)
+        if wide is not None:
+            return f"{wide}: 16-bit states are read by triton's step only"
         ns, ps = (INTERPRET_N, INTERPRET_P) if interpreting() else (SUPPORTED_N, SUPPORTED_P)
         reason = size_reason(problem, ns, ps, (1, 2, 4, 8))
         if reason is not None:
