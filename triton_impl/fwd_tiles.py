@@ -378,7 +378,7 @@ def _intra_scores(
     causal = t[:, None] > t[None, :]
     same = t[:, None] == t[None, :]
     dec = _exp(tl.minimum(c[:, None] - c[None, :], 0.0), FAST)
-    m = tl.where(causal, dec * w[None, :], tl.where(same, gamma[None, :], 0.0))
+    m = tl.where(causal, dec * w[None, :], gamma[None, :])  # (only its causal | same part is kept)
     return tl.where(causal | same, scores * m, 0.0)
 
 
