@@ -40,7 +40,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seqlen", type=_ints, help="custom sequence lengths (replaces --shapes)")
     p.add_argument("--ops", default="fwd,fwdbwd,decode", help="ops for custom shapes")
     p.add_argument("--model", help=f"head sizes: one of {sorted(shapes.MODELS)} or a JSON file")
-    p.add_argument("--rank", type=int, default=4, help="MIMO rank of the MIMO rows (default 4)")
+    p.add_argument(
+        "--rank", type=int, help="MIMO rank: of the presets' MIMO rows (default 4) and of the "
+        "custom shapes (default 1: SISO)"
+    )
     p.add_argument("--dtype", choices=sorted(DTYPES), help="default bf16 (fp32 on CPU)")
     p.add_argument("--z", action="store_true", help="include the z gate (default: none)")
     p.add_argument("--quick", action="store_true", help="tiny shapes (CPU demo)")
@@ -76,11 +79,13 @@ def _items(args, device: torch.device) -> tuple[list[shapes.Item], dict]:
         torch.bfloat16 if device.type == "cuda" else torch.float32
     )  # fmt: skip
     dims = shapes.model_dims("tiny" if args.quick and not args.model else args.model)
-    rank = dims.pop("rank", args.rank)
+    model_rank = dims.pop("rank", None)
+    rank = model_rank or args.rank or 4
     items: list[shapes.Item] = []
     if args.batch or args.seqlen:
         ops = args.ops.split(",")
-        items = shapes.custom_items(dims, dtype, args.batch or [1], args.seqlen or [2048], ops)
+        custom = {**dims, "rank": args.rank or model_rank or 1}
+        items = shapes.custom_items(custom, dtype, args.batch or [1], args.seqlen or [2048], ops)
     else:
         presets = args.shapes.split(",")
         if "targets" in presets:
