@@ -45,8 +45,9 @@ def _mimo(h, g, r, n, p, s, il=False, d=True, z=True, o=True, dtype="bf16") -> V
 
 # The kernel set built ahead of time: every (N, P) the backend supports once (SISO, bf16, D and
 # z, interleaved pairs, S = N / 4, 8 heads in 2 groups), the other pairing, S = N / 2, fp16 and
-# fp32, absent D and z, MIMO R = 2, 4, 8 with and without mimo_o, and two model-sized layers
-# (32 heads, one group: the public Mamba-3 SISO and MIMO R = 4 shapes).
+# fp32, absent D and z, MIMO R = 2, 4, 8 with and without mimo_o, two model-sized layers
+# (32 heads, one group: the public Mamba-3 SISO and MIMO R = 4 shapes) and the benchmark's
+# decode target (64 heads, one group, no z).
 DEFAULT_SET: tuple[Variant, ...] = (
     *(_siso(8, 2, n, p, n // 4) for n in (64, 128, 256) for p in (32, 64, 128)),
     _siso(8, 2, 128, 64, 64, il=False),
@@ -57,6 +58,7 @@ DEFAULT_SET: tuple[Variant, ...] = (
     _mimo(8, 2, 8, 64, 32, 16, il=True, z=False),
     _siso(32, 1, 128, 64, 32),
     _mimo(32, 1, 4, 128, 64, 64),
+    _siso(64, 1, 128, 64, 32, z=False),
 )
 
 
