@@ -214,3 +214,42 @@ def test_opcheck_pool_step():
     idx = torch.tensor([3, -1, 0], dtype=torch.int64)
     args = (*x[:9], *pool, *x[9:14], idx, "interleaved", "reference")
     torch.library.opcheck(torch.ops.mamba3.step.default, args)
+
+
+def _serve(*argv: str) -> float:
+    """examples/serve.py's loop (continuous batching over a pool); its largest relative gap."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(__file__), os.pardir, "examples", "serve.py")
+    spec = importlib.util.spec_from_file_location("serve_example", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.serve(module.parse_args(list(argv)))
+
+
+@pytest.mark.parametrize(
+    "argv, tol",
+    [
+        ((), 1e-5),
+        (("--mimo-rank", "2", "--state-dtype", "bf16", "--requests", "5"), 3e-3),
+    ],
+)
+def test_serve_example_reference(argv, tol):
+    """Pooled decode after prefill equals one scan per request (slots reused, padding rows)."""
+    assert _serve("--backend", "reference", *argv) < tol
+
+
+@cpu_interpreted
+def test_serve_example_triton():
+    assert _serve("--backend", "triton", "--requests", "3", "--max-prompt", "8",
+                  "--max-answer", "3") < 1e-5  # fmt: skip
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("state_dtype", ["fp32", "bf16"])
+def test_serve_example_triton_gpu(state_dtype):
+    worst = _serve("--backend", "triton", "--device", "cuda", "--dtype", "bf16",
+                   "--state-dtype", state_dtype, "--requests", "12", "--slots", "5",
+                   "--batch", "8", "--max-prompt", "200", "--max-answer", "40")  # fmt: skip
+    assert worst < 2e-2
