@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import torch
 
+from . import pool as pool_slots
 from .dispatch import plan
 from .inputs import ScanInputs
 from .ops import scan_args, scan_autograd, scan_eager, step_args
 from .schema import grad_tensors
 from .state import Mamba3State
-from .validate import _validate
+from .validate import _validate, check_scan_pool
 
 
 def scan(
@@ -33,6 +34,7 @@ def scan(
     rotary: str | None = None,
     chunk_size: int | None = None,
     backend: str = "auto",
+    state_indices: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, Mamba3State]:
     """The Mamba-3 scan over a sequence (docs/spec.md).
 
@@ -44,9 +46,18 @@ def scan(
     ``return_final_state``, the final Mamba3State. ``rotary`` is "interleaved" (SISO default) or
     "halves" (MIMO default). ``backend`` is "auto", "reference", "triton", "tilelang" or "cute".
     Differentiable in every floating input, the initial state included.
+
+    ``state_indices`` (nseq,) int32/int64 (chunked prefill from a server's pool): then
+    ``initial_state`` is a pool of slots (leading axis any size); sequence b starts from slot
+    ``state_indices[b]`` and its final state is written back into that slot in place (whether or
+    not ``return_final_state``, which then returns the pool). A negative index is a padding
+    sequence: it starts from zeros and writes nothing. Not differentiable.
     """
     # validate_scan's body, called directly (one Python call level of this many arguments fewer).
     tensors = (q, k, v, adt, dt, trap, q_bias, k_bias, angles, D, z, mimo_v, mimo_z, mimo_o)
+    if state_indices is not None:
+        return _scan_from_slots(tensors, initial_state, state_indices, return_final_state,
+                                cu_seqlens, rotary, chunk_size, backend)  # fmt: skip
     problem, inputs = _validate(
         False, tensors, initial_state, return_final_state, cu_seqlens, rotary, chunk_size
     )
@@ -61,6 +72,31 @@ def scan(
         out, final_state = scan_eager(problem, inputs, backend)
         return (out, final_state) if return_final_state else out
     return (out, Mamba3State(*final)) if return_final_state else out
+
+
+def _scan_from_slots(tensors, pool, state_indices, return_final_state, cu_seqlens, rotary,
+                     chunk_size, backend):  # fmt: skip
+    """scan with ``state_indices``: gather the slots, scan, write the final states back."""
+    problem, inputs = _validate(False, tensors, None, True, cu_seqlens, rotary, chunk_size)
+    if pool is None:
+        raise TypeError(
+            "initial_state: expected the pool (a Mamba3State of slots) with state_indices, "
+            "got None"
+        )
+    if _needs_grad(inputs):
+        raise RuntimeError(
+            "scan with state_indices updates the pool in place and is not differentiable; "
+            "for training pass the slots' state as initial_state (mamba3_kernels.pool.gather)"
+        )
+    pool = check_scan_pool(problem, pool, state_indices, inputs.q.device)
+    # The scan starts from a wide copy of the slots (a pool may keep its ssm in 16 bits).
+    wide = None if pool.ssm.dtype == torch.float64 else torch.float32
+    start = pool_slots.gather(pool, state_indices, ssm_dtype=wide)
+    out, final = scan(*tensors, initial_state=start, return_final_state=True,
+                      cu_seqlens=cu_seqlens, rotary=rotary, chunk_size=chunk_size,
+                      backend=backend)  # fmt: skip
+    pool_slots.scatter(pool, state_indices, final)
+    return (out, pool) if return_final_state else out
 
 
 def _needs_grad(inputs: ScanInputs) -> bool:

@@ -415,3 +415,17 @@ def describe(
         pooled=pooled,
         state_dtype=None if state is None else state.ssm.dtype,
     )
+
+
+def check_scan_pool(
+    problem: Problem, pool: Mamba3State, state_indices: torch.Tensor, device: torch.device
+) -> Mamba3State:
+    """A scan from pool slots: ``pool`` a state of slots (updated in place, so contiguous) and
+    ``state_indices`` (nseq,) one slot per sequence (values checked as validate_step's)."""
+    pool = _check_state("initial_state", pool, problem.nseq, problem.nheads, problem.headdim,
+                        problem.d_state, problem.n_angles, problem.rank, device,
+                        need_contiguous=True, pooled=True)  # fmt: skip
+    _check_indices(_tensor("state_indices", state_indices), problem.nseq, device)
+    if _check_values_enabled(device.type):
+        _check_index_values(state_indices, pool.ssm.shape[0])
+    return pool

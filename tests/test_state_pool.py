@@ -253,3 +253,91 @@ def test_serve_example_triton_gpu(state_dtype):
                    "--state-dtype", state_dtype, "--requests", "12", "--slots", "5",
                    "--batch", "8", "--max-prompt", "200", "--max-answer", "40")  # fmt: skip
     assert worst < 2e-2
+
+
+# scan from pool slots (chunked prefill): gather, scan, write the final states back.
+
+
+def scan_case(slots=5, batch=3, seqlen=12, rank=1, cu=None, seed=1, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    kw = dict(nheads=2, d_state=16, headdim=8, rank=rank, dtype=dtype, generator=g)
+    x = random_inputs(batch=batch, seqlen=seqlen, cu_seqlens=cu, **kw)
+    pool = random_inputs(batch=slots, seqlen=1, with_initial_state=True, **kw).initial_state
+    return x, Mamba3State(*(t.contiguous() for t in pool))
+
+
+def scan_slots(x, pool, idx, backend="reference", **kw):
+    return mamba3_kernels.scan(*x[:14], initial_state=pool, state_indices=idx,
+                               cu_seqlens=x.cu_seqlens, backend=backend, **kw)  # fmt: skip
+
+
+SCAN_BACKENDS = ["reference", pytest.param("triton", marks=cpu_interpreted)]
+
+
+@pytest.mark.parametrize("backend", SCAN_BACKENDS)
+@pytest.mark.parametrize("rank, cu", [(1, None), (2, None), (1, [0, 5, 6, 13])])
+def test_scan_from_slots(backend, rank, cu):
+    """Each sequence starts from its slot and leaves its final state there; a padding sequence
+    starts from zeros; slots not named are untouched."""
+    x, pool = scan_case(rank=rank, cu=cu)
+    idx = torch.tensor([3, -1, 0], dtype=torch.int32)
+    before = pool.clone()
+    start = Mamba3State(*(t[[3, 0, 0]].clone() for t in before))
+    start = Mamba3State(*(torch.cat([t[:1], torch.zeros_like(t[1:2]), t[2:]]) for t in start))
+    want, want_final = mamba3_kernels.scan(
+        *x[:14], initial_state=start, return_final_state=True, cu_seqlens=x.cu_seqlens
+    )
+    out, returned = scan_slots(x, pool, idx, backend, return_final_state=True)
+    assert all(a is b for a, b in zip(returned, pool, strict=True))  # the pool, updated
+    assert rel_err(out, want) < 1e-5
+    for field, got, ref, old in zip(Mamba3State._fields, pool, want_final, before, strict=True):
+        assert rel_err(got[[3, 0]], ref[[0, 2]]) < 1e-5, field
+        assert torch.equal(got[[1, 2, 4]], old[[1, 2, 4]]), field
+
+
+def test_chunked_prefill_through_a_slot():
+    """A prompt scanned in two chunks through its slot equals one scan of the whole prompt."""
+    x, pool = scan_case(batch=1, seqlen=20)
+    pool = Mamba3State(*(torch.zeros_like(t) for t in pool))
+    idx = torch.tensor([2])
+    first = scan_slots(x.along_tokens(lambda t: t[:, :11], lambda t: t[:, :, :11]), pool, idx)
+    second = scan_slots(x.along_tokens(lambda t: t[:, 11:], lambda t: t[:, :, 11:]), pool, idx)
+    want, final = mamba3_kernels.scan(*x[:14], return_final_state=True, backend="reference")
+    assert rel_err(torch.cat([first, second], 1), want) < 1e-5
+    for got, ref in zip(pool, final, strict=True):
+        assert rel_err(got[2:3], ref) < 1e-5
+
+
+def test_scan_from_slots_16bit_pool():
+    x, pool = scan_case()
+    pool = pool._replace(ssm=pool.ssm.to(torch.bfloat16))
+    wide = Mamba3State(*(t.clone() for t in pool))._replace(ssm=pool.ssm.float())
+    idx = torch.tensor([4, 1, 2])
+    out = scan_slots(x, pool, idx)
+    want = scan_slots(x, wide, idx)
+    assert rel_err(out, want) < 1e-6 and pool.ssm.dtype == torch.bfloat16
+    assert rel_err(pool.ssm.float(), wide.ssm) < 1e-2
+
+
+@pytest.mark.parametrize(
+    "change, error, match",
+    [
+        (dict(idx=torch.tensor([0, 0, 1])), ValueError, "distinct"),
+        (dict(idx=torch.tensor([0, 5, 1])), ValueError, "< 5"),
+        (dict(idx=torch.tensor([0, 1])), ValueError, "state_indices"),
+        (dict(idx=torch.tensor([0.0, 1.0, 2.0])), TypeError, "int32 or int64"),
+        (dict(pool=None), TypeError, "the pool"),
+        (dict(grad=True), RuntimeError, "not differentiable"),
+    ],
+)
+def test_scan_from_slots_refused(change, error, match):
+    """Bad pooled scans are refused before any slot is written."""
+    x, pool = scan_case()
+    before = pool.clone()
+    if change.get("grad"):
+        x = x._replace(v=x.v.requires_grad_())
+    idx = change.get("idx", torch.tensor([0, 1, 2]))
+    with pytest.raises(error, match=match):
+        scan_slots(x, change.get("pool", pool), idx)
+    for got, old in zip(pool, before, strict=True):
+        assert torch.equal(got, old)

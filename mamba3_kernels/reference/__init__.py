@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from .. import pool as pool_slots
 from ..backend import Backend
 from ..inputs import ScanInputs
 from ..problem import Problem
@@ -122,13 +123,8 @@ def pooled_step(
     updated in place; a negative index is a padding row (its slot is not read, nothing is
     written, its out is zero). The definition the kernels' direct addressing is tested against.
     Returns out ((B, H, P) or (B, R, H, P))."""
-    idx = state_indices.long()
-    live = idx >= 0
-    gathered = Mamba3State(*(t.index_select(0, idx.clamp(min=0)) for t in pool))
-    out, new_state = reference_step(inputs, gathered, rotary)
+    live = state_indices >= 0
+    out, new_state = reference_step(inputs, pool_slots.gather(pool, state_indices), rotary)
     out = torch.where(live.view(-1, *([1] * (out.dim() - 1))), out, out.new_zeros(()))
-    rows = live.nonzero().squeeze(1)
-    slots = idx.index_select(0, rows)
-    for dst, src in zip(pool, new_state, strict=True):
-        dst.index_copy_(0, slots, src.index_select(0, rows).to(dst.dtype))
+    pool_slots.scatter(pool, state_indices, new_state)
     return out
