@@ -23,11 +23,21 @@ from .reference import ReferenceBackend
 from .state import Mamba3State
 from .tilelang_impl import TileLangBackend
 from .triton_impl import TritonBackend
+from .verify import commit, verify
 
 register_backend(ReferenceBackend())
 register_backend(TritonBackend())
 register_backend(TileLangBackend())
 register_backend(CuteBackend())
 
-__all__ = ["Mamba3State", "info", "register_backend", "registered_backends", "scan", "step"]
+__all__ = [
+    "Mamba3State",
+    "commit",
+    "info",
+    "register_backend",
+    "registered_backends",
+    "scan",
+    "step",
+    "verify",
+]
 __version__ = "0.1.0"
