@@ -341,3 +341,19 @@ def test_scan_from_slots_refused(change, error, match):
         scan_slots(x, change.get("pool", pool), idx)
     for got, old in zip(pool, before, strict=True):
         assert torch.equal(got, old)
+
+
+def test_compiled_scan_from_slots():
+    """torch.compile of a pooled scan gives the eager result and the same pool."""
+    x, pool = scan_case()
+    eager_pool = pool.clone()
+    idx = torch.tensor([4, -1, 1])
+
+    def fn(*a, st, ix):
+        return mamba3_kernels.scan(*a, initial_state=st, state_indices=ix, backend="reference")
+
+    want = fn(*x[:14], st=eager_pool, ix=idx)
+    got = torch.compile(fn)(*x[:14], st=pool, ix=idx)
+    assert torch.allclose(got, want, rtol=1e-6, atol=1e-6)
+    for a, b in zip(pool, eager_pool, strict=True):
+        assert torch.allclose(a, b, rtol=1e-6, atol=1e-6)
