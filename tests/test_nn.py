@@ -93,6 +93,31 @@ def test_prefill_then_decode_equals_one_prefill(rank, rope):
     assert_states_close(cache.state, full_cache.state)
 
 
+@pytest.mark.parametrize("rank,rope", [(1, 0.5), (2, 1.0)], ids=["SISO", "MIMO"])
+def test_pooled_cache_serves_requests_like_alone(rank, rope):
+    """Two requests on slots of one pooled cache (prefilled in chunks at different times,
+    decoded in one padded batch) give each request's outputs run alone."""
+    layer = make_layer(rank, rope)
+    a, b = randn(1, 12, D_MODEL, seed=1), randn(1, 9, D_MODEL, seed=2)
+    with torch.no_grad():
+        want_a, want_b = layer(a), layer(b)
+        cache = layer.allocate_inference_cache(4)
+        cache.state.ssm.normal_()  # stale slots: reset_slots must clear the new requests'
+        cache.reset_slots(torch.tensor([3, 0]))
+        got_a = [layer(a[:, :5], cache=cache, state_indices=torch.tensor([3])),
+                 layer(a[:, 5:8], cache=cache, state_indices=torch.tensor([3]))]  # fmt: skip
+        got_b = [layer(b[:, :6], cache=cache, state_indices=torch.tensor([0]))]
+        idx = torch.tensor([3, -1, 0])
+        for t in range(3):  # a's tokens 8..10 and b's 6..8 in one batch with a padding row
+            x = torch.cat([a[:, 8 + t], torch.zeros_like(a[:, 0]), b[:, 6 + t]])
+            y = layer.step(x, cache, state_indices=idx)
+            got_a.append(y[:1])
+            got_b.append(y[2:])
+        got_a.append(layer(a[:, 11:], cache=cache, state_indices=torch.tensor([3])))
+    assert rel_err(torch.cat(got_a, 1), want_a) < 1e-10
+    assert rel_err(torch.cat(got_b, 1), want_b) < 1e-10
+
+
 @pytest.mark.parametrize("outproj_norm", [False, True], ids=["gate", "outproj_norm"])
 @pytest.mark.parametrize("rank,rope", [(1, 0.5), (2, 1.0)], ids=["SISO", "MIMO"])
 def test_chunked_prefill_then_decode(rank, rope, outproj_norm):

@@ -54,6 +54,13 @@ class Mamba3Cache:
             t.zero_()
         self.seqlen_offset = 0
 
+    def reset_slots(self, state_indices: torch.Tensor) -> None:
+        """Zero the slots ``state_indices`` of a pooled cache in place (a new request's slot,
+        before its prefill)."""
+        idx = state_indices.long().to(self.state.ssm.device)
+        for t in self.state:
+            t.index_fill_(0, idx, 0)
+
     def _store(self, new_state: Mamba3State, ntokens: int) -> None:
         # Copy rather than rebind: the cache's buffers stay the same tensors across calls, and
         # the stored state carries no autograd history.
@@ -264,15 +271,15 @@ class Mamba3(nn.Module):
                 f"on {weight.device}; move one of them (hidden_states.to(\"{weight.device}\"))"
             )
 
-    def _check_cache(self, cache: Any, nseq: int, what: str) -> None:
-        """A cache of this layer's shapes for ``nseq`` sequences."""
+    def _check_cache(self, cache: Any, nseq: int | None, what: str) -> None:
+        """A cache of this layer's shapes for ``nseq`` sequences (None: a pool of any size)."""
         if not isinstance(cache, Mamba3Cache):
             got = "None" if cache is None else type(cache).__name__
             raise TypeError(
                 f"{what}: cache must be a Mamba3Cache from "
                 f"layer.allocate_inference_cache(batch_size), got {got}"
             )
-        if cache.batch_size != nseq:
+        if nseq is not None and cache.batch_size != nseq:
             raise ValueError(
                 f"{what}: cache holds {cache.batch_size} sequences, the input has {nseq} "
                 f"(allocate_inference_cache({nseq}) makes a fitting one)"
@@ -382,13 +389,16 @@ class Mamba3(nn.Module):
         max_seqlen: int | None = None,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
+        state_dtype: torch.dtype | None = None,
         **kwargs: Any,
     ) -> Mamba3Cache:
-        """A zero cache for ``batch_size`` sequences.
+        """A zero cache for ``batch_size`` sequences (or slots of a pool, see forward's
+        ``state_indices``).
 
         ``max_seqlen`` is accepted for generation loops that pass it and is unused: the state
         has a fixed size. ``dtype`` is that of the cached k/v (default: in_proj's dtype); the
-        angle and matrix state are fp32 (float64 for a float64 model).
+        angle and matrix state are fp32 (float64 for a float64 model); ``state_dtype`` may make
+        the matrix state bf16 or fp16.
         """
         weight = self.in_proj.weight
         dtype = weight.dtype if dtype is None else dtype
@@ -402,7 +412,7 @@ class Mamba3(nn.Module):
             rank=self.mimo_rank,
             dtype=dtype,
             device=device,
-            state_dtype=torch.float64 if dtype == torch.float64 else torch.float32,
+            state_dtype=state_dtype or (torch.float64 if dtype == torch.float64 else torch.float32),
         )
         return Mamba3Cache(state=state)
 
@@ -412,6 +422,7 @@ class Mamba3(nn.Module):
         cu_seqlens: torch.Tensor | None = None,
         inference_params: Any = None,
         cache: Mamba3Cache | None = None,
+        state_indices: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Prefill (or training) over a whole sequence.
 
@@ -424,6 +435,10 @@ class Mamba3(nn.Module):
             inference_params: generation-loop object (``key_value_memory_dict``,
                 ``seqlen_offset``); the cache then lives there under ``layer_idx``, and a
                 one-token call with ``seqlen_offset > 0`` runs :meth:`step`.
+            state_indices: (nseq,) slots of a pooled ``cache`` (any number of slots): sequence
+                b continues slot ``state_indices[b]`` and leaves its final state there
+                (``cache.reset_slots`` zeroes a new request's slot first; -1 pads). Inference
+                only.
         Returns:
             (B, L, d_model), in hidden_states' dtype.
         """
@@ -438,13 +453,19 @@ class Mamba3(nn.Module):
             cache = self._cache_from_params(inference_params, nseq, hidden_states.dtype)
             if cache.seqlen_offset > 0 and seqlen == 1 and cu_seqlens is None:
                 return self.step(hidden_states, cache)
+        pooled = state_indices is not None
+        if pooled and (cache is None or inference_params is not None):
+            raise ValueError("Mamba3.forward: state_indices needs cache (a pool), not "
+                             "inference_params")  # fmt: skip
         if cache is not None:
-            self._check_cache(cache, nseq, "Mamba3.forward")
+            self._check_cache(cache, None if pooled else nseq, "Mamba3.forward")
 
         p = self._project(hidden_states)
         pdt = p.dt.dtype
         initial_state = None
-        if cache is not None and cache.seqlen_offset > 0:
+        if pooled:
+            initial_state = cache.state
+        elif cache is not None and cache.seqlen_offset > 0:
             # Autograd may keep the initial state for the backward pass, and the cache is
             # overwritten below: hand the scan a copy when gradients are on.
             initial_state = cache.state.clone() if torch.is_grad_enabled() else cache.state
@@ -458,14 +479,15 @@ class Mamba3(nn.Module):
             angles=p.angles,
             z=None if self.is_outproj_norm else p.z,
             initial_state=initial_state,
-            return_final_state=cache is not None,
+            return_final_state=cache is not None and not pooled,
             cu_seqlens=cu_seqlens,
             rotary=self.rotary,
             chunk_size=self.chunk_size,
             backend=self.backend,
+            state_indices=state_indices,
             **self._ssm_params(pdt),
         )
-        if cache is not None:
+        if cache is not None and not pooled:
             y, final_state = res
             cache._store(final_state, seqlen)
         else:
@@ -475,13 +497,20 @@ class Mamba3(nn.Module):
         y = y.reshape(batch, seqlen, self.d_inner)
         return self.out_proj(y.to(hidden_states.dtype))
 
-    def step(self, hidden_states: torch.Tensor, cache: Mamba3Cache | None = None) -> torch.Tensor:
+    def step(
+        self,
+        hidden_states: torch.Tensor,
+        cache: Mamba3Cache | None = None,
+        state_indices: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """One decode step for every cached sequence, updating ``cache`` in place.
 
         Args:
             hidden_states: (B, 1, d_model) or (B, d_model), B = cache.batch_size.
             cache: from :meth:`allocate_inference_cache`, usually filled by a prefill
                 (required: the default None only makes its absence a clear error).
+            state_indices: (B,) slots of a pooled ``cache``; -1 pads a row (output of the
+                scan part zero, no slot touched).
         Returns:
             (B, 1, d_model).
         """
@@ -491,7 +520,7 @@ class Mamba3(nn.Module):
         batch, seqlen, _ = hidden_states.shape
         if seqlen != 1:
             raise ValueError(f"Mamba3.step: takes one token per sequence, got seqlen {seqlen}")
-        self._check_cache(cache, batch, "Mamba3.step")
+        self._check_cache(cache, None if state_indices is not None else batch, "Mamba3.step")
 
         p = self._project(hidden_states)
         y, new_state = mamba3_kernels.step(
@@ -507,9 +536,11 @@ class Mamba3(nn.Module):
             rotary=self.rotary,
             inplace=True,
             backend=self.backend,
+            state_indices=state_indices,
             **self._ssm_params(p.dt.dtype),
         )
-        cache._store(new_state, 1)
+        if state_indices is None:
+            cache._store(new_state, 1)
         if self.is_outproj_norm:
             y = self._gate_out(y, p.z[:, 0])
         y = y.reshape(batch, 1, self.d_inner)
