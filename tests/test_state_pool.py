@@ -216,43 +216,41 @@ def test_opcheck_pool_step():
     torch.library.opcheck(torch.ops.mamba3.step.default, args)
 
 
-def _serve(*argv: str) -> float:
-    """examples/serve.py's loop (continuous batching over a pool); its largest relative gap."""
+def _serve(*argv: str) -> int:
+    """examples/serve.py (a tiny LM served from pooled caches with continuous batching): the
+    number of requests whose tokens differ from the same request run alone."""
     import importlib.util
+    import sys
 
     path = os.path.join(os.path.dirname(__file__), os.pardir, "examples", "serve.py")
     spec = importlib.util.spec_from_file_location("serve_example", path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # (its dataclasses look their module up)
     spec.loader.exec_module(module)
-    return module.serve(module.parse_args(list(argv)))
+    return module.main(list(argv))
 
 
 @pytest.mark.parametrize(
-    "argv, tol",
-    [
-        ((), 1e-5),
-        (("--mimo-rank", "2", "--state-dtype", "bf16", "--requests", "5"), 3e-3),
-    ],
+    "argv",
+    [(), ("--mimo-rank", "2", "--state-dtype", "bf16", "--requests", "6", "--chunk", "5")],
 )
-def test_serve_example_reference(argv, tol):
-    """Pooled decode after prefill equals one scan per request (slots reused, padding rows)."""
-    assert _serve("--backend", "reference", *argv) < tol
+def test_serve_example_reference(argv):
+    """Slots reused, prompts prefilled in chunks between padded decode steps: every request's
+    tokens equal the same request run alone."""
+    assert _serve("--backend", "reference", *argv) == 0
 
 
 @cpu_interpreted
 def test_serve_example_triton():
-    assert _serve("--backend", "triton", "--requests", "3", "--max-prompt", "8",
-                  "--max-answer", "3") < 1e-5  # fmt: skip
+    small = ("--requests", "3", "--max-prompt", "8", "--max-new", "3", "--layers", "1")
+    assert _serve("--backend", "triton", *small, "--slots", "2", "--batch", "2") == 0
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
-@pytest.mark.parametrize("state_dtype", ["fp32", "bf16"])
-def test_serve_example_triton_gpu(state_dtype):
-    worst = _serve("--backend", "triton", "--device", "cuda", "--dtype", "bf16",
-                   "--state-dtype", state_dtype, "--requests", "12", "--slots", "5",
-                   "--batch", "8", "--max-prompt", "200", "--max-answer", "40")  # fmt: skip
-    assert worst < 2e-2
+def test_serve_example_triton_gpu():
+    assert _serve("--backend", "triton", "--device", "cuda", "--requests", "16",
+                  "--slots", "6", "--batch", "6", "--max-prompt", "100") == 0  # fmt: skip
 
 
 # scan from pool slots (chunked prefill): gather, scan, write the final states back.
