@@ -34,14 +34,19 @@ def _tokens(x, start: int, stop: int):
     return x.along_tokens(lambda t: t[:, start:stop], lambda t: t[:, :, start:stop])
 
 
-def decode_run(x, prefill: int, steps: int, state_dtype, backend: str):
-    """Outputs of ``steps`` pooled steps after a prefill of ``prefill`` tokens, and the state."""
+def _pool(x, state_dtype) -> tuple[Mamba3State, torch.Tensor]:
+    """A zero pool of one slot per batch row of ``x``, and the slots' indices."""
     B = x.q.shape[0]
     H, P = x.v.shape[2:]
     N, S, R = x.q.shape[-1], x.angles.shape[-1], x.q.shape[2] if x.q.dim() == 5 else 1
     pool = Mamba3State.zeros(B, H, P, N, S, rank=R, dtype=x.v.dtype, device=x.v.device,
                              state_dtype=state_dtype)  # fmt: skip
-    idx = torch.arange(B, dtype=torch.int32, device=x.v.device)
+    return pool, torch.arange(B, dtype=torch.int32, device=x.v.device)
+
+
+def decode_run(x, prefill: int, steps: int, state_dtype, backend: str):
+    """Outputs of ``steps`` pooled steps after a prefill of ``prefill`` tokens, and the state."""
+    pool, idx = _pool(x, state_dtype)
     mamba3_kernels.scan(*_tokens(x, 0, prefill)[:14], initial_state=pool, state_indices=idx,
                         backend=backend)  # fmt: skip
     outs = []
@@ -55,12 +60,7 @@ def decode_run(x, prefill: int, steps: int, state_dtype, backend: str):
 
 def prefill_run(x, chunk: int, chunks: int, state_dtype, backend: str):
     """Per-chunk outputs of a prefill in ``chunks`` chunks through each sequence's slot."""
-    B = x.q.shape[0]
-    H, P = x.v.shape[2:]
-    N, S, R = x.q.shape[-1], x.angles.shape[-1], x.q.shape[2] if x.q.dim() == 5 else 1
-    pool = Mamba3State.zeros(B, H, P, N, S, rank=R, dtype=x.v.dtype, device=x.v.device,
-                             state_dtype=state_dtype)  # fmt: skip
-    idx = torch.arange(B, dtype=torch.int32, device=x.v.device)
+    pool, idx = _pool(x, state_dtype)
     outs = []
     for c in range(chunks):
         xc = _tokens(x, c * chunk, (c + 1) * chunk)
