@@ -18,7 +18,7 @@ def gather(pool: Mamba3State, state_indices: torch.Tensor, ssm_dtype=None) -> Ma
     """The contiguous per-row state of slots ``state_indices``; padding rows are zero.
     ``ssm_dtype``: the ssm field's dtype in the result (default the pool's)."""
     idx = state_indices.long()
-    live = (idx >= 0).view(-1, 1)
+    live = idx >= 0
     rows = []
     for t in pool:
         got = t.index_select(0, idx.clamp(min=0))

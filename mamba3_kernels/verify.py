@@ -13,6 +13,7 @@ import torch
 
 from . import pool as pool_slots
 from .api import step
+from .checks import _check_index_values, _check_indices, _check_values_enabled, _tensor
 from .state import Mamba3State
 from .validate import _validate, check_scan_pool
 
@@ -82,9 +83,12 @@ def commit(
     if accepted.shape != (B,) or accepted.dtype.is_floating_point:
         raise ValueError(f"accepted: expected (B,) = ({B},) integers, got {accepted.dtype} "
                          f"{tuple(accepted.shape)}")  # fmt: skip
-    if accepted.device.type == "cpu" and (accepted.min() < 0 or accepted.max() > L):
-        raise ValueError(f"accepted: expected values in [0, {L}] (the draft length)")
     device = states.ssm.device
+    _check_indices(_tensor("state_indices", state_indices), B, device)
+    if _check_values_enabled(device.type):  # (a host sync on GPU, as the steps' index checks)
+        _check_index_values(state_indices, pool.ssm.shape[0])
+        if accepted.min() < 0 or accepted.max() > L:
+            raise ValueError(f"accepted: expected values in [0, {L}] (the draft length)")
     accepted = accepted.to(device)
     keep = torch.where(accepted > 0, state_indices.to(device).long(), -1)
     rows = torch.arange(B, device=device)

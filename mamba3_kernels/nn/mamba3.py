@@ -56,8 +56,9 @@ class Mamba3Cache:
 
     def reset_slots(self, state_indices: torch.Tensor) -> None:
         """Zero the slots ``state_indices`` of a pooled cache in place (a new request's slot,
-        before its prefill)."""
+        before its prefill); negative indices (padding) are skipped."""
         idx = state_indices.long().to(self.state.ssm.device)
+        idx = idx[idx >= 0]
         for t in self.state:
             t.index_fill_(0, idx, 0)
 
@@ -447,16 +448,16 @@ class Mamba3(nn.Module):
         if cu_seqlens is not None and batch != 1:
             raise ValueError(f"Mamba3.forward: cu_seqlens needs batch 1, got batch {batch}")
         nseq = cu_seqlens.shape[0] - 1 if cu_seqlens is not None else batch
+        pooled = state_indices is not None
+        if pooled and (cache is None or inference_params is not None):
+            raise ValueError("Mamba3.forward: state_indices needs cache (a pool), not "
+                             "inference_params")  # fmt: skip
         if inference_params is not None:
             if cache is not None:
                 raise ValueError("Mamba3.forward: pass either cache or inference_params, not both")
             cache = self._cache_from_params(inference_params, nseq, hidden_states.dtype)
             if cache.seqlen_offset > 0 and seqlen == 1 and cu_seqlens is None:
                 return self.step(hidden_states, cache)
-        pooled = state_indices is not None
-        if pooled and (cache is None or inference_params is not None):
-            raise ValueError("Mamba3.forward: state_indices needs cache (a pool), not "
-                             "inference_params")  # fmt: skip
         if cache is not None:
             self._check_cache(cache, None if pooled else nseq, "Mamba3.forward")
 
